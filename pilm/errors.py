@@ -1,0 +1,33 @@
+"""Errors pilm raises on bad input: each message says what went wrong and how to fix it."""
+
+
+class PilmError(Exception):
+    """Base class of pilm's errors."""
+
+
+class EmptyPromptError(PilmError, ValueError):
+    """An empty prompt on a model with no BOS token to condition on."""
+
+
+class ImpossibleTargetError(PilmError):
+    """Every particle has zero weight: the potential rules out everything that was proposed."""
+
+
+class PotentialError(PilmError, ValueError):
+    """A potential broke its contract (NaN, +inf, wrong shape)."""
+
+
+class ModelLoadError(PilmError, OSError):
+    """A model could not be found or loaded."""
+
+
+class TooLargeError(PilmError, ValueError):
+    """An exact computation would enumerate more sequences than allowed."""
+
+
+class RejectionBudgetError(PilmError):
+    """Rejection sampling ran out of draws; ``partial`` holds what was accepted."""
+
+    def __init__(self, message: str, partial=None):
+        super().__init__(message)
+        self.partial = partial

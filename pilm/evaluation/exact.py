@@ -1,0 +1,98 @@
+"""Exact answers by enumerating every completion: log Z, sigma, exact samples.
+
+The tree of completions is expanded level by level through the model protocol (one
+batched forward per level), so it works for tabular models and for transformers models
+with very short horizons alike. Zero-probability branches are pruned. It refuses, before
+computing anything more, once the count of sequences would pass ``max_sequences``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import TooLargeError
+from ..target import Target
+
+MAX_SEQUENCES = 2_000_000
+_POTENTIAL_BATCH = 4096
+
+
+@dataclass
+class Enumeration:
+    """Every completion with log p0(s | x) and log phi(s) (float64)."""
+
+    tokens: list[tuple[int, ...]]
+    log_p0: Tensor
+    log_phi: Tensor
+
+    @property
+    def log_sigma_unnormalized(self) -> Tensor:
+        return self.log_p0 + self.log_phi
+
+    @property
+    def log_z(self) -> float:
+        return float(torch.logsumexp(self.log_sigma_unnormalized, 0))
+
+    @property
+    def log_sigma(self) -> Tensor:
+        """log sigma(s) for every enumerated s."""
+        return self.log_sigma_unnormalized - self.log_z
+
+
+def enumerate_target(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> Enumeration:
+    """All completions of ``target`` with their log p0 and log phi (see module docstring)."""
+    model, horizon, eos = target.model, target.max_new_tokens, target.model.eos_token_id
+    state = model.start(target.prompt_ids, 1)
+    prefixes: list[tuple[int, ...]] = [()]
+    prefix_lp = torch.zeros(1, dtype=torch.float64)
+    done_tokens: list[tuple[int, ...]] = []
+    done_lp: list[Tensor] = []
+    for t in range(1, horizon + 1):
+        lp = prefix_lp[:, None] + state.logprobs.double()
+        parent, token = torch.isfinite(lp).nonzero(as_tuple=True)
+        if len(done_tokens) + len(parent) > max_sequences:
+            raise TooLargeError(
+                f"exact enumeration of {target.model.name} with max_new_tokens={horizon} reaches more than "
+                f"{max_sequences:,} sequences at step {t} ({len(done_tokens) + len(parent):,}); "
+                "use a smaller vocabulary or horizon, or raise max_sequences"
+            )
+        finished = token == eos if eos is not None else torch.zeros_like(token, dtype=torch.bool)
+        if t == horizon:
+            finished[:] = True
+        par, tok = parent.tolist(), token.tolist()
+        for i in finished.nonzero().squeeze(1).tolist():
+            done_tokens.append(prefixes[par[i]] + (tok[i],))
+        done_lp.append(lp[parent[finished], token[finished]])
+        keep = ~finished
+        if not keep.any():
+            break
+        prefixes = [prefixes[par[i]] + (tok[i],) for i in keep.nonzero().squeeze(1).tolist()]
+        prefix_lp = lp[parent[keep], token[keep]]
+        state = model.advance(model.reindex(state, parent[keep]), token[keep])
+    log_phi = torch.cat(
+        [target.log_potential(done_tokens[i : i + _POTENTIAL_BATCH]).double() for i in range(0, len(done_tokens), _POTENTIAL_BATCH)]
+    )
+    return Enumeration(done_tokens, torch.cat(done_lp), log_phi)
+
+
+def log_z(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> float:
+    """log Z = log sum_s p0(s | x) phi(s), exactly."""
+    return enumerate_target(target, max_sequences=max_sequences).log_z
+
+
+def distribution(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> dict[tuple[int, ...], float]:
+    """sigma(s) for every completion s with sigma(s) > 0, keyed by token ids (EOS kept)."""
+    e = enumerate_target(target, max_sequences=max_sequences)
+    probs = torch.exp(e.log_sigma)
+    return {s: float(p) for s, p in zip(e.tokens, probs) if p > 0}
+
+
+def sample(target: Target, n: int, *, seed: int = 0, max_sequences: int = MAX_SEQUENCES) -> list[tuple[int, ...]]:
+    """n exact i.i.d. draws from sigma, by enumeration."""
+    e = enumerate_target(target, max_sequences=max_sequences)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.multinomial(torch.exp(e.log_sigma), n, replacement=True, generator=g)
+    return [e.tokens[i] for i in idx.tolist()]

@@ -1,0 +1,113 @@
+"""The language-model protocol every sampler steps through.
+
+A model is p0(s_t | x, s_{<t}) exposed as a batched state machine: ``start`` encodes the
+prompt once and broadcasts it to ``n`` rows, ``advance`` feeds one token per row (one
+forward pass for all rows), ``reindex`` selects/duplicates rows (resampling, dropping
+finished particles) without recomputing any prefix. ``score`` is teacher-forced
+log-likelihood of whole sequences in one batched forward.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import EmptyPromptError
+
+Tokens = Sequence[int]
+
+
+@dataclass
+class ModelState:
+    """Rows of a batched decode.
+
+    ``logprobs`` is log p0(next token | row's context), float32, shape (n, V).
+    ``hidden`` is the last hidden state at the last position, float32, shape (n, H).
+    ``cache`` is backend-specific and is consumed by ``advance``/``reindex``: after either
+    call, only the returned state is valid.
+    """
+
+    logprobs: Tensor
+    hidden: Tensor
+    cache: Any
+    length: int
+
+    @property
+    def n(self) -> int:
+        return self.logprobs.shape[0]
+
+
+class LanguageModel(ABC):
+    """Base class of pilm models (see the module docstring for the protocol)."""
+
+    vocab_size: int
+    eos_token_id: int | None
+    bos_token_id: int | None = None
+    name: str = "model"
+
+    # -- text <-> tokens ---------------------------------------------------------------
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Tokens) -> str: ...
+
+    def encode_prompt(self, prompt: str | Tokens, *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: raw text by default; ``chat=True`` applies the chat template."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if chat:
+            raise ValueError(f"{self.name} has no chat template; use chat=False")
+        return self.encode(prompt)
+
+    def context(self, prompt_ids: Tokens) -> list[int]:
+        """The ids the model conditions on for ``prompt_ids`` (a BOS stands in for an empty prompt)."""
+        if prompt_ids:
+            return list(prompt_ids)
+        if self.bos_token_id is None:
+            raise EmptyPromptError(
+                f"the prompt is empty and {self.name} has no BOS token to condition on: "
+                "give a non-empty prompt"
+            )
+        return [self.bos_token_id]
+
+    # -- batched decoding --------------------------------------------------------------
+    @abstractmethod
+    def start(self, prompt_ids: Tokens, n: int) -> ModelState:
+        """Encode the prompt once and return ``n`` identical rows ready for the first token."""
+
+    @abstractmethod
+    def advance(self, state: ModelState, tokens: Tensor) -> ModelState:
+        """Append ``tokens[i]`` to row i (one batched forward) and return the next-token state."""
+
+    @abstractmethod
+    def reindex(self, state: ModelState, idx: Tensor) -> ModelState:
+        """Rows ``idx`` of ``state`` (duplicates allowed, fewer rows allowed), cache reused."""
+
+    # -- scoring -------------------------------------------------------------------------
+    @abstractmethod
+    def score(self, sequences: Sequence[Tokens], starts: Sequence[int]) -> Tensor:
+        """sum_{j >= starts[i]} log p0(seq_i[j] | seq_i[:j]) for each sequence, float32, shape (n,).
+
+        ``seq_i[:starts[i]]`` is the context (passed through ``context`` so it may be empty).
+        """
+
+    def log_prob(self, prompt: str | Tokens, completions: Sequence[str | Tokens]) -> Tensor:
+        """log p0(completion | prompt) for each completion, batched in one forward.
+
+        Completions may be texts or token ids; an EOS token inside the ids is counted like
+        any other token (a text completion has no EOS).
+        """
+        prompt_ids = self.encode_prompt(prompt)
+        ctx = self.context(prompt_ids)
+        comps = [self.encode(c) if isinstance(c, str) else [int(t) for t in c] for c in completions]
+        return self.score([ctx + c for c in comps], [len(ctx)] * len(comps))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")

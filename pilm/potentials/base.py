@@ -1,0 +1,151 @@
+"""The potential protocol: log phi of completed sequences, optionally a prefix score.
+
+A potential sees a batch of completions of one prompt (``Sequences``) and returns
+log phi(s) >= -inf for each, float32. It may also score incomplete prefixes: that score
+log psi_t(s_{1:t}) is an *intermediate* potential. SMC then targets
+pi_t ∝ p0(s_{1:t}) psi_t(s_{1:t}) at step t, which changes where resampling puts
+particles but not the final target sigma ∝ p0 phi nor the unbiasedness of Z-hat, provided
+psi_t(s_{1:t}) = 0 only when phi = 0 for every completion of s_{1:t}.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from ..errors import PotentialError
+from ..models.base import LanguageModel
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Completions (or prefixes) of one prompt: token ids, and texts decoded on demand.
+
+    A completion that ended at EOS keeps the EOS id in ``tokens``; its text does not.
+    """
+
+    model: LanguageModel
+    prompt: tuple[int, ...]
+    tokens: list[tuple[int, ...]]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @cached_property
+    def texts(self) -> list[str]:
+        eos = self.model.eos_token_id
+        return [self.model.decode(t[:-1] if t and t[-1] == eos else t) for t in self.tokens]
+
+    @cached_property
+    def prompt_text(self) -> str:
+        return self.model.decode(self.prompt)
+
+
+class Potential(ABC):
+    """phi >= 0 over completions, in log space. Subclasses implement ``log_phi``; prefix-aware
+    ones also set ``has_prefix = True`` and implement ``log_prefix``.
+
+    ``a * b`` is the product potential (log phi_a + log phi_b); ``a ** beta`` tempers it.
+    """
+
+    has_prefix: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+    @abstractmethod
+    def log_phi(self, seqs: Sequences) -> Tensor:
+        """log phi(s) of each completed sequence, shape (n,), float32, -inf allowed."""
+
+    def log_prefix(self, seqs: Sequences) -> Tensor:
+        """log psi(s_{1:t}) of each incomplete prefix (only called when ``has_prefix``)."""
+        raise NotImplementedError(f"{self.name} has no prefix score")
+
+    def __call__(self, seqs: Sequences) -> Tensor:
+        return self.log_phi(seqs)
+
+    def __mul__(self, other: Potential) -> Potential:
+        if not isinstance(other, Potential):
+            return NotImplemented
+        return Product(self, other)
+
+    def __pow__(self, beta: float) -> Potential:
+        return Tempered(self, float(beta))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Product(Potential):
+    """phi(s) = prod_i phi_i(s); the prefix score multiplies those parts that have one."""
+
+    def __init__(self, *parts: Potential):
+        flat: list[Potential] = []
+        for p in parts:
+            flat.extend(p.parts if isinstance(p, Product) else [p])
+        self.parts = tuple(flat)
+        self.has_prefix = any(p.has_prefix for p in self.parts)
+
+    @property
+    def name(self) -> str:
+        return " * ".join(p.name for p in self.parts)
+
+    def log_phi(self, seqs: Sequences) -> Tensor:
+        return sum(evaluate(p, seqs, final=True) for p in self.parts)
+
+    def log_prefix(self, seqs: Sequences) -> Tensor:
+        return sum(evaluate(p, seqs, final=False) for p in self.parts if p.has_prefix)
+
+
+class Tempered(Potential):
+    """phi(s)^beta (and psi^beta on prefixes). beta = 0 gives phi = 1 only where phi > 0."""
+
+    def __init__(self, base: Potential, beta: float):
+        if not beta >= 0:
+            raise ValueError(f"tempering exponent must be >= 0, got {beta}")
+        self.base, self.beta = base, beta
+        self.has_prefix = base.has_prefix
+
+    @property
+    def name(self) -> str:
+        return f"({self.base.name})**{self.beta:g}"
+
+    def _temper(self, log_values: Tensor) -> Tensor:
+        # 0 * -inf must stay -inf (support is kept), not become NaN.
+        return torch.where(torch.isneginf(log_values), log_values, self.beta * log_values)
+
+    def log_phi(self, seqs: Sequences) -> Tensor:
+        return self._temper(evaluate(self.base, seqs, final=True))
+
+    def log_prefix(self, seqs: Sequences) -> Tensor:
+        return self._temper(evaluate(self.base, seqs, final=False))
+
+
+def evaluate(potential: Potential, seqs: Sequences, *, final: bool) -> Tensor:
+    """``potential.log_phi`` (or ``log_prefix``) checked against the protocol.
+
+    Raises a ``PotentialError`` naming the potential and how many sequences broke it.
+    """
+    fn = potential.log_phi if final else potential.log_prefix
+    out = torch.as_tensor(fn(seqs)).to(torch.float32)
+    what = "log phi" if final else "prefix score"
+    if out.shape != (len(seqs),):
+        raise PotentialError(
+            f"potential {potential.name} returned {what} of shape {tuple(out.shape)} for {len(seqs)} sequences; "
+            f"expected ({len(seqs)},)"
+        )
+    bad = torch.isnan(out) | torch.isposinf(out)
+    if bad.any():
+        k = int(bad.sum())
+        i = int(bad.nonzero()[0])
+        kind = "NaN" if torch.isnan(out[i]) else "+inf"
+        raise PotentialError(
+            f"potential {potential.name} returned {kind} {what} for {k} of {len(seqs)} particles "
+            f"(e.g. {seqs.texts[i]!r}): return a finite log phi, or -inf where phi = 0"
+        )
+    return out

@@ -1,0 +1,50 @@
+"""Potentials from text classifiers that ship offline."""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .base import Potential, Sequences
+
+
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+class Sentiment(Potential):
+    """phi(s) = P(label | s) from VADER: P(positive) = (1 + c) / 2 with c in (-1, 1) the
+    compound score, P(negative) = 1 - P(positive). Temper with ``Sentiment(...) ** beta``.
+
+    With ``prefix=True`` (default) the same probability of the prefix text is the
+    intermediate potential: a heuristic twist that resamples towards prefixes already
+    carrying the sentiment. It leaves sigma and the unbiasedness of Z-hat unchanged (it is
+    never 0, since |c| < 1).
+    """
+
+    def __init__(self, label: Literal["positive", "negative"] = "positive", *, prefix: bool = True):
+        if label not in ("positive", "negative"):
+            raise ValueError(f"sentiment label must be 'positive' or 'negative', got {label!r}")
+        self.label = label
+        self.has_prefix = prefix
+
+    @property
+    def name(self) -> str:
+        return f"sentiment({self.label})"
+
+    def probability(self, texts: list[str]) -> Tensor:
+        """P(label | text) for each text, float64."""
+        c = torch.tensor([_vader().polarity_scores(t)["compound"] for t in texts], dtype=torch.float64)
+        return (1 + c) / 2 if self.label == "positive" else (1 - c) / 2
+
+    def log_phi(self, seqs: Sequences) -> Tensor:
+        return torch.log(self.probability(seqs.texts)).float()
+
+    def log_prefix(self, seqs: Sequences) -> Tensor:
+        return self.log_phi(seqs)

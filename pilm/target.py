@@ -1,0 +1,74 @@
+"""The target distribution sigma(s | x) ∝ p0(s | x) phi(s) that every algorithm works on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .models.base import LanguageModel
+from .potentials.base import Potential, Sequences, evaluate
+
+
+@dataclass
+class Target:
+    """sigma(s | prompt) = p0(s | prompt) phi(s) / Z over completions s = s_1..s_T.
+
+    A completion ends at EOS (the EOS token is part of s and its probability counted) or
+    when it has ``max_new_tokens`` tokens (truncation: p0(s) is the probability of the
+    drawn tokens only; no EOS is forced). Z = sum_s p0(s | prompt) phi(s); with no
+    potential phi = 1 and sigma = p0. ``chat=True`` wraps a text prompt in the model's
+    chat template.
+    """
+
+    model: LanguageModel
+    prompt: str | Sequence[int]
+    potential: Potential | None = None
+    max_new_tokens: int = 32
+    chat: bool = False
+    prompt_ids: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.potential is not None and not isinstance(self.potential, Potential):
+            raise TypeError(
+                f"potential must be a pilm Potential, got {type(self.potential).__name__}; "
+                "wrap a function with pilm.potentials.FunctionPotential"
+            )
+        self.prompt_ids = tuple(self.model.encode_prompt(self.prompt, chat=self.chat))
+        bad = [t for t in self.prompt_ids if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.model.name}")
+        self.model.context(self.prompt_ids)  # an empty prompt on a model with no BOS fails here
+
+    @property
+    def has_prefix_potential(self) -> bool:
+        return self.potential is not None and self.potential.has_prefix
+
+    def sequences(self, tokens: Sequence[Sequence[int]]) -> Sequences:
+        return Sequences(self.model, self.prompt_ids, [tuple(int(t) for t in s) for s in tokens])
+
+    def is_complete(self, tokens: Sequence[int]) -> bool:
+        return len(tokens) == self.max_new_tokens or (bool(tokens) and tokens[-1] == self.model.eos_token_id)
+
+    def log_potential(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """log phi of completed sequences (0 without a potential), checked."""
+        if self.potential is None:
+            return torch.zeros(len(tokens))
+        return evaluate(self.potential, self.sequences(tokens), final=True)
+
+    def log_prefix_potential(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """log psi of incomplete prefixes (0 without a prefix-aware potential), checked."""
+        if not self.has_prefix_potential:
+            return torch.zeros(len(tokens))
+        return evaluate(self.potential, self.sequences(tokens), final=False)
+
+    def log_p0(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """log p0(s | prompt) of completions given as token ids, one batched forward."""
+        return self.model.log_prob(self.prompt_ids, tokens)
+
+    def log_unnormalized(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """log sigma~(s) = log p0(s | prompt) + log phi(s)."""
+        return self.log_p0(tokens) + self.log_potential(tokens)

@@ -1,0 +1,50 @@
+"""Conformance checks for the protocols users implement (potentials, language models)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .models.base import LanguageModel
+from .potentials.base import Potential, Sequences, evaluate
+
+
+def check_potential(potential: Potential, model: LanguageModel, prompt: str | Sequence[int] = "", completions=None) -> None:
+    """Raise ``AssertionError``/``PotentialError`` unless ``potential`` keeps the protocol:
+    a ``Potential``, log phi of shape (n,) float32 with no NaN/+inf on ``completions``
+    (default: a few short ones), a prefix score of the same form if it claims one, and the
+    same answer for a sequence alone as inside a batch."""
+    assert isinstance(potential, Potential), f"{potential!r} is not a pilm Potential"
+    assert isinstance(potential.name, str) and potential.name, "a potential needs a non-empty name"
+    prompt_ids = tuple(model.encode_prompt(prompt))
+    if completions is None:
+        completions = [(), *[(v,) for v in range(min(3, model.vocab_size))], tuple(range(min(4, model.vocab_size)))]
+    seqs = Sequences(model, prompt_ids, [tuple(c) for c in completions])
+    for final in (True, False) if potential.has_prefix else (True,):
+        batch = evaluate(potential, seqs, final=final)
+        assert batch.dtype == torch.float32
+        alone = torch.cat([evaluate(potential, Sequences(model, prompt_ids, [s]), final=final) for s in seqs.tokens])
+        assert torch.allclose(batch, alone, atol=1e-4, equal_nan=False) or torch.equal(
+            torch.isneginf(batch), torch.isneginf(alone)
+        ) and torch.allclose(batch[torch.isfinite(batch)], alone[torch.isfinite(alone)], atol=1e-4), (
+            f"{potential.name} gives different values for a sequence alone and inside a batch"
+        )
+
+
+def check_language_model(model: LanguageModel, prompt_ids: Sequence[int] = (0,), steps: int = 3) -> None:
+    """Raise ``AssertionError`` unless ``model`` keeps the protocol: normalised float32
+    next-token log-probs, ``advance`` agreeing with ``score``, ``reindex`` selecting rows."""
+    state = model.start(prompt_ids, 2)
+    assert state.logprobs.dtype == torch.float32 and state.logprobs.shape == (2, model.vocab_size)
+    assert torch.allclose(state.logprobs.exp().sum(-1), torch.ones(2), atol=1e-3), "next-token probabilities must sum to 1"
+    seq, total = list(prompt_ids), 0.0
+    for step in range(steps):
+        token = (step * 7 + 1) % model.vocab_size
+        total += float(state.logprobs[0, token])
+        seq.append(token)
+        state = model.advance(state, torch.tensor([token, token]))
+    scored = float(model.score([seq], [len(prompt_ids)])[0])
+    assert abs(scored - total) < 1e-3 * max(1.0, abs(total)), f"score {scored} != stepped log-prob {total}"
+    swapped = model.reindex(state, torch.tensor([1, 0, 0]))
+    assert swapped.n == 3 and torch.allclose(swapped.logprobs[2], swapped.logprobs[1])
