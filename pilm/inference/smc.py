@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -41,28 +42,38 @@ def smc(
     ess_threshold: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    on_extinction: Literal["raise", "return"] = "raise",
 ) -> SMCResult:
     """Run SMC on ``target`` with ``n_particles`` particles (see the module docstring).
 
     Randomness comes only from a ``torch.Generator`` seeded with ``seed``: equal seeds give
-    identical runs.
+    identical runs. If every particle reaches weight 0, ``on_extinction="raise"`` raises
+    ``ImpossibleTargetError`` naming the step; ``"return"`` returns the run with
+    log_z = -inf (Z-hat = 0, which is what keeps Z-hat unbiased when that can happen by
+    chance, e.g. when estimating bounds).
     """
     generator = torch.Generator().manual_seed(seed)
     return run_smc(
         target, n_particles, generator, resample=resample, ess_threshold=ess_threshold,
-        use_prefix=True, progress=progress, info={"seed": seed},
+        use_prefix=True, progress=progress, on_extinction=on_extinction, info={"seed": seed},
     )
 
 
-def importance_sample(target: Target, n: int, *, seed: int = 0, progress: bool = False) -> SMCResult:
+def importance_sample(
+    target: Target, n: int, *, seed: int = 0, progress: bool = False,
+    on_extinction: Literal["raise", "return"] = "raise",
+) -> SMCResult:
     """Sequential importance sampling with the base model as proposal.
 
     s^k ~ p0(. | x) i.i.d., log w^k = log phi(s^k), log Z-hat = log (1/n) sum_k w^k
     (unbiased in Z; the IWAE bound in log space). Prefix scores of the potential are not
-    used.
+    used. ``on_extinction`` as in ``smc``.
     """
     generator = torch.Generator().manual_seed(seed)
-    return run_smc(target, n, generator, ess_threshold=0.0, use_prefix=False, progress=progress, info={"seed": seed})
+    return run_smc(
+        target, n, generator, ess_threshold=0.0, use_prefix=False, progress=progress,
+        on_extinction=on_extinction, info={"seed": seed},
+    )
 
 
 def run_smc(
@@ -74,6 +85,7 @@ def run_smc(
     ess_threshold: float = 0.5,
     use_prefix: bool = True,
     progress: bool = False,
+    on_extinction: Literal["raise", "return"] = "raise",
     info: dict | None = None,
 ) -> SMCResult:
     """The SMC loop behind ``smc`` and ``importance_sample``, with an explicit generator."""
@@ -81,7 +93,10 @@ def run_smc(
         raise ValueError(f"need at least one particle, got {n}")
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
+    if on_extinction not in ("raise", "return"):
+        raise ValueError(f"on_extinction must be 'raise' or 'return', got {on_extinction!r}")
     scheme = get_scheme(resample)
+    extinct_at = None
     model, horizon, eos = target.model, target.max_new_tokens, target.model.eos_token_id
     prefix = use_prefix and target.has_prefix_potential
     started = time.perf_counter()
@@ -108,6 +123,9 @@ def run_smc(
         log_w[rows] += _incremental_log_weights(target, tokens[rows, :t], rows, finished, log_psi, prefix)
         done[rows[finished]] = True
         if torch.isneginf(log_w).all():
+            if on_extinction == "return":
+                log_z, extinct_at = -math.inf, t
+                break
             raise ImpossibleTargetError(
                 f"step {t}: all {n} particles have zero weight under potential {target.potential}: "
                 f"nothing the model proposed can satisfy it. Check that the constraint is satisfiable "
@@ -151,6 +169,7 @@ def run_smc(
             "potential": str(target.potential),
             "model": model.name,
             "seconds": time.perf_counter() - started,
+            "extinct_at": extinct_at,
         },
     )
 

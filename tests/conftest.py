@@ -1,0 +1,29 @@
+import math
+
+import pytest
+import torch
+
+import pilm
+from pilm.potentials import FunctionPotential, Regex
+
+
+def asymmetric_potential():
+    """A potential with no symmetry a sign error could hide behind: a hard constraint
+    (no letter 'c', prefix-aware, so particles die mid-way) times a soft score that favours
+    'a' over 'b' and longer completions, with its own prefix score."""
+
+    def soft(tokens):
+        return 0.8 * tokens.count(0) - 0.5 * tokens.count(1) + 0.1 * len(tokens)
+
+    return Regex("[abd]*") * FunctionPotential(soft, on="tokens", prefix_fn=lambda t: 0.5 * soft(t), name="soft")
+
+
+@pytest.fixture
+def tabular_target():
+    model = pilm.models.TabularLM.random(4, seed=3, eos_id=3)
+    return pilm.Target(model, prompt="a", potential=asymmetric_potential(), max_new_tokens=4)
+
+
+def mean_and_se(values):
+    x = torch.tensor(values, dtype=torch.float64)
+    return float(x.mean()), float(x.std() / math.sqrt(len(x)))
