@@ -14,8 +14,10 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -52,9 +54,13 @@ def load_model(
     """
     name = name_or_path or DEFAULT_MODEL
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype())
-    folder = embedded_path(name) if name in _EMBEDDED else name
-    model = _load_folder(folder, dtype, device, name)
-    return model
+    if name not in _EMBEDDED:
+        return _load_folder(name, dtype, device, name)
+    try:
+        return _load_folder(embedded_path(name), dtype, device, name)
+    except ModelLoadError:  # sizes matched but the files do not load: rebuild once
+        shutil.rmtree(embedded_path(name))
+        return _load_folder(embedded_path(name), dtype, device, name)
 
 
 def embedded_path(name: str = DEFAULT_MODEL) -> Path:
@@ -114,18 +120,57 @@ def _cache_is_valid(folder: Path) -> bool:
 
 
 def _load_folder(folder: str | Path, dtype: torch.dtype, device, name: str) -> HFModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Local folder or HF cache first; the hub only if it answers (no minute of retries offline)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(
-            f"could not load model {name!r}: it is not a local folder, not in the Hugging Face cache, "
-            f"and the hub could not provide it ({reason}). Use pilm.load_model() for the embedded "
-            f"default {DEFAULT_MODEL!r}, or give a local folder."
-        ) from None
+        tokenizer, hf = _from_pretrained(folder, dtype, local_files_only=True)
+    except (OSError, ValueError) as local_err:
+        if Path(folder).exists():
+            raise ModelLoadError(f"could not load model from the folder {folder}: {_first_line(local_err)}") from None
+        if not _hub_reachable():
+            raise ModelLoadError(
+                f"could not load model {name!r}: it is not a local folder nor in the Hugging Face cache, "
+                f"and the hub ({_hub_endpoint()}) is unreachable. Use pilm.load_model() for the embedded "
+                f"default {DEFAULT_MODEL!r}, or give a local folder."
+            ) from None
+        try:
+            tokenizer, hf = _from_pretrained(folder, dtype, local_files_only=False)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load model {name!r} from the hub: {_first_line(err)}") from None
     if device is not None:
         hf = hf.to(device)
     return HFModel(hf, tokenizer, name=name)
+
+
+def _from_pretrained(folder, dtype: torch.dtype, *, local_files_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local_files_only)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=local_files_only)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return tokenizer, hf
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(_hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,112 @@
+"""SMC against transformers ``generate`` on the same model, in one process.
+
+Both legs draw N x T tokens by ancestral sampling from the same prompt with the same
+dtype and thread setting; they alternate ``repeats`` times and the fastest round of each
+is kept (the machine is shared and noisy, so only ratios are reported). The SMC leg uses
+a prefix-aware potential (no digits, checked on every particle at every step) and
+``ess_threshold=1.0``, so it resamples and reindexes the KV cache at every step.
+
+Time is compared per drawn token (SMC particles that emit EOS stop early; ``generate`` is
+forced to draw all T). Memory is the peak resident-set growth over the level just before
+each leg, sampled every millisecond, with glibc told to return freed buffers to the OS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import threading
+import time
+
+import torch
+
+
+class _PeakRSS:
+    """Peak resident memory above the starting level while the block runs (bytes)."""
+
+    _page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self):
+        gc.collect()
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.growth = self.peak - self.base
+
+
+def _return_freed_memory_to_os() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large buffers are mmapped, freed to the OS
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: trim the heap top eagerly
+    except OSError:
+        pass  # not glibc: memory numbers are then coarser
+
+
+def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2, prompt: str = "The movie was") -> dict:
+    from . import load_model, smc
+    from .potentials import Regex
+    from .target import Target
+
+    _return_freed_memory_to_os()
+    model = load_model()
+    target = Target(model, prompt, Regex(r"[^0-9]*"), max_new_tokens=new_tokens)
+    ids = torch.tensor([list(target.prompt_ids)] * n_particles)
+
+    def generate():
+        out = model.hf.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=model.eos_token_id,
+        )
+        return (out.shape[1] - ids.shape[1]) * n_particles
+
+    def run_smc(seed: int):
+        res = smc(target, n_particles, ess_threshold=1.0, seed=seed, progress=False, on_extinction="return")
+        return sum(len(t) for t in res.tokens), len(res.resampled_at)
+
+    torch.manual_seed(0)
+    generate()  # warm-up of both legs (allocator, kernels)
+    run_smc(0)
+    gen_times, smc_times, gen_mem, smc_mem = [], [], [], []
+    resamples = 0
+    for r in range(repeats):
+        with _PeakRSS() as mem:
+            t0 = time.perf_counter()
+            tokens = generate()
+            gen_times.append((time.perf_counter() - t0) / tokens)
+        gen_mem.append(mem.growth)
+        with _PeakRSS() as mem:
+            t0 = time.perf_counter()
+            tokens, resamples = run_smc(r + 1)
+            smc_times.append((time.perf_counter() - t0) / tokens)
+        smc_mem.append(mem.growth)
+    return {
+        "smc_over_generate": min(smc_times) / min(gen_times),
+        "memory_over_generate": min(smc_mem) / max(min(gen_mem), 1),
+        "generate_ms_per_token": 1e3 * min(gen_times),
+        "smc_ms_per_token": 1e3 * min(smc_times),
+        "generate_peak_mb": min(gen_mem) / 2**20,
+        "smc_peak_mb": min(smc_mem) / 2**20,
+        "smc_resampling_steps": resamples,
+        "n_particles": n_particles,
+        "new_tokens": new_tokens,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+    }
