@@ -40,9 +40,11 @@ def _sample_args(p: argparse.ArgumentParser, defaults: dict) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     from . import load_model, smc
     from .evaluation.plots import plot_ess
-    from .potentials import parse_potential
+    from .potentials.spec import check_spec, parse_potential
     from .target import Target
 
+    for spec in args.potential or []:
+        check_spec(spec)  # before the model loads
     model = load_model(args.model)
     potentials = [parse_potential(spec, model) for spec in args.potential or []]
     potential = None

@@ -45,7 +45,7 @@ def rejection_sample(
     draws = 0
     while len(accepted) < n and draws < max_draws:
         k = min(batch_size, max_draws - draws)
-        run = run_smc(target, k, generator, ess_threshold=0.0, use_prefix=False)
+        run = run_smc(target, k, generator, ess_threshold=0.0, use_prefix=False, on_extinction="return")
         log_phi = torch.tensor(run.log_weights)
         if (log_phi > 1e-6).any():  # float slack for phi computed as exactly 1
             raise PotentialError(

@@ -5,9 +5,9 @@ from .classifiers import Sentiment
 from .function import FunctionPotential
 from .lexical import Regex
 from .likelihood import SuffixLikelihood
-from .spec import SPEC_HELP, parse_potential
+from .spec import SPEC_HELP, check_spec, parse_potential
 
 __all__ = [
     "SPEC_HELP", "FunctionPotential", "Potential", "Product", "Regex", "Sentiment", "Sequences",
-    "SuffixLikelihood", "Tempered", "evaluate", "parse_potential",
+    "SuffixLikelihood", "Tempered", "check_spec", "evaluate", "parse_potential",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..models.base import LanguageModel
 from .base import Potential
 from .classifiers import Sentiment
@@ -14,15 +16,28 @@ SPEC_HELP = (
 )
 
 
-def parse_potential(spec: str, model: LanguageModel) -> Potential:
-    """A potential from ``KIND:ARGUMENT``; raises ``ValueError`` listing the known kinds."""
+def _sentiment(arg: str, model: LanguageModel) -> Potential:
+    label, _, beta = arg.partition(":")
+    potential = Sentiment(label)
+    return potential ** float(beta) if beta else potential
+
+
+_KINDS: dict[str, Callable[[str, LanguageModel], Potential]] = {
+    "regex": lambda arg, model: Regex(arg),
+    "sentiment": _sentiment,
+    "suffix": lambda arg, model: SuffixLikelihood(model, arg),
+}
+
+
+def check_spec(spec: str) -> None:
+    """Raise ``ValueError`` listing the known kinds unless ``spec`` is ``KIND:ARGUMENT`` of a known kind."""
     kind, sep, arg = spec.partition(":")
-    if kind == "regex" and sep:
-        return Regex(arg)
-    if kind == "sentiment" and sep:
-        label, _, beta = arg.partition(":")
-        potential: Potential = Sentiment(label)
-        return potential ** float(beta) if beta else potential
-    if kind == "suffix" and sep and arg:
-        return SuffixLikelihood(model, arg)
-    raise ValueError(f"unknown potential spec {spec!r}; known: {SPEC_HELP}")
+    if kind not in _KINDS or not sep or not arg:
+        raise ValueError(f"unknown potential spec {spec!r}; known: {SPEC_HELP}")
+
+
+def parse_potential(spec: str, model: LanguageModel) -> Potential:
+    """A potential from ``KIND:ARGUMENT`` (see ``SPEC_HELP``)."""
+    check_spec(spec)
+    kind, _, arg = spec.partition(":")
+    return _KINDS[kind](arg, model)

@@ -1,0 +1,111 @@
+"""Bad input gets a clear error."""
+
+import math
+
+import pytest
+import torch
+
+import pilm
+from pilm.cli import main
+from pilm.potentials import FunctionPotential, Regex
+
+
+@pytest.fixture
+def model():
+    return pilm.models.TabularLM.random(4, seed=0, eos_id=3)
+
+
+def test_nan_potential_names_itself_and_counts_particles(model):
+    def flaky(tokens):
+        return math.nan if tokens[0] == 0 else 0.0
+
+    target = pilm.Target(model, "a", FunctionPotential(flaky, on="tokens", name="flaky"), max_new_tokens=2)
+    with pytest.raises(pilm.PotentialError, match=r"potential flaky returned NaN log phi for \d+ of \d+ particles"):
+        pilm.smc(target, 64, seed=0, progress=False)
+
+
+def test_every_particle_at_zero_weight_names_the_step(model):
+    target = pilm.Target(model, "a", Regex("z+"), max_new_tokens=3)  # no token prints 'z'
+    with pytest.raises(pilm.ImpossibleTargetError, match="step 1: all 16 particles have zero weight"):
+        pilm.smc(target, 16, seed=0, progress=False)
+    res = pilm.smc(target, 16, seed=0, progress=False, on_extinction="return")
+    assert res.log_z == -math.inf and res.info["extinct_at"] == 1
+
+
+def test_potential_returning_plus_inf_or_wrong_shape(model):
+    inf = FunctionPotential(lambda t: math.inf, name="explodes")
+    with pytest.raises(pilm.PotentialError, match=r"explodes returned \+inf"):
+        pilm.importance_sample(pilm.Target(model, "a", inf, max_new_tokens=2), 4)
+
+    class Wrong(pilm.potentials.Potential):
+        def log_phi(self, seqs):
+            return torch.zeros(len(seqs) + 1)
+
+    with pytest.raises(pilm.PotentialError, match="shape"):
+        pilm.importance_sample(pilm.Target(model, "a", Wrong(), max_new_tokens=2), 4)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_max_new_tokens_must_be_positive(model, bad):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        pilm.Target(model, "a", max_new_tokens=bad)
+
+
+def test_plain_function_is_not_a_potential(model):
+    with pytest.raises(TypeError, match="FunctionPotential"):
+        pilm.Target(model, "a", potential=lambda s: 0.0)
+
+
+def test_prompt_ids_outside_vocabulary(model):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        pilm.Target(model, [0, 99], max_new_tokens=2)
+
+
+def test_bad_smc_arguments(model):
+    target = pilm.Target(model, "a", max_new_tokens=2)
+    with pytest.raises(ValueError, match="resampling scheme"):
+        pilm.smc(target, 4, resample="magic", progress=False)
+    with pytest.raises(ValueError, match="ess_threshold"):
+        pilm.smc(target, 4, ess_threshold=2.0, progress=False)
+    with pytest.raises(ValueError, match="at least one particle"):
+        pilm.smc(target, 0, progress=False)
+
+
+def test_rejection_needs_phi_at_most_one_and_reports_budget(model):
+    big = FunctionPotential(lambda t: 1.0, name="big")
+    with pytest.raises(pilm.PotentialError, match="phi <= 1"):
+        pilm.rejection_sample(pilm.Target(model, "a", big, max_new_tokens=2), 2)
+    rare = pilm.Target(model, "a", Regex("dd"), max_new_tokens=2)  # 'd' is EOS: never printed
+    with pytest.raises(pilm.RejectionBudgetError, match="accepted 0 of 3") as err:
+        pilm.rejection_sample(rare, 3, max_draws=100)
+    assert err.value.partial.n_draws == 100
+
+
+def test_exact_refuses_past_its_size(model):
+    target = pilm.Target(model, "a", max_new_tokens=6)
+    with pytest.raises(pilm.TooLargeError, match="more than 100 sequences"):
+        pilm.exact.log_z(target, max_sequences=100)
+
+
+def test_tabular_text_outside_alphabet(model):
+    with pytest.raises(ValueError, match="outside"):
+        model.encode("xyz")
+
+
+def test_cli_unknown_potential_spec_is_one_line_exit_2(capsys):
+    assert main(["sample", "--potential", "telepathy:yes"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pilm: error: unknown potential spec 'telepathy:yes'") and err.count("\n") == 1
+
+
+def test_cli_unknown_model_is_one_line_exit_2(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["sample", "--model", "no-such-org/no-such-model", "--potential", "regex:a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pilm: error: could not load model 'no-such-org/no-such-model'") and err.count("\n") == 1
+
+
+def test_cli_unknown_subcommand_exits_2():
+    with pytest.raises(SystemExit) as exit_:
+        main(["teleport"])
+    assert exit_.value.code == 2

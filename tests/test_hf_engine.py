@@ -1,0 +1,110 @@
+"""The transformers backend: cached stepping, reindexing and batching equal plain forwards.
+
+A tiny random Llama with the embedded model's real tokenizer keeps these fast.
+"""
+
+import pytest
+import torch
+
+import pilm
+from pilm.models import HFModel
+from pilm.models.registry import embedded_path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return HFModel(LlamaForCausalLM(config).float(), tokenizer, name="tiny-llama")
+
+
+def full_logprobs(model, seq):
+    with torch.no_grad():
+        out = model.hf(torch.tensor([seq]), output_hidden_states=True)
+    return torch.log_softmax(out.logits[0, -1].float(), -1), out.hidden_states[-1][0, -1]
+
+
+def test_protocol(tiny):
+    pilm.testing.check_language_model(tiny, tiny.encode("Hello world"))
+
+
+def test_cached_steps_equal_full_forward(tiny):
+    prompt = tiny.encode("The movie was")
+    state = tiny.start(prompt, 3)
+    seqs = [list(prompt) for _ in range(3)]
+    for step in range(4):
+        for i in range(3):
+            lp, h = full_logprobs(tiny, seqs[i])
+            assert torch.allclose(state.logprobs[i], lp, atol=1e-5)
+            assert torch.allclose(state.hidden[i], h, atol=1e-5)
+        tokens = torch.tensor([100 + step, 2000 + 7 * step, 31 * step + 5])
+        state = tiny.advance(state, tokens)
+        for i in range(3):
+            seqs[i].append(int(tokens[i]))
+
+
+def test_reindexed_cache_equals_recomputed_prefixes(tiny):
+    prompt = tiny.encode("Once upon")
+    state = tiny.start(prompt, 3)
+    seqs = [list(prompt) for _ in range(3)]
+    for step in range(3):
+        tokens = torch.tensor([10 + step, 500 + step, 9000 + step])
+        state = tiny.advance(state, tokens)
+        for i in range(3):
+            seqs[i].append(int(tokens[i]))
+    idx = torch.tensor([2, 0, 0, 1])
+    state = tiny.advance(tiny.reindex(state, idx), torch.tensor([1, 2, 3, 4]))
+    for row, (src, tok) in enumerate(zip(idx.tolist(), [1, 2, 3, 4])):
+        lp, h = full_logprobs(tiny, seqs[src] + [tok])
+        assert torch.allclose(state.logprobs[row], lp, atol=1e-5)
+        assert torch.allclose(state.hidden[row], h, atol=1e-5)
+
+
+def test_batched_scoring_equals_one_by_one(tiny):
+    comps = [tiny.encode(" a short one"), tiny.encode(" and a rather longer completion here"), [], [tiny.eos_token_id]]
+    batch = tiny.log_prob("The movie was", comps)
+    alone = torch.cat([tiny.log_prob("The movie was", [c]) for c in comps])
+    assert torch.allclose(batch, alone, atol=1e-4)
+    assert batch[2] == 0.0
+
+
+def test_suffix_likelihood_batched_equals_alone(tiny):
+    potential = pilm.potentials.SuffixLikelihood(tiny, " and they lived happily")
+    pilm.testing.check_potential(potential, tiny, "Once upon a time", [(), (11,), (11, 12, 13), (tiny.eos_token_id,)])
+
+
+def test_smc_on_transformers_model_is_seeded(tiny):
+    target = pilm.Target(tiny, "Hi", pilm.potentials.Regex(r"[^0-9]*"), max_new_tokens=5)
+    a = pilm.smc(target, 8, ess_threshold=1.0, seed=3, progress=False)
+    b = pilm.smc(target, 8, ess_threshold=1.0, seed=3, progress=False)
+    assert a.tokens == b.tokens and a.log_z == b.log_z and len(a.resampled_at) >= 1
+    assert all(not any(ch.isdigit() for ch in s) for s in a.samples)
+
+
+def test_importance_sampling_on_transformers_model_matches_exact_log_z(tiny):
+    """T = 1 is enumerable over the whole 49k vocabulary: mean Z-hat/Z within 3 SE of 1."""
+    target = pilm.Target(tiny, "Hi", pilm.potentials.Regex(r"[a-z ]*"), max_new_tokens=1)
+    z = torch.exp(torch.tensor(pilm.exact.log_z(target)))
+    r = torch.tensor([pilm.importance_sample(target, 16, seed=s, on_extinction="return").log_z for s in range(200)]).exp() / z
+    assert abs(float(r.mean()) - 1) < 3 * float(r.std()) / 200**0.5
+
+
+def test_empty_prompt_uses_bos_and_fails_clearly_without_one(tiny):
+    assert pilm.Target(tiny, "", max_new_tokens=2).model.context([]) == [tiny.bos_token_id]
+    no_bos = HFModel(tiny.hf, tiny.tokenizer, name="no-bos")
+    no_bos.bos_token_id = None
+    with pytest.raises(pilm.EmptyPromptError, match="no BOS token"):
+        pilm.Target(no_bos, "", max_new_tokens=2)
+
+
+def test_chat_prompt_uses_template(tiny):
+    ids = tiny.encode_prompt("Hello", chat=True)
+    text = tiny.decode(ids)
+    assert "Hello" in text and text != "Hello"

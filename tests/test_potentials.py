@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+import pilm
+from pilm.potentials import FunctionPotential, Regex, Sentiment, Sequences, parse_potential
+
+from .conftest import asymmetric_potential
+
+
+@pytest.fixture
+def model():
+    return pilm.models.TabularLM.random(4, seed=0, eos_id=3)
+
+
+def seqs(model, *tokens):
+    return Sequences(model, (0,), [tuple(t) for t in tokens])
+
+
+@pytest.mark.parametrize(
+    "potential",
+    [Regex("[ab]*"), Sentiment("positive"), Sentiment("negative", prefix=False), asymmetric_potential(),
+     Regex("a+") ** 0.5, FunctionPotential(len, on="tokens")],
+    ids=str,
+)
+def test_builtins_keep_the_protocol(model, potential):
+    pilm.testing.check_potential(potential, model, "a")
+
+
+def test_regex_full_and_partial_match(model):
+    s = seqs(model, (0, 1, 3), (0, 2), ())
+    assert Regex("ab").log_phi(s).tolist() == [0.0, -math.inf, -math.inf]
+    assert Regex("ab").log_prefix(seqs(model, (0,), (1,))).tolist() == [0.0, -math.inf]
+
+
+def test_product_and_tempering(model):
+    s = seqs(model, (0, 0), (1,))
+    a = FunctionPotential(lambda t: -1.0 * len(t), on="tokens", name="a")
+    b = FunctionPotential(lambda t: 0.5, on="tokens", name="b")
+    assert torch.allclose((a * b).log_phi(s), torch.tensor([-1.5, -0.5]))
+    assert torch.allclose((a ** 2).log_phi(s), torch.tensor([-4.0, -2.0]))
+    assert (a * b * a).name == "a * b * a" and not (a * b).has_prefix
+    # tempering keeps zeros at zero (0 * -inf is not NaN)
+    assert ((Regex("b") ** 0.0).log_phi(s)).tolist() == [-math.inf, 0.0]
+
+
+def test_sentiment_is_a_probability(model):
+    pos, neg = Sentiment("positive"), Sentiment("negative")
+    texts = ["I love this wonderful film", "terrible, awful, boring", ""]
+    p, q = pos.probability(texts), neg.probability(texts)
+    assert torch.allclose(p + q, torch.ones(3, dtype=torch.float64))
+    assert p[0] > 0.9 and p[1] < 0.1 and p[2] == 0.5
+    with pytest.raises(ValueError, match="positive"):
+        Sentiment("happy")
+
+
+def test_specs(model):
+    assert isinstance(parse_potential("regex:[ab]*", model), Regex)
+    assert parse_potential("sentiment:negative:3", model).name == "(sentiment(negative))**3"
+    for bad in ["regex", "sentiment:", "bogus:1", "suffix:"]:
+        with pytest.raises(ValueError, match="known: regex"):
+            parse_potential(bad, model)
