@@ -27,3 +27,9 @@ def tabular_target():
 def mean_and_se(values):
     x = torch.tensor(values, dtype=torch.float64)
     return float(x.mean()), float(x.std() / math.sqrt(len(x)))
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded SmolLM2-135M-Instruct (converted once into the user cache)."""
+    return pilm.load_model()

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import ModelLoadError
 from .hf import HFModel, default_dtype
@@ -123,7 +124,7 @@ def _load_folder(folder: str | Path, dtype: torch.dtype, device, name: str) -> H
     """Local folder or HF cache first; the hub only if it answers (no minute of retries offline)."""
     try:
         tokenizer, hf = _from_pretrained(folder, dtype, local_files_only=True)
-    except (OSError, ValueError) as local_err:
+    except (OSError, ValueError, SafetensorError) as local_err:
         if Path(folder).exists():
             raise ModelLoadError(f"could not load model from the folder {folder}: {_first_line(local_err)}") from None
         if not _hub_reachable():

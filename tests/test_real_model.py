@@ -1,0 +1,73 @@
+"""Integration on the embedded SmolLM2-135M-Instruct model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import pilm
+from pilm.cli import main
+from pilm.models import registry
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_loads_from_cache(real_model):
+    folder = registry.embedded_path()
+    assert registry._cache_is_valid(folder)
+    assert real_model.vocab_size == 49152 and real_model.eos_token_id is not None
+    assert real_model.dtype == pilm.models.default_dtype()
+    pilm.testing.check_language_model(real_model, real_model.encode("The weather today"))
+
+
+def test_smc_with_regex_returns_only_matching_completions_and_is_seeded(real_model):
+    target = pilm.Target(real_model, "My favourite animal is", pilm.potentials.Regex(r"[^eE]*"), max_new_tokens=8)
+    a = pilm.smc(target, 16, seed=1, progress=False)
+    b = pilm.smc(target, 16, seed=1, progress=False)
+    assert a.tokens == b.tokens and a.log_weights == b.log_weights and a.log_z == b.log_z
+    alive = [s for s, lw in zip(a.samples, a.log_weights) if lw > float("-inf")]
+    assert alive and all("e" not in s.lower() for s in alive)
+    assert len(a.resampled_at) >= 1
+
+
+def test_suffix_likelihood_on_real_model(real_model):
+    p = pilm.potentials.SuffixLikelihood(real_model, " The end.")
+    ids = [tuple(real_model.encode(" and they lived happily ever after.")), tuple(real_model.encode(" xq zv"))]
+    pilm.testing.check_potential(p, real_model, "Once upon a time", ids)
+    lp = p.log_phi(pilm.potentials.Sequences(real_model, tuple(real_model.encode_prompt("Once upon a time")), ids))
+    assert lp[0] > lp[1], "a story ending should make 'The end.' likelier than gibberish"
+
+
+def test_cli_sample_writes_jsonl_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "r.jsonl", tmp_path / "ess.png"
+    code = main(["sample", "--prompt", "The movie was", "--potential", "sentiment:positive:5", "--n-particles", "8",
+                 "--max-new-tokens", "6", "--out", str(out), "--plot", str(png)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "log Z-hat" in printed and "ESS per step" in printed
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert len(record["samples"]) == 8 and record["info"]["model"] == "smollm2-135m"
+    assert png.stat().st_size > 1000
+
+
+def test_corrupted_conversion_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    good = registry.embedded_path()
+    monkeypatch.setenv("PILM_CACHE", str(tmp_path))
+    target = tmp_path / "models" / good.name
+    shutil.copytree(good, target)
+    weights = target / "model.safetensors"
+    # Truncation is caught by the manifest's sizes...
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    assert not registry._cache_is_valid(target)
+    # ...and same-size garbage by the failed load, which rebuilds from the GGUF.
+    shutil.copy(good / "model.safetensors", weights)
+    with open(weights, "r+b") as f:
+        f.write(b"\xff" * 64)
+    assert registry._cache_is_valid(target)
+    model = pilm.load_model()
+    assert registry._cache_is_valid(target) and model.vocab_size == 49152
+    assert not list((tmp_path / "models").glob(".*")), "no temporary folder left behind"
+    ids = model.encode("Hello")
+    assert torch.isfinite(model.log_prob("Hi", [ids])).all()
