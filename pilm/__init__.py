@@ -4,19 +4,22 @@ Sample sigma(s | x) ∝ p0(s | x) phi(s) with importance sampling, SMC and rejec
 unbiased estimates of Z; check everything exactly on enumerable models.
 """
 
-from . import models, potentials, testing
+from . import learning, models, potentials, testing, twists
 from .errors import (
     EmptyPromptError, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
     RejectionBudgetError, TooLargeError,
 )
 from .evaluation import exact
 from .inference import RejectionResult, SMCResult, importance_sample, rejection_sample, smc
+from .learning import train_twist
 from .models import load_model
 from .target import Target
+from .twists import Twist
 
 __version__ = "0.1.0"
 __all__ = [
     "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact",
-    "importance_sample", "load_model", "models", "potentials", "rejection_sample", "smc", "testing",
+    "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "rejection_sample", "smc",
+    "testing", "train_twist", "twists",
 ]

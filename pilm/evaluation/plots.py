@@ -31,3 +31,23 @@ def plot_ess(result: SMCResult, path: str | Path, *, title: str | None = None) -
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_training(history: list[dict], path: str | Path, *, title: str = "training") -> Path:
+    """Loss and the ESS of each step's SIS batch over training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(steps, [h["loss"] for h in history], lw=1)
+    a.set(xlabel="step", ylabel="loss", title=title)
+    b.plot(steps, [h["ess"] for h in history], lw=1, color="tab:green")
+    b.set(xlabel="step", ylabel="ESS of the training batch (SIS)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,14 +1,19 @@
 """Sequential Monte Carlo over token sequences, all particles batched.
 
-Target sigma(s) ∝ p0(s | x) phi(s). With a prefix-aware potential, step t targets
-pi_t(s_{1:t}) ∝ p0(s_{1:t}) psi_t(s_{1:t}) (psi_0 = 1, and phi at a particle's last
-token). Proposals come from the base model, so the incremental weight of a particle that
-draws s_t is
+Target sigma(s) ∝ p0(s | x) phi(s). Step t targets pi_t(s_{1:t}) ∝ p0(s_{1:t}) psi_t(s_{1:t})
+with psi_t the twist if one is given, else the potential's prefix score (1 if it has none),
+psi_0 = 1, and psi = phi at a particle's last token (s_t = EOS or t = T). A twist replaces
+the prefix score rather than multiplying it: the optimal twist E[phi | s_{1:t}] already
+accounts for everything the prefix says, and only then are the weights constant. A particle drawing
+s_t from the proposal q gets the incremental weight (``incremental_log_weight``)
 
-    alpha_t = psi_t(s_{1:t}) / psi_{t-1}(s_{1:t-1})        (continuing)
-    alpha_t = phi(s_{1:t})   / psi_{t-1}(s_{1:t-1})        (s_t = EOS or t = T: finished)
+    alpha_t = p0(s_t | s_{<t}) psi_t(s_{1:t}) / ( psi_{t-1}(s_{<t}) q(s_t | s_{<t}) )
 
-and finished particles keep their weight. When the ESS falls below
+and finished particles keep their weight. Proposals: the base model (q = p0, so
+alpha_t = psi_t / psi_{t-1}), or the twist-induced q(v) ∝ p0(v) psi_t(s_{<t}, v)^beta
+computed for all V tokens from the same forward pass; with beta = 1 its weight
+sum_v p0(v) psi_t(s_{<t}, v) / psi_{t-1} does not depend on the drawn token (Zhao et al.
+2024). At the last token the proposal still uses the learned psi_T; the weight uses phi. When the ESS falls below
 ``ess_threshold * N`` the particles are resampled, the log-mean weight is added to log Z-hat
 and the weights reset; at the end log Z-hat += log mean_k w_k. Z-hat is unbiased for Z
 (SPECS A.2; adaptive resampling keeps this). ``ess_threshold=0`` never resamples
@@ -30,14 +35,40 @@ from tqdm.auto import tqdm
 
 from ..errors import ImpossibleTargetError
 from ..target import Target
+from ..twists.base import TwistFunction
 from .resampling import Scheme, ess, get_scheme
 from .result import SMCResult
+from .trace import Trace
+
+Proposal = Literal["base", "twist"]
+
+
+def incremental_log_weight(log_p0: Tensor, log_psi_new: Tensor, log_psi_prev: Tensor, log_q: Tensor) -> Tensor:
+    """log alpha_t = log p0(s_t | s_{<t}) + log psi_t(s_{1:t}) - log psi_{t-1}(s_{<t}) - log q(s_t | s_{<t}).
+
+    A particle already at weight 0 (psi_{t-1} = 0) stays at 0 instead of becoming NaN.
+    """
+    incr = log_p0.double() + log_psi_new.double() - log_psi_prev.double() - log_q.double()
+    return torch.where(torch.isneginf(log_psi_prev), torch.zeros_like(incr), incr)
+
+
+def proposal_log_probs(log_p0: Tensor, log_psi: Tensor | None, beta: float = 1.0) -> Tensor:
+    """log q(v | s_{<t}) ∝ log p0(v | s_{<t}) + beta log psi_t(s_{<t}, v), normalised over v
+    (rows where every token has psi = 0 fall back to p0: their weight is 0 anyway)."""
+    if log_psi is None or beta == 0:
+        return log_p0
+    logits = log_p0 + beta * log_psi
+    dead = torch.isneginf(logits).all(-1, keepdim=True)
+    return torch.log_softmax(torch.where(dead, log_p0, logits), dim=-1)
 
 
 def smc(
     target: Target,
     n_particles: int,
     *,
+    twist: TwistFunction | None = None,
+    proposal: Proposal | None = None,
+    proposal_beta: float = 1.0,
     resample: str | Scheme = "systematic",
     ess_threshold: float = 0.5,
     seed: int = 0,
@@ -45,6 +76,10 @@ def smc(
     on_extinction: Literal["raise", "return"] = "raise",
 ) -> SMCResult:
     """Run SMC on ``target`` with ``n_particles`` particles (see the module docstring).
+
+    ``twist=None`` is plain (bootstrap) SMC. With a twist, ``proposal="twist"`` (default)
+    proposes from q ∝ p0 psi^proposal_beta (twisted SMC; ``proposal_beta`` < 1 tempers
+    towards p0 for exploration), ``proposal="base"`` from p0 with twisted weights.
 
     Randomness comes only from a ``torch.Generator`` seeded with ``seed``: equal seeds give
     identical runs. If every particle reaches weight 0, ``on_extinction="raise"`` raises
@@ -54,8 +89,9 @@ def smc(
     """
     generator = torch.Generator().manual_seed(seed)
     return run_smc(
-        target, n_particles, generator, resample=resample, ess_threshold=ess_threshold,
-        use_prefix=True, progress=progress, on_extinction=on_extinction, info={"seed": seed},
+        target, n_particles, generator, twist=twist, proposal=proposal, proposal_beta=proposal_beta,
+        resample=resample, ess_threshold=ess_threshold, use_prefix=True, progress=progress,
+        on_extinction=on_extinction, info={"seed": seed},
     )
 
 
@@ -81,14 +117,28 @@ def run_smc(
     n: int,
     generator: torch.Generator,
     *,
+    twist: TwistFunction | None = None,
+    proposal: Proposal | None = None,
+    proposal_beta: float = 1.0,
     resample: str | Scheme = "systematic",
     ess_threshold: float = 0.5,
     use_prefix: bool = True,
     progress: bool = False,
     on_extinction: Literal["raise", "return"] = "raise",
+    trace: Trace | None = None,
     info: dict | None = None,
 ) -> SMCResult:
-    """The SMC loop behind ``smc`` and ``importance_sample``, with an explicit generator."""
+    """The SMC loop behind ``smc`` and ``importance_sample``, with an explicit generator.
+
+    ``trace`` (only without resampling) records per-step tensors for twist training.
+    """
+    proposal = proposal or ("twist" if twist is not None else "base")
+    if proposal not in ("base", "twist"):
+        raise ValueError(f"proposal must be 'base' or 'twist', got {proposal!r}")
+    if proposal == "twist" and twist is None:
+        raise ValueError("proposal='twist' needs a twist")
+    if trace is not None and ess_threshold > 0:
+        raise ValueError("a trace needs ess_threshold=0 (no resampling)")
     if n < 1:
         raise ValueError(f"need at least one particle, got {n}")
     if not 0.0 <= ess_threshold <= 1.0:
@@ -98,7 +148,7 @@ def run_smc(
     scheme = get_scheme(resample)
     extinct_at = None
     model, horizon, eos = target.model, target.max_new_tokens, target.model.eos_token_id
-    prefix = use_prefix and target.has_prefix_potential
+    prefix = use_prefix and target.has_prefix_potential and twist is None
     started = time.perf_counter()
 
     tokens = torch.full((n, horizon), -1, dtype=torch.long)
@@ -111,16 +161,30 @@ def run_smc(
     resampled_at: list[int] = []
     ancestry: list[list[int]] = []
 
+    condition = twist.condition_for(target) if twist is not None else None
     state = model.start(target.prompt_ids, n)
     rows = torch.arange(n)  # particles that own the model's rows, in row order
     for t in tqdm(range(1, horizon + 1), desc="smc", unit="tok", disable=not progress, leave=False):
-        drawn = torch.multinomial(state.logprobs.exp(), 1, generator=generator).squeeze(1)
+        log_twist = None
+        if twist is not None:
+            prefixes = [tuple(p) for p in tokens[rows, : t - 1].tolist()] if twist.needs_prefixes else None
+            with torch.no_grad():
+                log_twist = twist.log_psi(prefixes, state.hidden, condition).float()
+        log_q = proposal_log_probs(state.logprobs, log_twist, proposal_beta if proposal == "twist" else 0.0)
+        drawn = torch.multinomial(log_q.exp(), 1, generator=generator).squeeze(1)
         tokens[rows, t - 1] = drawn
         length[rows] = t
         finished = (drawn == eos) if eos is not None else torch.zeros_like(drawn, dtype=torch.bool)
         if t == horizon:
             finished[:] = True
-        log_w[rows] += _incremental_log_weights(target, tokens[rows, :t], rows, finished, log_psi, prefix)
+        pick = drawn.unsqueeze(1)
+        log_p0_drawn, log_q_drawn = state.logprobs.gather(1, pick).squeeze(1), log_q.gather(1, pick).squeeze(1)
+        twist_drawn = log_twist.gather(1, pick).squeeze(1) if log_twist is not None else None
+        new_psi = _log_psi_now(target, tokens[rows, :t], finished, twist_drawn, prefix)
+        log_w[rows] += incremental_log_weight(log_p0_drawn, new_psi, log_psi[rows], log_q_drawn)
+        log_psi[rows] = new_psi.double()
+        if trace is not None:
+            trace.record(rows, state, drawn, log_p0_drawn, log_q_drawn, finished, new_psi)
         done[rows[finished]] = True
         if torch.isneginf(log_w).all():
             if on_extinction == "return":
@@ -168,28 +232,23 @@ def run_smc(
             "max_new_tokens": horizon,
             "potential": str(target.potential),
             "model": model.name,
+            "proposal": proposal,
             "seconds": time.perf_counter() - started,
             "extinct_at": extinct_at,
         },
     )
 
 
-def _incremental_log_weights(
-    target: Target, prefixes: Tensor, rows: Tensor, finished: Tensor, log_psi: Tensor, prefix: bool
+def _log_psi_now(
+    target: Target, prefixes: Tensor, finished: Tensor, twist_drawn: Tensor | None, use_prefix: bool
 ) -> Tensor:
-    """log alpha_t for the particles in ``rows``, whose tokens so far are ``prefixes`` (module docstring).
-
-    Updates ``log_psi`` of continuing particles in place. A particle already at weight 0
-    (psi_{t-1} = 0) stays at 0 rather than becoming NaN.
-    """
-    incr = torch.zeros(len(rows), dtype=torch.float64)
-    for mask, final in ((finished, True), (~finished, False)):
-        if not mask.any() or not (final or prefix):
-            continue
-        who = rows[mask]
-        new = (target.log_potential if final else target.log_prefix_potential)(prefixes[mask].tolist()).double()
-        old = log_psi[who]
-        incr[mask] = torch.where(torch.isneginf(old), 0.0, new - old)
-        if not final:
-            log_psi[who] = new
-    return incr
+    """log psi_t(s_{1:t}) of the rows that just drew s_t: log phi where finished, else the
+    twist at the drawn token (if any) or the potential's prefix score (if used)."""
+    out = torch.zeros(len(prefixes), dtype=torch.float64)
+    if twist_drawn is not None:
+        out += twist_drawn.double()
+    if finished.any():
+        out[finished] = target.log_potential(prefixes[finished].tolist()).double()
+    if use_prefix and (~finished).any():
+        out[~finished] += target.log_prefix_potential(prefixes[~finished].tolist()).double()
+    return out

@@ -1,0 +1,128 @@
+"""One thin trainer for every twist objective (``pilm.train_twist``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..inference.resampling import ess
+from ..inference.smc import run_smc
+from ..inference.trace import Trace
+from ..target import Target
+from ..twists.base import TwistFunction
+from ..twists.head import Twist, condition_ids
+from .checkpoint import load_checkpoint, save_checkpoint
+from .objectives import TwistBatch, get_objective
+
+
+def sample_batch(target: Target, twist: TwistFunction | None, trainee, n: int, generator: torch.Generator,
+                 *, keep_logprobs: bool, proposal_beta: float = 1.0) -> tuple[TwistBatch, list[float]]:
+    """n sequences from the twist-induced proposal (base model if ``twist`` is None), no
+    resampling, as a ``TwistBatch`` whose ``log_psi_all`` comes from ``trainee`` with
+    gradients (the sampling itself runs without). Also returns the final SIS log weights."""
+    trace = Trace(keep_logprobs=keep_logprobs)
+    res = run_smc(target, n, generator, twist=twist, proposal_beta=proposal_beta, ess_threshold=0.0,
+                  use_prefix=False, on_extinction="return", trace=trace)
+    t = trace.stacked(n)
+    mask = t["mask"]
+    prefixes = None
+    if trainee.needs_prefixes:
+        toks = t["tokens"].tolist()
+        prefixes = [tuple(toks[k][:j]) for k, j in mask.nonzero().tolist()]
+    values = trainee.log_psi(prefixes, t["hidden"][mask], trainee.condition_for(target))
+    log_psi_all = values.new_zeros(*mask.shape, values.shape[-1]).masked_scatter(mask[..., None], values)
+    batch = TwistBatch(t["tokens"], mask, t["log_p0"], t["log_q"], t["log_phi"], log_psi_all, t.get("log_p0_all"))
+    return batch, res.log_weights
+
+
+def train_twist(
+    target: Target,
+    objective: str = "ctl",
+    *,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    seed: int = 0,
+    twist: TwistFunction | None = None,
+    head: str = "mlp",
+    layers: int = 3,
+    conditional: bool | None = None,
+    proposal_beta: float = 1.0,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    log_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    progress: bool = True,
+) -> TwistFunction:
+    """Learn a twist for ``target`` with ``objective`` (ctl | rl | sixo | fudge | dpg).
+
+    Each step draws ``batch_size`` sequences from the current twist-induced proposal
+    (q ∝ p0 psi^proposal_beta, no resampling; plus as many base-model samples for sixo and
+    fudge), evaluates the objective on them and takes one AdamW step with gradient-norm
+    clipping. Without ``twist`` a fresh head on the frozen LM's hidden state is made
+    (``head`` linear|mlp, Xavier init seeded by ``seed``; conditioned on the suffix when the
+    target has one). With ``checkpoint_dir`` a checkpoint is written every
+    ``checkpoint_every`` steps and at the end, and an existing one is resumed from: the run
+    then continues bit-identically. The returned twist carries ``history`` (one dict a step:
+    loss, ESS and log Z-hat of the step's SIS batch, seconds); ``log_path`` appends it as
+    JSONL, ``plot_path`` draws the curves.
+    """
+    spec = get_objective(objective)
+    if twist is None:
+        conditional = condition_ids(target) is not None if conditional is None else conditional
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            twist = Twist.for_model(target.model, kind=head, layers=layers, output=spec.twist_output,
+                                    conditional=conditional)
+    elif twist.output != spec.twist_output:
+        raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(twist.parameters(), lr=lr, weight_decay=weight_decay)
+    history: list[dict] = []
+    start = 0
+    if checkpoint_dir is not None:
+        saved = load_checkpoint(checkpoint_dir, twist, optimizer, generator)
+        if saved is not None:
+            if saved["objective"] != objective:
+                raise ValueError(f"{checkpoint_dir} holds a {saved['objective']!r} run, not {objective!r}")
+            start, history = saved["step"], saved["history"]
+    for step in tqdm(range(start, steps), desc=f"train-twist {objective}", initial=start, total=steps,
+                     disable=not progress):
+        t0 = time.perf_counter()
+        batch, log_w = sample_batch(target, twist, twist, batch_size, generator,
+                                    keep_logprobs=spec.needs_logprobs, proposal_beta=proposal_beta)
+        base = None
+        if spec.needs_base_samples:
+            base, _ = sample_batch(target, None, twist, batch_size, generator, keep_logprobs=False)
+        loss = spec.loss(batch, base)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(twist.parameters(), grad_clip)
+        optimizer.step()
+        lw = torch.tensor(log_w)
+        finite = torch.isfinite(lw).any()
+        record = {
+            "step": step + 1, "loss": loss.item(),
+            "ess": ess(lw) if finite else 0.0,
+            "log_z": float(torch.logsumexp(lw, 0) - torch.log(torch.tensor(float(len(lw))))) if finite else float("-inf"),
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        if log_path is not None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"objective": objective, **record}) + "\n")
+        if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save_checkpoint(checkpoint_dir, twist, optimizer, generator,
+                            {"step": step + 1, "history": history, "objective": objective, "seed": seed})
+    twist.history = history
+    if plot_path is not None:
+        from ..evaluation.plots import plot_training
+
+        plot_training(history, plot_path, title=f"{objective} on {target.model.name}")
+    return twist

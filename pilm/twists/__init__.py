@@ -1,0 +1,10 @@
+"""Twists psi_t: learned heads on the LM's hidden state, exact optimal twists for tests."""
+
+from .base import TwistFunction
+from .exact import ExactTwist, TableTwist, optimal, optimal_log_psi
+from .head import Twist, TwistConfig, check_compatible, condition_ids
+
+__all__ = [
+    "ExactTwist", "TableTwist", "Twist", "TwistConfig", "TwistFunction", "check_compatible",
+    "condition_ids", "optimal", "optimal_log_psi",
+]

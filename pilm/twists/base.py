@@ -1,0 +1,36 @@
+"""Twist functions psi_t: how promising each next token is for the final potential.
+
+A twist returns log psi_t(s_{<t}, v) for every candidate next token v at once, shape
+(n, V), so the twist-induced proposal q(v | s_{<t}) ∝ p0(v | s_{<t}) psi_t(s_{<t}, v)
+costs no extra LM pass (Zhao et al. 2024, SPECS A.2, A.6). The optimal twist is
+psi*_t(s_{1:t}) = E_{p0}[phi(s) | s_{1:t}]; with it twisted SMC has zero-variance weights.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from torch import Tensor
+
+Prefixes = Sequence[tuple[int, ...]]
+
+
+class TwistFunction(ABC):
+    """log psi_t for all next tokens, given the rows' prefixes and/or last hidden states.
+
+    ``needs_prefixes`` tells the engine whether to build the token prefixes (a learned head
+    reads only ``hidden``). ``condition`` is the twist's conditioning vector for the
+    target (see ``condition_for``), or ``None``.
+    """
+
+    needs_prefixes: bool = False
+    output: str = "log"  # "log_sigmoid": psi in (0, 1), as FUDGE needs
+
+    @abstractmethod
+    def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
+        """log psi_t(prefix_i, v) for each row i and every token v: shape (n, V), float32."""
+
+    def condition_for(self, target) -> Tensor | None:
+        """The conditioning vector this twist uses for ``target`` (``None``: unconditional)."""
+        return None

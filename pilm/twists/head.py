@@ -1,0 +1,150 @@
+"""Learned twist heads on the frozen LM's last hidden state (Zhao et al. 2024, SPECS A.6)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..models.base import LanguageModel
+from .base import Prefixes, TwistFunction
+
+CONFIG_NAME = "twist_config.json"
+WEIGHTS_NAME = "twist.safetensors"
+
+
+@dataclass
+class TwistConfig:
+    """Shape of a twist head. ``kind``: "linear" (H -> V) or "mlp" (``layers`` Linear layers
+    with ReLU, hidden width H). ``output``: "log" (the head's output is log psi) or
+    "log_sigmoid" (psi in (0, 1), as FUDGE needs). ``conditional``: the input is the hidden
+    state concatenated with the last hidden state of a conditioning token sequence (the
+    infilling suffix), so one head serves every suffix."""
+
+    hidden_size: int
+    vocab_size: int
+    kind: Literal["linear", "mlp"] = "mlp"
+    layers: int = 3
+    output: Literal["log", "log_sigmoid"] = "log"
+    conditional: bool = False
+    model_name: str = ""
+
+
+class Twist(nn.Module, TwistFunction):
+    """A twist head: log psi_t(s_{<t}, .) = head([h(s_{<t}); c]) for every next token.
+
+    Weights are Xavier-normal with zero bias, so log psi starts small and random (as in the
+    reference code). Save with ``save_pretrained(dir)``, load with
+    ``Twist.from_pretrained(dir, model)``.
+    """
+
+    def __init__(self, config: TwistConfig):
+        super().__init__()
+        self.config = config
+        width = config.hidden_size * (2 if config.conditional else 1)
+        if config.kind == "linear":
+            layers: list[nn.Module] = [nn.Linear(width, config.vocab_size)]
+        elif config.kind == "mlp":
+            if config.layers < 2:
+                raise ValueError("an MLP twist head needs at least 2 layers")
+            layers = []
+            for _ in range(config.layers - 1):
+                layers += [nn.Linear(width, config.hidden_size), nn.ReLU()]
+                width = config.hidden_size
+            layers.append(nn.Linear(width, config.vocab_size))
+        else:
+            raise ValueError(f"twist head kind must be 'linear' or 'mlp', got {config.kind!r}")
+        self.net = nn.Sequential(*layers)
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.output = config.output
+        self.history: list[dict] = []
+        self._model: LanguageModel | None = None
+
+    @classmethod
+    def for_model(cls, model: LanguageModel, **config) -> Twist:
+        """A fresh head sized for ``model`` (its hidden size and vocabulary)."""
+        hidden = model.start(model.context([]) if model.bos_token_id is not None else [0], 1).hidden
+        twist = cls(TwistConfig(hidden_size=hidden.shape[-1], vocab_size=model.vocab_size, model_name=model.name, **config))
+        twist._model = model
+        return twist
+
+    def forward(self, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
+        x = hidden.float()
+        if self.config.conditional:
+            if condition is None:
+                raise ValueError("this twist is conditional: it needs a condition (the target's suffix)")
+            x = torch.cat([x, condition.float().expand(len(x), -1)], dim=-1)
+        out = self.net(x)
+        return nn.functional.logsigmoid(out) if self.config.output == "log_sigmoid" else out
+
+    def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
+        return self(hidden, condition)
+
+    def condition_for(self, target) -> Tensor | None:
+        """Last hidden state of the target's conditioning tokens (its suffix), if conditional."""
+        if not self.config.conditional:
+            return None
+        ids = condition_ids(target)
+        if ids is None:
+            raise ValueError("a conditional twist needs a target whose potential has a suffix (SuffixLikelihood)")
+        with torch.no_grad():
+            return target.model.start(ids, 1).hidden[0]
+
+    # -- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: LanguageModel | None = None) -> Twist:
+        """Load a saved twist; with ``model``, check it was trained for a compatible model."""
+        directory = Path(directory)
+        try:
+            config = TwistConfig(**json.loads((directory / CONFIG_NAME).read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{directory} holds no saved twist ({CONFIG_NAME} missing)") from None
+        twist = cls(config)
+        twist.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        if model is not None:
+            check_compatible(twist, model)
+            twist._model = model
+        return twist
+
+
+def check_compatible(twist: Twist, model: LanguageModel) -> None:
+    """A twist is tied to its model's vocabulary and hidden size: refuse a mismatch clearly."""
+    hidden = model.start([0] if model.bos_token_id is None else [model.bos_token_id], 1).hidden.shape[-1]
+    if (twist.config.vocab_size, twist.config.hidden_size) != (model.vocab_size, hidden):
+        raise ValueError(
+            f"twist trained for {twist.config.model_name or 'another model'} (vocab {twist.config.vocab_size}, "
+            f"hidden {twist.config.hidden_size}) does not fit {model.name} (vocab {model.vocab_size}, hidden {hidden}): "
+            "a twist only works with the model (and tokenizer) it was trained on"
+        )
+
+
+def condition_ids(target) -> list[int] | None:
+    """The suffix token ids of the target's SuffixLikelihood potential (searching products)."""
+    from ..potentials.base import Product, Tempered
+    from ..potentials.likelihood import SuffixLikelihood
+
+    stack = [target.potential]
+    while stack:
+        p = stack.pop()
+        if isinstance(p, SuffixLikelihood):
+            return list(p.suffix_ids)
+        if isinstance(p, Product):
+            stack.extend(p.parts)
+        elif isinstance(p, Tempered):
+            stack.append(p.base)
+    return None
