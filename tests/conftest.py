@@ -33,3 +33,20 @@ def mean_and_se(values):
 def real_model():
     """The embedded SmolLM2-135M-Instruct (converted once into the user cache)."""
     return pilm.load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny random Llama with the embedded model's real tokenizer (fast engine tests)."""
+    from pilm.models import HFModel
+    from pilm.models.registry import embedded_path
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return HFModel(LlamaForCausalLM(config).float(), tokenizer, name="tiny-llama")

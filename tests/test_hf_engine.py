@@ -8,21 +8,6 @@ import torch
 
 import pilm
 from pilm.models import HFModel
-from pilm.models.registry import embedded_path
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return HFModel(LlamaForCausalLM(config).float(), tokenizer, name="tiny-llama")
 
 
 def full_logprobs(model, seq):

@@ -1,0 +1,66 @@
+"""Twist heads on a transformers model: persistence, compatibility, resume."""
+
+import pytest
+import torch
+
+import pilm
+from pilm.twists import Twist
+
+
+@pytest.fixture
+def target(tiny):
+    return pilm.Target(tiny, "Hi", pilm.potentials.Sentiment("positive", prefix=False) ** 4, max_new_tokens=4)
+
+
+def test_head_shapes_and_init(tiny):
+    twist = Twist.for_model(tiny, kind="mlp", layers=3)
+    state = tiny.start(tiny.encode("Hello"), 2)
+    out = twist.log_psi(None, state.hidden)
+    assert out.shape == (2, tiny.vocab_size)
+    assert all(float(m.bias.abs().max()) == 0 for m in twist.net if isinstance(m, torch.nn.Linear))
+    linear = Twist.for_model(tiny, kind="linear", output="log_sigmoid")
+    assert (linear.log_psi(None, state.hidden) <= 0).all()
+
+
+def test_zero_head_equals_bootstrap_smc(target, tiny):
+    twist = Twist.for_model(tiny, kind="linear")
+    torch.nn.init.zeros_(twist.net[-1].weight)
+    a = pilm.smc(target, 8, twist=twist, ess_threshold=1.0, seed=2, progress=False)
+    b = pilm.smc(target, 8, ess_threshold=1.0, seed=2, progress=False)
+    assert a.tokens == b.tokens and abs(a.log_z - b.log_z) < 1e-5
+
+
+def test_save_and_load_roundtrip_and_refuse_other_models(tmp_path, tiny):
+    twist = Twist.for_model(tiny, kind="mlp", layers=2, conditional=False)
+    twist.save_pretrained(tmp_path / "tw")
+    back = Twist.from_pretrained(tmp_path / "tw", tiny)
+    h = torch.randn(3, twist.config.hidden_size)
+    assert torch.equal(twist.log_psi(None, h), back.log_psi(None, h))
+    other = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        Twist.from_pretrained(tmp_path / "tw", other)
+    with pytest.raises(FileNotFoundError, match="no saved twist"):
+        Twist.from_pretrained(tmp_path / "nothing", tiny)
+
+
+def test_conditional_twist_needs_a_suffix(tiny):
+    infill = pilm.Target(tiny, "Once", pilm.potentials.SuffixLikelihood(tiny, " the end"), max_new_tokens=3)
+    twist = Twist.for_model(tiny, kind="linear", conditional=True)
+    res = pilm.smc(infill, 4, twist=twist, seed=0, progress=False)
+    assert len(res.samples) == 4 and twist.condition_for(infill).shape == (twist.config.hidden_size,)
+    with pytest.raises(ValueError, match="suffix"):
+        twist.condition_for(pilm.Target(tiny, "Once", None, max_new_tokens=3))
+
+
+@pytest.mark.parametrize("objective", ["ctl", "rl", "sixo", "fudge", "dpg"])
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, target, objective):
+    kw = dict(batch_size=4, lr=1e-3, seed=5, head="linear", checkpoint_every=2, progress=False)
+    straight = pilm.train_twist(target, objective, steps=4, checkpoint_dir=tmp_path / "a", **kw)
+    pilm.train_twist(target, objective, steps=2, checkpoint_dir=tmp_path / "b", **kw)  # "interrupted" after 2
+    resumed = pilm.train_twist(target, objective, steps=4, checkpoint_dir=tmp_path / "b", **kw)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    def untimed(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert untimed(straight.history) == untimed(resumed.history) and len(resumed.history) == 4
