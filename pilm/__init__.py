@@ -4,7 +4,7 @@ Sample sigma(s | x) ∝ p0(s | x) phi(s) with importance sampling, SMC and rejec
 unbiased estimates of Z; check everything exactly on enumerable models.
 """
 
-from . import learning, models, potentials, testing, twists
+from . import learning, models, potentials, tasks, testing, twists
 from .errors import (
     EmptyPromptError, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
     RejectionBudgetError, TooLargeError,
@@ -21,5 +21,5 @@ __all__ = [
     "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact",
     "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "rejection_sample", "smc",
-    "testing", "train_twist", "twists",
+    "tasks", "testing", "train_twist", "twists",
 ]

@@ -1,4 +1,4 @@
-"""``pilm`` on the command line: sample | demo | bench.
+"""``pilm`` on the command line: sample | train-twist | demo | bench.
 
 Bad input (an unknown potential spec or model, an impossible target) gives a one-line
 ``pilm: error: ...`` on stderr and exit code 2.
@@ -31,27 +31,37 @@ def _sample_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < this x N (1: always, 0: never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=int, default=5, help="how many distinct samples to print")
-    p.add_argument("--out", default=defaults.get("out"), help="append the run to this JSONL file")
+    p.add_argument("--out", default=defaults.get("out"), help="sample: append the run to this JSONL file; train-twist: the twist folder")
     p.add_argument("--plot", default=defaults.get("plot"), help="write the ESS-over-steps PNG here")
+    p.add_argument("--twist", default=None, help="folder of a twist saved by train-twist (twisted SMC)")
     if "potential" in defaults:
         p.set_defaults(potential=[defaults["potential"]])
 
 
-def _run_sample(args: argparse.Namespace) -> int:
-    from . import load_model, smc
-    from .evaluation.plots import plot_ess
+def _target(args: argparse.Namespace):
+    from . import load_model
     from .potentials.spec import check_spec, parse_potential
     from .target import Target
 
     for spec in args.potential or []:
         check_spec(spec)  # before the model loads
     model = load_model(args.model)
-    potentials = [parse_potential(spec, model) for spec in args.potential or []]
     potential = None
-    for p in potentials:
+    for p in (parse_potential(spec, model) for spec in args.potential or []):
         potential = p if potential is None else potential * p
-    target = Target(model, args.prompt, potential, max_new_tokens=args.max_new_tokens, chat=args.chat)
-    res = smc(target, args.n_particles, resample=args.resample, ess_threshold=args.ess_threshold, seed=args.seed)
+    return Target(model, args.prompt, potential, max_new_tokens=args.max_new_tokens, chat=args.chat)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from . import smc
+    from .evaluation.plots import plot_ess
+    from .twists import Twist
+
+    target = _target(args)
+    model, potential = target.model, target.potential
+    twist = Twist.from_pretrained(args.twist, model) if args.twist else None
+    res = smc(target, args.n_particles, twist=twist, resample=args.resample, ess_threshold=args.ess_threshold,
+              seed=args.seed)
     print(f"model {model.name} · prompt {args.prompt!r} · potential {potential} · N={args.n_particles} · seed {args.seed}")
     print("top samples (total normalised weight):")
     for w, text in res.top(args.top):
@@ -65,6 +75,26 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.plot:
         plot_ess(res, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_train_twist(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import train_twist
+
+    target = _target(args)
+    out = Path(args.out)
+    twist = train_twist(
+        target, args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        head=args.head, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
+        log_path=out / "train.jsonl", plot_path=out / "training.png",
+    )
+    twist.save_pretrained(out)
+    last = twist.history[-1]
+    print(f"trained a {args.head} twist with {args.objective} for {args.steps} steps: "
+          f"final loss {last['loss']:.4g}, batch ESS {last['ess']:.1f}/{args.batch_size}")
+    print(f"wrote {out} (twist, checkpoint, train.jsonl, training.png); use: pilm sample ... --twist {out}")
     return 0
 
 
@@ -86,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="SMC samples of sigma ∝ p0 · phi")
     _sample_args(sample, {})
     sample.set_defaults(run=_run_sample)
+    train = sub.add_parser("train-twist", help="learn a twist head (ctl | rl | sixo | fudge | dpg)")
+    _sample_args(train, {})
+    train.add_argument("--objective", default="ctl", choices=["ctl", "rl", "sixo", "fudge", "dpg"])
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--head", default="mlp", choices=["mlp", "linear"])
+    train.add_argument("--checkpoint-every", type=int, default=50)
+    train.set_defaults(run=_run_train_twist, out="twist")
     demo = sub.add_parser("demo", help="positive continuations of 'The movie was' on the embedded model")
     _sample_args(demo, {**DEMO, "out": "results.jsonl", "plot": "ess.png"})
     demo.set_defaults(run=_run_sample)

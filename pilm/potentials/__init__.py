@@ -1,7 +1,7 @@
 """Potentials phi: the protocol, combinators, and built-ins."""
 
 from .base import Potential, Product, Sequences, Tempered, evaluate
-from .classifiers import Sentiment
+from .classifiers import Sentiment, Toxicity
 from .function import FunctionPotential
 from .lexical import Regex
 from .likelihood import SuffixLikelihood
@@ -9,5 +9,5 @@ from .spec import SPEC_HELP, check_spec, parse_potential
 
 __all__ = [
     "SPEC_HELP", "FunctionPotential", "Potential", "Product", "Regex", "Sentiment", "Sequences",
-    "SuffixLikelihood", "Tempered", "check_spec", "evaluate", "parse_potential",
+    "SuffixLikelihood", "Tempered", "Toxicity", "check_spec", "evaluate", "parse_potential",
 ]

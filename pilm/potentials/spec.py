@@ -6,25 +6,29 @@ from collections.abc import Callable
 
 from ..models.base import LanguageModel
 from .base import Potential
-from .classifiers import Sentiment
+from .classifiers import Sentiment, Toxicity
 from .likelihood import SuffixLikelihood
 from .lexical import Regex
 
 SPEC_HELP = (
     "regex:PATTERN (completion must full-match), sentiment:positive|negative[:BETA], "
-    "suffix:TEXT (infilling: likelihood of TEXT after the completion)"
+    "toxicity:clean|toxic[:BETA], suffix:TEXT (infilling: likelihood of TEXT after the completion)"
 )
 
 
-def _sentiment(arg: str, model: LanguageModel) -> Potential:
-    label, _, beta = arg.partition(":")
-    potential = Sentiment(label)
-    return potential ** float(beta) if beta else potential
+def _classifier(cls):
+    def build(arg: str, model: LanguageModel) -> Potential:
+        label, _, beta = arg.partition(":")
+        potential = cls(label)
+        return potential ** float(beta) if beta else potential
+
+    return build
 
 
 _KINDS: dict[str, Callable[[str, LanguageModel], Potential]] = {
     "regex": lambda arg, model: Regex(arg),
-    "sentiment": _sentiment,
+    "sentiment": _classifier(Sentiment),
+    "toxicity": _classifier(Toxicity),
     "suffix": lambda arg, model: SuffixLikelihood(model, arg),
 }
 
