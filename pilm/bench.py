@@ -6,7 +6,9 @@ is kept (the machine is shared and noisy, so only ratios are reported). The SMC 
 a prefix-aware potential (no digits, checked on every particle at every step) and
 ``ess_threshold=1.0``, so it resamples and reindexes the KV cache at every step.
 
-Time is compared per drawn token (SMC particles that emit EOS stop early; ``generate`` is
+A third leg runs twisted SMC with an MLP twist head (3 layers, after one CTL step, which is
+timed too): the head reads the hidden state of the same forward pass, so it should add
+little. Time is compared per drawn token (SMC particles that emit EOS stop early; ``generate`` is
 forced to draw all T). Memory is the peak resident-set growth over the level just before
 each leg, sampled every millisecond, with glibc told to return freed buffers to the OS.
 """
@@ -60,7 +62,7 @@ def _return_freed_memory_to_os() -> None:
 
 
 def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2, prompt: str = "The movie was") -> dict:
-    from . import load_model, smc
+    from . import load_model, smc, train_twist
     from .potentials import Regex
     from .target import Target
 
@@ -76,14 +78,17 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         )
         return (out.shape[1] - ids.shape[1]) * n_particles
 
-    def run_smc(seed: int):
-        res = smc(target, n_particles, ess_threshold=1.0, seed=seed, progress=False, on_extinction="return")
+    def run_smc(seed: int, twist=None):
+        res = smc(target, n_particles, twist=twist, ess_threshold=1.0, seed=seed, progress=False, on_extinction="return")
         return sum(len(t) for t in res.tokens), len(res.resampled_at)
 
+    twist = train_twist(target, "ctl", steps=1, batch_size=32, lr=1e-3, seed=0, progress=False)
+    ctl_step_seconds = twist.history[-1]["seconds"]
     torch.manual_seed(0)
-    generate()  # warm-up of both legs (allocator, kernels)
+    generate()  # warm-up of every leg (allocator, kernels)
     run_smc(0)
-    gen_times, smc_times, gen_mem, smc_mem = [], [], [], []
+    run_smc(0, twist)
+    gen_times, smc_times, twisted_times, gen_mem, smc_mem = [], [], [], [], []
     resamples = 0
     for r in range(repeats):
         with _PeakRSS() as mem:
@@ -96,8 +101,13 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
             tokens, resamples = run_smc(r + 1)
             smc_times.append((time.perf_counter() - t0) / tokens)
         smc_mem.append(mem.growth)
+        t0 = time.perf_counter()
+        tokens, _ = run_smc(r + 1, twist)
+        twisted_times.append((time.perf_counter() - t0) / tokens)
     return {
         "smc_over_generate": min(smc_times) / min(gen_times),
+        "twisted_smc_over_generate": min(twisted_times) / min(gen_times),
+        "ctl_step_seconds": ctl_step_seconds,
         "memory_over_generate": min(smc_mem) / max(min(gen_mem), 1),
         "generate_ms_per_token": 1e3 * min(gen_times),
         "smc_ms_per_token": 1e3 * min(smc_times),

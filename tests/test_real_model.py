@@ -71,3 +71,13 @@ def test_corrupted_conversion_cache_is_detected_and_rebuilt(tmp_path, monkeypatc
     assert not list((tmp_path / "models").glob(".*")), "no temporary folder left behind"
     ids = model.encode("Hello")
     assert torch.isfinite(model.log_prob("Hi", [ids])).all()
+
+
+def test_cli_train_twist_then_sample_with_it(tmp_path, capsys):
+    out = tmp_path / "tw"
+    args = ["--prompt", "The movie was", "--potential", "sentiment:positive:4", "--max-new-tokens", "3"]
+    assert main(["train-twist", *args, "--steps", "2", "--batch-size", "4", "--head", "linear", "--out", str(out)]) == 0
+    assert (out / "twist.safetensors").exists() and (out / "training.png").exists()
+    assert len((out / "train.jsonl").read_text().splitlines()) == 2
+    assert main(["sample", *args, "--n-particles", "4", "--twist", str(out)]) == 0
+    assert "log Z-hat" in capsys.readouterr().out

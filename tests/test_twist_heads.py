@@ -17,7 +17,7 @@ def test_head_shapes_and_init(tiny):
     state = tiny.start(tiny.encode("Hello"), 2)
     out = twist.log_psi(None, state.hidden)
     assert out.shape == (2, tiny.vocab_size)
-    assert all(float(m.bias.abs().max()) == 0 for m in twist.net if isinstance(m, torch.nn.Linear))
+    assert all(m.bias.abs().max().item() == 0 for m in twist.net if isinstance(m, torch.nn.Linear))
     linear = Twist.for_model(tiny, kind="linear", output="log_sigmoid")
     assert (linear.log_psi(None, state.hidden) <= 0).all()
 
