@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean experiment-twists
 
 install: $(STAMP)
 
@@ -27,3 +27,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .venv
+
+experiment-twists: $(STAMP)
+	$(PY) experiments/twists.py --out docs/twists --steps 60 --seeds 10 --max-new-tokens 8

@@ -9,7 +9,7 @@ from .errors import (
     EmptyPromptError, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
     RejectionBudgetError, TooLargeError,
 )
-from .evaluation import exact
+from .evaluation import BoundsReport, bounds, exact
 from .inference import RejectionResult, SMCResult, importance_sample, rejection_sample, smc
 from .learning import train_twist
 from .models import load_model
@@ -18,7 +18,7 @@ from .twists import Twist
 
 __version__ = "0.1.0"
 __all__ = [
-    "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "PilmError", "PotentialError",
+    "BoundsReport", "bounds", "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact",
     "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "rejection_sample", "smc",
     "tasks", "testing", "train_twist", "twists",

@@ -1,112 +1,16 @@
-"""Exact answers by enumerating every completion: log Z, sigma, exact samples.
+"""Exact answers by enumerating every completion: log Z, sigma, exact samples, KL.
 
-The tree of completions is expanded level by level through the model protocol (one
-batched forward per level), so it works for tabular models and for transformers models
-with very short horizons alike. Zero-probability branches are pruned. It refuses, before
-computing anything more, once the count of sequences would pass ``max_sequences``.
+See ``pilm.enumeration`` for how the tree is expanded and when it refuses.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor
 
-from ..errors import TooLargeError
+from ..enumeration import MAX_SEQUENCES, Enumeration, enumerate_target
 from ..target import Target
 
-MAX_SEQUENCES = 2_000_000
-_POTENTIAL_BATCH = 4096
-
-
-@dataclass
-class Enumeration:
-    """Every completion with log p0(s | x) and log phi(s) (float64)."""
-
-    tokens: list[tuple[int, ...]]
-    log_p0: Tensor
-    log_phi: Tensor
-    log_q: Tensor | None = None  # log q(s) of the proposal enumerated alongside, if any
-
-    @property
-    def log_sigma_unnormalized(self) -> Tensor:
-        return self.log_p0 + self.log_phi
-
-    @property
-    def log_z(self) -> float:
-        return float(torch.logsumexp(self.log_sigma_unnormalized, 0))
-
-    @property
-    def log_sigma(self) -> Tensor:
-        """log sigma(s) for every enumerated s."""
-        return self.log_sigma_unnormalized - self.log_z
-
-    def kl_sigma_q(self) -> float:
-        """KL(sigma || q) = sum_s sigma(s) [log sigma(s) - log q(s)] (inclusive; +inf if q
-        misses part of sigma's support)."""
-        sigma = torch.exp(self.log_sigma)
-        on = sigma > 0
-        return float((sigma[on] * (self.log_sigma[on] - self.log_q[on])).sum())
-
-    def kl_q_sigma(self) -> float:
-        """KL(q || sigma) = sum_s q(s) [log q(s) - log sigma(s)] (exclusive; mode-seeking)."""
-        q = torch.exp(self.log_q)
-        on = q > 0
-        return float((q[on] * (self.log_q[on] - self.log_sigma[on])).sum())
-
-
-def enumerate_target(
-    target: Target, *, twist=None, proposal_beta: float = 1.0, max_sequences: int = MAX_SEQUENCES
-) -> Enumeration:
-    """All completions of ``target`` with their log p0 and log phi (see module docstring);
-    with ``twist``, also log q(s) of the twist-induced proposal q ∝ p0 psi^proposal_beta
-    that ``pilm.smc(..., twist=twist)`` samples from."""
-    from ..inference.smc import proposal_log_probs
-
-    model, horizon, eos = target.model, target.max_new_tokens, target.model.eos_token_id
-    condition = twist.condition_for(target) if twist is not None else None
-    state = model.start(target.prompt_ids, 1)
-    prefixes: list[tuple[int, ...]] = [()]
-    prefix_lp = torch.zeros(1, dtype=torch.float64)
-    prefix_lq = torch.zeros(1, dtype=torch.float64)
-    done_tokens: list[tuple[int, ...]] = []
-    done_lp: list[Tensor] = []
-    done_lq: list[Tensor] = []
-    for t in range(1, horizon + 1):
-        lp = prefix_lp[:, None] + state.logprobs.double()
-        if twist is not None:
-            with torch.no_grad():
-                log_psi = twist.log_psi(prefixes if twist.needs_prefixes else None, state.hidden, condition)
-            lq = prefix_lq[:, None] + proposal_log_probs(state.logprobs, log_psi.float(), proposal_beta).double()
-        parent, token = torch.isfinite(lp).nonzero(as_tuple=True)
-        if len(done_tokens) + len(parent) > max_sequences:
-            raise TooLargeError(
-                f"exact enumeration of {target.model.name} with max_new_tokens={horizon} reaches more than "
-                f"{max_sequences:,} sequences at step {t} ({len(done_tokens) + len(parent):,}); "
-                "use a smaller vocabulary or horizon, or raise max_sequences"
-            )
-        finished = token == eos if eos is not None else torch.zeros_like(token, dtype=torch.bool)
-        if t == horizon:
-            finished[:] = True
-        par, tok = parent.tolist(), token.tolist()
-        for i in finished.nonzero().squeeze(1).tolist():
-            done_tokens.append(prefixes[par[i]] + (tok[i],))
-        done_lp.append(lp[parent[finished], token[finished]])
-        if twist is not None:
-            done_lq.append(lq[parent[finished], token[finished]])
-        keep = ~finished
-        if not keep.any():
-            break
-        prefixes = [prefixes[par[i]] + (tok[i],) for i in keep.nonzero().squeeze(1).tolist()]
-        prefix_lp = lp[parent[keep], token[keep]]
-        if twist is not None:
-            prefix_lq = lq[parent[keep], token[keep]]
-        state = model.advance(model.reindex(state, parent[keep]), token[keep])
-    log_phi = torch.cat(
-        [target.log_potential(done_tokens[i : i + _POTENTIAL_BATCH]).double() for i in range(0, len(done_tokens), _POTENTIAL_BATCH)]
-    )
-    return Enumeration(done_tokens, torch.cat(done_lp), log_phi, torch.cat(done_lq) if twist is not None else None)
+__all__ = ["MAX_SEQUENCES", "Enumeration", "distribution", "enumerate_target", "log_z", "sample"]
 
 
 def log_z(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> float:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -36,7 +37,9 @@ from tqdm.auto import tqdm
 from ..errors import ImpossibleTargetError
 from ..target import Target
 from ..twists.base import TwistFunction
-from .resampling import Scheme, ess, get_scheme
+from ..models.base import LanguageModel
+from .proposals import ModelProposal
+from .resampling import Scheme, ess, get_scheme, multinomial
 from .result import SMCResult
 from .trace import Trace
 
@@ -67,19 +70,28 @@ def smc(
     n_particles: int,
     *,
     twist: TwistFunction | None = None,
-    proposal: Proposal | None = None,
+    proposal: Proposal | LanguageModel | ModelProposal | None = None,
     proposal_beta: float = 1.0,
     resample: str | Scheme = "systematic",
     ess_threshold: float = 0.5,
     seed: int = 0,
     progress: bool = True,
     on_extinction: Literal["raise", "return"] = "raise",
+    reference: Sequence[int] | None = None,
 ) -> SMCResult:
     """Run SMC on ``target`` with ``n_particles`` particles (see the module docstring).
 
     ``twist=None`` is plain (bootstrap) SMC. With a twist, ``proposal="twist"`` (default)
     proposes from q ∝ p0 psi^proposal_beta (twisted SMC; ``proposal_beta`` < 1 tempers
-    towards p0 for exploration), ``proposal="base"`` from p0 with twisted weights.
+    towards p0 for exploration), ``proposal="base"`` from p0 with twisted weights. A
+    ``LanguageModel`` (or ``ModelProposal``) as ``proposal`` samples from that model instead
+    (e.g. a fine-tuned policy), weighted by p0 phi / q.
+
+    ``reference`` (token ids of a complete sequence) runs *conditional* SMC: particle 0 is
+    forced to it and always survives resampling (its ancestors are kept; the other N-1
+    draw theirs multinomially from all N). With an exact sample of sigma as reference,
+    E[log Z-hat] >= log Z: the IWAE upper bound without resampling, the CSMC upper bound
+    with it (SPECS A.7).
 
     Randomness comes only from a ``torch.Generator`` seeded with ``seed``: equal seeds give
     identical runs. If every particle reaches weight 0, ``on_extinction="raise"`` raises
@@ -91,7 +103,7 @@ def smc(
     return run_smc(
         target, n_particles, generator, twist=twist, proposal=proposal, proposal_beta=proposal_beta,
         resample=resample, ess_threshold=ess_threshold, use_prefix=True, progress=progress,
-        on_extinction=on_extinction, info={"seed": seed},
+        on_extinction=on_extinction, reference=reference, info={"seed": seed},
     )
 
 
@@ -118,7 +130,7 @@ def run_smc(
     generator: torch.Generator,
     *,
     twist: TwistFunction | None = None,
-    proposal: Proposal | None = None,
+    proposal: Proposal | LanguageModel | ModelProposal | None = None,
     proposal_beta: float = 1.0,
     resample: str | Scheme = "systematic",
     ess_threshold: float = 0.5,
@@ -126,17 +138,32 @@ def run_smc(
     progress: bool = False,
     on_extinction: Literal["raise", "return"] = "raise",
     trace: Trace | None = None,
+    reference: Sequence[int] | None = None,
     info: dict | None = None,
 ) -> SMCResult:
     """The SMC loop behind ``smc`` and ``importance_sample``, with an explicit generator.
 
     ``trace`` (only without resampling) records per-step tensors for twist training.
     """
+    if isinstance(proposal, LanguageModel):
+        proposal = ModelProposal(proposal)
     proposal = proposal or ("twist" if twist is not None else "base")
-    if proposal not in ("base", "twist"):
-        raise ValueError(f"proposal must be 'base' or 'twist', got {proposal!r}")
+    model_proposal = proposal if isinstance(proposal, ModelProposal) else None
+    if model_proposal is not None and twist is not None:
+        raise ValueError("give either a twist or a model proposal, not both")
+    if model_proposal is None and proposal not in ("base", "twist"):
+        raise ValueError(f"proposal must be 'base', 'twist' or a LanguageModel, got {proposal!r}")
     if proposal == "twist" and twist is None:
         raise ValueError("proposal='twist' needs a twist")
+    if reference is not None:
+        reference = [int(v) for v in reference]
+        if not reference or len(reference) > target.max_new_tokens or not target.is_complete(reference):
+            raise ValueError(
+                f"the reference must be a complete sequence (ending at EOS or with exactly "
+                f"max_new_tokens={target.max_new_tokens} tokens), got {len(reference)} tokens"
+            )
+        if resample not in ("multinomial", "systematic"):
+            raise ValueError("conditional SMC resamples the free particles multinomially; leave resample at its default")
     if trace is not None and ess_threshold > 0:
         raise ValueError("a trace needs ess_threshold=0 (no resampling)")
     if n < 1:
@@ -163,6 +190,9 @@ def run_smc(
 
     condition = twist.condition_for(target) if twist is not None else None
     state = model.start(target.prompt_ids, n)
+    followers = [f for f in (twist, model_proposal) if f is not None and f.stateful]  # step with the model
+    for f in followers:
+        f.begin(target, n)
     rows = torch.arange(n)  # particles that own the model's rows, in row order
     for t in tqdm(range(1, horizon + 1), desc="smc", unit="tok", disable=not progress, leave=False):
         log_twist = None
@@ -170,8 +200,13 @@ def run_smc(
             prefixes = [tuple(p) for p in tokens[rows, : t - 1].tolist()] if twist.needs_prefixes else None
             with torch.no_grad():
                 log_twist = twist.log_psi(prefixes, state.hidden, condition).float()
-        log_q = proposal_log_probs(state.logprobs, log_twist, proposal_beta if proposal == "twist" else 0.0)
+        if model_proposal is not None:
+            log_q = model_proposal.log_q()
+        else:
+            log_q = proposal_log_probs(state.logprobs, log_twist, proposal_beta if proposal == "twist" else 0.0)
         drawn = torch.multinomial(log_q.exp(), 1, generator=generator).squeeze(1)
+        if reference is not None and rows[0] == 0:  # the reference particle is still running
+            drawn[0] = reference[t - 1]
         tokens[rows, t - 1] = drawn
         length[rows] = t
         finished = (drawn == eos) if eos is not None else torch.zeros_like(drawn, dtype=torch.bool)
@@ -199,7 +234,10 @@ def run_smc(
         parents = torch.arange(n)
         if not done.all() and ess_trace[-1] < ess_threshold * n:
             log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
-            parents = scheme(log_w, n, generator)
+            if reference is None:
+                parents = scheme(log_w, n, generator)
+            else:
+                parents = torch.cat([torch.zeros(1, dtype=torch.long), multinomial(log_w, n - 1, generator)])
             tokens, length, done, log_psi = tokens[parents], length[parents], done[parents], log_psi[parents]
             log_w = torch.zeros(n, dtype=torch.float64)
             resampled_at.append(t)
@@ -212,6 +250,9 @@ def run_smc(
         rows = (~done).nonzero().squeeze(1)
         state = model.reindex(state, row_of[parents[rows]])
         state = model.advance(state, tokens[rows, t - 1])
+        for f in followers:
+            f.reindex(row_of[parents[rows]])
+            f.advance(tokens[rows, t - 1])
 
     log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
     toks = [tokens[k, : length[k]].tolist() for k in range(n)]
@@ -232,7 +273,8 @@ def run_smc(
             "max_new_tokens": horizon,
             "potential": str(target.potential),
             "model": model.name,
-            "proposal": proposal,
+            "proposal": proposal if isinstance(proposal, str) else proposal.name,
+            "reference": reference is not None,
             "seconds": time.perf_counter() - started,
             "extinct_at": extinct_at,
         },

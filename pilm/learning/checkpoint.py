@@ -25,7 +25,7 @@ def save_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
     tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=directory))
     opt = optimizer.state_dict()
     tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / "weights.safetensors")
+    save_file(_trainable(module), tmp / "weights.safetensors")
     save_file(tensors, tmp / "optimizer.safetensors")
     save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}))
@@ -48,7 +48,10 @@ def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
     if not (folder / "state.json").exists():
         return None
     state = json.loads((folder / "state.json").read_text())
-    module.load_state_dict(load_file(folder / "weights.safetensors"))
+    weights = load_file(folder / "weights.safetensors")
+    if set(weights) != set(_trainable(module)):
+        raise ValueError(f"{folder} was written for another twist (its parameters differ)")
+    module.load_state_dict(weights, strict=False)
     flat = load_file(folder / "optimizer.safetensors")
     opt_state: dict[int, dict] = {}
     for key, value in flat.items():
@@ -57,3 +60,8 @@ def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
     optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
     generator.set_state(load_file(folder / "rng.safetensors")["generator"])
     return state
+
+
+def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained (a LoRA body's frozen base weights are not saved)."""
+    return {k: p.detach().contiguous() for k, p in module.named_parameters() if p.requires_grad}

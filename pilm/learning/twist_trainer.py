@@ -15,6 +15,7 @@ from ..inference.trace import Trace
 from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist, condition_ids
+from ..twists.lora import LoRATwist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .objectives import TwistBatch, get_objective
 
@@ -29,12 +30,15 @@ def sample_batch(target: Target, twist: TwistFunction | None, trainee, n: int, g
                   use_prefix=False, on_extinction="return", trace=trace)
     t = trace.stacked(n)
     mask = t["mask"]
-    prefixes = None
-    if trainee.needs_prefixes:
-        toks = t["tokens"].tolist()
-        prefixes = [tuple(toks[k][:j]) for k, j in mask.nonzero().tolist()]
-    values = trainee.log_psi(prefixes, t["hidden"][mask], trainee.condition_for(target))
-    log_psi_all = values.new_zeros(*mask.shape, values.shape[-1]).masked_scatter(mask[..., None], values)
+    if hasattr(trainee, "log_psi_teacher_forced"):  # its own body: one forward with gradients
+        log_psi_all = trainee.log_psi_teacher_forced(target, t["tokens"], mask).masked_fill(~mask[..., None], 0.0)
+    else:  # a head on the frozen model's recorded hidden states: no LM forward at all
+        prefixes = None
+        if trainee.needs_prefixes:
+            toks = t["tokens"].tolist()
+            prefixes = [tuple(toks[k][:j]) for k, j in mask.nonzero().tolist()]
+        values = trainee.log_psi(prefixes, t["hidden"][mask], trainee.condition_for(target))
+        log_psi_all = values.new_zeros(*mask.shape, values.shape[-1]).masked_scatter(mask[..., None], values)
     batch = TwistBatch(t["tokens"], mask, t["log_p0"], t["log_q"], t["log_phi"], log_psi_all, t.get("log_p0_all"))
     return batch, res.log_weights
 
@@ -50,6 +54,8 @@ def train_twist(
     twist: TwistFunction | None = None,
     head: str = "mlp",
     layers: int = 3,
+    body: str = "frozen",
+    lora_rank: int = 4,
     conditional: bool | None = None,
     proposal_beta: float = 1.0,
     weight_decay: float = 0.0,
@@ -67,7 +73,8 @@ def train_twist(
     fudge), evaluates the objective on them and takes one AdamW step with gradient-norm
     clipping. Without ``twist`` a fresh head on the frozen LM's hidden state is made
     (``head`` linear|mlp, Xavier init seeded by ``seed``; conditioned on the suffix when the
-    target has one). With ``checkpoint_dir`` a checkpoint is written every
+    target has one); ``body="lora"`` puts the head on a LoRA-adapted copy of the body
+    (rank ``lora_rank``, see ``LoRATwist``). With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end, and an existing one is resumed from: the run
     then continues bit-identically. The returned twist carries ``history`` (one dict a step:
     loss, ESS and log Z-hat of the step's SIS batch, seconds); ``log_path`` appends it as
@@ -78,12 +85,18 @@ def train_twist(
         conditional = condition_ids(target) is not None if conditional is None else conditional
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            twist = Twist.for_model(target.model, kind=head, layers=layers, output=spec.twist_output,
-                                    conditional=conditional)
+            if body == "lora":
+                twist = LoRATwist(target.model, rank=lora_rank, kind=head, layers=layers, output=spec.twist_output)
+            elif body == "frozen":
+                twist = Twist.for_model(target.model, kind=head, layers=layers, output=spec.twist_output,
+                                        conditional=conditional)
+            else:
+                raise ValueError(f"body must be 'frozen' or 'lora', got {body!r}")
     elif twist.output != spec.twist_output:
         raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(twist.parameters(), lr=lr, weight_decay=weight_decay)
+    trainable = [p for p in twist.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     history: list[dict] = []
     start = 0
     if checkpoint_dir is not None:
@@ -103,7 +116,7 @@ def train_twist(
         loss = spec.loss(batch, base)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(twist.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
         optimizer.step()
         lw = torch.tensor(log_w)
         finite = torch.isfinite(lw).any()

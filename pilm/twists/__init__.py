@@ -3,8 +3,9 @@
 from .base import TwistFunction
 from .exact import ExactTwist, TableTwist, optimal, optimal_log_psi
 from .head import Twist, TwistConfig, check_compatible, condition_ids
+from .lora import LoRATwist
 
 __all__ = [
-    "ExactTwist", "TableTwist", "Twist", "TwistConfig", "TwistFunction", "check_compatible",
+    "ExactTwist", "LoRATwist", "TableTwist", "Twist", "TwistConfig", "TwistFunction", "check_compatible",
     "condition_ids", "optimal", "optimal_log_psi",
 ]

@@ -26,6 +26,16 @@ class TwistFunction(ABC):
 
     needs_prefixes: bool = False
     output: str = "log"  # "log_sigmoid": psi in (0, 1), as FUDGE needs
+    stateful: bool = False  # runs its own LM body: the engine calls begin/advance/reindex
+
+    def begin(self, target, n: int) -> None:
+        """Start ``n`` rows on the target's prompt (stateful twists only)."""
+
+    def advance(self, tokens: Tensor) -> None:
+        """Append one token per row, in step with the model (stateful twists only)."""
+
+    def reindex(self, idx: Tensor) -> None:
+        """Select rows, in step with the model (stateful twists only)."""
 
     @abstractmethod
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:

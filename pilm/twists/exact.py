@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..evaluation.exact import MAX_SEQUENCES, enumerate_target
+from ..enumeration import MAX_SEQUENCES, enumerate_target
 from ..target import Target
 from .base import Prefixes, TwistFunction
 

@@ -1,0 +1,55 @@
+"""Another language model as the proposal: a fine-tuned policy, or a prompted one.
+
+q(s_t | s_{<t}) comes from ``model`` conditioned on ``prompt`` (default: the target's
+prompt), scored on the target's own token ids, so the proposal must share the target
+model's tokenizer. The model steps in lock-step with the target's model (its own KV cache,
+reindexed with it). SMC then weights by p0 psi / q, so any such model, however it was
+obtained, gives an unbiased Z-hat and bounds on log Z.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ..models.base import LanguageModel, ModelState
+
+
+class ModelProposal:
+    """q = ``model`` given ``prompt`` (text or ids; ``None`` = the target's prompt)."""
+
+    stateful = True
+
+    def __init__(self, model: LanguageModel, prompt: str | Sequence[int] | None = None, *, chat: bool = False):
+        self.model, self.prompt, self.chat = model, prompt, chat
+        self._state: ModelState | None = None
+        self.name = model.name if prompt is None else f"{model.name} | prompt {prompt!r}"
+
+    def check_compatible(self, target) -> None:
+        if self.model is target.model:
+            return
+        same = self.model.vocab_size == target.model.vocab_size
+        vocab = getattr(getattr(self.model, "tokenizer", None), "get_vocab", None)
+        other = getattr(getattr(target.model, "tokenizer", None), "get_vocab", None)
+        if same and vocab and other:
+            same = vocab() == other()
+        if not same:
+            raise ValueError(
+                f"the proposal {self.model.name} and the target model {target.model.name} have different "
+                "tokenizers: a proposal must score the target's own token ids"
+            )
+
+    def begin(self, target, n: int) -> None:
+        self.check_compatible(target)
+        ids = target.prompt_ids if self.prompt is None else self.model.encode_prompt(self.prompt, chat=self.chat)
+        self._state = self.model.start(ids, n)
+
+    def log_q(self) -> Tensor:
+        return self._state.logprobs
+
+    def advance(self, tokens: Tensor) -> None:
+        self._state = self.model.advance(self._state, tokens)
+
+    def reindex(self, idx: Tensor) -> None:
+        self._state = self.model.reindex(self._state, idx)

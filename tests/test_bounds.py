@@ -1,0 +1,117 @@
+"""Bounds on log Z and KL estimates against enumeration."""
+
+import itertools
+import math
+import statistics
+
+import pytest
+import torch
+
+import pilm
+from pilm.enumeration import enumerate_target
+from pilm.potentials import FunctionPotential
+
+from .conftest import mean_and_se
+
+
+@pytest.fixture
+def soft_target():
+    """No hard zeros (log Z-hat is never -inf), asymmetric, with EOS."""
+    model = pilm.models.TabularLM.random(3, seed=8, eos_id=2)
+    phi = FunctionPotential(lambda s: 1.2 * s.count(0) - 0.7 * s.count(1) - 0.3 * len(s), on="tokens", name="soft")
+    return pilm.Target(model, "a", phi, max_new_tokens=3)
+
+
+def exact_iwae(e, k_pairs_upper: bool):
+    """E[log (w1 + w2)/2] with s1 ~ sigma (upper) or q, and s2 ~ q, by enumerating all pairs."""
+    log_w = (e.log_p0 + e.log_phi - e.log_q).tolist()
+    first = (e.log_sigma if k_pairs_upper else e.log_q).exp().tolist()
+    q = e.log_q.exp().tolist()
+    return sum(first[i] * q[j] * (math.log((math.exp(log_w[i]) + math.exp(log_w[j])) / 2))
+               for i, j in itertools.product(range(len(q)), repeat=2))
+
+
+def test_bounds_sandwich_log_z_and_tighten(soft_target):
+    log_z = pilm.exact.log_z(soft_target)
+    rep = pilm.bounds(soft_target, {"base": None}, [1, 4, 16], seeds=300, progress=False)
+    for r in rep.rows:
+        se = r["lower_ci"] / 1.96, r["upper_ci"] / 1.96
+        # Each bound holds in expectation; over 300 seeds allow 3 SE of noise (false alarm < 0.3%).
+        assert r["lower"] <= log_z + 3 * se[0] and r["upper"] >= log_z - 3 * se[1], r
+    for method in ("sis", "smc"):
+        gaps = {r["n_particles"]: r["gap"] for r in rep.rows if r["method"] == method}
+        assert gaps[16] < gaps[4] < gaps[1]
+    assert rep.log_z_exact == pytest.approx(log_z)
+
+
+def test_k1_bounds_are_elbo_and_eubo_and_k2_match_enumeration(soft_target):
+    twist = pilm.twists.TableTwist(soft_target)
+    with torch.no_grad():
+        twist.values.copy_(0.5 * torch.randn(twist.values.shape, generator=torch.Generator().manual_seed(0)))
+    e = enumerate_target(soft_target, twist=twist)
+    rep = pilm.bounds(soft_target, {"q": twist}, [1, 2], seeds=400, methods=("sis",), progress=False)
+    rows = {r["n_particles"]: r for r in rep.rows}
+    expected = {
+        (1, "lower"): e.log_z - e.kl_q_sigma(), (1, "upper"): e.log_z + e.kl_sigma_q(),
+        (2, "lower"): exact_iwae(e, False), (2, "upper"): exact_iwae(e, True),
+    }
+    for (k, side), value in expected.items():
+        # mean over 400 seeds within 3.5 SE of the exact expectation (4 checks, false alarm < 0.2%)
+        assert abs(rows[k][side] - value) < 3.5 * rows[k][f"{side}_ci"] / 1.96, (k, side, rows[k][side], value)
+
+
+def test_kl_estimates_agree_with_exact_kl(soft_target):
+    twist = pilm.twists.TableTwist(soft_target)
+    e = enumerate_target(soft_target, twist=twist)
+    rep = pilm.bounds(soft_target, {"base": twist, "opt": pilm.twists.optimal(soft_target)}, [1, 32],
+                      seeds=200, methods=("sis",), progress=False)
+    base = next(r for r in rep.rows if r["sampler"] == "base")
+    lo, hi = base["kl_sigma_q_interval"]
+    assert lo - 0.1 <= e.kl_sigma_q() <= hi + 0.1
+    assert abs(base["kl_sigma_q"] - e.kl_sigma_q()) < 0.1  # 200 exact samples: SE of the EUBO mean ~0.04
+    assert abs(base["kl_q_sigma"] - e.kl_q_sigma()) < 0.05
+    opt = [r for r in rep.rows if r["sampler"] == "opt"]
+    assert all(abs(r["gap"]) < 1e-5 and abs(r["kl_sigma_q"]) < 1e-5 for r in opt)
+
+
+def test_conditional_smc_keeps_the_reference(soft_target):
+    ref = list(pilm.exact.sample(soft_target, 1, seed=3)[0])
+    res = pilm.smc(soft_target, 8, reference=ref, ess_threshold=1.0, seed=0, progress=False, resample="multinomial")
+    assert res.tokens[0] == ref and len(res.resampled_at) >= 1
+    assert all(parents[0] == 0 for parents in res.ancestry)
+    with pytest.raises(ValueError, match="complete sequence"):
+        pilm.smc(soft_target, 4, reference=[0], progress=False)
+
+
+def test_report_outputs(tmp_path, soft_target):
+    rep = pilm.bounds(soft_target, None, [1, 4], seeds=5, progress=False)
+    assert "exact log Z" in rep.table()
+    rep.to_jsonl(tmp_path / "b.jsonl")
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == len(rep.rows) == 4
+    assert rep.plot(tmp_path / "b.png").stat().st_size > 1000
+    assert {"distinct_ancestors", "ess_final", "kl_q_sigma_interval"} <= set(rep.rows[0])
+
+
+def test_rejection_refuses_beyond_budget():
+    model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
+    rare = pilm.Target(model, "a", FunctionPotential(lambda s: -12.0, on="tokens"), max_new_tokens=2)
+    with pytest.raises(pilm.RejectionBudgetError, match="would need about"):
+        pilm.evaluation.exact_sigma_samples(rare, 10, "rejection", max_draws=10_000)
+
+
+def test_model_proposal_is_scored_on_target_tokens(soft_target, tiny):
+    other = pilm.models.TabularLM.random(3, seed=99, eos_id=2)
+    z = math.exp(pilm.exact.log_z(soft_target))
+    r = [math.exp(pilm.smc(soft_target, 8, proposal=other, seed=s, progress=False).log_z) / z for s in range(300)]
+    mean, se = mean_and_se(r)
+    assert abs(mean - 1) < 3 * se  # another LM as proposal still gives an unbiased Z-hat
+    with pytest.raises(ValueError, match="different tokenizers"):
+        pilm.smc(pilm.Target(tiny, "Hi", max_new_tokens=2), 2, proposal=other, progress=False)
+
+
+def test_joint_exact_samples_condition_each_target(tiny):
+    target = pilm.tasks.infilling(tiny, prompt="Once upon", suffix=" the end", max_new_tokens=3)
+    pairs = pilm.evaluation.exact_sigma_samples(target, 3, "joint", seed=0)
+    suffix_len = len(target.potential.suffix_ids)
+    for t, s in pairs:
+        assert len(pilm.twists.condition_ids(t)) == suffix_len and t.is_complete(s)
