@@ -1,4 +1,4 @@
-"""``pilm`` on the command line: sample | train-twist | demo | bench.
+"""``pilm`` on the command line: sample | train-twist | bounds | demo | bench.
 
 Bad input (an unknown potential spec or model, an impossible target) gives a one-line
 ``pilm: error: ...`` on stderr and exit code 2.
@@ -16,7 +16,7 @@ from .errors import PilmError
 DEMO = dict(prompt="The movie was", potential="sentiment:positive:10", n_particles=32, max_new_tokens=24)
 
 
-def _sample_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+def _sample_args(p: argparse.ArgumentParser, defaults: dict, *, particles: bool = True) -> None:
     from .inference.resampling import SCHEMES
     from .potentials import SPEC_HELP
 
@@ -25,7 +25,8 @@ def _sample_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--potential", action="append", default=None,
                    help=f"repeat to multiply potentials. Specs: {SPEC_HELP}")
-    p.add_argument("--n-particles", type=int, default=defaults.get("n_particles", 32))
+    if particles:
+        p.add_argument("--n-particles", type=int, default=defaults.get("n_particles", 32))
     p.add_argument("--max-new-tokens", type=int, default=defaults.get("max_new_tokens", 24))
     p.add_argument("--resample", choices=list(SCHEMES), default="systematic")
     p.add_argument("--ess-threshold", type=float, default=0.5, help="resample when ESS < this x N (1: always, 0: never)")
@@ -98,6 +99,32 @@ def _run_train_twist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bounds(args: argparse.Namespace) -> int:
+    from . import bounds, load_model
+    from .twists import Twist
+
+    target = _target(args)
+    samplers: dict = {"base": None}
+    for spec in args.sampler or []:
+        name, sep, where = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--sampler takes NAME=TWIST_DIR or NAME=model:MODEL, got {spec!r}")
+        if where.startswith("model:"):
+            samplers[name] = load_model(where.removeprefix("model:"))
+        else:
+            samplers[name] = Twist.from_pretrained(where, target.model)
+    report = bounds(target, samplers, [int(k) for k in args.n_particles.split(",")], exact_samples=args.exact_samples,
+                    seeds=args.seeds, methods=args.methods.split(","), seed=args.seed)
+    print(report.table())
+    if args.out:
+        report.to_jsonl(args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        report.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmark
 
@@ -125,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", default="mlp", choices=["mlp", "linear"])
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.set_defaults(run=_run_train_twist, out="twist")
+    bnd = sub.add_parser("bounds", help="lower/upper bounds on log Z and KL both ways, per sampler and K")
+    _sample_args(bnd, {}, particles=False)
+    bnd.add_argument("--sampler", action="append", help="NAME=TWIST_DIR or NAME=model:MODEL (repeatable; 'base' is always in)")
+    bnd.add_argument("--n-particles", default="1,4,16,64", help="comma-separated K values")
+    bnd.add_argument("--seeds", type=int, default=10)
+    bnd.add_argument("--methods", default="sis,smc")
+    bnd.add_argument("--exact-samples", default="auto", choices=["auto", "joint", "rejection", "enumerate"])
+    bnd.set_defaults(run=_run_bounds)
     demo = sub.add_parser("demo", help="positive continuations of 'The movie was' on the embedded model")
     _sample_args(demo, {**DEMO, "out": "results.jsonl", "plot": "ess.png"})
     demo.set_defaults(run=_run_sample)

@@ -81,3 +81,24 @@ def test_cli_train_twist_then_sample_with_it(tmp_path, capsys):
     assert len((out / "train.jsonl").read_text().splitlines()) == 2
     assert main(["sample", *args, "--n-particles", "4", "--twist", str(out)]) == 0
     assert "log Z-hat" in capsys.readouterr().out
+
+
+def test_infilling_bounds_sandwich_and_tighten(real_model, tmp_path):
+    """T = 5, a 3-token suffix, exact samples from the joint: LB <= UB at every K and the
+    gap at K = 256 is below the gap at K = 1."""
+    target = pilm.tasks.infilling(real_model, prompt="Once upon a time", suffix=" the big dog", max_new_tokens=5)
+    assert len(target.potential.suffix_ids) == 3
+    rep = pilm.bounds(target, {"base": None}, [1, 256], exact_samples="joint", seeds=2, methods=("sis",),
+                      progress=False)
+    rows = {r["n_particles"]: r for r in rep.rows}
+    assert all(r["lower"] <= r["upper"] for r in rep.rows)
+    assert rows[256]["gap"] < rows[1]["gap"]
+
+
+def test_cli_bounds(tmp_path, capsys):
+    out, png = tmp_path / "b.jsonl", tmp_path / "b.png"
+    code = main(["bounds", "--prompt", "The movie was", "--potential", "sentiment:positive", "--max-new-tokens", "3",
+                 "--n-particles", "1,4", "--seeds", "2", "--methods", "sis", "--exact-samples", "rejection",
+                 "--out", str(out), "--plot", str(png)])
+    assert code == 0 and "KL(q||σ)" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 2 and png.exists()

@@ -91,3 +91,12 @@ def test_lora_body_twist_steps_in_lock_step_and_trains(tmp_path, target, tiny):
     trained.save_pretrained(tmp_path / "lt")
     back = pilm.twists.LoRATwist.from_pretrained(tmp_path / "lt", tiny)
     assert all(torch.equal(after[k], back.trainable_state()[k]) for k in after)
+
+
+def test_conditional_twist_trains_across_suffixes(tiny):
+    targets = [pilm.tasks.infilling(tiny, prompt="Once", suffix=c, max_new_tokens=3) for c in ([11, 12], [13, 14, 15])]
+    twist = pilm.train_twist(targets, "ctl", steps=2, batch_size=4, lr=1e-3, head="linear", progress=False)
+    assert twist.config.conditional and len(twist.history) == 2
+    with pytest.raises(ValueError, match="sharing one model"):
+        pilm.train_twist([targets[0], pilm.Target(pilm.models.TabularLM.random(3, eos_id=2), "a")], steps=1,
+                         progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def sample_batch(target: Target, twist: TwistFunction | None, trainee, n: int, g
 
 
 def train_twist(
-    target: Target,
+    target: Target | Sequence[Target],
     objective: str = "ctl",
     *,
     steps: int = 300,
@@ -68,6 +69,10 @@ def train_twist(
 ) -> TwistFunction:
     """Learn a twist for ``target`` with ``objective`` (ctl | rl | sixo | fudge | dpg).
 
+    ``target`` may be a sequence of targets sharing one model (e.g. infilling targets with
+    suffixes sampled from the joint): step i trains on ``target[i % len]``, so a conditional
+    twist learns across conditions (amortised).
+
     Each step draws ``batch_size`` sequences from the current twist-induced proposal
     (q ∝ p0 psi^proposal_beta, no resampling; plus as many base-model samples for sixo and
     fudge), evaluates the objective on them and takes one AdamW step with gradient-norm
@@ -81,6 +86,10 @@ def train_twist(
     JSONL, ``plot_path`` draws the curves.
     """
     spec = get_objective(objective)
+    targets = [target] if isinstance(target, Target) else list(target)
+    if not targets or any(t.model is not targets[0].model for t in targets):
+        raise ValueError("train_twist needs one target, or several sharing one model")
+    target = targets[0]
     if twist is None:
         conditional = condition_ids(target) is not None if conditional is None else conditional
         with torch.random.fork_rng():
@@ -108,11 +117,12 @@ def train_twist(
     for step in tqdm(range(start, steps), desc=f"train-twist {objective}", initial=start, total=steps,
                      disable=not progress):
         t0 = time.perf_counter()
-        batch, log_w = sample_batch(target, twist, twist, batch_size, generator,
+        step_target = targets[step % len(targets)]
+        batch, log_w = sample_batch(step_target, twist, twist, batch_size, generator,
                                     keep_logprobs=spec.needs_logprobs, proposal_beta=proposal_beta)
         base = None
         if spec.needs_base_samples:
-            base, _ = sample_batch(target, None, twist, batch_size, generator, keep_logprobs=False)
+            base, _ = sample_batch(step_target, None, twist, batch_size, generator, keep_logprobs=False)
         loss = spec.loss(batch, base)
         optimizer.zero_grad()
         loss.backward()
