@@ -10,7 +10,7 @@ from .errors import (
     RejectionBudgetError, TooLargeError,
 )
 from .evaluation import BoundsReport, bounds, exact
-from .inference import RejectionResult, SMCResult, importance_sample, rejection_sample, smc
+from .inference import ModelProposal, RejectionResult, SMCResult, importance_sample, rejection_sample, smc
 from .learning import train_twist
 from .models import load_model
 from .target import Target
@@ -18,7 +18,7 @@ from .twists import Twist
 
 __version__ = "0.1.0"
 __all__ = [
-    "BoundsReport", "bounds", "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "PilmError", "PotentialError",
+    "BoundsReport", "bounds", "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact",
     "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "rejection_sample", "smc",
     "tasks", "testing", "train_twist", "twists",

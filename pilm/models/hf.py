@@ -90,7 +90,7 @@ class HFModel(LanguageModel):
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
             )
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding or plain ids
         return list(self.tokenizer(prompt).input_ids)
 
     # -- batched decoding --------------------------------------------------------------
