@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--head", default="mlp", choices=["mlp", "linear"])
+    train.add_argument("--head", default="mlp", choices=["mlp", "linear", "tied"])
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.set_defaults(run=_run_train_twist, out="twist")
     bnd = sub.add_parser("bounds", help="lower/upper bounds on log Z and KL both ways, per sampler and K")

@@ -100,3 +100,18 @@ def test_conditional_twist_trains_across_suffixes(tiny):
     with pytest.raises(ValueError, match="sharing one model"):
         pilm.train_twist([targets[0], pilm.Target(pilm.models.TabularLM.random(3, eos_id=2), "a")], steps=1,
                          progress=False)
+
+
+def test_tied_head_scores_against_output_embeddings(tmp_path, tiny):
+    twist = Twist.for_model(tiny, kind="tied", layers=2)
+    state = tiny.start(tiny.encode("Hello"), 2)
+    out = twist.log_psi(None, state.hidden)
+    emb = tiny.hf.get_output_embeddings().weight.detach()
+    expected = twist.net(state.hidden) @ emb.T / twist.config.hidden_size**0.5 + twist.token_bias
+    assert out.shape == (2, tiny.vocab_size) and torch.allclose(out, expected, atol=1e-5)
+    twist.save_pretrained(tmp_path / "t")
+    assert torch.allclose(Twist.from_pretrained(tmp_path / "t", tiny).log_psi(None, state.hidden), out)
+    with pytest.raises(ValueError, match="attached"):
+        Twist.from_pretrained(tmp_path / "t").log_psi(None, state.hidden)
+    with pytest.raises(ValueError, match="output embeddings"):
+        Twist.for_model(pilm.models.TabularLM.random(4, eos_id=3), kind="tied")

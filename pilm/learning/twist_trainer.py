@@ -77,7 +77,7 @@ def train_twist(
     (q ∝ p0 psi^proposal_beta, no resampling; plus as many base-model samples for sixo and
     fudge), evaluates the objective on them and takes one AdamW step with gradient-norm
     clipping. Without ``twist`` a fresh head on the frozen LM's hidden state is made
-    (``head`` linear|mlp, Xavier init seeded by ``seed``; conditioned on the suffix when the
+    (``head`` linear|mlp|tied, Xavier init seeded by ``seed``; conditioned on the suffix when the
     target has one); ``body="lora"`` puts the head on a LoRA-adapted copy of the body
     (rank ``lora_rank``, see ``LoRATwist``). With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end, and an existing one is resumed from: the run

@@ -20,15 +20,18 @@ WEIGHTS_NAME = "twist.safetensors"
 
 @dataclass
 class TwistConfig:
-    """Shape of a twist head. ``kind``: "linear" (H -> V) or "mlp" (``layers`` Linear layers
-    with ReLU, hidden width H). ``output``: "log" (the head's output is log psi) or
+    """Shape of a twist head. ``kind``: "linear" (H -> V), "mlp" (``layers`` Linear layers
+    with ReLU, hidden width H, then H -> V), or "tied": an MLP H -> H whose output is scored
+    against the LM's own frozen output embeddings, log psi(v) = g(h) . e_v + b_v. The tied
+    head generalises across tokens (a gradient on one sampled token moves every token with
+    a similar embedding), so it learns from far fewer samples than a V-way output layer. ``output``: "log" (the head's output is log psi) or
     "log_sigmoid" (psi in (0, 1), as FUDGE needs). ``conditional``: the input is the hidden
     state concatenated with the last hidden state of a conditioning token sequence (the
     infilling suffix), so one head serves every suffix."""
 
     hidden_size: int
     vocab_size: int
-    kind: Literal["linear", "mlp"] = "mlp"
+    kind: Literal["linear", "mlp", "tied"] = "mlp"
     layers: int = 3
     output: Literal["log", "log_sigmoid"] = "log"
     conditional: bool = False
@@ -49,32 +52,44 @@ class Twist(nn.Module, TwistFunction):
         width = config.hidden_size * (2 if config.conditional else 1)
         if config.kind == "linear":
             layers: list[nn.Module] = [nn.Linear(width, config.vocab_size)]
-        elif config.kind == "mlp":
+        elif config.kind in ("mlp", "tied"):
             if config.layers < 2:
                 raise ValueError("an MLP twist head needs at least 2 layers")
             layers = []
             for _ in range(config.layers - 1):
                 layers += [nn.Linear(width, config.hidden_size), nn.ReLU()]
                 width = config.hidden_size
-            layers.append(nn.Linear(width, config.vocab_size))
+            layers.append(nn.Linear(width, config.hidden_size if config.kind == "tied" else config.vocab_size))
         else:
-            raise ValueError(f"twist head kind must be 'linear' or 'mlp', got {config.kind!r}")
+            raise ValueError(f"twist head kind must be 'linear', 'mlp' or 'tied', got {config.kind!r}")
         self.net = nn.Sequential(*layers)
         for m in self.net:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+        if config.kind == "tied":
+            self.token_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.output = config.output
         self.history: list[dict] = []
         self._model: LanguageModel | None = None
+        self._embeddings: Tensor | None = None  # the LM's frozen output embeddings (tied heads)
 
     @classmethod
     def for_model(cls, model: LanguageModel, **config) -> Twist:
         """A fresh head sized for ``model`` (its hidden size and vocabulary)."""
         hidden = model.start(model.context([]) if model.bos_token_id is not None else [0], 1).hidden
         twist = cls(TwistConfig(hidden_size=hidden.shape[-1], vocab_size=model.vocab_size, model_name=model.name, **config))
-        twist._model = model
+        twist.attach(model)
         return twist
+
+    def attach(self, model: LanguageModel) -> None:
+        """Bind the twist to its model (a tied head reads the model's output embeddings)."""
+        self._model = model
+        if self.config.kind == "tied":
+            head = getattr(getattr(model, "hf", None), "get_output_embeddings", lambda: None)()
+            if head is None:
+                raise ValueError(f"a tied twist head needs a transformers model with output embeddings, not {model.name}")
+            self._embeddings = head.weight.detach().float()
 
     def forward(self, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         x = hidden.float()
@@ -83,6 +98,10 @@ class Twist(nn.Module, TwistFunction):
                 raise ValueError("this twist is conditional: it needs a condition (the target's suffix)")
             x = torch.cat([x, condition.float().expand(len(x), -1)], dim=-1)
         out = self.net(x)
+        if self.config.kind == "tied":
+            if self._embeddings is None:
+                raise ValueError("a tied twist head must be attached to its model: Twist.from_pretrained(dir, model)")
+            out = out @ self._embeddings.T / self.config.hidden_size**0.5 + self.token_bias
         return nn.functional.logsigmoid(out) if self.config.output == "log_sigmoid" else out
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
@@ -118,7 +137,7 @@ class Twist(nn.Module, TwistFunction):
         twist.load_state_dict(load_file(directory / WEIGHTS_NAME))
         if model is not None:
             check_compatible(twist, model)
-            twist._model = model
+            twist.attach(model)
         return twist
 
 
