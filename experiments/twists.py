@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--n-particles", type=int, default=16)
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--tasks", default="infilling,sentiment")
+    p.add_argument("--head", default="mlp", choices=["mlp", "linear", "tied"])
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def main() -> None:
         for objective in OBJECTIVES:
             t0 = time.perf_counter()
             twist = pilm.train_twist(target, objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                     seed=0, progress=False)
+                                     head=args.head, seed=0, progress=False)
             seconds = time.perf_counter() - t0
             histories[objective] = twist.history
             row = {"task": task, "method": objective, "train_seconds": seconds,
@@ -90,7 +91,7 @@ def main() -> None:
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps({**r, "config": vars(args)}) + "\n" for r in rows)
     lines = [
-        f"N = {args.n_particles} particles, {args.seeds} seeds, T = {args.max_new_tokens} tokens; each twist: MLP head, "
+        f"N = {args.n_particles} particles, {args.seeds} seeds, T = {args.max_new_tokens} tokens; each twist: {args.head} head, "
         f"{args.steps} steps x batch {args.batch_size}, lr {args.lr}.",
         "",
         "| task | twist | mean ESS | final ESS | mean log Ẑ | var log Ẑ | training (s) |",

@@ -13,7 +13,9 @@ from pilm.models import registry
 
 pytestmark = pytest.mark.slow
 
-CTL_TOKENS, CTL_STEPS = 6, 40  # calibrated on this model: see test_ctl_twist_improves_smc_on_sentiment
+# Calibrated on this model (tied head, lr 3e-3): final ESS 3.3 -> 5.7 and var log Z-hat 0.74 -> 0.45
+# over 10 seeds (5.1 and 0.46 over 40 seeds); training takes ~2 minutes.
+CTL_TOKENS, CTL_STEPS = 6, 60
 
 
 def test_default_model_loads_from_cache(real_model):
@@ -121,7 +123,8 @@ def test_ctl_twist_improves_smc_on_sentiment(real_model):
     """A CTL twist makes 16-particle SMC on positive sentiment (beta = 10) better than no
     twist: higher mean ESS of the final weights and lower variance of log Z-hat over 10 seeds."""
     target = pilm.tasks.sentiment(real_model, "positive", beta=10.0, max_new_tokens=CTL_TOKENS)
-    twist = pilm.train_twist(target, "ctl", steps=CTL_STEPS, batch_size=16, lr=1e-3, seed=0, progress=False)
+    twist = pilm.train_twist(target, "ctl", steps=CTL_STEPS, batch_size=16, lr=3e-3, head="tied", seed=0,
+                             progress=False)
 
     def stats(tw):
         runs = [pilm.smc(target, 16, twist=tw, ess_threshold=0.0, seed=s, progress=False) for s in range(10)]
