@@ -3,8 +3,8 @@
 For the infilling and sentiment tasks, trains one MLP twist head per objective (same
 steps, batch, learning rate and seed), then runs twisted SMC with N particles over 10
 seeds and reports the mean ESS over steps, the final ESS, mean and variance of log Z-hat,
-and the training time. Writes results.jsonl, results.md and one training-curve PNG per
-task into --out. Rerun: .venv/bin/python experiments/twists.py
+and the training time. Writes results.jsonl, results.md, the training logs and one
+training-curve PNG per task into --out. Rerun: .venv/bin/python experiments/twists.py
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> Non
         steps = [h["step"] for h in history]
         a.plot(steps, [h["loss"] for h in history], lw=1, label=name)
         b.plot(steps, [h["ess"] for h in history], lw=1, label=name)
-    a.set(xlabel="step", ylabel="loss", title=f"{title}: training loss")
+    a.set(xlabel="step", ylabel="loss (symlog: objectives differ in scale)", title=f"{title}: training loss", yscale="symlog")
     b.set(xlabel="step", ylabel="ESS of the training batch (SIS)", title=f"{title}: proposal quality")
     b.legend(fontsize=8)
     fig.tight_layout()
@@ -80,7 +80,8 @@ def main() -> None:
         for objective in OBJECTIVES:
             t0 = time.perf_counter()
             twist = pilm.train_twist(target, objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                     head=args.head, seed=0, progress=False)
+                                     head=args.head, seed=0, progress=False,
+                                     log_path=out / f"train_{task}_{objective}.jsonl")
             seconds = time.perf_counter() - t0
             histories[objective] = twist.history
             row = {"task": task, "method": objective, "train_seconds": seconds,
