@@ -106,6 +106,9 @@ def train_twist(
     generator = torch.Generator().manual_seed(seed)
     trainable = [p for p in twist.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    for path in (log_path, plot_path):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     start = 0
     if checkpoint_dir is not None:
