@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pilm
+from pilm.evaluation.plots import plot_training
 
 OBJECTIVES = ["ctl", "rl", "sixo", "fudge", "dpg"]
 
@@ -30,25 +31,6 @@ def evaluate(target, twist, n_particles: int, seeds: int) -> dict:
         "log_z_mean": statistics.mean(log_z),
         "log_z_var": statistics.variance(log_z),
     }
-
-
-def plot_curves(histories: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, history in histories.items():
-        steps = [h["step"] for h in history]
-        a.plot(steps, [h["loss"] for h in history], lw=1, label=name)
-        b.plot(steps, [h["ess"] for h in history], lw=1, label=name)
-    a.set(xlabel="step", ylabel="loss (symlog: objectives differ in scale)", title=f"{title}: training loss", yscale="symlog")
-    b.set(xlabel="step", ylabel="ESS of the training batch (SIS)", title=f"{title}: proposal quality")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -88,7 +70,7 @@ def main() -> None:
                    **evaluate(target, twist, args.n_particles, args.seeds)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        plot_curves(histories, out / f"training_{task}.png", task)
+        plot_training(histories, out / f"training_{task}.png", title=task)
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps({**r, "config": vars(args)}) + "\n" for r in rows)
     lines = [

@@ -27,10 +27,29 @@ def test_task_targets(tiny):
     assert i.potential.suffix_ids == [11, 12] and pilm.twists.condition_ids(i) == [11, 12]
 
 
-def test_joint_samples_are_exact_for_their_own_suffix(tiny):
+def test_joint_samples_are_deterministic_and_shaped(tiny):
     pairs = pilm.tasks.joint_samples(tiny, "Once upon", max_new_tokens=3, suffix_tokens=2, n=3, seed=0)
-    assert len(pairs) == 3
+    assert len(pairs) == 3 and all(1 <= len(m) <= 3 and len(c) == 2 for m, c in pairs)
+    assert pilm.tasks.joint_samples(tiny, "Once upon", max_new_tokens=3, suffix_tokens=2, n=3, seed=0) == pairs
+
+
+def test_joint_samples_are_exact_samples_of_each_suffix_posterior():
+    """Group joint draws by their suffix c: the middles must follow sigma(. | c) from
+    enumeration of the infilling target with that suffix (chi-square, p > 1e-3)."""
+    from collections import Counter, defaultdict
+
+    from scipy import stats
+
+    model = pilm.models.TabularLM.random(3, seed=4)  # no EOS: every middle has 2 tokens
+    pairs = pilm.tasks.joint_samples(model, "a", max_new_tokens=2, suffix_tokens=1, n=3000, seed=0)
+    by_suffix = defaultdict(list)
     for middle, suffix in pairs:
-        assert 1 <= len(middle) <= 3 and len(suffix) == 2
-    again = pilm.tasks.joint_samples(tiny, "Once upon", max_new_tokens=3, suffix_tokens=2, n=3, seed=0)
-    assert again == pairs
+        by_suffix[tuple(suffix)].append(tuple(middle))
+    for suffix, middles in by_suffix.items():
+        sigma = pilm.exact.distribution(pilm.tasks.infilling(model, prompt="a", suffix=list(suffix), max_new_tokens=2))
+        keys = sorted(sigma)
+        counts = Counter(middles)
+        observed = [counts[k] for k in keys]
+        expected = [sigma[k] * len(middles) for k in keys]
+        assert sum(observed) == len(middles)
+        assert stats.chisquare(observed, expected).pvalue > 1e-3, suffix

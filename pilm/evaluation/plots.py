@@ -33,19 +33,24 @@ def plot_ess(result: SMCResult, path: str | Path, *, title: str | None = None) -
     return path
 
 
-def plot_training(history: list[dict], path: str | Path, *, title: str = "training") -> Path:
-    """Loss and the ESS of each step's SIS batch over training steps."""
+def plot_training(histories: list[dict] | dict[str, list[dict]], path: str | Path, *, title: str = "training") -> Path:
+    """Loss (symlog: objectives differ in scale) and the ESS of each step's SIS batch over
+    training steps; ``histories`` is one run's history or several, by name."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(steps, [h["loss"] for h in history], lw=1)
-    a.set(xlabel="step", ylabel="loss", title=title)
-    b.plot(steps, [h["ess"] for h in history], lw=1, color="tab:green")
-    b.set(xlabel="step", ylabel="ESS of the training batch (SIS)")
+    runs = histories if isinstance(histories, dict) else {"": histories}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, history in runs.items():
+        steps = [h["step"] for h in history]
+        a.plot(steps, [h["loss"] for h in history], lw=1, label=name or None)
+        b.plot(steps, [h["ess"] for h in history], lw=1, label=name or None)
+    a.set(xlabel="step", ylabel="loss", title=f"{title}: loss", yscale="symlog")
+    b.set(xlabel="step", ylabel="ESS of the training batch (SIS)", title=f"{title}: proposal quality")
+    if len(runs) > 1:
+        b.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
