@@ -60,6 +60,19 @@ def test_batched_scoring_equals_one_by_one(tiny):
     assert batch[2] == 0.0
 
 
+def test_scoring_with_a_shared_prompt_cache_equals_plain_forwards(tiny):
+    """``score`` runs the prefix the rows share once; the sums must equal uncached forwards."""
+    prompt = tiny.encode("The movie was")
+    seqs = [prompt + tiny.encode(" fine"), prompt + tiny.encode(" not good at all"), prompt[:2] + [7, 8]]
+    starts = [len(prompt), len(prompt), 2]
+    got = tiny.score(seqs, starts)
+    for seq, start, value in zip(seqs, starts, got):
+        ctx = tiny.context(seq[:start])
+        full = ctx + seq[start:]
+        expected = sum(float(full_logprobs(tiny, full[:t])[0][full[t]]) for t in range(len(ctx), len(full)))
+        assert value == pytest.approx(expected, abs=1e-4)
+
+
 def test_suffix_likelihood_batched_equals_alone(tiny):
     potential = pilm.potentials.SuffixLikelihood(tiny, " and they lived happily")
     pilm.testing.check_potential(potential, tiny, "Once upon a time", [(), (11,), (11, 12, 13), (tiny.eos_token_id,)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -127,33 +128,54 @@ class HFModel(LanguageModel):
 
     # -- scoring -------------------------------------------------------------------------
     def score(self, sequences: Sequence[Tokens], starts: Sequence[int]) -> Tensor:
+        """Sum of log p(seq[t] | seq[:t]) over t >= start, in blocks of rows. The longest
+        prefix all rows share before their first scored token (e.g. a prompt) is run once
+        and its KV cache copied to every row, so it is not recomputed per sequence."""
         seqs, firsts = [], []
         for seq, s in zip(sequences, starts, strict=True):
             ctx = self.context(list(seq[:s]))
             seqs.append(ctx + [int(t) for t in seq[s:]])
             firsts.append(len(ctx))
         out = torch.zeros(len(seqs))
-        rows_per_block = max(1, _SCORE_LOGITS_BYTES // (4 * self.vocab_size * max(map(len, seqs), default=1)))
+        if not seqs:
+            return out
+        shared = _common_prefix_length(seqs, min(firsts) - 1)
+        prefix_cache = self._forward(torch.tensor([seqs[0][:shared]]), None)[2] if shared else None
+        rows_per_block = max(1, _SCORE_LOGITS_BYTES // (4 * self.vocab_size * max(map(len, seqs))))
         for lo in range(0, len(seqs), rows_per_block):
             block = range(lo, min(lo + rows_per_block, len(seqs)))
-            out[lo : block.stop] = self._score_block([seqs[i] for i in block], [firsts[i] for i in block])
+            out[lo : block.stop] = self._score_block([seqs[i] for i in block], [firsts[i] for i in block],
+                                                     shared, prefix_cache)
         return out
 
-    def _score_block(self, seqs: list[list[int]], firsts: list[int]) -> Tensor:
+    def _score_block(self, seqs: list[list[int]], firsts: list[int], shared: int, prefix_cache) -> Tensor:
         # Right padding needs no attention mask: causal attention never looks at later pads.
         length = max(map(len, seqs))
-        ids = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
         first = min(firsts)
         if first >= length:  # nothing to score
             return torch.zeros(len(seqs))
+        ids = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
+        cache = None
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=self.device))
         keep = length - first + 1  # logits at positions first-1 .. length-1
         with torch.no_grad():
-            logits = self.hf(input_ids=ids.to(self.device), logits_to_keep=keep).logits[:, :-1].float()
+            logits = self.hf(input_ids=ids[:, shared:].to(self.device), past_key_values=cache,
+                             use_cache=cache is not None, logits_to_keep=keep).logits[:, :-1].float()
         targets = ids[:, first:].to(logits.device)
         lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         pos = torch.arange(first, length)
         mask = (pos[None, :] >= torch.tensor(firsts)[:, None]) & (pos[None, :] < torch.tensor([len(s) for s in seqs])[:, None])
         return torch.where(mask, lp.cpu(), 0.0).sum(-1)
+
+
+def _common_prefix_length(seqs: list[list[int]], cap: int) -> int:
+    """Length of the longest prefix shared by all ``seqs``, at most ``cap``."""
+    n = 0
+    while n < cap and all(len(s) > n and s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
 
 
 def _single_id(*candidates) -> int | None:
