@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean experiment-twists
+.PHONY: install demo test bench clean experiment-twists experiment-bounds
 
 install: $(STAMP)
 
@@ -30,3 +30,6 @@ clean:
 
 experiment-twists: $(STAMP)
 	$(PY) experiments/twists.py --out docs/twists --steps 60 --seeds 10 --max-new-tokens 8
+
+experiment-bounds: $(STAMP)
+	$(PY) experiments/bounds.py --out docs/bounds --seeds 5 --max-new-tokens 8 --suffix-tokens 4

@@ -11,7 +11,7 @@ from .errors import (
 )
 from .evaluation import BoundsReport, bounds, exact
 from .inference import ModelProposal, RejectionResult, SMCResult, importance_sample, rejection_sample, smc
-from .learning import train_twist
+from .learning import finetune, train_twist
 from .models import load_model
 from .target import Target
 from .twists import Twist
@@ -19,7 +19,7 @@ from .twists import Twist
 __version__ = "0.1.0"
 __all__ = [
     "BoundsReport", "bounds", "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
-    "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact",
+    "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact", "finetune",
     "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "rejection_sample", "smc",
     "tasks", "testing", "train_twist", "twists",
 ]

@@ -5,12 +5,14 @@ See ``pilm.enumeration`` for how the tree is expanded and when it refuses.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..enumeration import MAX_SEQUENCES, Enumeration, enumerate_target
 from ..target import Target
 
-__all__ = ["MAX_SEQUENCES", "Enumeration", "distribution", "enumerate_target", "log_z", "sample"]
+__all__ = ["MAX_SEQUENCES", "Enumeration", "distribution", "enumerate_sampler", "enumerate_target", "log_z", "sample"]
 
 
 def log_z(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> float:
@@ -31,3 +33,13 @@ def sample(target: Target, n: int, *, seed: int = 0, max_sequences: int = MAX_SE
     g = torch.Generator().manual_seed(seed)
     idx = torch.multinomial(torch.exp(e.log_sigma), n, replacement=True, generator=g)
     return [e.tokens[i] for i in idx.tolist()]
+
+
+def enumerate_sampler(target: Target, sampler, *, max_sequences: int = MAX_SEQUENCES) -> Enumeration:
+    """The enumeration of ``target`` with log q(s) of a model ``sampler`` (e.g. a fine-tuned
+    policy, generating with the target's stopping rule) filled in, so
+    ``kl_q_sigma()`` and ``kl_sigma_q()`` are exact."""
+    e = enumerate_target(target, max_sequences=max_sequences)
+    with torch.no_grad():
+        log_q = sampler.log_prob(target.prompt_ids, e.tokens).double()
+    return dataclasses.replace(e, log_q=log_q)

@@ -1,6 +1,8 @@
-"""Learning to infer: twist objectives and the trainer."""
+"""Learning to infer: twist objectives and trainer; fine-tuning objectives and trainer."""
 
-from .objectives import OBJECTIVES, TwistBatch, get_objective
+from .objectives import FINETUNE_OBJECTIVES, OBJECTIVES, PolicyBatch, TwistBatch, get_objective
+from .policy_trainer import finetune
 from .twist_trainer import sample_batch, train_twist
 
-__all__ = ["OBJECTIVES", "TwistBatch", "get_objective", "sample_batch", "train_twist"]
+__all__ = ["FINETUNE_OBJECTIVES", "OBJECTIVES", "PolicyBatch", "TwistBatch", "finetune", "get_objective", "sample_batch",
+           "train_twist"]

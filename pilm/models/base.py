@@ -97,6 +97,20 @@ class LanguageModel(ABC):
         ``seq_i[:starts[i]]`` is the context (passed through ``context`` so it may be empty).
         """
 
+    def prefix_logprobs(self, prompt_ids: Tokens, tokens: Tensor) -> Tensor:
+        """log p(. | x, s_{1:i}) for i = 0..L: shape (B, L+1, V), float32, under the caller's
+        grad mode (a trainable model gets gradients through it). ``tokens`` is (B, L), right-
+        padded with -1; rows past their length hold values for padding and must be masked.
+
+        This default steps ``start``/``advance``; backends override it with one teacher-forced
+        forward."""
+        state = self.start(prompt_ids, len(tokens))
+        out = [state.logprobs]
+        for t in range(tokens.shape[1]):
+            state = self.advance(state, tokens[:, t].clamp(min=0))
+            out.append(state.logprobs)
+        return torch.stack(out, 1)
+
     def log_prob(self, prompt: str | Tokens, completions: Sequence[str | Tokens]) -> Tensor:
         """log p0(completion | prompt) for each completion, batched in one forward.
 

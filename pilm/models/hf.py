@@ -63,6 +63,10 @@ class HFModel(LanguageModel):
         self.vocab_size = int(hf_model.config.vocab_size)
         self.eos_token_id = _single_id(tokenizer.eos_token_id, hf_model.generation_config.eos_token_id)
         self.bos_token_id = _single_id(tokenizer.bos_token_id, hf_model.config.bos_token_id)
+        # LoRA adapters injected into ``hf`` (see ``models.adapter``): None, or the switch that
+        # selects ``self.adapter`` (None = all off, i.e. the base model) before each forward.
+        self.adapters = None
+        self.adapter: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +104,7 @@ class HFModel(LanguageModel):
 
         cache = DynamicCache() if cache is None else cache
         with torch.no_grad():
-            out = self.hf(
+            out = self._call(
                 input_ids=ids.to(self.device),
                 past_key_values=cache,
                 use_cache=True,
@@ -125,6 +129,20 @@ class HFModel(LanguageModel):
             return state
         state.cache.reorder_cache(idx.to(self.device))
         return ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length)
+
+    def prefix_logprobs(self, prompt_ids: Tokens, tokens: Tensor) -> Tensor:
+        """One teacher-forced forward of [context, tokens] (right padding needs no mask:
+        causal attention never looks at later positions)."""
+        ctx = self.context(prompt_ids)
+        ids = torch.cat([torch.tensor(ctx).expand(len(tokens), -1), tokens.clamp(min=0)], 1)
+        logits = self._call(input_ids=ids.to(self.device), logits_to_keep=tokens.shape[1] + 1).logits
+        return torch.log_softmax(logits.float(), -1)
+
+    def _call(self, **kwargs):
+        """The transformers forward, with this model's adapter (or none) selected first."""
+        if self.adapters is not None:
+            self.adapters.use(self.adapter)
+        return self.hf(**kwargs)
 
     # -- scoring -------------------------------------------------------------------------
     def score(self, sequences: Sequence[Tokens], starts: Sequence[int]) -> Tensor:
@@ -161,7 +179,7 @@ class HFModel(LanguageModel):
             cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=self.device))
         keep = length - first + 1  # logits at positions first-1 .. length-1
         with torch.no_grad():
-            logits = self.hf(input_ids=ids[:, shared:].to(self.device), past_key_values=cache,
+            logits = self._call(input_ids=ids[:, shared:].to(self.device), past_key_values=cache,
                              use_cache=cache is not None, logits_to_keep=keep).logits[:, :-1].float()
         targets = ids[:, first:].to(logits.device)
         lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -46,13 +46,22 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    adapter: str | Path | None = None,
 ) -> HFModel:
     """Load a causal LM as a pilm model.
+
+    ``adapter`` (a folder written by ``LoRAPolicy.save_pretrained`` / ``pilm.finetune``, or
+    any peft LoRA adapter folder) returns the fine-tuned policy on top of the loaded model:
+    a ``LoRAPolicy`` whose ``base`` is the model itself with the adapter switched off.
 
     ``None`` or ``"smollm2-135m"`` is the embedded default (no network needed). Anything
     else is a transformers hub id or a local folder. ``dtype=None`` picks the faster matmul
     dtype for this machine (see ``default_dtype``); log-probabilities are float32 anyway.
     """
+    if adapter is not None:
+        from .adapter import LoRAPolicy
+
+        return LoRAPolicy.from_pretrained(load_model(name_or_path, dtype=dtype, device=device), adapter)
     name = name_or_path or DEFAULT_MODEL
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype())
     if name not in _EMBEDDED:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 from .base import LanguageModel, ModelState, Tokens
 
@@ -116,6 +118,41 @@ class TabularLM(LanguageModel):
             seq = tuple(int(t) for t in seq)
             out.append(sum(float(self.logprobs_of(seq[:j])[seq[j]]) for j in range(s, len(seq))))
         return torch.tensor(out, dtype=torch.float32)
+
+
+class TabularPolicy(TabularLM):
+    """A trainable policy on a tabular base: log q(v | prefix) = log_softmax(log p0(v | prefix)
+    + theta[prefix, v]), one free logit vector per prefix of the prompt shorter than
+    ``horizon`` (prefixes without EOS; others fall back to p0). Every policy over those
+    sequences is representable, so a fine-tuning objective can be checked at its exact
+    optimum. ``theta`` starts at 0 (q = p0)."""
+
+    def __init__(self, base: TabularLM, prompt_ids: Tokens, horizon: int):
+        super().__init__(base.next_logprobs, base.vocab_size, base.eos_token_id, hidden_size=base.hidden_size,
+                         name=f"{base.name}+policy")
+        self.base = base
+        tokens = [v for v in range(base.vocab_size) if v != base.eos_token_id]
+        level = [tuple(int(t) for t in prompt_ids)]
+        prefixes = []
+        for _ in range(horizon):
+            prefixes += level
+            level = [p + (v,) for p in level for v in tokens]
+        self.index = {p: i for i, p in enumerate(prefixes)}
+        self.trainable = nn.ParameterDict({"theta": nn.Parameter(torch.zeros(len(prefixes), base.vocab_size))})
+
+    def logprobs_of(self, prefix: tuple[int, ...]) -> Tensor:
+        lp = self.base.logprobs_of(prefix)
+        i = self.index.get(prefix)
+        return lp if i is None else torch.log_softmax(lp + self.trainable["theta"][i], 0)
+
+    def train(self, mode: bool = True) -> TabularPolicy:
+        return self
+
+    def save_pretrained(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"theta": self.trainable["theta"].detach().contiguous()}, directory / "policy.safetensors")
+        return directory
 
 
 def _prefix_seed(seed: int, prefix: tuple[int, ...]) -> int:

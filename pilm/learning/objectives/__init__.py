@@ -1,13 +1,21 @@
-"""Twist-learning objectives: pure functions ``(batch, base) -> scalar loss``.
+"""Learning objectives, pure functions of tensors returning a scalar loss.
 
-Each entry records what the trainer must provide: log p0 of every token, base-model
-samples, and the twist output it assumes.
+Twist objectives ``(TwistBatch, base) -> loss`` (``OBJECTIVES``: what the twist trainer must
+provide) and fine-tuning objectives ``(PolicyBatch) -> loss`` (``FINETUNE_OBJECTIVES``: whether
+off-policy samples are valid, whether every prefix's reward is needed, whether a log Z is
+learned).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .batch import TwistBatch
+from .reinforce import reinforce
+from .rws import rws
+from .sft import sft
+from .subtb import subtb
+from .tb import tb
+from .trajectory import PolicyBatch, log_flow
 from .ctl import ctl
 from .dpg import dpg
 from .fudge import fudge
@@ -32,6 +40,30 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+@dataclass(frozen=True)
+class FinetuneObjective:
+    loss: Callable
+    off_policy: bool = False  # valid on tempered and replayed trajectories
+    prefix_rewards: bool = False  # reads log R of every prefix, not only the final one
+    learns_log_z: bool = False
+
+
+FINETUNE_OBJECTIVES: dict[str, FinetuneObjective] = {
+    "subtb": FinetuneObjective(subtb, off_policy=True, prefix_rewards=True),
+    "tb": FinetuneObjective(tb, off_policy=True, learns_log_z=True),
+    "reinforce": FinetuneObjective(reinforce),
+    "rws": FinetuneObjective(rws),
+    "sft": FinetuneObjective(sft, off_policy=True),
+}
+
+
+def get_finetune_objective(name: str) -> FinetuneObjective:
+    try:
+        return FINETUNE_OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown fine-tuning objective {name!r}; known: {', '.join(FINETUNE_OBJECTIVES)}") from None
+
+
 def get_objective(name: str) -> Objective:
     try:
         return OBJECTIVES[name]
@@ -39,4 +71,7 @@ def get_objective(name: str) -> Objective:
         raise ValueError(f"unknown twist objective {name!r}; known: {', '.join(OBJECTIVES)}") from None
 
 
-__all__ = ["OBJECTIVES", "Objective", "TwistBatch", "ctl", "dpg", "fudge", "get_objective", "rl", "sixo"]
+__all__ = [
+    "FINETUNE_OBJECTIVES", "FinetuneObjective", "OBJECTIVES", "Objective", "PolicyBatch", "TwistBatch", "ctl", "dpg",
+    "fudge", "get_finetune_objective", "get_objective", "log_flow", "reinforce", "rl", "rws", "sft", "sixo", "subtb", "tb",
+]

@@ -1,0 +1,344 @@
+"""Fine-tune the language model itself into a sampler of sigma (``pilm.finetune``).
+
+The policy q_theta is the base model plus a LoRA adapter (``LoRAPolicy``; on a tabular base,
+a ``TabularPolicy``). The reward of a trajectory is R(z⊤) = sigma~(z) = p0(z | x) phi(z),
+tempered as R^{1/tau} (tau annealed linearly from ``reward_temperature[0]`` to ``[1]``);
+with tau = 1 every objective's optimum is q = sigma. One step, per micro-batch:
+
+1. draw ``batch_size`` trajectories under no_grad with the KV cache, from the behaviour
+   policy: on-policy, on-policy at a temperature ~ U[temperature_range], or replay (a
+   reward-prioritised, deduplicated buffer). Off-policy draws are only used by objectives
+   that are valid on them (subtb, tb, sft);
+2. log R of every prefix (or only the final one) from one teacher-forced forward of p0
+   (the same weights, adapter off) plus one batched call of the potential;
+3. log q of every token and of the stop action (EOS) at every prefix from one
+   teacher-forced forward of the policy with gradients; the objective's loss; backward.
+
+AdamW with linear warm-up, gradient accumulation over ``grad_accum`` micro-batches and
+gradient-norm clipping. Under ``accelerate launch`` each process samples its own
+micro-batches (seed + process index) and gradients are averaged across processes before
+each update; only the main process logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..models.adapter import DEFAULT_TARGET_MODULES, LoRAPolicy
+from ..models.base import LanguageModel
+from ..models.hf import HFModel
+from ..models.tabular import TabularLM, TabularPolicy
+from ..target import Target
+from .checkpoint import load_checkpoint, save_checkpoint
+from .objectives import FinetuneObjective, PolicyBatch, get_finetune_objective
+from .replay import ReplayBuffer, Trajectory, pad
+
+MODES = ("on-policy", "tempered", "replay")
+
+
+def sample_trajectories(policy: LanguageModel, target: Target, n: int, generator: torch.Generator,
+                        temperature: float = 1.0) -> Tensor:
+    """n completions of ``target``'s prompt from ``policy`` at ``temperature`` (no gradients,
+    one batched forward per token with the KV cache; finished rows leave the batch), as a
+    (n, T) tensor right-padded with -1. Each ends at EOS or at the horizon T."""
+    horizon, eos = target.max_new_tokens, policy.eos_token_id
+    tokens = torch.full((n, horizon), -1, dtype=torch.long)
+    rows = torch.arange(n)
+    with torch.no_grad():
+        state = policy.start(target.prompt_ids, n)
+        for t in range(horizon):
+            probs = torch.softmax(state.logprobs / temperature, -1)
+            drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            tokens[rows, t] = drawn
+            going = drawn != eos if eos is not None else torch.ones_like(drawn, dtype=torch.bool)
+            if t + 1 == horizon or not going.any():
+                break
+            keep = going.nonzero().squeeze(1)
+            rows = rows[keep]
+            state = policy.advance(policy.reindex(state, keep), drawn[keep])
+    return tokens
+
+
+def trajectory_lengths(tokens: Tensor, eos: int | None) -> Tensor:
+    """n = number of tokens before the stop action: before the EOS, or all of them."""
+    real = tokens >= 0
+    stop = (tokens == eos) if eos is not None else torch.zeros_like(real)
+    return real.sum(1) - stop.sum(1)
+
+
+def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool) -> Tensor:
+    """log R(z_{1:i}⊤) = log p0(z_{1:i} ⊤ | x) + log phi(z_{1:i} ⊤), (B, T+1), where ⊤ is the
+    EOS token for i < T and nothing at i = T (the horizon). p0 comes from one teacher-forced
+    forward; phi from one batched call on every prefix (or only on each final sequence,
+    other entries -inf, when ``every_prefix`` is False)."""
+    model, eos, horizon = target.model, target.model.eos_token_id, target.max_new_tokens
+    b = len(tokens)
+    n = trajectory_lengths(tokens, eos)
+    with torch.no_grad():
+        lp0 = model.prefix_logprobs(target.prompt_ids, tokens)  # (B, T+1, V)
+    steps = torch.arange(horizon)[None, :] < n[:, None]
+    tok = lp0[:, :horizon].gather(2, tokens.clamp(min=0)[..., None]).squeeze(2).masked_fill(~steps, 0.0)
+    cum = torch.cat([torch.zeros(b, 1), torch.cumsum(tok, 1)], 1).double()  # log p0(z_{1:i})
+    stop = torch.zeros(b, horizon + 1, dtype=torch.float64)
+    if eos is not None:
+        stop[:, :horizon] = lp0[:, :horizon, eos].double()
+    out = torch.full((b, horizon + 1), -math.inf, dtype=torch.float64)
+    rows = tokens.tolist()
+    which = [(k, i) for k in range(b) for i in (range(int(n[k]) + 1) if every_prefix else [int(n[k])])]
+    if eos is None and every_prefix:
+        which = [(k, i) for k, i in which if i == horizon]  # without EOS only the horizon stops
+    seqs = [rows[k][:i] + ([eos] if i < horizon else []) for k, i in which]
+    log_phi = target.log_potential(seqs).double() if seqs else torch.zeros(0)
+    for (k, i), v in zip(which, log_phi.tolist(), strict=True):
+        out[k, i] = cum[k, i] + stop[k, i] + v
+    return out
+
+
+def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: Tensor,
+                 log_z: Tensor | None = None) -> PolicyBatch:
+    """Assemble the objectives' tensors: log q of the policy (with gradients, one forward)."""
+    eos, horizon = target.model.eos_token_id, target.max_new_tokens
+    n = trajectory_lengths(tokens, eos)
+    lq = policy.prefix_logprobs(target.prompt_ids, tokens)  # (B, T+1, V)
+    steps = torch.arange(horizon)[None, :] < n[:, None]
+    log_q = lq[:, :horizon].gather(2, tokens.clamp(min=0)[..., None]).squeeze(2).masked_fill(~steps, 0.0)
+    states = torch.arange(horizon + 1)[None, :] <= n[:, None]
+    log_stop = torch.zeros_like(lq[..., 0])
+    if eos is not None:
+        log_stop = torch.cat([lq[:, :horizon, eos], torch.zeros_like(lq[:, :1, 0])], 1)
+    log_stop = log_stop.masked_fill(~states, 0.0)
+    return PolicyBatch(log_q, log_stop, log_r.float().masked_fill(~states, 0.0), states, log_z)
+
+
+class LogZ(nn.Module):
+    """Learned log Z for trajectory balance: a scalar for one prompt, or a linear head on
+    the base model's last hidden state of the prompt for many (amortised over prompts)."""
+
+    def __init__(self, hidden_size: int, amortised: bool):
+        super().__init__()
+        self.amortised = amortised
+        self.head = nn.Linear(hidden_size, 1) if amortised else None
+        self.value = nn.Parameter(torch.zeros(()))
+
+    def forward(self, target: Target) -> Tensor:
+        if self.head is None:
+            return self.value
+        with torch.no_grad():
+            h = target.model.start(target.prompt_ids, 1).hidden
+        return self.head(h.float()).squeeze() + self.value
+
+
+def make_policy(target: Target, *, rank: int, alpha: int, dropout: float, target_modules) -> LanguageModel:
+    model = target.model
+    if isinstance(model, HFModel):
+        return LoRAPolicy(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
+    if isinstance(model, TabularLM):
+        return TabularPolicy(model, target.prompt_ids, target.max_new_tokens)
+    raise TypeError(f"cannot fine-tune a {type(model).__name__}: give policy= (a trainable LanguageModel)")
+
+
+def finetune(
+    target: Target | Sequence[Target],
+    objective: str = "subtb",
+    *,
+    steps: int = 500,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    log_z_lr: float = 1e-2,
+    warmup: int = 20,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+    policy: LanguageModel | None = None,
+    lora_rank: int = 64,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.1,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    explore: tuple[float, float, float] | None = None,
+    temperature_range: tuple[float, float] = (0.5, 2.0),
+    replay_size: int = 50,
+    replay_tolerance: float = 0.25,
+    reward_temperature: float | tuple[float, float] = 1.0,
+    anneal_steps: int | None = None,
+    min_log_reward: float = -100.0,
+    data: Sequence[Sequence[int]] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    log_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    progress: bool = True,
+) -> LanguageModel:
+    """Fine-tune a policy towards sigma ∝ p0 phi with ``objective`` (subtb | tb | reinforce |
+    rws | sft); see the module docstring for one step.
+
+    ``target`` may be several targets sharing one model (e.g. many prompts): step i trains on
+    ``target[i % len]``; trajectory balance then learns log Z as a head on the prompt state.
+    The policy is a new LoRA adapter on the target's model (rank ``lora_rank``, ``lora_alpha``,
+    ``lora_dropout``, ``target_modules``; defaults from Hu et al. 2024), or ``policy``.
+
+    ``explore`` = probabilities of (on-policy, tempered, replay) draws per micro-batch:
+    default (1/4, 1/2, 1/4) for off-policy-valid objectives (the paper's mix), on-policy only
+    for reinforce and rws (which need samples from q). ``data``: token sequences of
+    demonstrations; they seed the replay buffer of the first target (``sft`` trains on them
+    alone). ``reward_temperature`` (tau_start, tau_end) anneals linearly over
+    ``anneal_steps`` (default: all steps). log R is floored at ``min_log_reward`` so phi = 0
+    gives a large finite penalty (as the paper's -99), not an infinite residual.
+
+    With ``checkpoint_dir``, a checkpoint (adapter, log Z, optimizer, RNG, replay buffers,
+    history) is written every ``checkpoint_every`` steps and at the end, and resumed from:
+    the run then continues bit-identically. Returns the policy with ``history`` (one dict
+    per step: loss, mean log R (untempered), diversity, behaviour mode, tau, lr, seconds).
+    """
+    from accelerate import Accelerator
+
+    spec: FinetuneObjective = get_finetune_objective(objective)
+    targets = [target] if isinstance(target, Target) else list(target)
+    if not targets or any(t.model is not targets[0].model for t in targets):
+        raise ValueError("finetune needs one target, or several sharing one model")
+    if spec.prefix_rewards and targets[0].model.eos_token_id is None:
+        raise ValueError(f"{objective} makes every prefix terminable with EOS, and {targets[0].model.name} has no "
+                         "EOS token: use objective='tb'")
+    if objective == "sft" and not data:
+        raise ValueError("objective='sft' trains on demonstrations: give data=[token sequences]")
+    explore = _exploration(spec, objective, explore)
+    t_start, t_end = (reward_temperature, reward_temperature) if isinstance(reward_temperature, (int, float)) \
+        else reward_temperature
+    anneal_steps = anneal_steps or steps
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+
+    if policy is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            policy = make_policy(targets[0], rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                                 target_modules=target_modules)
+    hidden = targets[0].model.start(targets[0].prompt_ids, 1).hidden.shape[-1]
+    log_z = LogZ(hidden, amortised=len(targets) > 1)
+    trainable = nn.ModuleDict({"policy": policy.trainable, "log_z": log_z})
+    groups = [{"params": list(policy.trainable.parameters()), "lr": lr}]
+    if spec.learns_log_z:
+        groups.append({"params": list(log_z.parameters()), "lr": log_z_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    buffers = [ReplayBuffer(replay_size, replay_tolerance) for _ in targets]
+    history: list[dict] = []
+    start = 0
+    if checkpoint_dir is not None:
+        saved = load_checkpoint(checkpoint_dir, trainable, optimizer, generator)
+        if saved is not None:
+            if saved["objective"] != objective:
+                raise ValueError(f"{checkpoint_dir} holds a {saved['objective']!r} run, not {objective!r}")
+            start, history = saved["step"], saved["history"]
+            buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
+    if data and start == 0:
+        horizon = targets[0].max_new_tokens
+        demos = pad([list(d)[:horizon] for d in data], horizon)
+        rewards = prefix_log_rewards(targets[0], demos, every_prefix=spec.prefix_rewards).clamp(min=min_log_reward)
+        n = trajectory_lengths(demos, targets[0].model.eos_token_id)
+        for row, r, k in zip(demos.tolist(), rewards.tolist(), n.tolist(), strict=True):
+            buffers[0].add(Trajectory(tuple(t for t in row if t >= 0), r[: k + 1]))
+    main = accelerator.is_main_process
+    for path in (log_path, plot_path):
+        if path is not None and main:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    bar = tqdm(range(start, steps), desc=f"finetune {objective}", initial=start, total=steps,
+               disable=not (progress and main))
+    for step in bar:
+        t0 = time.perf_counter()
+        k = step % len(targets)
+        step_target, buffer = targets[k], buffers[k]
+        tau = t_start + (t_end - t_start) * min(1.0, step / max(anneal_steps - 1, 1))
+        for g, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            g["lr"] = base_lr * min(1.0, (step + 1) / max(warmup, 1))
+        optimizer.zero_grad()
+        losses, rewards, distinct, modes = [], [], [], []
+        for micro in range(grad_accum):
+            mode = _draw_mode(explore, generator, len(buffer) > 0)
+            if mode == "replay":
+                items = buffer.sample(batch_size, generator, temperature=tau, prioritised=objective != "sft")
+                tokens = pad([it.tokens for it in items], step_target.max_new_tokens)
+                log_r = torch.full((batch_size, step_target.max_new_tokens + 1), -math.inf, dtype=torch.float64)
+                for row, it in enumerate(items):
+                    log_r[row, : len(it.log_r)] = torch.tensor(it.log_r, dtype=torch.float64)
+            else:
+                temperature = 1.0
+                if mode == "tempered":
+                    lo, hi = temperature_range
+                    temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
+                policy.train(False)
+                tokens = sample_trajectories(policy, step_target, batch_size, generator, temperature)
+                log_r = prefix_log_rewards(step_target, tokens, every_prefix=spec.prefix_rewards)
+                log_r = log_r.clamp(min=min_log_reward)
+                n = trajectory_lengths(tokens, step_target.model.eos_token_id)
+                for row, r, length in zip(tokens.tolist(), log_r.tolist(), n.tolist(), strict=True):
+                    buffer.add(Trajectory(tuple(t for t in row if t >= 0), r[: length + 1]))
+            policy.train(True)
+            with torch.random.fork_rng():  # adapter dropout: seeded per micro-batch, so resume is exact
+                torch.manual_seed(hash((seed, accelerator.process_index, step, micro)) % 2**62)
+                z = log_z(step_target) if spec.learns_log_z else None
+                batch = policy_batch(policy, step_target, tokens, log_r / tau, z)
+                loss = spec.loss(batch)
+                (loss / grad_accum).backward()
+            policy.train(False)
+            losses.append(loss.item())
+            rewards.append(float(batch.log_r_final.mean()) * tau)
+            distinct.append(len({tuple(r) for r in tokens.tolist()}) / batch_size)
+            modes.append(mode)
+        if accelerator.num_processes > 1:
+            for p in trainable.parameters():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, "mean")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        record = {"step": step + 1, "loss": sum(losses) / grad_accum, "log_r": sum(rewards) / grad_accum,
+                  "diversity": sum(distinct) / grad_accum, "modes": modes, "reward_temperature": tau,
+                  "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        if spec.learns_log_z:
+            record["log_z"] = float(log_z(step_target).detach())
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3g}", log_r=f"{record['log_r']:.3g}")
+        if main and log_path is not None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"objective": objective, **record}) + "\n")
+        if main and checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save_checkpoint(checkpoint_dir, trainable, optimizer, generator,
+                            {"step": step + 1, "history": history, "objective": objective, "seed": seed,
+                             "buffers": [b.state() for b in buffers]})
+        accelerator.wait_for_everyone()
+    policy.history = history
+    policy.log_z = log_z if spec.learns_log_z else None
+    if main and plot_path is not None:
+        from ..evaluation.plots import plot_training
+
+        plot_training(history, plot_path, title=f"{objective} on {targets[0].model.name}",
+                      metrics=("loss", "log_r", "diversity"))
+    return policy
+
+
+def _exploration(spec: FinetuneObjective, objective: str, explore) -> tuple[float, float, float]:
+    if explore is None:
+        return (0.25, 0.5, 0.25) if spec.off_policy and objective != "sft" else \
+            ((0.0, 0.0, 1.0) if objective == "sft" else (1.0, 0.0, 0.0))
+    explore = tuple(float(x) for x in explore)
+    if len(explore) != 3 or min(explore) < 0 or not math.isclose(sum(explore), 1.0):
+        raise ValueError(f"explore = (on-policy, tempered, replay) probabilities summing to 1, got {explore}")
+    if not spec.off_policy and explore[0] < 1.0:
+        raise ValueError(f"{objective} needs samples from the policy itself: tempered or replayed trajectories would "
+                         "bias it (use explore=(1, 0, 0), or subtb/tb, which are valid off-policy)")
+    return explore
+
+
+def _draw_mode(explore: tuple[float, float, float], generator: torch.Generator, can_replay: bool) -> str:
+    probs = torch.tensor(explore if can_replay else (explore[0] + explore[2], explore[1], 0.0))
+    return MODES[int(torch.multinomial(probs, 1, generator=generator))]
