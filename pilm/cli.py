@@ -1,4 +1,4 @@
-"""``pilm`` on the command line: sample | train-twist | bounds | demo | bench.
+"""``pilm`` on the command line: sample | train-twist | finetune | bounds | demo | bench.
 
 Bad input (an unknown potential spec or model, an impossible target) gives a one-line
 ``pilm: error: ...`` on stderr and exit code 2.
@@ -99,6 +99,35 @@ def _run_train_twist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import finetune, load_model
+    from .tasks import random_number
+
+    if args.task == "random-number":
+        target = random_number(load_model(args.model), max_new_tokens=None)
+    else:
+        target = _target(args)
+    temps = [float(t) for t in args.reward_temperature.split(",")]
+    explore = tuple(float(x) for x in args.explore.split(",")) if args.explore else None
+    out = Path(args.out)
+    policy = finetune(
+        target, args.objective, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        warmup=args.warmup, seed=args.seed, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, explore=explore, reward_temperature=temps[0] if len(temps) == 1 else tuple(temps),
+        min_log_reward=args.min_log_reward, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
+        log_path=out / "train.jsonl", plot_path=out / "training.png",
+    )
+    policy.save_pretrained(out)
+    last = policy.history[-1]
+    print(f"fine-tuned a rank-{args.lora_rank} LoRA policy with {args.objective} for {args.steps} steps: "
+          f"final loss {last['loss']:.4g}, mean log R {last['log_r']:.3g}")
+    print(f"wrote {out} (adapter, checkpoint, train.jsonl, training.png); "
+          f"load with pilm.load_model(..., adapter={str(out)!r}) or: pilm bounds ... --sampler NAME=adapter:{out}")
+    return 0
+
+
 def _run_bounds(args: argparse.Namespace) -> int:
     from . import bounds, load_model
     from .twists import Twist
@@ -108,9 +137,11 @@ def _run_bounds(args: argparse.Namespace) -> int:
     for spec in args.sampler or []:
         name, sep, where = spec.partition("=")
         if not sep:
-            raise ValueError(f"--sampler takes NAME=TWIST_DIR or NAME=model:MODEL, got {spec!r}")
+            raise ValueError(f"--sampler takes NAME=TWIST_DIR, NAME=model:MODEL or NAME=adapter:DIR, got {spec!r}")
         if where.startswith("model:"):
             samplers[name] = load_model(where.removeprefix("model:"))
+        elif where.startswith("adapter:"):
+            samplers[name] = load_model(args.model, adapter=where.removeprefix("adapter:"))
         else:
             samplers[name] = Twist.from_pretrained(where, target.model)
     report = bounds(target, samplers, [int(k) for k in args.n_particles.split(",")], exact_samples=args.exact_samples,
@@ -152,9 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", default="mlp", choices=["mlp", "linear", "tied"])
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.set_defaults(run=_run_train_twist, out="twist")
+    ft = sub.add_parser("finetune", help="fine-tune a LoRA policy into a sampler of sigma (subtb | tb | reinforce | rws)")
+    _sample_args(ft, {}, particles=False)
+    ft.add_argument("--task", choices=["random-number"], default=None, help="a ready-made target instead of --prompt/--potential")
+    ft.add_argument("--objective", default="subtb", choices=["subtb", "tb", "reinforce", "rws"])
+    ft.add_argument("--steps", type=int, default=500)
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--grad-accum", type=int, default=1)
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--warmup", type=int, default=20)
+    ft.add_argument("--lora-rank", type=int, default=64)
+    ft.add_argument("--lora-alpha", type=int, default=16)
+    ft.add_argument("--lora-dropout", type=float, default=0.1)
+    ft.add_argument("--explore", default=None, help="on-policy,tempered,replay probabilities (default per objective)")
+    ft.add_argument("--reward-temperature", default="1.0", help="tau, or tau_start,tau_end annealed linearly")
+    ft.add_argument("--min-log-reward", type=float, default=-100.0)
+    ft.add_argument("--checkpoint-every", type=int, default=50)
+    ft.set_defaults(run=_run_finetune, out="policy")
     bnd = sub.add_parser("bounds", help="lower/upper bounds on log Z and KL both ways, per sampler and K")
     _sample_args(bnd, {}, particles=False)
-    bnd.add_argument("--sampler", action="append", help="NAME=TWIST_DIR or NAME=model:MODEL (repeatable; 'base' is always in)")
+    bnd.add_argument("--sampler", action="append", help="NAME=TWIST_DIR, NAME=model:MODEL or NAME=adapter:DIR (repeatable; 'base' is always in)")
     bnd.add_argument("--n-particles", default="1,4,16,64", help="comma-separated K values")
     bnd.add_argument("--seeds", type=int, default=10)
     bnd.add_argument("--methods", default="sis,smc")

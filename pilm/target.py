@@ -23,7 +23,7 @@ class Target:
     """
 
     model: LanguageModel
-    prompt: str | Sequence[int]
+    prompt: str | Sequence[int] | Sequence[dict]  # text, token ids, or chat turns (with chat=True)
     potential: Potential | None = None
     max_new_tokens: int = 32
     chat: bool = False

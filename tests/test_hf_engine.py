@@ -106,3 +106,15 @@ def test_chat_prompt_uses_template(tiny):
     ids = tiny.encode_prompt("Hello", chat=True)
     text = tiny.decode(ids)
     assert "Hello" in text and text != "Hello"
+
+
+def test_teacher_forced_prefix_logprobs_equal_cached_stepping(tiny):
+    """One forward over a shared prompt cache = stepping token by token (the generic path)."""
+    from pilm.models.base import LanguageModel
+
+    prompt = tiny.encode_prompt("Once upon")
+    tokens = torch.tensor([[11, 12, 13], [500, 501, -1]])
+    fast = tiny.prefix_logprobs(prompt, tokens)
+    slow = LanguageModel.prefix_logprobs(tiny, prompt, tokens)
+    assert fast.shape == (2, 4, tiny.vocab_size)
+    assert torch.allclose(fast[0], slow[0], atol=1e-5) and torch.allclose(fast[1, :3], slow[1, :3], atol=1e-5)

@@ -189,7 +189,7 @@ def finetune(
     default (1/4, 1/2, 1/4) for off-policy-valid objectives (the paper's mix), on-policy only
     for reinforce and rws (which need samples from q). ``data``: token sequences of
     demonstrations; they seed the replay buffer of the first target (``sft`` trains on them
-    alone). ``reward_temperature`` (tau_start, tau_end) anneals linearly over
+    alone, drawn uniformly). ``reward_temperature`` (tau_start, tau_end) anneals linearly over
     ``anneal_steps`` (default: all steps). log R is floored at ``min_log_reward`` so phi = 0
     gives a large finite penalty (as the paper's -99), not an infinite residual.
 
@@ -239,13 +239,15 @@ def finetune(
                 raise ValueError(f"{checkpoint_dir} holds a {saved['objective']!r} run, not {objective!r}")
             start, history = saved["step"], saved["history"]
             buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
-    if data and start == 0:
+    demos = demo_rewards = None
+    if data:
         horizon = targets[0].max_new_tokens
         demos = pad([list(d)[:horizon] for d in data], horizon)
-        rewards = prefix_log_rewards(targets[0], demos, every_prefix=spec.prefix_rewards).clamp(min=min_log_reward)
-        n = trajectory_lengths(demos, targets[0].model.eos_token_id)
-        for row, r, k in zip(demos.tolist(), rewards.tolist(), n.tolist(), strict=True):
-            buffers[0].add(Trajectory(tuple(t for t in row if t >= 0), r[: k + 1]))
+        demo_rewards = prefix_log_rewards(targets[0], demos, every_prefix=spec.prefix_rewards).clamp(min=min_log_reward)
+        if start == 0 and objective != "sft":  # demonstrations seed the replay buffer
+            n = trajectory_lengths(demos, targets[0].model.eos_token_id)
+            for row, r, k in zip(demos.tolist(), demo_rewards.tolist(), n.tolist(), strict=True):
+                buffers[0].add(Trajectory(tuple(t for t in row if t >= 0), r[: k + 1]))
     main = accelerator.is_main_process
     for path in (log_path, plot_path):
         if path is not None and main:
@@ -263,9 +265,12 @@ def finetune(
         optimizer.zero_grad()
         losses, rewards, distinct, modes = [], [], [], []
         for micro in range(grad_accum):
-            mode = _draw_mode(explore, generator, len(buffer) > 0)
-            if mode == "replay":
-                items = buffer.sample(batch_size, generator, temperature=tau, prioritised=objective != "sft")
+            mode = "data" if objective == "sft" else _draw_mode(explore, generator, len(buffer) > 0)
+            if mode == "data":  # supervised: demonstrations drawn uniformly
+                pick = torch.randint(len(demos), (batch_size,), generator=generator)
+                tokens, log_r = demos[pick], demo_rewards[pick]
+            elif mode == "replay":
+                items = buffer.sample(batch_size, generator, temperature=tau)
                 tokens = pad([it.tokens for it in items], step_target.max_new_tokens)
                 log_r = torch.full((batch_size, step_target.max_new_tokens + 1), -math.inf, dtype=torch.float64)
                 for row, it in enumerate(items):
@@ -328,8 +333,7 @@ def finetune(
 
 def _exploration(spec: FinetuneObjective, objective: str, explore) -> tuple[float, float, float]:
     if explore is None:
-        return (0.25, 0.5, 0.25) if spec.off_policy and objective != "sft" else \
-            ((0.0, 0.0, 1.0) if objective == "sft" else (1.0, 0.0, 0.0))
+        return (0.25, 0.5, 0.25) if spec.off_policy else (1.0, 0.0, 0.0)
     explore = tuple(float(x) for x in explore)
     if len(explore) != 3 or min(explore) < 0 or not math.isclose(sum(explore), 1.0):
         raise ValueError(f"explore = (on-policy, tempered, replay) probabilities summing to 1, got {explore}")

@@ -39,8 +39,7 @@ class ReplayBuffer:
     A new trajectory within ``tolerance`` x its length (edit distance) of a stored one is a
     near-duplicate: it replaces that one if its reward is higher and is dropped otherwise
     (``tolerance=0``: only exact duplicates). ``sample`` draws with replacement from
-    softmax(log R / temperature) over the stored rewards (reward-prioritised replay), or
-    uniformly.
+    softmax(log R / temperature) over the stored rewards (reward-prioritised replay).
     """
 
     def __init__(self, capacity: int = 50, tolerance: float = 0.25):
@@ -64,13 +63,10 @@ class ReplayBuffer:
         if len(self.items) > self.capacity:
             self.items.remove(min(self.items, key=lambda t: t.reward))
 
-    def sample(self, n: int, generator: torch.Generator, temperature: float = 1.0, *,
-               prioritised: bool = True) -> list[Trajectory]:
+    def sample(self, n: int, generator: torch.Generator, temperature: float = 1.0) -> list[Trajectory]:
         if not self.items:
             raise ValueError("the replay buffer is empty")
         logits = torch.tensor([t.reward for t in self.items], dtype=torch.float64) / temperature
-        if not prioritised:
-            logits = torch.zeros_like(logits)
         idx = torch.multinomial(torch.softmax(logits, 0), n, replacement=True, generator=generator)
         return [self.items[i] for i in idx.tolist()]
 

@@ -86,15 +86,16 @@ class HFModel(LanguageModel):
     def encode_prompt(self, prompt: str | Tokens, *, chat: bool = False) -> list[int]:
         """Raw text is tokenised as the start of a document (the tokenizer's own special
         tokens, e.g. a BOS, included); ``chat=True`` wraps it as one user turn of the chat
-        template and adds the generation prompt."""
-        if not isinstance(prompt, str):
+        template and adds the generation prompt. With ``chat=True`` the prompt may also be a
+        conversation, a list of ``{"role": ..., "content": ...}`` turns (e.g. few-shot)."""
+        messages = chat and not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], dict)
+        if not isinstance(prompt, str) and not messages:
             return [int(t) for t in prompt]
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError(f"{self.name}'s tokenizer has no chat template; use chat=False")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
+            turns = list(prompt) if messages else [{"role": "user", "content": prompt}]
+            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding or plain ids
         return list(self.tokenizer(prompt).input_ids)
 
@@ -131,12 +132,21 @@ class HFModel(LanguageModel):
         return ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length)
 
     def prefix_logprobs(self, prompt_ids: Tokens, tokens: Tensor) -> Tensor:
-        """One teacher-forced forward of [context, tokens] (right padding needs no mask:
-        causal attention never looks at later positions)."""
-        ctx = self.context(prompt_ids)
-        ids = torch.cat([torch.tensor(ctx).expand(len(tokens), -1), tokens.clamp(min=0)], 1)
-        logits = self._call(input_ids=ids.to(self.device), logits_to_keep=tokens.shape[1] + 1).logits
-        return torch.log_softmax(logits.float(), -1)
+        """Teacher-forced: the context runs once (one row) and its KV cache is expanded to the
+        B rows (differentiably, so a trained adapter gets the prompt's gradient too), then one
+        forward of the tokens. Right padding needs no mask: causal attention never looks at
+        later positions."""
+        ctx = torch.tensor([self.context(prompt_ids)], device=self.device)
+        b, steps = tokens.shape
+        head = self._call(input_ids=ctx, use_cache=True, logits_to_keep=1)
+        first = head.logits[:, -1:].float().expand(b, -1, -1)
+        if steps == 0:
+            return torch.log_softmax(first, -1)
+        cache = head.past_key_values
+        cache.reorder_cache(torch.zeros(b, dtype=torch.long, device=self.device))
+        rest = self._call(input_ids=tokens.clamp(min=0).to(self.device), past_key_values=cache, use_cache=True,
+                          logits_to_keep=steps).logits.float()
+        return torch.log_softmax(torch.cat([first, rest], 1), -1)
 
     def _call(self, **kwargs):
         """The transformers forward, with this model's adapter (or none) selected first."""

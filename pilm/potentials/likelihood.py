@@ -34,3 +34,25 @@ class SuffixLikelihood(Potential):
             prompt = self.model.encode_prompt(seqs.prompt_text)
             ctx = [self.model.context(prompt) + self.model.encode(t) for t in seqs.texts]
         return self.model.score([c + self.suffix_ids for c in ctx], [len(c) for c in ctx])
+
+
+class ModelLikelihood(Potential):
+    """phi(s) = p(s | prompt)^power under ``model`` (EOS included when s ends with it).
+
+    With the target's own model it reshapes p0 itself: ``power = 1/T - 1`` gives
+    sigma ∝ p0^{1/T} (tempered sampling: T > 1 flattens, T < 1 sharpens), and
+    ``power = -1`` cancels p0, so sigma ∝ the remaining potential (e.g. uniform over the
+    strings a constraint allows, the random-number task of Hu et al. 2024).
+    """
+
+    def __init__(self, model: LanguageModel, power: float):
+        self.model, self.power = model, float(power)
+
+    @property
+    def name(self) -> str:
+        return f"likelihood^{self.power:g}"
+
+    def log_phi(self, seqs: Sequences) -> Tensor:
+        if seqs.model is not self.model:
+            raise ValueError("ModelLikelihood scores the token ids of its own model's targets")
+        return self.power * self.model.log_prob(seqs.prompt, seqs.tokens)

@@ -2,5 +2,6 @@
 
 from .classifiers import sentiment, toxicity
 from .infilling import infilling, joint_samples
+from .random_number import random_number
 
-__all__ = ["infilling", "joint_samples", "sentiment", "toxicity"]
+__all__ = ["infilling", "joint_samples", "random_number", "sentiment", "toxicity"]
