@@ -208,3 +208,19 @@ def test_lora_finetuning_resumes_bit_identically(fresh_tiny, tmp_path):
         assert torch.equal(p, resumed.trainable[key]), key
     assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
     assert not math.isnan(whole.history[-1]["loss"])
+
+
+def test_subtb_learns_a_uniform_target_whose_short_prefixes_have_zero_reward():
+    """The random-number task in miniature: sigma uniform over 5 strings, the empty answer
+    and most prefixes invalid (R = 0). Those prefixes are left out of SubTB and the root's
+    flow is the learned log Z, so the first letter's distribution is learned too."""
+    model = pilm.models.TabularLM.random(4, seed=1, eos_id=3)
+    valid = {(0, 3), (0, 1, 3), (1, 0, 3), (1, 2, 1), (2, 2, 3)}  # a, ab, ba, bcb (horizon), cc
+    allowed = FunctionPotential(lambda t: 0.0 if tuple(t) in valid else -math.inf, on="tokens", name="allowed")
+    target = pilm.Target(model, prompt="a", potential=allowed * pilm.potentials.ModelLikelihood(model, -1.0),
+                         max_new_tokens=3)
+    policy = pilm.finetune(target, "subtb", steps=300, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    q = policy.log_prob(target.prompt_ids, sorted(valid)).exp()
+    assert q.sum() > 0.97  # base model: 0.07
+    cond = q / q.sum()
+    assert float((cond * (cond * len(valid)).log()).sum()) < 0.02  # KL(q(.|valid) || uniform)

@@ -102,6 +102,15 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool) ->
     return out
 
 
+def floor_final(log_r: Tensor, lengths: Tensor, floor: float) -> Tensor:
+    """log R with each trajectory's final value floored at ``floor`` (phi = 0 there becomes a
+    large finite penalty); intermediate prefixes keep -inf, meaning "not terminable"."""
+    out = log_r.clone()
+    rows = torch.arange(len(out))
+    out[rows, lengths] = out[rows, lengths].clamp(min=floor)
+    return out
+
+
 def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: Tensor,
                  log_z: Tensor | None = None) -> PolicyBatch:
     """Assemble the objectives' tensors: log q of the policy (with gradients, one forward)."""
@@ -119,7 +128,7 @@ def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: T
 
 
 class LogZ(nn.Module):
-    """Learned log Z for trajectory balance: a scalar for one prompt, or a linear head on
+    """Learned log Z (trajectory balance; the root flow of SubTB): a scalar for one prompt, or a linear head on
     the base model's last hidden state of the prompt for many (amortised over prompts)."""
 
     def __init__(self, hidden_size: int, amortised: bool):
@@ -191,7 +200,9 @@ def finetune(
     demonstrations; they seed the replay buffer of the first target (``sft`` trains on them
     alone, drawn uniformly). ``reward_temperature`` (tau_start, tau_end) anneals linearly over
     ``anneal_steps`` (default: all steps). log R is floored at ``min_log_reward`` so phi = 0
-    gives a large finite penalty (as the paper's -99), not an infinite residual.
+    at a trajectory's end gives a large finite penalty (as the paper's -99), not an infinite
+    residual; a prefix with phi = 0 that the trajectory went past is left out of SubTB (see
+    ``subtb``). Objectives that learn log Z start it at the first batch's IS estimate.
 
     With ``checkpoint_dir``, a checkpoint (adapter, log Z, optimizer, RNG, replay buffers,
     history) is written every ``checkpoint_every`` steps and at the end, and resumed from:
@@ -243,9 +254,10 @@ def finetune(
     if data:
         horizon = targets[0].max_new_tokens
         demos = pad([list(d)[:horizon] for d in data], horizon)
-        demo_rewards = prefix_log_rewards(targets[0], demos, every_prefix=spec.prefix_rewards).clamp(min=min_log_reward)
+        n = trajectory_lengths(demos, targets[0].model.eos_token_id)
+        demo_rewards = floor_final(prefix_log_rewards(targets[0], demos, every_prefix=spec.prefix_rewards), n,
+                                   min_log_reward)
         if start == 0 and objective != "sft":  # demonstrations seed the replay buffer
-            n = trajectory_lengths(demos, targets[0].model.eos_token_id)
             for row, r, k in zip(demos.tolist(), demo_rewards.tolist(), n.tolist(), strict=True):
                 buffers[0].add(Trajectory(tuple(t for t in row if t >= 0), r[: k + 1]))
     main = accelerator.is_main_process
@@ -282,9 +294,9 @@ def finetune(
                     temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
                 policy.train(False)
                 tokens = sample_trajectories(policy, step_target, batch_size, generator, temperature)
-                log_r = prefix_log_rewards(step_target, tokens, every_prefix=spec.prefix_rewards)
-                log_r = log_r.clamp(min=min_log_reward)
                 n = trajectory_lengths(tokens, step_target.model.eos_token_id)
+                log_r = floor_final(prefix_log_rewards(step_target, tokens, every_prefix=spec.prefix_rewards), n,
+                                    min_log_reward)
                 for row, r, length in zip(tokens.tolist(), log_r.tolist(), n.tolist(), strict=True):
                     buffer.add(Trajectory(tuple(t for t in row if t >= 0), r[: length + 1]))
             policy.train(True)
@@ -292,6 +304,11 @@ def finetune(
                 torch.manual_seed(hash((seed, accelerator.process_index, step, micro)) % 2**62)
                 z = log_z(step_target) if spec.learns_log_z else None
                 batch = policy_batch(policy, step_target, tokens, log_r / tau, z)
+                if spec.learns_log_z and step == 0 and micro == 0:  # start log Z at the batch's IS estimate
+                    with torch.no_grad():
+                        log_z.value += torch.logsumexp(batch.log_r_final - batch.log_q_total, 0) - math.log(batch_size) - z
+                    z = log_z(step_target)
+                    batch.log_z = z
                 loss = spec.loss(batch)
                 (loss / grad_accum).backward()
             policy.train(False)

@@ -49,7 +49,7 @@ class FinetuneObjective:
 
 
 FINETUNE_OBJECTIVES: dict[str, FinetuneObjective] = {
-    "subtb": FinetuneObjective(subtb, off_policy=True, prefix_rewards=True),
+    "subtb": FinetuneObjective(subtb, off_policy=True, prefix_rewards=True, learns_log_z=True),  # root flow
     "tb": FinetuneObjective(tb, off_policy=True, learns_log_z=True),
     "reinforce": FinetuneObjective(reinforce),
     "rws": FinetuneObjective(rws),

@@ -17,11 +17,25 @@ def subtb(batch: PolicyBatch) -> Tensor:
     from cumulative sums (``log_flow``), masked after the stop. It is zero exactly when
     q(z_{1:i}) q(⊤ | z_{1:i}) ∝ R(z_{1:i}⊤) on every visited prefix, so at its optimum
     q(z⊤) ∝ R(z⊤); the optimum does not depend on which trajectories are trained on
-    (off-policy samples, tempered samples and replay are all valid)."""
+    (off-policy samples, tempered samples and replay are all valid).
+
+    A prefix with R = 0 (log R = -inf, e.g. a number not yet complete) carries no flow
+    information and is left out. With a learned ``batch.log_z`` the root's flow log F = log Z
+    joins every trajectory as one more state (before the empty prefix), so the first token's
+    distribution stays constrained when the empty prefix has R = 0, and a trajectory that
+    stops at once is balanced against it. (The alternative, flooring every prefix's log R at
+    -100 as the reference code does, starts training with residuals of ~100 that swamp the
+    balance between valid answers.) At the optimum log Z is the true one.
+    """
     f = log_flow(batch)
+    usable = batch.states & torch.isfinite(f)
+    if batch.log_z is not None:
+        f = torch.cat([batch.log_z.expand(len(f))[:, None], f], 1)
+        usable = torch.cat([torch.ones_like(usable[:, :1]), usable], 1)
+    f = torch.where(usable, f, 0.0)
     diff = f[:, :, None] - f[:, None, :]
     n = f.shape[1]
     pairs = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
-    pairs = pairs & batch.states[:, :, None] & batch.states[:, None, :]
+    pairs = pairs & usable[:, :, None] & usable[:, None, :]
     count = pairs.sum().clamp(min=1)
     return torch.where(pairs, diff, 0.0).pow(2).sum() / count

@@ -21,8 +21,9 @@ class PolicyBatch:
 
     ``log_q`` (B, T): log q(z_i | z_{<i}) of each token the policy chose (with gradients;
     0 past n). ``log_stop`` (B, T+1): log q(⊤ | z_{1:i}) (with gradients; 0 at i = T, where
-    the horizon stops every trajectory). ``log_r`` (B, T+1): log R(z_{1:i}⊤), detached; only
-    the final state's value is needed unless an objective uses every prefix. ``states`` (B, T+1):
+    the horizon stops every trajectory). ``log_r`` (B, T+1): log R(z_{1:i}⊤), detached; -inf
+    where R = 0 except at the final state, which is finite (floored); only the final state's
+    value is needed unless an objective uses every prefix. ``states`` (B, T+1):
     True for i <= n. ``log_z`` (B,): a learned log Z (trajectory balance), else None.
     """
 
