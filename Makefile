@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean experiment-twists experiment-bounds
+.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune
 
 install: $(STAMP)
 
@@ -33,3 +33,6 @@ experiment-twists: $(STAMP)
 
 experiment-bounds: $(STAMP)
 	$(PY) experiments/bounds.py --out docs/bounds --seeds 5 --max-new-tokens 8 --suffix-tokens 4
+
+experiment-finetune: $(STAMP)
+	$(PY) experiments/finetune.py --out docs/finetune --steps 100 --batch-size 8 --lr 5e-4

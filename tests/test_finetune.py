@@ -224,3 +224,20 @@ def test_subtb_learns_a_uniform_target_whose_short_prefixes_have_zero_reward():
     assert q.sum() > 0.97  # base model: 0.07
     cond = q / q.sum()
     assert float((cond * (cond * len(valid)).log()).sum()) < 0.02  # KL(q(.|valid) || uniform)
+
+
+def test_prefix_rewards_take_the_models_own_likelihood_from_one_forward(soft_target):
+    """R for phi = p0^(-1/2) · soft, split into the teacher-forced p0 and the soft factor,
+    equals log p0 + log phi scored sequence by sequence."""
+    from pilm.potentials import ModelLikelihood
+
+    target = pilm.Target(soft_target.model, "a", soft_target.potential * ModelLikelihood(soft_target.model, -0.5),
+                         max_new_tokens=4)
+    tokens = sample_trajectories(target.model, target, 6, torch.Generator().manual_seed(3))
+    fast = prefix_log_rewards(target, tokens, every_prefix=True)
+    for k, row in enumerate(tokens.tolist()):
+        row = [t for t in row if t >= 0]
+        n = len(row) - (row[-1] == 3)
+        for i in range(n + 1):
+            seq = row[:i] + ([3] if i < 4 else [])
+            assert fast[k, i].item() == pytest.approx(target.log_unnormalized([seq]).item(), abs=1e-4)

@@ -36,6 +36,8 @@ from ..models.adapter import DEFAULT_TARGET_MODULES, LoRAPolicy
 from ..models.base import LanguageModel
 from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
+from ..potentials import ModelLikelihood
+from ..potentials.base import Potential, Product, evaluate
 from ..target import Target
 from .checkpoint import load_checkpoint, save_checkpoint
 from .objectives import FinetuneObjective, PolicyBatch, get_finetune_objective
@@ -74,11 +76,23 @@ def trajectory_lengths(tokens: Tensor, eos: int | None) -> Tensor:
     return real.sum(1) - stop.sum(1)
 
 
+def split_likelihood(target: Target) -> tuple[float, Potential | None]:
+    """phi = p0(s | x)^power · rest: the power of the target model's own likelihood among
+    phi's factors (``ModelLikelihood``), which the teacher-forced forward giving p0 already
+    scores, and the remaining factors (None if none)."""
+    pot = target.potential
+    parts = () if pot is None else pot.parts if isinstance(pot, Product) else (pot,)
+    own = [p for p in parts if isinstance(p, ModelLikelihood) and p.model is target.model]
+    rest = [p for p in parts if p not in own]
+    return sum(p.power for p in own), (None if not rest else rest[0] if len(rest) == 1 else Product(*rest))
+
+
 def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool) -> Tensor:
     """log R(z_{1:i}⊤) = log p0(z_{1:i} ⊤ | x) + log phi(z_{1:i} ⊤), (B, T+1), where ⊤ is the
-    EOS token for i < T and nothing at i = T (the horizon). p0 comes from one teacher-forced
-    forward; phi from one batched call on every prefix (or only on each final sequence,
-    other entries -inf, when ``every_prefix`` is False)."""
+    EOS token for i < T and nothing at i = T (the horizon). p0, and any power of it among
+    phi's factors (tempering, or cancelling it as in the random-number task), comes from one
+    teacher-forced forward; the other factors of phi from one batched call on every prefix
+    (or only on each final sequence, other entries -inf, when ``every_prefix`` is False)."""
     model, eos, horizon = target.model, target.model.eos_token_id, target.max_new_tokens
     b = len(tokens)
     n = trajectory_lengths(tokens, eos)
@@ -96,9 +110,12 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool) ->
     if eos is None and every_prefix:
         which = [(k, i) for k, i in which if i == horizon]  # without EOS only the horizon stops
     seqs = [rows[k][:i] + ([eos] if i < horizon else []) for k, i in which]
-    log_phi = target.log_potential(seqs).double() if seqs else torch.zeros(0)
-    for (k, i), v in zip(which, log_phi.tolist(), strict=True):
-        out[k, i] = cum[k, i] + stop[k, i] + v
+    power, rest = split_likelihood(target)
+    log_rest = torch.zeros(len(seqs))
+    if rest is not None and seqs:
+        log_rest = evaluate(rest, target.sequences(seqs), final=True)
+    for (k, i), v in zip(which, log_rest.double().tolist(), strict=True):
+        out[k, i] = (1.0 + power) * (cum[k, i] + stop[k, i]) + v
     return out
 
 
