@@ -23,6 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
 	.venv/bin/pilm bench
 
 clean:

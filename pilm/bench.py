@@ -6,6 +6,8 @@ is kept (the machine is shared and noisy, so only ratios are reported). The SMC 
 a prefix-aware potential (no digits, checked on every particle at every step) and
 ``ess_threshold=1.0``, so it resamples and reindexes the KV cache at every step.
 
+The fine-tuning legs (``finetune_vs_trl``) compare one SubTB step with one TRL RLOO step.
+
 A third leg runs twisted SMC with an MLP twist head (3 layers, after one CTL step, which is
 timed too): the head reads the hidden state of the same forward pass, so it should add
 little. Time is compared per drawn token (SMC particles that emit EOS stop early; ``generate`` is
@@ -119,4 +121,86 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         "dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
+        **finetune_vs_trl(),
+    }
+
+
+def _reward_text(text: str) -> float:
+    """The shared cheap reward of the fine-tuning legs: fewer letters 'e' is better."""
+    return -0.1 * text.count("e")
+
+
+def finetune_vs_trl(batch: int = 8, new_tokens: int = 64, steps: int = 3, prompt: str = "The movie was") -> dict:
+    """One SubTB step of ``pilm.finetune`` against one RLOO step of TRL, same model, LoRA
+    (rank 64, alpha 16, dropout 0.1 on q/k/v/o), batch, prompt, completion length cap and
+    reward (``_reward_text``; TRL with a KL coefficient, so it runs the reference forward
+    that SubTB's p0 reward also needs). Each leg runs ``steps`` steps; the fastest step
+    after the first is kept, per completion token (lengths vary with EOS). Needs ``trl``
+    (``pip install -e '.[bench]'``)."""
+    try:
+        import trl
+    except ImportError:
+        return {"subtb_over_trl_rloo": "skipped: pip install -e '.[bench]' for trl"}
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from . import finetune, load_model
+    from .models.adapter import DEFAULT_TARGET_MODULES
+    from .models.registry import embedded_path
+    from .potentials import FunctionPotential
+    from .target import Target
+
+    _return_freed_memory_to_os()
+    model = load_model()
+    target = Target(model, prompt, FunctionPotential(_reward_text, name="fewer e"), max_new_tokens=new_tokens)
+    with _PeakRSS() as mem:
+        policy = finetune(target, "subtb", steps=steps, batch_size=batch, lr=1e-4, warmup=1, seed=0,
+                          explore=(1.0, 0.0, 0.0), progress=False)
+    pilm_mem = mem.growth
+    pilm_per_token = min(h["seconds"] / h["tokens"] for h in policy.history[1:])
+    del policy
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.lengths, self._t = [], [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self._t)
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+
+    hf = AutoModelForCausalLM.from_pretrained(embedded_path(), dtype=model.dtype)
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as out:
+        config = RLOOConfig(output_dir=out, per_device_train_batch_size=batch, num_generations=batch,
+                            max_completion_length=new_tokens, max_steps=steps, learning_rate=1e-4, beta=0.04,
+                            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+                            temperature=1.0, top_p=1.0, top_k=0, disable_tqdm=True)
+        trainer = RLOOTrainer(
+            model=hf, reward_funcs=lambda completions, **kw: [_reward_text(c) for c in completions], args=config,
+            train_dataset=Dataset.from_dict({"prompt": [prompt] * (batch * steps)}), processing_class=model.tokenizer,
+            peft_config=LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=list(DEFAULT_TARGET_MODULES),
+                                   task_type="CAUSAL_LM"),
+            callbacks=[timer],
+        )
+        with _PeakRSS() as mem:
+            trainer.train()
+    # TRL logs the mean completion length per step; EOS included like pilm's count.
+    trl_per_token = min(t / (batch * float(n)) for t, n in zip(timer.times[1:], timer.lengths[1:], strict=False))
+    return {
+        "subtb_over_trl_rloo": pilm_per_token / trl_per_token,
+        "subtb_ms_per_token": 1e3 * pilm_per_token,
+        "trl_rloo_ms_per_token": 1e3 * trl_per_token,
+        "subtb_peak_mb": pilm_mem / 2**20,
+        "trl_rloo_peak_mb": mem.growth / 2**20,
+        "trl_version": trl.__version__,
     }

@@ -224,7 +224,8 @@ def finetune(
     With ``checkpoint_dir``, a checkpoint (adapter, log Z, optimizer, RNG, replay buffers,
     history) is written every ``checkpoint_every`` steps and at the end, and resumed from:
     the run then continues bit-identically. Returns the policy with ``history`` (one dict
-    per step: loss, mean log R (untempered), diversity, behaviour mode, tau, lr, seconds).
+    per step: loss, mean log R (untempered), diversity, completion tokens, behaviour modes, tau, lr,
+    seconds).
     """
     from accelerate import Accelerator
 
@@ -292,7 +293,7 @@ def finetune(
         for g, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = base_lr * min(1.0, (step + 1) / max(warmup, 1))
         optimizer.zero_grad()
-        losses, rewards, distinct, modes = [], [], [], []
+        losses, rewards, distinct, modes, drawn = [], [], [], [], 0
         for micro in range(grad_accum):
             mode = "data" if objective == "sft" else _draw_mode(explore, generator, len(buffer) > 0)
             if mode == "data":  # supervised: demonstrations drawn uniformly
@@ -333,6 +334,7 @@ def finetune(
             rewards.append(float(batch.log_r_final.mean()) * tau)
             distinct.append(len({tuple(r) for r in tokens.tolist()}) / batch_size)
             modes.append(mode)
+            drawn += int((tokens >= 0).sum())
         if accelerator.num_processes > 1:
             for p in trainable.parameters():
                 if p.grad is not None:
@@ -341,7 +343,7 @@ def finetune(
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         record = {"step": step + 1, "loss": sum(losses) / grad_accum, "log_r": sum(rewards) / grad_accum,
-                  "diversity": sum(distinct) / grad_accum, "modes": modes, "reward_temperature": tau,
+                  "diversity": sum(distinct) / grad_accum, "tokens": drawn, "modes": modes, "reward_temperature": tau,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if spec.learns_log_z:
             record["log_z"] = float(log_z(step_target).detach())
