@@ -64,7 +64,7 @@ def enumerate_target(
     that ``pilm.smc(..., twist=twist)`` samples from."""
     from .inference.smc import proposal_log_probs  # a pure function; imported late to keep layers one-way
 
-    model, horizon, eos = target.model, target.max_new_tokens, target.model.eos_token_id
+    model, horizon, eos = target.model, target.max_new_tokens, target.stop_token_id
     condition = twist.condition_for(target) if twist is not None else None
     state = model.start(target.prompt_ids, 1)
     prefixes: list[tuple[int, ...]] = [()]

@@ -15,9 +15,9 @@ from .potentials.base import Potential, Sequences, evaluate
 class Target:
     """sigma(s | prompt) = p0(s | prompt) phi(s) / Z over completions s = s_1..s_T.
 
-    A completion ends at EOS (the EOS token is part of s and its probability counted) or
-    when it has ``max_new_tokens`` tokens (truncation: p0(s) is the probability of the
-    drawn tokens only; no EOS is forced). Z = sum_s p0(s | prompt) phi(s); with no
+    A completion ends at the stop token (EOS by default, or ``stop``, one token such as
+    "."; it is part of s and its probability counted; with ``stop`` set, EOS is an ordinary token) or when it has ``max_new_tokens``
+    tokens (truncation: p0(s) is the probability of the drawn tokens only; no stop is forced). Z = sum_s p0(s | prompt) phi(s); with no
     potential phi = 1 and sigma = p0. ``chat=True`` wraps a text prompt in the model's
     chat template.
     """
@@ -27,7 +27,9 @@ class Target:
     potential: Potential | None = None
     max_new_tokens: int = 32
     chat: bool = False
+    stop: str | int | None = None
     prompt_ids: tuple[int, ...] = field(init=False)
+    stop_token_id: int | None = field(init=False)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -42,6 +44,18 @@ class Target:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.model.name}")
         self.model.context(self.prompt_ids)  # an empty prompt on a model with no BOS fails here
+        self.stop_token_id = self._stop_id()
+
+    def _stop_id(self) -> int | None:
+        if self.stop is None:
+            return self.model.eos_token_id
+        if isinstance(self.stop, int):
+            ids = [self.stop]
+        else:
+            ids = self.model.encode(self.stop)
+        if len(ids) != 1 or not 0 <= ids[0] < self.model.vocab_size:
+            raise ValueError(f"stop must be one token of {self.model.name}, got {self.stop!r} ({len(ids)} tokens)")
+        return ids[0]
 
     @property
     def has_prefix_potential(self) -> bool:
@@ -51,7 +65,7 @@ class Target:
         return Sequences(self.model, self.prompt_ids, [tuple(int(t) for t in s) for s in tokens])
 
     def is_complete(self, tokens: Sequence[int]) -> bool:
-        return len(tokens) == self.max_new_tokens or (bool(tokens) and tokens[-1] == self.model.eos_token_id)
+        return len(tokens) == self.max_new_tokens or (bool(tokens) and tokens[-1] == self.stop_token_id)
 
     def log_potential(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """log phi of completed sequences (0 without a potential), checked."""

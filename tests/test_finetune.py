@@ -142,7 +142,7 @@ def test_bad_finetuning_requests_are_refused(soft_target):
     with pytest.raises(ValueError, match="give data"):
         pilm.finetune(soft_target, "sft", steps=1, progress=False)
     no_eos = pilm.Target(pilm.models.TabularLM.random(3, seed=0), prompt="a", max_new_tokens=3)
-    with pytest.raises(ValueError, match="no EOS token"):
+    with pytest.raises(ValueError, match="has no EOS token"):
         pilm.finetune(no_eos, "subtb", steps=1, progress=False)
 
 
@@ -241,3 +241,18 @@ def test_prefix_rewards_take_the_models_own_likelihood_from_one_forward(soft_tar
         for i in range(n + 1):
             seq = row[:i] + ([3] if i < 4 else [])
             assert fast[k, i].item() == pytest.approx(target.log_unnormalized([seq]).item(), abs=1e-4)
+
+
+def test_a_stop_token_other_than_eos_ends_completions_everywhere(soft_target):
+    """Target(stop="c"): enumeration, SMC and fine-tuning all end completions at 'c' (EOS is
+    then an ordinary token): Z-hat stays unbiased and SubTB still reaches sigma."""
+    target = pilm.Target(soft_target.model, "a", soft_target.potential, max_new_tokens=4, stop="c")
+    e = pilm.exact.enumerate_target(target)
+    assert all(s[-1] == 2 or len(s) == 4 for s in e.tokens) and all(2 not in s[:-1] for s in e.tokens)
+    z = math.exp(e.log_z)
+    ratios = torch.tensor([math.exp(pilm.smc(target, 8, seed=s, progress=False).log_z) / z for s in range(300)])
+    assert abs(ratios.mean() - 1) < 3 * ratios.std() / math.sqrt(len(ratios))
+    policy = pilm.finetune(target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    assert enumerate_sampler(target, policy).kl_q_sigma() < 0.02
+    with pytest.raises(ValueError, match="one token"):
+        pilm.Target(soft_target.model, "a", max_new_tokens=4, stop="ab")

@@ -174,7 +174,7 @@ def run_smc(
         raise ValueError(f"on_extinction must be 'raise' or 'return', got {on_extinction!r}")
     scheme = get_scheme(resample)
     extinct_at = None
-    model, horizon, eos = target.model, target.max_new_tokens, target.model.eos_token_id
+    model, horizon, eos = target.model, target.max_new_tokens, target.stop_token_id
     prefix = use_prefix and target.has_prefix_potential and twist is None
     started = time.perf_counter()
 

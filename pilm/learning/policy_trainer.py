@@ -50,8 +50,9 @@ def sample_trajectories(policy: LanguageModel, target: Target, n: int, generator
                         temperature: float = 1.0) -> Tensor:
     """n completions of ``target``'s prompt from ``policy`` at ``temperature`` (no gradients,
     one batched forward per token with the KV cache; finished rows leave the batch), as a
-    (n, T) tensor right-padded with -1. Each ends at EOS or at the horizon T."""
-    horizon, eos = target.max_new_tokens, policy.eos_token_id
+    (n, T) tensor right-padded with -1. Each ends at the target's stop token (EOS by default)
+    or at the horizon T."""
+    horizon, eos = target.max_new_tokens, target.stop_token_id
     tokens = torch.full((n, horizon), -1, dtype=torch.long)
     rows = torch.arange(n)
     with torch.no_grad():
@@ -93,7 +94,7 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool) ->
     phi's factors (tempering, or cancelling it as in the random-number task), comes from one
     teacher-forced forward; the other factors of phi from one batched call on every prefix
     (or only on each final sequence, other entries -inf, when ``every_prefix`` is False)."""
-    model, eos, horizon = target.model, target.model.eos_token_id, target.max_new_tokens
+    model, eos, horizon = target.model, target.stop_token_id, target.max_new_tokens
     b = len(tokens)
     n = trajectory_lengths(tokens, eos)
     with torch.no_grad():
@@ -131,7 +132,7 @@ def floor_final(log_r: Tensor, lengths: Tensor, floor: float) -> Tensor:
 def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: Tensor,
                  log_z: Tensor | None = None) -> PolicyBatch:
     """Assemble the objectives' tensors: log q of the policy (with gradients, one forward)."""
-    eos, horizon = target.model.eos_token_id, target.max_new_tokens
+    eos, horizon = target.stop_token_id, target.max_new_tokens
     n = trajectory_lengths(tokens, eos)
     lq = policy.prefix_logprobs(target.prompt_ids, tokens)  # (B, T+1, V)
     steps = torch.arange(horizon)[None, :] < n[:, None]
@@ -167,7 +168,7 @@ def make_policy(target: Target, *, rank: int, alpha: int, dropout: float, target
     if isinstance(model, HFModel):
         return LoRAPolicy(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
     if isinstance(model, TabularLM):
-        return TabularPolicy(model, target.prompt_ids, target.max_new_tokens)
+        return TabularPolicy(model, target.prompt_ids, target.max_new_tokens, stop=target.stop_token_id)
     raise TypeError(f"cannot fine-tune a {type(model).__name__}: give policy= (a trainable LanguageModel)")
 
 
@@ -233,9 +234,9 @@ def finetune(
     targets = [target] if isinstance(target, Target) else list(target)
     if not targets or any(t.model is not targets[0].model for t in targets):
         raise ValueError("finetune needs one target, or several sharing one model")
-    if spec.prefix_rewards and targets[0].model.eos_token_id is None:
-        raise ValueError(f"{objective} makes every prefix terminable with EOS, and {targets[0].model.name} has no "
-                         "EOS token: use objective='tb'")
+    if spec.prefix_rewards and targets[0].stop_token_id is None:
+        raise ValueError(f"{objective} makes every prefix terminable with the stop token, and {targets[0].model.name} "
+                         "has no EOS token: give the target a stop token (Target(..., stop=...)) or use objective='tb'")
     if objective == "sft" and not data:
         raise ValueError("objective='sft' trains on demonstrations: give data=[token sequences]")
     explore = _exploration(spec, objective, explore)
@@ -272,7 +273,7 @@ def finetune(
     if data:
         horizon = targets[0].max_new_tokens
         demos = pad([list(d)[:horizon] for d in data], horizon)
-        n = trajectory_lengths(demos, targets[0].model.eos_token_id)
+        n = trajectory_lengths(demos, targets[0].stop_token_id)
         demo_rewards = floor_final(prefix_log_rewards(targets[0], demos, every_prefix=spec.prefix_rewards), n,
                                    min_log_reward)
         if start == 0 and objective != "sft":  # demonstrations seed the replay buffer
@@ -312,7 +313,7 @@ def finetune(
                     temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
                 policy.train(False)
                 tokens = sample_trajectories(policy, step_target, batch_size, generator, temperature)
-                n = trajectory_lengths(tokens, step_target.model.eos_token_id)
+                n = trajectory_lengths(tokens, step_target.stop_token_id)
                 log_r = floor_final(prefix_log_rewards(step_target, tokens, every_prefix=spec.prefix_rewards), n,
                                     min_log_reward)
                 for row, r, length in zip(tokens.tolist(), log_r.tolist(), n.tolist(), strict=True):
