@@ -256,3 +256,14 @@ def test_a_stop_token_other_than_eos_ends_completions_everywhere(soft_target):
     assert enumerate_sampler(target, policy).kl_q_sigma() < 0.02
     with pytest.raises(ValueError, match="one token"):
         pilm.Target(soft_target.model, "a", max_new_tokens=4, stop="ab")
+
+
+def test_bounds_score_a_finetuned_policy(soft_target):
+    """pilm.bounds takes a fine-tuned policy as a sampler: its bounds sandwich the exact log Z
+    and its gap at K = 4 is far below the base model's."""
+    policy = pilm.finetune(soft_target, "subtb", steps=150, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    report = pilm.bounds(soft_target, {"base": None, "gfn": policy}, [4], exact_samples="enumerate", seeds=20,
+                         methods=["sis"], progress=False)
+    rows = {r["sampler"]: r for r in report.rows}
+    assert rows["gfn"]["lower"] <= report.log_z_exact + 0.01 and rows["gfn"]["upper"] >= report.log_z_exact - 0.01
+    assert rows["gfn"]["gap"] < 0.1 * rows["base"]["gap"]
