@@ -156,3 +156,15 @@ def test_subtb_on_the_random_number_task_moves_towards_uniform(tmp_path):
     assert report(again, target)["kl_uniform_q"] == pytest.approx(after["kl_uniform_q"], abs=1e-4)
     res = pilm.smc(target, 8, proposal=policy, ess_threshold=0.0, seed=0, progress=False)
     assert math.isfinite(res.log_z) and sum(s.strip().isdigit() for s in res.samples) >= 6
+
+
+def test_cli_finetune_writes_an_adapter_that_loads(tmp_path, capsys):
+    out = tmp_path / "rng"
+    assert main(["finetune", "--task", "random-number", "--steps", "2", "--batch-size", "4", "--lora-rank", "8",
+                 "--checkpoint-every", "1", "--out", str(out)]) == 0
+    assert "fine-tuned a rank-8 LoRA policy with subtb" in capsys.readouterr().out
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train.jsonl", "training.png"):
+        assert (out / name).exists(), name
+    assert len((out / "train.jsonl").read_text().splitlines()) == 2
+    policy = pilm.load_model(adapter=out)
+    assert isinstance(policy, pilm.models.LoRAPolicy) and policy.base.adapter is None

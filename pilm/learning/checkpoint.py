@@ -62,6 +62,18 @@ def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
     return state
 
 
+def resume(directory: str | Path | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           generator: torch.Generator, objective: str) -> dict | None:
+    """The saved state of a run of ``objective`` in ``directory`` (restored in place), or
+    ``None`` if there is none; a checkpoint of another objective is refused."""
+    if directory is None:
+        return None
+    saved = load_checkpoint(directory, module, optimizer, generator)
+    if saved is not None and saved["objective"] != objective:
+        raise ValueError(f"{directory} holds a {saved['objective']!r} run, not {objective!r}")
+    return saved
+
+
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters being trained (a LoRA body's frozen base weights are not saved)."""
     return {k: p.detach().contiguous() for k, p in module.named_parameters() if p.requires_grad}

@@ -39,7 +39,7 @@ from ..models.tabular import TabularLM, TabularPolicy
 from ..potentials import ModelLikelihood
 from ..potentials.base import Potential, Product, evaluate
 from ..target import Target
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import resume, save_checkpoint
 from .objectives import FinetuneObjective, PolicyBatch, get_finetune_objective
 from .replay import ReplayBuffer, Trajectory, pad
 
@@ -262,13 +262,10 @@ def finetune(
     buffers = [ReplayBuffer(replay_size, replay_tolerance) for _ in targets]
     history: list[dict] = []
     start = 0
-    if checkpoint_dir is not None:
-        saved = load_checkpoint(checkpoint_dir, trainable, optimizer, generator)
-        if saved is not None:
-            if saved["objective"] != objective:
-                raise ValueError(f"{checkpoint_dir} holds a {saved['objective']!r} run, not {objective!r}")
-            start, history = saved["step"], saved["history"]
-            buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
+    saved = resume(checkpoint_dir, trainable, optimizer, generator, objective)
+    if saved is not None:
+        start, history = saved["step"], saved["history"]
+        buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
     demos = demo_rewards = None
     if data:
         horizon = targets[0].max_new_tokens

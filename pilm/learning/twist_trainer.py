@@ -17,7 +17,7 @@ from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist, condition_ids
 from ..twists.lora import LoRATwist
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import resume, save_checkpoint
 from .objectives import TwistBatch, get_objective
 
 
@@ -111,12 +111,9 @@ def train_twist(
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     start = 0
-    if checkpoint_dir is not None:
-        saved = load_checkpoint(checkpoint_dir, twist, optimizer, generator)
-        if saved is not None:
-            if saved["objective"] != objective:
-                raise ValueError(f"{checkpoint_dir} holds a {saved['objective']!r} run, not {objective!r}")
-            start, history = saved["step"], saved["history"]
+    saved = resume(checkpoint_dir, twist, optimizer, generator, objective)
+    if saved is not None:
+        start, history = saved["step"], saved["history"]
     for step in tqdm(range(start, steps), desc=f"train-twist {objective}", initial=start, total=steps,
                      disable=not progress):
         t0 = time.perf_counter()
