@@ -41,7 +41,7 @@ from ..potentials.base import Potential, Product, evaluate
 from ..target import Target
 from .checkpoint import resume, save_checkpoint
 from .objectives import FinetuneObjective, PolicyBatch, get_finetune_objective
-from .replay import ReplayBuffer, Trajectory, pad
+from .replay import ReplayBuffer, Trajectory, pad, replay_tensors
 
 MODES = ("on-policy", "tempered", "replay")
 
@@ -297,24 +297,10 @@ def finetune(
             if mode == "data":  # supervised: demonstrations drawn uniformly
                 pick = torch.randint(len(demos), (batch_size,), generator=generator)
                 tokens, log_r = demos[pick], demo_rewards[pick]
-            elif mode == "replay":
-                items = buffer.sample(batch_size, generator, temperature=tau)
-                tokens = pad([it.tokens for it in items], step_target.max_new_tokens)
-                log_r = torch.full((batch_size, step_target.max_new_tokens + 1), -math.inf, dtype=torch.float64)
-                for row, it in enumerate(items):
-                    log_r[row, : len(it.log_r)] = torch.tensor(it.log_r, dtype=torch.float64)
             else:
-                temperature = 1.0
-                if mode == "tempered":
-                    lo, hi = temperature_range
-                    temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
-                policy.train(False)
-                tokens = sample_trajectories(policy, step_target, batch_size, generator, temperature)
-                n = trajectory_lengths(tokens, step_target.stop_token_id)
-                log_r = floor_final(prefix_log_rewards(step_target, tokens, every_prefix=spec.prefix_rewards), n,
-                                    min_log_reward)
-                for row, r, length in zip(tokens.tolist(), log_r.tolist(), n.tolist(), strict=True):
-                    buffer.add(Trajectory(tuple(t for t in row if t >= 0), r[: length + 1]))
+                tokens, log_r = behaviour_batch(mode, policy, step_target, buffer, batch_size, generator,
+                                                tau=tau, temperature_range=temperature_range,
+                                                every_prefix=spec.prefix_rewards, min_log_reward=min_log_reward)
             policy.train(True)
             with torch.random.fork_rng():  # adapter dropout: seeded per micro-batch, so resume is exact
                 torch.manual_seed(hash((seed, accelerator.process_index, step, micro)) % 2**62)
@@ -363,6 +349,27 @@ def finetune(
         plot_training(history, plot_path, title=f"{objective} on {targets[0].model.name}",
                       metrics=("loss", "log_r", "diversity"))
     return policy
+
+
+def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: ReplayBuffer, n: int,
+                    generator: torch.Generator, *, tau: float, temperature_range: tuple[float, float],
+                    every_prefix: bool, min_log_reward: float) -> tuple[Tensor, Tensor]:
+    """Tokens (n, T) and untempered log R (n, T+1) of one micro-batch drawn by ``mode``:
+    "replay" (reward-prioritised at temperature ``tau``), "tempered" (the policy at a
+    temperature ~ U[temperature_range]) or "on-policy". Fresh draws also enter ``buffer``."""
+    if mode == "replay":
+        return replay_tensors(buffer.sample(n, generator, temperature=tau), target.max_new_tokens)
+    temperature = 1.0
+    if mode == "tempered":
+        lo, hi = temperature_range
+        temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
+    policy.train(False)
+    tokens = sample_trajectories(policy, target, n, generator, temperature)
+    lengths = trajectory_lengths(tokens, target.stop_token_id)
+    log_r = floor_final(prefix_log_rewards(target, tokens, every_prefix=every_prefix), lengths, min_log_reward)
+    for row, r, length in zip(tokens.tolist(), log_r.tolist(), lengths.tolist(), strict=True):
+        buffer.add(Trajectory(tuple(t for t in row if t >= 0), r[: length + 1]))
+    return tokens, log_r
 
 
 def _exploration(spec: FinetuneObjective, objective: str, explore) -> tuple[float, float, float]:

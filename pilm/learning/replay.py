@@ -86,3 +86,11 @@ def pad(rows: Sequence[Sequence[int]], width: int) -> Tensor:
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
     return out
+
+
+def replay_tensors(items: Sequence[Trajectory], horizon: int) -> tuple[Tensor, Tensor]:
+    """Stored trajectories as tokens (B, horizon), -1-padded, and log R (B, horizon+1), -inf-padded."""
+    log_r = torch.full((len(items), horizon + 1), -torch.inf, dtype=torch.float64)
+    for row, it in enumerate(items):
+        log_r[row, : len(it.log_r)] = torch.tensor(it.log_r, dtype=torch.float64)
+    return pad([it.tokens for it in items], horizon), log_r
