@@ -184,7 +184,8 @@ def finetune_vs_trl(batch: int = 8, new_tokens: int = 64, steps: int = 3, prompt
         config = RLOOConfig(output_dir=out, per_device_train_batch_size=batch, num_generations=batch,
                             max_completion_length=new_tokens, max_steps=steps, learning_rate=1e-4, beta=0.04,
                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-                            temperature=1.0, top_p=1.0, top_k=0, disable_tqdm=True)
+                            temperature=1.0, top_p=1.0, top_k=0, disable_tqdm=True,
+                            gradient_checkpointing=False)  # pilm does not recompute activations either
         trainer = RLOOTrainer(
             model=hf, reward_funcs=lambda completions, **kw: [_reward_text(c) for c in completions], args=config,
             train_dataset=Dataset.from_dict({"prompt": [prompt] * (batch * steps)}), processing_class=model.tokenizer,
