@@ -151,7 +151,6 @@ class LogZ(nn.Module):
 
     def __init__(self, hidden_size: int, amortised: bool):
         super().__init__()
-        self.amortised = amortised
         self.head = nn.Linear(hidden_size, 1) if amortised else None
         self.value = nn.Parameter(torch.zeros(()))
 
