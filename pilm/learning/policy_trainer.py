@@ -77,6 +77,20 @@ def trajectory_lengths(tokens: Tensor, eos: int | None) -> Tensor:
     return real.sum(1) - stop.sum(1)
 
 
+def step_logprobs(lp: Tensor, tokens: Tensor, lengths: Tensor, stop_id: int | None) -> tuple[Tensor, Tensor]:
+    """From log p(. | x, z_{1:i}), (B, T+1, V): log p of each drawn token before the stop,
+    (B, T), and of the stop token at each state i <= n, (B, T+1); 0 elsewhere and at i = T
+    (the horizon stops with probability 1)."""
+    horizon = tokens.shape[1]
+    steps = torch.arange(horizon)[None, :] < lengths[:, None]
+    tok = lp[:, :horizon].gather(2, tokens.clamp(min=0)[..., None]).squeeze(2).masked_fill(~steps, 0.0)
+    stop = torch.zeros_like(lp[..., 0])
+    if stop_id is not None:
+        stop = torch.cat([lp[:, :horizon, stop_id], torch.zeros_like(lp[:, :1, 0])], 1)
+    states = torch.arange(horizon + 1)[None, :] <= lengths[:, None]
+    return tok, stop.masked_fill(~states, 0.0)
+
+
 def split_likelihood(target: Target) -> tuple[float, Potential | None]:
     """phi = p0(s | x)^power · rest: the power of the target model's own likelihood among
     phi's factors (``ModelLikelihood``), which the teacher-forced forward giving p0 already
@@ -98,13 +112,9 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool) ->
     b = len(tokens)
     n = trajectory_lengths(tokens, eos)
     with torch.no_grad():
-        lp0 = model.prefix_logprobs(target.prompt_ids, tokens)  # (B, T+1, V)
-    steps = torch.arange(horizon)[None, :] < n[:, None]
-    tok = lp0[:, :horizon].gather(2, tokens.clamp(min=0)[..., None]).squeeze(2).masked_fill(~steps, 0.0)
+        tok, stop = step_logprobs(model.prefix_logprobs(target.prompt_ids, tokens), tokens, n, eos)
     cum = torch.cat([torch.zeros(b, 1), torch.cumsum(tok, 1)], 1).double()  # log p0(z_{1:i})
-    stop = torch.zeros(b, horizon + 1, dtype=torch.float64)
-    if eos is not None:
-        stop[:, :horizon] = lp0[:, :horizon, eos].double()
+    stop = stop.double()
     out = torch.full((b, horizon + 1), -math.inf, dtype=torch.float64)
     rows = tokens.tolist()
     which = [(k, i) for k in range(b) for i in (range(int(n[k]) + 1) if every_prefix else [int(n[k])])]
@@ -134,14 +144,8 @@ def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: T
     """Assemble the objectives' tensors: log q of the policy (with gradients, one forward)."""
     eos, horizon = target.stop_token_id, target.max_new_tokens
     n = trajectory_lengths(tokens, eos)
-    lq = policy.prefix_logprobs(target.prompt_ids, tokens)  # (B, T+1, V)
-    steps = torch.arange(horizon)[None, :] < n[:, None]
-    log_q = lq[:, :horizon].gather(2, tokens.clamp(min=0)[..., None]).squeeze(2).masked_fill(~steps, 0.0)
+    log_q, log_stop = step_logprobs(policy.prefix_logprobs(target.prompt_ids, tokens), tokens, n, eos)
     states = torch.arange(horizon + 1)[None, :] <= n[:, None]
-    log_stop = torch.zeros_like(lq[..., 0])
-    if eos is not None:
-        log_stop = torch.cat([lq[:, :horizon, eos], torch.zeros_like(lq[:, :1, 0])], 1)
-    log_stop = log_stop.masked_fill(~states, 0.0)
     return PolicyBatch(log_q, log_stop, log_r.float().masked_fill(~states, 0.0), states, log_z)
 
 
