@@ -53,3 +53,32 @@ def test_joint_samples_are_exact_samples_of_each_suffix_posterior():
         expected = [sigma[k] * len(middles) for k in keys]
         assert sum(observed) == len(middles)
         assert stats.chisquare(observed, expected).pvalue > 1e-3, suffix
+
+
+def test_arithmetic_problems_tool_and_answers(tiny):
+    """Worked rationales are right, the calculator completes each step the model writes
+    (only the last two operands, as the paper's limit), a demonstration follows the tool
+    exactly where results stand, and sampled rows obey it on the real tokenizer."""
+    from pilm.learning.policy_trainer import prefix_log_rewards, sample_trajectories
+    from pilm.learning.tools import forced_mask
+    from pilm.tasks import arithmetic as arith
+
+    p = arith.Problem((6, 0, 4, 8), ("-", "-", "-"))
+    assert (p.question, p.answer, p.rationale) == ("6 - 0 - 4 - 8", -6, " 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6.")
+    items = arith.problems(30, (3, 4), seed=0)
+    assert len(set(items)) == 30 and {len(q.operands) for q in items} == {3, 4}
+    assert all(eval(q.question) == q.answer for q in items)
+    with pytest.raises(ValueError, match="fewer than"):
+        arith.problems(100, 1, seed=0)
+    tool = arith.calculator(tiny)
+    assert tiny.decode(tool(tiny.encode(" 7 - 9 ="))) == " -2" and tool(tiny.encode(" 7 - 9")) == []
+    assert tiny.decode(tool(tiny.encode(" 1 + 2 + 3 ="))) == " 5"
+    demo = torch.tensor([arith.demonstration(p, tiny)])
+    forced = forced_mask(demo, tool, tiny.encode(".")[0])
+    assert tiny.decode(demo[forced].tolist()).split() == ["6", "2", "-6"]
+    assert arith.answer_of(tiny, demo[0].tolist()) == -6
+    target = arith.arithmetic(p, tiny)
+    r = prefix_log_rewards(target, demo, every_prefix=True, forced=forced)
+    assert torch.isfinite(r[0]).sum() == 3  # a rationale may stop right after each of its 3 results
+    rows = sample_trajectories(tiny, target, 6, torch.Generator().manual_seed(0), tool=tool)
+    forced_mask(rows, tool, target.stop_token_id)  # raises if a row skipped the calculator

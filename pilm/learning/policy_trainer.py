@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -42,24 +42,36 @@ from ..target import Target
 from .checkpoint import resume, save_checkpoint
 from .objectives import FinetuneObjective, PolicyBatch, get_finetune_objective
 from .replay import ReplayBuffer, Trajectory, pad, replay_tensors
+from .tools import Tool, forced_mask, tool_output
 
 MODES = ("on-policy", "tempered", "replay")
 
 
 def sample_trajectories(policy: LanguageModel, target: Target, n: int, generator: torch.Generator,
-                        temperature: float = 1.0) -> Tensor:
-    """n completions of ``target``'s prompt from ``policy`` at ``temperature`` (no gradients,
-    one batched forward per token with the KV cache; finished rows leave the batch), as a
-    (n, T) tensor right-padded with -1. Each ends at the target's stop token (EOS by default)
-    or at the horizon T."""
+                        temperature: float = 1.0, tool: Tool | None = None) -> Tensor:
+    """n completions of ``target``'s prompt from ``policy`` at ``temperature`` (0: greedy),
+    under no_grad with one batched forward per token and the KV cache (finished rows leave
+    the batch), as a (n, T) tensor right-padded with -1. Each ends at the target's stop
+    token (EOS by default) or at the horizon T. With a ``tool``, a row takes the tokens the
+    tool appends before drawing again (see ``pilm.learning.tools``)."""
     horizon, eos = target.max_new_tokens, target.stop_token_id
     tokens = torch.full((n, horizon), -1, dtype=torch.long)
     rows = torch.arange(n)
+    pending: list[list[int]] = [[] for _ in range(n)]
     with torch.no_grad():
         state = policy.start(target.prompt_ids, n)
         for t in range(horizon):
-            probs = torch.softmax(state.logprobs / temperature, -1)
-            drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if temperature == 0:
+                drawn = state.logprobs.argmax(-1)
+            else:
+                probs = torch.softmax(state.logprobs / temperature, -1)
+                drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if tool is not None:
+                for j, r in enumerate(rows.tolist()):
+                    if pending[r]:
+                        drawn[j] = pending[r].pop(0)
+                    elif int(drawn[j]) != eos:
+                        pending[r] = tool_output(tool, tokens[r, :t].tolist() + [int(drawn[j])], eos)
             tokens[rows, t] = drawn
             going = drawn != eos if eos is not None else torch.ones_like(drawn, dtype=torch.bool)
             if t + 1 == horizon or not going.any():
@@ -102,12 +114,13 @@ def split_likelihood(target: Target) -> tuple[float, Potential | None]:
     return sum(p.power for p in own), (None if not rest else rest[0] if len(rest) == 1 else Product(*rest))
 
 
-def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool) -> Tensor:
+def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool, forced: Tensor | None = None) -> Tensor:
     """log R(z_{1:i}⊤) = log p0(z_{1:i} ⊤ | x) + log phi(z_{1:i} ⊤), (B, T+1), where ⊤ is the
     EOS token for i < T and nothing at i = T (the horizon). p0, and any power of it among
     phi's factors (tempering, or cancelling it as in the random-number task), comes from one
     teacher-forced forward; the other factors of phi from one batched call on every prefix
-    (or only on each final sequence, other entries -inf, when ``every_prefix`` is False)."""
+    (or only on each final sequence, other entries -inf, when ``every_prefix`` is False).
+    A state followed by a tool's token (``forced``, (B, T)) is not terminable: -inf."""
     model, eos, horizon = target.model, target.stop_token_id, target.max_new_tokens
     b = len(tokens)
     n = trajectory_lengths(tokens, eos)
@@ -120,13 +133,16 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool) ->
     which = [(k, i) for k in range(b) for i in (range(int(n[k]) + 1) if every_prefix else [int(n[k])])]
     if eos is None and every_prefix:
         which = [(k, i) for k, i in which if i == horizon]  # without EOS only the horizon stops
+    if forced is not None:
+        which = [(k, i) for k, i in which if i == n[k] or not forced[k, i]]
     seqs = [rows[k][:i] + ([eos] if i < horizon else []) for k, i in which]
     power, rest = split_likelihood(target)
-    log_rest = torch.zeros(len(seqs))
-    if rest is not None and seqs:
-        log_rest = evaluate(rest, target.sequences(seqs), final=True)
-    for (k, i), v in zip(which, log_rest.double().tolist(), strict=True):
-        out[k, i] = (1.0 + power) * (cum[k, i] + stop[k, i]) + v
+    unique = list(dict.fromkeys(map(tuple, seqs)))  # trajectories share prefixes: score each once
+    log_rest = dict.fromkeys(unique, 0.0)
+    if rest is not None and unique:
+        log_rest = dict(zip(unique, evaluate(rest, target.sequences(unique), final=True).double().tolist()))
+    for (k, i), s in zip(which, seqs, strict=True):
+        out[k, i] = (1.0 + power) * (cum[k, i] + stop[k, i]) + log_rest[tuple(s)]
     return out
 
 
@@ -140,11 +156,14 @@ def floor_final(log_r: Tensor, lengths: Tensor, floor: float) -> Tensor:
 
 
 def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: Tensor,
-                 log_z: Tensor | None = None) -> PolicyBatch:
-    """Assemble the objectives' tensors: log q of the policy (with gradients, one forward)."""
+                 log_z: Tensor | None = None, forced: Tensor | None = None) -> PolicyBatch:
+    """Assemble the objectives' tensors: log q of the policy (with gradients, one forward);
+    tokens a tool appended (``forced``, (B, T)) are not the policy's and count 0 in log q."""
     eos, horizon = target.stop_token_id, target.max_new_tokens
     n = trajectory_lengths(tokens, eos)
     log_q, log_stop = step_logprobs(policy.prefix_logprobs(target.prompt_ids, tokens), tokens, n, eos)
+    if forced is not None:
+        log_q = log_q.masked_fill(forced, 0.0)
     states = torch.arange(horizon + 1)[None, :] <= n[:, None]
     return PolicyBatch(log_q, log_stop, log_r.float().masked_fill(~states, 0.0), states, log_z)
 
@@ -156,6 +175,9 @@ class LogZ(nn.Module):
     def __init__(self, hidden_size: int, amortised: bool):
         super().__init__()
         self.head = nn.Linear(hidden_size, 1) if amortised else None
+        if self.head is not None:  # start at the scalar (the first batch's IS estimate), not a random offset
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.value = nn.Parameter(torch.zeros(()))
 
     def forward(self, target: Target) -> Tensor:
@@ -166,12 +188,15 @@ class LogZ(nn.Module):
         return self.head(h.float()).squeeze() + self.value
 
 
-def make_policy(target: Target, *, rank: int, alpha: int, dropout: float, target_modules) -> LanguageModel:
-    model = target.model
+def make_policy(targets: Sequence[Target], *, rank: int, alpha: int, dropout: float, target_modules) -> LanguageModel:
+    """A fresh trainable policy on the targets' (shared) model: a LoRA adapter, or free logits
+    on every prefix of every target's prompt for a tabular model."""
+    model = targets[0].model
     if isinstance(model, HFModel):
         return LoRAPolicy(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
     if isinstance(model, TabularLM):
-        return TabularPolicy(model, target.prompt_ids, target.max_new_tokens, stop=target.stop_token_id)
+        return TabularPolicy(model, [t.prompt_ids for t in targets], max(t.max_new_tokens for t in targets),
+                             stop=targets[0].stop_token_id)
     raise TypeError(f"cannot fine-tune a {type(model).__name__}: give policy= (a trainable LanguageModel)")
 
 
@@ -200,7 +225,8 @@ def finetune(
     reward_temperature: float | tuple[float, float] = 1.0,
     anneal_steps: int | None = None,
     min_log_reward: float = -100.0,
-    data: Sequence[Sequence[int]] | None = None,
+    data: Sequence[Sequence[int]] | Mapping[int, Sequence[Sequence[int]]] | None = None,
+    tool: Tool | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     log_path: str | Path | None = None,
@@ -218,8 +244,11 @@ def finetune(
     ``explore`` = probabilities of (on-policy, tempered, replay) draws per micro-batch:
     default (1/4, 1/2, 1/4) for off-policy-valid objectives (the paper's mix), on-policy only
     for reinforce and rws (which need samples from q). ``data``: token sequences of
-    demonstrations; they seed the replay buffer of the first target (``sft`` trains on them
-    alone, drawn uniformly). ``reward_temperature`` (tau_start, tau_end) anneals linearly over
+    demonstrations for the first target, or {target index: sequences}; they seed the replay
+    buffers (``sft`` trains on them alone, drawn uniformly, cycling over the targets that
+    have some). ``tool``: a function of the completion so far returning tokens to append
+    (``pilm.learning.tools``): they are scored by sigma but are not the policy's choices.
+    ``reward_temperature`` (tau_start, tau_end) anneals linearly over
     ``anneal_steps`` (default: all steps). log R is floored at ``min_log_reward`` so phi = 0
     at a trajectory's end gives a large finite penalty (as the paper's -99), not an infinite
     residual; a prefix with phi = 0 that the trajectory went past is left out of SubTB (see
@@ -240,8 +269,11 @@ def finetune(
     if spec.prefix_rewards and targets[0].stop_token_id is None:
         raise ValueError(f"{objective} makes every prefix terminable with the stop token, and {targets[0].model.name} "
                          "has no EOS token: give the target a stop token (Target(..., stop=...)) or use objective='tb'")
-    if objective == "sft" and not data:
+    demo_data = {} if not data else dict(data) if isinstance(data, Mapping) else {0: data}
+    if objective == "sft" and not any(demo_data.values()):
         raise ValueError("objective='sft' trains on demonstrations: give data=[token sequences]")
+    if any(not 0 <= k < len(targets) for k in demo_data):
+        raise ValueError(f"data keys are target indices in [0, {len(targets)}), got {sorted(demo_data)}")
     explore = _exploration(spec, objective, explore)
     t_start, t_end = (reward_temperature, reward_temperature) if isinstance(reward_temperature, (int, float)) \
         else reward_temperature
@@ -251,7 +283,7 @@ def finetune(
     if policy is None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            policy = make_policy(targets[0], rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+            policy = make_policy(targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                                  target_modules=target_modules)
     hidden = targets[0].model.start(targets[0].prompt_ids, 1).hidden.shape[-1]
     log_z = LogZ(hidden, amortised=len(targets) > 1)
@@ -269,16 +301,13 @@ def finetune(
     if saved is not None:
         start, history = saved["step"], saved["history"]
         buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
-    demos = demo_rewards = None
-    if data:
-        horizon = targets[0].max_new_tokens
-        demos = pad([list(d)[:horizon] for d in data], horizon)
-        n = trajectory_lengths(demos, targets[0].stop_token_id)
-        demo_rewards = floor_final(prefix_log_rewards(targets[0], demos, every_prefix=spec.prefix_rewards), n,
-                                   min_log_reward)
-        if start == 0 and objective != "sft":  # demonstrations seed the replay buffer
-            for row, r, k in zip(demos.tolist(), demo_rewards.tolist(), n.tolist(), strict=True):
-                buffers[0].add(Trajectory(tuple(t for t in row if t >= 0), r[: k + 1]))
+    demos = {k: scored_batch(targets[k], pad([list(d)[: targets[k].max_new_tokens] for d in rows],
+                                             targets[k].max_new_tokens), tool, spec.prefix_rewards, min_log_reward)
+             for k, rows in demo_data.items() if rows}
+    if start == 0 and objective != "sft":  # demonstrations seed the replay buffers
+        for k, (tokens, log_r) in demos.items():
+            remember(buffers[k], tokens, log_r, targets[k].stop_token_id)
+    demo_targets = sorted(demos)
     main = accelerator.is_main_process
     for path in (log_path, plot_path):
         if path is not None and main:
@@ -288,7 +317,7 @@ def finetune(
                disable=not (progress and main))
     for step in bar:
         t0 = time.perf_counter()
-        k = step % len(targets)
+        k = demo_targets[step % len(demo_targets)] if objective == "sft" else step % len(targets)
         step_target, buffer = targets[k], buffers[k]
         tau = t_start + (t_end - t_start) * min(1.0, step / max(anneal_steps - 1, 1))
         for g, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -298,17 +327,18 @@ def finetune(
         for micro in range(grad_accum):
             mode = "data" if objective == "sft" else _draw_mode(explore, generator, len(buffer) > 0)
             if mode == "data":  # supervised: demonstrations drawn uniformly
-                pick = torch.randint(len(demos), (batch_size,), generator=generator)
-                tokens, log_r = demos[pick], demo_rewards[pick]
+                pick = torch.randint(len(demos[k][0]), (batch_size,), generator=generator)
+                tokens, log_r = demos[k][0][pick], demos[k][1][pick]
             else:
                 tokens, log_r = behaviour_batch(mode, policy, step_target, buffer, batch_size, generator,
-                                                tau=tau, temperature_range=temperature_range,
+                                                tau=tau, temperature_range=temperature_range, tool=tool,
                                                 every_prefix=spec.prefix_rewards, min_log_reward=min_log_reward)
+            forced = forced_mask(tokens, tool, step_target.stop_token_id) if tool is not None else None
             policy.train(True)
             with torch.random.fork_rng():  # adapter dropout: seeded per micro-batch, so resume is exact
                 torch.manual_seed(hash((seed, accelerator.process_index, step, micro)) % 2**62)
                 z = log_z(step_target) if spec.learns_log_z else None
-                batch = policy_batch(policy, step_target, tokens, log_r / tau, z)
+                batch = policy_batch(policy, step_target, tokens, log_r / tau, z, forced)
                 if spec.learns_log_z and step == 0 and micro == 0:  # start log Z at the batch's IS estimate
                     with torch.no_grad():
                         log_z.value += torch.logsumexp(batch.log_r_final - batch.log_q_total, 0) - math.log(batch_size) - z
@@ -356,7 +386,7 @@ def finetune(
 
 def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: ReplayBuffer, n: int,
                     generator: torch.Generator, *, tau: float, temperature_range: tuple[float, float],
-                    every_prefix: bool, min_log_reward: float) -> tuple[Tensor, Tensor]:
+                    every_prefix: bool, min_log_reward: float, tool: Tool | None = None) -> tuple[Tensor, Tensor]:
     """Tokens (n, T) and untempered log R (n, T+1) of one micro-batch drawn by ``mode``:
     "replay" (reward-prioritised at temperature ``tau``), "tempered" (the policy at a
     temperature ~ U[temperature_range]) or "on-policy". Fresh draws also enter ``buffer``."""
@@ -367,12 +397,24 @@ def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: Re
         lo, hi = temperature_range
         temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
     policy.train(False)
-    tokens = sample_trajectories(policy, target, n, generator, temperature)
-    lengths = trajectory_lengths(tokens, target.stop_token_id)
-    log_r = floor_final(prefix_log_rewards(target, tokens, every_prefix=every_prefix), lengths, min_log_reward)
-    for row, r, length in zip(tokens.tolist(), log_r.tolist(), lengths.tolist(), strict=True):
-        buffer.add(Trajectory(tuple(t for t in row if t >= 0), r[: length + 1]))
+    tokens, log_r = scored_batch(target, sample_trajectories(policy, target, n, generator, temperature, tool), tool,
+                                 every_prefix, min_log_reward)
+    remember(buffer, tokens, log_r, target.stop_token_id)
     return tokens, log_r
+
+
+def scored_batch(target: Target, tokens: Tensor, tool: Tool | None, every_prefix: bool,
+                 min_log_reward: float) -> tuple[Tensor, Tensor]:
+    """``tokens`` with their untempered log R (B, T+1), final values floored."""
+    forced = forced_mask(tokens, tool, target.stop_token_id) if tool is not None else None
+    log_r = prefix_log_rewards(target, tokens, every_prefix=every_prefix, forced=forced)
+    return tokens, floor_final(log_r, trajectory_lengths(tokens, target.stop_token_id), min_log_reward)
+
+
+def remember(buffer: ReplayBuffer, tokens: Tensor, log_r: Tensor, stop: int | None) -> None:
+    """Add each trajectory (tokens and the log R of its n+1 states) to ``buffer``."""
+    for row, r, length in zip(tokens.tolist(), log_r.tolist(), trajectory_lengths(tokens, stop).tolist(), strict=True):
+        buffer.add(Trajectory(tuple(t for t in row if t >= 0), r[: length + 1]))
 
 
 def _exploration(spec: FinetuneObjective, objective: str, explore) -> tuple[float, float, float]:

@@ -123,17 +123,20 @@ class TabularLM(LanguageModel):
 class TabularPolicy(TabularLM):
     """A trainable policy on a tabular base: log q(v | prefix) = log_softmax(log p0(v | prefix)
     + theta[prefix, v]), one free logit vector per prefix of the prompt shorter than
-    ``horizon`` (prefixes without the stop token; others fall back to p0). Every policy over those
-    sequences is representable, so a fine-tuning objective can be checked at its exact
-    optimum. ``stop`` is the target's stop token (default EOS). ``theta`` starts at 0 (q = p0)."""
+    ``horizon`` (prefixes without the stop token; others fall back to p0), for one prompt or
+    several (a list of prompts: amortised over them). Every policy over those sequences is
+    representable, so a fine-tuning objective can be checked at its exact optimum. ``stop``
+    is the target's stop token (default EOS). ``theta`` starts at 0 (q = p0)."""
 
-    def __init__(self, base: TabularLM, prompt_ids: Tokens, horizon: int, *, stop: int | None = None):
+    def __init__(self, base: TabularLM, prompt_ids: Tokens | Sequence[Tokens], horizon: int, *,
+                 stop: int | None = None):
         super().__init__(base.next_logprobs, base.vocab_size, base.eos_token_id, hidden_size=base.hidden_size,
                          name=f"{base.name}+policy")
         self.base = base
         stop = base.eos_token_id if stop is None else stop
         tokens = [v for v in range(base.vocab_size) if v != stop]
-        level = [tuple(int(t) for t in prompt_ids)]
+        prompts = prompt_ids if prompt_ids and not isinstance(prompt_ids[0], int) else [prompt_ids]
+        level = list(dict.fromkeys(tuple(int(t) for t in p) for p in prompts))
         prefixes = []
         for _ in range(horizon):
             prefixes += level

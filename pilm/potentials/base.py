@@ -44,6 +44,9 @@ class Sequences:
     def prompt_text(self) -> str:
         return self.model.decode(self.prompt)
 
+    def subset(self, rows: list[int]) -> Sequences:
+        return Sequences(self.model, self.prompt, [self.tokens[i] for i in rows])
+
 
 class Potential(ABC):
     """phi >= 0 over completions, in log space. Subclasses implement ``log_phi``; prefix-aware
@@ -82,7 +85,10 @@ class Potential(ABC):
 
 
 class Product(Potential):
-    """phi(s) = prod_i phi_i(s); the prefix score multiplies those parts that have one."""
+    """phi(s) = prod_i phi_i(s); the prefix score multiplies those parts that have one.
+
+    Parts are evaluated in order, each only on the sequences the earlier ones left with
+    phi > 0: put cheap constraints before costly scorers (a language model, a classifier)."""
 
     def __init__(self, *parts: Potential):
         flat: list[Potential] = []
@@ -96,10 +102,22 @@ class Product(Potential):
         return " * ".join(p.name for p in self.parts)
 
     def log_phi(self, seqs: Sequences) -> Tensor:
-        return sum(evaluate(p, seqs, final=True) for p in self.parts)
+        return self._sum(seqs, list(self.parts), final=True)
 
     def log_prefix(self, seqs: Sequences) -> Tensor:
-        return sum(evaluate(p, seqs, final=False) for p in self.parts if p.has_prefix)
+        return self._sum(seqs, [p for p in self.parts if p.has_prefix], final=False)
+
+    @staticmethod
+    def _sum(seqs: Sequences, parts: list[Potential], *, final: bool) -> Tensor:
+        out = torch.zeros(len(seqs))
+        alive = list(range(len(seqs)))
+        for p in parts:
+            if not alive:
+                break
+            sub = seqs if len(alive) == len(seqs) else seqs.subset(alive)
+            out[alive] += evaluate(p, sub, final=final)
+            alive = [i for i in alive if out[i] > -torch.inf]
+        return out
 
 
 class Tempered(Potential):
