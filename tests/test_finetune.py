@@ -326,3 +326,21 @@ def test_one_policy_amortised_over_several_prompts(soft_target):
         assert e.kl_q_sigma() < 0.03, t.prompt
         assert policy.log_z(t).item() == pytest.approx(e.log_z, abs=0.15), t.prompt
     assert abs(pilm.exact.log_z(soft_target) - pilm.exact.log_z(other)) > 0.5  # the head had to tell them apart
+
+
+def test_subtb_learns_a_tempered_continuation(soft_target):
+    """sigma ∝ p0^{1/T} (T = 0.5, stop 'c'), every prefix's reward from the teacher-forced
+    forward: SubTB reaches it (exact KL), far from p0 token-tempered at T, and the scores
+    of a sample set are what they claim."""
+    from pilm.tasks.continuation import likelihood_and_diversity, tempered_continuation
+
+    target = tempered_continuation("a", soft_target.model, temperature=0.5, stop="c", max_new_tokens=4)
+    e = pilm.exact.enumerate_target(target)
+    assert e.log_sigma_unnormalized.tolist() == pytest.approx((2 * target.log_p0(e.tokens)).tolist(), abs=1e-4)
+    policy = pilm.finetune(target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    assert enumerate_sampler(target, policy).kl_q_sigma() < 0.02
+    rows = [[0, 2], [0, 2], [1, 1, 1, 1]]
+    s = likelihood_and_diversity(target, rows)
+    assert s["distinct"] == pytest.approx(2 / 3) and s["finished"] == pytest.approx(2 / 3)
+    assert s["pairwise_edit"] == pytest.approx((0 + 1 + 1) / 3)  # 'ac' vs 'bbbb': 4 edits over 4
+    assert s["max_log_p"] == pytest.approx(float(target.log_p0([[0, 2]])[0]), abs=1e-5)
