@@ -89,7 +89,7 @@ def _run_train_twist(args: argparse.Namespace) -> int:
     twist = train_twist(
         target, args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         head=args.head, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
-        log_path=out / "train.jsonl", plot_path=out / "training.png",
+        log_path=out / "train.jsonl", plot_path=out / "training.png", data=data, tool=tool,
     )
     twist.save_pretrained(out)
     last = twist.history[-1]
@@ -103,10 +103,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import finetune, load_model
-    from .tasks import random_number
+    from .tasks import arithmetic, random_number
 
+    data = tool = None
     if args.task == "random-number":
         target = random_number(load_model(args.model), max_new_tokens=None)
+    elif args.task == "arithmetic":  # 10 worked questions (SFT's data, SubTB's replay) and 40 with answers only
+        target, data, tool = arithmetic.training_set(load_model(args.model), seed=args.seed)
     else:
         target = _target(args)
     temps = [float(t) for t in args.reward_temperature.split(",")]
@@ -117,7 +120,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         warmup=args.warmup, seed=args.seed, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, explore=explore, reward_temperature=temps[0] if len(temps) == 1 else tuple(temps),
         min_log_reward=args.min_log_reward, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
-        log_path=out / "train.jsonl", plot_path=out / "training.png",
+        log_path=out / "train.jsonl", plot_path=out / "training.png", data=data, tool=tool,
     )
     policy.save_pretrained(out)
     last = policy.history[-1]
@@ -183,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", default="mlp", choices=["mlp", "linear", "tied"])
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.set_defaults(run=_run_train_twist, out="twist")
-    ft = sub.add_parser("finetune", help="fine-tune a LoRA policy into a sampler of sigma (subtb | tb | reinforce | rws)")
+    ft = sub.add_parser("finetune", help="fine-tune a LoRA policy into a sampler of sigma (subtb | tb | reinforce | rws | sft)")
     _sample_args(ft, {}, particles=False)
-    ft.add_argument("--task", choices=["random-number"], default=None, help="a ready-made target instead of --prompt/--potential")
-    ft.add_argument("--objective", default="subtb", choices=["subtb", "tb", "reinforce", "rws"])
+    ft.add_argument("--task", choices=["random-number", "arithmetic"], default=None, help="a ready-made target instead of --prompt/--potential")
+    ft.add_argument("--objective", default="subtb", choices=["subtb", "tb", "reinforce", "rws", "sft"])
     ft.add_argument("--steps", type=int, default=500)
     ft.add_argument("--batch-size", type=int, default=8)
     ft.add_argument("--grad-accum", type=int, default=1)

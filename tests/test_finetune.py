@@ -344,3 +344,24 @@ def test_subtb_learns_a_tempered_continuation(soft_target):
     assert s["distinct"] == pytest.approx(2 / 3) and s["finished"] == pytest.approx(2 / 3)
     assert s["pairwise_edit"] == pytest.approx((0 + 1 + 1) / 3)  # 'ac' vs 'bbbb': 4 edits over 4
     assert s["max_log_p"] == pytest.approx(float(target.log_p0([[0, 2]])[0]), abs=1e-5)
+
+
+def test_a_policy_prompt_tells_one_policy_which_target_it_samples(soft_target):
+    """Two targets with the *same* prompt and different potentials (two 'endings'): the
+    policy is told which by its own prompt ("b" or "c"), reaches each sigma exactly, and
+    serves as an SMC proposal through ``ModelProposal(policy, prompt=function of target)``."""
+    from pilm.inference import ModelProposal
+
+    other = pilm.Target(soft_target.model, "a", FunctionPotential(lambda t: -0.7 * t.count(0) + 0.5 * t.count(2),
+                                                                  on="tokens", name="other"), max_new_tokens=4)
+    cue = {id(soft_target): "b", id(other): "c"}
+    policy = pilm.finetune([soft_target, other], "subtb", steps=600, batch_size=16, lr=0.05, warmup=1, seed=0,
+                           policy_prompt=lambda t: cue[id(t)], progress=False)
+    for t in (soft_target, other):
+        e = pilm.exact.enumerate_target(t)
+        log_q = policy.log_prob(cue[id(t)], e.tokens).double()
+        log_sigma = e.log_sigma_unnormalized - e.log_z
+        assert float((log_q.exp() * (log_q - log_sigma)).sum()) < 0.02, cue[id(t)]  # measured 0.009 each
+        proposal = ModelProposal(policy, prompt=lambda target: cue[id(target)])
+        runs = [pilm.smc(t, 8, proposal=proposal, ess_threshold=0.0, seed=s, progress=False).log_z for s in range(10)]
+        assert max(abs(r - e.log_z) for r in runs) < 0.2

@@ -9,7 +9,7 @@ obtained, gives an unbiased Z-hat and bounds on log Z.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
@@ -17,14 +17,18 @@ from ..models.base import LanguageModel, ModelState
 
 
 class ModelProposal:
-    """q = ``model`` given ``prompt`` (text or ids; ``None`` = the target's prompt)."""
+    """q = ``model`` given ``prompt`` (text or ids; ``None`` = the target's prompt; a function
+    of the target = a prompt per target, e.g. the ``policy_prompt`` a policy was fine-tuned
+    with)."""
 
     stateful = True
 
-    def __init__(self, model: LanguageModel, prompt: str | Sequence[int] | None = None, *, chat: bool = False):
+    def __init__(self, model: LanguageModel, prompt: str | Sequence[int] | Callable | None = None, *,
+                 chat: bool = False):
         self.model, self.prompt, self.chat = model, prompt, chat
         self._state: ModelState | None = None
-        self.name = model.name if prompt is None else f"{model.name} | prompt {prompt!r}"
+        self.name = (model.name if prompt is None else f"{model.name} | prompt per target" if callable(prompt)
+                     else f"{model.name} | prompt {prompt!r}")
 
     def check_compatible(self, target) -> None:
         if self.model is target.model:
@@ -42,7 +46,8 @@ class ModelProposal:
 
     def begin(self, target, n: int) -> None:
         self.check_compatible(target)
-        ids = target.prompt_ids if self.prompt is None else self.model.encode_prompt(self.prompt, chat=self.chat)
+        prompt = self.prompt(target) if callable(self.prompt) else self.prompt
+        ids = target.prompt_ids if prompt is None else self.model.encode_prompt(prompt, chat=self.chat)
         self._state = self.model.start(ids, n)
 
     def log_q(self) -> Tensor:

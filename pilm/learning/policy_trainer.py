@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -48,18 +48,20 @@ MODES = ("on-policy", "tempered", "replay")
 
 
 def sample_trajectories(policy: LanguageModel, target: Target, n: int, generator: torch.Generator,
-                        temperature: float = 1.0, tool: Tool | None = None) -> Tensor:
+                        temperature: float = 1.0, tool: Tool | None = None,
+                        prompt_ids: Sequence[int] | None = None) -> Tensor:
     """n completions of ``target``'s prompt from ``policy`` at ``temperature`` (0: greedy),
     under no_grad with one batched forward per token and the KV cache (finished rows leave
     the batch), as a (n, T) tensor right-padded with -1. Each ends at the target's stop
     token (EOS by default) or at the horizon T. With a ``tool``, a row takes the tokens the
-    tool appends before drawing again (see ``pilm.learning.tools``)."""
+    tool appends before drawing again (see ``pilm.learning.tools``). ``prompt_ids``: the
+    policy's own prompt, if not the target's (an amortised policy told what to condition on)."""
     horizon, eos = target.max_new_tokens, target.stop_token_id
     tokens = torch.full((n, horizon), -1, dtype=torch.long)
     rows = torch.arange(n)
     pending: list[list[int]] = [[] for _ in range(n)]
     with torch.no_grad():
-        state = policy.start(target.prompt_ids, n)
+        state = policy.start(target.prompt_ids if prompt_ids is None else prompt_ids, n)
         for t in range(horizon):
             if temperature == 0:
                 drawn = state.logprobs.argmax(-1)
@@ -156,12 +158,15 @@ def floor_final(log_r: Tensor, lengths: Tensor, floor: float) -> Tensor:
 
 
 def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: Tensor,
-                 log_z: Tensor | None = None, forced: Tensor | None = None) -> PolicyBatch:
-    """Assemble the objectives' tensors: log q of the policy (with gradients, one forward);
-    tokens a tool appended (``forced``, (B, T)) are not the policy's and count 0 in log q."""
+                 log_z: Tensor | None = None, forced: Tensor | None = None,
+                 prompt_ids: Sequence[int] | None = None) -> PolicyBatch:
+    """Assemble the objectives' tensors: log q of the policy given ``prompt_ids`` (default:
+    the target's prompt), with gradients, from one forward; tokens a tool appended
+    (``forced``, (B, T)) are not the policy's and count 0 in log q."""
     eos, horizon = target.stop_token_id, target.max_new_tokens
     n = trajectory_lengths(tokens, eos)
-    log_q, log_stop = step_logprobs(policy.prefix_logprobs(target.prompt_ids, tokens), tokens, n, eos)
+    prompt = target.prompt_ids if prompt_ids is None else prompt_ids
+    log_q, log_stop = step_logprobs(policy.prefix_logprobs(prompt, tokens), tokens, n, eos)
     if forced is not None:
         log_q = log_q.masked_fill(forced, 0.0)
     states = torch.arange(horizon + 1)[None, :] <= n[:, None]
@@ -170,7 +175,7 @@ def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: T
 
 class LogZ(nn.Module):
     """Learned log Z (trajectory balance; the root flow of SubTB): a scalar for one prompt, or a linear head on
-    the base model's last hidden state of the prompt for many (amortised over prompts)."""
+    the base model's last hidden state of the policy's prompt for many (amortised over prompts)."""
 
     def __init__(self, hidden_size: int, amortised: bool):
         super().__init__()
@@ -180,22 +185,23 @@ class LogZ(nn.Module):
             nn.init.zeros_(self.head.bias)
         self.value = nn.Parameter(torch.zeros(()))
 
-    def forward(self, target: Target) -> Tensor:
+    def forward(self, target: Target, prompt_ids: Sequence[int] | None = None) -> Tensor:
         if self.head is None:
             return self.value
         with torch.no_grad():
-            h = target.model.start(target.prompt_ids, 1).hidden
+            h = target.model.start(target.prompt_ids if prompt_ids is None else prompt_ids, 1).hidden
         return self.head(h.float()).squeeze() + self.value
 
 
-def make_policy(targets: Sequence[Target], *, rank: int, alpha: int, dropout: float, target_modules) -> LanguageModel:
+def make_policy(targets: Sequence[Target], *, rank: int, alpha: int, dropout: float, target_modules,
+                prompts: Sequence[Sequence[int]] | None = None) -> LanguageModel:
     """A fresh trainable policy on the targets' (shared) model: a LoRA adapter, or free logits
-    on every prefix of every target's prompt for a tabular model."""
+    on every prefix of every policy prompt (default: the targets' prompts) for a tabular model."""
     model = targets[0].model
     if isinstance(model, HFModel):
         return LoRAPolicy(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
     if isinstance(model, TabularLM):
-        return TabularPolicy(model, [t.prompt_ids for t in targets], max(t.max_new_tokens for t in targets),
+        return TabularPolicy(model, prompts or [t.prompt_ids for t in targets], max(t.max_new_tokens for t in targets),
                              stop=targets[0].stop_token_id)
     raise TypeError(f"cannot fine-tune a {type(model).__name__}: give policy= (a trainable LanguageModel)")
 
@@ -227,6 +233,7 @@ def finetune(
     min_log_reward: float = -100.0,
     data: Sequence[Sequence[int]] | Mapping[int, Sequence[Sequence[int]]] | None = None,
     tool: Tool | None = None,
+    policy_prompt: Callable[[Target], str | Sequence[int]] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     log_path: str | Path | None = None,
@@ -248,7 +255,9 @@ def finetune(
     buffers (``sft`` trains on them alone, drawn uniformly, cycling over the targets that
     have some). ``tool``: a function of the completion so far returning tokens to append
     (``pilm.learning.tools``): they are scored by sigma but are not the policy's choices.
-    ``reward_temperature`` (tau_start, tau_end) anneals linearly over
+    ``policy_prompt``: what the policy is conditioned on for each target, if not the
+    target's prompt (text or ids; e.g. the beginning *and* the ending, for one policy that
+    infills many endings). ``reward_temperature`` (tau_start, tau_end) anneals linearly over
     ``anneal_steps`` (default: all steps). log R is floored at ``min_log_reward`` so phi = 0
     at a trajectory's end gives a large finite penalty (as the paper's -99), not an infinite
     residual; a prefix with phi = 0 that the trajectory went past is left out of SubTB (see
@@ -280,11 +289,12 @@ def finetune(
     anneal_steps = anneal_steps or steps
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
 
+    prompts = [t.prompt_ids if policy_prompt is None else t.model.encode_prompt(policy_prompt(t)) for t in targets]
     if policy is None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             policy = make_policy(targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                                 target_modules=target_modules)
+                                 target_modules=target_modules, prompts=prompts)
     hidden = targets[0].model.start(targets[0].prompt_ids, 1).hidden.shape[-1]
     log_z = LogZ(hidden, amortised=len(targets) > 1)
     trainable = nn.ModuleDict({"policy": policy.trainable, "log_z": log_z})
@@ -318,7 +328,7 @@ def finetune(
     for step in bar:
         t0 = time.perf_counter()
         k = demo_targets[step % len(demo_targets)] if objective == "sft" else step % len(targets)
-        step_target, buffer = targets[k], buffers[k]
+        step_target, buffer, prompt = targets[k], buffers[k], prompts[k]
         tau = t_start + (t_end - t_start) * min(1.0, step / max(anneal_steps - 1, 1))
         for g, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = base_lr * min(1.0, (step + 1) / max(warmup, 1))
@@ -331,18 +341,18 @@ def finetune(
                 tokens, log_r = demos[k][0][pick], demos[k][1][pick]
             else:
                 tokens, log_r = behaviour_batch(mode, policy, step_target, buffer, batch_size, generator,
-                                                tau=tau, temperature_range=temperature_range, tool=tool,
+                                                tau=tau, temperature_range=temperature_range, tool=tool, prompt_ids=prompt,
                                                 every_prefix=spec.prefix_rewards, min_log_reward=min_log_reward)
             forced = forced_mask(tokens, tool, step_target.stop_token_id) if tool is not None else None
             policy.train(True)
             with torch.random.fork_rng():  # adapter dropout: seeded per micro-batch, so resume is exact
                 torch.manual_seed(hash((seed, accelerator.process_index, step, micro)) % 2**62)
-                z = log_z(step_target) if spec.learns_log_z else None
-                batch = policy_batch(policy, step_target, tokens, log_r / tau, z, forced)
+                z = log_z(step_target, prompt) if spec.learns_log_z else None
+                batch = policy_batch(policy, step_target, tokens, log_r / tau, z, forced, prompt)
                 if spec.learns_log_z and step == 0 and micro == 0:  # start log Z at the batch's IS estimate
                     with torch.no_grad():
                         log_z.value += torch.logsumexp(batch.log_r_final - batch.log_q_total, 0) - math.log(batch_size) - z
-                    z = log_z(step_target)
+                    z = log_z(step_target, prompt)
                     batch.log_z = z
                 loss = spec.loss(batch)
                 (loss / grad_accum).backward()
@@ -363,7 +373,7 @@ def finetune(
                   "diversity": sum(distinct) / grad_accum, "tokens": drawn, "modes": modes, "reward_temperature": tau,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if spec.learns_log_z:
-            record["log_z"] = float(log_z(step_target).detach())
+            record["log_z"] = float(log_z(step_target, prompt).detach())
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3g}", log_r=f"{record['log_r']:.3g}")
         if main and log_path is not None:
@@ -386,7 +396,8 @@ def finetune(
 
 def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: ReplayBuffer, n: int,
                     generator: torch.Generator, *, tau: float, temperature_range: tuple[float, float],
-                    every_prefix: bool, min_log_reward: float, tool: Tool | None = None) -> tuple[Tensor, Tensor]:
+                    every_prefix: bool, min_log_reward: float, tool: Tool | None = None,
+                    prompt_ids: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Tokens (n, T) and untempered log R (n, T+1) of one micro-batch drawn by ``mode``:
     "replay" (reward-prioritised at temperature ``tau``), "tempered" (the policy at a
     temperature ~ U[temperature_range]) or "on-policy". Fresh draws also enter ``buffer``."""
@@ -397,8 +408,8 @@ def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: Re
         lo, hi = temperature_range
         temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
     policy.train(False)
-    tokens, log_r = scored_batch(target, sample_trajectories(policy, target, n, generator, temperature, tool), tool,
-                                 every_prefix, min_log_reward)
+    tokens = sample_trajectories(policy, target, n, generator, temperature, tool, prompt_ids)
+    tokens, log_r = scored_batch(target, tokens, tool, every_prefix, min_log_reward)
     remember(buffer, tokens, log_r, target.stop_token_id)
     return tokens, log_r
 

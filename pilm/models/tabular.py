@@ -112,6 +112,7 @@ class TabularLM(LanguageModel):
         prefixes = [state.cache[i] for i in idx.tolist()]
         return ModelState(state.logprobs[idx], state.hidden[idx], prefixes, state.length)
 
+    @torch.no_grad()
     def score(self, sequences: Sequence[Tokens], starts: Sequence[int]) -> Tensor:
         out = []
         for seq, s in zip(sequences, starts, strict=True):

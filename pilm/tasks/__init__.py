@@ -1,7 +1,9 @@
 """Ready-made targets from the literature, on the embedded model by default."""
 
+from . import arithmetic
 from .classifiers import sentiment, toxicity
+from .continuation import tempered_continuation
 from .infilling import infilling, joint_samples
 from .random_number import random_number
 
-__all__ = ["infilling", "joint_samples", "random_number", "sentiment", "toxicity"]
+__all__ = ["arithmetic", "infilling", "joint_samples", "random_number", "sentiment", "tempered_continuation", "toxicity"]

@@ -129,6 +129,22 @@ def demonstration(problem: Problem, model: LanguageModel) -> list[int]:
     return model.encode(problem.rationale)
 
 
+def training_set(model: LanguageModel, *, worked: int = 10, homework: int = 40, seed: int = 0
+                 ) -> tuple[list[Target], dict[int, list[list[int]]], Tool]:
+    """The paper's training setup in miniature: ``worked + homework`` problems with 3-4
+    operands as targets, the first ``worked`` with their worked rationale as demonstrations
+    ({target index: [tokens]}, for ``finetune(data=...)``), and the calculator tool."""
+    train = problems(worked + homework, (3, 4), seed=seed)
+    targets = [arithmetic(q, model) for q in train]
+    return targets, {k: [demonstration(q, model)] for k, q in enumerate(train[:worked])}, calculator(model)
+
+
+def held_out(n: int, n_operands: int | Sequence[int], seed: int, exclude: Sequence[Problem] = ()) -> list[Problem]:
+    """n problems none of which is in ``exclude`` or among the prompt's worked examples."""
+    seen = set(exclude) | set(SHOTS)
+    return [q for q in problems(n + len(seen), n_operands, seed=seed) if q not in seen][:n]
+
+
 def accuracy(sampler: LanguageModel, items: Sequence[Problem], *, model: LanguageModel, samples: int = 1,
              temperature: float = 0.0, seed: int = 0, horizon_slack: int = 8) -> float:
     """The fraction of rationales whose answer is right: ``samples`` per problem from
