@@ -32,6 +32,22 @@ def infilling(
     return Target(model, prompt, potential, max_new_tokens=max_new_tokens)
 
 
+def ending_first(target: Target) -> list[int]:
+    """A policy prompt for amortised infilling (``finetune(..., policy_prompt=ending_first)``,
+    ``ModelProposal(policy, prompt=ending_first)``): the ending stated before the beginning,
+    so one policy can infill many endings. The target (p0, the rewards) keeps its own prompt."""
+    suffix = next((p for p in _parts(target.potential) if isinstance(p, SuffixLikelihood)), None)
+    if suffix is None:
+        raise ValueError("ending_first needs an infilling target (a SuffixLikelihood potential)")
+    ending = target.model.decode(suffix.suffix_ids).strip()
+    beginning = target.model.decode(target.prompt_ids)
+    return target.model.encode_prompt(f"The story ends with: {ending}\n\n{beginning}")
+
+
+def _parts(potential) -> tuple:
+    return getattr(potential, "parts", (potential,))
+
+
 def joint_samples(
     model: LanguageModel, prompt: str, *, max_new_tokens: int, suffix_tokens: int, n: int, seed: int = 0
 ) -> list[tuple[list[int], list[int]]]:
