@@ -365,3 +365,12 @@ def test_a_policy_prompt_tells_one_policy_which_target_it_samples(soft_target):
         proposal = ModelProposal(policy, prompt=lambda target: cue[id(target)])
         runs = [pilm.smc(t, 8, proposal=proposal, ess_threshold=0.0, seed=s, progress=False).log_z for s in range(10)]
         assert max(abs(r - e.log_z) for r in runs) < 0.2
+
+
+def test_gradient_accumulation_reaches_the_same_optimum(soft_target):
+    """Two micro-batches of 8 per update (each with its own behaviour draw) instead of one of
+    16: SubTB still reaches sigma (measured KL 0.0014; one batch of 16: 0.0054)."""
+    policy = pilm.finetune(soft_target, "subtb", steps=200, batch_size=8, grad_accum=2, lr=0.05, warmup=1, seed=0,
+                           progress=False)
+    assert all(len(h["modes"]) == 2 for h in policy.history)
+    assert enumerate_sampler(soft_target, policy).kl_q_sigma() < 0.01
