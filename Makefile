@@ -36,4 +36,4 @@ experiment-bounds: $(STAMP)
 	$(PY) experiments/bounds.py --out docs/bounds --seeds 5 --max-new-tokens 8 --suffix-tokens 4
 
 experiment-finetune: $(STAMP)
-	$(PY) experiments/finetune.py --out docs/finetune --steps 100 --batch-size 8 --lr 5e-4
+	$(PY) experiments/finetune.py --out docs/finetune --tasks random-number,arithmetic,continuation,infilling --steps 100 --batch-size 8 --lr 5e-4

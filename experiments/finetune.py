@@ -5,8 +5,31 @@ method fine-tunes its own LoRA adapter on the shared base model (same steps, bat
 learning rate and seed), then is scored exactly by enumerating the 101 valid answers:
 q(valid), KL(q(. | valid) || uniform) and KL(uniform || q). SFT trains on exact samples of
 the target (uniform integers), the upper reference a supervised learner with perfect data
-reaches. Writes results.jsonl, results.md, the training logs and a curve PNG into --out.
-Rerun: make experiment-finetune
+reaches.
+
+Arithmetic with a calculator (``pilm.tasks.arithmetic``, Hu et al. 2024 §4.4): questions of
+3-4 one-digit operands; ``--worked`` of them come with a worked rationale, ``--homework``
+with the answer only. SFT imitates the worked rationales; REINFORCE-KL and SubTB sample
+rationales (with the calculator) for every training question and are rewarded by the
+posterior p0(z | x) p(answer | x, z) (SubTB also replays the worked rationales and anneals
+the reward temperature 1.1 -> 0.5, as the paper). Accuracy is that of the greedy rationale's
+last calculator result on held-out questions with 3-4 operands (in distribution) and 5
+(out of distribution).
+
+Tempered continuation (``pilm.tasks.continuation``, §4.1): the next sentence after each of a
+few story openings, sigma ∝ p0^{1/T} (T = --continuation-temperature). SubTB fine-tunes one
+policy over the openings; its N samples per opening are compared with N samples of p0, N
+samples of p0 at token-level temperature T, beam search with N beams and diverse beam search
+with N groups (Hamming penalty 1): best and mean log p0, distinct and mean pairwise edit
+distance.
+
+Infilling (``pilm.tasks.infilling``, the setting of experiments/bounds.py): one SubTB policy
+over 60 endings sampled from the joint, told each ending by its prompt (``ending_first``),
+the same budget as each twist there (60 steps x 16); ``pilm.bounds`` then scores it and the
+base proposal with exact posterior samples from the joint (5 seeds, SIS and SMC).
+
+Writes results_<task>.jsonl, results.md (every task run so far), the training logs and curve
+PNGs into --out. Rerun: make experiment-finetune
 """
 
 from __future__ import annotations
@@ -20,60 +43,223 @@ import torch
 
 import pilm
 from pilm.evaluation.plots import plot_training
+from pilm.tasks import arithmetic as arith
+from pilm.tasks.continuation import PROMPTS
 from pilm.tasks.random_number import report, valid_sequences
 
 METHODS = "sft,reinforce,subtb"
+TASKS = ("random-number", "arithmetic", "continuation", "infilling")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/finetune")
+    p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arithmetic-steps", type=int, default=120)
+    p.add_argument("--worked", type=int, default=10, help="training questions with a worked rationale")
+    p.add_argument("--homework", type=int, default=40, help="training questions with the answer only")
+    p.add_argument("--test", type=int, default=50, help="held-out questions per column")
+    p.add_argument("--continuation-temperature", type=float, default=0.5)
+    p.add_argument("--continuation-steps", type=int, default=100)
+    p.add_argument("--n", type=int, default=8, help="samples or beams per opening")
+    p.add_argument("--infilling-steps", type=int, default=60)
+    p.add_argument("--ks", default="1,4,16,64", help="particle counts of the infilling bounds")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = pilm.load_model()
+    for task in args.tasks.split(","):
+        rows, histories = {"random-number": random_number, "arithmetic": arithmetic,
+                           "continuation": continuation, "infilling": infilling}[task](model, args, out)
+        slug = task.replace("-", "_")
+        plot_training(histories, out / f"training_{slug}.png", title=task, metrics=("loss", "log_r", "diversity"))
+        with open(out / f"results_{slug}.jsonl", "w") as f:
+            f.writelines(json.dumps({**r, "config": vars(args)}) + "\n" for r in rows)
+    markdown = write_markdown(out, model.name)
+    print(markdown)
+
+
+def random_number(model, args, out: Path) -> tuple[list[dict], dict]:
     target = pilm.tasks.random_number(model)
     rows = [{"task": "random-number", "method": "base (few-shot prompt)", "train_seconds": 0.0,
              **_scores(report(model, target))}]
     print(json.dumps(rows[-1]), flush=True)
-    histories = {}
     g = torch.Generator().manual_seed(args.seed)
     valid = list(valid_sequences(model))
     demos = [valid[i] for i in torch.randint(len(valid), (args.steps * args.batch_size,), generator=g).tolist()]
+    histories = {}
     for method in args.methods.split(","):
-        log = out / f"train_{method}.jsonl"
-        log.unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        policy = pilm.finetune(target, method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               lora_rank=args.lora_rank, seed=args.seed, data=demos if method == "sft" else None,
-                               progress=False, log_path=log)
-        seconds = time.perf_counter() - t0
+        policy, seconds = _train(target, method, args, out / f"train_{method}.jsonl", steps=args.steps,
+                                 data=demos if method == "sft" else None)
         histories[method] = policy.history
         rows.append({"task": "random-number", "method": method, "train_seconds": seconds,
                      **_scores(report(policy, target))})
         print(json.dumps(rows[-1]), flush=True)
-    plot_training(histories, out / "training_random_number.png", title="random number",
-                  metrics=("loss", "log_r", "diversity"))
-    with open(out / "results.jsonl", "w") as f:
-        f.writelines(json.dumps({**r, "config": vars(args)}) + "\n" for r in rows)
-    lines = [
-        f"Random integer 0-100 on {model.name}, few-shot chat prompt. Each fine-tuned method: LoRA rank "
-        f"{args.lora_rank}, {args.steps} steps x batch {args.batch_size}, lr {args.lr}, seed {args.seed}. "
-        "Exact scores over the 101 valid answers.",
-        "",
-        "| method | valid (q mass) | KL(q(·\\|valid) ‖ uniform) | KL(uniform ‖ q) | training (s) |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {r['method']} | {100 * r['valid']:.1f}% | {r['kl_valid']:.3f} | {r['kl_uniform_q']:.3f} | "
-              f"{r['train_seconds']:.0f} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return rows, histories
+
+
+def arithmetic(model, args, out: Path) -> tuple[list[dict], dict]:
+    targets, worked, tool = arith.training_set(model, worked=args.worked, homework=args.homework, seed=args.seed)
+    train = arith.problems(args.worked + args.homework, (3, 4), seed=args.seed)
+    held_in = arith.held_out(args.test, (3, 4), seed=args.seed + 1, exclude=train)
+    held_out = arith.held_out(args.test, 5, seed=args.seed + 2)
+
+    def scores(sampler) -> dict:
+        return {"accuracy_in": arith.accuracy(sampler, held_in, model=model),
+                "accuracy_out": arith.accuracy(sampler, held_out, model=model)}
+
+    t0 = time.perf_counter()
+    rows = [{"task": "arithmetic", "method": "base (few-shot prompt)", "train_seconds": 0.0, **scores(model)}]
+    print(json.dumps(rows[-1]), f"eval {time.perf_counter() - t0:.0f}s", flush=True)
+    histories = {}
+    for method in args.methods.split(","):
+        extra = {"reward_temperature": (1.1, 0.5)} if method == "subtb" else {}
+        policy, seconds = _train(targets, method, args, out / f"train_arithmetic_{method}.jsonl",
+                                 steps=args.arithmetic_steps, data=worked if method != "reinforce" else None,
+                                 tool=tool, **extra)
+        histories[method] = policy.history
+        rows.append({"task": "arithmetic", "method": method, "train_seconds": seconds, **scores(policy)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows, histories
+
+
+def continuation(model, args, out: Path) -> tuple[list[dict], dict]:
+    from pilm.inference.search import beam_search, hypotheses_tensor
+    from pilm.learning.policy_trainer import sample_trajectories
+    from pilm.evaluation.metrics import likelihood_and_diversity
+    from pilm.tasks.continuation import tempered_continuation
+
+    temp = args.continuation_temperature
+    targets = [tempered_continuation(p, model, temperature=temp) for p in PROMPTS]
+    policy, seconds = _train(targets, "subtb", args, out / "train_continuation_subtb.jsonl",
+                             steps=args.continuation_steps)
+    n, horizon = args.n, targets[0].max_new_tokens
+    g = torch.Generator().manual_seed(args.seed)
+    decoders = {
+        "sampling p0": lambda t: sample_trajectories(model, t, n, g),
+        f"sampling p0, token temperature {temp:g}": lambda t: sample_trajectories(model, t, n, g, temp),
+        f"beam search ({n} beams)": lambda t: hypotheses_tensor(
+            beam_search(model, t.prompt_ids, beams=n, max_new_tokens=horizon, stop=t.stop_token_id), horizon),
+        f"diverse beam search ({n} groups, penalty 1)": lambda t: hypotheses_tensor(
+            beam_search(model, t.prompt_ids, beams=n, max_new_tokens=horizon, stop=t.stop_token_id, groups=n,
+                        diversity=1.0), horizon),
+        f"SubTB policy, sigma ∝ p0^(1/{temp:g})": lambda t: sample_trajectories(policy, t, n, g),
+    }
+    rows = []
+    for name, decode in decoders.items():
+        scores = [likelihood_and_diversity(t, decode(t)) for t in targets]
+        mean = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+        rows.append({"task": "continuation", "method": name,
+                     "train_seconds": seconds if name.startswith("SubTB") else 0.0, **mean})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows, {"subtb": policy.history}
+
+
+def infilling(model, args, out: Path) -> tuple[list[dict], dict]:
+    from pilm.inference import ModelProposal
+    from pilm.tasks.infilling import DEFAULT_PROMPT, ending_first, joint_samples
+
+    pairs = joint_samples(model, DEFAULT_PROMPT, max_new_tokens=8, suffix_tokens=4, n=60, seed=10_000)
+    targets = [pilm.tasks.infilling(model, suffix=c, max_new_tokens=8) for _, c in pairs]
+    log = out / "train_infilling_subtb.jsonl"
+    log.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    policy = pilm.finetune(targets, "subtb", steps=args.infilling_steps, batch_size=16, lr=args.lr,
+                           lora_rank=args.lora_rank, seed=args.seed, policy_prompt=ending_first, progress=False,
+                           log_path=log)
+    seconds = time.perf_counter() - t0
+    report = pilm.bounds(targets[0], {"base": None, "subtb": ModelProposal(policy, prompt=ending_first)},
+                         [int(k) for k in args.ks.split(",")], exact_samples="joint", seeds=5, seed=0)
+    print(report.table(), flush=True)
+    rows = [{"task": "infilling", **r, "train_seconds": seconds if r["sampler"] == "subtb" else 0.0}
+            for r in report.rows]
+    return rows, {"subtb": policy.history}
+
+
+def _train(target, method, args, log: Path, *, steps: int, **kw):
+    log.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    policy = pilm.finetune(target, method, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                           lora_rank=args.lora_rank, seed=args.seed, progress=False, log_path=log, **kw)
+    return policy, time.perf_counter() - t0
+
+
+def write_markdown(out: Path, model_name: str) -> str:
+    """results.md from every results_<task>.jsonl in ``out``."""
+    lines: list[str] = []
+    path = out / "results_random_number.jsonl"
+    if path.exists():
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        c = rows[0]["config"]
+        lines += [
+            f"Random integer 0-100 on {model_name}, few-shot chat prompt. Each fine-tuned method: LoRA rank "
+            f"{c['lora_rank']}, {c['steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}. "
+            "Exact scores over the 101 valid answers.",
+            "",
+            "| method | valid (q mass) | KL(q(·\\|valid) ‖ uniform) | KL(uniform ‖ q) | training (s) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['method']} | {100 * r['valid']:.1f}% | {r['kl_valid']:.3f} | {r['kl_uniform_q']:.3f} | "
+                  f"{r['train_seconds']:.0f} |" for r in rows]
+    path = out / "results_arithmetic.jsonl"
+    if path.exists():
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        c = rows[0]["config"]
+        lines += [
+            "" if lines else None,
+            f"Arithmetic with a calculator on {model_name}, 3-shot prompt. Training: {c['worked']} questions with "
+            f"worked rationales (SFT's data) and {c['homework']} with answers only; LoRA rank {c['lora_rank']}, "
+            f"{c['arithmetic_steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}. Accuracy of "
+            f"the greedy rationale on {c['test']} held-out questions per column.",
+            "",
+            "| method | accuracy, 3-4 operands (in distribution) | accuracy, 5 operands (OOD) | training (s) |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {r['method']} | {100 * r['accuracy_in']:.0f}% | {100 * r['accuracy_out']:.0f}% | "
+                  f"{r['train_seconds']:.0f} |" for r in rows]
+    path = out / "results_continuation.jsonl"
+    if path.exists():
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        c = rows[0]["config"]
+        lines += [
+            "" if lines else None,
+            f"Next sentence after {len(PROMPTS)} openings on {model_name}, {c['n']} completions per opening "
+            f"(stop at '.', at most 20 tokens), averaged over openings. SubTB: one LoRA policy for all openings, "
+            f"{c['continuation_steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}.",
+            "",
+            "| decoder | best log p0 | mean log p0 | distinct | pairwise edit distance | ends at '.' |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['method']} | {r['max_log_p']:.1f} | {r['mean_log_p']:.1f} | {100 * r['distinct']:.0f}% | "
+                  f"{r['pairwise_edit']:.2f} | {100 * r['finished']:.0f}% |" for r in rows]
+    path = out / "results_infilling.jsonl"
+    if path.exists():
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        c, ks = rows[0]["config"], sorted({r["n_particles"] for r in rows})
+        cell = {(r["sampler"], r["method"], r["n_particles"]): r for r in rows}
+        lines += [
+            "" if lines else None,
+            f"Infilling on {model_name} (the setting of docs/bounds: 8 new tokens, a 4-token ending sampled from the "
+            f"joint per seed, 5 seeds). SubTB: one policy for 60 endings, told the ending by its prompt, "
+            f"{c['infilling_steps']} steps x batch 16, lr {c['lr']}. Gap = upper - lower bound on log Z, SIS / SMC.",
+            "",
+            "| proposal | " + " | ".join(f"gap K={k}" for k in ks) + " | KL(q‖σ) | KL(σ‖q) | training (s) |",
+            "|---|" + "---|" * (len(ks) + 3),
+        ]
+        for name in dict.fromkeys(r["sampler"] for r in rows):
+            gaps = " | ".join(f"{cell[name, 'sis', k]['gap']:.2f} / {cell[name, 'smc', k]['gap']:.2f}" for k in ks)
+            first = cell[name, "sis", ks[0]]
+            lines.append(f"| {name} | {gaps} | {first['kl_q_sigma']:.2f} | {first['kl_sigma_q']:.2f} | "
+                         f"{first['train_seconds']:.0f} |")
+    text = "\n".join(x for x in lines if x is not None) + "\n"
+    (out / "results.md").write_text(text)
+    return text
 
 
 def _scores(r: dict) -> dict:

@@ -332,7 +332,8 @@ def test_subtb_learns_a_tempered_continuation(soft_target):
     """sigma ∝ p0^{1/T} (T = 0.5, stop 'c'), every prefix's reward from the teacher-forced
     forward: SubTB reaches it (exact KL), far from p0 token-tempered at T, and the scores
     of a sample set are what they claim."""
-    from pilm.tasks.continuation import likelihood_and_diversity, tempered_continuation
+    from pilm.evaluation.metrics import likelihood_and_diversity
+    from pilm.tasks.continuation import tempered_continuation
 
     target = tempered_continuation("a", soft_target.model, temperature=0.5, stop="c", max_new_tokens=4)
     e = pilm.exact.enumerate_target(target)

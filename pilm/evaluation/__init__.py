@@ -2,5 +2,6 @@
 
 from . import exact
 from .bounds import BoundsReport, bounds, distinct_ancestors, exact_sigma_samples
+from .metrics import likelihood_and_diversity
 
-__all__ = ["BoundsReport", "bounds", "distinct_ancestors", "exact", "exact_sigma_samples"]
+__all__ = ["BoundsReport", "bounds", "distinct_ancestors", "exact", "exact_sigma_samples", "likelihood_and_diversity"]

@@ -1,6 +1,6 @@
 """Monte Carlo samplers of sigma."""
 
-from .beam import Hypothesis, beam_search
+from .search import Hypothesis, beam_search
 from .proposals import ModelProposal
 from .rejection import RejectionResult, rejection_sample
 from .resampling import SCHEMES, ess, get_scheme

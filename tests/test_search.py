@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pilm
-from pilm.inference.beam import beam_search
+from pilm.inference.search import beam_search
 from pilm.learning.policy_trainer import sample_trajectories
 
 
