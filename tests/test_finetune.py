@@ -308,7 +308,7 @@ def test_a_tool_s_tokens_are_scored_but_not_sampled(soft_target):
     assert mass == pytest.approx(1.0, abs=1e-5) and kl_before > 0.2  # measured 0.22
     policy = pilm.finetune(soft_target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0, tool=tool,
                            progress=False)
-    assert exact_kl(policy)[1] < 0.02
+    assert exact_kl(policy)[1] < 0.02  # measured 0.0004
     with pytest.raises(ValueError, match="does not follow the tool"):
         pilm.finetune(soft_target, "sft", data=[[0, 2, 3]], steps=1, tool=tool, progress=False)
 
