@@ -191,75 +191,64 @@ def _train(target, method, args, log: Path, *, steps: int, **kw):
 
 
 def write_markdown(out: Path, model_name: str) -> str:
-    """results.md from every results_<task>.jsonl in ``out``."""
-    lines: list[str] = []
-    path = out / "results_random_number.jsonl"
-    if path.exists():
-        rows = [json.loads(x) for x in path.read_text().splitlines()]
-        c = rows[0]["config"]
-        lines += [
-            f"Random integer 0-100 on {model_name}, few-shot chat prompt. Each fine-tuned method: LoRA rank "
+    """results.md: one table per results_<task>.jsonl in ``out``."""
+    sections = []
+    for slug, table in TABLES.items():
+        path = out / f"results_{slug}.jsonl"
+        if path.exists():
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            caption, head, body = table(rows, rows[0]["config"], model_name)
+            sections.append("\n".join([caption, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|", *body]))
+    text = "\n\n".join(sections) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+def _random_number_table(rows, c, model_name):
+    return (f"Random integer 0-100 on {model_name}, few-shot chat prompt. Each fine-tuned method: LoRA rank "
             f"{c['lora_rank']}, {c['steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}. "
             "Exact scores over the 101 valid answers.",
-            "",
-            "| method | valid (q mass) | KL(q(·\\|valid) ‖ uniform) | KL(uniform ‖ q) | training (s) |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['method']} | {100 * r['valid']:.1f}% | {r['kl_valid']:.3f} | {r['kl_uniform_q']:.3f} | "
-                  f"{r['train_seconds']:.0f} |" for r in rows]
-    path = out / "results_arithmetic.jsonl"
-    if path.exists():
-        rows = [json.loads(x) for x in path.read_text().splitlines()]
-        c = rows[0]["config"]
-        lines += [
-            "" if lines else None,
-            f"Arithmetic with a calculator on {model_name}, 3-shot prompt. Training: {c['worked']} questions with "
+            ["method", "valid (q mass)", "KL(q(·\\|valid) ‖ uniform)", "KL(uniform ‖ q)", "training (s)"],
+            [f"| {r['method']} | {100 * r['valid']:.1f}% | {r['kl_valid']:.3f} | {r['kl_uniform_q']:.3f} | "
+             f"{r['train_seconds']:.0f} |" for r in rows])
+
+
+def _arithmetic_table(rows, c, model_name):
+    return (f"Arithmetic with a calculator on {model_name}, 3-shot prompt. Training: {c['worked']} questions with "
             f"worked rationales (SFT's data) and {c['homework']} with answers only; LoRA rank {c['lora_rank']}, "
             f"{c['arithmetic_steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}. Accuracy of "
             f"the greedy rationale on {c['test']} held-out questions per column.",
-            "",
-            "| method | accuracy, 3-4 operands (in distribution) | accuracy, 5 operands (OOD) | training (s) |",
-            "|---|---|---|---|",
-        ]
-        lines += [f"| {r['method']} | {100 * r['accuracy_in']:.0f}% | {100 * r['accuracy_out']:.0f}% | "
-                  f"{r['train_seconds']:.0f} |" for r in rows]
-    path = out / "results_continuation.jsonl"
-    if path.exists():
-        rows = [json.loads(x) for x in path.read_text().splitlines()]
-        c = rows[0]["config"]
-        lines += [
-            "" if lines else None,
-            f"Next sentence after {len(PROMPTS)} openings on {model_name}, {c['n']} completions per opening "
+            ["method", "accuracy, 3-4 operands (in distribution)", "accuracy, 5 operands (OOD)", "training (s)"],
+            [f"| {r['method']} | {100 * r['accuracy_in']:.0f}% | {100 * r['accuracy_out']:.0f}% | "
+             f"{r['train_seconds']:.0f} |" for r in rows])
+
+
+def _continuation_table(rows, c, model_name):
+    return (f"Next sentence after {len(PROMPTS)} openings on {model_name}, {c['n']} completions per opening "
             f"(stop at '.', at most 20 tokens), averaged over openings. SubTB: one LoRA policy for all openings, "
             f"{c['continuation_steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}.",
-            "",
-            "| decoder | best log p0 | mean log p0 | distinct | pairwise edit distance | ends at '.' |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['method']} | {r['max_log_p']:.1f} | {r['mean_log_p']:.1f} | {100 * r['distinct']:.0f}% | "
-                  f"{r['pairwise_edit']:.2f} | {100 * r['finished']:.0f}% |" for r in rows]
-    path = out / "results_infilling.jsonl"
-    if path.exists():
-        rows = [json.loads(x) for x in path.read_text().splitlines()]
-        c, ks = rows[0]["config"], sorted({r["n_particles"] for r in rows})
-        cell = {(r["sampler"], r["method"], r["n_particles"]): r for r in rows}
-        lines += [
-            "" if lines else None,
-            f"Infilling on {model_name} (the setting of docs/bounds: 8 new tokens, a 4-token ending sampled from the "
+            ["decoder", "best log p0", "mean log p0", "distinct", "pairwise edit distance", "ends at '.'"],
+            [f"| {r['method']} | {r['max_log_p']:.1f} | {r['mean_log_p']:.1f} | {100 * r['distinct']:.0f}% | "
+             f"{r['pairwise_edit']:.2f} | {100 * r['finished']:.0f}% |" for r in rows])
+
+
+def _infilling_table(rows, c, model_name):
+    ks = sorted({r["n_particles"] for r in rows})
+    cell = {(r["sampler"], r["method"], r["n_particles"]): r for r in rows}
+    body = []
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        gaps = " | ".join(f"{cell[name, 'sis', k]['gap']:.2f} / {cell[name, 'smc', k]['gap']:.2f}" for k in ks)
+        first = cell[name, "sis", ks[0]]
+        body.append(f"| {name} | {gaps} | {first['kl_q_sigma']:.2f} | {first['kl_sigma_q']:.2f} | "
+                    f"{first['train_seconds']:.0f} |")
+    return (f"Infilling on {model_name} (the setting of docs/bounds: 8 new tokens, a 4-token ending sampled from the "
             f"joint per seed, 5 seeds). SubTB: one policy for 60 endings, told the ending by its prompt, "
             f"{c['infilling_steps']} steps x batch 16, lr {c['lr']}. Gap = upper - lower bound on log Z, SIS / SMC.",
-            "",
-            "| proposal | " + " | ".join(f"gap K={k}" for k in ks) + " | KL(q‖σ) | KL(σ‖q) | training (s) |",
-            "|---|" + "---|" * (len(ks) + 3),
-        ]
-        for name in dict.fromkeys(r["sampler"] for r in rows):
-            gaps = " | ".join(f"{cell[name, 'sis', k]['gap']:.2f} / {cell[name, 'smc', k]['gap']:.2f}" for k in ks)
-            first = cell[name, "sis", ks[0]]
-            lines.append(f"| {name} | {gaps} | {first['kl_q_sigma']:.2f} | {first['kl_sigma_q']:.2f} | "
-                         f"{first['train_seconds']:.0f} |")
-    text = "\n".join(x for x in lines if x is not None) + "\n"
-    (out / "results.md").write_text(text)
-    return text
+            ["proposal", *(f"gap K={k}" for k in ks), "KL(q‖σ)", "KL(σ‖q)", "training (s)"], body)
+
+
+TABLES = {"random_number": _random_number_table, "arithmetic": _arithmetic_table,
+          "continuation": _continuation_table, "infilling": _infilling_table}
 
 
 def _scores(r: dict) -> dict:
