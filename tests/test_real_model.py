@@ -168,3 +168,17 @@ def test_cli_finetune_writes_an_adapter_that_loads(tmp_path, capsys):
     assert len((out / "train.jsonl").read_text().splitlines()) == 2
     policy = pilm.load_model(adapter=out)
     assert isinstance(policy, pilm.models.LoRAPolicy) and policy.base.adapter is None
+
+
+def test_finetuning_resumes_bit_identically_on_the_real_model(tmp_path):
+    """4 SubTB steps on the random-number task equal 2 steps, a stop, and 2 resumed steps:
+    adapter weights, log Z and the logged losses (dropout, tempering and replay included)."""
+    kw = dict(steps=4, batch_size=4, lr=5e-4, lora_rank=8, seed=3, progress=False, explore=(0.25, 0.5, 0.25))
+    whole = pilm.finetune(pilm.tasks.random_number(pilm.load_model()), "subtb", **kw)
+    pilm.finetune(pilm.tasks.random_number(pilm.load_model()), "subtb", **{**kw, "steps": 2},
+                  checkpoint_dir=tmp_path, checkpoint_every=2)
+    resumed = pilm.finetune(pilm.tasks.random_number(pilm.load_model()), "subtb", **kw, checkpoint_dir=tmp_path)
+    for key, p in whole.trainable.items():
+        assert torch.equal(p, resumed.trainable[key]), key
+    assert torch.equal(whole.log_z.value, resumed.log_z.value)
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
