@@ -89,7 +89,7 @@ def _run_train_twist(args: argparse.Namespace) -> int:
     twist = train_twist(
         target, args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         head=args.head, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
-        log_path=out / "train.jsonl", plot_path=out / "training.png", data=data, tool=tool,
+        log_path=out / "train.jsonl", plot_path=out / "training.png",
     )
     twist.save_pretrained(out)
     last = twist.history[-1]

@@ -182,3 +182,11 @@ def test_finetuning_resumes_bit_identically_on_the_real_model(tmp_path):
         assert torch.equal(p, resumed.trainable[key]), key
     assert torch.equal(whole.log_z.value, resumed.log_z.value)
     assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+
+
+def test_cli_finetune_arithmetic_with_the_calculator(tmp_path, capsys):
+    out = tmp_path / "arith"
+    assert main(["finetune", "--task", "arithmetic", "--objective", "sft", "--steps", "1", "--batch-size", "2",
+                 "--lora-rank", "4", "--out", str(out)]) == 0
+    assert "fine-tuned a rank-4 LoRA policy with sft" in capsys.readouterr().out
+    assert len((out / "train.jsonl").read_text().splitlines()) == 1
