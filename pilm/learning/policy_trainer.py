@@ -8,7 +8,9 @@ with tau = 1 every objective's optimum is q = sigma. One step, per micro-batch:
 1. draw ``batch_size`` trajectories under no_grad with the KV cache, from the behaviour
    policy: on-policy, on-policy at a temperature ~ U[temperature_range], or replay (a
    reward-prioritised, deduplicated buffer). Off-policy draws are only used by objectives
-   that are valid on them (subtb, tb, sft);
+   that are valid on them (subtb, tb, sft). A ``tool`` appends its tokens where it says
+   (scored by sigma, not in log q); a ``policy_prompt`` conditions the policy on more than
+   the target's prompt (e.g. the ending to infill);
 2. log R of every prefix (or only the final one) from one teacher-forced forward of p0
    (the same weights, adapter off) plus one batched call of the potential;
 3. log q of every token and of the stop action (EOS) at every prefix from one
