@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--homework", type=int, default=40, help="training questions with the answer only")
     p.add_argument("--test", type=int, default=50, help="held-out questions per column")
     p.add_argument("--continuation-temperature", type=float, default=0.5)
-    p.add_argument("--continuation-steps", type=int, default=100)
+    p.add_argument("--continuation-steps", type=int, default=60)
     p.add_argument("--n", type=int, default=8, help="samples or beams per opening")
     p.add_argument("--infilling-steps", type=int, default=60)
     p.add_argument("--ks", default="1,4,16,64", help="particle counts of the infilling bounds")
