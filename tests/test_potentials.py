@@ -61,3 +61,20 @@ def test_specs(model):
     for bad in ["regex", "sentiment:", "bogus:1", "suffix:"]:
         with pytest.raises(ValueError, match="known: regex"):
             parse_potential(bad, model)
+
+
+def test_a_product_skips_later_factors_where_phi_is_already_zero(tiny):
+    """The costly factor sees only the sequences the constraint before it allows, and the
+    product equals the sum of the factors' log phi (-inf where any is -inf)."""
+    seen = []
+
+    def costly(text):
+        seen.append(text)
+        return -0.5 * len(text)
+
+    allowed = FunctionPotential(lambda text: 0.0 if "a" in text else -math.inf, name="has an a")
+    product = allowed * FunctionPotential(costly, name="costly")
+    seqs = pilm.Target(tiny, "Hi", max_new_tokens=3).sequences([tiny.encode(w) for w in ("cat", "dog", "bat")])
+    out = product.log_phi(seqs)
+    assert seen == ["cat", "bat"]
+    assert out.tolist() == [-1.5, -math.inf, -1.5]
