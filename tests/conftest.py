@@ -35,6 +35,17 @@ def real_model():
     return pilm.load_model()
 
 
+@pytest.fixture
+def fresh_tiny(tiny):
+    """A tiny random Llama of its own, for tests that inject adapters (a fine-tuned policy is
+    injected into the model it adapts, so the session's ``tiny`` must stay untouched)."""
+    from pilm.models import HFModel
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return HFModel(LlamaForCausalLM(tiny.hf.config).float(), tiny.tokenizer, name="tiny-llama")
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """A tiny random Llama with the embedded model's real tokenizer (fast engine tests)."""

@@ -154,21 +154,6 @@ def test_sft_imitates_its_demonstrations(soft_target):
 
 
 # -- the LoRA policy on a transformers model -----------------------------------------------
-@pytest.fixture
-def fresh_tiny():
-    """A tiny random Llama of its own (adapters are injected into the model they adapt)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from pilm.models.registry import embedded_path
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    return HFModel(LlamaForCausalLM(config).float(), tokenizer, name="tiny-llama")
-
-
 def test_lora_policy_shares_weights_and_leaves_p0_exact(fresh_tiny, tmp_path):
     prompt = fresh_tiny.encode_prompt("Hello there")
     tokens = torch.tensor([[5, 6, 7], [8, 9, -1]])

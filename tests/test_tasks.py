@@ -84,7 +84,7 @@ def test_arithmetic_problems_tool_and_answers(tiny):
     forced_mask(rows, tool, target.stop_token_id)  # raises if a row skipped the calculator
 
 
-def test_one_infilling_policy_for_many_endings(tiny):
+def test_one_infilling_policy_for_many_endings(fresh_tiny):
     """ending_first puts each target's ending before its beginning: distinct policy prompts
     for distinct endings, the policy fine-tunes over several endings, and the same prompt
     function makes it a proposal that ``pilm.bounds`` scores on joint samples, each seed
@@ -92,9 +92,10 @@ def test_one_infilling_policy_for_many_endings(tiny):
     from pilm.inference import ModelProposal
     from pilm.tasks import ending_first, infilling
 
-    targets = [infilling(tiny, prompt="Once upon a time", suffix=s, max_new_tokens=3) for s in (" the end.", " a cat.")]
+    targets = [infilling(fresh_tiny, prompt="Once upon a time", suffix=s, max_new_tokens=3)
+               for s in (" the end.", " a cat.")]
     cues = [ending_first(t) for t in targets]
-    assert cues[0] != cues[1] and tiny.decode(cues[0]).startswith("The story ends with: the end.")
+    assert cues[0] != cues[1] and fresh_tiny.decode(cues[0]).startswith("The story ends with: the end.")
     assert tuple(cues[0][-len(targets[0].prompt_ids):]) == targets[0].prompt_ids
     policy = pilm.finetune(targets, "subtb", steps=2, batch_size=4, lora_rank=4, seed=0, policy_prompt=ending_first,
                            progress=False)
@@ -103,4 +104,4 @@ def test_one_infilling_policy_for_many_endings(tiny):
     row = next(r for r in report.rows if r["sampler"] == "gfn")
     assert math.isfinite(row["lower"]) and math.isfinite(row["upper"])
     with pytest.raises(ValueError, match="infilling target"):
-        ending_first(pilm.Target(tiny, "Hi", max_new_tokens=2))
+        ending_first(pilm.Target(fresh_tiny, "Hi", max_new_tokens=2))
