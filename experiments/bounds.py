@@ -83,16 +83,21 @@ def main() -> None:
 
 def write_markdown(rows: list[dict], out: Path, caption: str) -> None:
     """results.md: the summary (gap per sampler and K, both methods, KL estimates) and every row."""
+    lines = [caption, "", *gap_summary(rows)]
+    (out / "results.md").write_text("\n".join(lines) + "\n\nAll rows:\n\n" + markdown(rows) + "\n")
+
+
+def gap_summary(rows: list[dict]) -> list[str]:
+    """A markdown table: per sampler, the gap upper - lower at each K (SIS / SMC) and the KL estimates."""
     ks = sorted({r["n_particles"] for r in rows})
-    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     cell = {(r["sampler"], r["method"], r["n_particles"]): r for r in rows}
     head = " | ".join(f"gap K={k} SIS / SMC" for k in ks)
-    lines = [caption, "", f"| sampler | {head} | KL(q‖σ) | KL(σ‖q) |", "|---|" + "---|" * (len(ks) + 2)]
-    for name in samplers:
+    lines = [f"| sampler | {head} | KL(q‖σ) | KL(σ‖q) |", "|---|" + "---|" * (len(ks) + 2)]
+    for name in dict.fromkeys(r["sampler"] for r in rows):
         gaps = " | ".join(f"{cell[name, 'sis', k]['gap']:.2f} / {cell[name, 'smc', k]['gap']:.2f}" for k in ks)
         any_row = cell[name, "sis", ks[0]]
         lines.append(f"| {name} | {gaps} | {any_row['kl_q_sigma']:.2f} | {any_row['kl_sigma_q']:.2f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n\nAll rows:\n\n" + markdown(rows) + "\n")
+    return lines
 
 
 def markdown(rows: list[dict]) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from ..models.base import LanguageModel, Tokens
 
@@ -85,11 +84,3 @@ def beam_search(model: LanguageModel, prompt_ids: Tokens, *, beams: int, max_new
         pool = done[g] + [Hypothesis(seq, s, False) for seq, s in live[g]]
         out += sorted(pool, key=lambda h: -h.log_p)[:width]
     return out
-
-
-def hypotheses_tensor(hyps: list[Hypothesis], width: int) -> Tensor:
-    """Hypotheses as -1-padded token rows (n, width)."""
-    rows = torch.full((len(hyps), width), -1, dtype=torch.long)
-    for i, h in enumerate(hyps):
-        rows[i, : len(h.tokens)] = torch.tensor(h.tokens, dtype=torch.long)
-    return rows
