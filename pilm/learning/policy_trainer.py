@@ -138,7 +138,8 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool, fo
     if eos is None and every_prefix:
         which = [(k, i) for k, i in which if i == horizon]  # without EOS only the horizon stops
     if forced is not None:
-        which = [(k, i) for k, i in which if i == n[k] or not forced[k, i]]
+        tool_next, lengths = forced.tolist(), n.tolist()
+        which = [(k, i) for k, i in which if i == lengths[k] or not tool_next[k][i]]
     seqs = [rows[k][:i] + ([eos] if i < horizon else []) for k, i in which]
     power, rest = split_likelihood(target)
     unique = list(dict.fromkeys(map(tuple, seqs)))  # trajectories share prefixes: score each once
@@ -186,13 +187,16 @@ class LogZ(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         self.value = nn.Parameter(torch.zeros(()))
+        self._hidden: dict[tuple[int, ...], Tensor] = {}  # the frozen base's prompt states, computed once
 
     def forward(self, target: Target, prompt_ids: Sequence[int] | None = None) -> Tensor:
         if self.head is None:
             return self.value
-        with torch.no_grad():
-            h = target.model.start(target.prompt_ids if prompt_ids is None else prompt_ids, 1).hidden
-        return self.head(h.float()).squeeze() + self.value
+        key = tuple(target.prompt_ids if prompt_ids is None else prompt_ids)
+        if key not in self._hidden:
+            with torch.no_grad():
+                self._hidden[key] = target.model.start(key, 1).hidden.float()
+        return self.head(self._hidden[key]).squeeze() + self.value
 
 
 def make_policy(targets: Sequence[Target], *, rank: int, alpha: int, dropout: float, target_modules,
@@ -313,11 +317,13 @@ def finetune(
     if saved is not None:
         start, history = saved["step"], saved["history"]
         buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
-    demos = {k: scored_batch(targets[k], pad([list(d)[: targets[k].max_new_tokens] for d in rows],
-                                             targets[k].max_new_tokens), tool, spec.prefix_rewards, min_log_reward)
-             for k, rows in demo_data.items() if rows}
+    demos = {}  # target index -> (tokens, log R, tool mask)
+    for k, rows in demo_data.items():
+        if rows:
+            tokens = pad([list(d)[: targets[k].max_new_tokens] for d in rows], targets[k].max_new_tokens)
+            demos[k] = (tokens, *scored_batch(targets[k], tokens, tool, spec.prefix_rewards, min_log_reward))
     if start == 0 and objective != "sft":  # demonstrations seed the replay buffers
-        for k, (tokens, log_r) in demos.items():
+        for k, (tokens, log_r, _) in demos.items():
             remember(buffers[k], tokens, log_r, targets[k].stop_token_id)
     demo_targets = sorted(demos)
     main = accelerator.is_main_process
@@ -340,12 +346,11 @@ def finetune(
             mode = "data" if objective == "sft" else _draw_mode(explore, generator, len(buffer) > 0)
             if mode == "data":  # supervised: demonstrations drawn uniformly
                 pick = torch.randint(len(demos[k][0]), (batch_size,), generator=generator)
-                tokens, log_r = demos[k][0][pick], demos[k][1][pick]
+                tokens, log_r, forced = (x[pick] for x in demos[k])
             else:
-                tokens, log_r = behaviour_batch(mode, policy, step_target, buffer, batch_size, generator,
-                                                tau=tau, temperature_range=temperature_range, tool=tool, prompt_ids=prompt,
-                                                every_prefix=spec.prefix_rewards, min_log_reward=min_log_reward)
-            forced = forced_mask(tokens, tool, step_target.stop_token_id) if tool is not None else None
+                tokens, log_r, forced = behaviour_batch(
+                    mode, policy, step_target, buffer, batch_size, generator, tau=tau, tool=tool, prompt_ids=prompt,
+                    temperature_range=temperature_range, every_prefix=spec.prefix_rewards, min_log_reward=min_log_reward)
             policy.train(True)
             with torch.random.fork_rng():  # adapter dropout: seeded per micro-batch, so resume is exact
                 torch.manual_seed(hash((seed, accelerator.process_index, step, micro)) % 2**62)
@@ -399,29 +404,32 @@ def finetune(
 def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: ReplayBuffer, n: int,
                     generator: torch.Generator, *, tau: float, temperature_range: tuple[float, float],
                     every_prefix: bool, min_log_reward: float, tool: Tool | None = None,
-                    prompt_ids: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Tokens (n, T) and untempered log R (n, T+1) of one micro-batch drawn by ``mode``:
+                    prompt_ids: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens (n, T), untempered log R (n, T+1) and the tool's tokens (n, T; all False without
+    a tool) of one micro-batch drawn by ``mode``:
     "replay" (reward-prioritised at temperature ``tau``), "tempered" (the policy at a
     temperature ~ U[temperature_range]) or "on-policy". Fresh draws also enter ``buffer``."""
     if mode == "replay":
-        return replay_tensors(buffer.sample(n, generator, temperature=tau), target.max_new_tokens)
+        tokens, log_r = replay_tensors(buffer.sample(n, generator, temperature=tau), target.max_new_tokens)
+        return tokens, log_r, forced_mask(tokens, tool, target.stop_token_id)
     temperature = 1.0
     if mode == "tempered":
         lo, hi = temperature_range
         temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
     policy.train(False)
     tokens = sample_trajectories(policy, target, n, generator, temperature, tool, prompt_ids)
-    tokens, log_r = scored_batch(target, tokens, tool, every_prefix, min_log_reward)
+    log_r, forced = scored_batch(target, tokens, tool, every_prefix, min_log_reward)
     remember(buffer, tokens, log_r, target.stop_token_id)
-    return tokens, log_r
+    return tokens, log_r, forced
 
 
 def scored_batch(target: Target, tokens: Tensor, tool: Tool | None, every_prefix: bool,
                  min_log_reward: float) -> tuple[Tensor, Tensor]:
-    """``tokens`` with their untempered log R (B, T+1), final values floored."""
-    forced = forced_mask(tokens, tool, target.stop_token_id) if tool is not None else None
+    """The untempered log R of ``tokens`` (B, T+1), final values floored, and which tokens
+    the tool appended (B, T)."""
+    forced = forced_mask(tokens, tool, target.stop_token_id)
     log_r = prefix_log_rewards(target, tokens, every_prefix=every_prefix, forced=forced)
-    return tokens, floor_final(log_r, trajectory_lengths(tokens, target.stop_token_id), min_log_reward)
+    return floor_final(log_r, trajectory_lengths(tokens, target.stop_token_id), min_log_reward), forced
 
 
 def remember(buffer: ReplayBuffer, tokens: Tensor, log_r: Tensor, stop: int | None) -> None:
