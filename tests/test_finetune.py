@@ -228,6 +228,23 @@ def test_prefix_rewards_take_the_models_own_likelihood_from_one_forward(soft_tar
             assert fast[k, i].item() == pytest.approx(target.log_unnormalized([seq]).item(), abs=1e-4)
 
 
+def test_the_floor_replaces_phi_not_p0_at_a_trajectory_s_end():
+    """phi = 0 at a trajectory's end becomes log R = log p0(z⊤) + floor: a penalty that
+    grows with length, so the many long strings outside the support cannot outweigh Z
+    (flooring log R itself gave each of them the same reward, and long garbage won).
+    Prefixes the trajectory went past keep -inf (not terminable)."""
+    model = pilm.models.TabularLM.random(4, seed=1, eos_id=3)
+    only_a = FunctionPotential(lambda t: 0.0 if list(t) == [0, 3] else -math.inf, on="tokens", name="only a")
+    target = pilm.Target(model, prompt="a", potential=only_a, max_new_tokens=4)
+    tokens = torch.tensor([[0, 3, -1, -1], [1, 2, 1, 3], [2, 1, 0, 1]])
+    log_r = prefix_log_rewards(target, tokens, every_prefix=True, floor=-50.0)
+    log_p0 = pilm.Target(model, prompt="a", max_new_tokens=4).log_unnormalized([[0, 3], [1, 2, 1, 3], [2, 1, 0, 1]])
+    assert log_r[0, 1].item() == pytest.approx(log_p0[0].item(), abs=1e-5)  # phi = 1: not floored
+    for k, n in ((1, 3), (2, 4)):
+        assert log_r[k, n].item() == pytest.approx(log_p0[k].item() - 50.0, abs=1e-5)
+        assert torch.isinf(log_r[k, :n]).all()
+
+
 def test_a_stop_token_other_than_eos_ends_completions_everywhere(soft_target):
     """Target(stop="c"): enumeration, SMC and fine-tuning all end completions at 'c' (EOS is
     then an ordinary token): Z-hat stays unbiased and SubTB still reaches sigma."""

@@ -118,13 +118,17 @@ def split_likelihood(target: Target) -> tuple[float, Potential | None]:
     return sum(p.power for p in own), (None if not rest else rest[0] if len(rest) == 1 else Product(*rest))
 
 
-def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool, forced: Tensor | None = None) -> Tensor:
+def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool, forced: Tensor | None = None,
+                       floor: float = -math.inf) -> Tensor:
     """log R(z_{1:i}⊤) = log p0(z_{1:i} ⊤ | x) + log phi(z_{1:i} ⊤), (B, T+1), where ⊤ is the
     EOS token for i < T and nothing at i = T (the horizon). p0, and any power of it among
     phi's factors (tempering, or cancelling it as in the random-number task), comes from one
     teacher-forced forward; the other factors of phi from one batched call on every prefix
     (or only on each final sequence, other entries -inf, when ``every_prefix`` is False).
-    A state followed by a tool's token (``forced``, (B, T)) is not terminable: -inf."""
+    A state followed by a tool's token (``forced``, (B, T)) is not terminable: -inf.
+
+    At each trajectory's final state the other factors' log phi is floored at ``floor``
+    (log p0 is not): R = p0 · max(phi, e^floor) there, a proper target (see ``finetune``)."""
     model, eos, horizon = target.model, target.stop_token_id, target.max_new_tokens
     b = len(tokens)
     n = trajectory_lengths(tokens, eos)
@@ -133,12 +137,12 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool, fo
     cum = torch.cat([torch.zeros(b, 1), torch.cumsum(tok, 1)], 1).double()  # log p0(z_{1:i})
     stop = stop.double()
     out = torch.full((b, horizon + 1), -math.inf, dtype=torch.float64)
-    rows = tokens.tolist()
-    which = [(k, i) for k in range(b) for i in (range(int(n[k]) + 1) if every_prefix else [int(n[k])])]
+    rows, lengths = tokens.tolist(), n.tolist()
+    which = [(k, i) for k in range(b) for i in (range(lengths[k] + 1) if every_prefix else [lengths[k]])]
     if eos is None and every_prefix:
         which = [(k, i) for k, i in which if i == horizon]  # without EOS only the horizon stops
     if forced is not None:
-        tool_next, lengths = forced.tolist(), n.tolist()
+        tool_next = forced.tolist()
         which = [(k, i) for k, i in which if i == lengths[k] or not tool_next[k][i]]
     seqs = [rows[k][:i] + ([eos] if i < horizon else []) for k, i in which]
     power, rest = split_likelihood(target)
@@ -147,16 +151,8 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool, fo
     if rest is not None and unique:
         log_rest = dict(zip(unique, evaluate(rest, target.sequences(unique), final=True).double().tolist()))
     for (k, i), s in zip(which, seqs, strict=True):
-        out[k, i] = (1.0 + power) * (cum[k, i] + stop[k, i]) + log_rest[tuple(s)]
-    return out
-
-
-def floor_final(log_r: Tensor, lengths: Tensor, floor: float) -> Tensor:
-    """log R with each trajectory's final value floored at ``floor`` (phi = 0 there becomes a
-    large finite penalty); intermediate prefixes keep -inf, meaning "not terminable"."""
-    out = log_r.clone()
-    rows = torch.arange(len(out))
-    out[rows, lengths] = out[rows, lengths].clamp(min=floor)
+        rest_k = max(log_rest[tuple(s)], floor) if i == lengths[k] else log_rest[tuple(s)]
+        out[k, i] = (1.0 + power) * (cum[k, i] + stop[k, i]) + rest_k
     return out
 
 
@@ -264,10 +260,15 @@ def finetune(
     ``policy_prompt``: what the policy is conditioned on for each target, if not the
     target's prompt (text or ids; e.g. the beginning *and* the ending, for one policy that
     infills many endings). ``reward_temperature`` (tau_start, tau_end) anneals linearly over
-    ``anneal_steps`` (default: all steps). log R is floored at ``min_log_reward`` so phi = 0
-    at a trajectory's end gives a large finite penalty (as the paper's -99), not an infinite
-    residual; a prefix with phi = 0 that the trajectory went past is left out of SubTB (see
-    ``subtb``). Objectives that learn log Z start it at the first batch's IS estimate.
+    ``anneal_steps`` (default: all steps). At a trajectory's end log phi (not log R) is floored
+    at ``min_log_reward`` = log eps, so phi = 0 there is a large finite penalty, not an
+    infinite residual. The objectives then target sigma_eps ∝ p0 max(phi, eps), which is
+    within total variation eps / (Z + eps) of sigma. (Flooring log R instead gives each of
+    the V^T strings of length T reward eps. At T = 30
+    they outweigh any Z by e^{200} or more, and the optimum becomes garbage: SubTB on the
+    arithmetic task collapsed so.) A prefix with phi = 0 that the trajectory went past is
+    left out of SubTB (see ``subtb``). Objectives that learn log Z start it at the first
+    batch's IS estimate.
 
     With ``checkpoint_dir``, a checkpoint (adapter, log Z, optimizer, RNG, replay buffers,
     history) is written every ``checkpoint_every`` steps and at the end, and resumed from:
@@ -425,11 +426,10 @@ def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: Re
 
 def scored_batch(target: Target, tokens: Tensor, tool: Tool | None, every_prefix: bool,
                  min_log_reward: float) -> tuple[Tensor, Tensor]:
-    """The untempered log R of ``tokens`` (B, T+1), final values floored, and which tokens
-    the tool appended (B, T)."""
+    """The untempered log R of ``tokens`` (B, T+1), log phi floored at each one's end, and
+    which tokens the tool appended (B, T)."""
     forced = forced_mask(tokens, tool, target.stop_token_id)
-    log_r = prefix_log_rewards(target, tokens, every_prefix=every_prefix, forced=forced)
-    return floor_final(log_r, trajectory_lengths(tokens, target.stop_token_id), min_log_reward), forced
+    return prefix_log_rewards(target, tokens, every_prefix=every_prefix, forced=forced, floor=min_log_reward), forced
 
 
 def remember(buffer: ReplayBuffer, tokens: Tensor, log_r: Tensor, stop: int | None) -> None:
