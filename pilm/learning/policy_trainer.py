@@ -194,6 +194,14 @@ class LogZ(nn.Module):
                 self._hidden[key] = target.model.start(key, 1).hidden.float()
         return self.head(self._hidden[key]).squeeze() + self.value
 
+    def start_at_estimate(self, batch: PolicyBatch, target: Target, prompt_ids: Sequence[int] | None = None) -> Tensor:
+        """Shift log Z to the batch's importance-sampling estimate log (1/B) sum_b R(z_b)/q(z_b)
+        (not a random offset of many nats); returns the new value, with gradients."""
+        with torch.no_grad():
+            estimate = torch.logsumexp(batch.log_r_final - batch.log_q_total, 0) - math.log(len(batch.log_q))
+            self.value += estimate - self(target, prompt_ids)
+        return self(target, prompt_ids)
+
 
 def make_policy(targets: Sequence[Target], *, rank: int, alpha: int, dropout: float, target_modules,
                 prompts: Sequence[Sequence[int]] | None = None) -> LanguageModel:
@@ -285,11 +293,7 @@ def finetune(
     if spec.prefix_rewards and targets[0].stop_token_id is None:
         raise ValueError(f"{objective} makes every prefix terminable with the stop token, and {targets[0].model.name} "
                          "has no EOS token: give the target a stop token (Target(..., stop=...)) or use objective='tb'")
-    demo_data = {} if not data else dict(data) if isinstance(data, Mapping) else {0: data}
-    if objective == "sft" and not any(demo_data.values()):
-        raise ValueError("objective='sft' trains on demonstrations: give data=[token sequences]")
-    if any(not 0 <= k < len(targets) for k in demo_data):
-        raise ValueError(f"data keys are target indices in [0, {len(targets)}), got {sorted(demo_data)}")
+    demo_data = _demonstration_data(data, objective, len(targets))
     explore = _exploration(spec, objective, explore)
     t_start, t_end = (reward_temperature, reward_temperature) if isinstance(reward_temperature, (int, float)) \
         else reward_temperature
@@ -318,11 +322,8 @@ def finetune(
     if saved is not None:
         start, history = saved["step"], saved["history"]
         buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
-    demos = {}  # target index -> (tokens, log R, tool mask)
-    for k, rows in demo_data.items():
-        if rows:
-            tokens = pad([list(d)[: targets[k].max_new_tokens] for d in rows], targets[k].max_new_tokens)
-            demos[k] = (tokens, *scored_batch(targets[k], tokens, tool, spec.prefix_rewards, min_log_reward))
+    demos = {k: _scored_demonstrations(targets[k], rows, tool, spec.prefix_rewards, min_log_reward)
+             for k, rows in demo_data.items() if rows}  # target index -> (tokens, log R, tool mask)
     if start == 0 and objective != "sft":  # demonstrations seed the replay buffers
         for k, (tokens, log_r, _) in demos.items():
             remember(buffers[k], tokens, log_r, targets[k].stop_token_id)
@@ -357,11 +358,8 @@ def finetune(
                 torch.manual_seed(hash((seed, accelerator.process_index, step, micro)) % 2**62)
                 z = log_z(step_target, prompt) if spec.learns_log_z else None
                 batch = policy_batch(policy, step_target, tokens, log_r / tau, z, forced, prompt)
-                if spec.learns_log_z and step == 0 and micro == 0:  # start log Z at the batch's IS estimate
-                    with torch.no_grad():
-                        log_z.value += torch.logsumexp(batch.log_r_final - batch.log_q_total, 0) - math.log(batch_size) - z
-                    z = log_z(step_target, prompt)
-                    batch.log_z = z
+                if spec.learns_log_z and step == 0 and micro == 0:
+                    batch.log_z = log_z.start_at_estimate(batch, step_target, prompt)
                 loss = spec.loss(batch)
                 (loss / grad_accum).backward()
             policy.train(False)
@@ -370,13 +368,7 @@ def finetune(
             distinct.append(len({tuple(r) for r in tokens.tolist()}) / batch_size)
             modes.append(mode)
             drawn += int((tokens >= 0).sum())
-        if accelerator.num_processes > 1:
-            for p in trainable.parameters():
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, "mean")
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+        _update(optimizer, trainable, accelerator, grad_clip)
         record = {"step": step + 1, "loss": sum(losses) / grad_accum, "log_r": sum(rewards) / grad_accum,
                   "diversity": sum(distinct) / grad_accum, "tokens": drawn, "modes": modes, "reward_temperature": tau,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
@@ -400,6 +392,33 @@ def finetune(
         plot_training(history, plot_path, title=f"{objective} on {targets[0].model.name}",
                       metrics=("loss", "log_r", "diversity"))
     return policy
+
+
+def _demonstration_data(data, objective: str, n_targets: int) -> dict[int, Sequence[Sequence[int]]]:
+    """``finetune(data=...)`` as {target index: token sequences}, checked."""
+    demo_data = {} if not data else dict(data) if isinstance(data, Mapping) else {0: data}
+    if objective == "sft" and not any(demo_data.values()):
+        raise ValueError("objective='sft' trains on demonstrations: give data=[token sequences]")
+    if any(not 0 <= k < n_targets for k in demo_data):
+        raise ValueError(f"data keys are target indices in [0, {n_targets}), got {sorted(demo_data)}")
+    return demo_data
+
+
+def _scored_demonstrations(target: Target, rows: Sequence[Sequence[int]], tool: Tool | None, every_prefix: bool,
+                           min_log_reward: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Demonstrations as padded tokens (cut at the horizon), their log R and tool mask."""
+    tokens = pad([list(d)[: target.max_new_tokens] for d in rows], target.max_new_tokens)
+    return (tokens, *scored_batch(target, tokens, tool, every_prefix, min_log_reward))
+
+
+def _update(optimizer: torch.optim.Optimizer, trainable: nn.Module, accelerator, grad_clip: float) -> None:
+    """Average gradients across processes (under ``accelerate launch``), clip their norm, step."""
+    if accelerator.num_processes > 1:
+        for p in trainable.parameters():
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, "mean")
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
 
 
 def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: ReplayBuffer, n: int,
