@@ -2,7 +2,6 @@
 
 import itertools
 import math
-import statistics
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ import pilm
 from pilm.evaluation.exact import enumerate_sampler
 from pilm.learning.objectives import PolicyBatch, subtb, tb
 from pilm.learning.policy_trainer import policy_batch, prefix_log_rewards, sample_trajectories
-from pilm.models import HFModel, LoRAPolicy
+from pilm.models import LoRAPolicy
 from pilm.models.tabular import TabularPolicy
 from pilm.potentials import FunctionPotential
 from pilm.twists.exact import optimal_log_psi

@@ -1,6 +1,5 @@
 """FUDGE: future discriminators (Yang & Klein 2021; SPECS A.5)."""
 
-import torch
 from torch import Tensor
 
 from .batch import TwistBatch, log1mexp

@@ -1,6 +1,5 @@
 """SIXO: twists by density-ratio estimation (Lawson et al. 2022; SPECS A.5)."""
 
-import torch
 from torch import Tensor
 from torch.nn.functional import logsigmoid
 
