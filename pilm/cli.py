@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-dropout", type=float, default=0.1)
     ft.add_argument("--explore", default=None, help="on-policy,tempered,replay probabilities (default per objective)")
     ft.add_argument("--reward-temperature", default="1.0", help="tau, or tau_start,tau_end annealed linearly")
-    ft.add_argument("--min-log-reward", type=float, default=-100.0)
+    ft.add_argument("--min-log-reward", type=float, default=-100.0,
+                    help="log eps: phi = 0 at a trajectory's end counts as eps (R = p0 max(phi, eps))")
     ft.add_argument("--checkpoint-every", type=int, default=50)
     ft.set_defaults(run=_run_finetune, out="policy")
     bnd = sub.add_parser("bounds", help="lower/upper bounds on log Z and KL both ways, per sampler and K")
