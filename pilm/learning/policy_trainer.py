@@ -272,11 +272,10 @@ def finetune(
     at ``min_log_reward`` = log eps, so phi = 0 there is a large finite penalty, not an
     infinite residual. The objectives then target sigma_eps ∝ p0 max(phi, eps), which is
     within total variation eps / (Z + eps) of sigma. (Flooring log R instead gives each of
-    the V^T strings of length T reward eps. At T = 30
-    they outweigh any Z by e^{200} or more, and the optimum becomes garbage: SubTB on the
-    arithmetic task collapsed so.) A prefix with phi = 0 that the trajectory went past is
-    left out of SubTB (see ``subtb``). Objectives that learn log Z start it at the first
-    batch's IS estimate.
+    the V^T strings of length T reward eps. At T = 30 they outweigh any Z by e^{200} or
+    more, and the optimum becomes garbage: SubTB on the arithmetic task collapsed so.) A
+    prefix with phi = 0 that the trajectory went past is left out of SubTB (see ``subtb``).
+    Objectives that learn log Z start it at the first batch's IS estimate.
 
     With ``checkpoint_dir``, a checkpoint (adapter, log Z, optimizer, RNG, replay buffers,
     history) is written every ``checkpoint_every`` steps and at the end, and resumed from:
