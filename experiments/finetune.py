@@ -198,8 +198,8 @@ def write_markdown(out: Path, model_name: str) -> str:
         path = out / f"results_{slug}.jsonl"
         if path.exists():
             rows = [json.loads(x) for x in path.read_text().splitlines()]
-            caption, head, body = table(rows, rows[0]["config"], model_name)
-            sections.append("\n".join([caption, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|", *body]))
+            caption, lines = table(rows, rows[0]["config"], model_name)
+            sections.append("\n".join([caption, "", *lines]))
     text = "\n\n".join(sections) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -209,9 +209,9 @@ def _random_number_table(rows, c, model_name):
     return (f"Random integer 0-100 on {model_name}, few-shot chat prompt. Each fine-tuned method: LoRA rank "
             f"{c['lora_rank']}, {c['steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}. "
             "Exact scores over the 101 valid answers.",
-            ["method", "valid (q mass)", "KL(q(·\\|valid) ‖ uniform)", "KL(uniform ‖ q)", "training (s)"],
+            _lines(["method", "valid (q mass)", "KL(q(·\\|valid) ‖ uniform)", "KL(uniform ‖ q)", "training (s)"],
             [f"| {r['method']} | {100 * r['valid']:.1f}% | {r['kl_valid']:.3f} | {r['kl_uniform_q']:.3f} | "
-             f"{r['train_seconds']:.0f} |" for r in rows])
+             f"{r['train_seconds']:.0f} |" for r in rows]))
 
 
 def _arithmetic_table(rows, c, model_name):
@@ -219,29 +219,33 @@ def _arithmetic_table(rows, c, model_name):
             f"worked rationales (SFT's data) and {c['homework']} with answers only; LoRA rank {c['lora_rank']}, "
             f"{c['arithmetic_steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}. Accuracy of "
             f"the greedy rationale on {c['test']} held-out questions per column.",
-            ["method", "accuracy, 3-4 operands (in distribution)", "accuracy, 5 operands (OOD)", "training (s)"],
+            _lines(["method", "accuracy, 3-4 operands (in distribution)", "accuracy, 5 operands (OOD)", "training (s)"],
             [f"| {r['method']} | {100 * r['accuracy_in']:.0f}% | {100 * r['accuracy_out']:.0f}% | "
-             f"{r['train_seconds']:.0f} |" for r in rows])
+             f"{r['train_seconds']:.0f} |" for r in rows]))
 
 
 def _continuation_table(rows, c, model_name):
     return (f"Next sentence after {len(PROMPTS)} openings on {model_name}, {c['n']} completions per opening "
             f"(stop at '.', at most 20 tokens), averaged over openings. SubTB: one LoRA policy for all openings, "
             f"{c['continuation_steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}.",
-            ["decoder", "best log p0", "mean log p0", "distinct", "pairwise edit distance", "ends at '.'"],
+            _lines(["decoder", "best log p0", "mean log p0", "distinct", "pairwise edit distance", "ends at '.'"],
             [f"| {r['method']} | {r['max_log_p']:.1f} | {r['mean_log_p']:.1f} | {100 * r['distinct']:.0f}% | "
-             f"{r['pairwise_edit']:.2f} | {100 * r['finished']:.0f}% |" for r in rows])
+             f"{r['pairwise_edit']:.2f} | {100 * r['finished']:.0f}% |" for r in rows]))
 
 
 def _infilling_table(rows, c, model_name):
     from bounds import gap_summary  # experiments/bounds.py, next to this script
 
-    head, _, *body = gap_summary(rows)
     trained = next(r["train_seconds"] for r in rows if r["sampler"] == "subtb")
     return (f"Infilling on {model_name} (the setting of docs/bounds: 8 new tokens, a 4-token ending sampled from the "
             f"joint per seed, 5 seeds). SubTB: one policy for 60 endings, told the ending by its prompt, "
             f"{c['infilling_steps']} steps x batch 16, lr {c['lr']} ({trained:.0f} s). Gap = upper - lower bound on "
-            "log Z.", [x.strip() for x in head.strip("|").split("|")], body)
+            "log Z.", gap_summary(rows))
+
+
+def _lines(head: list[str], body: list[str]) -> list[str]:
+    """A markdown table's lines: the header, its rule, then the body rows."""
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|", *body]
 
 
 TABLES = {"random_number": _random_number_table, "arithmetic": _arithmetic_table,
