@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import TooLargeError
+from .models.base import decode_step
 from .target import Target
 
 MAX_SEQUENCES = 2_000_000
@@ -56,17 +57,15 @@ class Enumeration:
         return float((q[on] * (self.log_q[on] - self.log_sigma[on])).sum())
 
 
-def enumerate_target(
-    target: Target, *, twist=None, proposal_beta: float = 1.0, max_sequences: int = MAX_SEQUENCES
-) -> Enumeration:
+def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_SEQUENCES) -> Enumeration:
     """All completions of ``target`` with their log p0 and log phi (see module docstring);
-    with ``twist``, also log q(s) of the twist-induced proposal q ∝ p0 psi^proposal_beta
-    that ``pilm.smc(..., twist=twist)`` samples from."""
-    from .inference.smc import proposal_log_probs  # a pure function; imported late to keep layers one-way
-
+    with ``proposal`` (a ``pilm.proposals.Proposal``, stepped like a sampler steps it), also
+    log q(s) of that proposal (``pilm.exact.enumerate_target(twist=...)`` builds the
+    twist-induced one that ``pilm.smc(..., twist=twist)`` samples from)."""
     model, horizon, eos = target.model, target.max_new_tokens, target.stop_token_id
-    condition = twist.condition_for(target) if twist is not None else None
     state = model.start(target.prompt_ids, 1)
+    if proposal is not None:
+        proposal.begin([target], 1)
     prefixes: list[tuple[int, ...]] = [()]
     prefix_lp = torch.zeros(1, dtype=torch.float64)
     prefix_lq = torch.zeros(1, dtype=torch.float64)
@@ -74,11 +73,11 @@ def enumerate_target(
     done_lp: list[Tensor] = []
     done_lq: list[Tensor] = []
     for t in range(1, horizon + 1):
-        lp = prefix_lp[:, None] + state.logprobs.double()
-        if twist is not None:
+        lp = prefix_lp[:, None] + state.logprobs.double().cpu()
+        if proposal is not None:
             with torch.no_grad():
-                log_psi = twist.log_psi(prefixes if twist.needs_prefixes else None, state.hidden, condition)
-            lq = prefix_lq[:, None] + proposal_log_probs(state.logprobs, log_psi.float(), proposal_beta).double()
+                log_q = proposal.propose(state, prefixes if proposal.needs_prefixes else None).log_q
+            lq = prefix_lq[:, None] + log_q.double().cpu()
         parent, token = torch.isfinite(lp).nonzero(as_tuple=True)
         if len(done_tokens) + len(parent) > max_sequences:
             raise TooLargeError(
@@ -93,17 +92,17 @@ def enumerate_target(
         for i in finished.nonzero().squeeze(1).tolist():
             done_tokens.append(prefixes[par[i]] + (tok[i],))
         done_lp.append(lp[parent[finished], token[finished]])
-        if twist is not None:
+        if proposal is not None:
             done_lq.append(lq[parent[finished], token[finished]])
         keep = ~finished
         if not keep.any():
             break
         prefixes = [prefixes[par[i]] + (tok[i],) for i in keep.nonzero().squeeze(1).tolist()]
         prefix_lp = lp[parent[keep], token[keep]]
-        if twist is not None:
+        if proposal is not None:
             prefix_lq = lq[parent[keep], token[keep]]
-        state = model.advance(model.reindex(state, parent[keep]), token[keep])
+        state = decode_step(model, state, parent[keep], token[keep], *([proposal] if proposal is not None else []))
     log_phi = torch.cat(
         [target.log_potential(done_tokens[i : i + _POTENTIAL_BATCH]).double() for i in range(0, len(done_tokens), _POTENTIAL_BATCH)]
     )
-    return Enumeration(done_tokens, torch.cat(done_lp), log_phi, torch.cat(done_lq) if twist is not None else None)
+    return Enumeration(done_tokens, torch.cat(done_lp), log_phi, torch.cat(done_lq) if proposal is not None else None)

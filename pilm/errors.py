@@ -13,6 +13,10 @@ class ImpossibleTargetError(PilmError):
     """Every particle has zero weight: the potential rules out everything that was proposed."""
 
 
+class ExtinctionWarning(UserWarning):
+    """Every particle of a run died, by chance as far as pilm can tell: the run estimates Z-hat = 0."""
+
+
 class PotentialError(PilmError, ValueError):
     """A potential broke its contract (NaN, +inf, wrong shape)."""
 

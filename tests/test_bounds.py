@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pilm
-from pilm.enumeration import enumerate_target
+from pilm.evaluation.exact import enumerate_target
 from pilm.potentials import FunctionPotential
 
 from .conftest import mean_and_se

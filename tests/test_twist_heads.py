@@ -77,7 +77,7 @@ def test_lora_body_twist_steps_in_lock_step_and_trains(tmp_path, target, tiny):
     trace_twist = pilm.twists.LoRATwist(tiny, rank=2, kind="linear")
     trace_twist.load_state_dict(twist.state_dict())
     tokens = batch.tokens
-    trace_twist.begin(target, 3)
+    trace_twist.begin([target], 3)
     for t in range(tokens.shape[1]):
         stepped.append(trace_twist.log_psi(None, None))
         trace_twist.advance(tokens[:, t].clamp(min=0))

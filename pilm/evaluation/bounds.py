@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RejectionBudgetError
-from ..inference.proposals import ModelProposal
+from ..proposals import ModelProposal
 from ..inference.rejection import rejection_sample
 from ..inference.result import SMCResult
 from ..inference.smc import run_smc

@@ -9,10 +9,25 @@ import dataclasses
 
 import torch
 
-from ..enumeration import MAX_SEQUENCES, Enumeration, enumerate_target
+from .. import enumeration
+from ..enumeration import MAX_SEQUENCES, Enumeration
+from ..proposals import Proposal, TwistProposal
 from ..target import Target
+from ..twists.base import TwistFunction
 
 __all__ = ["MAX_SEQUENCES", "Enumeration", "distribution", "enumerate_sampler", "enumerate_target", "log_z", "sample"]
+
+
+def enumerate_target(target: Target, *, twist: TwistFunction | None = None, proposal_beta: float = 1.0,
+                     proposal: Proposal | None = None, max_sequences: int = MAX_SEQUENCES) -> Enumeration:
+    """Every completion of ``target`` with log p0 and log phi; with ``twist``, also log q(s) of
+    the twist-induced proposal q ∝ p0 psi^proposal_beta that ``pilm.smc(..., twist=twist)``
+    samples from (or of any ``proposal``), so ``kl_q_sigma()`` and ``kl_sigma_q()`` are exact."""
+    if twist is not None:
+        if proposal is not None:
+            raise ValueError("give either a twist or a proposal, not both")
+        proposal = TwistProposal(twist, proposal_beta)
+    return enumeration.enumerate_target(target, proposal=proposal, max_sequences=max_sequences)
 
 
 def log_z(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> float:

@@ -1,7 +1,7 @@
 """Monte Carlo samplers of sigma."""
 
 from .search import Hypothesis, beam_search
-from .proposals import ModelProposal
+from ..proposals import ModelProposal
 from .rejection import RejectionResult, rejection_sample
 from .resampling import SCHEMES, ess, get_scheme
 from .result import SMCResult, read_jsonl

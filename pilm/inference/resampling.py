@@ -5,7 +5,8 @@ Each returns ``n`` ancestor indices whose offspring counts have expectation
 i.i.d.; stratified and systematic invert the CDF at one uniform per stratum / one shared
 uniform (lower variance; systematic is the usual default); residual keeps floor(n w)
 copies deterministically and draws the rest multinomially. *Whether* to resample is
-decided elsewhere (``ess``).
+decided elsewhere (``ess``). Weights and indices live on the CPU; the random numbers come
+from ``generator`` on whatever device it is.
 """
 
 from __future__ import annotations
@@ -37,17 +38,25 @@ def _invert_cdf(w: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=len(w) - 1)
 
 
+def _uniform(n: int, generator: torch.Generator) -> Tensor:
+    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+
+
+def _categorical(w: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    return torch.multinomial(w.to(generator.device), n, replacement=True, generator=generator).cpu()
+
+
 def multinomial(log_weights: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    return torch.multinomial(normalized(log_weights), n, replacement=True, generator=generator)
+    return _categorical(normalized(log_weights), n, generator)
 
 
 def stratified(log_weights: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
+    u = (torch.arange(n, dtype=torch.float64) + _uniform(n, generator)) / n
     return _invert_cdf(normalized(log_weights), u)
 
 
 def systematic(log_weights: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    u = (torch.arange(n, dtype=torch.float64) + torch.rand(1, generator=generator, dtype=torch.float64)) / n
+    u = (torch.arange(n, dtype=torch.float64) + _uniform(1, generator)) / n
     return _invert_cdf(normalized(log_weights), u)
 
 
@@ -59,7 +68,7 @@ def residual(log_weights: Tensor, n: int, generator: torch.Generator) -> Tensor:
     if rest == 0:
         return kept
     leftover = n * w - counts
-    drawn = torch.multinomial(leftover / leftover.sum(), rest, replacement=True, generator=generator)
+    drawn = _categorical(leftover / leftover.sum(), rest, generator)
     return torch.cat([kept, drawn])
 
 

@@ -1,296 +1,312 @@
-"""Sequential Monte Carlo over token sequences, all particles batched.
+"""Sequential Monte Carlo over token sequences, every particle of every target in one batch.
 
 Target sigma(s) ∝ p0(s | x) phi(s). Step t targets pi_t(s_{1:t}) ∝ p0(s_{1:t}) psi_t(s_{1:t})
 with psi_t the twist if one is given, else the potential's prefix score (1 if it has none),
 psi_0 = 1, and psi = phi at a particle's last token (s_t = EOS or t = T). A twist replaces
 the prefix score rather than multiplying it: the optimal twist E[phi | s_{1:t}] already
-accounts for everything the prefix says, and only then are the weights constant. A particle drawing
-s_t from the proposal q gets the incremental weight (``incremental_log_weight``)
+accounts for everything the prefix says, and only then are the weights constant. A particle
+drawing s_t from the proposal q gets the incremental weight (``pilm.proposals.weights``)
 
     alpha_t = p0(s_t | s_{<t}) psi_t(s_{1:t}) / ( psi_{t-1}(s_{<t}) q(s_t | s_{<t}) )
 
-and finished particles keep their weight. Proposals: the base model (q = p0, so
-alpha_t = psi_t / psi_{t-1}), or the twist-induced q(v) ∝ p0(v) psi_t(s_{<t}, v)^beta
-computed for all V tokens from the same forward pass; with beta = 1 its weight
-sum_v p0(v) psi_t(s_{<t}, v) / psi_{t-1} does not depend on the drawn token (Zhao et al.
-2024). At the last token the proposal still uses the learned psi_T; the weight uses phi. When the ESS falls below
-``ess_threshold * N`` the particles are resampled, the log-mean weight is added to log Z-hat
-and the weights reset; at the end log Z-hat += log mean_k w_k. Z-hat is unbiased for Z
-(SPECS A.2; adaptive resampling keeps this). ``ess_threshold=0`` never resamples
-(sequential importance sampling); ``1.0`` resamples at every step.
+and finished particles keep their weight. Proposals (``pilm.proposals``): the base model
+(q = p0, so alpha_t = psi_t / psi_{t-1}), the twist-induced q(v) ∝ p0(v) psi_t(s_{<t}, v)^beta
+computed for all V tokens from the same forward pass (with beta = 1 its weight does not
+depend on the drawn token, Zhao et al. 2024), or another model. At the last token the
+proposal still uses the learned psi_T; the weight uses phi. When a target's ESS falls below
+``ess_threshold * N`` its particles are resampled, the log-mean weight is added to its
+log Z-hat and the weights reset; at the end log Z-hat += log mean_k w_k. Z-hat is unbiased
+for Z (SPECS A.2; adaptive resampling keeps this). ``ess_threshold=0`` never resamples
+(sequential importance sampling); ``1`` resamples at every step.
 
-One model forward per step for all active particles; after resampling the KV cache is
-reindexed (rows copied), never recomputed; finished particles leave the batch.
+One model forward per step for all running particles of all targets; after resampling
+the KV cache is reindexed (rows copied), never recomputed; finished particles leave the
+batch. The step itself is ``pilm.inference.particles.smc_step``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ImpossibleTargetError
+from ..enumeration import enumerate_target
+from ..errors import ExtinctionWarning, ImpossibleTargetError, TooLargeError
+from ..models.base import LanguageModel
+from ..proposals import Proposal, incremental_log_weight, log_mean_exp, make_proposal
+from ..proposals import twisted_log_q as proposal_log_probs
 from ..target import Target
 from ..twists.base import TwistFunction
-from ..models.base import LanguageModel
-from .proposals import ModelProposal
-from .resampling import Scheme, ess, get_scheme, multinomial
+from .particles import Particles, Resampling, StepInfo, smc_step
+from .resampling import Scheme, get_scheme
 from .result import SMCResult
 from .trace import Trace
 
-Proposal = Literal["base", "twist"]
+__all__ = ["importance_sample", "incremental_log_weight", "proposal_log_probs", "run_smc", "smc"]
 
-
-def incremental_log_weight(log_p0: Tensor, log_psi_new: Tensor, log_psi_prev: Tensor, log_q: Tensor) -> Tensor:
-    """log alpha_t = log p0(s_t | s_{<t}) + log psi_t(s_{1:t}) - log psi_{t-1}(s_{<t}) - log q(s_t | s_{<t}).
-
-    A particle already at weight 0 (psi_{t-1} = 0) stays at 0 instead of becoming NaN.
-    """
-    incr = log_p0.double() + log_psi_new.double() - log_psi_prev.double() - log_q.double()
-    return torch.where(torch.isneginf(log_psi_prev), torch.zeros_like(incr), incr)
-
-
-def proposal_log_probs(log_p0: Tensor, log_psi: Tensor | None, beta: float = 1.0) -> Tensor:
-    """log q(v | s_{<t}) ∝ log p0(v | s_{<t}) + beta log psi_t(s_{<t}, v), normalised over v
-    (rows where every token has psi = 0 fall back to p0: their weight is 0 anyway)."""
-    if log_psi is None or beta == 0:
-        return log_p0
-    logits = log_p0 + beta * log_psi
-    dead = torch.isneginf(logits).all(-1, keepdim=True)
-    return torch.log_softmax(torch.where(dead, log_p0, logits), dim=-1)
+Extinction = Literal["warn", "raise", "return"]
+Targets = Target | Sequence[Target]
 
 
 def smc(
-    target: Target,
+    target: Targets,
     n_particles: int,
     *,
     twist: TwistFunction | None = None,
-    proposal: Proposal | LanguageModel | ModelProposal | None = None,
+    proposal: str | LanguageModel | Proposal | None = None,
     proposal_beta: float = 1.0,
     resample: str | Scheme = "systematic",
     ess_threshold: float = 0.5,
     seed: int = 0,
     progress: bool = True,
-    on_extinction: Literal["raise", "return"] = "raise",
-    reference: Sequence[int] | None = None,
-) -> SMCResult:
+    on_extinction: Extinction = "warn",
+    reference: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+    max_rows: int | None = None,
+) -> SMCResult | list[SMCResult]:
     """Run SMC on ``target`` with ``n_particles`` particles (see the module docstring).
+
+    ``target`` may be a list of targets sharing one model (any prompts, horizons and
+    potentials): all their particles advance in one forward per token and one result per
+    target comes back, in order. When the rows would not fit the device's memory (or
+    ``max_rows``), the targets run in chunks that fit; each target draws from its own
+    generator (seeded from ``seed`` and its index), so chunking does not change the results.
 
     ``twist=None`` is plain (bootstrap) SMC. With a twist, ``proposal="twist"`` (default)
     proposes from q ∝ p0 psi^proposal_beta (twisted SMC; ``proposal_beta`` < 1 tempers
     towards p0 for exploration), ``proposal="base"`` from p0 with twisted weights. A
-    ``LanguageModel`` (or ``ModelProposal``) as ``proposal`` samples from that model instead
-    (e.g. a fine-tuned policy), weighted by p0 phi / q.
+    ``LanguageModel`` (or any ``pilm.proposals.Proposal``, e.g. ``ModelProposal``) as
+    ``proposal`` samples from that instead (e.g. a fine-tuned policy), weighted by p0 phi / q.
 
-    ``reference`` (token ids of a complete sequence) runs *conditional* SMC: particle 0 is
-    forced to it and always survives resampling (its ancestors are kept; the other N-1
-    draw theirs multinomially from all N). With an exact sample of sigma as reference,
-    E[log Z-hat] >= log Z: the IWAE upper bound without resampling, the CSMC upper bound
-    with it (SPECS A.7).
+    ``reference`` (token ids of a complete sequence; for several targets, one per target or
+    ``None``) runs *conditional* SMC: particle 0 is forced to it and always survives
+    resampling (its ancestors are kept; the other N-1 draw theirs multinomially from all N).
+    With an exact sample of sigma as reference, E[log Z-hat] >= log Z: the IWAE upper bound
+    without resampling, the CSMC upper bound with it (SPECS A.7).
 
-    Randomness comes only from a ``torch.Generator`` seeded with ``seed``: equal seeds give
-    identical runs. If every particle reaches weight 0, ``on_extinction="raise"`` raises
-    ``ImpossibleTargetError`` naming the step; ``"return"`` returns the run with
-    log_z = -inf (Z-hat = 0, which is what keeps Z-hat unbiased when that can happen by
-    chance, e.g. when estimating bounds).
+    Randomness comes only from generators on the model's device seeded from ``seed``: equal
+    seeds give identical runs on the same machine. If every particle of a target reaches
+    weight 0 (extinction), ``on_extinction="warn"`` (default) returns that target's run with
+    log_z = -inf (Z-hat = 0, which is what a satisfiable target estimates when this happens by
+    chance, and what keeps Z-hat unbiased) and an ``ExtinctionWarning`` naming the step, the
+    share of particles that died there and what to try; it raises ``ImpossibleTargetError``
+    only where the target is shown impossible (every first token has psi = 0, or exact
+    enumeration of a small target gives Z = 0), saying how it knows. ``"raise"`` always
+    raises, ``"return"`` always returns without a warning.
     """
-    generator = torch.Generator().manual_seed(seed)
-    return run_smc(
-        target, n_particles, generator, twist=twist, proposal=proposal, proposal_beta=proposal_beta,
-        resample=resample, ess_threshold=ess_threshold, use_prefix=True, progress=progress,
-        on_extinction=on_extinction, reference=reference, info={"seed": seed},
-    )
+    targets, single = _as_list(target)
+    generators = seeded_generators(seed, len(targets), targets[0].model.device)
+    out = run_smc(targets, n_particles, generators, twist=twist, proposal=proposal, proposal_beta=proposal_beta,
+                  resample=resample, ess_threshold=ess_threshold, progress=progress, on_extinction=on_extinction,
+                  reference=[reference] if single and reference is not None else reference, info={"seed": seed},
+                  max_rows=max_rows)
+    return out[0] if single else out
 
 
 def importance_sample(
-    target: Target, n: int, *, seed: int = 0, progress: bool = False,
-    on_extinction: Literal["raise", "return"] = "raise",
-) -> SMCResult:
+    target: Targets, n: int, *, seed: int = 0, progress: bool = False, on_extinction: Extinction = "warn",
+    max_rows: int | None = None,
+) -> SMCResult | list[SMCResult]:
     """Sequential importance sampling with the base model as proposal.
 
     s^k ~ p0(. | x) i.i.d., log w^k = log phi(s^k), log Z-hat = log (1/n) sum_k w^k
     (unbiased in Z; the IWAE bound in log space). Prefix scores of the potential are not
-    used. ``on_extinction`` as in ``smc``.
+    used. A list of targets runs as one batch, as in ``smc``; ``on_extinction`` as there.
     """
-    generator = torch.Generator().manual_seed(seed)
-    return run_smc(
-        target, n, generator, ess_threshold=0.0, use_prefix=False, progress=progress,
-        on_extinction=on_extinction, info={"seed": seed},
-    )
+    targets, single = _as_list(target)
+    generators = seeded_generators(seed, len(targets), targets[0].model.device)
+    out = run_smc(targets, n, generators, ess_threshold=0.0, use_prefix=False, progress=progress,
+                  on_extinction=on_extinction, info={"seed": seed}, max_rows=max_rows)
+    return out[0] if single else out
 
 
 def run_smc(
-    target: Target,
+    target: Targets,
     n: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     *,
     twist: TwistFunction | None = None,
-    proposal: Proposal | LanguageModel | ModelProposal | None = None,
+    proposal: str | LanguageModel | Proposal | None = None,
     proposal_beta: float = 1.0,
     resample: str | Scheme = "systematic",
     ess_threshold: float = 0.5,
     use_prefix: bool = True,
     progress: bool = False,
-    on_extinction: Literal["raise", "return"] = "raise",
+    on_extinction: Extinction = "warn",
     trace: Trace | None = None,
-    reference: Sequence[int] | None = None,
+    reference: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
     info: dict | None = None,
-) -> SMCResult:
-    """The SMC loop behind ``smc`` and ``importance_sample``, with an explicit generator.
+    max_rows: int | None = None,
+) -> SMCResult | list[SMCResult]:
+    """The SMC loop behind ``smc`` and ``importance_sample``, with explicit generators (one,
+    or one per target). ``trace`` (one target, no resampling) records per-step tensors for
+    twist training. Returns a result, or a list for a list of targets."""
+    targets, single = _as_list(target)
+    generators = list(generator) if isinstance(generator, Sequence) else [generator] + seeded_generators(
+        generator.initial_seed(), len(targets), generator.device)[1:]
+    references = _references(targets, [reference] if single and reference is not None else reference, resample)
+    prop = make_proposal(twist, proposal, proposal_beta)
+    _check(targets, n, ess_threshold, on_extinction, trace, generators)
+    resampling = Resampling(get_scheme(resample), ess_threshold, conditional=references is not None)
+    results = []
+    for chunk in _chunks(targets, n, max_rows):
+        refs = [references[g] for g in chunk] if references is not None else None
+        batch = [targets[g] for g in chunk]
+        particles, steps, seconds = _sequential_monte_carlo(
+            batch, n, [generators[g] for g in chunk], prop, resampling, use_prefix, refs, trace, on_extinction,
+            progress)
+        meta = {**(info or {}), "resample": getattr(resampling.scheme, "__name__", str(resample)),
+                "ess_threshold": ess_threshold, "proposal": prop.name, "reference": references is not None,
+                "seconds": seconds, "batch_targets": len(batch)}
+        results += [_result(particles, steps, g, tg, meta) for g, tg in enumerate(batch)]
+    return results[0] if single else results
 
-    ``trace`` (only without resampling) records per-step tensors for twist training.
-    """
-    if isinstance(proposal, LanguageModel):
-        proposal = ModelProposal(proposal)
-    proposal = proposal or ("twist" if twist is not None else "base")
-    model_proposal = proposal if isinstance(proposal, ModelProposal) else None
-    if model_proposal is not None and twist is not None:
-        raise ValueError("give either a twist or a model proposal, not both")
-    if model_proposal is None and proposal not in ("base", "twist"):
-        raise ValueError(f"proposal must be 'base', 'twist' or a LanguageModel, got {proposal!r}")
-    if proposal == "twist" and twist is None:
-        raise ValueError("proposal='twist' needs a twist")
-    if reference is not None:
-        reference = [int(v) for v in reference]
-        if not reference or len(reference) > target.max_new_tokens or not target.is_complete(reference):
-            raise ValueError(
-                f"the reference must be a complete sequence (ending at EOS or with exactly "
-                f"max_new_tokens={target.max_new_tokens} tokens), got {len(reference)} tokens"
-            )
-        if resample not in ("multinomial", "systematic"):
-            raise ValueError("conditional SMC resamples the free particles multinomially; leave resample at its default")
-    if trace is not None and ess_threshold > 0:
-        raise ValueError("a trace needs ess_threshold=0 (no resampling)")
-    if n < 1:
-        raise ValueError(f"need at least one particle, got {n}")
-    if not 0.0 <= ess_threshold <= 1.0:
-        raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
-    if on_extinction not in ("raise", "return"):
-        raise ValueError(f"on_extinction must be 'raise' or 'return', got {on_extinction!r}")
-    scheme = get_scheme(resample)
-    extinct_at = None
-    model, horizon, eos = target.model, target.max_new_tokens, target.stop_token_id
-    prefix = use_prefix and target.has_prefix_potential and twist is None
+
+@torch.no_grad()
+def _sequential_monte_carlo(targets, n, generators, proposal, resampling, use_prefix, references, trace,
+                            on_extinction, progress) -> tuple[Particles, list[StepInfo], float]:
+    """Algorithm 1 of Zhao et al. 2024 for every target at once: step until every particle
+    has ended; Z-hat, ESS and ancestry are read off the particles and the steps."""
     started = time.perf_counter()
-
-    tokens = torch.full((n, horizon), -1, dtype=torch.long)
-    length = torch.zeros(n, dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
-    log_w = torch.zeros(n, dtype=torch.float64)
-    log_psi = torch.zeros(n, dtype=torch.float64)  # log psi_{t-1} of each particle's prefix
-    log_z = 0.0
-    ess_trace: list[float] = []
-    resampled_at: list[int] = []
-    ancestry: list[list[int]] = []
-
-    condition = twist.condition_for(target) if twist is not None else None
-    state = model.start(target.prompt_ids, n)
-    followers = [f for f in (twist, model_proposal) if f is not None and f.stateful]  # step with the model
-    for f in followers:
-        f.begin(target, n)
-    rows = torch.arange(n)  # particles that own the model's rows, in row order
-    for t in tqdm(range(1, horizon + 1), desc="smc", unit="tok", disable=not progress, leave=False):
-        log_twist = None
-        if twist is not None:
-            prefixes = [tuple(p) for p in tokens[rows, : t - 1].tolist()] if twist.needs_prefixes else None
-            with torch.no_grad():
-                log_twist = twist.log_psi(prefixes, state.hidden, condition).float()
-        if model_proposal is not None:
-            log_q = model_proposal.log_q()
-        else:
-            log_q = proposal_log_probs(state.logprobs, log_twist, proposal_beta if proposal == "twist" else 0.0)
-        drawn = torch.multinomial(log_q.exp(), 1, generator=generator).squeeze(1)
-        if reference is not None and rows[0] == 0:  # the reference particle is still running
-            drawn[0] = reference[t - 1]
-        tokens[rows, t - 1] = drawn
-        length[rows] = t
-        finished = (drawn == eos) if eos is not None else torch.zeros_like(drawn, dtype=torch.bool)
-        if t == horizon:
-            finished[:] = True
-        pick = drawn.unsqueeze(1)
-        log_p0_drawn, log_q_drawn = state.logprobs.gather(1, pick).squeeze(1), log_q.gather(1, pick).squeeze(1)
-        twist_drawn = log_twist.gather(1, pick).squeeze(1) if log_twist is not None else None
-        new_psi = _log_psi_now(target, tokens[rows, :t], finished, twist_drawn, prefix)
-        log_w[rows] += incremental_log_weight(log_p0_drawn, new_psi, log_psi[rows], log_q_drawn)
-        log_psi[rows] = new_psi.double()
+    model, horizon = targets[0].model, max(t.max_new_tokens for t in targets)
+    particles = Particles.start(len(targets), n, horizon)
+    proposal.begin(targets, n)
+    state = model.start_many([t.prompt_ids for t in targets], n)
+    steps: list[StepInfo] = []
+    for _ in tqdm(range(horizon), desc="smc", unit="tok", disable=not progress, leave=False):
+        particles, state, step = smc_step(particles, state, proposal, generators, targets=targets,
+                                          resampling=resampling, use_prefix=use_prefix, references=references)
         if trace is not None:
-            trace.record(rows, state, drawn, log_p0_drawn, log_q_drawn, finished, new_psi)
-        done[rows[finished]] = True
-        if torch.isneginf(log_w).all():
-            if on_extinction == "return":
-                log_z, extinct_at = -math.inf, t
-                break
-            raise ImpossibleTargetError(
-                f"step {t}: all {n} particles have zero weight under potential {target.potential}: "
-                f"nothing the model proposed can satisfy it. Check that the constraint is satisfiable "
-                f"within max_new_tokens={horizon}, or use more particles."
-            )
-        ess_trace.append(ess(log_w))
-        parents = torch.arange(n)
-        if not done.all() and ess_trace[-1] < ess_threshold * n:
-            log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
-            if reference is None:
-                parents = scheme(log_w, n, generator)
-            else:
-                parents = torch.cat([torch.zeros(1, dtype=torch.long), multinomial(log_w, n - 1, generator)])
-            tokens, length, done, log_psi = tokens[parents], length[parents], done[parents], log_psi[parents]
-            log_w = torch.zeros(n, dtype=torch.float64)
-            resampled_at.append(t)
-        ancestry.append(parents.tolist())
-        if done.all():
+            trace.record(step)
+        for g in step.extinct.nonzero().squeeze(1).tolist():
+            _extinct(targets[g], step, int(step.died[g]), n, on_extinction)
+        steps.append(step)
+        if state is None:
             break
-        # Rows for the particles still running, taken from their parents' rows (cache reused).
-        row_of = torch.full((n,), -1, dtype=torch.long)
-        row_of[rows] = torch.arange(len(rows))
-        rows = (~done).nonzero().squeeze(1)
-        state = model.reindex(state, row_of[parents[rows]])
-        state = model.advance(state, tokens[rows, t - 1])
-        for f in followers:
-            f.reindex(row_of[parents[rows]])
-            f.advance(tokens[rows, t - 1])
+    return particles, steps, time.perf_counter() - started
 
-    log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
-    toks = [tokens[k, : length[k]].tolist() for k in range(n)]
+
+def _result(particles: Particles, steps: list[StepInfo], g: int, target: Target, meta: dict) -> SMCResult:
+    """Target g's run: its samples, final weights, log Z-hat, ESS and ancestry per step it ran."""
+    rows, n = particles.of(g), particles.n
+    ran = [(s, a) for s, a in zip(steps, particles.ancestry, strict=True) if not math.isnan(float(s.ess[g]))]
+    log_w = particles.log_w[rows]
+    log_z = float(particles.log_z[g] + log_mean_exp(log_w))
+    toks = [particles.tokens[k, : particles.lengths[k]].tolist() for k in range(rows.start, rows.stop)]
+    extinct = [s.t for s in steps if s.extinct[g]]
     return SMCResult(
-        samples=target.sequences(toks).texts,
-        tokens=toks,
-        log_weights=log_w.tolist(),
-        log_z=log_z,
-        ess=ess_trace,
-        resampled_at=resampled_at,
-        ancestry=ancestry,
-        method="smc" if ess_threshold > 0 else "is",
-        info={
-            **(info or {}),
-            "n_particles": n,
-            "resample": getattr(scheme, "__name__", str(resample)),
-            "ess_threshold": ess_threshold,
-            "max_new_tokens": horizon,
-            "potential": str(target.potential),
-            "model": model.name,
-            "proposal": proposal if isinstance(proposal, str) else proposal.name,
-            "reference": reference is not None,
-            "seconds": time.perf_counter() - started,
-            "extinct_at": extinct_at,
-        },
+        samples=target.sequences(toks).texts, tokens=toks, log_weights=log_w.tolist(),
+        log_z=-math.inf if extinct else log_z, ess=[float(s.ess[g]) for s, _ in ran],
+        resampled_at=[s.t for s, _ in ran if s.resampled[g]], ancestry=[(a[rows] - g * n).tolist() for _, a in ran],
+        method="smc" if meta["ess_threshold"] > 0 else "is",
+        info={**meta, "n_particles": n, "max_new_tokens": target.max_new_tokens, "potential": str(target.potential),
+              "model": target.model.name, "dtype": target.model.dtype_name, "extinct_at": extinct[0] if extinct else None},
     )
 
 
-def _log_psi_now(
-    target: Target, prefixes: Tensor, finished: Tensor, twist_drawn: Tensor | None, use_prefix: bool
-) -> Tensor:
-    """log psi_t(s_{1:t}) of the rows that just drew s_t: log phi where finished, else the
-    twist at the drawn token (if any) or the potential's prefix score (if used)."""
-    out = torch.zeros(len(prefixes), dtype=torch.float64)
-    if twist_drawn is not None:
-        out += twist_drawn.double()
-    if finished.any():
-        out[finished] = target.log_potential(prefixes[finished].tolist()).double()
-    if use_prefix and (~finished).any():
-        out[~finished] += target.log_prefix_potential(prefixes[~finished].tolist()).double()
+def _extinct(target: Target, step: StepInfo, died: int, n: int, policy: Extinction) -> None:
+    """Every particle of ``target`` has weight 0 after ``step``: raise, warn or say nothing."""
+    head = f"step {step.t}: all {n} particles have zero weight under potential {target.potential}"
+    if policy == "return":
+        return
+    if policy == "raise":
+        raise ImpossibleTargetError(
+            f"{head}: nothing the model proposed can satisfy it. Check that the constraint is satisfiable "
+            f"within max_new_tokens={target.max_new_tokens}, or use more particles.")
+    how = shown_impossible(target)
+    if how is not None:
+        raise ImpossibleTargetError(f"{head}, and the target is impossible: {how}")
+    warnings.warn(ExtinctionWarning(
+        f"{head} ({died} of {n}, {died / n:.0%}, died at this step), so this run estimates Z-hat = 0 "
+        f"(log_z = -inf). The target is not shown impossible; to sample it, use more particles, a potential "
+        f"with a prefix score (it kills hopeless prefixes early), or a twist."), stacklevel=4)
+
+
+def shown_impossible(target: Target, max_sequences: int = 10_000) -> str | None:
+    """How we know Z = 0 for ``target``, or ``None`` if we do not: exact enumeration of a
+    small target, or every one of the V first tokens with psi = 0 (phi = 0 where it ends)."""
+    try:
+        e = enumerate_target(target, max_sequences=max_sequences)
+        if math.isinf(e.log_z):
+            return f"exact enumeration of all {len(e.tokens):,} completions gives Z = 0"
+        return None
+    except TooLargeError:
+        pass
+    if not target.has_prefix_potential and target.max_new_tokens > 1:
+        return None
+    first = list(range(target.model.vocab_size))
+    ends = [v for v in first if v == target.stop_token_id or target.max_new_tokens == 1]
+    rest = [v for v in first if v not in set(ends)]
+    dead = all(torch.isneginf(target.log_potential([[v] for v in ends])).tolist())
+    dead = dead and all(torch.isneginf(target.log_prefix_potential([[v] for v in rest])).tolist())
+    return f"each of the {len(first):,} possible first tokens has psi = 0 (all checked)" if dead else None
+
+
+def seeded_generators(seed: int, m: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per target on ``device``: target 0's is seeded with ``seed`` itself
+    (a single target draws as it always did), target i's with a hash of (seed, i)."""
+    def seed_of(i: int) -> int:
+        digest = hashlib.blake2b(repr((seed, i)).encode(), digest_size=8).digest()
+        return seed if i == 0 else int.from_bytes(digest, "little") & (2**63 - 1)
+
+    return [torch.Generator(device=device).manual_seed(seed_of(i)) for i in range(m)]
+
+
+def _as_list(target: Targets) -> tuple[list[Target], bool]:
+    if isinstance(target, Target):
+        return [target], True
+    targets = list(target)
+    if not targets or not all(isinstance(t, Target) for t in targets):
+        raise TypeError("give a pilm.Target or a non-empty list of them")
+    if any(t.model is not targets[0].model for t in targets):
+        raise ValueError("targets sampled in one batch must share one model")
+    return targets, False
+
+
+def _references(targets: list[Target], reference, resample) -> list[list[int] | None] | None:
+    if reference is None:
+        return None
+    if len(reference) != len(targets):
+        raise ValueError(f"give one reference per target ({len(targets)}), got {len(reference)}")
+    out = []
+    for target, ref in zip(targets, reference, strict=True):
+        ref = None if ref is None else [int(v) for v in ref]
+        if ref is not None and (not ref or len(ref) > target.max_new_tokens or not target.is_complete(ref)):
+            raise ValueError(
+                f"the reference must be a complete sequence (ending at EOS or with exactly "
+                f"max_new_tokens={target.max_new_tokens} tokens), got {len(ref)} tokens")
+        out.append(ref)
+    if resample not in ("multinomial", "systematic"):
+        raise ValueError("conditional SMC resamples the free particles multinomially; leave resample at its default")
     return out
+
+
+def _check(targets, n, ess_threshold, on_extinction, trace, generators) -> None:
+    if trace is not None and (ess_threshold > 0 or len(targets) > 1):
+        raise ValueError("a trace needs one target and ess_threshold=0 (no resampling)")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"need at least one particle, got {n!r}")
+    if not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
+    if on_extinction not in ("warn", "raise", "return"):
+        raise ValueError(f"on_extinction must be 'warn', 'raise' or 'return', got {on_extinction!r}")
+    if len(generators) != len(targets):
+        raise ValueError(f"give one generator per target ({len(targets)}), got {len(generators)}")
+
+
+def _chunks(targets: list[Target], n: int, max_rows: int | None) -> list[list[int]]:
+    """Consecutive groups of target indices whose n rows each fit ``max_rows`` (default: what
+    the model's device has room for)."""
+    if max_rows is None:
+        length = max(len(t.prompt_ids) + t.max_new_tokens for t in targets) + 1
+        max_rows = targets[0].model.max_rows(length)
+    if max_rows is not None and n > max_rows:
+        raise ValueError(f"{n} particles of one target do not fit: at most {max_rows} rows fit in the device's "
+                         "memory (max_rows); use fewer particles or a shorter horizon")
+    per = len(targets) if max_rows is None else max(1, max_rows // n)
+    return [list(range(i, min(i + per, len(targets)))) for i in range(0, len(targets), per)]

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..models.base import ModelState
 
 
 @dataclass
@@ -25,12 +24,12 @@ class Trace:
 
     log_phi: dict[int, float] = field(default_factory=dict)
 
-    def record(
-        self, rows: Tensor, state: ModelState, drawn: Tensor, log_p0: Tensor, log_q: Tensor,
-        finished: Tensor, log_psi_now: Tensor,
-    ) -> None:
-        self.steps.append((rows.clone(), state.hidden, drawn, log_p0, log_q, state.logprobs if self.keep_logprobs else None))
-        for k, value in zip(rows[finished].tolist(), log_psi_now[finished].tolist()):
+    def record(self, step) -> None:
+        """Keep what ``step`` (a ``StepInfo``) drew, for the rows that drew it."""
+        rows, state, finished = step.rows, step.state, step.finished
+        self.steps.append((rows.clone(), state.hidden, step.drawn, step.log_p0, step.log_q,
+                           state.logprobs if self.keep_logprobs else None))
+        for k, value in zip(rows[finished].tolist(), step.log_psi_now[finished].tolist()):
             self.log_phi[k] = value  # at a particle's last token psi is phi
 
     def stacked(self, n: int) -> dict[str, Tensor]:
@@ -48,11 +47,11 @@ class Trace:
         if self.keep_logprobs:
             out["log_p0_all"] = torch.zeros(n, T, self.steps[0][5].shape[-1])
         for t, (rows, hidden, drawn, lp0, lq, lp0_all) in enumerate(self.steps):
-            out["hidden"][rows, t] = hidden.float()
+            out["hidden"][rows, t] = hidden.float().cpu()
             out["tokens"][rows, t] = drawn
             out["log_p0"][rows, t] = lp0.float()
             out["log_q"][rows, t] = lq.float()
             out["mask"][rows, t] = True
             if lp0_all is not None:
-                out["log_p0_all"][rows, t] = lp0_all
+                out["log_p0_all"][rows, t] = lp0_all.cpu()
         return out

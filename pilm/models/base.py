@@ -29,13 +29,15 @@ class ModelState:
     ``logprobs`` is log p0(next token | row's context), float32, shape (n, V).
     ``hidden`` is the last hidden state at the last position, float32, shape (n, H).
     ``cache`` is backend-specific and is consumed by ``advance``/``reindex``: after either
-    call, only the returned state is valid.
+    call, only the returned state is valid. ``mask`` marks the real (non-padding) cache
+    positions of each row when rows started from prompts of different lengths.
     """
 
     logprobs: Tensor
     hidden: Tensor
     cache: Any
     length: int
+    mask: Tensor | None = None  # (n, cache length): 0 at left padding (rows of prompts of unequal lengths)
 
     @property
     def n(self) -> int:
@@ -81,6 +83,19 @@ class LanguageModel(ABC):
     def start(self, prompt_ids: Tokens, n: int) -> ModelState:
         """Encode the prompt once and return ``n`` identical rows ready for the first token."""
 
+    def start_many(self, prompts: Sequence[Tokens], n: int) -> ModelState:
+        """``n`` rows for each prompt, prompt-major (rows ``i*n .. i*n+n-1`` continue prompt i),
+        each prompt encoded once. Backends override this for prompts that differ."""
+        prompts = [tuple(int(t) for t in p) for p in prompts]
+        if len(set(prompts)) != 1:
+            raise NotImplementedError(f"{type(self).__name__} cannot batch different prompts")
+        return self.start(prompts[0], n * len(prompts))
+
+    def max_rows(self, length: int) -> int | None:
+        """How many rows of ``length`` positions (prompt and completion) fit in the memory of
+        this model's device at once (``None``: no limit)."""
+        return None
+
     @abstractmethod
     def advance(self, state: ModelState, tokens: Tensor) -> ModelState:
         """Append ``tokens[i]`` to row i (one batched forward) and return the next-token state."""
@@ -125,3 +140,19 @@ class LanguageModel(ABC):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype the forward passes run in (recorded in every result)."""
+        return "float32"
+
+
+def decode_step(model: LanguageModel, state: ModelState, rows: Tensor, tokens: Tensor, *followers) -> ModelState:
+    """The batched decode step every sampler shares: keep rows ``rows`` of ``state``
+    (duplicates: resampling; fewer: finished rows leave; the KV cache is reindexed, never
+    recomputed) and append ``tokens[i]`` to row i in one forward. ``followers`` (proposals,
+    twists with a body of their own) are reindexed and advanced in lock-step."""
+    for f in followers:
+        f.reindex(rows)
+        f.advance(tokens)
+    return model.advance(model.reindex(state, rows), tokens)

@@ -76,6 +76,10 @@ class HFModel(LanguageModel):
     def dtype(self) -> torch.dtype:
         return self.hf.dtype
 
+    @property
+    def dtype_name(self) -> str:
+        return str(self.hf.dtype).removeprefix("torch.")
+
     # -- text <-> tokens ---------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
@@ -100,10 +104,17 @@ class HFModel(LanguageModel):
         return list(self.tokenizer(prompt).input_ids)
 
     # -- batched decoding --------------------------------------------------------------
-    def _forward(self, ids: Tensor, cache) -> tuple[Tensor, Tensor, object]:
+    def _forward(self, ids: Tensor, cache, mask: Tensor | None = None) -> tuple[Tensor, Tensor, object]:
+        """One forward of ``ids`` (rows, L) on ``cache``; with ``mask`` (rows, cache + L; 0 at
+        left padding) each row's positions count its real tokens only."""
         from transformers import DynamicCache
 
         cache = DynamicCache() if cache is None else cache
+        extra = {}
+        if mask is not None:
+            mask = mask.to(self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+            extra = {"attention_mask": mask, "position_ids": positions}
         with torch.no_grad():
             out = self._call(
                 input_ids=ids.to(self.device),
@@ -111,6 +122,7 @@ class HFModel(LanguageModel):
                 use_cache=True,
                 output_hidden_states=True,
                 logits_to_keep=1,
+                **extra,
             )
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return logprobs, out.hidden_states[-1][:, -1].float(), out.past_key_values
@@ -121,15 +133,45 @@ class HFModel(LanguageModel):
         state = ModelState(logprobs, hidden, cache, len(ctx))
         return self.reindex(state, torch.zeros(n, dtype=torch.long))
 
+    def start_many(self, prompts: Sequence[Tokens], n: int) -> ModelState:
+        """Prompts of different lengths are left-padded into one forward, with an attention
+        mask and per-row positions that the later steps extend, so every row computes what
+        its own prompt alone would (up to float rounding)."""
+        ctxs = [self.context(p) for p in prompts]
+        if len({tuple(c) for c in ctxs}) == 1:
+            return self.start(ctxs[0], n * len(ctxs))
+        width = max(map(len, ctxs))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_id or 0)
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctxs])
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctxs], device=self.device)
+        logprobs, hidden, cache = self._forward(ids, None, mask)
+        state = ModelState(logprobs, hidden, cache, width, mask)
+        return self.reindex(state, torch.arange(len(ctxs)).repeat_interleave(n))
+
     def advance(self, state: ModelState, tokens: Tensor) -> ModelState:
-        logprobs, hidden, cache = self._forward(tokens.view(-1, 1), state.cache)
-        return ModelState(logprobs, hidden, cache, state.length + 1)
+        mask = state.mask
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        logprobs, hidden, cache = self._forward(tokens.view(-1, 1), state.cache, mask)
+        return ModelState(logprobs, hidden, cache, state.length + 1, mask)
 
     def reindex(self, state: ModelState, idx: Tensor) -> ModelState:
-        if len(idx) == state.n and torch.equal(idx, torch.arange(state.n)):
+        if len(idx) == state.n and torch.equal(idx.cpu(), torch.arange(state.n)):
             return state
-        state.cache.reorder_cache(idx.to(self.device))
-        return ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length)
+        idx = idx.to(self.device)
+        state.cache.reorder_cache(idx)
+        mask = state.mask[idx] if state.mask is not None else None
+        return ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length, mask)
+
+    def max_rows(self, length: int) -> int:
+        """Rows whose KV cache (``length`` positions) and next-token tensors (a few copies of
+        the V log-probabilities) fit in half the device's free memory."""
+        cfg = self.hf.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv = 2 * cfg.num_hidden_layers * heads * head_dim * self.hf.dtype.itemsize * length
+        per_row = kv + 8 * self.vocab_size * 4 + 16 * cfg.hidden_size * 4
+        return max(1, int(0.5 * _free_memory(self.device) // per_row))
 
     def prefix_logprobs(self, prompt_ids: Tokens, tokens: Tensor) -> Tensor:
         """Teacher-forced: the context runs once (one row) and its KV cache is expanded to the
@@ -196,6 +238,18 @@ class HFModel(LanguageModel):
         pos = torch.arange(first, length)
         mask = (pos[None, :] >= torch.tensor(firsts)[:, None]) & (pos[None, :] < torch.tensor([len(s) for s in seqs])[:, None])
         return torch.where(mask, lp.cpu(), 0.0).sum(-1)
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's free memory, or the machine's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):  # not Linux
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _common_prefix_length(seqs: list[list[int]], cap: int) -> int:

@@ -105,6 +105,9 @@ class TabularLM(LanguageModel):
     def start(self, prompt_ids: Tokens, n: int) -> ModelState:
         return self._state([tuple(int(t) for t in prompt_ids)] * n)
 
+    def start_many(self, prompts: Sequence[Tokens], n: int) -> ModelState:
+        return self._state([tuple(int(t) for t in p) for p in prompts for _ in range(n)])
+
     def advance(self, state: ModelState, tokens: Tensor) -> ModelState:
         return self._state([p + (int(t),) for p, t in zip(state.cache, tokens.tolist(), strict=True)])
 

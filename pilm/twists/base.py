@@ -28,8 +28,8 @@ class TwistFunction(ABC):
     output: str = "log"  # "log_sigmoid": psi in (0, 1), as FUDGE needs
     stateful: bool = False  # runs its own LM body: the engine calls begin/advance/reindex
 
-    def begin(self, target, n: int) -> None:
-        """Start ``n`` rows on the target's prompt (stateful twists only)."""
+    def begin(self, targets, n: int) -> None:
+        """Start ``n`` rows on each target's prompt, target-major (stateful twists only)."""
 
     def advance(self, tokens: Tensor) -> None:
         """Append one token per row, in step with the model (stateful twists only)."""

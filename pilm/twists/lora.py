@@ -50,8 +50,8 @@ class LoRATwist(nn.Module, TwistFunction):
         self.history: list[dict] = []
 
     # -- stepping in lock-step with the model ------------------------------------------
-    def begin(self, target, n: int) -> None:
-        self._state = self.body.start(target.prompt_ids, n)
+    def begin(self, targets, n: int) -> None:
+        self._state = self.body.start_many([t.prompt_ids for t in targets], n)
 
     def advance(self, tokens: Tensor) -> None:
         self._state = self.body.advance(self._state, tokens)

@@ -14,14 +14,15 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from ..models.base import LanguageModel, ModelState
+from ..target import Target
+from ..twists.base import Prefixes
+from .base import Proposal, Proposed
 
 
-class ModelProposal:
-    """q = ``model`` given ``prompt`` (text or ids; ``None`` = the target's prompt; a function
-    of the target = a prompt per target, e.g. the ``policy_prompt`` a policy was fine-tuned
-    with)."""
-
-    stateful = True
+class ModelProposal(Proposal):
+    """q = ``model`` given ``prompt`` (text or ids; ``None`` = each target's own prompt; a
+    function of the target = a prompt per target, e.g. the ``policy_prompt`` a policy was
+    fine-tuned with)."""
 
     def __init__(self, model: LanguageModel, prompt: str | Sequence[int] | Callable | None = None, *,
                  chat: bool = False):
@@ -30,7 +31,7 @@ class ModelProposal:
         self.name = (model.name if prompt is None else f"{model.name} | prompt per target" if callable(prompt)
                      else f"{model.name} | prompt {prompt!r}")
 
-    def check_compatible(self, target) -> None:
+    def check_compatible(self, target: Target) -> None:
         if self.model is target.model:
             return
         same = self.model.vocab_size == target.model.vocab_size
@@ -44,14 +45,18 @@ class ModelProposal:
                 "tokenizers: a proposal must score the target's own token ids"
             )
 
-    def begin(self, target, n: int) -> None:
-        self.check_compatible(target)
+    def prompt_ids(self, target: Target) -> list[int]:
+        """The ids this proposal conditions on for ``target``."""
         prompt = self.prompt(target) if callable(self.prompt) else self.prompt
-        ids = target.prompt_ids if prompt is None else self.model.encode_prompt(prompt, chat=self.chat)
-        self._state = self.model.start(ids, n)
+        return list(target.prompt_ids) if prompt is None else self.model.encode_prompt(prompt, chat=self.chat)
 
-    def log_q(self) -> Tensor:
-        return self._state.logprobs
+    def begin(self, targets: Sequence[Target], n: int) -> None:
+        for t in targets:
+            self.check_compatible(t)
+        self._state = self.model.start_many([self.prompt_ids(t) for t in targets], n)
+
+    def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
+        return Proposed(self._state.logprobs.to(state.logprobs.device))
 
     def advance(self, tokens: Tensor) -> None:
         self._state = self.model.advance(self._state, tokens)

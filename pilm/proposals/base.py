@@ -1,0 +1,138 @@
+"""What a sampler steps: the proposal q(s_t | s_{<t}) of every row of a batched decode.
+
+A ``Proposal`` is stepped in lock-step with the target model's rows: ``begin`` for the
+targets (``n`` rows each, target-major), ``propose`` for the current rows (from the model's
+state, whose forward it may reuse), then, after the sampler picks the rows that go on and
+their tokens, ``reindex`` and ``advance`` (see ``pilm.models.decode_step``). It returns
+log q of every next token and, if it has one, the twist log psi_t(s_{<t}, v) of every next
+token, which then stands in for the potential's prefix score in the weights.
+
+Adapters: ``BaseProposal`` (q = p0, optionally at a temperature), ``TwistProposal``
+(q ∝ p0 psi^beta, from the same forward) and ``ModelProposal`` (another model, or a
+fine-tuned policy, under its own prompt). ``make_proposal`` is the one place that turns the
+samplers' shorthands (``twist=``, ``proposal=``) into one of them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..models.base import LanguageModel, ModelState
+from ..target import Target
+from ..twists.base import Prefixes, TwistFunction
+from .weights import twisted_log_q
+
+
+@dataclass(frozen=True)
+class Proposed:
+    """log q(v | s_{<t}) of every row and token, (rows, V); ``log_psi``: the twist's
+    log psi_t(s_{<t}, v), (rows, V), or ``None`` (the potential's prefix score is used)."""
+
+    log_q: Tensor
+    log_psi: Tensor | None = None
+
+
+class Proposal(ABC):
+    """The protocol (see the module docstring). ``needs_prefixes``: ``propose`` reads the
+    rows' token prefixes (exact and tabular twists); otherwise it gets ``None``."""
+
+    name: str = "proposal"
+    needs_prefixes: bool = False
+
+    def begin(self, targets: Sequence[Target], n: int) -> None:
+        """Start ``n`` rows for each target, target-major (stateless proposals: nothing)."""
+
+    @abstractmethod
+    def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
+        """log q (and log psi, if any) of every next token for the model's current rows."""
+
+    def reindex(self, idx: Tensor) -> None:
+        """Keep rows ``idx`` (duplicates allowed), in step with the model."""
+
+    def advance(self, tokens: Tensor) -> None:
+        """Append one token per row, in step with the model."""
+
+
+class BaseProposal(Proposal):
+    """q = p0, or p0 at a ``temperature``: q ∝ p0^(1/temperature) (0: greedy, all mass on
+    the argmax). Sampling from p0 itself needs no weight correction; any other temperature
+    is corrected by the weight p0 / q like any proposal."""
+
+    def __init__(self, temperature: float = 1.0):
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.temperature = temperature
+        self.name = "base" if temperature == 1.0 else f"base at temperature {temperature:g}"
+
+    def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
+        lp = state.logprobs
+        if self.temperature == 1.0:
+            return Proposed(lp)
+        if self.temperature == 0:
+            greedy = torch.full_like(lp, -torch.inf)
+            return Proposed(greedy.scatter_(1, lp.argmax(1, keepdim=True), 0.0))
+        return Proposed(torch.log_softmax(lp / self.temperature, -1))
+
+
+class TwistProposal(Proposal):
+    """q ∝ p0 psi^beta with psi the ``twist`` read from the hidden state the model's forward
+    already made (beta = 0: q = p0 with twisted weights). A conditional twist gets each
+    row's own condition (its target's suffix)."""
+
+    def __init__(self, twist: TwistFunction, beta: float = 1.0):
+        self.twist, self.beta = twist, beta
+        self.name = "twist" if beta > 0 else "base"
+        self.needs_prefixes = twist.needs_prefixes
+        self._condition: Tensor | None = None
+
+    def begin(self, targets: Sequence[Target], n: int) -> None:
+        conditions = [self.twist.condition_for(t) for t in targets]
+        self._condition = None
+        if any(c is not None for c in conditions):
+            self._condition = torch.stack(conditions).repeat_interleave(n, 0)
+        if self.twist.stateful:
+            self.twist.begin(targets, n)
+
+    def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
+        with torch.no_grad():
+            log_psi = self.twist.log_psi(prefixes, state.hidden, self._condition).float()
+        return Proposed(twisted_log_q(state.logprobs, log_psi, self.beta), log_psi)
+
+    def reindex(self, idx: Tensor) -> None:
+        if self._condition is not None:
+            self._condition = self._condition[idx.to(self._condition.device)]
+        if self.twist.stateful:
+            self.twist.reindex(idx)
+
+    def advance(self, tokens: Tensor) -> None:
+        if self.twist.stateful:
+            self.twist.advance(tokens)
+
+
+def make_proposal(twist: TwistFunction | None = None, proposal: str | LanguageModel | Proposal | None = None,
+                  beta: float = 1.0) -> Proposal:
+    """The proposal the samplers' shorthands mean: ``twist=None`` is the base model;
+    with a twist, ``proposal="twist"`` (default) is q ∝ p0 psi^beta and ``"base"`` is p0
+    with twisted weights; a ``LanguageModel`` is a ``ModelProposal`` on the target's
+    prompt; a ``Proposal`` is used as it is."""
+    from .model import ModelProposal
+
+    if isinstance(proposal, LanguageModel):
+        proposal = ModelProposal(proposal)
+    if isinstance(proposal, Proposal):
+        if twist is not None:
+            raise ValueError("give either a twist or a proposal object, not both")
+        return proposal
+    proposal = proposal or ("twist" if twist is not None else "base")
+    if proposal not in ("base", "twist"):
+        raise ValueError(f"proposal must be 'base', 'twist', a LanguageModel or a Proposal, got {proposal!r}")
+    if twist is None:
+        if proposal == "twist":
+            raise ValueError("proposal='twist' needs a twist")
+        return BaseProposal()
+    return TwistProposal(twist, beta if proposal == "twist" else 0.0)
