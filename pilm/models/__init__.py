@@ -1,9 +1,9 @@
 """Base language models p0: the protocol, a transformers backend, tabular toys, the registry."""
 
 from .adapter import LoRAPolicy
-from .base import LanguageModel, ModelState
+from .base import LanguageModel, ModelState, decode_step
 from .hf import HFModel, default_dtype
 from .registry import DEFAULT_MODEL, cache_dir, load_model
 from .tabular import TabularLM
 
-__all__ = ["DEFAULT_MODEL", "HFModel", "LanguageModel", "LoRAPolicy", "ModelState", "TabularLM", "cache_dir", "default_dtype", "load_model"]
+__all__ = ["DEFAULT_MODEL", "HFModel", "LanguageModel", "LoRAPolicy", "ModelState", "TabularLM", "cache_dir", "decode_step", "default_dtype", "load_model"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -67,6 +68,8 @@ class HFModel(LanguageModel):
         # selects ``self.adapter`` (None = all off, i.e. the base model) before each forward.
         self.adapters = None
         self.adapter: str | None = None
+        inner = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model  # under peft
+        self._takes_cache = "cache" in inspect.signature(inner.forward).parameters
 
     @property
     def device(self) -> torch.device:
@@ -118,14 +121,14 @@ class HFModel(LanguageModel):
         with torch.no_grad():
             out = self._call(
                 input_ids=ids.to(self.device),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 output_hidden_states=True,
                 logits_to_keep=1,
                 **extra,
             )
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return logprobs, out.hidden_states[-1][:, -1].float(), out.past_key_values
+        return logprobs, out.hidden_states[-1][:, -1].float(), cache  # the cache object is updated in place
 
     def start(self, prompt_ids: Tokens, n: int) -> ModelState:
         ctx = self.context(prompt_ids)
@@ -180,18 +183,27 @@ class HFModel(LanguageModel):
         later positions."""
         ctx = torch.tensor([self.context(prompt_ids)], device=self.device)
         b, steps = tokens.shape
-        head = self._call(input_ids=ctx, use_cache=True, logits_to_keep=1)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        head = self._call(input_ids=ctx, cache=cache, use_cache=True, logits_to_keep=1)
         first = head.logits[:, -1:].float().expand(b, -1, -1)
         if steps == 0:
             return torch.log_softmax(first, -1)
-        cache = head.past_key_values
         cache.reorder_cache(torch.zeros(b, dtype=torch.long, device=self.device))
-        rest = self._call(input_ids=tokens.clamp(min=0).to(self.device), past_key_values=cache, use_cache=True,
+        rest = self._call(input_ids=tokens.clamp(min=0).to(self.device), cache=cache, use_cache=True,
                           logits_to_keep=steps).logits.float()
         return torch.log_softmax(torch.cat([first, rest], 1), -1)
 
     def _call(self, **kwargs):
-        """The transformers forward, with this model's adapter (or none) selected first."""
+        """The transformers forward, with this model's adapter (or none) selected first.
+        The KV cache goes in as ``cache`` (transformers >= 5.24) or ``past_key_values``
+        (earlier), whichever this model's forward takes."""
+        if "cache" in kwargs and not self._takes_cache:
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        if kwargs.get("cache", kwargs.get("past_key_values", 0)) is None:
+            kwargs.pop("cache", None)
+            kwargs.pop("past_key_values", None)
         if self.adapters is not None:
             self.adapters.use(self.adapter)
         return self.hf(**kwargs)
@@ -231,7 +243,7 @@ class HFModel(LanguageModel):
             cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=self.device))
         keep = length - first + 1  # logits at positions first-1 .. length-1
         with torch.no_grad():
-            logits = self._call(input_ids=ids[:, shared:].to(self.device), past_key_values=cache,
+            logits = self._call(input_ids=ids[:, shared:].to(self.device), cache=cache,
                              use_cache=cache is not None, logits_to_keep=keep).logits[:, :-1].float()
         targets = ids[:, first:].to(logits.device)
         lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
