@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 import pilm
-from pilm.evaluation.plots import plot_training
-from pilm.tasks.infilling import DEFAULT_PROMPT, infilling, joint_samples
+from pilm.learning.plots import plot_training
+from pilm.tasks import joint_samples
+from pilm.tasks.infilling import DEFAULT_PROMPT, infilling
 
 OBJECTIVES = "ctl,rl,sixo,fudge,dpg"
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import pilm
-from pilm.evaluation.plots import plot_training
+from pilm.learning.plots import plot_training
 from pilm.tasks import arithmetic as arith
 from pilm.tasks.continuation import PROMPTS
 from pilm.tasks.random_number import report, valid_sequences
@@ -164,7 +164,8 @@ def continuation(model, args, out: Path) -> tuple[list[dict], dict]:
 
 def infilling(model, args, out: Path) -> tuple[list[dict], dict]:
     from pilm.inference import ModelProposal
-    from pilm.tasks.infilling import DEFAULT_PROMPT, ending_first, joint_samples
+    from pilm.tasks import joint_samples
+    from pilm.tasks.infilling import DEFAULT_PROMPT, ending_first
 
     pairs = joint_samples(model, DEFAULT_PROMPT, max_new_tokens=8, suffix_tokens=4, n=60, seed=10_000)
     targets = [pilm.tasks.infilling(model, suffix=c, max_new_tokens=8) for _, c in pairs]

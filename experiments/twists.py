@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pilm
-from pilm.evaluation.plots import plot_training
+from pilm.learning.plots import plot_training
 
 OBJECTIVES = ["ctl", "rl", "sixo", "fudge", "dpg"]
 

@@ -37,10 +37,12 @@ from ..inference.rejection import rejection_sample
 from ..inference.result import SMCResult
 from ..inference.smc import run_smc
 from ..models.base import LanguageModel
+from ..potentials import SuffixLikelihood
 from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import condition_ids
 from . import exact
+from .joint import joint_samples
 
 Sampler = None | TwistFunction | LanguageModel | ModelProposal
 METHODS = {"sis": 0.0, "smc": 1.0}  # ess_threshold: never / every step (as in the paper)
@@ -142,15 +144,13 @@ def exact_sigma_samples(
         res = rejection_sample(target, n, seed=seed, max_draws=max_draws)
         return [(target, list(s)) for s in res.tokens]
     if how == "joint":
-        from ..tasks.infilling import infilling, joint_samples
-
         suffix = condition_ids(target)
         if suffix is None:
             raise ValueError("exact_samples='joint' needs an infilling target (a SuffixLikelihood potential)")
         pairs = joint_samples(target.model, target.prompt_ids, max_new_tokens=target.max_new_tokens,
                               suffix_tokens=len(suffix), n=n, seed=seed)
-        return [(infilling(target.model, prompt=target.prompt_ids, suffix=c, max_new_tokens=target.max_new_tokens), s)
-                for s, c in pairs]
+        return [(Target(target.model, target.prompt_ids, SuffixLikelihood(target.model, c),
+                        max_new_tokens=target.max_new_tokens), s) for s, c in pairs]
     raise ValueError(f"exact_samples must be 'auto', 'enumerate', 'rejection' or 'joint', got {how!r}")
 
 

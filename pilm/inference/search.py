@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.base import LanguageModel, Tokens
+from ..models.base import LanguageModel, Tokens, decode_step
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def beam_search(model: LanguageModel, prompt_ids: Tokens, *, beams: int, max_new
             if not parents or t + 1 == max_new_tokens:
                 break
             idx = torch.tensor(parents)
-            state = model.advance(model.reindex(state, idx), torch.tensor(tokens))
+            state = decode_step(model, state, idx, torch.tensor(tokens))
     out = []
     for g in range(groups):  # beams alive at the horizon are complete too (pilm's stopping rule)
         pool = done[g] + [Hypothesis(seq, s, False) for seq, s in live[g]]

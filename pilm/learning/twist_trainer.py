@@ -145,7 +145,7 @@ def train_twist(
                             {"step": step + 1, "history": history, "objective": objective, "seed": seed})
     twist.history = history
     if plot_path is not None:
-        from ..evaluation.plots import plot_training
+        from .plots import plot_training
 
         plot_training(history, plot_path, title=f"{objective} on {target.model.name}")
     return twist

@@ -11,6 +11,7 @@ psi_t(s_{1:t}) = 0 only when phi = 0 for every completion of s_{1:t}.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -72,6 +73,12 @@ class Potential(ABC):
     def __call__(self, seqs: Sequences) -> Tensor:
         return self.log_phi(seqs)
 
+    def factors(self) -> Iterator[tuple[Potential, float]]:
+        """The leaves of this potential as (factor, exponent) pairs: phi = prod_i phi_i^e_i,
+        through products and tempering. The one walk over a potential's tree that code
+        looking for a kind of factor (a suffix likelihood, the model's own likelihood) uses."""
+        yield self, 1.0
+
     def __mul__(self, other: Potential) -> Potential:
         if not isinstance(other, Potential):
             return NotImplemented
@@ -100,6 +107,10 @@ class Product(Potential):
     @property
     def name(self) -> str:
         return " * ".join(p.name for p in self.parts)
+
+    def factors(self) -> Iterator[tuple[Potential, float]]:
+        for p in self.parts:
+            yield from p.factors()
 
     def log_phi(self, seqs: Sequences) -> Tensor:
         return self._sum(seqs, list(self.parts), final=True)
@@ -136,6 +147,10 @@ class Tempered(Potential):
     def _temper(self, log_values: Tensor) -> Tensor:
         # 0 * -inf must stay -inf (support is kept), not become NaN.
         return torch.where(torch.isneginf(log_values), log_values, self.beta * log_values)
+
+    def factors(self) -> Iterator[tuple[Potential, float]]:
+        for f, e in self.base.factors():
+            yield f, e * self.beta
 
     def log_phi(self, seqs: Sequences) -> Tensor:
         return self._temper(evaluate(self.base, seqs, final=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from ..models.base import LanguageModel
@@ -17,11 +19,15 @@ class SuffixLikelihood(Potential):
     another model re-tokenises the prompt and completion text.
     """
 
-    def __init__(self, model: LanguageModel, suffix: str):
-        if not suffix:
+    def __init__(self, model: LanguageModel, suffix: str | Sequence[int]):
+        if not len(suffix):
             raise ValueError("SuffixLikelihood needs a non-empty suffix")
-        self.model, self.suffix = model, suffix
-        self.suffix_ids = model.encode(suffix)
+        if isinstance(suffix, str):
+            self.suffix, self.suffix_ids = suffix, model.encode(suffix)
+        else:  # token ids, e.g. an ending sampled from the model
+            self.suffix_ids = [int(t) for t in suffix]
+            self.suffix = model.decode(self.suffix_ids)
+        self.model = model
 
     @property
     def name(self) -> str:
@@ -56,3 +62,10 @@ class ModelLikelihood(Potential):
         if seqs.model is not self.model:
             raise ValueError("ModelLikelihood scores the token ids of its own model's targets")
         return self.power * self.model.log_prob(seqs.prompt, seqs.tokens)
+
+
+def suffix_of(potential: Potential | None) -> SuffixLikelihood | None:
+    """The infilling factor p0(suffix | x, s) among ``potential``'s factors, if any."""
+    if potential is None:
+        return None
+    return next((f for f, _ in potential.factors() if isinstance(f, SuffixLikelihood)), None)

@@ -3,7 +3,8 @@
 from . import arithmetic
 from .classifiers import sentiment, toxicity
 from .continuation import tempered_continuation
-from .infilling import ending_first, infilling, joint_samples
+from ..evaluation.joint import joint_samples
+from .infilling import ending_first, infilling
 from .random_number import random_number
 
 __all__ = ["arithmetic", "ending_first", "infilling", "joint_samples", "random_number", "sentiment", "tempered_continuation", "toxicity"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..learning.policy_trainer import sample_trajectories
+from ..learning.rollout import sample_trajectories
 from ..learning.tools import Tool
 from ..models.base import LanguageModel
 from ..models.registry import load_model

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..models.base import LanguageModel
+from ..potentials.likelihood import suffix_of
 from .base import Prefixes, TwistFunction
 
 CONFIG_NAME = "twist_config.json"
@@ -153,17 +154,6 @@ def check_compatible(twist: Twist, model: LanguageModel) -> None:
 
 
 def condition_ids(target) -> list[int] | None:
-    """The suffix token ids of the target's SuffixLikelihood potential (searching products)."""
-    from ..potentials.base import Product, Tempered
-    from ..potentials.likelihood import SuffixLikelihood
-
-    stack = [target.potential]
-    while stack:
-        p = stack.pop()
-        if isinstance(p, SuffixLikelihood):
-            return list(p.suffix_ids)
-        if isinstance(p, Product):
-            stack.extend(p.parts)
-        elif isinstance(p, Tempered):
-            stack.append(p.base)
-    return None
+    """The suffix token ids of the target's ``SuffixLikelihood`` factor, if it has one."""
+    suffix = suffix_of(target.potential)
+    return None if suffix is None else list(suffix.suffix_ids)

@@ -1,0 +1,29 @@
+"""Exact posterior samples for infilling by sampling the joint (the "BDMC" trick).
+
+Draw s ~ p0(. | x) with the target's stopping rule, then c ~ p0(. | x, s) for m tokens:
+s is an exact draw from sigma(. | x, c) ∝ p0(s | x) p0(c | x, s) for *that* c.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..inference.smc import run_smc
+from ..models.base import LanguageModel
+from ..target import Target
+
+
+def joint_samples(
+    model: LanguageModel, prompt: str, *, max_new_tokens: int, suffix_tokens: int, n: int, seed: int = 0
+) -> list[tuple[list[int], list[int]]]:
+    """n pairs (middle, suffix) from the joint p0(s, c | x): each middle is an exact sample
+    of sigma(. | x, c) for its own suffix c. Suffixes have exactly ``suffix_tokens`` tokens
+    (truncated sampling, no EOS forced)."""
+    g = torch.Generator().manual_seed(seed)
+    middles = run_smc(Target(model, prompt, max_new_tokens=max_new_tokens), n, g, ess_threshold=0.0).tokens
+    pairs = []
+    prompt_ids = list(model.encode_prompt(prompt))
+    for middle in middles:
+        cont = run_smc(Target(model, prompt_ids + middle, max_new_tokens=suffix_tokens), 1, g, ess_threshold=0.0)
+        pairs.append((middle, cont.tokens[0]))
+    return pairs
