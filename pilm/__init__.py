@@ -6,7 +6,7 @@ unbiased estimates of Z; check everything exactly on enumerable models.
 
 from . import learning, models, potentials, tasks, testing, twists
 from .errors import (
-    EmptyPromptError, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
+    EmptyPromptError, ExtinctionWarning, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
     RejectionBudgetError, TooLargeError,
 )
 from .evaluation import BoundsReport, bounds, exact
@@ -18,7 +18,7 @@ from .twists import Twist
 
 __version__ = "0.1.0"
 __all__ = [
-    "BoundsReport", "bounds", "EmptyPromptError", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
+    "BoundsReport", "bounds", "EmptyPromptError", "ExtinctionWarning", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact", "finetune",
     "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "rejection_sample", "smc",
     "tasks", "testing", "train_twist", "twists",

@@ -2,7 +2,8 @@
 
 from .adapter import LoRAPolicy
 from .base import LanguageModel, ModelState, decode_step
-from .hf import HFModel, default_dtype
+from .hf import HFModel
+from .machine import default_dtype
 from .registry import DEFAULT_MODEL, cache_dir, load_model
 from .tabular import TabularLM
 

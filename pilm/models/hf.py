@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import os
-import time
 from collections.abc import Sequence
 
 import torch
@@ -17,38 +15,6 @@ from .base import LanguageModel, ModelState, Tokens
 # Largest logits block ``score`` materialises at once (bytes of float32): bounds the memory
 # of scoring many long sequences with a 50k vocabulary to a few hundred MB.
 _SCORE_LOGITS_BYTES = 2**28
-
-
-@functools.cache
-def default_dtype() -> torch.dtype:
-    """The faster matmul dtype on this CPU, measured once per process.
-
-    bfloat16 is 2-4x faster than float32 on CPUs with AMX and ~3-5x slower on AVX2-only
-    ones, so it is probed, never assumed: a model-shaped matmul (64 x 576 @ 576 x 1536)
-    timed in both dtypes. ``PILM_DTYPE=float32|bfloat16`` overrides the probe.
-    """
-    forced = os.environ.get("PILM_DTYPE")
-    if forced:
-        return getattr(torch, forced)
-    if not torch.cuda.is_available() and not _bf16_faster_on_cpu():
-        return torch.float32
-    return torch.bfloat16
-
-
-def _bf16_faster_on_cpu() -> bool:
-    def best_time(dtype: torch.dtype) -> float:
-        a = torch.randn(64, 576, dtype=dtype)
-        b = torch.randn(576, 1536, dtype=dtype)
-        a @ b  # warm-up
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    # 0.8: only switch when bfloat16 is clearly faster; ties keep float32's precision.
-    return best_time(torch.bfloat16) < 0.8 * best_time(torch.float32)
 
 
 class HFModel(LanguageModel):

