@@ -20,7 +20,7 @@ demo: $(STAMP)
 	.venv/bin/pilm demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

@@ -8,6 +8,12 @@ a prefix-aware potential (no digits, checked on every particle at every step) an
 
 The fine-tuning legs (``finetune_vs_trl``) compare one SubTB step with one TRL RLOO step.
 
+The batched-prompts leg (``batched_prompts``) runs 64 targets (64 prompts of different
+lengths) x 16 particles x 32 tokens as one batch against the same 64 targets one at a time
+(each with the seed it has in the batch), alternating; the many-particles leg
+(``many_particles``) runs 1,024 particles x 64 tokens of one target and reports its peak
+memory.
+
 A third leg runs twisted SMC with an MLP twist head (3 layers, after one CTL step, which is
 timed too): the head reads the hidden state of the same forward pass, so it should add
 little. Time is compared per drawn token (SMC particles that emit EOS stop early; ``generate`` is
@@ -121,7 +127,70 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         "dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
+        **batched_prompts(model),
+        **many_particles(model),
         **finetune_vs_trl(),
+    }
+
+
+SUBJECTS = ["The movie", "My neighbour's old dog", "Yesterday the weather in the mountains", "The new phone",
+            "Our small village bakery", "The lecture on quantum computing this morning", "Her first novel", "The game"]
+VERBS = ["was", "seemed to everyone who saw it", "turned out", "felt", "is honestly", "became, after a while,",
+         "looked", "sounded"]
+
+
+def batched_prompts(model, n_prompts: int = 64, n_particles: int = 16, new_tokens: int = 32, repeats: int = 1) -> dict:
+    """Time per drawn token of SMC on ``n_prompts`` targets in one batch over one target at a
+    time (same seeds per target, alternating rounds, the fastest of each kept)."""
+    from .inference.smc import seeded_generators
+    from .potentials import Regex
+    from .target import Target
+    from . import smc
+
+    prompts = [f"{s} {v}" for s in SUBJECTS for v in VERBS][:n_prompts]
+    targets = [Target(model, p, Regex(r"[^0-9]*"), max_new_tokens=new_tokens) for p in prompts]
+    seeds = [g.initial_seed() for g in seeded_generators(0, len(targets))]
+
+    def batched() -> int:
+        return sum(len(t) for r in smc(targets, n_particles, seed=0, progress=False, on_extinction="return")
+                   for t in r.tokens)
+
+    def one_at_a_time() -> int:
+        return sum(len(t) for target, s in zip(targets, seeds, strict=True)
+                   for t in smc(target, n_particles, seed=s, progress=False, on_extinction="return").tokens)
+
+    smc(targets[:2], n_particles, seed=0, progress=False, on_extinction="return")  # warm-up
+    times = {"batched": [], "sequential": []}
+    for _ in range(repeats):
+        for name, leg in (("batched", batched), ("sequential", one_at_a_time)):
+            t0 = time.perf_counter()
+            tokens = leg()
+            times[name].append((time.perf_counter() - t0) / tokens)
+    return {
+        "batched_prompts_speedup": min(times["sequential"]) / min(times["batched"]),
+        "batched_prompts_ms_per_token": 1e3 * min(times["batched"]),
+        "one_prompt_at_a_time_ms_per_token": 1e3 * min(times["sequential"]),
+        "batched_prompts_shape": f"{n_prompts} prompts x {n_particles} particles x {new_tokens} tokens",
+    }
+
+
+def many_particles(model, n_particles: int = 1024, new_tokens: int = 64) -> dict:
+    """Peak memory and time of one target's SMC with ``n_particles`` particles."""
+    from . import smc
+    from .potentials import Regex
+    from .target import Target
+
+    _return_freed_memory_to_os()
+    target = Target(model, "The movie was", Regex(r"[^0-9]*"), max_new_tokens=new_tokens)
+    with _PeakRSS() as mem:
+        t0 = time.perf_counter()
+        res = smc(target, n_particles, seed=0, progress=False, on_extinction="return")
+        seconds = time.perf_counter() - t0
+    return {
+        "many_particles_shape": f"{n_particles} particles x {new_tokens} tokens",
+        "many_particles_peak_mb": mem.growth / 2**20,
+        "many_particles_seconds": seconds,
+        "many_particles_tokens": sum(len(t) for t in res.tokens),
     }
 
 

@@ -8,96 +8,119 @@ flags are generated from these dataclasses (``pilm.cli``): ``--n-particles`` is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from .errors import ConfigError
 
-def arg(default, help: str, **metadata):
-    """A config field with a default and a help text (lists and tuples are kept as tuples)."""
-    return field(default=default, metadata={"help": help, **metadata})
+
+def arg(default, help: str, *, low: float | None = None, high: float | None = None, strict: bool = False,
+        **metadata):
+    """A config field: its default, its help text, and the range its values must lie in
+    (``low`` <= value <= ``high``; ``strict``: low < value; for tuples, every item)."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "strict": strict, **metadata})
+
+
+class Config:
+    """Checks every field against its range when the config is made."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, low, high = getattr(self, f.name), f.metadata.get("low"), f.metadata.get("high")
+            for v in value if isinstance(value, tuple) else (value,):
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or (low is None and high is None):
+                    continue
+                bad = math.isnan(v) or (low is not None and (v <= low if f.metadata["strict"] else v < low)) or (
+                    high is not None and v > high)
+                if bad:
+                    want = (f"in [{low:g}, {high:g}]" if low is not None and high is not None
+                            else f"> {low:g}" if f.metadata["strict"] else f">= {low:g}" if low is not None
+                            else f"<= {high:g}")
+                    raise ConfigError(f.name, f"must be {want}, got {v:g}")
 
 
 @dataclass(frozen=True)
-class TargetConfig:
+class TargetConfig(Config):
     """What to sample: sigma(s | prompt) ∝ p0(s | prompt) phi(s)."""
 
     model: str | None = arg(None, "embedded name (smollm2-135m, the default), hub id or local folder")
     prompt: str = arg("", "the text every completion continues")
     chat: bool = arg(False, "wrap the prompt in the model's chat template")
     potential: tuple[str, ...] = arg((), "a potential spec (repeat to multiply them)", repeat=True)
-    max_new_tokens: int = arg(32, "horizon T: a completion ends at EOS or after T tokens")
+    max_new_tokens: int = arg(32, "horizon T: a completion ends at EOS or after T tokens", low=1)
 
 
 @dataclass(frozen=True)
-class SMCConfig:
+class SMCConfig(Config):
     """How ``pilm.smc`` samples."""
 
-    n_particles: int = arg(32, "particles per target")
+    n_particles: int = arg(32, "particles per target", low=1)
     resample: Literal["multinomial", "systematic", "stratified", "residual"] = arg(
         "systematic", "resampling scheme")
-    ess_threshold: float = arg(0.5, "resample when ESS < this x N (1: at every step, 0: never)")
-    proposal_beta: float = arg(1.0, "with a twist, propose from p0 psi^beta (0: p0 with twisted weights)")
+    ess_threshold: float = arg(0.5, "resample when ESS < this x N (1: at every step, 0: never)", low=0, high=1)
+    proposal_beta: float = arg(1.0, "with a twist, propose from p0 psi^beta (0: p0 with twisted weights)", low=0)
     on_extinction: Literal["warn", "raise", "return"] = arg(
         "warn", "when every particle dies: warn and return Z-hat = 0 unless shown impossible, raise, or return")
     seed: int = arg(0, "random seed (same seed, same run on the same machine)")
 
 
 @dataclass(frozen=True)
-class TwistTrainingConfig:
+class TwistTrainingConfig(Config):
     """How ``pilm.train_twist`` learns a twist."""
 
     objective: Literal["ctl", "rl", "sixo", "fudge", "dpg"] = arg("ctl", "twist objective")
-    steps: int = arg(300, "optimiser steps")
-    batch_size: int = arg(32, "sequences drawn per step")
-    lr: float = arg(1e-3, "AdamW learning rate")
+    steps: int = arg(300, "optimiser steps", low=1)
+    batch_size: int = arg(32, "sequences drawn per step", low=1)
+    lr: float = arg(1e-3, "AdamW learning rate", low=0, strict=True)
     head: Literal["mlp", "linear", "tied"] = arg("mlp", "twist head on the LM's last hidden state")
-    layers: int = arg(3, "layers of an mlp or tied head")
+    layers: int = arg(3, "layers of an mlp or tied head", low=2)
     body: Literal["frozen", "lora"] = arg("frozen", "the head reads the frozen LM, or a LoRA-adapted copy")
-    lora_rank: int = arg(4, "LoRA rank of a lora body")
-    proposal_beta: float = arg(1.0, "train on samples from p0 psi^beta")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient-norm clipping")
-    checkpoint_every: int = arg(50, "steps between checkpoints (when checkpointing)")
+    lora_rank: int = arg(4, "LoRA rank of a lora body", low=1)
+    proposal_beta: float = arg(1.0, "train on samples from p0 psi^beta", low=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", low=0)
+    grad_clip: float = arg(1.0, "gradient-norm clipping", low=0, strict=True)
+    checkpoint_every: int = arg(50, "steps between checkpoints (when checkpointing)", low=1)
     seed: int = arg(0, "random seed")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Config):
     """How ``pilm.finetune`` fine-tunes a LoRA policy into a sampler of sigma."""
 
     objective: Literal["subtb", "tb", "reinforce", "rws", "sft"] = arg("subtb", "fine-tuning objective")
-    steps: int = arg(500, "optimiser steps")
-    batch_size: int = arg(8, "trajectories per micro-batch")
-    grad_accum: int = arg(1, "micro-batches per step")
-    lr: float = arg(1e-4, "AdamW learning rate of the adapter")
-    log_z_lr: float = arg(1e-2, "learning rate of log Z (tb, subtb)")
-    warmup: int = arg(20, "linear learning-rate warm-up steps")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient-norm clipping")
-    lora_rank: int = arg(64, "LoRA rank")
-    lora_alpha: int = arg(16, "LoRA alpha")
-    lora_dropout: float = arg(0.1, "LoRA dropout")
+    steps: int = arg(500, "optimiser steps", low=1)
+    batch_size: int = arg(8, "trajectories per micro-batch", low=1)
+    grad_accum: int = arg(1, "micro-batches per step", low=1)
+    lr: float = arg(1e-4, "AdamW learning rate of the adapter", low=0, strict=True)
+    log_z_lr: float = arg(1e-2, "learning rate of log Z (tb, subtb)", low=0, strict=True)
+    warmup: int = arg(20, "linear learning-rate warm-up steps", low=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", low=0)
+    grad_clip: float = arg(1.0, "gradient-norm clipping", low=0, strict=True)
+    lora_rank: int = arg(64, "LoRA rank", low=1)
+    lora_alpha: int = arg(16, "LoRA alpha", low=1)
+    lora_dropout: float = arg(0.1, "LoRA dropout", low=0, high=1)
     target_modules: tuple[str, ...] = arg(("q_proj", "k_proj", "v_proj", "o_proj"), "modules LoRA adapts")
     explore: tuple[float, float, float] | None = arg(
-        None, "probabilities of on-policy, tempered and replayed draws (default per objective)")
-    temperature_range: tuple[float, float] = arg((0.5, 2.0), "temperatures of tempered draws, U[lo, hi]")
-    replay_size: int = arg(50, "replay buffer capacity")
-    replay_tolerance: float = arg(0.25, "edit distance (x length) under which trajectories are duplicates")
-    reward_temperature: tuple[float, ...] = arg((1.0,), "tau, or tau_start tau_end annealed linearly")
+        None, "probabilities of on-policy, tempered and replayed draws (default per objective)", low=0, high=1)
+    temperature_range: tuple[float, float] = arg((0.5, 2.0), "temperatures of tempered draws, U[lo, hi]", low=0, strict=True)
+    replay_size: int = arg(50, "replay buffer capacity", low=1)
+    replay_tolerance: float = arg(0.25, "edit distance (x length) under which trajectories are duplicates", low=0)
+    reward_temperature: tuple[float, ...] = arg((1.0,), "tau, or tau_start tau_end annealed linearly", low=0, strict=True)
     anneal_steps: int | None = arg(None, "steps over which tau anneals (default: all)")
     min_log_reward: float = arg(-100.0, "log eps: phi = 0 at a trajectory's end counts as eps (R = p0 max(phi, eps))")
-    checkpoint_every: int = arg(50, "steps between checkpoints (when checkpointing)")
+    checkpoint_every: int = arg(50, "steps between checkpoints (when checkpointing)", low=1)
     seed: int = arg(0, "random seed")
 
 
 @dataclass(frozen=True)
-class BoundsConfig:
+class BoundsConfig(Config):
     """How ``pilm.bounds`` measures samplers."""
 
-    n_particles: tuple[int, ...] = arg((1, 4, 16, 64), "particle counts K")
-    seeds: int = arg(10, "independent runs (and exact samples) per cell")
+    n_particles: tuple[int, ...] = arg((1, 4, 16, 64), "particle counts K", low=1)
+    seeds: int = arg(10, "independent runs (and exact samples) per cell", low=1)
     methods: tuple[Literal["sis", "smc"], ...] = arg(("sis", "smc"), "sis: no resampling; smc: at every step")
     exact_samples: Literal["auto", "enumerate", "rejection", "joint"] = arg(
         "auto", "where the exact samples of sigma for the upper bounds come from")
-    max_draws: int = arg(100_000, "budget of rejection sampling for exact samples")
+    max_draws: int = arg(100_000, "budget of rejection sampling for exact samples", low=1)
     seed: int = arg(0, "random seed")

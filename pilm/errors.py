@@ -13,6 +13,14 @@ class ImpossibleTargetError(PilmError):
     """Every particle has zero weight: the potential rules out everything that was proposed."""
 
 
+class ConfigError(PilmError, ValueError):
+    """A setting out of its range; ``field`` names it (the CLI shows it as ``--field``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field, self.reason = field, message
+
+
 class ExtinctionWarning(UserWarning):
     """Every particle of a run died, by chance as far as pilm can tell: the run estimates Z-hat = 0."""
 

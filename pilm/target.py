@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import TargetConfig
 from .models.base import LanguageModel
 from .potentials.base import Potential, Sequences, evaluate
+from .potentials.spec import parse_potential
 
 
 @dataclass
@@ -24,8 +26,8 @@ class Target:
 
     model: LanguageModel
     prompt: str | Sequence[int] | Sequence[dict]  # text, token ids, or chat turns (with chat=True)
-    potential: Potential | None = None
-    max_new_tokens: int = 32
+    potential: Potential | str | None = None  # a Potential, or a spec string (pilm.potentials.parse_potential)
+    max_new_tokens: int = TargetConfig.max_new_tokens
     chat: bool = False
     stop: str | int | None = None
     prompt_ids: tuple[int, ...] = field(init=False)
@@ -34,10 +36,12 @@ class Target:
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if isinstance(self.potential, str):  # a spec, as on the command line: "regex:^[^e]*$"
+            self.potential = parse_potential(self.potential, self.model)
         if self.potential is not None and not isinstance(self.potential, Potential):
             raise TypeError(
                 f"potential must be a pilm Potential, got {type(self.potential).__name__}; "
-                "wrap a function with pilm.potentials.FunctionPotential"
+                "wrap a function with pilm.potentials.FunctionPotential, or give a spec string such as 'regex:[^e]*'"
             )
         self.prompt_ids = tuple(self.model.encode_prompt(self.prompt, chat=self.chat))
         bad = [t for t in self.prompt_ids if not 0 <= t < self.model.vocab_size]
@@ -56,6 +60,12 @@ class Target:
         if len(ids) != 1 or not 0 <= ids[0] < self.model.vocab_size:
             raise ValueError(f"stop must be one token of {self.model.name}, got {self.stop!r} ({len(ids)} tokens)")
         return ids[0]
+
+    def describe(self) -> dict:
+        """What this target is, in words: prompt text, potential and horizon (saved with a
+        twist trained for it, to warn when the twist is used elsewhere)."""
+        return {"prompt": self.model.decode(self.prompt_ids), "potential": str(self.potential),
+                "max_new_tokens": self.max_new_tokens}
 
     @property
     def has_prefix_potential(self) -> bool:

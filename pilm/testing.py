@@ -40,11 +40,18 @@ def check_language_model(model: LanguageModel, prompt_ids: Sequence[int] = (0,),
     assert torch.allclose(state.logprobs.exp().sum(-1), torch.ones(2), atol=1e-3), "next-token probabilities must sum to 1"
     seq, total = list(prompt_ids), 0.0
     for step in range(steps):
-        token = (step * 7 + 1) % model.vocab_size
+        token, other = (step * 7 + 1) % model.vocab_size, (step * 5 + 2) % model.vocab_size
         total += float(state.logprobs[0, token])
         seq.append(token)
-        state = model.advance(state, torch.tensor([token, token]))
+        state = model.advance(state, torch.tensor([token, other]))  # the two rows now differ
     scored = float(model.score([seq], [len(prompt_ids)])[0])
     assert abs(scored - total) < 1e-3 * max(1.0, abs(total)), f"score {scored} != stepped log-prob {total}"
+    rows = state.logprobs.clone()
+    assert not torch.allclose(rows[0], rows[1]), "rows fed different tokens must differ"
     swapped = model.reindex(state, torch.tensor([1, 0, 0]))
-    assert swapped.n == 3 and torch.allclose(swapped.logprobs[2], swapped.logprobs[1])
+    assert swapped.n == 3, "reindex must return one row per index"
+    for i, j in enumerate([1, 0, 0]):
+        assert torch.allclose(swapped.logprobs[i], rows[j], atol=1e-5), f"reindexed row {i} is not row {j}"
+    after = model.advance(swapped, torch.tensor([0, 0, 0]))
+    assert torch.allclose(after.logprobs[1], after.logprobs[2], atol=1e-5), "copied rows must continue alike"
+    assert not torch.allclose(after.logprobs[0], after.logprobs[1]), "reindex must move the cache with the rows"

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import pilm
-from pilm.cli import main
 from pilm.potentials import FunctionPotential, Regex
 
 
@@ -90,22 +89,3 @@ def test_exact_refuses_past_its_size(model):
 def test_tabular_text_outside_alphabet(model):
     with pytest.raises(ValueError, match="outside"):
         model.encode("xyz")
-
-
-def test_cli_unknown_potential_spec_is_one_line_exit_2(capsys):
-    assert main(["sample", "--potential", "telepathy:yes"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pilm: error: unknown potential spec 'telepathy:yes'") and err.count("\n") == 1
-
-
-def test_cli_unknown_model_is_one_line_exit_2(capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["sample", "--model", "no-such-org/no-such-model", "--potential", "regex:a"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pilm: error: could not load model 'no-such-org/no-such-model'") and err.count("\n") == 1
-
-
-def test_cli_unknown_subcommand_exits_2():
-    with pytest.raises(SystemExit) as exit_:
-        main(["teleport"])
-    assert exit_.value.code == 2

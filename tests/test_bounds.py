@@ -109,8 +109,15 @@ def test_model_proposal_is_scored_on_target_tokens(soft_target, tiny):
 
 
 def test_joint_exact_samples_condition_each_target(tiny):
+    """Each pair is (the target conditioned on the sampled ending c, the middle s sampled
+    with it): same prompt and horizon, phi = p0(c | x, s), s from the same joint draw."""
     target = pilm.tasks.infilling(tiny, prompt="Once upon", suffix=" the end", max_new_tokens=3)
     pairs = pilm.evaluation.exact_sigma_samples(target, 3, "joint", seed=0)
-    suffix_len = len(target.potential.suffix_ids)
-    for t, s in pairs:
-        assert len(pilm.twists.condition_ids(t)) == suffix_len and t.is_complete(s)
+    joint = pilm.tasks.joint_samples(tiny, target.prompt_ids, max_new_tokens=3,
+                                     suffix_tokens=len(target.potential.suffix_ids), n=3, seed=0)
+    assert [s for _, s in pairs] == [m for m, _ in joint]
+    for (t, s), (_, c) in zip(pairs, joint):
+        assert pilm.twists.condition_ids(t) == c and t.is_complete(s)
+        assert t.prompt_ids == target.prompt_ids and t.max_new_tokens == target.max_new_tokens
+        by_hand = tiny.log_prob(list(target.prompt_ids) + s, [c])
+        assert torch.allclose(t.log_potential([s]), by_hand, atol=1e-5)

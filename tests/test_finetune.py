@@ -245,6 +245,20 @@ def test_the_floor_replaces_phi_not_p0_at_a_trajectory_s_end():
         assert torch.isinf(log_r[k, :n]).all()
 
 
+def test_the_floor_leaves_the_models_own_likelihood_factor_alone():
+    """With phi = p0^power · phi_rest (tempering by ModelLikelihood), the floor is on phi_rest:
+    log R = (1 + power) log p0(z⊤) + max(log phi_rest, floor), as the README states."""
+    model = pilm.models.TabularLM.random(4, seed=1, eos_id=3)
+    only_a = FunctionPotential(lambda t: 0.0 if list(t) == [0, 3] else -math.inf, on="tokens", name="only a")
+    target = pilm.Target(model, prompt="a", potential=pilm.potentials.ModelLikelihood(model, -0.5) * only_a,
+                         max_new_tokens=4)
+    tokens = torch.tensor([[0, 3, -1, -1], [1, 2, 1, 3]])
+    log_r = prefix_log_rewards(target, tokens, every_prefix=True, floor=-50.0)
+    log_p0 = pilm.Target(model, prompt="a", max_new_tokens=4).log_unnormalized([[0, 3], [1, 2, 1, 3]])
+    assert log_r[0, 1].item() == pytest.approx(0.5 * log_p0[0].item(), abs=1e-5)
+    assert log_r[1, 3].item() == pytest.approx(0.5 * log_p0[1].item() - 50.0, abs=1e-5)
+
+
 def test_a_stop_token_other_than_eos_ends_completions_everywhere(soft_target):
     """Target(stop="c"): enumeration, SMC and fine-tuning all end completions at 'c' (EOS is
     then an ordinary token): Z-hat stays unbiased and SubTB still reaches sigma."""

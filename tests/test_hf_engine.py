@@ -20,6 +20,18 @@ def test_protocol(tiny):
     pilm.testing.check_language_model(tiny, tiny.encode("Hello world"))
 
 
+def test_the_protocol_check_catches_a_reindex_that_ignores_row_order():
+    class SortedRows(pilm.models.TabularLM):
+        def reindex(self, state, idx):
+            return super().reindex(state, idx.sort().values)  # the bug: rows come back in the wrong order
+
+    good = pilm.models.TabularLM.random(5, seed=0)
+    pilm.testing.check_language_model(good)
+    bad = SortedRows(good.next_logprobs, 5, None)
+    with pytest.raises(AssertionError, match="reindexed row 0 is not row 1"):
+        pilm.testing.check_language_model(bad)
+
+
 def test_cached_steps_equal_full_forward(tiny):
     prompt = tiny.encode("The movie was")
     state = tiny.start(prompt, 3)

@@ -78,3 +78,25 @@ def test_a_product_skips_later_factors_where_phi_is_already_zero(tiny):
     out = product.log_phi(seqs)
     assert seen == ["cat", "bat"]
     assert out.tolist() == [-1.5, -math.inf, -1.5]
+
+
+def test_a_target_takes_a_spec_string():
+    model = pilm.models.TabularLM.random(3, seed=0, eos_id=2)
+    target = pilm.Target(model, "a", "regex:[ab]*", max_new_tokens=2)
+    assert isinstance(target.potential, Regex) and target.potential.pattern == "[ab]*"
+    with pytest.raises(ValueError, match="unknown potential spec"):
+        pilm.Target(model, "a", "telepathy:yes", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("value, kind", [(None, "NoneType"), (True, "bool"), ("0.5", "str"), ([0.0], "list")])
+def test_a_function_potential_returning_a_non_float_names_itself(value, kind):
+    model = pilm.models.TabularLM.random(3, seed=0, eos_id=2)
+    target = pilm.Target(model, "a", FunctionPotential(lambda t: value, name="mine"), max_new_tokens=2)
+    with pytest.raises(pilm.PotentialError, match=f"potential mine returned {kind} .* must return log phi as a float"):
+        pilm.importance_sample(target, 2)
+
+
+def test_factors_walk_products_and_tempering():
+    a, b, c = Regex("a*"), Sentiment("positive"), FunctionPotential(lambda s: 0.0, name="c")
+    assert [(f.name, e) for f, e in ((a * b ** 2.0) ** 0.5 * c).factors()] == [
+        ("regex('a*')", 0.5), ("sentiment(positive)", 1.0), ("c", 1.0)]

@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,27 @@ def test_default_model_loads_from_cache(real_model):
     assert real_model.vocab_size == 49152 and real_model.eos_token_id is not None
     assert real_model.dtype == pilm.models.default_dtype()
     pilm.testing.check_language_model(real_model, real_model.encode("The weather today"))
+
+
+def test_the_embedded_models_hub_id_loads_the_embedded_copy(real_model, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub needed
+    model = pilm.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert model.name == real_model.name == "smollm2-135m" and model.vocab_size == real_model.vocab_size
+
+
+def test_no_e_with_few_particles_estimates_zero_instead_of_raising(real_model):
+    """The no-'e' continuation (Z ≈ 0.03): particles dying by chance is Z-hat = 0, not an error."""
+    target = pilm.Target(real_model, "My favorite weather is", pilm.potentials.Regex(r"[^eE]*"), max_new_tokens=16)
+    dead = 0
+    for seed in range(4):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = pilm.smc(target, 4, seed=seed, progress=False)
+        if res.log_z == -math.inf:
+            dead += 1
+            assert any(issubclass(w.category, pilm.ExtinctionWarning) for w in caught)
+        else:
+            assert all("e" not in s.lower() for s, w in zip(res.samples, res.weights) if w > 0)
 
 
 def test_smc_with_regex_returns_only_matching_completions_and_is_seeded(real_model):
@@ -122,13 +144,16 @@ def test_twist_training_resumes_bit_identically_on_the_real_model(real_model, tm
 
 def test_ctl_twist_improves_smc_on_sentiment(real_model):
     """A CTL twist makes 16-particle SMC on positive sentiment (beta = 10) better than no
-    twist: higher mean ESS of the final weights and lower variance of log Z-hat over 10 seeds."""
+    twist: higher mean ESS of the final weights and lower variance of log Z-hat over 40 seeds
+    (measured on one AMX CPU: ESS 3.26 -> 4.62, var 0.78 -> 0.54 in float32; 3.44 -> 4.65,
+    0.91 -> 0.33 in bfloat16). Over 10 seeds the variance has a relative SE of about 0.45 and
+    the comparison flipped with the dtype, so 10 seeds cannot carry the claim."""
     target = pilm.tasks.sentiment(real_model, "positive", beta=10.0, max_new_tokens=CTL_TOKENS)
     twist = pilm.train_twist(target, "ctl", steps=CTL_STEPS, batch_size=16, lr=3e-3, head="tied", seed=0,
                              progress=False)
 
     def stats(tw):
-        runs = [pilm.smc(target, 16, twist=tw, ess_threshold=0.0, seed=s, progress=False) for s in range(10)]
+        runs = [pilm.smc(target, 16, twist=tw, ess_threshold=0.0, seed=s, progress=False) for s in range(40)]
         log_z = torch.tensor([r.log_z for r in runs])
         return statistics.mean(r.ess[-1] for r in runs), float(log_z.var())
 

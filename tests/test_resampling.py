@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pilm.inference.resampling import SCHEMES, ess, get_scheme
+from pilm.inference.resampling import SCHEMES, _invert_cdf, ess, get_scheme
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -30,9 +30,19 @@ def test_all_weight_on_one_particle(name):
     assert (idx == 17).all()
 
 
+def test_a_cdf_whose_float32_sum_ends_below_one_keeps_indices_in_range():
+    """10k float32 weights summed in float32 end below 1; a uniform above that end must
+    still map to the last particle, not past it."""
+    w = torch.softmax(torch.randn(10_000, generator=torch.Generator().manual_seed(3)), 0)
+    end = float(torch.cumsum(w, 0)[-1])
+    assert w.dtype == torch.float32 and end < 1.0  # the case under test really occurs
+    u = torch.tensor([0.0, 0.5, end, (end + 1) / 2, 1.0 - 1e-9], dtype=torch.float32)
+    idx = _invert_cdf(w, u)
+    assert idx.min() >= 0 and idx.max() == 9_999 and (idx[2:] == 9_999).all()
+
+
 @pytest.mark.parametrize("name", SCHEMES)
-def test_float32_weights_whose_cumsum_ends_below_one(name):
-    # 10k float32 weights: the float cumulative sum need not reach 1; indices must stay in range.
+def test_float32_log_weights_give_n_indices_in_range(name):
     log_w = torch.randn(10_000, generator=torch.Generator().manual_seed(2)).float()
     idx = SCHEMES[name](log_w, 10_000, torch.Generator().manual_seed(3))
     assert idx.min() >= 0 and idx.max() < 10_000 and len(idx) == 10_000

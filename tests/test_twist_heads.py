@@ -1,5 +1,7 @@
 """Twist heads on a transformers model: persistence, compatibility, resume."""
 
+import math
+
 import pytest
 import torch
 
@@ -64,6 +66,12 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, target, objec
         return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
     assert untimed(straight.history) == untimed(resumed.history) and len(resumed.history) == 4
+
+
+def test_a_lora_body_takes_a_tied_head(fresh_tiny):
+    target = pilm.Target(fresh_tiny, "Hello", max_new_tokens=2)
+    twist = pilm.train_twist(target, "ctl", steps=1, batch_size=2, body="lora", head="tied", progress=False)
+    assert twist.head._embeddings is not None and math.isfinite(twist.history[-1]["loss"])
 
 
 def test_lora_body_twist_steps_in_lock_step_and_trains(tmp_path, target, tiny):

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RejectionBudgetError
-from ..proposals import ModelProposal
+from ..config import BoundsConfig
+from ..errors import RejectionBudgetError, TooLargeError
+from ..proposals import ModelProposal, as_proposal
 from ..inference.rejection import rejection_sample
 from ..inference.result import SMCResult
 from ..inference.smc import run_smc
@@ -62,6 +63,9 @@ class BoundsReport:
         head = (f"{'sampler':>10} {'K':>5} {'method':>6} {'lower':>18} {'upper':>18} {'gap':>8} "
                 f"{'KL(q||σ)':>9} {'KL(σ||q)':>9}")
         lines = [head, "-" * len(head)]
+        if self.info.get("exact_samples") == "joint":
+            lines.insert(0, "bounds on E_c[log Z(c)] over endings c sampled from the model (exact_samples='joint'), "
+                            "not on one target's log Z")
         for r in self.rows:
             lines.append(
                 f"{r['sampler']:>10} {r['n_particles']:>5} {r['method']:>6} "
@@ -120,15 +124,7 @@ def exact_sigma_samples(
     target_i conditions on the sampled suffix. ``"auto"`` picks joint for a suffix potential,
     enumeration when it fits, else rejection.
     """
-    if how == "auto":
-        if condition_ids(target) is not None:
-            how = "joint"
-        else:
-            try:
-                exact.enumerate_target(target, max_sequences=200_000)
-                how = "enumerate"
-            except Exception:
-                how = "rejection"
+    how = resolve_exact_samples(target, how)
     if how == "enumerate":
         return [(target, list(s)) for s in exact.sample(target, n, seed=seed)]
     if how == "rejection":
@@ -154,12 +150,18 @@ def exact_sigma_samples(
     raise ValueError(f"exact_samples must be 'auto', 'enumerate', 'rejection' or 'joint', got {how!r}")
 
 
-def _sampler_args(sampler: Sampler) -> dict:
-    if sampler is None:
-        return {}
-    if isinstance(sampler, (LanguageModel, ModelProposal)):
-        return {"proposal": sampler}
-    return {"twist": sampler}
+def resolve_exact_samples(target: Target, how: str) -> str:
+    """``how``, with ``"auto"`` resolved: joint for a suffix potential, enumeration when the
+    target fits (200k sequences), else rejection."""
+    if how != "auto":
+        return how
+    if condition_ids(target) is not None:
+        return "joint"
+    try:
+        exact.enumerate_target(target, max_sequences=200_000)
+        return "enumerate"
+    except TooLargeError:
+        return "rejection"
 
 
 def _ci(values: Sequence[float]) -> tuple[float, float]:
@@ -181,13 +183,13 @@ def distinct_ancestors(result: SMCResult) -> int:
 def bounds(
     target: Target,
     samplers: Mapping[str, Sampler] | None = None,
-    n_particles: Sequence[int] = (1, 4, 16, 64, 256),
+    n_particles: Sequence[int] = BoundsConfig.n_particles,
     *,
-    exact_samples: str = "auto",
-    seeds: int = 10,
-    methods: Sequence[str] = ("sis", "smc"),
-    seed: int = 0,
-    max_draws: int = 100_000,
+    exact_samples: str = BoundsConfig.exact_samples,
+    seeds: int = BoundsConfig.seeds,
+    methods: Sequence[str] = BoundsConfig.methods,
+    seed: int = BoundsConfig.seed,
+    max_draws: int = BoundsConfig.max_draws,
     progress: bool = True,
 ) -> BoundsReport:
     """Lower and upper bounds on log Z for each sampler, K and method, with KL estimates
@@ -200,6 +202,7 @@ def bounds(
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: sis, smc")
     ks = sorted(set(int(k) for k in n_particles))
+    exact_samples = resolve_exact_samples(target, exact_samples)
     pairs = exact_sigma_samples(target, seeds, exact_samples, seed=seed, max_draws=max_draws)
     g = torch.Generator().manual_seed(seed)
     cells: dict[tuple, dict[str, list[float]]] = {}
@@ -209,7 +212,7 @@ def bounds(
     bar = tqdm(total=len(work) * len(pairs), desc="bounds", disable=not progress)
     for target_i, reference in pairs:
         for name, sampler, k, method in work:
-            kw = dict(_sampler_args(sampler), ess_threshold=METHODS[method], resample="multinomial",
+            kw = dict(proposal=as_proposal(sampler), ess_threshold=METHODS[method], resample="multinomial",
                       use_prefix=False, on_extinction="return")
             lower = run_smc(target_i, k, g, **kw)
             upper = run_smc(target_i, k, g, reference=reference, **kw)
@@ -242,10 +245,7 @@ def bounds(
                   "kl_q_sigma": log_z_mid - f_q, "kl_q_sigma_interval": [lo - f_q, up - f_q],
                   "kl_sigma_q": g_q - log_z_mid, "kl_sigma_q_interval": [g_q - up, g_q - lo]})
     rows.sort(key=lambda r: (list(samplers).index(r["sampler"]), r["method"], r["n_particles"]))
-    log_z_exact = None
-    if exact_samples == "enumerate" or (exact_samples == "auto" and pairs and pairs[0][0] is target):
-        try:
-            log_z_exact = exact.log_z(target, max_sequences=200_000)
-        except Exception:
-            log_z_exact = None
+    log_z_exact = exact.log_z(target, max_sequences=200_000) if exact_samples == "enumerate" else None
+    for r in rows:
+        r["dtype"] = target.model.dtype_name
     return BoundsReport(rows, log_z_exact, {"seeds": seeds, "exact_samples": exact_samples, "methods": list(methods)})

@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from ..config import SMCConfig
 from ..enumeration import enumerate_target
 from ..errors import ExtinctionWarning, ImpossibleTargetError, TooLargeError
 from ..models.base import LanguageModel
@@ -60,12 +61,12 @@ def smc(
     *,
     twist: TwistFunction | None = None,
     proposal: str | LanguageModel | Proposal | None = None,
-    proposal_beta: float = 1.0,
-    resample: str | Scheme = "systematic",
-    ess_threshold: float = 0.5,
-    seed: int = 0,
+    proposal_beta: float = SMCConfig.proposal_beta,
+    resample: str | Scheme = SMCConfig.resample,
+    ess_threshold: float = SMCConfig.ess_threshold,
+    seed: int = SMCConfig.seed,
     progress: bool = True,
-    on_extinction: Extinction = "warn",
+    on_extinction: Extinction = SMCConfig.on_extinction,
     reference: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
     max_rows: int | None = None,
 ) -> SMCResult | list[SMCResult]:
@@ -109,7 +110,8 @@ def smc(
 
 
 def importance_sample(
-    target: Targets, n: int, *, seed: int = 0, progress: bool = False, on_extinction: Extinction = "warn",
+    target: Targets, n: int, *, seed: int = SMCConfig.seed, progress: bool = False,
+    on_extinction: Extinction = SMCConfig.on_extinction,
     max_rows: int | None = None,
 ) -> SMCResult | list[SMCResult]:
     """Sequential importance sampling with the base model as proposal.
@@ -221,10 +223,11 @@ def _extinct(target: Target, step: StepInfo, died: int, n: int, policy: Extincti
     how = shown_impossible(target)
     if how is not None:
         raise ImpossibleTargetError(f"{head}, and the target is impossible: {how}")
+    remedies = "more particles, " + ("" if target.has_prefix_potential else
+                                     "a potential with a prefix score (it drops hopeless prefixes early), ") + "or a twist"
     warnings.warn(ExtinctionWarning(
         f"{head} ({died} of {n}, {died / n:.0%}, died at this step), so this run estimates Z-hat = 0 "
-        f"(log_z = -inf). The target is not shown impossible; to sample it, use more particles, a potential "
-        f"with a prefix score (it kills hopeless prefixes early), or a twist."), stacklevel=4)
+        f"(log_z = -inf). The target is not shown impossible; to sample it, use {remedies}."), stacklevel=6)
 
 
 def shown_impossible(target: Target, max_sequences: int = 10_000) -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config import TwistTrainingConfig
 from ..inference.resampling import ess
 from ..inference.smc import run_smc
 from ..inference.trace import Trace
@@ -19,6 +20,8 @@ from ..twists.head import Twist, condition_ids
 from ..twists.lora import LoRATwist
 from .checkpoint import resume, save_checkpoint
 from .objectives import TwistBatch, get_objective
+
+C = TwistTrainingConfig  # every default below is TwistTrainingConfig's
 
 
 def sample_batch(target: Target, twist: TwistFunction | None, trainee, n: int, generator: torch.Generator,
@@ -46,23 +49,23 @@ def sample_batch(target: Target, twist: TwistFunction | None, trainee, n: int, g
 
 def train_twist(
     target: Target | Sequence[Target],
-    objective: str = "ctl",
+    objective: str = C.objective,
     *,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float = 1e-4,
-    seed: int = 0,
+    steps: int = C.steps,
+    batch_size: int = C.batch_size,
+    lr: float = C.lr,
+    seed: int = C.seed,
     twist: TwistFunction | None = None,
-    head: str = "mlp",
-    layers: int = 3,
-    body: str = "frozen",
-    lora_rank: int = 4,
+    head: str = C.head,
+    layers: int = C.layers,
+    body: str = C.body,
+    lora_rank: int = C.lora_rank,
     conditional: bool | None = None,
-    proposal_beta: float = 1.0,
-    weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
+    proposal_beta: float = C.proposal_beta,
+    weight_decay: float = C.weight_decay,
+    grad_clip: float = C.grad_clip,
     checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 50,
+    checkpoint_every: int = C.checkpoint_every,
     log_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     progress: bool = True,
@@ -144,6 +147,7 @@ def train_twist(
             save_checkpoint(checkpoint_dir, twist, optimizer, generator,
                             {"step": step + 1, "history": history, "objective": objective, "seed": seed})
     twist.history = history
+    twist.trained_for = targets[0].describe() if len(targets) == 1 else None
     if plot_path is not None:
         from .plots import plot_training
 

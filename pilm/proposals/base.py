@@ -15,6 +15,7 @@ samplers' shorthands (``twist=``, ``proposal=``) into one of them.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,12 @@ class TwistProposal(Proposal):
         self._condition: Tensor | None = None
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
+        trained = self.twist.trained_for
+        other = next((t.describe() for t in targets if trained and t.describe() != trained), None)
+        if other is not None:
+            warnings.warn(
+                f"this twist was trained for {_words(trained)} and is used for {_words(other)}: it stays a valid "
+                "proposal (Z-hat stays unbiased), but it may help less than no twist", stacklevel=6)
         conditions = [self.twist.condition_for(t) for t in targets]
         self._condition = None
         if any(c is not None for c in conditions):
@@ -112,6 +119,10 @@ class TwistProposal(Proposal):
     def advance(self, tokens: Tensor) -> None:
         if self.twist.stateful:
             self.twist.advance(tokens)
+
+
+def _words(target: dict) -> str:
+    return f"prompt {target['prompt']!r}, potential {target['potential']}, max_new_tokens={target['max_new_tokens']}"
 
 
 def make_proposal(twist: TwistFunction | None = None, proposal: str | LanguageModel | Proposal | None = None,
@@ -136,3 +147,11 @@ def make_proposal(twist: TwistFunction | None = None, proposal: str | LanguageMo
             raise ValueError("proposal='twist' needs a twist")
         return BaseProposal()
     return TwistProposal(twist, beta if proposal == "twist" else 0.0)
+
+
+def as_proposal(sampler: TwistFunction | LanguageModel | Proposal | None) -> Proposal:
+    """A sampler as the bounds and experiments name them: ``None`` is p0, a twist its
+    twist-induced proposal, a model a ``ModelProposal``, a proposal itself."""
+    if isinstance(sampler, TwistFunction):
+        return TwistProposal(sampler)
+    return make_proposal(proposal=sampler)

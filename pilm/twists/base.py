@@ -25,6 +25,7 @@ class TwistFunction(ABC):
     """
 
     needs_prefixes: bool = False
+    trained_for: dict | None = None  # ``Target.describe()`` of the one target it was trained on, if one
     output: str = "log"  # "log_sigmoid": psi in (0, 1), as FUDGE needs
     stateful: bool = False  # runs its own LM body: the engine calls begin/advance/reindex
 

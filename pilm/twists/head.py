@@ -123,7 +123,8 @@ class Twist(nn.Module, TwistFunction):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
+        (directory / CONFIG_NAME).write_text(json.dumps({**asdict(self.config), "trained_for": self.trained_for},
+                                                        indent=1))
         return directory
 
     @classmethod
@@ -131,10 +132,12 @@ class Twist(nn.Module, TwistFunction):
         """Load a saved twist; with ``model``, check it was trained for a compatible model."""
         directory = Path(directory)
         try:
-            config = TwistConfig(**json.loads((directory / CONFIG_NAME).read_text()))
+            saved = json.loads((directory / CONFIG_NAME).read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{directory} holds no saved twist ({CONFIG_NAME} missing)") from None
-        twist = cls(config)
+        trained_for = saved.pop("trained_for", None)
+        twist = cls(TwistConfig(**saved))
+        twist.trained_for = trained_for
         twist.load_state_dict(load_file(directory / WEIGHTS_NAME))
         if model is not None:
             check_compatible(twist, model)

@@ -45,6 +45,7 @@ class LoRATwist(nn.Module, TwistFunction):
         hidden = model.hf.config.hidden_size
         self.head = Twist(TwistConfig(hidden, model.vocab_size, kind=kind, layers=layers, output=output,
                                       model_name=model.name))
+        self.head.attach(model)  # a tied head scores against the (frozen) output embeddings
         self.output = output
         self._state = None
         self.history: list[dict] = []
@@ -80,7 +81,8 @@ class LoRATwist(nn.Module, TwistFunction):
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.trainable_state(), directory / "lora_twist.safetensors")
         cfg = {"lora": self.lora, "head": {"kind": self.head.config.kind, "layers": self.head.config.layers,
-                                           "output": self.output}, "model_name": self.head.config.model_name}
+                                           "output": self.output}, "model_name": self.head.config.model_name,
+               "trained_for": self.trained_for}
         (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=1))
         return directory
 
@@ -95,4 +97,5 @@ class LoRATwist(nn.Module, TwistFunction):
         if missing:
             raise ValueError(f"{directory} does not fit this model: missing {sorted(missing)[:3]}")
         twist.load_state_dict(saved, strict=False)
+        twist.trained_for = cfg.get("trained_for")
         return twist

@@ -1,0 +1,185 @@
+"""Command-line flags generated from config dataclasses, and what is checked before a run.
+
+A field ``n_particles: int = arg(32, "particles per target", low=1)`` becomes
+``--n-particles N`` (default 32, shown by ``--help``); a ``Literal`` becomes a choice, a
+``bool`` an on/off flag, a ``tuple[X, ...]`` a list of values (``repeat=True``: the flag is
+repeated instead), a ``tuple[X, Y]`` exactly two values. Parsing builds the configs, which
+check their own ranges; ``check_paths`` then checks the folders and files they name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+from .config import Config, arg
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one ``pilm: error: ...`` line (exit code 2)
+    and whose help shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"pilm: error: {message} (see {self.prog} --help)\n")
+
+    def add_configs(self, classes, defaults: dict) -> None:
+        """One flag per field of each config class; ``defaults`` overrides field defaults."""
+        for cls in classes:
+            group = self.add_argument_group(cls.__doc__.strip().splitlines()[0].rstrip(".:").replace("``", ""))
+            hints = typing.get_type_hints(cls)
+            for f in fields(cls):
+                group.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                                   **_flag(hints[f.name], defaults.get(f.name, f.default), f.metadata))
+
+
+def _flag(kind, default, metadata) -> dict:
+    kw = {"default": default, "help": metadata["help"]}
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        return {**kw, "action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {**kw, "choices": list(args), "type": type(args[0])}
+    if origin is tuple:
+        item = args[0]
+        item_kw = {"choices": list(typing.get_args(item)), "type": str} if typing.get_origin(item) is Literal \
+            else {"type": item}
+        if metadata.get("repeat"):
+            return {**kw, **item_kw, "action": "append", "default": argparse.SUPPRESS,
+                    "help": f"{metadata['help']} (repeatable; default: {' '.join(map(str, default)) or 'none'})"}
+        return {**kw, **item_kw, "nargs": "+" if args[-1] is Ellipsis else len(args)}
+    return {**kw, "type": kind}
+
+
+def configs(namespace: argparse.Namespace, classes, defaults: dict | None = None) -> list:
+    """The configs the parsed flags describe (each checks its ranges as it is made);
+    ``defaults``: the command's own defaults of repeatable flags."""
+    defaults = defaults or {}
+    made = []
+    for cls in classes:
+        values = {}
+        for f in fields(cls):
+            value = getattr(namespace, f.name, None)
+            if value is None and f.metadata.get("repeat"):
+                value = defaults.get(f.name, f.default)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        made.append(cls(**values))
+    return made
+
+
+def check_paths(made) -> None:
+    """Before any model loads: potential specs parse, input folders hold what they should,
+    output files and folders can be written."""
+    from .potentials.spec import check_spec
+
+    for config in made:
+        for f in fields(config):
+            value, kind = getattr(config, f.name), f.metadata.get("path")
+            if f.name == "potential":
+                for spec in value:
+                    check_spec(spec)
+            if value is None or kind is None:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if kind == "twist":
+                _check_twist_folder(flag, Path(value))
+            else:
+                _check_writable(flag, Path(value), folder=kind == "folder")
+        if isinstance(config, BoundsJob):
+            for _, where in config.samplers():
+                if not where.startswith(("model:", "adapter:")):
+                    _check_twist_folder("--sampler", Path(where))
+                elif where.startswith("adapter:") and not Path(where.removeprefix("adapter:")).is_dir():
+                    raise ValueError(f"--sampler: no adapter folder {where.removeprefix('adapter:')}")
+
+
+def _check_twist_folder(flag: str, path: Path) -> None:
+    if not (path / "twist_config.json").exists() and not (path / "lora_twist_config.json").exists():
+        what = "does not exist" if not path.exists() else "holds no saved twist (twist_config.json is missing)"
+        raise ValueError(f"{flag}: {path} {what}; train one with: pilm train-twist ... --out {path}")
+
+
+def _check_writable(flag: str, path: Path, *, folder: bool) -> None:
+    """Write to ``path`` now (a probe file in a folder; an empty append to a file, removed
+    again if it was new), so a run never ends unable to save what it made."""
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{flag}: {path} is {'a file' if folder else 'a folder'}; give a {'folder' if folder else 'file'}")
+    try:
+        (path if folder else path.parent).mkdir(parents=True, exist_ok=True)
+        if folder:
+            tempfile.TemporaryFile(dir=path).close()
+        else:
+            new = not path.exists()
+            open(path, "a").close()
+            if new:
+                path.unlink()
+    except OSError as err:
+        raise ValueError(f"{flag}: cannot write {path}: {err.strerror or err}") from None
+
+
+@dataclass(frozen=True)
+class SampleOutput(Config):
+    """What sample prints and writes."""
+
+    top: int = arg(5, "how many distinct samples to print", low=1)
+    out: str | None = arg(None, "append the run to this JSONL file", path="file")
+    plot: str | None = arg(None, "write the ESS-over-steps PNG here", path="file")
+    twist: str | None = arg(None, "folder of a twist saved by train-twist (twisted SMC)", path="twist")
+
+
+@dataclass(frozen=True)
+class TwistOutput(Config):
+    """Where train-twist writes."""
+
+    out: str = arg("twist", "folder for the twist, its training log and plot", path="folder")
+    keep_checkpoint: bool = arg(False, "keep the resumable checkpoint (optimizer state, RNG) after training")
+
+
+@dataclass(frozen=True)
+class FinetuneJob(Config):
+    """What finetune trains on and where it writes."""
+
+    task: Literal["random-number", "arithmetic"] | None = arg(None, "a ready-made target instead of --prompt/--potential")
+    out: str = arg("policy", "folder for the adapter, its training log and plot", path="folder")
+    keep_checkpoint: bool = arg(False, "keep the resumable checkpoint (optimizer state, RNG) after training")
+
+
+@dataclass(frozen=True)
+class BoundsJob(Config):
+    """Which samplers bounds measures, and where it writes."""
+
+    sampler: tuple[str, ...] = arg((), "NAME=TWIST_DIR, NAME=model:MODEL or NAME=adapter:DIR ('base' is always in)",
+                                   repeat=True)
+    out: str | None = arg(None, "write the table's rows to this JSONL file", path="file")
+    plot: str | None = arg(None, "write the bounds-over-K PNG here", path="file")
+
+    def samplers(self) -> list[tuple[str, str]]:
+        out = []
+        for spec in self.sampler:
+            name, sep, where = spec.partition("=")
+            if not sep or not name or not where:
+                raise ValueError(f"--sampler takes NAME=TWIST_DIR, NAME=model:MODEL or NAME=adapter:DIR, got {spec!r}")
+            out.append((name, where))
+        return out
+
+
+@dataclass(frozen=True)
+class BenchConfig(Config):
+    """What bench measures."""
+
+    json: bool = arg(False, "print the report as JSON")
+    n_particles: int = arg(64, "particles of the SMC-vs-generate legs", low=1)
+    new_tokens: int = arg(32, "tokens drawn per particle in those legs", low=1)
+    repeats: int = arg(2, "timed rounds of each leg (alternating)", low=1)
+

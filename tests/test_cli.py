@@ -1,0 +1,147 @@
+"""The command line as a new user meets it: one-line errors before any model loads, one
+parser per command with the library's defaults, runs that say what they did."""
+
+import inspect
+import json
+
+import pytest
+
+import pilm
+from pilm.cli import COMMANDS, build_parser, main
+from pilm.cli_args import configs
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load fails the test: errors must come before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(pilm, "load_model", refuse)
+
+
+@pytest.fixture
+def table_model(monkeypatch):
+    """The CLI's model is a tabular LM (runs in milliseconds)."""
+    model = pilm.models.TabularLM.random(4, seed=1, eos_id=3)
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: model)
+    return model
+
+
+def one_line_error(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pilm: error: ") and err.count("\n") == 1, err
+    assert match in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sample", "--potential", "regex:(unclosed"], "invalid regular expression: missing )"),
+    (["sample", "--potential", "sentiment:positive:abc"], "BETA must be a number >= 0, got 'abc'"),
+    (["sample", "--potential", "sentiment:happy"], "sentiment label must be 'positive' or 'negative', got 'happy'"),
+    (["sample", "--potential", "toxicity:rude"], "toxicity:rude"),
+    (["sample", "--potential", "telepathy:yes"], "unknown potential spec 'telepathy:yes'"),
+    (["sample", "--twist", "no/such/twist"], "--twist: no/such/twist does not exist; train one with"),
+    (["sample", "--n-particles", "0"], "--n-particles must be >= 1, got 0"),
+    (["sample", "--n-particles", "-3"], "--n-particles must be >= 1, got -3"),
+    (["sample", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["sample", "--ess-threshold", "1.5"], "--ess-threshold must be in [0, 1], got 1.5"),
+    (["sample", "--top", "0"], "--top must be >= 1, got 0"),
+    (["train-twist", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["train-twist", "--lr", "0"], "--lr must be > 0, got 0"),
+    (["finetune", "--lora-dropout", "2"], "--lora-dropout must be in [0, 1], got 2"),
+    (["bounds", "--n-particles", "1", "0"], "--n-particles must be >= 1, got 0"),
+    (["bounds", "--sampler", "nonsense"], "--sampler takes NAME=TWIST_DIR"),
+    (["bounds", "--sampler", "ctl=no/such/twist"], "--sampler: no/such/twist does not exist"),
+    (["sample", "--out", "/proc/pilm/results.jsonl"], "--out: cannot write /proc/pilm/results.jsonl"),
+    (["sample", "--n-particles", "many"], "argument --n-particles: invalid int value: 'many'"),
+    (["sample", "--resample", "magic"], "argument --resample: invalid choice: 'magic'"),
+])
+def test_every_mistake_is_one_line_exit_2_before_the_model_loads(capsys, no_model, argv, match):
+    one_line_error(capsys, argv, match)
+
+
+def test_an_output_path_that_is_a_folder(capsys, no_model, tmp_path):
+    one_line_error(capsys, ["sample", "--out", str(tmp_path)], "is a folder; give a file")
+
+
+def test_a_folder_that_holds_no_twist(capsys, no_model, tmp_path):
+    one_line_error(capsys, ["sample", "--twist", str(tmp_path)], "holds no saved twist (twist_config.json is missing)")
+
+
+def test_unknown_model_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    one_line_error(capsys, ["sample", "--model", "no-such-org/no-such-model", "--potential", "regex:a"],
+                   "could not load model 'no-such-org/no-such-model'")
+
+
+@pytest.mark.parametrize("flag", ["--n-particles", "--resample", "--top", "--twist", "--plot"])
+def test_train_twist_has_only_its_own_flags(capsys, flag):
+    assert main(["train-twist", flag, "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pilm: error: unrecognized arguments") and err.count("\n") == 1
+
+
+def test_unknown_command_is_one_line(capsys):
+    assert main(["teleport"]) == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["sample", "train-twist", "finetune", "bounds", "bench"])
+def test_help_shows_defaults(capsys, command):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default: " in out and "--seed" in out or command == "bench"
+    if command != "bench":
+        assert "Potential specs: regex:PATTERN" in out and "--prompt" in out
+
+
+LIBRARY = {"sample": pilm.smc, "train-twist": pilm.train_twist, "finetune": pilm.finetune, "bounds": pilm.bounds}
+
+
+@pytest.mark.parametrize("command", list(LIBRARY))
+def test_every_cli_default_is_the_librarys(command):
+    args = build_parser().parse_args([command])
+    made = configs(args, COMMANDS[command][2])
+    library = inspect.signature(LIBRARY[command]).parameters
+    target = inspect.signature(pilm.Target).parameters
+    checked = 0
+    for config in made:
+        for name, value in vars(config).items():
+            where = library if name in library else target if name in target else None
+            if where is None or where[name].default is inspect.Parameter.empty:
+                continue
+            default = where[name].default
+            assert default == value or (default is None and value == ()), (command, name, default, value)
+            checked += 1
+    assert checked >= 4
+
+
+def test_a_run_says_what_it_did(capsys, table_model):
+    assert main(["sample", "--n-particles", "4", "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "pilm: note: no --prompt" in err and "pilm: note: no --potential: phi = 1" in err
+    assert "plain sampling" in out
+    assert main(["sample", "--prompt", "a", "--potential", "suffix:ab", "--n-particles", "4", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "no prefix score: importance weights until the last token" in out
+    assert "[the infilled middle]" in out and "ab'" in out.split("top samples")[1].splitlines()[1]
+
+
+def test_train_twist_writes_a_small_twist_that_knows_its_target(capsys, table_model, tmp_path):
+    out = tmp_path / "tw"
+    args = ["--prompt", "a", "--potential", "regex:[ab]*", "--max-new-tokens", "3"]
+    assert main(["train-twist", *args, "--steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert not (out / "checkpoint").exists() and " MB: twist, train.jsonl" in printed
+    saved = json.loads((out / "twist_config.json").read_text())["trained_for"]
+    assert saved == {"prompt": "a", "potential": "regex('[ab]*')", "max_new_tokens": 3}
+    assert main(["sample", "--prompt", "b", "--potential", "regex:[ab]*", "--max-new-tokens", "3",
+                 "--n-particles", "4", "--twist", str(out)]) == 0
+    assert "pilm: warning: this twist was trained for prompt 'a'" in capsys.readouterr().err
+
+
+def test_bounds_on_sampled_endings_say_so(capsys, table_model):
+    assert main(["bounds", "--prompt", "a", "--potential", "suffix:ab", "--max-new-tokens", "2", "--n-particles",
+                 "1", "2", "--seeds", "2", "--methods", "sis"]) == 0
+    assert "bounds on E_c[log Z(c)] over endings c sampled from the model" in capsys.readouterr().out
