@@ -86,3 +86,16 @@ def test_threshold_one_resamples_at_every_step(n):
     model = pilm.models.TabularLM.random(4, seed=0, eos_id=None)
     res = pilm.smc(pilm.Target(model, "a", max_new_tokens=4), n, ess_threshold=1.0, seed=0, progress=False)
     assert res.resampled_at == [1, 2, 3]  # not after the last step: every particle has ended
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_smc_draws_on_the_models_device_and_returns_on_the_cpu(tiny, device):
+    model = pilm.models.HFModel(tiny.hf.to(device), tiny.tokenizer, name="tiny")
+    targets = [pilm.Target(model, p, Regex(r"[^0-9]*"), max_new_tokens=4) for p in ["Hi", "The movie was"]]
+    runs = [pilm.smc(targets, 4, seed=3, progress=False) for _ in range(2)]
+    assert all(math.isfinite(r.log_z) and all(isinstance(t, int) for s in r.tokens for t in s) for r in runs[0])
+    assert [r.tokens for r in runs[0]] == [r.tokens for r in runs[1]]  # seeded on the device too
+    tiny.hf.to("cpu")

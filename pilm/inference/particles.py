@@ -100,8 +100,7 @@ class Resampling:
 class StepInfo:
     """What one step did. Per running row (in the model's row order): ``rows`` (particle
     index), ``drawn``, ``log_p0`` and ``log_q`` of the drawn token, ``finished``,
-    ``log_psi_now`` (log psi_t, or log phi where finished), and the model ``state`` the draw
-    came from. Per target: ``ess`` (NaN where none of its particles ran), ``resampled``,
+    ``log_psi_now`` (log psi_t, or log phi where finished). Per target: ``ess`` (NaN where none of its particles ran), ``resampled``,
     ``extinct`` (every weight became 0 at this step), ``died`` (how many of its particles
     went to weight 0 at this step)."""
 
@@ -112,7 +111,6 @@ class StepInfo:
     log_q: Tensor
     finished: Tensor
     log_psi_now: Tensor
-    state: ModelState
     ess: Tensor
     resampled: Tensor
     extinct: Tensor
@@ -168,7 +166,7 @@ def smc_step(
     row_of[rows] = torch.arange(len(rows))
     following = (decode_step(targets[0].model, state, row_of[parents[going]], tokens[parents[going], t - 1], proposal)
                  if len(going) else None)
-    return moved, following, StepInfo(t, rows, drawn, log_p0, log_q, finished, psi_now, state, **info)
+    return moved, following, StepInfo(t, rows, drawn, log_p0, log_q, finished, psi_now, **info)
 
 
 def _resample(particles: Particles, active: Tensor, alive_before: Tensor, generators, resampling: Resampling):

@@ -29,21 +29,18 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-import warnings
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import SMCConfig
-from ..enumeration import enumerate_target
-from ..errors import ExtinctionWarning, ImpossibleTargetError, TooLargeError
 from ..models.base import LanguageModel
 from ..proposals import Proposal, incremental_log_weight, log_mean_exp, make_proposal
 from ..proposals import twisted_log_q as proposal_log_probs
 from ..target import Target
 from ..twists.base import TwistFunction
+from .extinction import Extinction, extinct
 from .particles import Particles, Resampling, StepInfo, smc_step
 from .resampling import Scheme, get_scheme
 from .result import SMCResult
@@ -51,7 +48,6 @@ from .trace import Trace
 
 __all__ = ["importance_sample", "incremental_log_weight", "proposal_log_probs", "run_smc", "smc"]
 
-Extinction = Literal["warn", "raise", "return"]
 Targets = Target | Sequence[Target]
 
 
@@ -181,12 +177,13 @@ def _sequential_monte_carlo(targets, n, generators, proposal, resampling, use_pr
     state = model.start_many([t.prompt_ids for t in targets], n)
     steps: list[StepInfo] = []
     for _ in tqdm(range(horizon), desc="smc", unit="tok", disable=not progress, leave=False):
+        drawn_from = state
         particles, state, step = smc_step(particles, state, proposal, generators, targets=targets,
                                           resampling=resampling, use_prefix=use_prefix, references=references)
         if trace is not None:
-            trace.record(step)
+            trace.record(step, drawn_from)
         for g in step.extinct.nonzero().squeeze(1).tolist():
-            _extinct(targets[g], step, int(step.died[g]), n, on_extinction)
+            extinct(targets[g], step.t, int(step.died[g]), n, on_extinction)
         steps.append(step)
         if state is None:
             break
@@ -209,45 +206,6 @@ def _result(particles: Particles, steps: list[StepInfo], g: int, target: Target,
         info={**meta, "n_particles": n, "max_new_tokens": target.max_new_tokens, "potential": str(target.potential),
               "model": target.model.name, "dtype": target.model.dtype_name, "extinct_at": extinct[0] if extinct else None},
     )
-
-
-def _extinct(target: Target, step: StepInfo, died: int, n: int, policy: Extinction) -> None:
-    """Every particle of ``target`` has weight 0 after ``step``: raise, warn or say nothing."""
-    head = f"step {step.t}: all {n} particles have zero weight under potential {target.potential}"
-    if policy == "return":
-        return
-    if policy == "raise":
-        raise ImpossibleTargetError(
-            f"{head}: nothing the model proposed can satisfy it. Check that the constraint is satisfiable "
-            f"within max_new_tokens={target.max_new_tokens}, or use more particles.")
-    how = shown_impossible(target)
-    if how is not None:
-        raise ImpossibleTargetError(f"{head}, and the target is impossible: {how}")
-    remedies = "more particles, " + ("" if target.has_prefix_potential else
-                                     "a potential with a prefix score (it drops hopeless prefixes early), ") + "or a twist"
-    warnings.warn(ExtinctionWarning(
-        f"{head} ({died} of {n}, {died / n:.0%}, died at this step), so this run estimates Z-hat = 0 "
-        f"(log_z = -inf). The target is not shown impossible; to sample it, use {remedies}."), stacklevel=6)
-
-
-def shown_impossible(target: Target, max_sequences: int = 10_000) -> str | None:
-    """How we know Z = 0 for ``target``, or ``None`` if we do not: exact enumeration of a
-    small target, or every one of the V first tokens with psi = 0 (phi = 0 where it ends)."""
-    try:
-        e = enumerate_target(target, max_sequences=max_sequences)
-        if math.isinf(e.log_z):
-            return f"exact enumeration of all {len(e.tokens):,} completions gives Z = 0"
-        return None
-    except TooLargeError:
-        pass
-    if not target.has_prefix_potential and target.max_new_tokens > 1:
-        return None
-    first = list(range(target.model.vocab_size))
-    ends = [v for v in first if v == target.stop_token_id or target.max_new_tokens == 1]
-    rest = [v for v in first if v not in set(ends)]
-    dead = all(torch.isneginf(target.log_potential([[v] for v in ends])).tolist())
-    dead = dead and all(torch.isneginf(target.log_prefix_potential([[v] for v in rest])).tolist())
-    return f"each of the {len(first):,} possible first tokens has psi = 0 (all checked)" if dead else None
 
 
 def seeded_generators(seed: int, m: int, device: torch.device | str = "cpu") -> list[torch.Generator]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..models.base import ModelState
+
 
 
 @dataclass
@@ -24,9 +26,9 @@ class Trace:
 
     log_phi: dict[int, float] = field(default_factory=dict)
 
-    def record(self, step) -> None:
-        """Keep what ``step`` (a ``StepInfo``) drew, for the rows that drew it."""
-        rows, state, finished = step.rows, step.state, step.finished
+    def record(self, step, state: ModelState) -> None:
+        """Keep what ``step`` (a ``StepInfo``) drew from the model ``state``, for the rows that drew it."""
+        rows, finished = step.rows, step.finished
         self.steps.append((rows.clone(), state.hidden, step.drawn, step.log_p0, step.log_q,
                            state.logprobs if self.keep_logprobs else None))
         for k, value in zip(rows[finished].tolist(), step.log_psi_now[finished].tolist()):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..proposals.weights import log_mean_exp
 from ..target import Target
 from .objectives import PolicyBatch
 
@@ -38,6 +38,6 @@ class LogZ(nn.Module):
         """Shift log Z to the batch's importance-sampling estimate log (1/B) sum_b R(z_b)/q(z_b)
         (not a random offset of many nats); returns the new value, with gradients."""
         with torch.no_grad():
-            estimate = torch.logsumexp(batch.log_r_final - batch.log_q_total, 0) - math.log(len(batch.log_q))
+            estimate = log_mean_exp(batch.log_r_final - batch.log_q_total).to(self.value.dtype)
             self.value += estimate - self(target, prompt_ids)
         return self(target, prompt_ids)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..config import TwistTrainingConfig
 from ..inference.resampling import ess
+from ..proposals.weights import log_mean_exp
 from ..inference.smc import run_smc
 from ..inference.trace import Trace
 from ..target import Target
@@ -136,7 +137,7 @@ def train_twist(
         record = {
             "step": step + 1, "loss": loss.item(),
             "ess": ess(lw) if finite else 0.0,
-            "log_z": float(torch.logsumexp(lw, 0) - torch.log(torch.tensor(float(len(lw))))) if finite else float("-inf"),
+            "log_z": float(log_mean_exp(lw)),
             "seconds": time.perf_counter() - t0,
         }
         history.append(record)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...proposals.weights import sequence_log_weight
+
 
 @dataclass
 class TwistBatch:
@@ -49,8 +51,8 @@ def masked_softmax(log_w: Tensor, mask: Tensor, dim: int = 0) -> Tensor:
 
 def sis_log_weights(batch: TwistBatch) -> Tensor:
     """log w^k = log p0(s^k) + log phi(s^k) - log q(s^k): the final importance weight of
-    sequence k for sigma (detached)."""
-    return ((batch.log_p0 - batch.log_q) * batch.mask).sum(1).detach() + batch.log_phi
+    sequence k for sigma (detached; ``pilm.proposals.weights.sequence_log_weight``)."""
+    return sequence_log_weight(batch.log_p0, batch.log_q, batch.mask, batch.log_phi).detach()
 
 
 def sigma_weights(batch: TwistBatch) -> Tensor:

@@ -1,0 +1,61 @@
+"""What a run whose particles all died means: Z-hat = 0 by chance, or a target shown impossible.
+
+Z-hat = 0 is a legitimate value of an unbiased estimator: a satisfiable target with Z = 0.03
+and 16 particles with no prefix score is extinct in (0.97)^16 ≈ 61% of runs. So extinction
+returns log_z = -inf with an ``ExtinctionWarning``, and ``ImpossibleTargetError`` is kept
+for targets shown to have Z = 0.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import torch
+
+from ..enumeration import enumerate_target
+from ..errors import ExtinctionWarning, ImpossibleTargetError, TooLargeError
+from ..target import Target
+
+Extinction = Literal["warn", "raise", "return"]
+
+
+def extinct(target: Target, t: int, died: int, n: int, policy: Extinction) -> None:
+    """Every particle of ``target`` has weight 0 after step ``t`` (``died`` of ``n`` at that
+    step): raise, warn or say nothing, as ``policy`` says."""
+    head = f"step {t}: all {n} particles have zero weight under potential {target.potential}"
+    if policy == "return":
+        return
+    if policy == "raise":
+        raise ImpossibleTargetError(
+            f"{head}: nothing the model proposed can satisfy it. Check that the constraint is satisfiable "
+            f"within max_new_tokens={target.max_new_tokens}, or use more particles.")
+    how = shown_impossible(target)
+    if how is not None:
+        raise ImpossibleTargetError(f"{head}, and the target is impossible: {how}")
+    remedies = "more particles, " + ("" if target.has_prefix_potential else
+                                     "a potential with a prefix score (it drops hopeless prefixes early), ") + "or a twist"
+    warnings.warn(ExtinctionWarning(
+        f"{head} ({died} of {n}, {died / n:.0%}, died at this step), so this run estimates Z-hat = 0 "
+        f"(log_z = -inf). The target is not shown impossible; to sample it, use {remedies}."), stacklevel=6)
+
+
+def shown_impossible(target: Target, max_sequences: int = 10_000) -> str | None:
+    """How we know Z = 0 for ``target``, or ``None`` if we do not: exact enumeration of a
+    small target, or every one of the V first tokens with psi = 0 (phi = 0 where it ends)."""
+    try:
+        e = enumerate_target(target, max_sequences=max_sequences)
+        if math.isinf(e.log_z):
+            return f"exact enumeration of all {len(e.tokens):,} completions gives Z = 0"
+        return None
+    except TooLargeError:
+        pass
+    if not target.has_prefix_potential and target.max_new_tokens > 1:
+        return None
+    first = list(range(target.model.vocab_size))
+    ends = [v for v in first if v == target.stop_token_id or target.max_new_tokens == 1]
+    rest = [v for v in first if v not in set(ends)]
+    dead = all(torch.isneginf(target.log_potential([[v] for v in ends])).tolist())
+    dead = dead and all(torch.isneginf(target.log_prefix_potential([[v] for v in rest])).tolist())
+    return f"each of the {len(first):,} possible first tokens has psi = 0 (all checked)" if dead else None
