@@ -4,7 +4,7 @@ Sample sigma(s | x) ∝ p0(s | x) phi(s) with importance sampling, SMC and rejec
 unbiased estimates of Z; check everything exactly on enumerable models.
 """
 
-from . import learning, models, potentials, tasks, testing, twists
+from . import learning, models, potentials, proposals, tasks, testing, twists
 from .errors import (
     EmptyPromptError, ExtinctionWarning, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
     RejectionBudgetError, TooLargeError,
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BoundsReport", "bounds", "EmptyPromptError", "ExtinctionWarning", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact", "finetune",
-    "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "rejection_sample", "smc",
+    "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "proposals", "rejection_sample", "smc",
     "tasks", "testing", "train_twist", "twists",
 ]

@@ -215,3 +215,15 @@ def test_cli_finetune_arithmetic_with_the_calculator(tmp_path, capsys):
                  "--lora-rank", "4", "--out", str(out)]) == 0
     assert "fine-tuned a rank-4 LoRA policy with sft" in capsys.readouterr().out
     assert len((out / "train.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_demo_meets_its_constraint_and_prints_no_warning(tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecation or any other warning fails the demo
+        assert main(["demo", "--out", str(tmp_path / "r.jsonl"), "--plot", str(tmp_path / "ess.png")]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err.lower()
+    samples = [line.split("  ", 2)[-1] for line in out.split("top samples")[1].splitlines()[1:] if line.startswith("  ")]
+    assert samples and all("e" not in s[1:].removeprefix("My favourite weather is").lower() for s in samples)
+    assert "plain sampling met the constraint in" in out and (tmp_path / "ess.png").exists()
+    assert pilm.SMCResult.from_jsonl(tmp_path / "r.jsonl").info["dtype"] == str(pilm.models.default_dtype())[6:]
