@@ -21,9 +21,10 @@ from ..target import Target
 Extinction = Literal["warn", "raise", "return"]
 
 
-def extinct(target: Target, t: int, died: int, n: int, policy: Extinction) -> None:
+def extinct(target: Target, t: int, died: int, n: int, policy: Extinction, *, used_prefix: bool = True) -> None:
     """Every particle of ``target`` has weight 0 after step ``t`` (``died`` of ``n`` at that
-    step): raise, warn or say nothing, as ``policy`` says."""
+    step): raise, warn or say nothing, as ``policy`` says. ``used_prefix``: whether the run
+    used the potential's prefix score (importance sampling does not)."""
     head = f"step {t}: all {n} particles have zero weight under potential {target.potential}"
     if policy == "return":
         return
@@ -34,8 +35,13 @@ def extinct(target: Target, t: int, died: int, n: int, policy: Extinction) -> No
     how = shown_impossible(target)
     if how is not None:
         raise ImpossibleTargetError(f"{head}, and the target is impossible: {how}")
-    remedies = "more particles, " + ("" if target.has_prefix_potential else
-                                     "a potential with a prefix score (it drops hopeless prefixes early), ") + "or a twist"
+    if not target.has_prefix_potential:
+        prefix = "a potential with a prefix score (it drops hopeless prefixes early), "
+    elif not used_prefix:
+        prefix = "pilm.smc (it uses the potential's prefix score, which drops hopeless prefixes early), "
+    else:
+        prefix = ""
+    remedies = f"more particles, {prefix}or a twist"
     warnings.warn(ExtinctionWarning(
         f"{head} ({died} of {n}, {died / n:.0%}, died at this step), so this run estimates Z-hat = 0 "
         f"(log_z = -inf). The target is not shown impossible; to sample it, use {remedies}."), stacklevel=6)

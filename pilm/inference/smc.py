@@ -183,7 +183,7 @@ def _sequential_monte_carlo(targets, n, generators, proposal, resampling, use_pr
         if trace is not None:
             trace.record(step, drawn_from)
         for g in step.extinct.nonzero().squeeze(1).tolist():
-            extinct(targets[g], step.t, int(step.died[g]), n, on_extinction)
+            extinct(targets[g], step.t, int(step.died[g]), n, on_extinction, used_prefix=use_prefix)
         steps.append(step)
         if state is None:
             break
