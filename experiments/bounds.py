@@ -74,12 +74,21 @@ def main() -> None:
         r["train_seconds"] = seconds.get(r["sampler"])
     report.info["config"] = vars(args)
     report.to_jsonl(out / "results.jsonl")
-    report.plot(out / "bounds.png", title=f"infilling, T={horizon}, suffix {m} tokens, {args.seeds} seeds")
+    plot(report, out, f"infilling, T={horizon}, suffix {m} tokens, {args.seeds} seeds")
     write_markdown(report.rows, out, f"Infilling on {model.name}: T = {horizon} new tokens, suffix of {m} tokens "
                    f"sampled from the joint per seed; {args.seeds} seeds; twists: conditional {args.head} heads, "
                    f"{args.steps} steps x batch {args.batch_size}, lr {args.lr}. Bounds are means over seeds ± 95% "
                    "half-widths; gap = upper - lower.")
     print(report.table())
+
+
+def plot(report: pilm.BoundsReport, out: Path, title: str) -> None:
+    """bounds.png (every sampler) and bounds_zoom.png (without samplers whose upper bound
+    is far above the others', e.g. FUDGE's, so the rest can be told apart)."""
+    report.plot(out / "bounds.png", title=title)
+    far = {r["sampler"] for r in report.rows if r["upper"] > 0}
+    zoom = pilm.BoundsReport([r for r in report.rows if r["sampler"] not in far], report.log_z_exact, report.info)
+    zoom.plot(out / "bounds_zoom.png", title=f"{title}{' (without ' + ', '.join(sorted(far)) + ')' if far else ''}")
 
 
 def write_markdown(rows: list[dict], out: Path, caption: str) -> None:
