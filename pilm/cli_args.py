@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import Config, arg
+from .errors import ConfigError
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,14 +53,32 @@ def _flag(kind, default, metadata) -> dict:
     if origin is Literal:
         return {**kw, "choices": list(args), "type": type(args[0])}
     if origin is tuple:
-        item = args[0]
-        item_kw = {"choices": list(typing.get_args(item)), "type": str} if typing.get_origin(item) is Literal \
-            else {"type": item}
-        if metadata.get("repeat"):
-            return {**kw, **item_kw, "action": "append", "default": argparse.SUPPRESS,
-                    "help": f"{metadata['help']} (repeatable; default: {' '.join(map(str, default)) or 'none'})"}
-        return {**kw, **item_kw, "nargs": "+" if args[-1] is Ellipsis else len(args)}
+        shown = " ".join(map(str, default)) if default else "none"
+        if metadata.get("repeat"):  # one item per flag: a spec may itself contain commas
+            return {**kw, "type": args[0], "action": "append", "default": argparse.SUPPRESS,
+                    "help": f"{metadata['help']} (repeatable; default: {shown})"}
+        return {**kw, "type": _items(args[0]), "nargs": "+", "action": "extend", "default": argparse.SUPPRESS,
+                "metavar": "V", "help": f"{metadata['help']} (space- or comma-separated; default: {shown})"}
     return {**kw, "type": kind}
+
+
+def _items(item):
+    """An argparse type for a list flag: one token of comma-separated values of ``item``."""
+    choices = typing.get_args(item) if typing.get_origin(item) is Literal else None
+    convert = str if choices else item
+
+    def parse(text: str) -> list:
+        values = []
+        for part in filter(None, text.split(",")):
+            try:
+                values.append(convert(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"invalid {convert.__name__} value: {part!r}") from None
+            if choices and values[-1] not in choices:
+                raise argparse.ArgumentTypeError(f"invalid choice: {part!r} (choose from {', '.join(choices)})")
+        return values
+
+    return parse
 
 
 def configs(namespace: argparse.Namespace, classes, defaults: dict | None = None) -> list:
@@ -69,13 +88,28 @@ def configs(namespace: argparse.Namespace, classes, defaults: dict | None = None
     made = []
     for cls in classes:
         values = {}
+        hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            value = getattr(namespace, f.name, None)
-            if value is None and f.metadata.get("repeat"):
+            if not hasattr(namespace, f.name):  # a list flag not given
                 value = defaults.get(f.name, f.default)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
+            else:
+                value = getattr(namespace, f.name)
+            if isinstance(value, list):  # tokens, each a list of comma-separated items for a list flag
+                value = tuple(v for part in value for v in (part if isinstance(part, list) else [part]))
+                size = _fixed_size(hints[f.name])
+                if size is not None and len(value) != size:
+                    raise ConfigError(f.name, f"takes {size} values, got {len(value)}")
+            values[f.name] = value
         made.append(cls(**values))
     return made
+
+
+def _fixed_size(kind) -> int | None:
+    """How many items a ``tuple[X, Y, ...]`` field takes (``None``: any number)."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if args and typing.get_origin(args[0]) is tuple:  # X | None
+        args = list(typing.get_args(args[0]))
+    return None if not args or args[-1] is Ellipsis else len(args)
 
 
 def check_paths(made) -> None:

@@ -1,7 +1,11 @@
 import math
+import os
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # n workers share the cores: no thread oversubscription
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 import pilm
 from pilm.potentials import FunctionPotential, Regex

@@ -52,6 +52,9 @@ def one_line_error(capsys, argv, match):
     (["train-twist", "--lr", "0"], "--lr must be > 0, got 0"),
     (["finetune", "--lora-dropout", "2"], "--lora-dropout must be in [0, 1], got 2"),
     (["bounds", "--n-particles", "1", "0"], "--n-particles must be >= 1, got 0"),
+    (["bounds", "--n-particles", "1,x"], "argument --n-particles: invalid int value: 'x'"),
+    (["bounds", "--methods", "sis,bogus"], "argument --methods: invalid choice: 'bogus'"),
+    (["finetune", "--explore", "0.5,0.5"], "--explore takes 3 values, got 2"),
     (["bounds", "--sampler", "nonsense"], "--sampler takes NAME=TWIST_DIR"),
     (["bounds", "--sampler", "ctl=no/such/twist"], "--sampler: no/such/twist does not exist"),
     (["sample", "--out", "/proc/pilm/results.jsonl"], "--out: cannot write /proc/pilm/results.jsonl"),
@@ -115,6 +118,18 @@ def test_every_cli_default_is_the_librarys(command):
             assert default == value or (default is None and value == ()), (command, name, default, value)
             checked += 1
     assert checked >= 4
+
+
+def test_list_flags_take_spaces_or_commas():
+    parse = build_parser().parse_args
+    bounds = configs(parse(["bounds", "--n-particles", "1,4", "16", "--methods", "sis"]), COMMANDS["bounds"][2])[1]
+    assert bounds.n_particles == (1, 4, 16) and bounds.methods == ("sis",)
+    ft = configs(parse(["finetune", "--reward-temperature", "1.1,0.5", "--explore", "0.25", "0.5", "0.25"]),
+                 COMMANDS["finetune"][2])[1]
+    assert ft.reward_temperature == (1.1, 0.5) and ft.explore == (0.25, 0.5, 0.25)
+    sample = configs(parse(["sample", "--potential", "regex:[^,]*", "--potential", "sentiment:positive"]),
+                     COMMANDS["sample"][2])[0]
+    assert sample.potential == ("regex:[^,]*", "sentiment:positive")  # a spec keeps its commas
 
 
 def test_a_run_says_what_it_did(capsys, table_model):
