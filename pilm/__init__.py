@@ -4,15 +4,19 @@ Sample sigma(s | x) ∝ p0(s | x) phi(s) with importance sampling, SMC and rejec
 unbiased estimates of Z; check everything exactly on enumerable models.
 """
 
-from . import learning, models, potentials, proposals, tasks, testing, twists
+from . import learning, models, potentials, prm, proposals, tasks, testing, twists
 from .errors import (
     EmptyPromptError, ExtinctionWarning, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
     RejectionBudgetError, TooLargeError,
 )
 from .evaluation import BoundsReport, bounds, exact
-from .inference import ModelProposal, RejectionResult, SMCResult, importance_sample, rejection_sample, smc
-from .learning import finetune, train_twist
+from .inference import (
+    ModelProposal, RejectionResult, SMCResult, StepResult, best_of_n, dvts, greedy, importance_sample, particle_filter,
+    particle_gibbs, prm_beam_search, rejection_sample, self_consistency, smc,
+)
+from .learning import finetune, train_prm, train_twist
 from .models import load_model
+from .steps import Steps
 from .target import Target
 from .twists import Twist
 
@@ -21,5 +25,6 @@ __all__ = [
     "BoundsReport", "bounds", "EmptyPromptError", "ExtinctionWarning", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact", "finetune",
     "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "proposals", "rejection_sample", "smc",
-    "tasks", "testing", "train_twist", "twists",
+    "tasks", "testing", "train_twist", "twists", "prm", "Steps", "StepResult", "best_of_n", "dvts", "greedy",
+    "particle_filter", "particle_gibbs", "prm_beam_search", "self_consistency", "train_prm",
 ]

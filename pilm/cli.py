@@ -1,4 +1,4 @@
-"""``pilm`` on the command line: sample | train-twist | finetune | bounds | demo | bench.
+"""``pilm`` on the command line: sample | train-twist | finetune | bounds | scale | demo | bench.
 
 Each command has its own parser, generated from the config dataclasses it runs
 (``pilm.config``; see ``pilm.cli_args``), so its defaults are the library's and ``--help``
@@ -15,8 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from .cli_args import BenchConfig, BoundsJob, FinetuneJob, Parser, SampleOutput, TwistOutput, check_paths, configs
-from .config import BoundsConfig, FinetuneConfig, SMCConfig, TargetConfig, TwistTrainingConfig
+from .cli_args import (
+    BenchConfig, BoundsJob, FinetuneJob, Parser, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
+)
+from .config import BoundsConfig, FinetuneConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig
 from .errors import ConfigError, PilmError
 
 DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32,
@@ -185,6 +187,24 @@ def _run_bench(cfg: BenchConfig) -> int:
     return 0
 
 
+def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
+    from .scaling import plot, run_scale, summarise, table
+
+    if cfg.prm == "learned" and job.prm_path is None:
+        raise ValueError("--prm learned needs --prm-path, a folder written by pilm.train_prm")
+    rows = run_scale(cfg, job.out, prm_path=job.prm_path)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        summary = summarise(rows)
+        text = table(summary)
+        Path(job.out, "table.md").write_text(text + "\n")
+        plot(summary, Path(job.out, "scale.png"))
+        print(text)
+        print(f"wrote {rows}, {Path(job.out, 'table.md')} and {Path(job.out, 'scale.png')}")
+    return 0
+
+
 def _size(folder: Path) -> str:
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return f"{total / 2**20:.1f} MB"
@@ -200,6 +220,8 @@ COMMANDS = {  # name: (help, run, configs, defaults)
                (TargetConfig, BoundsConfig, BoundsJob), {}),
     "demo": ("SMC under a constraint plain sampling rarely meets, on the embedded model", _run_demo,
              (TargetConfig, SMCConfig, SampleOutput), DEMO),
+    "scale": ("accuracy against inference compute: greedy, self-consistency, best-of-N, PRM beam search, DVTS, "
+              "particle filters and particle Gibbs on a reasoning task", _run_scale, (ScaleConfig, ScaleJob), {}),
     "bench": ("SMC time and memory over transformers generate, in one process", _run_bench, (BenchConfig,), {}),
 }
 

@@ -217,3 +217,12 @@ class BenchConfig(Config):
     new_tokens: int = arg(32, "tokens drawn per particle in those legs", low=1)
     repeats: int = arg(2, "timed rounds of each leg (alternating)", low=1)
 
+
+
+@dataclass(frozen=True)
+class ScaleJob(Config):
+    """Where scale writes, and the learned PRM it reads."""
+
+    out: str = arg("scale", "folder for rows.jsonl (resumed if present), table.md and scale.png", path="folder")
+    prm_path: str | None = arg(None, "folder of a learned PRM saved by pilm.train_prm (for --prm learned)",
+                               path="twist")

@@ -124,3 +124,25 @@ class BoundsConfig(Config):
         "auto", "where the exact samples of sigma for the upper bounds come from")
     max_draws: int = arg(100_000, "budget of rejection sampling for exact samples", low=1)
     seed: int = arg(0, "random seed")
+
+
+@dataclass(frozen=True)
+class ScaleConfig(Config):
+    """What ``pilm scale`` compares: accuracy against inference compute on a reasoning task."""
+
+    task: Literal["arithmetic-chain"] = arg("arithmetic-chain", "reasoning task")
+    model: str | None = arg(None, "policy model: embedded name (smollm2-135m, the default), hub id or folder")
+    methods: tuple[Literal["greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"], ...] = arg(
+        ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"), "methods to run")
+    n: tuple[int, ...] = arg((1, 4, 16, 64), "budgets N (chains per problem)", low=1)
+    prm: Literal["verifier", "judge", "learned"] = arg("verifier", "process reward: exact step verifier, LM judge, "
+                                                      "or a learned value head (--prm-path)")
+    problems: int = arg(100, "problems", low=1)
+    operands: tuple[int, int] = arg((3, 5), "fewest and most operands of a problem", low=2)
+    temperature: float = arg(0.8, "policy temperature (the paper's 0.8)", low=0)
+    width: int = arg(4, "beam width of beam search and DVTS (M)", low=1)
+    iterations: int = arg(2, "particle Gibbs sweeps (each with N / iterations particles)", low=1)
+    tau: float = arg(1.0, "softmax temperature of the paper's weights", low=0, strict=True)
+    aggregation: Literal["last", "min", "prod", "mean"] = arg("last", "how a chain's step scores combine")
+    max_rows: int = arg(512, "chains advanced in one batch (problems x N)", low=1)
+    seed: int = arg(0, "random seed of problems and samplers")

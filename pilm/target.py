@@ -11,6 +11,7 @@ from .config import TargetConfig
 from .models.base import LanguageModel
 from .potentials.base import Potential, Sequences, evaluate
 from .potentials.spec import parse_potential
+from .steps import Steps
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Target:
     max_new_tokens: int = TargetConfig.max_new_tokens
     chat: bool = False
     stop: str | int | None = None
+    steps: Steps | None = None
+    question: str | None = None
     prompt_ids: tuple[int, ...] = field(init=False)
     stop_token_id: int | None = field(init=False)
 
@@ -49,6 +52,10 @@ class Target:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.model.name}")
         self.model.context(self.prompt_ids)  # an empty prompt on a model with no BOS fails here
         self.stop_token_id = self._stop_id()
+        if self.steps is not None and not isinstance(self.steps, Steps):
+            raise TypeError(f"steps must be a pilm.steps.Steps, got {type(self.steps).__name__}")
+        if self.question is None:
+            self.question = self.model.decode(self.prompt_ids)
 
     def _stop_id(self) -> int | None:
         if self.stop is None:

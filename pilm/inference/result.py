@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..prm.base import aggregate
 from .resampling import normalized
 
 
@@ -74,3 +75,93 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Every record of a JSONL file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+SELECTIONS = ("argmax", "sample", "vote", "weighted_vote")
+
+
+@dataclass
+class StepResult:
+    """One step-level run on one target (particle filter, particle Gibbs, PRM search, voting).
+
+    Per particle: ``samples`` (text), ``tokens``, ``steps`` (the text of each step), ``scores``
+    (the process reward after each step), ``answers`` (the final answer each states, canonical,
+    or ``None``), ``log_weights`` (final, unnormalised) and ``alive`` (still in the pool; a
+    search discards rows). ``log_z``: log Z-hat of the run's target when its weights are
+    importance weights or the paper's per-step potentials (``importance`` says which), NaN for
+    searches. ``ess`` and ``resampled_at`` are per step boundary. ``info`` holds the settings
+    and this target's share of the compute: policy ``tokens``, ``forwards``, ``prm_calls``,
+    ``prm_lm_tokens`` (tokens a judge ran), ``seconds``, and ``cut_steps`` (steps cut at
+    ``max_step_tokens``).
+    """
+
+    samples: list[str]
+    tokens: list[list[int]]
+    steps: list[list[str]]
+    scores: list[list[float]]
+    answers: list[str | None]
+    log_weights: list[float]
+    alive: list[bool]
+    log_z: float
+    ess: list[float]
+    resampled_at: list[int]
+    aggregation: str = "last"
+    importance: bool = False
+    method: str = "particle filter"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_particles(self) -> int:
+        return len(self.samples)
+
+    @property
+    def weights(self) -> list[float]:
+        """Normalised final weights (0 for discarded rows)."""
+        lw = torch.tensor(self.log_weights, dtype=torch.float64)
+        lw[~torch.tensor(self.alive, dtype=torch.bool)] = -math.inf
+        if torch.isneginf(lw).all():
+            return [0.0] * len(lw)
+        return normalized(lw).tolist()
+
+    @property
+    def aggregated(self) -> list[float]:
+        """Each particle's per-step scores combined by ``aggregation`` (NaN without scores)."""
+        return [aggregate(s, self.aggregation) if s else math.nan for s in self.scores]
+
+    def answer(self, select: str = "weighted_vote", *, seed: int = 0) -> str | None:
+        """The run's answer. ``"argmax"``: the particle with the highest aggregated score
+        (the peers' default); ``"sample"``: one particle drawn by its final weight;
+        ``"vote"``: the most frequent answer (majority, ties to the first seen);
+        ``"weighted_vote"``: the answer with the largest total weight, where a particle weighs
+        its normalised importance weight when the run has them (a self-normalised estimate
+        of sigma's answer distribution, Feng et al. 2025) and its aggregated score otherwise
+        (search-and-learn's weighted best-of-N). Particles without an answer are skipped;
+        ``None`` if none has one."""
+        if select not in SELECTIONS:
+            raise ValueError(f"unknown selection {select!r}; choose one of {', '.join(SELECTIONS)}")
+        rows = [k for k in range(self.n_particles) if self.alive[k]]
+        if select == "argmax":
+            scores = self.aggregated
+            if all(math.isnan(scores[k]) for k in rows):
+                raise ValueError("argmax selection needs process-reward scores; this run has none (use 'vote')")
+            return self.answers[max(rows, key=lambda k: scores[k])]
+        if select == "sample":
+            w = torch.tensor(self.weights, dtype=torch.float64)
+            if w.sum() <= 0:
+                return None
+            return self.answers[int(torch.multinomial(w, 1, generator=torch.Generator().manual_seed(seed)))]
+        if select == "vote":
+            weight = dict.fromkeys(rows, 1.0)
+        elif self.importance:
+            weight = dict(zip(range(self.n_particles), self.weights))
+        else:
+            agg = self.aggregated
+            weight = {k: (1.0 if math.isnan(agg[k]) else agg[k]) for k in rows}
+        totals: dict[str, float] = {}
+        for k in rows:
+            if self.answers[k] is not None:
+                totals[self.answers[k]] = totals.get(self.answers[k], 0.0) + weight[k]
+        return max(totals, key=totals.get) if totals else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

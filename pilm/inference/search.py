@@ -1,4 +1,7 @@
-"""Beam search and diverse beam search: the deterministic baselines an amortised sampler of
+"""Beam search and diverse beam search over tokens, and PRM-guided searches over reasoning
+steps (beam search, DVTS): the deterministic baselines.
+
+Token level: beam search and diverse beam search are the deterministic baselines an amortised sampler of
 p0^{1/T} is compared with (Hu et al. 2024, sentence continuation).
 
 Beam search keeps the ``beams`` highest-scoring prefixes under log p0 and returns the best
@@ -13,11 +16,19 @@ never recomputed.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..models.base import LanguageModel, Tokens, decode_step
+from ..prm import ProcessReward, as_prm
+from ..target import Target
+from ..twists.base import TwistFunction
+from .result import StepResult
+from .smc import seeded_generators
+from .stepwise import Boundary, Decision, Rule, run_steps, step_targets
 
 
 @dataclass(frozen=True)
@@ -84,3 +95,93 @@ def beam_search(model: LanguageModel, prompt_ids: Tokens, *, beams: int, max_new
         pool = done[g] + [Hypothesis(seq, s, False) for seq, s in live[g]]
         out += sorted(pool, key=lambda h: -h.log_p)[:width]
     return out
+
+
+class BeamSelection(Rule):
+    """PRM beam search over steps (search-and-learn's ``beam_search`` with its recipe's
+    ``filter_duplicates``): keep the ceil(N / ``width``) distinct chains with the highest
+    aggregated score (finished ones compete too), copy each unfinished one ``width`` times so that each copy draws its own next step,
+    keep finished ones once, and drop the rest: never more than N chains."""
+
+    name = "beam"
+
+    def __init__(self, width: int):
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"beam width must be a positive integer, got {width!r}")
+        self.width = width
+
+    def decide(self, b: Boundary) -> Decision:
+        n = len(b.scores)
+        ranked = sorted(b.alive.nonzero().squeeze(1).tolist(), key=lambda k: -_score(b.scores, k))
+        distinct = list({b.chains[k]: k for k in reversed(ranked)}.values())[::-1] if b.chains else ranked
+        distinct.sort(key=lambda k: -_score(b.scores, k))
+        parents: list[int] = []
+        for k in distinct[: -(-n // self.width)]:
+            parents += [k] * (1 if b.finished[k] else self.width)
+        parents = parents[:n]
+        alive = torch.zeros(n, dtype=torch.bool)
+        alive[: len(parents)] = True
+        parents += [parents[0]] * (n - len(parents))
+        return Decision(b.log_w.new_zeros(n), b.log_psi, alive, torch.tensor(parents))
+
+
+class SubtreeSelection(Rule):
+    """DVTS (search-and-learn's ``diverse_verifier_tree_search``): the N rows form N / ``width``
+    independent subtrees of ``width`` rows; in each, the chain with the highest aggregated
+    score is kept and copied to all the subtree's rows (once only, if it is finished)."""
+
+    name = "dvts"
+
+    def __init__(self, width: int):
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"subtree width must be a positive integer, got {width!r}")
+        self.width = width
+
+    def decide(self, b: Boundary) -> Decision:
+        n = len(b.scores)
+        parents, alive = torch.arange(n), b.alive.clone()
+        for lo in range(0, n, self.width):
+            rows = [k for k in range(lo, min(lo + self.width, n)) if b.alive[k]]
+            if not rows:
+                continue
+            best = max(rows, key=lambda k: _score(b.scores, k))
+            parents[lo: lo + self.width] = best
+            alive[lo: lo + self.width] = not bool(b.finished[best])
+            alive[lo] = True
+        return Decision(b.log_w.new_zeros(n), b.log_psi, alive, parents)
+
+
+def _score(scores, k: int) -> float:
+    value = float(scores[k])
+    return -math.inf if math.isnan(value) else value
+
+
+def _search(target, prm, n, rule, *, temperature, aggregation, step, seed, method, progress):
+    targets, single = step_targets(target, step)
+    if not isinstance(n, int) or n < rule.width:
+        raise ValueError(f"{method} needs n >= its width ({rule.width}), got {n!r}")
+    out = run_steps(targets, n, as_prm(prm), rule, seeded_generators(seed, len(targets), targets[0].model.device),
+                    temperature=temperature, aggregation=aggregation, method=method, progress=progress,
+                    info={"seed": seed, "width": rule.width})
+    for r in out:
+        r.method = method
+    return out[0] if single else out
+
+
+def prm_beam_search(target: Target | Sequence[Target], prm: ProcessReward | TwistFunction, n: int, *, width: int = 4,
+                    temperature: float = 1.0, aggregation: str = "last", step=None, seed: int = 0,
+                    progress: bool = False) -> StepResult | list[StepResult]:
+    """Step-level beam search guided by ``prm`` with ``n`` chains in flight and beam width
+    ``width`` (``BeamSelection``): a deterministic search for high-scoring chains, not a
+    sampler of any distribution. Answer with ``.answer("argmax")`` or a vote."""
+    return _search(target, prm, n, BeamSelection(width), temperature=temperature, aggregation=aggregation, step=step,
+                   seed=seed, method="beam", progress=progress)
+
+
+def dvts(target: Target | Sequence[Target], prm: ProcessReward | TwistFunction, n: int, *, width: int = 4,
+         temperature: float = 1.0, aggregation: str = "last", step=None, seed: int = 0,
+         progress: bool = False) -> StepResult | list[StepResult]:
+    """Diverse verifier tree search: n / ``width`` independent greedy-by-PRM subtrees
+    (``SubtreeSelection``). Answer with ``.answer("argmax")`` or a vote."""
+    return _search(target, prm, n, SubtreeSelection(width), temperature=temperature, aggregation=aggregation,
+                   step=step, seed=seed, method="dvts", progress=progress)

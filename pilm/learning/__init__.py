@@ -2,7 +2,8 @@
 
 from .objectives import FINETUNE_OBJECTIVES, OBJECTIVES, PolicyBatch, TwistBatch, get_objective
 from .policy_trainer import finetune
+from .prm_trainer import train_prm
 from .twist_trainer import sample_batch, train_twist
 
 __all__ = ["FINETUNE_OBJECTIVES", "OBJECTIVES", "PolicyBatch", "TwistBatch", "finetune", "get_objective", "sample_batch",
-           "train_twist"]
+           "train_prm", "train_twist"]

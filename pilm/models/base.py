@@ -97,8 +97,11 @@ class LanguageModel(ABC):
         return None
 
     @abstractmethod
-    def advance(self, state: ModelState, tokens: Tensor) -> ModelState:
-        """Append ``tokens[i]`` to row i (one batched forward) and return the next-token state."""
+    def advance(self, state: ModelState, tokens: Tensor, hold: Tensor | None = None) -> ModelState:
+        """Append ``tokens[i]`` to row i (one batched forward) and return the next-token state.
+        Rows where the boolean ``hold`` is set wait: nothing is appended to them (their
+        ``tokens`` entry is ignored) and their state stays as it was, so rows that reached a
+        step boundary can wait while the others finish their step."""
 
     @abstractmethod
     def reindex(self, state: ModelState, idx: Tensor) -> ModelState:

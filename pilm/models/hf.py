@@ -117,11 +117,23 @@ class HFModel(LanguageModel):
         state = ModelState(logprobs, hidden, cache, width, mask)
         return self.reindex(state, torch.arange(len(ctxs)).repeat_interleave(n))
 
-    def advance(self, state: ModelState, tokens: Tensor) -> ModelState:
+    def advance(self, state: ModelState, tokens: Tensor, hold: Tensor | None = None) -> ModelState:
+        """Held rows get a masked-out position (a hole their attention and positions skip)
+        and keep their previous next-token state."""
         mask = state.mask
+        held = hold is not None and bool(hold.any())
+        if held and mask is None:
+            mask = torch.ones(state.n, state.length, dtype=torch.long, device=self.device)
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            new = mask.new_ones(len(mask), 1) if not held else (~hold).long().view(-1, 1).to(mask.device)
+            mask = torch.cat([mask, new], 1)
+        if held:
+            tokens = torch.where(hold.to(tokens.device), 0, tokens)
         logprobs, hidden, cache = self._forward(tokens.view(-1, 1), state.cache, mask)
+        if held:
+            keep = hold.to(logprobs.device).view(-1, 1)
+            logprobs = torch.where(keep, state.logprobs, logprobs)
+            hidden = torch.where(keep, state.hidden, hidden)
         return ModelState(logprobs, hidden, cache, state.length + 1, mask)
 
     def reindex(self, state: ModelState, idx: Tensor) -> ModelState:

@@ -108,8 +108,9 @@ class TabularLM(LanguageModel):
     def start_many(self, prompts: Sequence[Tokens], n: int) -> ModelState:
         return self._state([tuple(int(t) for t in p) for p in prompts for _ in range(n)])
 
-    def advance(self, state: ModelState, tokens: Tensor) -> ModelState:
-        return self._state([p + (int(t),) for p, t in zip(state.cache, tokens.tolist(), strict=True)])
+    def advance(self, state: ModelState, tokens: Tensor, hold: Tensor | None = None) -> ModelState:
+        held = [False] * len(tokens) if hold is None else hold.tolist()
+        return self._state([p if h else p + (int(t),) for p, t, h in zip(state.cache, tokens.tolist(), held, strict=True)])
 
     def reindex(self, state: ModelState, idx: Tensor) -> ModelState:
         prefixes = [state.cache[i] for i in idx.tolist()]

@@ -1,0 +1,183 @@
+"""Learning a process reward as a value function, which is a twist (``pilm.train_prm``).
+
+For phi = 1[correct], the value of a partial chain under the policy p_M is
+V(x_{<=t}) = E_{p_M}[phi | x_{<=t}] = P(correct | prefix): the optimal twist psi*_t of the
+target p_M phi (REASONING.md 2.2). Math-Shepherd's labels (Wang et al. 2024) estimate it by
+Monte Carlo: from each step end of a sampled chain, k rollouts of the policy, and the label
+y = the fraction that reach a right answer (E[y] = V exactly). A head psi(s_{<t}, v) in
+(0, 1) on the policy's hidden state is fitted to y at the step ends by binary cross-entropy,
+-y log psi - (1 - y) log(1 - psi), whose minimiser is E[y | prefix] = V. The data (hidden
+states, last tokens, labels) are collected once and every update reuses them, so ``steps``
+updates cost no LM forward. The result is a ``Twist``: ``pilm.particle_filter`` reads it as a
+PRM (``pilm.prm.TwistPRM``) and ``pilm.smc`` uses it as a twist.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..inference.voting import sample_chains
+from ..prm import ProcessReward, StepBatch
+from ..target import Target
+from ..twists.base import TwistFunction
+from ..twists.head import Twist
+
+Verifier = Callable[[str, "str | None"], bool]
+
+
+@dataclass
+class ValueData:
+    """Step ends of sampled chains: ``hidden`` (rows, H) from which each step's last token was
+    drawn, that token ``last``, the completion so far ``tokens``, its target ``target`` index and
+    the Monte Carlo ``label`` (fraction of rollouts from there that were right)."""
+
+    hidden: Tensor
+    last: Tensor
+    tokens: list[tuple[int, ...]]
+    target: list[int]
+    label: Tensor
+
+
+class _Recorder(ProcessReward):
+    """Scores 1 and keeps every step end it is shown (with the policy's hidden state)."""
+
+    reads_hidden = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Tensor, Tensor, list[tuple[int, ...]], list[tuple[int, ...]], list[int]]] = []
+
+    def score(self, batch: StepBatch) -> Tensor:
+        self.seen.append((batch.hidden.clone(), batch.last.clone(), list(batch.prompts), list(batch.tokens),
+                          [len(s) for s in batch.steps]))
+        return torch.ones(len(batch), dtype=torch.float64)
+
+
+def collect_values(targets: Sequence[Target], *, verifier: Verifier | None = None, chains: int = 1, rollouts: int = 8,
+                   temperature: float = 1.0, seed: int = 0, max_rows: int = 512) -> ValueData:
+    """Sample ``chains`` chains per target; label each step end by ``rollouts`` rollouts
+    (module docstring). A chain that is finished at a step end is labelled by itself. A chain
+    is right when ``verifier(question, answer)`` holds, or, without a verifier, it counts
+    phi = exp(log phi) of the target's potential (a label in [0, 1])."""
+    targets = list(targets)
+    recorder = _Recorder()
+    per = max(1, max_rows // chains)
+    for lo in range(0, len(targets), per):
+        sample_chains(targets[lo: lo + per], chains, recorder, temperature=temperature, seed=seed + lo,
+                      method="prm data")
+    index = {t.prompt_ids: i for i, t in enumerate(targets)}
+    hidden, last, tokens, owner, done_steps = [], [], [], [], []
+    for h, v, prompts, toks, counts in recorder.seen:
+        hidden.append(h)
+        last.append(v)
+        tokens += toks
+        owner += [index[p] for p in prompts]
+        done_steps += counts
+    labels = _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature, seed, max_rows)
+    return ValueData(torch.cat(hidden), torch.cat(last), tokens, owner, labels)
+
+
+def _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature, seed, max_rows) -> Tensor:
+    out = torch.zeros(len(tokens), dtype=torch.float64)
+    todo = []
+    for k, (toks, g, taken) in enumerate(zip(tokens, owner, done_steps, strict=True)):
+        target = targets[g]
+        text = target.sequences([toks]).texts[0]
+        finished = target.is_complete(toks) or taken >= target.steps.max_steps or target.steps.is_final(text)
+        if finished:
+            out[k] = _right(target, toks, verifier)
+        else:
+            rest = replace(target.steps, max_steps=target.steps.max_steps - taken)
+            todo.append((k, Target(target.model, target.prompt_ids + tuple(toks), target.potential,
+                                   max_new_tokens=target.max_new_tokens - len(toks), steps=rest,
+                                   question=target.question), g))
+    per = max(1, max_rows // rollouts)
+    for lo in range(0, len(todo), per):
+        chunk = todo[lo: lo + per]
+        results = sample_chains([t for _, t, _ in chunk], rollouts, None, temperature=temperature, seed=seed + 7919 + lo,
+                                method="prm rollouts")
+        for (k, _, g), res in zip(chunk, results, strict=True):
+            full = [tokens[k] + tuple(r) for r in res.tokens]
+            out[k] = sum(_right(targets[g], f, verifier) for f in full) / rollouts
+    return out
+
+
+def _right(target: Target, toks, verifier: Verifier | None) -> float:
+    if verifier is None:
+        return float(target.log_potential([list(toks)]).exp()[0])
+    text = target.sequences([list(toks)]).texts[0]
+    return float(bool(verifier(target.question, target.steps.answer(text))))
+
+
+def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
+              seed: int = 0, progress: bool = True) -> list[dict]:
+    """``steps`` AdamW updates of ``twist`` (psi in (0, 1)) by binary cross-entropy against the
+    labels at the recorded step ends (module docstring). Returns one record per update."""
+    params = [p for p in twist.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    prefixes = [t[:-1] for t in data.tokens] if twist.needs_prefixes else None
+    history = []
+    for step in tqdm(range(steps), desc="train-prm", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        idx = torch.randint(len(data.label), (min(batch_size, len(data.label)),), generator=generator)
+        log_psi = twist.log_psi([prefixes[i] for i in idx.tolist()] if prefixes else None, data.hidden[idx])
+        log_psi = log_psi.gather(1, data.last[idx].view(-1, 1)).squeeze(1).clamp(max=-1e-7)
+        y = data.label[idx].float()
+        loss = -(y * log_psi + (1 - y) * torch.log(-torch.expm1(log_psi))).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - t0})
+    return history
+
+
+def train_prm(
+    targets: Sequence[Target],
+    *,
+    verifier: Verifier | None = None,
+    rollouts: int = 8,
+    chains: int = 1,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    temperature: float = 1.0,
+    head: str = "tied",
+    layers: int = 2,
+    twist: TwistFunction | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> TwistFunction:
+    """A learned PRM for the policy at ``temperature`` on ``targets`` (module docstring):
+    ``chains`` chains per target, ``rollouts`` Math-Shepherd rollouts per step end, then
+    ``steps`` updates of a fresh head (``head`` tied | mlp | linear, psi in (0, 1)) or of
+    ``twist``. ``verifier(question, answer) -> bool`` says whether a final answer is right
+    (e.g. ``pilm.tasks.arithmetic_chain.answer_checker()``); without one, a chain counts
+    phi of its target's potential. The twist's ``history`` holds the updates and
+    ``data_seconds``/``labels`` the collection."""
+    targets = list(targets)
+    if not targets or any(t.steps is None for t in targets):
+        raise ValueError("train_prm needs targets with steps (pilm.steps.Steps), e.g. from a reasoning task")
+    for name, value in (("rollouts", rollouts), ("chains", chains), ("steps", steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    started = time.perf_counter()
+    data = collect_values(targets, verifier=verifier, chains=chains, rollouts=rollouts, temperature=temperature,
+                          seed=seed)
+    collected = time.perf_counter() - started
+    if twist is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            twist = Twist.for_model(targets[0].model, kind=head, layers=layers, output="log_sigmoid")
+    history = fit_value(twist, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    twist.history = history
+    twist.prm_data = {"step_ends": len(data.label), "mean_label": float(data.label.mean()),
+                      "data_seconds": collected, "fit_seconds": sum(h["seconds"] for h in history),
+                      "rollouts": rollouts, "chains": chains, "temperature": temperature}
+    return twist

@@ -1,0 +1,51 @@
+"""A language model as judge: r = p(" Yes") / (p(" Yes") + p(" No")) after a question about the steps."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..models.base import LanguageModel
+from .base import ProcessReward, StepBatch
+
+TEMPLATE = (
+    "Question: {question}\n"
+    "Proposed solution, so far:\n{steps}\n"
+    "Is every step of this solution correct? Answer Yes or No.\n"
+    "Answer:"
+)
+
+
+class LMJudge(ProcessReward):
+    """r(c, x_{<=t}) = p(yes | judge prompt) / (p(yes | .) + p(no | .)) with the judge prompt
+    ``template`` filled with the question and the steps so far (joined by newlines), under
+    ``model`` (the policy itself, or any other model). All rows of a step are scored in
+    batched forwards of at most ``batch_rows`` prompts; ``lm_tokens`` counts the prompt
+    tokens it ran. ``yes`` and ``no`` are the answer words; their first token is read."""
+
+    def __init__(self, model: LanguageModel, template: str = TEMPLATE, *, yes: str = " Yes", no: str = " No",
+                 chat: bool = False, batch_rows: int = 256):
+        super().__init__()
+        missing = [slot for slot in ("{question}", "{steps}") if slot not in template]
+        if missing:
+            raise ValueError(f"the judge template needs the slots {missing} (it has {template!r})")
+        self.model, self.template, self.chat, self.batch_rows = model, template, chat, batch_rows
+        ids = [model.encode(w) for w in (yes, no)]
+        if not all(ids) or ids[0][0] == ids[1][0]:
+            raise ValueError(f"the judge's answers {yes!r} and {no!r} must start with different tokens")
+        self.yes, self.no = ids[0][0], ids[1][0]
+
+    @property
+    def name(self) -> str:
+        return f"LMJudge({self.model.name})"
+
+    @torch.no_grad()
+    def score(self, batch: StepBatch) -> Tensor:
+        prompts = [self.model.encode_prompt(self.template.format(question=q, steps="\n".join(s).strip()), chat=self.chat)
+                   for q, s in zip(batch.questions, batch.steps, strict=True)]
+        self.lm_tokens += sum(map(len, prompts))
+        out = []
+        for lo in range(0, len(prompts), self.batch_rows):
+            lp = self.model.start_many(prompts[lo: lo + self.batch_rows], 1).logprobs[:, [self.yes, self.no]]
+            out.append(torch.softmax(lp.double(), -1)[:, 0].cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

@@ -1,0 +1,54 @@
+"""A twist read as a process reward: the learned PRM is a value head, and a value head is a twist.
+
+For phi = 1[correct], the optimal twist is psi*_t(s_{1:t}) = E[phi | s_{1:t}] = P(correct |
+prefix) (REASONING.md 2.2), which is what Math-Shepherd's Monte Carlo labels estimate. A twist
+head gives log psi(s_{<t}, v) for every next token from the hidden state the policy's forward
+already made, so the score of a step that ended with token s_t is psi(s_{<t}, s_t): no extra
+forward. ``pilm.train_prm`` trains one; the same object is a twist for ``pilm.smc``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..twists.base import TwistFunction
+from .base import ProcessReward, StepBatch
+
+
+class TwistPRM(ProcessReward):
+    """r(c, x_{<=t}) = psi(s_{<t}, s_t) of ``twist`` (whose psi must lie in [0, 1]: a head
+    with ``output="log_sigmoid"``), read off the policy's hidden state."""
+
+    def __init__(self, twist: TwistFunction):
+        super().__init__()
+        if getattr(twist, "output", "log") != "log_sigmoid":
+            raise ValueError("a twist read as a process reward must give psi in [0, 1]: train it with "
+                             "pilm.train_prm, or use a head with output='log_sigmoid'")
+        self.twist = twist
+        self.reads_hidden = not twist.needs_prefixes
+
+    @property
+    def name(self) -> str:
+        return f"TwistPRM({type(self.twist).__name__})"
+
+    @torch.no_grad()
+    def score(self, batch: StepBatch) -> Tensor:
+        prefixes = [tuple(t[:-1]) for t in batch.tokens] if self.twist.needs_prefixes else None
+        last = batch.last if batch.last is not None else torch.tensor([t[-1] for t in batch.tokens])
+        hidden = batch.hidden
+        if hidden is None:
+            if not self.twist.needs_prefixes:
+                raise ValueError("this process reward reads the policy's hidden states; score it inside a sampler")
+            hidden = torch.zeros(len(batch), 1)
+        log_psi = self.twist.log_psi(prefixes, hidden).float()
+        return log_psi.gather(1, last.view(-1, 1).to(log_psi.device)).squeeze(1).exp().double().cpu()
+
+
+def as_prm(prm: ProcessReward | TwistFunction) -> ProcessReward:
+    """A process reward, or a twist read as one (``TwistPRM``)."""
+    if isinstance(prm, ProcessReward):
+        return prm
+    if isinstance(prm, TwistFunction):
+        return TwistPRM(prm)
+    raise TypeError(f"give a pilm.prm.ProcessReward or a twist, got {type(prm).__name__}")

@@ -1,0 +1,210 @@
+"""``pilm scale``: accuracy against inference compute for reasoning methods on one engine.
+
+For each budget N (chains per problem) and method, every problem is solved once and one
+JSONL row is written per (method, PRM, N, problem): the predicted and gold answers, whether
+it is right, and the compute spent (policy tokens, tokens a judge ran, PRM calls, forwards,
+seconds). Rows already in the file are skipped, so a run resumes where it stopped. Under
+``accelerate launch`` each process takes every k-th problem and writes its own part file;
+the main process merges them into ``rows.jsonl``. ``summarise`` turns the rows into the
+accuracy table (95% Wilson intervals over problems) and ``plot`` the accuracy-vs-tokens
+figure.
+
+Methods and their answer selection (``StepResult.answer``): greedy (one greedy chain);
+sc (self-consistency: N chains, majority vote); bon / wbon (best-of-N: N chains scored
+after every step; the argmax chain / the answer of largest total score); beam / dvts (PRM
+beam search and DVTS with width min(M, N); argmax); pf (particle filter, the paper's weights;
+argmax, as the authors' code); pf-twisted (twisted weights; the weighted vote, a
+self-normalised estimate of sigma's answer); pg (particle Gibbs with the paper's weights,
+``iterations`` sweeps of N / iterations particles, so N chains in all; argmax).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import inference
+from .config import ScaleConfig
+from .inference.result import StepResult
+from .tasks import arithmetic_chain
+
+SELECT = {"greedy": "vote", "sc": "vote", "bon": "argmax", "wbon": "weighted_vote", "beam": "argmax",
+          "dvts": "argmax", "pf": "argmax", "pf-twisted": "weighted_vote", "pg": "argmax"}
+USES_PRM = {"bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"}
+
+
+def runner(method: str, prm, cfg: ScaleConfig) -> Callable[[list, int], list[StepResult]]:
+    """The call that runs ``method`` with budget N on a list of targets."""
+    common = {"temperature": cfg.temperature, "seed": cfg.seed}
+    scored = {**common, "aggregation": cfg.aggregation}
+    return {
+        "greedy": lambda ts, n: inference.greedy(ts),
+        "sc": lambda ts, n: inference.self_consistency(ts, n, **common),
+        "bon": lambda ts, n: inference.best_of_n(ts, prm, n, **scored),
+        "wbon": lambda ts, n: inference.best_of_n(ts, prm, n, **scored),
+        "beam": lambda ts, n: inference.prm_beam_search(ts, prm, n, width=min(cfg.width, n), **scored),
+        "dvts": lambda ts, n: inference.dvts(ts, prm, n, width=min(cfg.width, n), **scored),
+        "pf": lambda ts, n: inference.particle_filter(ts, prm, n, weights="paper", tau=cfg.tau, on_extinction="return",
+                                                      **scored),
+        "pf-twisted": lambda ts, n: inference.particle_filter(ts, prm, n, weights="twisted", on_extinction="return",
+                                                              **scored),
+        "pg": lambda ts, n: inference.particle_gibbs(ts, prm, max(1, n // cfg.iterations), iterations=cfg.iterations,
+                                                     tau=cfg.tau, **scored),
+    }[method]
+
+
+def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
+    from .prm import LMJudge
+    from .twists import Twist
+
+    if cfg.prm == "verifier":
+        return arithmetic_chain.step_verifier()
+    if cfg.prm == "judge":
+        return LMJudge(model)
+    if prm_path is None:
+        raise ValueError("--prm learned needs --prm-path, a folder written by pilm.train_prm (or pilm train-prm)")
+    return Twist.from_pretrained(prm_path, model)
+
+
+def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None, model=None,
+              progress: bool = True) -> Path:
+    """Run the grid of ``cfg`` and write ``out/rows.jsonl`` (resuming); returns its path."""
+    from accelerate import PartialState
+
+    from .models import load_model
+
+    state = PartialState()
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows_path = folder / "rows.jsonl"
+    part = folder / f"rows.part{state.process_index}.jsonl" if state.num_processes > 1 else rows_path
+    done = {_key(r) for p in (rows_path, part) if p.exists() for r in _read(p)}
+    model = model or load_model(cfg.model)
+    prm = make_prm(cfg, model, prm_path)
+    problems = arithmetic_chain.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
+    mine = list(enumerate(problems))[state.process_index:: state.num_processes]
+    for n in cfg.n:
+        for method in cfg.methods:
+            if method == "greedy" and n != cfg.n[0]:
+                continue
+            prm_name = cfg.prm if method in USES_PRM else "none"
+            todo = [(i, p) for i, p in mine if (method, prm_name, n, i) not in done]
+            per = max(1, cfg.max_rows // n)
+            run = runner(method, prm, cfg)
+            for lo in range(0, len(todo), per):
+                chunk = todo[lo: lo + per]
+                started = time.perf_counter()
+                targets = [arithmetic_chain.target(model, p["question"]) for _, p in chunk]
+                results = run(targets, n)
+                if progress:
+                    print(f"scale: {method} N={n} prm={prm_name}: problems {chunk[0][0]}..{chunk[-1][0]} "
+                          f"({time.perf_counter() - started:.0f} s)", flush=True)
+                with open(part, "a") as f:
+                    for (i, p), res in zip(chunk, results, strict=True):
+                        f.write(json.dumps(_row(cfg, method, prm_name, n, i, p, res)) + "\n")
+    state.wait_for_everyone()
+    if state.is_main_process and part != rows_path:
+        have = {_key(r) for r in _read(rows_path)} if rows_path.exists() else set()
+        with open(rows_path, "a") as f:
+            for k in range(state.num_processes):
+                other = folder / f"rows.part{k}.jsonl"
+                for r in _read(other) if other.exists() else []:
+                    if _key(r) not in have:
+                        have.add(_key(r))
+                        f.write(json.dumps(r) + "\n")
+                other.unlink(missing_ok=True)
+    state.wait_for_everyone()
+    return rows_path
+
+
+def _row(cfg: ScaleConfig, method: str, prm_name: str, n: int, i: int, problem: dict, res: StepResult) -> dict:
+    select = SELECT[method]
+    predicted = res.answer(select, seed=cfg.seed)
+    info = res.info
+    tokens = info["tokens"]
+    if method == "sc":  # no process reward was needed
+        prm_tokens = 0.0
+    else:
+        prm_tokens = info.get("prm_lm_tokens", 0.0)
+    return {
+        "task": cfg.task, "method": method, "prm": prm_name, "n": n, "problem": i, "question": problem["question"],
+        "answer": problem["answer"], "predicted": predicted, "correct": predicted == problem["answer"],
+        "select": select, "tokens": tokens, "prm_tokens": prm_tokens, "prm_calls": info.get("prm_calls", 0.0),
+        "forwards": info.get("forwards", 0.0), "seconds": info.get("seconds", 0.0),
+        "log_z": None if math.isnan(res.log_z) or math.isinf(res.log_z) else res.log_z,
+        "temperature": cfg.temperature, "seed": cfg.seed, "model": info.get("model"), "dtype": info.get("dtype"),
+    }
+
+
+def _key(row: dict) -> tuple:
+    return row["method"], row["prm"], row["n"], row["problem"]
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def summarise(rows_path: str | Path) -> list[dict]:
+    """One entry per (method, PRM, N): accuracy, its 95% interval, problems, and mean tokens
+    (policy + judge) per problem."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in _read(Path(rows_path)):
+        cells.setdefault((r["method"], r["prm"], r["n"]), []).append(r)
+    out = []
+    for (method, prm, n), rows in sorted(cells.items(), key=lambda kv: (list(SELECT).index(kv[0][0]), kv[0][1], kv[0][2])):
+        k = sum(r["correct"] for r in rows)
+        lo, hi = wilson(k, len(rows))
+        out.append({"method": method, "prm": prm, "n": n, "problems": len(rows), "accuracy": k / len(rows),
+                    "low": lo, "high": hi, "tokens": sum(r["tokens"] + r["prm_tokens"] for r in rows) / len(rows),
+                    "seconds": sum(r["seconds"] for r in rows) / len(rows)})
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    """The summary as a markdown table: accuracy [95% interval] and tokens per problem."""
+    lines = ["| method | PRM | N | accuracy [95% CI] | tokens / problem | problems |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['method']} | {s['prm']} | {s['n']} | {s['accuracy']:.2f} [{s['low']:.2f}, {s['high']:.2f}] "
+                     f"| {s['tokens']:.0f} | {s['problems']} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: str | Path) -> None:
+    """Accuracy against tokens per problem (log scale), one line per (method, PRM), with
+    95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple, list[dict]] = {}
+    for s in summary:
+        lines.setdefault((s["method"], s["prm"]), []).append(s)
+    for (method, prm), cells in lines.items():
+        cells = sorted(cells, key=lambda c: c["tokens"])
+        x = [c["tokens"] for c in cells]
+        y = [c["accuracy"] for c in cells]
+        err = [[c["accuracy"] - c["low"] for c in cells], [c["high"] - c["accuracy"] for c in cells]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=f"{method} ({prm})")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens per problem (policy + PRM)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
