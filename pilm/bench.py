@@ -8,6 +8,10 @@ a prefix-aware potential (no digits, checked on every particle at every step) an
 
 The fine-tuning legs (``finetune_vs_trl``) compare one SubTB step with one TRL RLOO step.
 
+The particle-filter leg (``particle_filter_vs_generate``) runs a step-level particle filter
+with a learned PRM on 16 arithmetic chains x 16 particles against ``generate`` of the same
+rows and length.
+
 The batched-prompts leg (``batched_prompts``) runs 64 targets (64 prompts of different
 lengths) x 16 particles x 32 tokens as one batch against the same 64 targets one at a time
 (each with the seed it has in the batch), alternating; the many-particles leg
@@ -131,6 +135,7 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
         **_in_a_fresh_process("batched_prompts"),
+        **_in_a_fresh_process("particle_filter_vs_generate"),
         **many_particles(model),
         **finetune_vs_trl(),
     }
@@ -185,6 +190,63 @@ def batched_prompts(model, n_prompts: int = 64, n_particles: int = 16, new_token
         "batched_prompts_ms_per_token": 1e3 * min(times["batched"]),
         "one_prompt_at_a_time_ms_per_token": 1e3 * min(times["sequential"]),
         "batched_prompts_shape": f"{n_prompts} prompts x {n_particles} particles x {new_tokens} tokens",
+    }
+
+
+def particle_filter_vs_generate(model, n_problems: int = 16, n_particles: int = 16, repeats: int = 2) -> dict:
+    """A step-level particle filter ("paper" weights, resampling at every step boundary) with a
+    learned PRM (a tied value head read off the policy's hidden states; its weights do not
+    change the cost, so it is not trained here) on ``n_problems`` arithmetic chains x
+    ``n_particles``, against ``generate`` sampling the same rows (the same prompts, each
+    ``n_particles`` times) for as many tokens as the filter's longest chain, every row forced
+    to that length. ``pf_over_generate`` compares time per drawn token (as the SMC legs do);
+    ``pf_wall_over_generate`` the wall time of the two legs (generate draws every row to the
+    longest chain's length, the filter stops each chain at its answer); ``pf_held_row_share``
+    is the share of the filter's forward rows spent on rows waiting at a step boundary. Alternating rounds,
+    the fastest of each kept."""
+    from . import particle_filter
+    from .tasks import arithmetic_chain
+    from .twists import Twist
+
+    problems = arithmetic_chain.problems(n_problems, seed=0)
+    targets = [arithmetic_chain.target(model, p["question"]) for p in problems]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        prm = Twist.for_model(model, kind="tied", layers=2, output="log_sigmoid")
+    prompts = [list(t.prompt_ids) for t in targets for _ in range(n_particles)]
+    width = max(map(len, prompts))
+    pad = model.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def pf() -> tuple[int, int, float]:
+        res = particle_filter(targets, prm, n_particles, temperature=0.8, seed=0)
+        held = sum(r.info["held_rows"] for r in res) / sum(r.info["forward_rows"] for r in res)
+        return max(len(t) for r in res for t in r.tokens), sum(len(t) for r in res for t in r.tokens), held
+
+    def generate(length: int) -> None:
+        model.hf.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=length, min_new_tokens=length,
+                          top_k=0, top_p=1.0, temperature=0.8, pad_token_id=pad)
+
+    longest, drawn, held = pf()  # warm-up, and the length generate must match
+    generate(longest)
+    times = {"pf": [], "generate": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pf()
+        times["pf"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        generate(longest)
+        times["generate"].append(time.perf_counter() - t0)
+    pf_ms, gen_ms = 1e3 * min(times["pf"]) / drawn, 1e3 * min(times["generate"]) / (len(prompts) * longest)
+    return {
+        "pf_over_generate": pf_ms / gen_ms,
+        "pf_wall_over_generate": min(times["pf"]) / min(times["generate"]),
+        "pf_ms_per_token": pf_ms,
+        "pf_generate_ms_per_token": gen_ms,
+        "pf_held_row_share": held,
+        "pf_shape": f"{n_problems} problems x {n_particles} particles, longest chain {longest} tokens, "
+                    f"{drawn} tokens drawn (generate: {len(prompts) * longest})",
     }
 
 

@@ -188,14 +188,12 @@ def _run_bench(cfg: BenchConfig) -> int:
 
 
 def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
-    from .scaling import plot, run_scale, summarise, table
+    from .scaling import is_main_process, plot, run_scale, summarise, table
 
     if cfg.prm == "learned" and job.prm_path is None:
         raise ValueError("--prm learned needs --prm-path, a folder written by pilm.train_prm")
     rows = run_scale(cfg, job.out, prm_path=job.prm_path)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if is_main_process():
         summary = summarise(rows)
         text = table(summary)
         Path(job.out, "table.md").write_text(text + "\n")

@@ -130,7 +130,7 @@ class BoundsConfig(Config):
 class ScaleConfig(Config):
     """What ``pilm scale`` compares: accuracy against inference compute on a reasoning task."""
 
-    task: Literal["arithmetic-chain"] = arg("arithmetic-chain", "reasoning task")
+    task: Literal["arithmetic-chain", "gsm8k"] = arg("arithmetic-chain", "reasoning task (gsm8k: for a larger --model)")
     model: str | None = arg(None, "policy model: embedded name (smollm2-135m, the default), hub id or folder")
     methods: tuple[Literal["greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"], ...] = arg(
         ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"), "methods to run")
@@ -138,7 +138,7 @@ class ScaleConfig(Config):
     prm: Literal["verifier", "judge", "learned"] = arg("verifier", "process reward: exact step verifier, LM judge, "
                                                       "or a learned value head (--prm-path)")
     problems: int = arg(100, "problems", low=1)
-    operands: tuple[int, int] = arg((3, 5), "fewest and most operands of a problem", low=2)
+    operands: tuple[int, int] = arg((3, 5), "fewest and most operands of an arithmetic chain", low=2)
     temperature: float = arg(0.8, "policy temperature (the paper's 0.8)", low=0)
     width: int = arg(4, "beam width of beam search and DVTS (M)", low=1)
     iterations: int = arg(2, "particle Gibbs sweeps (each with N / iterations particles)", low=1)

@@ -11,7 +11,9 @@ figure.
 
 Methods and their answer selection (``StepResult.answer``): greedy (one greedy chain);
 sc (self-consistency: N chains, majority vote); bon / wbon (best-of-N: N chains scored
-after every step; the argmax chain / the answer of largest total score); beam / dvts (PRM
+after every step; the argmax chain / the answer of largest total score) -- sc, bon and wbon
+select from one shared run of N independent chains (the process reward does not change
+which chains are drawn), whose seconds all three rows report; beam / dvts (PRM
 beam search and DVTS with width min(M, N); argmax); pf (particle filter, the paper's weights;
 argmax, as the authors' code); pf-twisted (twisted weights; the weighted vote, a
 self-normalised estimate of sigma's answer); pg (particle Gibbs with the paper's weights,
@@ -26,13 +28,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+
 from . import inference
 from .config import ScaleConfig
 from .inference.result import StepResult
-from .tasks import arithmetic_chain
+from .models import load_model
+from .tasks import arithmetic_chain, gsm8k
 
 SELECT = {"greedy": "vote", "sc": "vote", "bon": "argmax", "wbon": "weighted_vote", "beam": "argmax",
           "dvts": "argmax", "pf": "argmax", "pf-twisted": "weighted_vote", "pg": "argmax"}
+TASKS = {"arithmetic-chain": arithmetic_chain, "gsm8k": gsm8k}
 USES_PRM = {"bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"}
 
 
@@ -56,11 +63,30 @@ def runner(method: str, prm, cfg: ScaleConfig) -> Callable[[list, int], list[Ste
     }[method]
 
 
+SHARED = ("sc", "bon", "wbon")  # independent chains: one run serves all three selections
+
+
+def _groups(methods) -> list[tuple[str, ...]]:
+    """The methods, with those that select from the same independent chains run once together."""
+    shared = tuple(m for m in SHARED if m in methods)
+    out, seen = [], False
+    for m in methods:
+        if m in SHARED:
+            if not seen:
+                out.append(shared)
+                seen = True
+        else:
+            out.append((m,))
+    return out
+
+
 def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
     from .prm import LMJudge
     from .twists import Twist
 
     if cfg.prm == "verifier":
+        if cfg.task != "arithmetic-chain":
+            raise ValueError(f"{cfg.task} has no exact step verifier: use --prm judge or --prm learned")
         return arithmetic_chain.step_verifier()
     if cfg.prm == "judge":
         return LMJudge(model)
@@ -72,11 +98,7 @@ def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
 def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None, model=None,
               progress: bool = True) -> Path:
     """Run the grid of ``cfg`` and write ``out/rows.jsonl`` (resuming); returns its path."""
-    from accelerate import PartialState
-
-    from .models import load_model
-
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows_path = folder / "rows.jsonl"
@@ -84,27 +106,31 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     done = {_key(r) for p in (rows_path, part) if p.exists() for r in _read(p)}
     model = model or load_model(cfg.model)
     prm = make_prm(cfg, model, prm_path)
-    problems = arithmetic_chain.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
+    task = TASKS[cfg.task]
+    problems = task.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
     mine = list(enumerate(problems))[state.process_index:: state.num_processes]
     for n in cfg.n:
-        for method in cfg.methods:
-            if method == "greedy" and n != cfg.n[0]:
+        for group in _groups(cfg.methods):
+            if group == ("greedy",) and n != cfg.n[0]:
                 continue
-            prm_name = cfg.prm if method in USES_PRM else "none"
-            todo = [(i, p) for i, p in mine if (method, prm_name, n, i) not in done]
+            names = {m: cfg.prm if m in USES_PRM else "none" for m in group}
+            todo = [(i, p) for i, p in mine if any((m, names[m], n, i) not in done for m in group)]
             per = max(1, cfg.max_rows // n)
-            run = runner(method, prm, cfg)
+            scored = group[0] in SHARED and group != ("sc",)  # bon or wbon among them: the chains are scored
+            run = runner("bon" if scored else group[0], prm, cfg)
             for lo in range(0, len(todo), per):
                 chunk = todo[lo: lo + per]
                 started = time.perf_counter()
-                targets = [arithmetic_chain.target(model, p["question"]) for _, p in chunk]
+                targets = [task.target(model, p["question"]) for _, p in chunk]
                 results = run(targets, n)
                 if progress:
-                    print(f"scale: {method} N={n} prm={prm_name}: problems {chunk[0][0]}..{chunk[-1][0]} "
+                    print(f"scale: {'/'.join(group)} N={n} prm={cfg.prm}: problems {chunk[0][0]}..{chunk[-1][0]} "
                           f"({time.perf_counter() - started:.0f} s)", flush=True)
                 with open(part, "a") as f:
                     for (i, p), res in zip(chunk, results, strict=True):
-                        f.write(json.dumps(_row(cfg, method, prm_name, n, i, p, res)) + "\n")
+                        for m in group:
+                            if (m, names[m], n, i) not in done:
+                                f.write(json.dumps(_row(cfg, m, names[m], n, i, p, res)) + "\n")
     state.wait_for_everyone()
     if state.is_main_process and part != rows_path:
         have = {_key(r) for r in _read(rows_path)} if rows_path.exists() else set()
@@ -118,6 +144,11 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
                 other.unlink(missing_ok=True)
     state.wait_for_everyone()
     return rows_path
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of an ``accelerate launch`` (or the only process)."""
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def _row(cfg: ScaleConfig, method: str, prm_name: str, n: int, i: int, problem: dict, res: StepResult) -> dict:

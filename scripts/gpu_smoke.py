@@ -5,7 +5,8 @@
 
 Checks, on the device: padded cached decoding equals each sequence's own full forward;
 SMC and twisted SMC over two prompts in one batch give finite log Z-hat; one twist
-training step (CTL) and one SubTB fine-tuning step run and change their weights. Prints one
+training step (CTL) and one SubTB fine-tuning step run and change their weights; a
+step-level particle filter (both weight rules) with a learned PRM on the device. Prints one
 line per check and exits 1 on the first failure. Not part of ``make test``.
 """
 
@@ -78,6 +79,16 @@ def main() -> None:
     policy = pilm.finetune(targets[0], "subtb", steps=1, batch_size=4, lora_rank=4, seed=0, progress=False)
     check("one SubTB fine-tuning step", math.isfinite(policy.history[-1]["loss"]),
           f"loss {policy.history[-1]['loss']:.4g}")
+    from pilm.twists import Twist
+
+    torch.manual_seed(0)
+    head = Twist.for_model(model, kind="mlp", layers=2, output="log_sigmoid").to(device)
+    cut = pilm.Steps(delimiter=model.encode("w10")[0], max_steps=3, max_step_tokens=3)
+    chains = [pilm.Target(model, p, max_new_tokens=9, steps=cut) for p in ("w3 w4", "w5 w6 w7 w8 w9")]
+    for weights in ("paper", "twisted"):
+        res = pilm.particle_filter(chains, head, 8, weights=weights, seed=0)
+        check(f"step-level particle filter ({weights}) with a learned PRM", all(math.isfinite(r.log_z) for r in res),
+              ", ".join(f"log Z-hat {r.log_z:.3f}" for r in res) + f", held rows {res[0].info['held_rows']:.1f}")
     print(f"all checks passed on {device}")
 
 

@@ -62,7 +62,10 @@ def test_smc_with_regex_returns_only_matching_completions_and_is_seeded(real_mod
 def test_suffix_likelihood_on_real_model(real_model):
     p = pilm.potentials.SuffixLikelihood(real_model, " The end.")
     ids = [tuple(real_model.encode(" and they lived happily ever after.")), tuple(real_model.encode(" xq zv"))]
-    pilm.testing.check_potential(p, real_model, "Once upon a time", ids)
+    # float32: 1e-4. bfloat16 (8-bit mantissa): a logit of size ~20 is rounded by ~0.08, and the
+    # suffix's 4 tokens sum such errors; 0.19 nats was measured on an AVX512 EPYC, so 0.5.
+    atol = 1e-4 if real_model.dtype_name == "float32" else 0.5
+    pilm.testing.check_potential(p, real_model, "Once upon a time", ids, atol=atol)
     lp = p.log_phi(pilm.potentials.Sequences(real_model, tuple(real_model.encode_prompt("Once upon a time")), ids))
     assert lp[0] > lp[1], "a story ending should make 'The end.' likelier than gibberish"
 
@@ -163,8 +166,9 @@ def test_ctl_twist_improves_smc_on_sentiment(real_model):
 
 def test_subtb_on_the_random_number_task_moves_towards_uniform(tmp_path):
     """30 SubTB steps (batch 8, lr 5e-4) on the embedded model, scored exactly over the 101
-    answers. Measured (seed 0, float32): q(valid) 0.74 -> 0.997, KL(uniform || q) 0.96 -> 0.66.
-    The bounds leave room for another machine's arithmetic. The saved adapter reloads through
+    answers. Measured (seed 0): float32 (AVX2 EPYC) q(valid) 0.74 -> 0.997, KL(uniform || q)
+    0.96 -> 0.66; bfloat16 (AVX512 EPYC) KL 0.92 -> 0.83. The bounds leave room for another
+    machine's arithmetic: a KL drop of 0.05 (bfloat16's 0.08 measured, float32's 0.30). The saved adapter reloads through
     load_model(adapter=...) to the same policy, which also serves as an SMC proposal."""
     from pilm.tasks.random_number import report
 
@@ -174,7 +178,7 @@ def test_subtb_on_the_random_number_task_moves_towards_uniform(tmp_path):
     policy = pilm.finetune(target, "subtb", steps=30, batch_size=8, lr=5e-4, seed=0, progress=False)
     after = report(policy, target)
     assert after["valid"] > max(0.9, before["valid"] + 0.1)
-    assert after["kl_uniform_q"] < before["kl_uniform_q"] - 0.1
+    assert after["kl_uniform_q"] < before["kl_uniform_q"] - 0.05
     assert report(model, target) == before  # the base model is untouched (adapter off)
     policy.save_pretrained(tmp_path / "rng")
     again = pilm.load_model(adapter=tmp_path / "rng")

@@ -41,6 +41,9 @@ class TwistPRM(ProcessReward):
             if not self.twist.needs_prefixes:
                 raise ValueError("this process reward reads the policy's hidden states; score it inside a sampler")
             hidden = torch.zeros(len(batch), 1)
+        param = next(iter(self.twist.parameters()), None) if hasattr(self.twist, "parameters") else None
+        if param is not None:  # the head lives where its model does; the engine keeps hidden states on the CPU
+            hidden = hidden.to(param.device)
         log_psi = self.twist.log_psi(prefixes, hidden).float()
         return log_psi.gather(1, last.view(-1, 1).to(log_psi.device)).squeeze(1).exp().double().cpu()
 

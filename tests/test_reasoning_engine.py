@@ -1,0 +1,186 @@
+"""The reasoning parts on transformers models: process rewards that read the policy's forward
+or run an LM, the arithmetic-chain and GSM8K tasks, and ``pilm scale`` (resume, accelerate)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pilm
+from pilm.config import ScaleConfig
+from pilm.prm import LMJudge, StepBatch, StepTagPRM, TwistPRM
+from pilm.tasks import arithmetic_chain as chain
+from pilm.tasks import gsm8k
+from pilm.twists import Twist
+
+
+def test_the_step_verifier_is_exact_on_worked_and_broken_chains():
+    q = "6 + 4 - 6 - 7"
+    right = chain.solution(q).split("\n")
+    assert right == ["6 + 4 = 10", "10 - 6 = 4", "4 - 7 = -3", "The answer is -3."]
+    assert chain.chain_is_right(q, [s + "\n" for s in right])
+    assert chain.chain_is_right(q, right[:2])  # a right prefix
+    assert not chain.chain_is_right(q, ["6 + 4 = 12"])  # wrong result
+    assert not chain.chain_is_right(q, ["6 + 4 = 10", "10 - 7 = 3"])  # skipped an operand
+    assert not chain.chain_is_right(q, right[:3] + ["The answer is 3."])  # wrong answer line
+    assert not chain.chain_is_right(q, right + ["more"])  # a step after the answer
+    check = chain.answer_checker()
+    assert check(q, "-3") and not check(q, "3") and not check(q, None)
+    with pytest.raises(ValueError, match="not an arithmetic chain"):
+        chain.solve("6 + 44")
+
+
+def test_problems_are_distinct_reproducible_and_never_a_worked_example():
+    a, b = chain.problems(200, seed=0), chain.problems(200, seed=0)
+    assert a == b and len({p["question"] for p in a}) == 200
+    assert not {p["question"] for p in a} & set(chain.SHOTS)
+    assert chain.problems(30, seed=0) == a[:30]  # a smaller run is a prefix of a larger one (resumable grids)
+    assert all(str(chain.solve(p["question"])) == p["answer"] for p in a)
+    assert all(3 <= len(p["question"].split()) // 2 + 1 <= 5 for p in a)
+
+
+def test_the_learned_prm_reads_the_hidden_state_the_forward_already_made(tiny):
+    """Inside the filter a tied value head scores a step from the hidden state its last token
+    was drawn from: the same number a teacher-forced forward of the chain gives."""
+    torch.manual_seed(0)
+    head = Twist.for_model(tiny, kind="tied", layers=2, output="log_sigmoid")
+    seen = []
+
+    class Spy(TwistPRM):
+        def score(self, batch: StepBatch):
+            out = super().score(batch)
+            seen.append((batch, out))
+            return out
+
+    target = chain.target(tiny, "3 + 4 - 6", max_new_tokens=12)
+    target = pilm.Target(tiny, target.prompt_ids, max_new_tokens=12, question=target.question,
+                         steps=pilm.Steps(delimiter="\n", max_steps=3, max_step_tokens=4))
+    pilm.particle_filter(target, Spy(head), 3, seed=0)
+    batch, scores = seen[1]
+    for k in range(len(batch)):
+        toks = list(batch.tokens[k])
+        state = tiny.start(list(target.prompt_ids) + toks[:-1], 1)
+        manual = head.log_psi(None, state.hidden)[0, toks[-1]].exp().detach()
+        assert float(scores[k]) == pytest.approx(float(manual), abs=1e-4)
+
+
+def test_the_learned_prm_is_also_a_twist(tiny):
+    torch.manual_seed(0)
+    head = Twist.for_model(tiny, kind="tied", layers=2, output="log_sigmoid")
+    target = chain.target(tiny, "3 + 4 - 6", max_new_tokens=6)
+    res = pilm.smc(target, 4, twist=head, seed=0, progress=False)
+    assert math.isfinite(res.log_z)
+
+
+def test_a_twist_with_unbounded_psi_is_not_a_prm(tiny):
+    with pytest.raises(ValueError, match="psi in \\[0, 1\\]"):
+        TwistPRM(Twist.for_model(tiny, kind="tied", layers=2))
+
+
+def test_the_judge_reads_yes_against_no_in_one_batch(tiny):
+    judge = LMJudge(tiny)
+    batch = StepBatch(["1 + 1", "2 + 2"], [(), ()], [["1 + 1 = 2\n"], ["2 + 2 = 5\n", "The answer is 5."]], [(), ()])
+    scores = judge.score(batch)
+    assert scores.shape == (2,) and ((scores > 0) & (scores < 1)).all()
+    text = judge.template.format(question="2 + 2", steps="2 + 2 = 5\n\nThe answer is 5.")
+    lp = tiny.start(tiny.encode_prompt(text), 1).logprobs[0, [judge.yes, judge.no]]
+    assert float(scores[1]) == pytest.approx(float(torch.softmax(lp.double(), 0)[0]), abs=1e-4)
+    assert judge.lm_tokens > 0
+    with pytest.raises(ValueError, match="slots"):
+        LMJudge(tiny, template="Is it right? {steps}")
+
+
+def test_a_step_tag_prm_reads_good_against_bad_after_the_last_tag(tiny):
+    prm = StepTagPRM(tiny, step_tag=" ки", good="+", bad="-")
+    batch = StepBatch(["1 + 1"], [()], [["1 + 1 = 2\n", "The answer is 2."]], [()])
+    score = prm.score(batch)
+    text = "1 + 1 1 + 1 = 2 ки\nThe answer is 2. ки"
+    lp = tiny.start(tiny.encode_prompt(text), 1).logprobs[0, [prm.yes, prm.no]]
+    assert float(score[0]) == pytest.approx(float(torch.softmax(lp.double(), 0)[0]), abs=1e-4)
+
+
+def test_gsm8k_loads_offline_and_checks_numbers(tmp_path):
+    every = gsm8k.load()
+    assert len(every) == 1319 and every[0]["answer"] == "18"
+    assert gsm8k.problems(5, seed=1) == gsm8k.problems(5, seed=1)
+    check = gsm8k.answer_checker({"q": "1200"})
+    assert check("q", "1,200") and check("q", "1200.0") and not check("q", "120")
+    assert gsm8k.steps().answer("so\nThe answer is $1,200.") == "1200"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        gsm8k.load(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "12"}) + "\n")
+    with pytest.raises(ValueError, match="line 1: the answer must end with '#### N'"):
+        gsm8k.load(tmp_path / "bad.jsonl")
+
+
+def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
+    from pilm.scaling import run_scale, summarise, table
+
+    cfg = ScaleConfig(methods=("greedy", "sc", "bon", "pf", "pf-twisted", "beam"), n=(1, 2), problems=3)
+    rows = run_scale(cfg, tmp_path, model=tiny, progress=False)
+    lines = rows.read_text().splitlines()
+    keys = {(r["method"], r["prm"], r["n"], r["problem"]) for r in map(json.loads, lines)}
+    assert len(lines) == len(keys) == 3 * (1 + 5 * 2)  # greedy once; every other method at N = 1, 2
+    run_scale(cfg, tmp_path, model=tiny, progress=False)  # resumes: nothing left to do
+    assert rows.read_text().splitlines() == lines
+    summary = summarise(rows)
+    assert {s["method"] for s in summary} == set(cfg.methods)
+    assert all(0 <= s["low"] <= s["accuracy"] <= s["high"] <= 1 for s in summary)
+    assert "| pf | verifier | 2 |" in table(summary)
+
+
+def test_scale_refuses_a_verifier_for_gsm8k_and_learned_without_a_path(tmp_path):
+    from pilm.cli import main
+
+    assert main(["scale", "--prm", "learned", "--out", str(tmp_path / "x")]) == 2
+    assert main(["scale", "--task", "gsm8k", "--prm", "verifier", "--problems", "1", "--out", str(tmp_path / "y")]) == 2
+    assert main(["scale", "--n", "0", "--out", str(tmp_path / "z")]) == 2
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from pilm.config import ScaleConfig
+    from pilm.models import HFModel
+    from pilm.models.registry import embedded_path
+    from pilm.scaling import run_scale
+    tok = AutoTokenizer.from_pretrained(embedded_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = HFModel(LlamaForCausalLM(cfg).float(), tok, name="tiny-llama")
+    run_scale(ScaleConfig(methods=("sc", "pf"), n=(2,), problems=5), sys.argv[1], model=model, progress=False)
+""")
+
+
+def test_scale_under_two_processes_shares_the_problems_and_merges_the_rows(tmp_path):
+    from tests.test_distributed import free_port
+
+    (tmp_path / "run.py").write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(tmp_path / "run.py"), str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["problem"]) for r in rows) == sorted((m, i) for m in ("sc", "pf") for i in range(5))
+    assert not list((tmp_path / "out").glob("rows.part*"))
+
+
+@pytest.mark.slow
+def test_a_particle_filter_with_the_verifier_on_the_embedded_model(real_model):
+    problems = chain.problems(2, seed=0)
+    targets = [chain.target(real_model, p["question"]) for p in problems]
+    res = pilm.particle_filter(targets, chain.step_verifier(), 4, temperature=0.8, seed=0)
+    for r in res:
+        assert len(r.samples) == 4 and all(r.steps) and r.info["tokens"] > 0
+        assert all(s == pytest.approx(1.0) or s == pytest.approx(0.01) for chain_scores in r.scores for s in chain_scores)
+        # a chain the verifier passes at every step states the right answer, or none yet
+        for k in range(4):
+            if r.scores[k][-1] == 1.0 and r.answers[k] is not None:
+                assert r.answers[k] == str(chain.solve(r.info["question"]))
