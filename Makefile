@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune
+.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale
 
 install: $(STAMP)
 
@@ -37,3 +37,12 @@ experiment-bounds: $(STAMP)
 
 experiment-finetune: $(STAMP)
 	$(PY) experiments/finetune.py --out docs/finetune --tasks random-number,arithmetic,continuation,infilling --steps 100 --batch-size 8 --lr 5e-4
+
+# Reasoning methods against compute (resumable: rerun to continue). N = 64 and the judge at
+# N = 16 are cut on a 2-core CPU; add them to --n where the machine allows.
+experiment-scale: $(STAMP)
+	$(PY) experiments/train_prm.py --out docs/scale/learned_prm --problems 60 --rollouts 8 --chains 2 --steps 300
+	.venv/bin/pilm scale --prm verifier --n 1,4,16 --problems 100 --out docs/scale/verifier
+	.venv/bin/pilm scale --prm learned --prm-path docs/scale/learned_prm --n 1,4 --problems 100 --out docs/scale/learned
+	.venv/bin/pilm scale --prm judge --n 1,4 --problems 100 --out docs/scale/judge
+	$(PY) experiments/scale_report.py docs/scale

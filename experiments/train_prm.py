@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1, help="problem seed (the test set of pilm scale uses 0)")
     args = parser.parse_args()
+    if (Path(args.out) / "twist_config.json").exists():
+        print(f"{args.out} already holds a trained PRM; remove it to train again")
+        return
     model = pilm.load_model()
     test = {p["question"] for p in task.problems(ScaleConfig.problems, ScaleConfig.operands, seed=ScaleConfig.seed)}
     train = [p for p in task.problems(args.problems + len(test), ScaleConfig.operands, seed=args.seed)

@@ -240,6 +240,21 @@ def test_a_prm_outside_zero_one_is_refused_with_its_name(value):
         pilm.particle_filter(toy(), Bad(value), 4)
 
 
+def test_a_function_prm_must_return_a_number():
+    with pytest.raises(PRMError, match=r"returned None \(NoneType\).*a float in \[0, 1\]"):
+        pilm.particle_filter(toy(), FunctionPRM(lambda q, s: None, name="none"), 4)
+
+
+def test_a_regex_delimiter_cuts_steps_on_the_text():
+    import re
+
+    target = pilm.Target(TabularLM.random(3, seed=5), [0], max_new_tokens=6,
+                         steps=Steps(delimiter=re.compile("c"), max_steps=2, max_step_tokens=3))
+    res = pilm.self_consistency(target, 16, seed=0)
+    for steps in res.steps:
+        assert all(s.endswith("c") or len(s) == 3 for s in steps)
+
+
 def test_every_particle_at_score_zero_is_extinction():
     with pytest.raises(ImpossibleTargetError, match="score 0"):
         pilm.particle_filter(toy(), Bad(0.0), 4, weights="twisted", on_extinction="raise")
@@ -289,3 +304,15 @@ def test_held_rows_wait_and_resume_where_they_were(tiny):
     straight = model.advance(model.advance(model.advance(model.advance(model.start(ids, 1), torch.tensor([11])),
                                                          torch.tensor([12])), torch.tensor([13])), torch.tensor([14]))
     assert torch.allclose(b.logprobs[0], straight.logprobs[0], atol=1e-4)
+
+
+def test_a_target_draws_the_same_alone_and_in_a_batch():
+    from pilm.inference.smc import seeded_generators
+
+    model = TabularLM.random(3, seed=5)
+    first = pilm.Target(model, [0], max_new_tokens=4, steps=STEP)
+    second = pilm.Target(model, [1, 1], max_new_tokens=6, steps=Steps(delimiter=2, max_steps=3, max_step_tokens=2))
+    both = pilm.particle_filter([first, second], PRM, 8, weights="twisted", seed=0)
+    alone = pilm.particle_filter(second, PRM, 8, weights="twisted", seed=seeded_generators(0, 2)[1].initial_seed())
+    assert both[1].tokens == alone.tokens and both[1].log_z == pytest.approx(alone.log_z)
+    assert both[0].tokens == pilm.particle_filter(first, PRM, 8, weights="twisted", seed=0).tokens

@@ -13,8 +13,26 @@ from ..prm.base import aggregate
 from .resampling import normalized
 
 
+class Record:
+    """What run records share: a particle count and one JSON line per run."""
+
+    samples: list[str]
+
+    @property
+    def n_particles(self) -> int:
+        return len(self.samples)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_jsonl(self, path: str | Path, *, append: bool = False) -> None:
+        """Write this run as one JSON line (``append=True`` adds to an existing file)."""
+        with open(path, "a" if append else "w") as f:
+            f.write(json.dumps(self.to_dict()) + "\n")
+
+
 @dataclass
-class SMCResult:
+class SMCResult(Record):
     """One run of SMC (or importance sampling, which is SMC that never resamples).
 
     ``log_weights`` are the final unnormalised log weights (since the last resampling);
@@ -36,10 +54,6 @@ class SMCResult:
     info: dict = field(default_factory=dict)
 
     @property
-    def n_particles(self) -> int:
-        return len(self.samples)
-
-    @property
     def weights(self) -> list[float]:
         """Normalised weights of the final particles."""
         return normalized(torch.tensor(self.log_weights)).tolist()
@@ -50,14 +64,6 @@ class SMCResult:
         for w, s in zip(self.weights, self.samples):
             mass[s] = mass.get(s, 0.0) + w
         return sorted(((w, s) for s, w in mass.items()), reverse=True)[:k]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_jsonl(self, path: str | Path, *, append: bool = False) -> None:
-        """Write this run as one JSON line (``append=True`` adds to an existing file)."""
-        with open(path, "a" if append else "w") as f:
-            f.write(json.dumps(self.to_dict()) + "\n")
 
     @classmethod
     def from_jsonl(cls, path: str | Path, index: int = -1) -> SMCResult:
@@ -81,7 +87,7 @@ SELECTIONS = ("argmax", "sample", "vote", "weighted_vote")
 
 
 @dataclass
-class StepResult:
+class StepResult(Record):
     """One step-level run on one target (particle filter, particle Gibbs, PRM search, voting).
 
     Per particle: ``samples`` (text), ``tokens``, ``steps`` (the text of each step), ``scores``
@@ -109,10 +115,6 @@ class StepResult:
     importance: bool = False
     method: str = "particle filter"
     info: dict = field(default_factory=dict)
-
-    @property
-    def n_particles(self) -> int:
-        return len(self.samples)
 
     @property
     def weights(self) -> list[float]:
@@ -162,6 +164,3 @@ class StepResult:
             if self.answers[k] is not None:
                 totals[self.answers[k]] = totals.get(self.answers[k], 0.0) + weight[k]
         return max(totals, key=totals.get) if totals else None
-
-    def to_dict(self) -> dict:
-        return asdict(self)

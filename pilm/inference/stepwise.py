@@ -166,8 +166,8 @@ def run_steps(
     extinct_at: list[int | None] = [None] * m
     ess_log: list[list[float]] = [[] for _ in range(m)]
     resampled: list[list[int]] = [[] for _ in range(m)]
-    stops = torch.tensor([-1 if t.stop_token_id is None else t.stop_token_id for t in targets])
-    ends = torch.tensor([t.max_new_tokens for t in targets])
+    stops = [-1 if t.stop_token_id is None else t.stop_token_id for t in targets]
+    ends = [t.max_new_tokens for t in targets]
     pieces: dict[int, str] = {}
     compute = {"tokens": 0, "forwards": 1, "forward_rows": r, "prm_calls": 0, "held_rows": 0}
     boundary = 0
@@ -192,18 +192,18 @@ def run_steps(
             chains.tokens[rows, pos] = drawn
             chains.lengths[rows] = pos + 1
             ended = torch.zeros(len(rows), dtype=torch.bool)
-            for i, (row, v) in enumerate(zip(rows.tolist(), drawn.tolist(), strict=True)):
+            for i, (row, v, length, start) in enumerate(zip(rows.tolist(), drawn.tolist(), (pos + 1).tolist(),
+                                                            chains.step_start[rows].tolist(), strict=True)):
                 g = row // n
                 piece = pieces.get(v)
                 if piece is None:
                     piece = pieces[v] = model.decode([v])
                 chains.texts[row] += piece
-                length = int(chains.lengths[row])
-                if (v == stops[g] or length == ends[g] or cuts[g].ends(chains.texts[row], v)
-                        or length - int(chains.step_start[row]) == cuts[g].max_step_tokens):
+                if v == stops[g] or length == ends[g] or cuts[g].ends(chains.texts[row], v):
                     ended[i] = True
-                    if not (v == stops[g] or length == ends[g] or cuts[g].ends(chains.texts[row], v)):
-                        chains.cut[row] += 1
+                elif length - start == cuts[g].max_step_tokens:  # cut: the step never reached its delimiter
+                    ended[i] = True
+                    chains.cut[row] += 1
             if prm is not None and prm.reads_hidden:
                 if hidden is None:
                     hidden = torch.zeros(r, state.hidden.shape[1])

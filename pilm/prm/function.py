@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import ProcessReward, StepBatch
+from .base import PRMError, ProcessReward, StepBatch
 
 
 class FunctionPRM(ProcessReward):
@@ -31,4 +31,9 @@ class FunctionPRM(ProcessReward):
             values = [self.fn(q, s) for q, s in zip(batch.questions, batch.steps, strict=True)]
         else:
             values = [self.fn(p, t) for p, t in zip(batch.prompts, batch.tokens, strict=True)]
+        wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if wrong:
+            bad = wrong[0]
+            raise PRMError(f"process reward {self.name} returned {bad!r} ({type(bad).__name__}); "
+                           "its function must return a probability (a float in [0, 1])")
         return torch.tensor([float(v) for v in values], dtype=torch.float64)

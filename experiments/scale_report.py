@@ -1,0 +1,58 @@
+"""The scaling experiment's table and figure from the rows of every ``pilm scale`` run under a folder.
+
+    python experiments/scale_report.py docs/scale      # reads docs/scale/*/rows.jsonl
+
+Writes ``results.md`` (accuracy [95% Wilson interval] and tokens per problem, one row per
+method and PRM, one column per budget N) and ``scale.png`` (accuracy against tokens per
+problem, policy + judge tokens) in that folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pilm.scaling import plot, summarise
+
+NAMES = {"greedy": "greedy CoT", "sc": "self-consistency (vote)", "bon": "best-of-N (argmax)",
+         "wbon": "weighted best-of-N", "beam": "PRM beam search (M = 4)", "dvts": "DVTS (M = 4)",
+         "pf": "particle filter, paper weights (argmax)", "pf-twisted": "particle filter, twisted (weighted vote)",
+         "pg": "particle Gibbs, 2 sweeps of N/2 (argmax)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", default="docs/scale")
+    folder = Path(parser.parse_args().folder)
+    summary, seen = [], set()
+    for rows in sorted(folder.glob("*/rows.jsonl")):
+        for s in summarise(rows):
+            key = (s["method"], s["prm"], s["n"])
+            if key not in seen:  # self-consistency (no PRM) appears in every run's folder
+                seen.add(key)
+                summary.append(s)
+    budgets = sorted({s["n"] for s in summary})
+    cells = {(s["method"], s["prm"], s["n"]): s for s in summary}
+    lines = ["| method | PRM | " + " | ".join(f"N = {n}" for n in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+    for method in NAMES:
+        for prm in ("none", "verifier", "learned", "judge"):
+            row = [cells.get((method, prm, n)) for n in budgets]
+            if not any(row):
+                continue
+            text = [f"{c['accuracy']:.2f} [{c['low']:.2f}, {c['high']:.2f}] · {c['tokens']:.0f} tok" if c else "–"
+                    for c in row]
+            lines.append(f"| {NAMES[method]} | {prm} | " + " | ".join(text) + " |")
+    problems = sorted({s["problems"] for s in summary})
+    lines.append("")
+    lines.append(f"Problems per cell: {', '.join(map(str, problems))}. Accuracy [95% Wilson interval over problems] "
+                 "· mean tokens per problem (policy tokens + tokens a judge ran).")
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    plot(summary, folder / "scale.png")
+    print("\n".join(lines))
+    print(json.dumps({"wrote": [str(folder / "results.md"), str(folder / "scale.png")]}))
+
+
+if __name__ == "__main__":
+    main()
