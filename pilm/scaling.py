@@ -214,28 +214,38 @@ def table(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: str | Path) -> None:
-    """Accuracy against tokens per problem (log scale), one line per (method, PRM), with
-    95% intervals."""
+    """Accuracy against tokens per problem (log scale), one panel per process reward, one line
+    per method (self-consistency in every panel, greedy as a dashed level), 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines: dict[tuple, list[dict]] = {}
-    for s in summary:
-        lines.setdefault((s["method"], s["prm"]), []).append(s)
-    for (method, prm), cells in lines.items():
-        cells = sorted(cells, key=lambda c: c["tokens"])
-        x = [c["tokens"] for c in cells]
-        y = [c["accuracy"] for c in cells]
-        err = [[c["accuracy"] - c["low"] for c in cells], [c["high"] - c["accuracy"] for c in cells]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=f"{method} ({prm})")
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens per problem (policy + PRM)")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    prms = [p for p in ("verifier", "learned", "judge") if any(s["prm"] == p for s in summary)] or ["none"]
+    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(SELECT)}
+    fig, axes = plt.subplots(1, len(prms), figsize=(4.2 * len(prms), 4), sharey=True, squeeze=False)
+    for ax, prm in zip(axes[0], prms):
+        for method in SELECT:
+            cells = sorted((s for s in summary if s["method"] == method and s["prm"] in (prm, "none")),
+                           key=lambda c: c["tokens"])
+            if not cells:
+                continue
+            if method == "greedy":
+                ax.axhline(cells[0]["accuracy"], color=colours[method], ls="--", lw=1, label="greedy")
+                continue
+            err = [[c["accuracy"] - c["low"] for c in cells], [c["high"] - c["accuracy"] for c in cells]]
+            ax.errorbar([c["tokens"] for c in cells], [c["accuracy"] for c in cells], yerr=err, marker="o",
+                        capsize=2, color=colours[method], label=method, alpha=0.85)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"PRM: {prm}")
+        ax.set_xlabel("tokens per problem (policy + PRM)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (95% interval)")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -184,3 +184,11 @@ def test_a_particle_filter_with_the_verifier_on_the_embedded_model(real_model):
         for k in range(4):
             if r.scores[k][-1] == 1.0 and r.answers[k] is not None:
                 assert r.answers[k] == str(chain.solve(r.info["question"]))
+
+
+def test_a_judge_serving_two_runs_counts_each_runs_own_tokens(tiny):
+    judge = LMJudge(tiny)
+    target = chain.target(tiny, "3 + 4 - 6", max_new_tokens=8)
+    first = pilm.best_of_n(target, judge, 2, seed=0)
+    second = pilm.best_of_n(target, judge, 2, seed=0)
+    assert first.info["prm_lm_tokens"] == second.info["prm_lm_tokens"] > 0

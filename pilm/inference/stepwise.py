@@ -152,6 +152,7 @@ def run_steps(
     """Run ``rule`` over step boundaries for every target (module docstring); one
     ``StepResult`` per target. ``steps`` overrides the targets' own ``Steps``."""
     started = time.perf_counter()
+    judged = prm.lm_tokens if prm is not None else 0  # a PRM object may serve several runs: count this one's
     model = targets[0].model
     cuts = [steps or t.steps or Steps() for t in targets]
     m, r = len(targets), len(targets) * n
@@ -301,7 +302,7 @@ def run_steps(
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started
-    compute["prm_lm_tokens"] = prm.lm_tokens if prm is not None else 0
+    compute["prm_lm_tokens"] = prm.lm_tokens - judged if prm is not None else 0
     compute["seconds"] = seconds
     meta = {**(info or {}), "method": method, "rule": rule.name, "temperature": temperature,
             "aggregation": aggregation, "prm": None if prm is None else prm.name, "n_particles": n,
