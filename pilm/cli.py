@@ -190,8 +190,6 @@ def _run_bench(cfg: BenchConfig) -> int:
 def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
     from .scaling import is_main_process, plot, run_scale, summarise, table
 
-    if cfg.prm == "learned" and job.prm_path is None:
-        raise ValueError("--prm learned needs --prm-path, a folder written by pilm.train_prm")
     rows = run_scale(cfg, job.out, prm_path=job.prm_path)
     if is_main_process():
         summary = summarise(rows)

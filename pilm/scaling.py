@@ -85,19 +85,20 @@ def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
     from .twists import Twist
 
     if cfg.prm == "verifier":
-        if cfg.task != "arithmetic-chain":
-            raise ValueError(f"{cfg.task} has no exact step verifier: use --prm judge or --prm learned")
         return arithmetic_chain.step_verifier()
     if cfg.prm == "judge":
         return LMJudge(model)
-    if prm_path is None:
-        raise ValueError("--prm learned needs --prm-path, a folder written by pilm.train_prm (or pilm train-prm)")
     return Twist.from_pretrained(prm_path, model)
 
 
 def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None, model=None,
               progress: bool = True) -> Path:
     """Run the grid of ``cfg`` and write ``out/rows.jsonl`` (resuming); returns its path."""
+    if cfg.prm == "learned" and prm_path is None:  # said before the model loads
+        raise ValueError("--prm learned needs --prm-path, a folder written by pilm.train_prm(...).save_pretrained "
+                         "(experiments/train_prm.py makes one)")
+    if cfg.prm == "verifier" and cfg.task != "arithmetic-chain":
+        raise ValueError(f"{cfg.task} has no exact step verifier: use --prm judge or --prm learned")
     state = PartialState(cpu=not torch.cuda.is_available())
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -25,13 +26,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..models.base import decode_step
+from ..errors import ExtinctionWarning, ImpossibleTargetError
 from ..prm import ProcessReward, StepBatch, aggregate, checked_scores
 from ..proposals import BaseProposal, log_mean_exp
 from ..steps import Steps
 from ..target import Target
 from .particles import draw
-from .resampling import ess, multinomial
+from .resampling import multinomial
 from .result import StepResult
 
 
@@ -328,10 +329,6 @@ def _log_phi(target: Target, chains: _Chains, rows: slice, finished_now: Tensor,
 
 
 def _extinct(target: Target, boundary: int, n: int, prm, policy: str) -> None:
-    import warnings
-
-    from ..errors import ExtinctionWarning, ImpossibleTargetError
-
     head = (f"step {boundary}: all {n} particles of the chain for {target.question!r} have score 0 "
             f"under {prm.name if prm is not None else 'the potential'}")
     if policy == "raise":
