@@ -1,4 +1,4 @@
-"""``pilm`` on the command line: sample | train-twist | finetune | bounds | scale | demo | bench.
+"""``pilm`` on the command line: sample | train-twist | finetune | bounds | train-prm | scale | demo | bench.
 
 Each command has its own parser, generated from the config dataclasses it runs
 (``pilm.config``; see ``pilm.cli_args``), so its defaults are the library's and ``--help``
@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 from .cli_args import (
-    BenchConfig, BoundsJob, FinetuneJob, Parser, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
+    BenchConfig, BoundsJob, FinetuneJob, Parser, PRMJob, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
 )
-from .config import BoundsConfig, FinetuneConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig
+from .config import (
+    BoundsConfig, FinetuneConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
+)
 from .errors import ConfigError, PilmError
 
 DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32,
@@ -187,6 +189,28 @@ def _run_bench(cfg: BenchConfig) -> int:
     return 0
 
 
+def _run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
+    import json
+    from dataclasses import asdict
+
+    from . import load_model, train_prm
+    from .tasks import arithmetic_chain as task
+
+    model = load_model(job.model)
+    test = {p["question"] for p in task.problems(ScaleConfig.problems, ScaleConfig.operands, seed=ScaleConfig.seed)}
+    train = [p for p in task.problems(job.problems + len(test), ScaleConfig.operands, seed=job.problem_seed)
+             if p["question"] not in test][: job.problems]
+    targets = [task.target(model, p["question"]) for p in train]
+    prm = train_prm(targets, verifier=task.answer_checker(), **asdict(cfg))
+    folder = prm.save_pretrained(job.out)
+    report = {**prm.prm_data, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"]}
+    (folder / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"learned a {cfg.head} value head from {report['step_ends']} step ends (mean label "
+          f"{report['mean_label']:.3f}; rollouts {report['data_seconds']:.0f} s, fit {report['fit_seconds']:.0f} s)")
+    print(f"wrote {folder} ({_size(folder)}); use: pilm scale --prm learned --prm-path {folder}")
+    return 0
+
+
 def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
     from .scaling import is_main_process, plot, run_scale, summarise, table
 
@@ -216,6 +240,8 @@ COMMANDS = {  # name: (help, run, configs, defaults)
                (TargetConfig, BoundsConfig, BoundsJob), {}),
     "demo": ("SMC under a constraint plain sampling rarely meets, on the embedded model", _run_demo,
              (TargetConfig, SMCConfig, SampleOutput), DEMO),
+    "train-prm": ("learn a process reward (a value head that is also a twist) from Math-Shepherd rollouts",
+                  _run_train_prm, (PRMTrainingConfig, PRMJob), {}),
     "scale": ("accuracy against inference compute: greedy, self-consistency, best-of-N, PRM beam search, DVTS, "
               "particle filters and particle Gibbs on a reasoning task", _run_scale, (ScaleConfig, ScaleJob), {}),
     "bench": ("SMC time and memory over transformers generate, in one process", _run_bench, (BenchConfig,), {}),

@@ -226,3 +226,14 @@ class ScaleJob(Config):
     out: str = arg("scale", "folder for rows.jsonl (resumed if present), table.md and scale.png", path="folder")
     prm_path: str | None = arg(None, "folder of a learned PRM saved by pilm.train_prm (for --prm learned)",
                                path="twist")
+
+
+@dataclass(frozen=True)
+class PRMJob(Config):
+    """What train-prm trains on and where it writes."""
+
+    task: Literal["arithmetic-chain"] = arg("arithmetic-chain", "reasoning task whose answers check the rollouts")
+    model: str | None = arg(None, "policy model: embedded name (smollm2-135m, the default), hub id or folder")
+    problems: int = arg(60, "training problems (none of pilm scale's default test problems)", low=1)
+    problem_seed: int = arg(1, "seed of the training problems (pilm scale tests on seed 0)")
+    out: str = arg("prm", "folder for the learned PRM (a twist folder: --prm-path of pilm scale)", path="folder")

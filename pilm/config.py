@@ -146,3 +146,18 @@ class ScaleConfig(Config):
     aggregation: Literal["last", "min", "prod", "mean"] = arg("last", "how a chain's step scores combine")
     max_rows: int = arg(512, "chains advanced in one batch (problems x N)", low=1)
     seed: int = arg(0, "random seed of problems and samplers")
+
+
+@dataclass(frozen=True)
+class PRMTrainingConfig(Config):
+    """How ``pilm.train_prm`` learns a process reward (a value head) from Monte Carlo rollouts."""
+
+    rollouts: int = arg(8, "rollouts from each step end (Math-Shepherd's k)", low=1)
+    chains: int = arg(1, "chains sampled per training problem", low=1)
+    steps: int = arg(300, "optimiser steps on the collected labels", low=1)
+    batch_size: int = arg(64, "step ends per update", low=1)
+    lr: float = arg(1e-3, "AdamW learning rate", low=0, strict=True)
+    temperature: float = arg(1.0, "policy temperature the value is learned for", low=0)
+    head: Literal["tied", "mlp", "linear"] = arg("tied", "value head on the policy's last hidden state")
+    layers: int = arg(2, "layers of a tied or mlp head", low=2)
+    seed: int = arg(0, "random seed")

@@ -99,7 +99,8 @@ def test_help_shows_defaults(capsys, command):
         assert "Potential specs: regex:PATTERN" in out and "--prompt" in out
 
 
-LIBRARY = {"sample": pilm.smc, "train-twist": pilm.train_twist, "finetune": pilm.finetune, "bounds": pilm.bounds}
+LIBRARY = {"sample": pilm.smc, "train-twist": pilm.train_twist, "finetune": pilm.finetune, "bounds": pilm.bounds,
+           "train-prm": pilm.train_prm}
 
 
 @pytest.mark.parametrize("command", list(LIBRARY))

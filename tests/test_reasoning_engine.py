@@ -192,3 +192,18 @@ def test_a_judge_serving_two_runs_counts_each_runs_own_tokens(tiny):
     first = pilm.best_of_n(target, judge, 2, seed=0)
     second = pilm.best_of_n(target, judge, 2, seed=0)
     assert first.info["prm_lm_tokens"] == second.info["prm_lm_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_train_prm_then_scale_with_it_on_the_command_line(tmp_path, capsys):
+    from pilm.cli import main
+
+    prm = tmp_path / "prm"
+    assert main(["train-prm", "--problems", "2", "--rollouts", "2", "--steps", "3", "--out", str(prm)]) == 0
+    assert (prm / "twist_config.json").exists() and json.loads((prm / "training.json").read_text())["step_ends"] > 0
+    out = tmp_path / "scale"
+    assert main(["scale", "--prm", "learned", "--prm-path", str(prm), "--methods", "pf", "--n", "2", "--problems", "2",
+                 "--out", str(out)]) == 0
+    assert len((out / "rows.jsonl").read_text().splitlines()) == 2
+    assert (out / "table.md").exists() and (out / "scale.png").exists()
+    assert "use: pilm scale --prm learned" in capsys.readouterr().out

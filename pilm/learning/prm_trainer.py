@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..config import PRMTrainingConfig
 from ..inference.voting import sample_chains
 from ..prm import ProcessReward, StepBatch
 from ..target import Target
@@ -138,20 +139,23 @@ def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_
     return history
 
 
+C = PRMTrainingConfig  # every default below is PRMTrainingConfig's
+
+
 def train_prm(
     targets: Sequence[Target],
     *,
     verifier: Verifier | None = None,
-    rollouts: int = 8,
-    chains: int = 1,
-    steps: int = 300,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    temperature: float = 1.0,
-    head: str = "tied",
-    layers: int = 2,
+    rollouts: int = C.rollouts,
+    chains: int = C.chains,
+    steps: int = C.steps,
+    batch_size: int = C.batch_size,
+    lr: float = C.lr,
+    temperature: float = C.temperature,
+    head: str = C.head,
+    layers: int = C.layers,
     twist: TwistFunction | None = None,
-    seed: int = 0,
+    seed: int = C.seed,
     progress: bool = True,
 ) -> TwistFunction:
     """A learned PRM for the policy at ``temperature`` on ``targets`` (module docstring):
