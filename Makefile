@@ -41,8 +41,10 @@ experiment-finetune: $(STAMP)
 # Reasoning methods against compute (resumable: rerun to continue). N = 64 and the judge at
 # N = 16 are cut on a 2-core CPU; add them to --n where the machine allows.
 experiment-scale: $(STAMP)
-	test -f docs/scale/learned_prm/twist_config.json || .venv/bin/pilm train-prm --chains 2 --temperature 0.8 --out docs/scale/learned_prm
+	test -f docs/scale/learned_prm/twist.safetensors || .venv/bin/pilm train-prm --chains 2 --temperature 0.8 --out docs/scale/learned_prm
 	.venv/bin/pilm scale --prm verifier --n 1,4,16 --problems 100 --out docs/scale/verifier
-	.venv/bin/pilm scale --prm learned --prm-path docs/scale/learned_prm --n 1,4 --problems 100 --out docs/scale/learned
-	.venv/bin/pilm scale --prm judge --n 1,4 --problems 100 --out docs/scale/judge
+	.venv/bin/pilm scale --prm learned --prm-path docs/scale/learned_prm --methods sc,bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4 --problems 100 --out docs/scale/learned
+	.venv/bin/pilm scale --prm learned --prm-path docs/scale/learned_prm --methods sc,bon,wbon,beam,pf,pf-twisted --n 16 --problems 100 --out docs/scale/learned
+	.venv/bin/pilm scale --prm judge --methods bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4 --problems 100 --out docs/scale/judge
+	$(PY) experiments/scale_diagnostics.py --out docs/scale/diagnostics.json --problems 32 --n 16
 	$(PY) experiments/scale_report.py docs/scale

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
 import torch
 
 from ..prm import ProcessReward, as_prm
