@@ -37,7 +37,8 @@ def check_potential(potential: Potential, model: LanguageModel, prompt: str | Se
 
 def check_language_model(model: LanguageModel, prompt_ids: Sequence[int] = (0,), steps: int = 3) -> None:
     """Raise ``AssertionError`` unless ``model`` keeps the protocol: normalised float32
-    next-token log-probs, ``advance`` agreeing with ``score``, ``reindex`` selecting rows."""
+    next-token log-probs, ``advance`` agreeing with ``score``, ``reindex`` selecting rows,
+    ``advance(hold=...)`` keeping held rows as they were."""
     state = model.start(prompt_ids, 2)
     assert state.logprobs.dtype == torch.float32 and state.logprobs.shape == (2, model.vocab_size)
     assert torch.allclose(state.logprobs.exp().sum(-1), torch.ones(2), atol=1e-3), "next-token probabilities must sum to 1"
@@ -58,3 +59,9 @@ def check_language_model(model: LanguageModel, prompt_ids: Sequence[int] = (0,),
     after = model.advance(swapped, torch.tensor([0, 0, 0]))
     assert torch.allclose(after.logprobs[1], after.logprobs[2], atol=1e-5), "copied rows must continue alike"
     assert not torch.allclose(after.logprobs[0], after.logprobs[1]), "reindex must move the cache with the rows"
+    # holding (step-level samplers): a held row appends nothing and keeps its state
+    held = model.advance(after, torch.tensor([1, 1, 1]), hold=torch.tensor([False, True, False]))
+    assert torch.allclose(held.logprobs[1], after.logprobs[1], atol=1e-5), "a held row must keep its state"
+    resumed = model.advance(held, torch.tensor([1, 1, 0]), hold=torch.tensor([True, False, True]))
+    assert torch.allclose(resumed.logprobs[1], held.logprobs[2], atol=1e-4), (
+        "a held row that resumes must continue as if it had never waited")

@@ -32,6 +32,16 @@ def test_the_protocol_check_catches_a_reindex_that_ignores_row_order():
         pilm.testing.check_language_model(bad)
 
 
+def test_the_protocol_check_catches_a_model_that_ignores_hold():
+    class NoHold(pilm.models.TabularLM):
+        def advance(self, state, tokens, hold=None):
+            return super().advance(state, tokens)  # the bug: held rows append their token anyway
+
+    good = pilm.models.TabularLM.random(5, seed=0)
+    with pytest.raises(AssertionError, match="a held row must keep its state"):
+        pilm.testing.check_language_model(NoHold(good.next_logprobs, 5, None))
+
+
 def test_cached_steps_equal_full_forward(tiny):
     prompt = tiny.encode("The movie was")
     state = tiny.start(prompt, 3)
