@@ -37,7 +37,8 @@ from ..twists.base import TwistFunction
 from .resampling import Scheme, ess, get_scheme, multinomial
 from .result import StepResult
 from .smc import seeded_generators
-from .stepwise import Boundary, Decision, Rule, conditional_ancestors, run_steps, step_targets
+from .rules import Boundary, Decision, Rule, conditional_ancestors
+from .stepwise import run_steps, step_targets
 
 WEIGHTS = ("paper", "twisted")
 _CLIP = 1e-6  # r is clipped to [1e-6, 1 - 1e-6] before the logit, as the peers clip: |logit| <= 13.8

@@ -28,7 +28,8 @@ from ..target import Target
 from ..twists.base import TwistFunction
 from .result import StepResult
 from .smc import seeded_generators
-from .stepwise import Boundary, Decision, Rule, run_steps, step_targets
+from .rules import Boundary, Decision, Rule
+from .stepwise import run_steps, step_targets
 
 
 @dataclass(frozen=True)
@@ -97,24 +98,30 @@ def beam_search(model: LanguageModel, prompt_ids: Tokens, *, beams: int, max_new
     return out
 
 
-class BeamSelection(Rule):
+class _WidthRule(Rule):
+    """A search rule with a width M (beam width, or rows per DVTS subtree)."""
+
+    def __init__(self, width: int):
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"{self.name} width must be a positive integer, got {width!r}")
+        self.width = width
+
+
+class BeamSelection(_WidthRule):
     """PRM beam search over steps (search-and-learn's ``beam_search`` with its recipe's
     ``filter_duplicates``): keep the ceil(N / ``width``) distinct chains with the highest
     aggregated score (finished ones compete too), copy each unfinished one ``width`` times so that each copy draws its own next step,
     keep finished ones once, and drop the rest: never more than N chains."""
 
-    name = "beam"
-
-    def __init__(self, width: int):
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"beam width must be a positive integer, got {width!r}")
-        self.width = width
+    name, reads_chains = "beam", True
 
     def decide(self, b: Boundary) -> Decision:
         n = len(b.scores)
         ranked = sorted(b.alive.nonzero().squeeze(1).tolist(), key=lambda k: -_score(b.scores, k))
-        distinct = list({b.chains[k]: k for k in reversed(ranked)}.values())[::-1] if b.chains else ranked
-        distinct.sort(key=lambda k: -_score(b.scores, k))
+        first = {}  # the best-ranked row of each distinct chain
+        for k in ranked:
+            first.setdefault(b.chains[k], k)
+        distinct = list(first.values())
         parents: list[int] = []
         for k in distinct[: -(-n // self.width)]:
             parents += [k] * (1 if b.finished[k] else self.width)
@@ -125,17 +132,12 @@ class BeamSelection(Rule):
         return Decision(b.log_w.new_zeros(n), b.log_psi, alive, torch.tensor(parents))
 
 
-class SubtreeSelection(Rule):
+class SubtreeSelection(_WidthRule):
     """DVTS (search-and-learn's ``diverse_verifier_tree_search``): the N rows form N / ``width``
     independent subtrees of ``width`` rows; in each, the chain with the highest aggregated
     score is kept and copied to all the subtree's rows (once only, if it is finished)."""
 
     name = "dvts"
-
-    def __init__(self, width: int):
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"subtree width must be a positive integer, got {width!r}")
-        self.width = width
 
     def decide(self, b: Boundary) -> Decision:
         n = len(b.scores)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -32,69 +31,9 @@ from ..proposals import BaseProposal, log_mean_exp
 from ..steps import Steps
 from ..target import Target
 from .particles import draw
-from .resampling import multinomial
 from .result import StepResult
-
-
-@dataclass
-class Boundary:
-    """What a rule sees of one target at a boundary (N rows each): ``scores`` the aggregated
-    PRM score of every chain (NaN without a PRM), ``stepped`` the rows that ended a step now,
-    ``finished`` the rows that are finished (now or before), ``log_phi`` log phi of the rows
-    that finished now (the target's potential, or log of the score without one), ``log_w``
-    the weights so far, ``log_psi`` the log twist of each row at its previous boundary,
-    ``alive`` rows still in the pool, ``going`` whether any row still runs, ``reference``
-    whether row 0 is a conditional SMC reference, ``chains`` the token ids of each row."""
-
-    scores: Tensor
-    stepped: Tensor
-    finished: Tensor
-    log_phi: Tensor
-    log_w: Tensor
-    log_psi: Tensor
-    alive: Tensor
-    going: bool
-    reference: bool
-    generator: torch.Generator
-    chains: list[tuple[int, ...]] = field(default_factory=list)
-
-
-@dataclass
-class Decision:
-    """What a rule decided for one target. ``log_psi`` (per row before selection; copied to
-    the children), ``parents`` (local indices, ``None``: no selection), then per row after
-    selection: ``log_w`` and ``alive`` (rows kept in the pool). ``log_z``: the factor added
-    to log Z-hat (0 when none); ``ess``: the ESS of the weights the rule formed, before any
-    selection (NaN for searches)."""
-
-    log_w: Tensor
-    log_psi: Tensor
-    alive: Tensor
-    parents: Tensor | None = None
-    log_z: float = 0.0
-    ess: float = math.nan
-
-
-class Rule(ABC):
-    """How a boundary weighs and selects one target's rows. ``weighs``: its weights define a
-    target whose normaliser ``log_z`` estimates (a target whose every weight is 0 is
-    extinct); ``importance``: the final weights are importance weights of that target (not
-    the paper's fresh per-step scores)."""
-
-    name: str = "rule"
-    weighs: bool = False
-    importance: bool = False
-
-    @abstractmethod
-    def decide(self, b: Boundary) -> Decision: ...
-
-
-def conditional_ancestors(log_w: Tensor, generator: torch.Generator) -> Tensor:
-    """Conditional SMC: row 0 (the reference) keeps itself; the other N-1 draw their parents
-    multinomially from all N (SPECS A.7)."""
-    n = len(log_w)
-    rest = multinomial(log_w, n - 1, generator) if n > 1 else torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.zeros(1, dtype=torch.long), rest])
+from .rules import Boundary, Rule
+from .smc import _as_list as as_list
 
 
 @dataclass
@@ -132,12 +71,7 @@ class _Chains:
 
 def step_targets(target: Target | Sequence[Target], step: str | int | object | None) -> tuple[list[Target], bool]:
     """The targets as a list (and whether one was given), with ``step`` as their delimiter."""
-    single = isinstance(target, Target)
-    targets = [target] if single else list(target)
-    if not targets or not all(isinstance(t, Target) for t in targets):
-        raise TypeError("give a pilm.Target or a non-empty list of them")
-    if any(t.model is not targets[0].model for t in targets):
-        raise ValueError("targets sampled in one batch must share one model")
+    targets, single = as_list(target)
     if step is not None:
         targets = [replace(t, steps=replace(t.steps or Steps(), delimiter=step)) if (t.steps is None or
                    t.steps.delimiter != step) else t for t in targets]
@@ -260,7 +194,8 @@ def run_steps(
                 scores, stepped[rows], chains.done[rows], _log_phi(targets[g], chains, rows, finished_now[rows], scores),
                 chains.log_w[rows], chains.log_psi[rows], chains.alive[rows], bool((~chains.done[rows]).any()),
                 references is not None and references[g] is not None, generators[g if len(generators) > 1 else 0],
-                [tuple(chains.tokens[k, : chains.lengths[k]].tolist()) for k in range(rows.start, rows.stop)]))
+                [tuple(chains.tokens[k, : chains.lengths[k]].tolist()) for k in range(rows.start, rows.stop)]
+                if rule.reads_chains else []))
             if not math.isnan(d.ess):
                 ess_log[g].append(d.ess)
             if d.parents is None and rule.weighs and torch.isneginf(d.log_w[d.alive]).all():

@@ -17,7 +17,8 @@ from ..target import Target
 from ..twists.base import TwistFunction
 from .result import StepResult
 from .smc import seeded_generators
-from .stepwise import Boundary, Decision, Rule, run_steps, step_targets
+from .rules import Boundary, Decision, Rule
+from .stepwise import run_steps, step_targets
 
 
 class Independent(Rule):
