@@ -99,6 +99,7 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
 
     twist = train_twist(target, "ctl", steps=1, batch_size=32, lr=1e-3, seed=0, progress=False)
     ctl_step_seconds = twist.history[-1]["seconds"]
+    head_update_seconds = _head_update_seconds(target, twist)
     torch.manual_seed(0)
     generate()  # warm-up of every leg (allocator, kernels)
     run_smc(0)
@@ -123,6 +124,8 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         "smc_over_generate": min(smc_times) / min(gen_times),
         "twisted_smc_over_generate": min(twisted_times) / min(gen_times),
         "ctl_step_seconds": ctl_step_seconds,
+        "head_update_seconds": head_update_seconds,
+        "ctl_step_over_head_update": ctl_step_seconds / head_update_seconds,
         "memory_over_generate": min(smc_mem) / max(min(gen_mem), 1),
         "generate_ms_per_token": 1e3 * min(gen_times),
         "smc_ms_per_token": 1e3 * min(smc_times),
@@ -139,6 +142,26 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         **many_particles(model),
         **finetune_vs_trl(),
     }
+
+
+def _head_update_seconds(target, twist, batch_size: int = 32, repeats: int = 5) -> float:
+    """One CTL update of a twist head on the hidden states of a batch already drawn (what
+    ``train_twist(reuse=R)`` does R - 1 times per draw): no LM forward, psi at the drawn
+    tokens only. The fastest of ``repeats``."""
+    from .learning.objectives import ctl
+    from .learning.twist_trainer import draw, twist_batch
+
+    drawn, _ = draw(target, twist, batch_size, torch.Generator().manual_seed(0), keep_logprobs=False)
+    optimizer = torch.optim.AdamW(twist.parameters(), lr=1e-3)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loss = ctl(twist_batch(target, drawn, twist, all_tokens=False))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 SUBJECTS = ["The movie", "My neighbour's old dog", "Yesterday the weather in the mountains", "The new phone",

@@ -75,6 +75,8 @@ class TwistTrainingConfig(Config):
     lr: float = arg(1e-3, "AdamW learning rate", low=0, strict=True)
     head: Literal["mlp", "linear", "tied"] = arg("mlp", "twist head on the LM's last hidden state")
     layers: int = arg(3, "layers of an mlp or tied head", low=2)
+    init: Literal["xavier", "base"] = arg("xavier", "head init: xavier, or base (psi = const: start at bootstrap SMC)")
+    reuse: int = arg(1, "head updates per drawn batch (a frozen body re-reads its hidden states)", low=1)
     body: Literal["frozen", "lora"] = arg("frozen", "the head reads the frozen LM, or a LoRA-adapted copy")
     lora_rank: int = arg(4, "LoRA rank of a lora body", low=1)
     proposal_beta: float = arg(1.0, "train on samples from p0 psi^beta", low=0)

@@ -123,3 +123,66 @@ def test_tied_head_scores_against_output_embeddings(tmp_path, tiny):
         Twist.from_pretrained(tmp_path / "t").log_psi(None, state.hidden)
     with pytest.raises(ValueError, match="output embeddings"):
         Twist.for_model(pilm.models.TabularLM.random(4, eos_id=3), kind="tied")
+
+
+@pytest.mark.parametrize("kind,output", [("linear", "log"), ("mlp", "log_sigmoid"), ("tied", "log")])
+def test_head_at_drawn_tokens_equals_the_full_head(tiny, kind, output):
+    twist = Twist.for_model(tiny, kind=kind, layers=2, output=output, conditional=True)
+    h, c = torch.randn(5, twist.config.hidden_size), torch.randn(twist.config.hidden_size)
+    tokens = torch.tensor([0, 3, 7, tiny.vocab_size - 1, 3])
+    full = twist.log_psi(None, h, c).gather(-1, tokens[:, None]).squeeze(-1)
+    assert torch.allclose(twist.log_psi_at(None, h, tokens, c), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "tied"])
+def test_base_init_starts_at_bootstrap_smc(target, tiny, kind):
+    twist = Twist.for_model(tiny, kind=kind, init="base")
+    assert twist.log_psi(None, torch.randn(3, twist.config.hidden_size)).abs().max() == 0
+    a = pilm.smc(target, 8, twist=twist, ess_threshold=1.0, seed=2, progress=False)
+    b = pilm.smc(target, 8, ess_threshold=1.0, seed=2, progress=False)
+    assert a.tokens == b.tokens and abs(a.log_z - b.log_z) < 1e-5
+    with pytest.raises(ValueError, match="init"):
+        Twist.for_model(tiny, init="zeros")
+
+
+def test_reuse_updates_on_cached_states_without_lm_forwards(target, tiny, monkeypatch):
+    """reuse=R: R head updates per draw, and the LM runs only to draw (one forward per token)."""
+    calls = []
+    forward = type(tiny)._forward
+    monkeypatch.setattr(type(tiny), "_forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    twist = pilm.train_twist(target, "ctl", steps=2, batch_size=4, reuse=5, head="tied", init="base", seed=1,
+                             progress=False)
+    per_draw = target.max_new_tokens + 1  # the prompt, then one step per token (the potential runs no LM here)
+    assert len(calls) <= 2 * per_draw + 1  # + the hidden-size probe of Twist.for_model
+    assert [h["updates"] for h in twist.history] == [5, 10]
+    assert twist.history[-1]["lm_tokens"] >= twist.history[0]["lm_tokens"] > 0
+
+
+@pytest.mark.parametrize("objective", ["ctl", "sixo", "fudge"])
+def test_drawn_token_batches_give_the_same_loss_and_gradient(target, tiny, objective):
+    from pilm.learning.objectives import get_objective
+    from pilm.learning.twist_trainer import draw, twist_batch
+
+    spec = get_objective(objective)
+    twist = Twist.for_model(tiny, kind="mlp", layers=2, output=spec.twist_output)
+    g = torch.Generator().manual_seed(0)
+    drawn, _ = draw(target, twist, 6, g, keep_logprobs=False)
+    base, _ = draw(target, None, 6, g, keep_logprobs=False)
+    grads = []
+    for every in (True, False):
+        twist.zero_grad()
+        loss = spec.loss(twist_batch(target, drawn, twist, all_tokens=every),
+                         twist_batch(target, base, twist, all_tokens=every))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in twist.parameters()]))
+    (la, ga), (lb, gb) = grads
+    assert torch.allclose(la, lb, atol=1e-6) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ga, gb))
+
+
+def test_bench_times_one_head_update_on_cached_states(target, tiny):
+    from pilm.bench import _head_update_seconds
+
+    twist = Twist.for_model(tiny, kind="tied", layers=2)
+    before = [p.detach().clone() for p in twist.parameters()]
+    assert _head_update_seconds(target, twist, batch_size=4, repeats=2) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, twist.parameters()))  # it did update

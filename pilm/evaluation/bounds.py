@@ -52,15 +52,16 @@ METHODS = {"sis": 0.0, "smc": 1.0}  # ess_threshold: never / every step (as in t
 @dataclass
 class BoundsReport:
     """``rows``: one dict per (sampler, n_particles, method) with lower, upper (means over
-    seeds) and their 95% half-widths, gap, the sampler's KL estimates with guaranteed
-    intervals, and SMC diagnostics (final ESS, distinct ancestors at the end)."""
+    seeds) and their 95% half-widths, gap and its 95% half-width ``gap_ci`` (from the
+    per-seed gaps ``gaps``: every sampler meets the same targets and exact samples seed by
+    seed, so gaps pair, also across calls with the same ``seed``), the sampler's KL estimates with guaranteed intervals, and SMC diagnostics (final ESS, distinct ancestors at the end)."""
 
     rows: list[dict]
     log_z_exact: float | None = None
     info: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        head = (f"{'sampler':>10} {'K':>5} {'method':>6} {'lower':>18} {'upper':>18} {'gap':>8} "
+        head = (f"{'sampler':>10} {'K':>5} {'method':>6} {'lower':>18} {'upper':>18} {'gap':>16} "
                 f"{'KL(q||σ)':>9} {'KL(σ||q)':>9}")
         lines = [head, "-" * len(head)]
         if self.info.get("exact_samples") == "joint":
@@ -70,7 +71,7 @@ class BoundsReport:
             lines.append(
                 f"{r['sampler']:>10} {r['n_particles']:>5} {r['method']:>6} "
                 f"{r['lower']:>10.3f} ±{r['lower_ci']:<6.3f} {r['upper']:>10.3f} ±{r['upper_ci']:<6.3f} "
-                f"{r['gap']:>8.3f} {r['kl_q_sigma']:>9.3f} {r['kl_sigma_q']:>9.3f}"
+                f"{r['gap']:>8.3f} ±{r['gap_ci']:<6.3f} {r['kl_q_sigma']:>9.3f} {r['kl_sigma_q']:>9.3f}"
             )
         if self.log_z_exact is not None:
             lines.append(f"exact log Z = {self.log_z_exact:.4f}")
@@ -185,7 +186,7 @@ def bounds(
     samplers: Mapping[str, Sampler] | None = None,
     n_particles: Sequence[int] = BoundsConfig.n_particles,
     *,
-    exact_samples: str = BoundsConfig.exact_samples,
+    exact_samples: str | Sequence[tuple[Target, Sequence[int]]] = BoundsConfig.exact_samples,
     seeds: int = BoundsConfig.seeds,
     methods: Sequence[str] = BoundsConfig.methods,
     seed: int = BoundsConfig.seed,
@@ -194,7 +195,10 @@ def bounds(
 ) -> BoundsReport:
     """Lower and upper bounds on log Z for each sampler, K and method, with KL estimates
     in both directions (see the module docstring). ``samplers`` maps names to ``None``
-    (the base model), a twist, or a language model (scored on the target's tokens)."""
+    (the base model), a twist, or a language model (scored on the target's tokens).
+    ``exact_samples``: how to draw them (see ``exact_sigma_samples``), or the (target, sample)
+    pairs it returned, one per seed: bounds computed in several calls then share them (rejection
+    at a small Z is costly) and their per-seed gaps pair."""
     from tqdm.auto import tqdm
 
     samplers = dict(samplers or {"base": None})
@@ -202,8 +206,12 @@ def bounds(
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: sis, smc")
     ks = sorted(set(int(k) for k in n_particles))
-    exact_samples = resolve_exact_samples(target, exact_samples)
-    pairs = exact_sigma_samples(target, seeds, exact_samples, seed=seed, max_draws=max_draws)
+    if isinstance(exact_samples, str):
+        exact_samples = resolve_exact_samples(target, exact_samples)
+        pairs = exact_sigma_samples(target, seeds, exact_samples, seed=seed, max_draws=max_draws)
+    else:
+        pairs, seeds = list(exact_samples), len(exact_samples)
+        exact_samples = "joint" if any(t is not target for t, _ in pairs) else "given"
     g = torch.Generator().manual_seed(seed)
     cells: dict[tuple, dict[str, list[float]]] = {}
     elbo: dict[str, list[float]] = {name: [] for name in samplers}
@@ -231,8 +239,10 @@ def bounds(
     for (name, k, method), c in cells.items():
         lo, lo_ci = _ci(c["lower"])
         up, up_ci = _ci(c["upper"])
+        gaps = [u - lo_i for u, lo_i in zip(c["upper"], c["lower"])]
+        _, gap_ci = _ci(gaps)  # paired: the same target and exact sample per seed
         rows.append({"sampler": name, "n_particles": k, "method": method, "lower": lo, "lower_ci": lo_ci,
-                     "upper": up, "upper_ci": up_ci, "gap": up - lo, "ess_final": statistics.fmean(c["ess"]),
+                     "upper": up, "upper_ci": up_ci, "gap": up - lo, "gap_ci": gap_ci, "gaps": gaps, "ess_final": statistics.fmean(c["ess"]),
                      "distinct_ancestors": statistics.fmean(c["ancestors"]), "seeds": len(c["lower"])})
     finite = [r for r in rows if r["n_particles"] == ks[-1] and math.isfinite(r["gap"])]
     best = min(finite, key=lambda r: r["gap"]) if finite else None

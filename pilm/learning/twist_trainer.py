@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import TwistTrainingConfig
@@ -30,22 +31,43 @@ def sample_batch(target: Target, twist: TwistFunction | None, trainee, n: int, g
     """n sequences from the twist-induced proposal (base model if ``twist`` is None), no
     resampling, as a ``TwistBatch`` whose ``log_psi_all`` comes from ``trainee`` with
     gradients (the sampling itself runs without). Also returns the final SIS log weights."""
+    drawn, log_w = draw(target, twist, n, generator, keep_logprobs=keep_logprobs, proposal_beta=proposal_beta)
+    return twist_batch(target, drawn, trainee), log_w
+
+
+def draw(target: Target, twist: TwistFunction | None, n: int, generator: torch.Generator, *, keep_logprobs: bool,
+         proposal_beta: float = 1.0) -> tuple[dict[str, Tensor], list[float]]:
+    """n sequences from the twist-induced proposal, no resampling: the per-step tensors of
+    ``Trace.stacked`` (tokens, hidden states, log p0, log q, log phi, mask) and the SIS log weights."""
     trace = Trace(keep_logprobs=keep_logprobs)
     res = run_smc(target, n, generator, twist=twist, proposal_beta=proposal_beta, ess_threshold=0.0,
                   use_prefix=False, on_extinction="return", trace=trace)
-    t = trace.stacked(n)
-    mask = t["mask"]
+    return trace.stacked(n), res.log_weights
+
+
+def twist_batch(target: Target, drawn: dict[str, Tensor], trainee, *, all_tokens: bool = True) -> TwistBatch:
+    """The ``TwistBatch`` of drawn sequences with psi from ``trainee``, with gradients: a head
+    reads the recorded hidden states (no LM forward, so the same draw can serve many
+    updates); a twist with its own body runs it teacher-forced. ``all_tokens=False`` scores
+    a head only at the drawn tokens (``log_psi_drawn``), enough for ctl, sixo and fudge."""
+    t, mask = drawn, drawn["mask"]
+    all_psi = drawn_psi = None
     if hasattr(trainee, "log_psi_teacher_forced"):  # its own body: one forward with gradients
-        log_psi_all = trainee.log_psi_teacher_forced(target, t["tokens"], mask).masked_fill(~mask[..., None], 0.0)
+        all_psi = trainee.log_psi_teacher_forced(target, t["tokens"], mask).masked_fill(~mask[..., None], 0.0)
     else:  # a head on the frozen model's recorded hidden states: no LM forward at all
         prefixes = None
         if trainee.needs_prefixes:
             toks = t["tokens"].tolist()
             prefixes = [tuple(toks[k][:j]) for k, j in mask.nonzero().tolist()]
-        values = trainee.log_psi(prefixes, t["hidden"][mask], trainee.condition_for(target))
-        log_psi_all = values.new_zeros(*mask.shape, values.shape[-1]).masked_scatter(mask[..., None], values)
-    batch = TwistBatch(t["tokens"], mask, t["log_p0"], t["log_q"], t["log_phi"], log_psi_all, t.get("log_p0_all"))
-    return batch, res.log_weights
+        condition = trainee.condition_for(target)
+        if all_tokens:
+            values = trainee.log_psi(prefixes, t["hidden"][mask], condition)
+            all_psi = values.new_zeros(*mask.shape, values.shape[-1]).masked_scatter(mask[..., None], values)
+        else:
+            values = trainee.log_psi_at(prefixes, t["hidden"][mask], t["tokens"][mask], condition)
+            drawn_psi = values.new_zeros(mask.shape).masked_scatter(mask, values)
+    return TwistBatch(t["tokens"], mask, t["log_p0"], t["log_q"], t["log_phi"], all_psi, t.get("log_p0_all"),
+                      drawn_psi)
 
 
 def train_twist(
@@ -59,6 +81,8 @@ def train_twist(
     twist: TwistFunction | None = None,
     head: str = C.head,
     layers: int = C.layers,
+    init: str = C.init,
+    reuse: int = C.reuse,
     body: str = C.body,
     lora_rank: int = C.lora_rank,
     conditional: bool | None = None,
@@ -79,14 +103,18 @@ def train_twist(
 
     Each step draws ``batch_size`` sequences from the current twist-induced proposal
     (q ∝ p0 psi^proposal_beta, no resampling; plus as many base-model samples for sixo and
-    fudge), evaluates the objective on them and takes one AdamW step with gradient-norm
-    clipping. Without ``twist`` a fresh head on the frozen LM's hidden state is made
-    (``head`` linear|mlp|tied, Xavier init seeded by ``seed``; conditioned on the suffix when the
-    target has one); ``body="lora"`` puts the head on a LoRA-adapted copy of the body
+    fudge), evaluates the objective on them and takes ``reuse`` AdamW steps with gradient-norm
+    clipping on that draw: a head on the frozen LM re-reads the recorded hidden states, so
+    every update after the first costs no LM forward (the objectives weight by p0 phi / q with
+    the q that drew the samples, so they stay valid as psi moves away from it). Without
+    ``twist`` a fresh head on the frozen LM's hidden state is made (``head`` linear|mlp|tied,
+    seeded by ``seed``; ``init="base"`` zeroes its output layer, so psi starts constant and
+    training starts at bootstrap SMC; conditioned on the suffix when the target has one); ``body="lora"`` puts the head on a LoRA-adapted copy of the body
     (rank ``lora_rank``, see ``LoRATwist``). With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end, and an existing one is resumed from: the run
     then continues bit-identically. The returned twist carries ``history`` (one dict a step:
-    loss, ESS and log Z-hat of the step's SIS batch, seconds); ``log_path`` appends it as
+    loss (of its last update), ESS and log Z-hat of the step's SIS batch, updates and LM
+    tokens drawn so far, seconds); ``log_path`` appends it as
     JSONL, ``plot_path`` draws the curves.
     """
     spec = get_objective(objective)
@@ -99,10 +127,11 @@ def train_twist(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if body == "lora":
-                twist = LoRATwist(target.model, rank=lora_rank, kind=head, layers=layers, output=spec.twist_output)
+                twist = LoRATwist(target.model, rank=lora_rank, kind=head, layers=layers, output=spec.twist_output,
+                                  init=init)
             elif body == "frozen":
                 twist = Twist.for_model(target.model, kind=head, layers=layers, output=spec.twist_output,
-                                        conditional=conditional)
+                                        conditional=conditional, init=init)
             else:
                 raise ValueError(f"body must be 'frozen' or 'lora', got {body!r}")
     elif twist.output != spec.twist_output:
@@ -118,26 +147,32 @@ def train_twist(
     saved = resume(checkpoint_dir, twist, optimizer, generator, objective)
     if saved is not None:
         start, history = saved["step"], saved["history"]
+    lm_tokens = history[-1].get("lm_tokens", 0) if history else 0
     for step in tqdm(range(start, steps), desc=f"train-twist {objective}", initial=start, total=steps,
                      disable=not progress):
         t0 = time.perf_counter()
         step_target = targets[step % len(targets)]
-        batch, log_w = sample_batch(step_target, twist, twist, batch_size, generator,
-                                    keep_logprobs=spec.needs_logprobs, proposal_beta=proposal_beta)
+        drawn, log_w = draw(step_target, twist, batch_size, generator, keep_logprobs=spec.needs_logprobs,
+                            proposal_beta=proposal_beta)
         base = None
         if spec.needs_base_samples:
-            base, _ = sample_batch(step_target, None, twist, batch_size, generator, keep_logprobs=False)
-        loss = spec.loss(batch, base)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        optimizer.step()
+            base, _ = draw(step_target, None, batch_size, generator, keep_logprobs=False)
+        lm_tokens += int(drawn["mask"].sum()) + (int(base["mask"].sum()) if base is not None else 0)
+        for _ in range(reuse):
+            every = spec.needs_logprobs  # rl and dpg read psi at every token, the others at the drawn ones
+            loss = spec.loss(twist_batch(step_target, drawn, twist, all_tokens=every),
+                             None if base is None else twist_batch(step_target, base, twist, all_tokens=every))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+            optimizer.step()
         lw = torch.tensor(log_w)
         finite = torch.isfinite(lw).any()
         record = {
             "step": step + 1, "loss": loss.item(),
             "ess": ess(lw) if finite else 0.0,
             "log_z": float(log_mean_exp(lw)),
+            "updates": (step + 1) * reuse, "lm_tokens": lm_tokens,
             "seconds": time.perf_counter() - t0,
         }
         history.append(record)

@@ -42,6 +42,12 @@ class TwistFunction(ABC):
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         """log psi_t(prefix_i, v) for each row i and every token v: shape (n, V), float32."""
 
+    def log_psi_at(self, prefixes: Prefixes | None, hidden: Tensor, tokens: Tensor,
+                   condition: Tensor | None = None) -> Tensor:
+        """log psi_t(prefix_i, tokens_i) of each row at one token, (n,): what objectives that
+        read psi only at the drawn tokens need. Heads override it to skip the other V - 1."""
+        return self.log_psi(prefixes, hidden, condition).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
     def condition_for(self, target) -> Tensor | None:
         """The conditioning vector this twist uses for ``target`` (``None``: unconditional)."""
         return None

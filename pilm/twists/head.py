@@ -28,7 +28,9 @@ class TwistConfig:
     a similar embedding), so it learns from far fewer samples than a V-way output layer. ``output``: "log" (the head's output is log psi) or
     "log_sigmoid" (psi in (0, 1), as FUDGE needs). ``conditional``: the input is the hidden
     state concatenated with the last hidden state of a conditioning token sequence (the
-    infilling suffix), so one head serves every suffix."""
+    infilling suffix), so one head serves every suffix. ``init``: "xavier" (Xavier-normal
+    weights, as the reference code), or "base": the output layer starts at zero, so psi is
+    constant and the twisted proposal starts as p0 (training starts at bootstrap SMC)."""
 
     hidden_size: int
     vocab_size: int
@@ -36,6 +38,7 @@ class TwistConfig:
     layers: int = 3
     output: Literal["log", "log_sigmoid"] = "log"
     conditional: bool = False
+    init: Literal["xavier", "base"] = "xavier"
     model_name: str = ""
 
 
@@ -43,7 +46,7 @@ class Twist(nn.Module, TwistFunction):
     """A twist head: log psi_t(s_{<t}, .) = head([h(s_{<t}); c]) for every next token.
 
     Weights are Xavier-normal with zero bias, so log psi starts small and random (as in the
-    reference code). Save with ``save_pretrained(dir)``, load with
+    reference code), or (``init="base"``) log psi starts at exactly 0. Save with ``save_pretrained(dir)``, load with
     ``Twist.from_pretrained(dir, model)``.
     """
 
@@ -64,10 +67,14 @@ class Twist(nn.Module, TwistFunction):
         else:
             raise ValueError(f"twist head kind must be 'linear', 'mlp' or 'tied', got {config.kind!r}")
         self.net = nn.Sequential(*layers)
+        if config.init not in ("xavier", "base"):
+            raise ValueError(f"twist head init must be 'xavier' or 'base', got {config.init!r}")
         for m in self.net:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+        if config.init == "base":
+            nn.init.zeros_(self.net[-1].weight)
         if config.kind == "tied":
             self.token_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.output = config.output
@@ -93,20 +100,40 @@ class Twist(nn.Module, TwistFunction):
             self._embeddings = head.weight.detach().float()
 
     def forward(self, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
+        out = self.net(self._input(hidden, condition))
+        if self.config.kind == "tied":
+            out = out @ self._tied_embeddings().T / self.config.hidden_size**0.5 + self.token_bias
+        return nn.functional.logsigmoid(out) if self.config.output == "log_sigmoid" else out
+
+    def _input(self, hidden: Tensor, condition: Tensor | None) -> Tensor:
         x = hidden.float()
         if self.config.conditional:
             if condition is None:
                 raise ValueError("this twist is conditional: it needs a condition (the target's suffix)")
             x = torch.cat([x, condition.float().expand(len(x), -1)], dim=-1)
-        out = self.net(x)
-        if self.config.kind == "tied":
-            if self._embeddings is None:
-                raise ValueError("a tied twist head must be attached to its model: Twist.from_pretrained(dir, model)")
-            out = out @ self._embeddings.T / self.config.hidden_size**0.5 + self.token_bias
-        return nn.functional.logsigmoid(out) if self.config.output == "log_sigmoid" else out
+        return x
+
+    def _tied_embeddings(self) -> Tensor:
+        if self._embeddings is None:
+            raise ValueError("a tied twist head must be attached to its model: Twist.from_pretrained(dir, model)")
+        return self._embeddings
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         return self(hidden, condition)
+
+    def log_psi_at(self, prefixes: Prefixes | None, hidden: Tensor, tokens: Tensor,
+                   condition: Tensor | None = None) -> Tensor:
+        """The head at one token per row: the output layer's row (or the tied embedding) of
+        that token only, so training on drawn tokens costs O(H) per row instead of O(H V)."""
+        tokens = tokens.long()
+        x = self._input(hidden, condition)
+        if self.config.kind == "tied":
+            out = (self.net(x) * self._tied_embeddings()[tokens]).sum(-1) / self.config.hidden_size**0.5
+            out = out + self.token_bias[tokens]
+        else:
+            last = self.net[-1]
+            out = (self.net[:-1](x) * last.weight[tokens]).sum(-1) + last.bias[tokens]
+        return nn.functional.logsigmoid(out) if self.config.output == "log_sigmoid" else out
 
     def condition_for(self, target) -> Tensor | None:
         """Last hidden state of the target's conditioning tokens (its suffix), if conditional."""

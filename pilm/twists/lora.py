@@ -32,7 +32,8 @@ class LoRATwist(nn.Module, TwistFunction):
     stateful = True
 
     def __init__(self, model: HFModel, *, rank: int = 4, alpha: int | None = None, dropout: float = 0.0,
-                 target_modules: list[str] | None = None, kind: str = "mlp", layers: int = 3, output: str = "log"):
+                 target_modules: list[str] | None = None, kind: str = "mlp", layers: int = 3, output: str = "log",
+                 init: str = "xavier"):
         from peft import LoraConfig, get_peft_model
 
         super().__init__()
@@ -44,7 +45,7 @@ class LoRATwist(nn.Module, TwistFunction):
         self.body = HFModel(body, model.tokenizer, name=f"{model.name}+lora-twist")
         hidden = model.hf.config.hidden_size
         self.head = Twist(TwistConfig(hidden, model.vocab_size, kind=kind, layers=layers, output=output,
-                                      model_name=model.name))
+                                      init=init, model_name=model.name))
         self.head.attach(model)  # a tied head scores against the (frozen) output embeddings
         self.output = output
         self._state = None

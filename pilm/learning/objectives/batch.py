@@ -21,6 +21,8 @@ class TwistBatch:
     ``log_psi_all[k, t, v]`` = log psi_{t+1}(s^k_{<t+1}, v) from the twist being trained
     (carries gradients); ``log_p0``/``log_q`` are per drawn token; ``log_phi`` per sequence;
     ``log_p0_all`` (only for objectives that need it) is log p0 of every next token.
+    Objectives that read psi only at the drawn tokens (ctl, sixo, fudge) can be given
+    ``log_psi_drawn`` (K, T) instead of ``log_psi_all``: a V-times smaller computation.
     """
 
     tokens: Tensor
@@ -28,13 +30,16 @@ class TwistBatch:
     log_p0: Tensor
     log_q: Tensor
     log_phi: Tensor
-    log_psi_all: Tensor
+    log_psi_all: Tensor | None
     log_p0_all: Tensor | None = None
+    log_psi_drawn: Tensor | None = None
 
     @property
     def log_psi(self) -> Tensor:
         """log psi_t(s_{1:t}) at the drawn tokens, (K, T), 0 at padding."""
-        picked = self.log_psi_all.gather(-1, self.tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        picked = self.log_psi_drawn
+        if picked is None:
+            picked = self.log_psi_all.gather(-1, self.tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return picked.masked_fill(~self.mask, 0.0)
 
     @property

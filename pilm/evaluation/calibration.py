@@ -1,0 +1,71 @@
+"""Does a twist know the future? log psi_t against Monte Carlo estimates of the optimal twist.
+
+The optimal twist is psi*_t(s_1:t) = E_p0[phi(s) | s_1:t] (SPECS A.2), defined up to one
+constant per target. For held-out prefixes s_1:t, ``twist_calibration`` estimates
+log psi*_t by R rollouts of the rest of the sequence from p0 (log of the mean phi: unbiased
+for psi*, biased low in log by about Var/2 of the mean) and reads the twist's log psi_t at
+the same prefix. A twist that pays off ranks prefixes as psi* does (high correlation at
+each t) on the right scale (slope of log psi* on log psi near 1).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+import torch
+
+from ..inference.smc import run_smc
+from ..target import Target
+from ..twists.base import TwistFunction
+
+
+def twist_calibration(
+    pairs: Sequence[tuple[Target, Sequence[int]]],
+    twist: TwistFunction,
+    positions: Sequence[int],
+    *,
+    rollouts: int = 32,
+    seed: int = 0,
+) -> dict:
+    """Rows (one per pair and position t <= len(s) with no EOS before t) with ``log_psi``
+    (the twist at s_1:t) and ``log_mc`` (log mean phi over ``rollouts`` p0 completions of
+    s_1:t, phi scored on the whole sequence); and per t the Pearson correlation and the
+    least-squares slope of log_mc on log_psi (``summary``). ``pairs``: (target, sequence),
+    e.g. ``exact_sigma_samples`` or base-model samples; a conditional twist reads each
+    target's condition."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for target, seq in pairs:
+        model, seq = target.model, list(seq)
+        condition = twist.condition_for(target)
+        for t in positions:
+            if t < 1 or t > len(seq) or model.eos_token_id in seq[: t - 1]:
+                continue
+            prefix = seq[:t]
+            with torch.no_grad():
+                hidden = model.start(list(target.prompt_ids) + prefix[:-1], 1).hidden
+                log_psi = float(twist.log_psi_at([tuple(prefix[:-1])], hidden, torch.tensor([prefix[-1]]), condition)[0])
+            if target.is_complete(prefix):
+                log_mc = float(target.log_potential([prefix])[0])
+            else:
+                rest = Target(model, list(target.prompt_ids) + prefix, max_new_tokens=target.max_new_tokens - t,
+                              stop=target.stop)
+                cont = run_smc(rest, rollouts, g, ess_threshold=0.0, use_prefix=False).tokens
+                log_phi = target.log_potential([prefix + list(c) for c in cont]).double()
+                log_mc = float(torch.logsumexp(log_phi, 0)) - math.log(rollouts)
+            rows.append({"t": t, "log_psi": log_psi, "log_mc": log_mc})
+    summary = {}
+    for t in sorted({r["t"] for r in rows}):
+        x = [r["log_psi"] for r in rows if r["t"] == t]
+        y = [r["log_mc"] for r in rows if r["t"] == t]
+        if len(x) > 2 and statistics.pstdev(x) > 0 and statistics.pstdev(y) > 0 and all(map(math.isfinite, y)):
+            slope = statistics.covariance(x, y) / statistics.variance(x)
+            summary[t] = {"n": len(x), "corr": statistics.correlation(x, y), "slope": slope,
+                          "sd_log_mc": statistics.stdev(y), "sd_log_psi": statistics.stdev(x)}
+        else:
+            summary[t] = {"n": len(x), "corr": math.nan, "slope": math.nan,
+                          "sd_log_mc": statistics.stdev(y) if len(y) > 1 else math.nan,
+                          "sd_log_psi": statistics.stdev(x) if len(x) > 1 else math.nan}
+    return {"rows": rows, "summary": summary}
