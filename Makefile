@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale
+.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff
 
 install: $(STAMP)
 
@@ -48,3 +48,9 @@ experiment-scale: $(STAMP)
 	.venv/bin/pilm scale --prm judge --methods bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4 --problems 100 --out docs/scale/judge
 	$(PY) experiments/scale_diagnostics.py --out docs/scale/diagnostics.json --problems 32 --n 16
 	$(PY) experiments/scale_report.py docs/scale
+
+# Do learned twists pay off? Gap on log Z against training time, twisted K = 16 vs bootstrap
+# K = 16, 64, 256, for infilling and a rare toxicity event (resumable: rerun to continue).
+experiment-payoff: $(STAMP)
+	$(PY) experiments/payoff.py --target infilling --out docs/payoff/infilling --stages 0,50,150,300
+	$(PY) experiments/payoff.py --target toxicity --out docs/payoff/toxicity --stages 0,50,150,300

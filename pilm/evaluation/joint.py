@@ -21,9 +21,8 @@ def joint_samples(
     (truncated sampling, no EOS forced)."""
     g = torch.Generator().manual_seed(seed)
     middles = run_smc(Target(model, prompt, max_new_tokens=max_new_tokens), n, g, ess_threshold=0.0).tokens
-    pairs = []
     prompt_ids = list(model.encode_prompt(prompt))
-    for middle in middles:
-        cont = run_smc(Target(model, prompt_ids + middle, max_new_tokens=suffix_tokens), 1, g, ess_threshold=0.0)
-        pairs.append((middle, cont.tokens[0]))
-    return pairs
+    # every ending in one batched decode: one target per middle, one row each
+    endings = run_smc([Target(model, prompt_ids + m, max_new_tokens=suffix_tokens) for m in middles], 1, g,
+                      ess_threshold=0.0)
+    return [(m, e.tokens[0]) for m, e in zip(middles, endings)]
