@@ -138,7 +138,8 @@ def exact_sigma_samples(
                 f"(acceptance rate {rate:.2e} in a 256-draw pilot) for {n} samples, over max_draws={max_draws:,}: "
                 "use exact_samples='joint' for infilling, or a smaller target"
             )
-        res = rejection_sample(target, n, seed=seed, max_draws=max_draws)
+        batch = int(min(max(64, n / rate), 512))  # the pilot's estimate of the draws, in as few decodes as fit
+        res = rejection_sample(target, n, seed=seed, max_draws=max_draws, batch_size=batch)
         return [(target, list(s)) for s in res.tokens]
     if how == "joint":
         suffix = condition_ids(target)
