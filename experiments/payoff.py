@@ -86,17 +86,26 @@ def main() -> None:
             write({"kind": "bounds", "sampler": "base", "stage": None, "train_seconds": 0.0, **row})
         print(report.table(), flush=True)
 
+    if ("diagnostics", None, None, None) in have and all(("bounds", "twist", s, args.twist_k) in have for s in stages):
+        write_report(done, out, args)  # nothing left to run: no need for the twist
+        return
     twist = None
-    for stage in stages:  # a stage already trained resumes from its checkpoint at no cost
+    for stage in stages:  # the last stage, already trained, resumes from its checkpoint at no cost
+        bounded = ("bounds", "twist", stage, args.twist_k) in have
+        if bounded and stage != stages[-1]:
+            continue
         if stage == 0:
             twist = pilm.Twist.for_model(model, kind=args.head, init=args.init, conditional=args.target == "infilling")
         else:
             twist = pilm.train_twist(train, args.objective, steps=stage, batch_size=args.batch_size, lr=args.lr,
                                      head=args.head, init=args.init, reuse=args.reuse, seed=0,
                                      checkpoint_dir=out / "checkpoint", checkpoint_every=25, progress=False)
-        if ("bounds", "twist", stage, args.twist_k) in have:
-            continue
         history = twist.history
+        if len(history) != stage:
+            raise SystemExit(f"the checkpoint in {out / 'checkpoint'} is at step {len(history)}, past stage {stage}: "
+                             "give stages up to it (or a new --out)")
+        if bounded:
+            continue
         report = pilm.bounds(target, {"twist": twist}, [args.twist_k], **bound_kw)
         write({"kind": "bounds", "sampler": "twist", "stage": stage,
                "train_seconds": sum(h["seconds"] for h in history),
@@ -129,7 +138,8 @@ def diagnostics(target: pilm.Target, twist, pairs, exact_samples: str, args) -> 
         g = torch.Generator().manual_seed(1)
         runs = [run_smc(t, args.twist_k, g, twist=sampler, ess_threshold=1.0, use_prefix=False,
                         on_extinction="return") for t, _ in pairs]
-        ess[name] = [statistics.fmean(r.ess[i] for r in runs if i < len(r.ess)) for i in range(max(len(r.ess) for r in runs))]
+        steps = max(len(r.ess) for r in runs)
+        ess[name] = [statistics.fmean(r.ess[i] for r in runs if i < len(r.ess)) for i in range(steps)]
     # Held-out prefixes: new exact samples for infilling (their own endings), base samples for toxicity.
     if exact_samples == "joint":
         held = exact_sigma_samples(target, args.calibration_prefixes, "joint", seed=99)
@@ -161,7 +171,7 @@ def write_report(rows: list[dict], out: Path, args) -> None:
     ax.errorbar(secs, [r["gap"] for r in twist], yerr=[r["gap_ci"] for r in twist], marker="o", capsize=3,
                 label=f"twisted SMC, K = {args.twist_k}")
     for k, r in sorted(base.items()):
-        ax.axhline(r["gap"], ls="--", lw=1, color=f"C{1 + list(sorted(base)).index(k)}", label=f"bootstrap SMC, K = {k}")
+        ax.axhline(r["gap"], ls="--", lw=1, color=f"C{1 + sorted(base).index(k)}", label=f"bootstrap SMC, K = {k}")
     ax.set(xlabel="twist training seconds (2-core CPU)", ylabel="gap = upper - lower bound on log Z",
            title=f"{args.target}: {args.objective}, {args.head} head, reuse {args.reuse}")
     ax.legend(fontsize=8)
@@ -178,7 +188,8 @@ def write_report(rows: list[dict], out: Path, args) -> None:
     for r in [*base.values(), *twist]:
         deltas = "".join(" {:+.2f} ± {:.2f} |".format(*paired(r["gaps"], b["gaps"])) if r in twist else " |"
                          for b in (base[k] for k in sorted(base)))
-        lines.append(f"| {r['sampler']} | {r['n_particles']} | {r.get('stage') or ''} | {r.get('updates', '')} | "
+        stage = "" if r.get("stage") is None else r["stage"]
+        lines.append(f"| {r['sampler']} | {r['n_particles']} | {stage} | {r.get('updates', '')} | "
                      f"{r.get('lm_tokens', '')} | {r['train_seconds']:.0f} | {r['lower']:.2f} ± {r['lower_ci']:.2f} | "
                      f"{r['upper']:.2f} ± {r['upper_ci']:.2f} | {r['gap']:.2f} ± {r['gap_ci']:.2f} | "
                      f"{r['ess_final']:.1f} |{deltas}")

@@ -46,7 +46,8 @@ def twist_calibration(
             prefix = seq[:t]
             with torch.no_grad():
                 hidden = model.start(list(target.prompt_ids) + prefix[:-1], 1).hidden
-                log_psi = float(twist.log_psi_at([tuple(prefix[:-1])], hidden, torch.tensor([prefix[-1]]), condition)[0])
+                last = torch.tensor([prefix[-1]])
+                log_psi = float(twist.log_psi_at([tuple(prefix[:-1])], hidden, last, condition)[0])
             if target.is_complete(prefix):
                 log_mc = float(target.log_potential([prefix])[0])
             else:

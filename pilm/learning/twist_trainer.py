@@ -109,7 +109,8 @@ def train_twist(
     the q that drew the samples, so they stay valid as psi moves away from it). Without
     ``twist`` a fresh head on the frozen LM's hidden state is made (``head`` linear|mlp|tied,
     seeded by ``seed``; ``init="base"`` zeroes its output layer, so psi starts constant and
-    training starts at bootstrap SMC; conditioned on the suffix when the target has one); ``body="lora"`` puts the head on a LoRA-adapted copy of the body
+    training starts at bootstrap SMC; conditioned on the suffix when the target has one);
+    ``body="lora"`` puts the head on a LoRA-adapted copy of the body
     (rank ``lora_rank``, see ``LoRATwist``). With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end, and an existing one is resumed from: the run
     then continues bit-identically. The returned twist carries ``history`` (one dict a step:
