@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import pilm
-from pilm.evaluation import exact_sigma_samples, twist_calibration
+from pilm.evaluation import calibration_summary, exact_sigma_samples, twist_calibration
 from pilm.inference.smc import run_smc
 from pilm.tasks import joint_samples
 from pilm.tasks.classifiers import toxicity
@@ -198,9 +198,10 @@ def write_report(rows: list[dict], out: Path, args) -> None:
         lines += ["", "ESS per step (K = {}, mean over seeds): ".format(args.twist_k)]
         for name, values in diag["ess_per_step"].items():
             lines.append(f"- {name}: " + ", ".join(f"{v:.1f}" for v in values))
-        lines += ["", "Calibration on held-out prefixes (log psi_t against log of the mean phi over 32 rollouts):", "",
+        lines += ["", "Calibration on held-out prefixes (log psi_t against log of the mean phi over 32 rollouts; "
+                  "increments: between consecutive positions of one sequence):", "",
                   "| t | prefixes | corr | slope | sd log MC | sd log psi |", "|---|---|---|---|---|---|"]
-        for t, s in diag["calibration"].items():
+        for t, s in calibration_summary(diag["calibration_rows"]).items():
             lines.append(f"| {t} | {s['n']} | {s['corr']:.2f} | {s['slope']:.2f} | {s['sd_log_mc']:.2f} | "
                          f"{s['sd_log_psi']:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

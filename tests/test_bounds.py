@@ -139,7 +139,7 @@ def test_calibration_of_the_optimal_twist_is_perfect_and_of_no_twist_is_flat(sof
     against a spread of log psi* across prefixes > 0.5). A constant twist has no spread."""
     pairs = [(soft_target, list(s)) for s in pilm.exact.sample(soft_target, 20, seed=1)]
     cal = pilm.evaluation.twist_calibration(pairs, pilm.twists.optimal(soft_target), [1, 2], rollouts=400)
-    for t, s in cal["summary"].items():
+    for t, s in cal["summary"].items():  # positions 1, 2 and the increments between them
         assert s["n"] >= 6 and s["corr"] > 0.95 and abs(s["slope"] - 1) < 0.15, (t, s)
     flat = pilm.twists.TableTwist(soft_target)
     cal = pilm.evaluation.twist_calibration(pairs, flat, [1], rollouts=10)

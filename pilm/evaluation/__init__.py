@@ -2,8 +2,8 @@
 
 from . import exact
 from .bounds import BoundsReport, bounds, distinct_ancestors, exact_sigma_samples
-from .calibration import twist_calibration
+from .calibration import calibration_summary, twist_calibration
 from .metrics import likelihood_and_diversity
 
-__all__ = ["BoundsReport", "bounds", "distinct_ancestors", "exact", "exact_sigma_samples", "likelihood_and_diversity",
+__all__ = ["BoundsReport", "calibration_summary", "bounds", "distinct_ancestors", "exact", "exact_sigma_samples", "likelihood_and_diversity",
            "twist_calibration"]

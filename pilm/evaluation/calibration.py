@@ -29,15 +29,16 @@ def twist_calibration(
     rollouts: int = 32,
     seed: int = 0,
 ) -> dict:
-    """Rows (one per pair and position t <= len(s) with no EOS before t) with ``log_psi``
+    """Rows (one per pair and position t <= len(s) with no EOS before t: ``pair``, ``t``) with ``log_psi``
     (the twist at s_1:t) and ``log_mc`` (log mean phi over ``rollouts`` p0 completions of
     s_1:t, phi scored on the whole sequence); and per t the Pearson correlation and the
-    least-squares slope of log_mc on log_psi (``summary``). ``pairs``: (target, sequence),
+    least-squares slope of log_mc on log_psi (``summary``), and the same for the increments
+    between consecutive positions of one pair (``summary["increments"]``). ``pairs``: (target, sequence),
     e.g. ``exact_sigma_samples`` or base-model samples; a conditional twist reads each
     target's condition."""
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for target, seq in pairs:
+    for i, (target, seq) in enumerate(pairs):
         model, seq = target.model, list(seq)
         condition = twist.condition_for(target)
         for t in positions:
@@ -56,17 +57,28 @@ def twist_calibration(
                 cont = run_smc(rest, rollouts, g, ess_threshold=0.0, use_prefix=False).tokens
                 log_phi = target.log_potential([prefix + list(c) for c in cont]).double()
                 log_mc = float(torch.logsumexp(log_phi, 0)) - math.log(rollouts)
-            rows.append({"t": t, "log_psi": log_psi, "log_mc": log_mc})
-    summary = {}
+            rows.append({"pair": i, "t": t, "log_psi": log_psi, "log_mc": log_mc})
+    return {"rows": rows, "summary": calibration_summary(rows)}
+
+
+def calibration_summary(rows: list[dict]) -> dict:
+    """Per position t, and for the increments between consecutive positions of one pair (the
+    twist's constant per target cancels there: it matters when every pair has its own target,
+    e.g. its own infilling ending), the fit of log_mc on log_psi."""
+    summary: dict = {}
     for t in sorted({r["t"] for r in rows}):
-        x = [r["log_psi"] for r in rows if r["t"] == t]
-        y = [r["log_mc"] for r in rows if r["t"] == t]
-        if len(x) > 2 and statistics.pstdev(x) > 0 and statistics.pstdev(y) > 0 and all(map(math.isfinite, y)):
-            slope = statistics.covariance(x, y) / statistics.variance(x)
-            summary[t] = {"n": len(x), "corr": statistics.correlation(x, y), "slope": slope,
-                          "sd_log_mc": statistics.stdev(y), "sd_log_psi": statistics.stdev(x)}
-        else:
-            summary[t] = {"n": len(x), "corr": math.nan, "slope": math.nan,
-                          "sd_log_mc": statistics.stdev(y) if len(y) > 1 else math.nan,
-                          "sd_log_psi": statistics.stdev(x) if len(x) > 1 else math.nan}
-    return {"rows": rows, "summary": summary}
+        at = [r for r in rows if r["t"] == t]
+        summary[t] = _fit([r["log_psi"] for r in at], [r["log_mc"] for r in at])
+    steps = [(a, b) for a, b in zip(rows, rows[1:]) if a["pair"] == b["pair"]]
+    summary["increments"] = _fit([b["log_psi"] - a["log_psi"] for a, b in steps],
+                                 [b["log_mc"] - a["log_mc"] for a, b in steps])
+    return summary
+
+
+def _fit(x: list[float], y: list[float]) -> dict:
+    """Pearson correlation and least-squares slope of y on x, with both spreads (NaN where undefined)."""
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else math.nan  # noqa: E731
+    out = {"n": len(x), "corr": math.nan, "slope": math.nan, "sd_log_mc": sd(y), "sd_log_psi": sd(x)}
+    if len(x) > 2 and statistics.pstdev(x) > 0 and statistics.pstdev(y) > 0 and all(map(math.isfinite, y)):
+        out.update(corr=statistics.correlation(x, y), slope=statistics.covariance(x, y) / statistics.variance(x))
+    return out
