@@ -55,3 +55,6 @@ experiment-scale: $(STAMP)
 experiment-payoff: $(STAMP)
 	$(PY) experiments/payoff.py --target infilling --out docs/payoff/infilling --stages 0,50,150
 	$(PY) experiments/payoff.py --target toxicity --out docs/payoff/toxicity --stages 0,50,75
+	mkdir -p docs/payoff/toxicity_lr3e-3
+	test -f docs/payoff/toxicity_lr3e-3/exact_samples.json || cp docs/payoff/toxicity/exact_samples.json docs/payoff/toxicity_lr3e-3/
+	$(PY) experiments/payoff.py --target toxicity --out docs/payoff/toxicity_lr3e-3 --lr 3e-3 --batch-size 64 --stages 0,40
