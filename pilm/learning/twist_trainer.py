@@ -149,6 +149,7 @@ def train_twist(
     if saved is not None:
         start, history = saved["step"], saved["history"]
     lm_tokens = history[-1].get("lm_tokens", 0) if history else 0
+    every = spec.needs_logprobs  # rl and dpg read psi at every token, the others only at the drawn ones
     for step in tqdm(range(start, steps), desc=f"train-twist {objective}", initial=start, total=steps,
                      disable=not progress):
         t0 = time.perf_counter()
@@ -160,7 +161,6 @@ def train_twist(
             base, _ = draw(step_target, None, batch_size, generator, keep_logprobs=False)
         lm_tokens += int(drawn["mask"].sum()) + (int(base["mask"].sum()) if base is not None else 0)
         for _ in range(reuse):
-            every = spec.needs_logprobs  # rl and dpg read psi at every token, the others at the drawn ones
             loss = spec.loss(twist_batch(step_target, drawn, twist, all_tokens=every),
                              None if base is None else twist_batch(step_target, base, twist, all_tokens=every))
             optimizer.zero_grad()
