@@ -126,7 +126,8 @@ def exact_pairs(target: pilm.Target, how: str, seeds: int, path: Path) -> list[t
         pairs = exact_sigma_samples(target, seeds, how, seed=0, max_draws=200_000)
         path.write_text(json.dumps([{"suffix": condition_ids(t), "sample": list(s)} for t, s in pairs]))
     saved = json.loads(path.read_text())
-    return [(target if p["suffix"] is None else infilling(target.model, suffix=p["suffix"], max_new_tokens=8),
+    return [(target if p["suffix"] is None else infilling(target.model, suffix=p["suffix"],
+                                                          max_new_tokens=target.max_new_tokens),
              p["sample"]) for p in saved]
 
 

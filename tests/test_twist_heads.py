@@ -186,3 +186,19 @@ def test_bench_times_one_head_update_on_cached_states(target, tiny):
     before = [p.detach().clone() for p in twist.parameters()]
     assert _head_update_seconds(target, twist, batch_size=4, repeats=2) > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, twist.parameters()))  # it did update
+
+
+def test_calibration_reads_each_prefix_with_its_own_condition(tiny):
+    """Batched over prefixes of different targets (left-padded, one condition per row), the
+    twist values equal those of each prefix read alone."""
+    twist = Twist.for_model(tiny, kind="mlp", layers=2, conditional=True)
+    targets = [pilm.tasks.infilling(tiny, prompt="Once", suffix=c, max_new_tokens=3) for c in ([11, 12], [13, 14, 15])]
+    pairs = [(targets[0], [5, 6, 7]), (targets[1], [8, 9, 10])]
+    rows = pilm.evaluation.twist_calibration(pairs, twist, [1, 3], rollouts=2)["rows"]
+    assert [(r["pair"], r["t"]) for r in rows] == [(0, 1), (0, 3), (1, 1), (1, 3)]
+    for r in rows:
+        target, seq = pairs[r["pair"]]
+        prefix = seq[: r["t"]]
+        hidden = tiny.start(list(target.prompt_ids) + prefix[:-1], 1).hidden
+        alone = twist.log_psi_at(None, hidden, torch.tensor([prefix[-1]]), twist.condition_for(target))
+        assert abs(r["log_psi"] - float(alone[0])) < 1e-3

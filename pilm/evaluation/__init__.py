@@ -5,5 +5,5 @@ from .bounds import BoundsReport, bounds, distinct_ancestors, exact_sigma_sample
 from .calibration import calibration_summary, twist_calibration
 from .metrics import likelihood_and_diversity
 
-__all__ = ["BoundsReport", "calibration_summary", "bounds", "distinct_ancestors", "exact", "exact_sigma_samples", "likelihood_and_diversity",
-           "twist_calibration"]
+__all__ = ["BoundsReport", "bounds", "calibration_summary", "distinct_ancestors", "exact", "exact_sigma_samples",
+           "likelihood_and_diversity", "twist_calibration"]

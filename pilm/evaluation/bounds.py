@@ -54,7 +54,9 @@ class BoundsReport:
     """``rows``: one dict per (sampler, n_particles, method) with lower, upper (means over
     seeds) and their 95% half-widths, gap and its 95% half-width ``gap_ci`` (from the
     per-seed gaps ``gaps``: every sampler meets the same targets and exact samples seed by
-    seed, so gaps pair, also across calls with the same ``seed``), the sampler's KL estimates with guaranteed intervals, and SMC diagnostics (final ESS, distinct ancestors at the end)."""
+    seed, so gaps pair, also across calls with the same ``seed``), the sampler's KL
+    estimates with guaranteed intervals, and SMC diagnostics (final ESS, distinct ancestors
+    at the end)."""
 
     rows: list[dict]
     log_z_exact: float | None = None
@@ -243,7 +245,8 @@ def bounds(
         gaps = [u - lo_i for u, lo_i in zip(c["upper"], c["lower"])]
         _, gap_ci = _ci(gaps)  # paired: the same target and exact sample per seed
         rows.append({"sampler": name, "n_particles": k, "method": method, "lower": lo, "lower_ci": lo_ci,
-                     "upper": up, "upper_ci": up_ci, "gap": up - lo, "gap_ci": gap_ci, "gaps": gaps, "ess_final": statistics.fmean(c["ess"]),
+                     "upper": up, "upper_ci": up_ci, "gap": up - lo, "gap_ci": gap_ci, "gaps": gaps,
+                     "ess_final": statistics.fmean(c["ess"]),
                      "distinct_ancestors": statistics.fmean(c["ancestors"]), "seeds": len(c["lower"])})
     finite = [r for r in rows if r["n_particles"] == ks[-1] and math.isfinite(r["gap"])]
     best = min(finite, key=lambda r: r["gap"]) if finite else None

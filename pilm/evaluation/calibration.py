@@ -29,35 +29,40 @@ def twist_calibration(
     rollouts: int = 32,
     seed: int = 0,
 ) -> dict:
-    """Rows (one per pair and position t <= len(s) with no EOS before t: ``pair``, ``t``) with ``log_psi``
-    (the twist at s_1:t) and ``log_mc`` (log mean phi over ``rollouts`` p0 completions of
+    """Rows (one per pair and position t <= len(s) with no EOS before t: ``pair``, ``t``)
+    with ``log_psi`` (the twist at s_1:t) and ``log_mc`` (log mean phi over ``rollouts`` p0 completions of
     s_1:t, phi scored on the whole sequence); and per t the Pearson correlation and the
     least-squares slope of log_mc on log_psi (``summary``), and the same for the increments
-    between consecutive positions of one pair (``summary["increments"]``). ``pairs``: (target, sequence),
-    e.g. ``exact_sigma_samples`` or base-model samples; a conditional twist reads each
-    target's condition."""
-    g = torch.Generator().manual_seed(seed)
+    between consecutive positions of one pair (``summary["increments"]``). ``pairs``: (target,
+    sequence), e.g. ``exact_sigma_samples`` or base-model samples; a conditional twist reads each
+    target's condition. Batched: one forward for every prefix's twist value, one decode for
+    every prefix's rollouts; the targets share one model."""
+    cells = [(i, target, list(seq)[:t]) for i, (target, seq) in enumerate(pairs) for t in positions
+             if 1 <= t <= len(seq) and target.model.eos_token_id not in list(seq)[: t - 1]]
+    if not cells:
+        return {"rows": [], "summary": calibration_summary([])}
+    model = cells[0][1].model
+    # The twist at every prefix in one forward (prefixes as ExactTwist reads them, one condition per row).
+    with torch.no_grad():
+        hidden = model.start_many([list(tg.prompt_ids) + p[:-1] for _, tg, p in cells], 1).hidden
+        conditions = [twist.condition_for(tg) for _, tg, _ in cells]
+        condition = None if conditions[0] is None else torch.stack(conditions)
+        log_psi = twist.log_psi_at([tuple(p[:-1]) for _, _, p in cells], hidden,
+                                   torch.tensor([p[-1] for _, _, p in cells]), condition).tolist()
+    # Every unfinished prefix's rollouts in one batched decode.
+    open_cells = [c for c in cells if not c[1].is_complete(c[2])]
+    rests = [Target(model, list(tg.prompt_ids) + p, max_new_tokens=tg.max_new_tokens - len(p), stop=tg.stop)
+             for _, tg, p in open_cells]
+    runs = run_smc(rests, rollouts, torch.Generator().manual_seed(seed), ess_threshold=0.0, use_prefix=False) \
+        if rests else []
+    continuations = {id(c): r.tokens for c, r in zip(open_cells, runs)}
     rows = []
-    for i, (target, seq) in enumerate(pairs):
-        model, seq = target.model, list(seq)
-        condition = twist.condition_for(target)
-        for t in positions:
-            if t < 1 or t > len(seq) or model.eos_token_id in seq[: t - 1]:
-                continue
-            prefix = seq[:t]
-            with torch.no_grad():
-                hidden = model.start(list(target.prompt_ids) + prefix[:-1], 1).hidden
-                last = torch.tensor([prefix[-1]])
-                log_psi = float(twist.log_psi_at([tuple(prefix[:-1])], hidden, last, condition)[0])
-            if target.is_complete(prefix):
-                log_mc = float(target.log_potential([prefix])[0])
-            else:
-                rest = Target(model, list(target.prompt_ids) + prefix, max_new_tokens=target.max_new_tokens - t,
-                              stop=target.stop)
-                cont = run_smc(rest, rollouts, g, ess_threshold=0.0, use_prefix=False).tokens
-                log_phi = target.log_potential([prefix + list(c) for c in cont]).double()
-                log_mc = float(torch.logsumexp(log_phi, 0)) - math.log(rollouts)
-            rows.append({"pair": i, "t": t, "log_psi": log_psi, "log_mc": log_mc})
+    for cell, value in zip(cells, log_psi):
+        i, target, prefix = cell
+        completed = [prefix + list(c) for c in continuations.get(id(cell), [[]])]
+        log_phi = target.log_potential(completed).double()
+        log_mc = float(torch.logsumexp(log_phi, 0)) - math.log(len(completed))
+        rows.append({"pair": i, "t": len(prefix), "log_psi": value, "log_mc": log_mc})
     return {"rows": rows, "summary": calibration_summary(rows)}
 
 
