@@ -4,7 +4,7 @@ Sample sigma(s | x) ∝ p0(s | x) phi(s) with importance sampling, SMC and rejec
 unbiased estimates of Z; check everything exactly on enumerable models.
 """
 
-from . import learning, models, potentials, prm, proposals, tasks, testing, twists
+from . import latent, learning, models, potentials, prm, proposals, tasks, testing, twists
 from .errors import (
     EmptyPromptError, ExtinctionWarning, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
     RejectionBudgetError, TooLargeError,
@@ -25,6 +25,6 @@ __all__ = [
     "BoundsReport", "bounds", "EmptyPromptError", "ExtinctionWarning", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact", "finetune",
     "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "proposals", "rejection_sample", "smc",
-    "tasks", "testing", "train_twist", "twists", "prm", "Steps", "StepResult", "best_of_n", "dvts", "greedy",
+    "latent", "tasks", "testing", "train_twist", "twists", "prm", "Steps", "StepResult", "best_of_n", "dvts", "greedy",
     "particle_filter", "particle_gibbs", "prm_beam_search", "self_consistency", "train_prm",
 ]

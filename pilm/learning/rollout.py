@@ -31,28 +31,42 @@ def sample_trajectories(policy: LanguageModel, target: Target, n: int, generator
     token (EOS by default) or at the horizon T. With a ``tool``, a row takes the tokens the
     tool appends before drawing again (see ``pilm.learning.tools``). ``prompt_ids``: the
     policy's own prompt, if not the target's (an amortised policy told what to condition on)."""
-    horizon, eos = target.max_new_tokens, target.stop_token_id
+    with torch.no_grad():
+        state = policy.start(target.prompt_ids if prompt_ids is None else prompt_ids, n)
+        return _decode(policy, state, target.max_new_tokens, target.stop_token_id, generator, temperature, tool)
+
+
+def sample_many(policy: LanguageModel, prompts: Sequence[Sequence[int]], n: int, generator: torch.Generator, *,
+                horizon: int, stop: int | None, temperature: float = 1.0) -> Tensor:
+    """n completions of each prompt (rows prompt-major: prompt i's are rows i*n .. i*n+n-1),
+    all in one batched decode (prompts of different lengths left-padded), each ending at
+    ``stop`` or at ``horizon``: a (len(prompts) * n, horizon) tensor right-padded with -1."""
+    with torch.no_grad():
+        return _decode(policy, policy.start_many(prompts, n), horizon, stop, generator, temperature, None)
+
+
+def _decode(policy: LanguageModel, state, horizon: int, eos: int | None, generator: torch.Generator,
+            temperature: float, tool: Tool | None) -> Tensor:
     proposal = BaseProposal(temperature)
+    n = state.n
     tokens = torch.full((n, horizon), -1, dtype=torch.long)
     rows = torch.arange(n)
     pending: list[list[int]] = [[] for _ in range(n)]
-    with torch.no_grad():
-        state = policy.start(target.prompt_ids if prompt_ids is None else prompt_ids, n)
-        for t in range(horizon):
-            drawn = draw(proposal.propose(state, None).log_q, rows, [generator])
-            if tool is not None:
-                for j, r in enumerate(rows.tolist()):
-                    if pending[r]:
-                        drawn[j] = pending[r].pop(0)
-                    elif int(drawn[j]) != eos:
-                        pending[r] = tool_output(tool, tokens[r, :t].tolist() + [int(drawn[j])], eos)
-            tokens[rows, t] = drawn
-            going = drawn != eos if eos is not None else torch.ones_like(drawn, dtype=torch.bool)
-            if t + 1 == horizon or not going.any():
-                break
-            keep = going.nonzero().squeeze(1)
-            rows = rows[keep]
-            state = decode_step(policy, state, keep, drawn[keep])
+    for t in range(horizon):
+        drawn = draw(proposal.propose(state, None).log_q, rows, [generator])
+        if tool is not None:
+            for j, r in enumerate(rows.tolist()):
+                if pending[r]:
+                    drawn[j] = pending[r].pop(0)
+                elif int(drawn[j]) != eos:
+                    pending[r] = tool_output(tool, tokens[r, :t].tolist() + [int(drawn[j])], eos)
+        tokens[rows, t] = drawn
+        going = drawn != eos if eos is not None else torch.ones_like(drawn, dtype=torch.bool)
+        if t + 1 == horizon or not going.any():
+            break
+        keep = going.nonzero().squeeze(1)
+        rows = rows[keep]
+        state = decode_step(policy, state, keep, drawn[keep])
     return tokens
 
 

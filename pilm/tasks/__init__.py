@@ -1,10 +1,10 @@
 """Ready-made targets from the literature, on the embedded model by default."""
 
-from . import arithmetic, arithmetic_chain, gsm8k
+from . import arithmetic, arithmetic_chain, gsm8k, subjectivity
 from .classifiers import sentiment, toxicity
 from .continuation import tempered_continuation
 from ..evaluation.joint import joint_samples
 from .infilling import ending_first, infilling
 from .random_number import random_number
 
-__all__ = ["arithmetic", "arithmetic_chain", "gsm8k", "ending_first", "infilling", "joint_samples", "random_number", "sentiment", "tempered_continuation", "toxicity"]
+__all__ = ["arithmetic", "arithmetic_chain", "gsm8k", "ending_first", "infilling", "joint_samples", "random_number", "sentiment", "subjectivity", "tempered_continuation", "toxicity"]
