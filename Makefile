@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff
+.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-latent
 
 install: $(STAMP)
 
@@ -58,3 +58,9 @@ experiment-payoff: $(STAMP)
 	mkdir -p docs/payoff/toxicity_lr3e-3
 	test -f docs/payoff/toxicity_lr3e-3/exact_samples.json || cp docs/payoff/toxicity/exact_samples.json docs/payoff/toxicity_lr3e-3/
 	$(PY) experiments/payoff.py --target toxicity --out docs/payoff/toxicity_lr3e-3 --lr 3e-3 --batch-size 64 --stages 0,40
+
+# Subjectivity with a latent rationale (issue 15): zero-shot, few-shot, SFT, CoT vote, E-step, + EM at
+# 10 / 20 / 50 labels (resumable: rerun to continue). Cut to what one session on 2 cores affords:
+# the first 300 test sentences, E-step 60 steps of 8, M-step and SFT 30 steps of 8.
+experiment-latent: $(STAMP)
+	$(PY) experiments/latent.py --out docs/latent --labels 10,20,50 --test-limit 300 --e-steps 60

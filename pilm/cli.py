@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from .cli_args import (
-    BenchConfig, BoundsJob, FinetuneJob, Parser, PRMJob, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
+    BenchConfig, BoundsJob, FinetuneJob, LatentJob, Parser, PRMJob, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
 )
 from .config import (
-    BoundsConfig, FinetuneConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
+    BoundsConfig, FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
 )
 from .errors import ConfigError, PilmError
 
@@ -225,6 +225,54 @@ def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
     return 0
 
 
+def _run_latent(cfg: LatentConfig, job: LatentJob) -> int:
+    from dataclasses import asdict
+
+    from . import load_model
+    from .latent import LatentReasoner
+    from .latent.plots import plot_em
+    from .tasks import subjectivity
+
+    out = Path(job.out)
+    if job.run is not None:  # evaluate a saved run
+        if not Path(job.run, "latent.json").exists():
+            raise ValueError(f"--run: {job.run} holds no saved latent run (latent.json is missing); "
+                             f"make one with: pilm latent --out {job.run}")
+        labels = json.loads(Path(job.run, "latent.json").read_text())["labels"]
+        test = subjectivity.read_jsonl(job.test or Path(job.data) / "test.jsonl", labels)
+        reasoner, q, lik = LatentReasoner.load(load_model(job.model), job.run)
+        history = []
+    else:
+        data = subjectivity.load(job.data, job.labels, test=job.test)
+        test = data.test
+        reasoner = subjectivity.reasoner(load_model(job.model))
+        result = reasoner.em(data.train, **asdict(cfg), test=test[:job.test_limit] if job.test_limit else test,
+                             e_kwargs={"batch_size": job.e_batch_size, "lr": job.e_lr, "reward_temperature": (1.2, 1.0)},
+                             m_kwargs={"lr": job.m_lr})
+        q, lik, history = result.posterior, result.likelihood, result.history
+        reasoner.save(out, q, lik)
+        with open(out / "history.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        plot_em(history, out / "em.png")
+    test = test[:job.test_limit] if job.test_limit else test
+    pred = reasoner.predict(test, q, lik, samples=cfg.samples, vote=job.vote, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for ex, label, probs, z in zip(test, pred.labels, pred.probs, pred.rationales, strict=True):
+            f.write(json.dumps({"text": ex.x, "label_text": ex.y, "predicted": label, "probs": probs,
+                                "rationale": z}) + "\n")
+    for h in history:
+        print(f"round {h['round']} {h['step']}-step: ELBO {h['elbo']:.3f}, IWAE {h['iwae']:.3f}, test accuracy "
+              f"{100 * h['accuracy_hard']:.1f}% (hard) / {100 * h['accuracy_soft']:.1f}% (soft), "
+              f"{h['train_seconds']:.0f} s")
+    lo, hi = pred.ci
+    print(f"test accuracy ({job.vote} vote, {cfg.samples} rationales) on {len(test)} items: "
+          f"{100 * pred.accuracy:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
+    print(f"wrote {out} (predictions.jsonl{'' if job.run else ', history.jsonl, em.png, posterior/, likelihood/'}); "
+          f"evaluate on other sentences: pilm latent --run {job.run or out} --test FILE.jsonl --out DIR")
+    return 0
+
+
 def _size(folder: Path) -> str:
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return f"{total / 2**20:.1f} MB"
@@ -244,6 +292,8 @@ COMMANDS = {  # name: (help, run, configs, defaults)
                   _run_train_prm, (PRMTrainingConfig, PRMJob), {}),
     "scale": ("accuracy against inference compute: greedy, self-consistency, best-of-N, PRM beam search, DVTS, "
               "particle filters and particle Gibbs on a reasoning task", _run_scale, (ScaleConfig, ScaleJob), {}),
+    "latent": ("reasoning as a latent variable: amortised posterior over rationales, EM, posterior predictive",
+               _run_latent, (LatentConfig, LatentJob), {}),
     "bench": ("SMC time and memory over transformers generate, in one process", _run_bench, (BenchConfig,), {}),
 }
 

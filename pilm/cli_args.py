@@ -237,3 +237,22 @@ class PRMJob(Config):
     problems: int = arg(60, "training problems (none of pilm scale's default test problems)", low=1)
     problem_seed: int = arg(1, "seed of the training problems (pilm scale tests on seed 0)")
     out: str = arg("prm", "folder for the learned PRM (a twist folder: --prm-path of pilm scale)", path="folder")
+
+
+@dataclass(frozen=True)
+class LatentJob(Config):
+    """What latent learns from, where it writes, and which saved run it evaluates."""
+
+    task: Literal["subjectivity"] = arg("subjectivity", "latent-rationale task")
+    data: str = arg("SetFit/subj", "folder of train.<labels>.jsonl and test.jsonl (this project: ../shared/data/subj), "
+                    "or the hub id with a network")
+    labels: int = arg(10, "labelled training pairs (train.<labels>.jsonl)", low=1)
+    model: str | None = arg(None, "model: embedded name (smollm2-135m, the default), hub id or folder")
+    e_batch_size: int = arg(8, "rationales per E-step fine-tuning step", low=1)
+    e_lr: float = arg(5e-4, "learning rate of the E-step's LoRA (Hu et al.)", low=0, strict=True)
+    m_lr: float = arg(1e-4, "learning rate of the M-step's LoRA (Hu et al.)", low=0, strict=True)
+    test: str | None = arg(None, "JSONL file to evaluate on (default: the data's test.jsonl)")
+    test_limit: int | None = arg(None, "evaluate on the first N test items only")
+    vote: Literal["soft", "hard"] = arg("soft", "posterior predictive: mean of p(Y|X,Z), or majority of argmaxes")
+    run: str | None = arg(None, "evaluate this saved run (a folder written by pilm latent) instead of training")
+    out: str = arg("latent", "folder for the run: adapters, history.jsonl, em.png, predictions.jsonl", path="folder")

@@ -116,6 +116,18 @@ class FinetuneConfig(Config):
 
 
 @dataclass(frozen=True)
+class LatentConfig(Config):
+    """How ``LatentReasoner.em`` learns a posterior over rationales and a likelihood."""
+
+    rounds: int = arg(1, "EM rounds (an E-step then an M-step each; Hu et al. ran one)", low=1)
+    e_steps: int = arg(200, "fine-tuning steps of each E-step (SubTB)", low=1)
+    m_steps: int = arg(100, "optimiser steps of each M-step", low=1)
+    m_samples: int = arg(8, "rationales drawn from q per labelled pair for the M-step", low=1)
+    samples: int = arg(10, "rationales per item for the ELBO and the posterior predictive", low=1)
+    seed: int = arg(0, "random seed")
+
+
+@dataclass(frozen=True)
 class BoundsConfig(Config):
     """How ``pilm.bounds`` measures samplers."""
 

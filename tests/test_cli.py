@@ -60,6 +60,10 @@ def one_line_error(capsys, argv, match):
     (["sample", "--out", "/proc/pilm/results.jsonl"], "--out: cannot write /proc/pilm/results.jsonl"),
     (["sample", "--n-particles", "many"], "argument --n-particles: invalid int value: 'many'"),
     (["sample", "--resample", "magic"], "argument --resample: invalid choice: 'magic'"),
+    (["latent", "--data", "no/such/folder"], "no/such/folder does not exist: give a folder with train.jsonl"),
+    (["latent", "--data", "../shared/data/subj", "--labels", "7"], "train.7.jsonl does not exist"),
+    (["latent", "--run", "no/such/run"], "--run: no/such/run holds no saved latent run"),
+    (["latent", "--e-lr", "0"], "--e-lr must be > 0, got 0"),
 ])
 def test_every_mistake_is_one_line_exit_2_before_the_model_loads(capsys, no_model, argv, match):
     one_line_error(capsys, argv, match)
@@ -100,7 +104,7 @@ def test_help_shows_defaults(capsys, command):
 
 
 LIBRARY = {"sample": pilm.smc, "train-twist": pilm.train_twist, "finetune": pilm.finetune, "bounds": pilm.bounds,
-           "train-prm": pilm.train_prm}
+           "train-prm": pilm.train_prm, "latent": pilm.latent.LatentReasoner.em}
 
 
 @pytest.mark.parametrize("command", list(LIBRARY))
@@ -161,3 +165,25 @@ def test_bounds_on_sampled_endings_say_so(capsys, table_model):
     assert main(["bounds", "--prompt", "a", "--potential", "suffix:ab", "--max-new-tokens", "2", "--n-particles",
                  "1", "2", "--seeds", "2", "--methods", "sis"]) == 0
     assert "bounds on E_c[log Z(c)] over endings c sampled from the model" in capsys.readouterr().out
+
+
+def test_latent_trains_saves_and_scores_a_saved_run_on_any_file(capsys, monkeypatch, fresh_tiny, tmp_path):
+    """pilm latent on a tiny random Llama with the real tokenizer: one EM round, the run saved
+    in peft format, then --run ... --test FILE scores sentences it never saw."""
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: fresh_tiny)
+    run = tmp_path / "run"
+    assert main(["latent", "--data", "../shared/data/subj", "--labels", "10", "--e-steps", "1", "--m-steps", "1",
+                 "--m-samples", "2", "--samples", "2", "--test-limit", "3", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "round 1 E-step: ELBO" in out and "round 1 M-step" in out and "on 3 items" in out
+    for name in ("latent.json", "history.jsonl", "em.png", "predictions.jsonl", "posterior/adapter_model.safetensors",
+                 "likelihood/adapter_config.json"):
+        assert (run / name).exists(), name
+    other = tmp_path / "mine.jsonl"
+    other.write_text('{"text": "a dull , lifeless film .", "label_text": "subjective"}\n'
+                     '{"text": "she moves to paris .", "label": 0}\n')
+    assert main(["latent", "--run", str(run), "--test", str(other), "--samples", "2", "--out", str(tmp_path / "eval")]) == 0
+    assert "on 2 items" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["label_text"] for r in rows] == ["subjective", "objective"]
+    assert all(r["predicted"] in ("objective", "subjective") for r in rows)

