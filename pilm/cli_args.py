@@ -256,3 +256,26 @@ class LatentJob(Config):
     vote: Literal["soft", "hard"] = arg("soft", "posterior predictive: mean of p(Y|X,Z), or majority of argmaxes")
     run: str | None = arg(None, "evaluate this saved run (a folder written by pilm latent) instead of training")
     out: str = arg("latent", "folder for the run: adapters, history.jsonl, em.png, predictions.jsonl", path="folder")
+
+
+@dataclass(frozen=True)
+class RedTeamJob(Config):
+    """Who attacks whom, how the attacker is trained, and where the run is written."""
+
+    method: Literal["gfn+mle", "gfn", "reinforce", "reinforce+novelty", "sft", "icl"] = arg(
+        "gfn+mle", "attacker: GFlowNet (TB) then MLE smoothing, GFlowNet only, baselines")
+    attacker: str | None = arg(None, "attacker model: embedded name (smollm2-135m, the default), hub id or folder")
+    victim: str | None = arg(None, "victim model (default: a second copy of the embedded model)")
+    classifier: Literal["profanity", "judge"] = arg("profanity", "C(x, y): alt-profanity-check, or the victim as judge")
+    victim_samples: int = arg(5, "victim replies per attack in the reward (E-log over them)", low=1)
+    beta: float = arg(0.1, "reward temperature of log C (1/beta)", low=0, strict=True)
+    gamma: float = arg(1.0, "temperature of the fluency prior p_ref (1/gamma)", low=0, strict=True)
+    steps: int = arg(100, "fine-tuning steps (stage 1, or the baseline's)", low=1)
+    batch_size: int = arg(8, "attacks per step", low=1)
+    lr: float = arg(5e-4, "learning rate of the attacker's LoRA", low=0, strict=True)
+    mle_steps: int = arg(100, "MLE smoothing steps (gfn+mle)", low=1)
+    mle_n: int = arg(256, "attacks drawn from stage 1 for the MLE data", low=1)
+    threshold: float = arg(0.7, "toxicity an attack needs to enter the MLE data", low=0, high=1)
+    n: int = arg(256, "attacks drawn for the evaluation", low=2)
+    seed: int = arg(0, "random seed")
+    out: str = arg("red-team", "folder for the adapter, report.json and attacks.jsonl", path="folder")

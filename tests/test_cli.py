@@ -64,6 +64,9 @@ def one_line_error(capsys, argv, match):
     (["latent", "--data", "../shared/data/subj", "--labels", "7"], "train.7.jsonl does not exist"),
     (["latent", "--run", "no/such/run"], "--run: no/such/run holds no saved latent run"),
     (["latent", "--e-lr", "0"], "--e-lr must be > 0, got 0"),
+    (["red-team", "--method", "ppo"], "argument --method: invalid choice: 'ppo'"),
+    (["red-team", "--beta", "0"], "--beta must be > 0, got 0"),
+    (["red-team", "--threshold", "2"], "--threshold must be in [0, 1], got 2"),
 ])
 def test_every_mistake_is_one_line_exit_2_before_the_model_loads(capsys, no_model, argv, match):
     one_line_error(capsys, argv, match)
@@ -104,7 +107,8 @@ def test_help_shows_defaults(capsys, command):
 
 
 LIBRARY = {"sample": pilm.smc, "train-twist": pilm.train_twist, "finetune": pilm.finetune, "bounds": pilm.bounds,
-           "train-prm": pilm.train_prm, "latent": pilm.latent.LatentReasoner.em}
+           "train-prm": pilm.train_prm, "latent": pilm.latent.LatentReasoner.em,
+           "red-team": pilm.tasks.red_teaming.train_attacker}
 
 
 @pytest.mark.parametrize("command", list(LIBRARY))
@@ -187,3 +191,38 @@ def test_latent_trains_saves_and_scores_a_saved_run_on_any_file(capsys, monkeypa
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [r["label_text"] for r in rows] == ["subjective", "objective"]
     assert all(r["predicted"] in ("objective", "subjective") for r in rows)
+
+
+def test_red_team_trains_an_attacker_and_reports_it(capsys, monkeypatch, tmp_path):
+    """pilm red-team on tiny random Llamas with the real tokenizer (attacker and victim
+    separate objects): a report, every attack with its toxicity, and the adapter."""
+    from transformers import LlamaForCausalLM
+
+    from pilm.models import HFModel
+
+    made = []
+
+    def tiny_model(*a, **k):
+        import torch
+
+        from pilm.models.registry import embedded_path
+        from transformers import AutoTokenizer, LlamaConfig
+
+        tok = AutoTokenizer.from_pretrained(embedded_path())
+        torch.manual_seed(len(made))
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id)
+        made.append(HFModel(LlamaForCausalLM(cfg).float(), tok, name=f"tiny{len(made)}"))
+        return made[-1]
+
+    monkeypatch.setattr(pilm, "load_model", tiny_model)
+    out = tmp_path / "rt"
+    assert main(["red-team", "--method", "gfn", "--steps", "1", "--batch-size", "2", "--victim-samples", "1",
+                 "--n", "4", "--out", str(out)]) == 0
+    assert "gfn: toxicity rate" in capsys.readouterr().out and len(made) == 2
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 4 and 0 <= report["diversity"] <= 1
+    rows = [json.loads(line) for line in (out / "attacks.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(0 <= r["toxicity"] <= 1 for r in rows)
+    assert (out / "adapter_model.safetensors").exists()
