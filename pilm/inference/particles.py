@@ -154,7 +154,8 @@ def smc_step(
     pick = drawn.to(proposed.log_q.device).unsqueeze(1)
     log_p0, log_q = (x.gather(1, pick).squeeze(1).cpu() for x in (state.logprobs, proposed.log_q))
     twist = proposed.log_psi.gather(1, pick).squeeze(1).cpu() if proposed.log_psi is not None else None
-    psi_now = _log_psi_now(targets, groups, tokens[rows, :t], finished, twist, use_prefix and twist is None)
+    psi_now = _log_psi_now(targets, groups, tokens[rows, :t], finished, twist,
+                           use_prefix and (twist is None or proposal.keeps_prefix_scores))
     log_w, log_psi, done = particles.log_w.clone(), particles.log_psi.clone(), particles.done.clone()
     alive_before = torch.isfinite(log_w)
     log_w[rows] += incremental_log_weight(log_p0, psi_now, log_psi[rows], log_q)

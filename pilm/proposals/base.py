@@ -8,8 +8,9 @@ log q of every next token and, if it has one, the twist log psi_t(s_{<t}, v) of 
 token, which then stands in for the potential's prefix score in the weights.
 
 Adapters: ``BaseProposal`` (q = p0, optionally at a temperature), ``TwistProposal``
-(q ∝ p0 psi^beta, from the same forward) and ``ModelProposal`` (another model, or a
-fine-tuned policy, under its own prompt). ``make_proposal`` is the one place that turns the
+(q ∝ p0 psi^beta, from the same forward), ``ModelProposal`` (another model, or a
+fine-tuned policy, under its own prompt) and ``MaskedProposal`` (q ∝ p0 · the constraint's
+token mask, ``masked.py``). ``make_proposal`` is the one place that turns the
 samplers' shorthands (``twist=``, ``proposal=``) into one of them.
 """
 
@@ -40,10 +41,14 @@ class Proposed:
 
 class Proposal(ABC):
     """The protocol (see the module docstring). ``needs_prefixes``: ``propose`` reads the
-    rows' token prefixes (exact and tabular twists); otherwise it gets ``None``."""
+    rows' token prefixes (exact and tabular twists); otherwise it gets ``None``.
+    ``keeps_prefix_scores``: the potential's prefix scores multiply this proposal's log psi
+    in the weights instead of being replaced by it (a token mask)."""
 
     name: str = "proposal"
     needs_prefixes: bool = False
+    # With a log psi of its own, the potential's prefix scores still weight (a mask is not a twist)
+    keeps_prefix_scores: bool = False
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
         """Start ``n`` rows for each target, target-major (stateless proposals: nothing)."""
