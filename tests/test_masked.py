@@ -110,3 +110,33 @@ def test_a_potential_without_a_mask_proposes_from_p0(constrained):
     a = pilm.smc(target, N, proposal=MaskedProposal(), seed=3, progress=False)
     b = pilm.smc(target, N, seed=3, progress=False)
     assert a.tokens == b.tokens and a.log_z == pytest.approx(b.log_z)
+
+
+def test_llguidance_masks_equal_the_reference_on_the_real_tokenizer(tiny):
+    """On the embedded tokenizer (49,152 tokens), the automaton's mask (with the special and
+    stray-byte tokens added back) equals the reference mask (decode + partial match of every
+    token) for prefixes with multi-byte characters, a dead prefix and one after a stray byte."""
+    pytest.importorskip("llguidance")
+    from pilm.potentials.lexical import _text
+
+    pattern = "[^eE]*"
+    fast = Regex(pattern)
+    assert fast._fast(tiny) is not None
+    prefixes = [(), tuple(tiny.encode(" sunny and warm")), tuple(tiny.encode(" café au lait")),
+                tuple(tiny.encode(" it is hot")), tuple(tiny.encode(" naïve 😀")),
+                tuple(tiny.encode(" ok")) + (111,)]
+    seqs = pilm.potentials.base.Sequences(tiny, (1,), prefixes)
+    got = fast.allowed_next(seqs, tiny.eos_token_id)
+    import regex
+
+    rx = regex.compile(pattern)
+    for i, prefix in enumerate(prefixes):
+        text = _text(tiny, prefix)
+        if rx.fullmatch(text, partial=True) is None:
+            assert not got[i].any()
+            continue
+        # a token is forbidden iff decoding it after the prefix adds an e or E
+        want = torch.tensor([rx.fullmatch(_text(tiny, prefix + (v,)), partial=True) is not None
+                             for v in range(tiny.vocab_size)])
+        want[tiny.eos_token_id] = rx.fullmatch(text) is not None
+        assert torch.equal(got[i], want), (text, (got[i] != want).nonzero()[:5].flatten().tolist())
