@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import LatentConfig
 from ..inference.smc import run_smc
@@ -296,13 +297,13 @@ class LatentReasoner:
         raise TypeError(f"cannot fit a likelihood on a {type(model).__name__}")
 
     def _fit(self, lik: LanguageModel, pairs: list[tuple[list[int], int]], steps: int, batch_size: int, lr: float,
-             g: torch.Generator, name: str) -> LanguageModel:
+             g: torch.Generator, name: str, progress: bool = True) -> LanguageModel:
         params = list(lik.trainable.parameters())
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         label_ids = self.latent.label_ids
         history = []
         lik.train(True)
-        for step in range(steps):
+        for step in tqdm(range(steps), desc=f"latent {name}", disable=not progress):
             t0 = time.perf_counter()
             pick = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g).tolist()
             optimizer.zero_grad()
