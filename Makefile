@@ -64,7 +64,6 @@ experiment-payoff: $(STAMP)
 # the first 300 test sentences, E-step 60 steps of 8, M-step and SFT 30 steps of 8.
 experiment-latent: $(STAMP)
 	$(PY) experiments/latent.py --out docs/latent --labels 10,20,50 --test-limit 300 --e-steps 60
-	$(PY) -m pilm.cli latent --data ../shared/data/subj --labels 10 --rounds 2 --e-steps 20 --m-steps 10 --samples 5 --test-limit 60 --out docs/latent/em_rounds
 
 # Red-teaming (issue 16): ICL, SFT, REINFORCE (+ novelty), GFlowNet, GFlowNet + MLE against one victim, a
 # transfer victim, then a safety-tuned victim (resumable). Cut to what one session on 2 cores afforded: 20 RL

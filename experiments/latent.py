@@ -129,14 +129,16 @@ def table(rows: list[dict], args) -> str:
     by = {(r["labels"], r["method"]): r for r in rows}
     ns = sorted({r["labels"] for r in rows if r["labels"]})
     n_test = next((r["n_test"] for r in rows if "n_test" in r), 0)
-    lines = [f"Test accuracy on the first {n_test} sentences of test.jsonl, 95% Wilson intervals; training seconds "
-             "in brackets. Zero-shot and the CoT vote use no labels.", "",
+    lines = [f"Test accuracy (%) on the first {n_test} sentences of test.jsonl (half objective), 95% Wilson "
+             "intervals, the share predicted objective, and training seconds in brackets. Zero-shot and the CoT vote "
+             "use no labels; — : not run (see the text).", "",
              "| method | " + " | ".join(f"{n} labels" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for key, name in names:
         cells = []
         for n in ns:
             r = by.get((n, key)) or by.get((0, key))
             cells.append("—" if r is None else f"{100 * r['accuracy']:.1f} [{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]"
+                         + f" · {100 * r['predicted_share']['objective']:.0f}% obj"
                          + (f" ({r['train_seconds']:.0f} s)" if r["train_seconds"] else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     d = by.get((0, "diagnostic"))
