@@ -75,6 +75,8 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             record(n, "sft", reasoner.direct(data.test, sft), seconds)
             sft.save_pretrained(run / "sft")
+        if (n, "e-step") in done and (n, "em") in done:
+            continue  # nothing left to train or measure at this label count
         q, lik = _saved(reasoner, run)
         if q is None:
             t0 = time.perf_counter()
@@ -87,13 +89,13 @@ def main() -> None:
             pred = reasoner.predict(data.test, q, samples=args.samples, vote="hard", seed=args.seed)
             record(n, "e-step", pred, e_seconds)
             record(n, "e-step-soft", pred.revote("soft"), e_seconds)
-        if lik is None:
+        if lik is None and (n, "em") not in done:
             t0 = time.perf_counter()
             lik = reasoner.m_step(data.train, q, steps=args.m_steps, seed=args.seed)
             reasoner.save(run, q, lik)
             (run / "m_seconds.json").write_text(json.dumps(time.perf_counter() - t0))
-        m_seconds = json.loads((run / "m_seconds.json").read_text())
         if (n, "em") not in done:
+            m_seconds = json.loads((run / "m_seconds.json").read_text())
             pred = reasoner.predict(data.test, q, lik, samples=args.samples, vote="hard", seed=args.seed)
             record(n, "em", pred, e_seconds + m_seconds)
             record(n, "em-soft", pred.revote("soft"), e_seconds + m_seconds)

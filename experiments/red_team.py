@@ -60,6 +60,8 @@ def main() -> None:
 
     policies = {}
     for method in args.methods.split(","):
+        if ("attack", method) in done and ("tuned", method) in done:
+            continue  # measured both ways already: nothing to train
         folder = out / method.replace("+", "_")
         if (folder / "adapter_config.json").exists():
             policies[method] = LoRAPolicy.from_pretrained(attacker, folder, adapter_name=method.replace("+", "_"))
