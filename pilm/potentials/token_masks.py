@@ -15,6 +15,7 @@ particles that share a prefix share one. Measured on the embedded tokenizer: 64 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -58,7 +59,9 @@ class RegexMasks:
     def allowed(self, prefixes: Sequence[tuple[int, ...]], stop: int | None) -> tuple[Tensor, list[int]]:
         """The masks, and the rows whose prefix the automaton rejected (a special token or a
         byte that is not valid UTF-8 on its own was drawn): their mask is all False here."""
-        import llguidance.torch as lt
+        with warnings.catch_warnings():  # llguidance.torch uses torch.jit.script_method, deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import llguidance.torch as lt
 
         out = torch.zeros(len(prefixes), self.vocab_size, dtype=torch.bool)
         dead = []
