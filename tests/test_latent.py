@@ -209,3 +209,11 @@ def test_a_missing_data_path_says_where_the_data_is(tmp_path):
         subjectivity.load(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="train.7.jsonl does not exist"):
         subjectivity.load("../shared/data/subj", labels=7)
+
+
+def test_prompt_is_another_name_for_the_template():
+    model = TabularLM.random(5, seed=7)
+    a = LatentReasoner(model, prompt=TEMPLATE, labels=LABELS)
+    assert a.latent.template == TEMPLATE
+    with pytest.raises(ValueError, match="give the template"):
+        LatentReasoner(model, labels=LABELS)

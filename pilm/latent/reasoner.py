@@ -91,8 +91,11 @@ class LatentReasoner:
     docstring). ``model`` is the base LM: the prior, and the likelihood until an M-step.
     ``separator`` follows each labelled demonstration of the few-shot baseline."""
 
-    def __init__(self, model: LanguageModel, *, template: str, labels: Sequence[str],
-                 rationale_tokens: tuple[int, int] = (1, 5), separator: str = "\n"):
+    def __init__(self, model: LanguageModel, *, template: str | None = None, labels: Sequence[str],
+                 rationale_tokens: tuple[int, int] = (1, 5), separator: str = "\n", prompt: str | None = None):
+        template = template if template is not None else prompt  # ``prompt=``: the same template
+        if template is None:
+            raise ValueError("give the template (with {x}, {z} and {y} slots) as template= (or prompt=)")
         self.model, self.separator = model, separator
         self.latent = LatentModel(model, template, labels, rationale_tokens=rationale_tokens)
 

@@ -73,7 +73,7 @@ class Potential(ABC):
     def __call__(self, seqs: Sequences) -> Tensor:
         return self.log_phi(seqs)
 
-    def allowed_next(self, seqs: Sequences, stop: int | None) -> Tensor | None:
+    def allowed_next(self, seqs: Sequences, stop: int | None = None) -> Tensor | None:
         """Token masks for the masked proposal: (n, V) bool, True where appending token v to
         prefix i keeps phi > 0 possible for some completion, and True at ``stop`` only where
         prefix i itself has phi > 0. ``None``: this potential constrains no token (the
@@ -123,7 +123,7 @@ class Product(Potential):
     def log_phi(self, seqs: Sequences) -> Tensor:
         return self._sum(seqs, list(self.parts), final=True)
 
-    def allowed_next(self, seqs: Sequences, stop: int | None) -> Tensor | None:
+    def allowed_next(self, seqs: Sequences, stop: int | None = None) -> Tensor | None:
         masks = [m for m in (p.allowed_next(seqs, stop) for p in self.parts) if m is not None]
         return None if not masks else torch.stack(masks).all(0)
 
@@ -167,7 +167,7 @@ class Tempered(Potential):
     def log_phi(self, seqs: Sequences) -> Tensor:
         return self._temper(evaluate(self.base, seqs, final=True))
 
-    def allowed_next(self, seqs: Sequences, stop: int | None) -> Tensor | None:
+    def allowed_next(self, seqs: Sequences, stop: int | None = None) -> Tensor | None:
         return self.base.allowed_next(seqs, stop)  # tempering keeps the support
 
     def log_prefix(self, seqs: Sequences) -> Tensor:

@@ -43,7 +43,7 @@ class Regex(Potential):
     def log_prefix(self, seqs: Sequences) -> Tensor:
         return torch.tensor([log_indicator(self._re.fullmatch(t, partial=True) is not None) for t in seqs.texts])
 
-    def allowed_next(self, seqs: Sequences, stop: int | None) -> Tensor:
+    def allowed_next(self, seqs: Sequences, stop: int | None = None) -> Tensor:
         """Token v is allowed after a prefix where the text of prefix + v can still full-match
         (the decoded text, so a token that completes a multi-byte character is judged on the
         character); the stop token where the prefix's text full-matches. On a transformers
