@@ -241,7 +241,7 @@ def _run_latent(cfg: LatentConfig, job: LatentJob) -> int:
         labels = json.loads(Path(job.run, "latent.json").read_text())["labels"]
         test = subjectivity.read_jsonl(job.test or Path(job.data) / "test.jsonl", labels)
         reasoner, q, lik = LatentReasoner.load(load_model(job.model), job.run)
-        history = []
+        history, pred = [], None
     else:
         data = subjectivity.load(job.data, job.labels, test=job.test)
         test = data.test
@@ -249,13 +249,15 @@ def _run_latent(cfg: LatentConfig, job: LatentJob) -> int:
         result = reasoner.em(data.train, **asdict(cfg), test=test[:job.test_limit] if job.test_limit else test,
                              e_kwargs={"batch_size": job.e_batch_size, "lr": job.e_lr, "reward_temperature": (1.2, 1.0)},
                              m_kwargs={"lr": job.m_lr})
-        q, lik, history = result.posterior, result.likelihood, result.history
+        q, lik, history, pred = result.posterior, result.likelihood, result.history, result.prediction
         reasoner.save(out, q, lik)
         with open(out / "history.jsonl", "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
         plot_em(history, out / "em.png")
     test = test[:job.test_limit] if job.test_limit else test
-    pred = reasoner.predict(test, q, lik, samples=cfg.samples, vote=job.vote, seed=cfg.seed)
+    # the last EM step already predicted the test items with this q and likelihood: re-vote, not re-sample
+    pred = pred.revote(job.vote) if pred is not None else reasoner.predict(test, q, lik, samples=cfg.samples,
+                                                                            vote=job.vote, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w") as f:
         for ex, label, probs, z in zip(test, pred.labels, pred.probs, pred.rationales, strict=True):

@@ -79,11 +79,13 @@ class Prediction:
 class EMResult:
     """The posterior q and likelihood after the last round, and one record per E or M step:
     its round, which step, the ELBO and IWAE bound on the training labels, test accuracy
-    (hard and soft vote; when a test set was given) and seconds."""
+    (hard and soft vote; when a test set was given) and seconds; ``prediction``: the last
+    step's test prediction (hard vote; ``revote("soft")`` for the other), or None."""
 
     posterior: LanguageModel
     likelihood: LanguageModel
     history: list[dict] = field(default_factory=list)
+    prediction: Prediction | None = None
 
 
 class LatentReasoner:
@@ -150,6 +152,7 @@ class LatentReasoner:
         q: LanguageModel | None = None
         lik: LanguageModel | None = None
         history: list[dict] = []
+        pred = None
         for r in range(1, rounds + 1):
             for step in ("E", "M"):
                 t0 = time.perf_counter()
@@ -165,7 +168,7 @@ class LatentReasoner:
                     pred = self.predict(test, q, lik, samples=samples, vote="hard", seed=seed)
                     record.update(accuracy_hard=pred.accuracy, accuracy_soft=pred.revote("soft").accuracy)
                 history.append(record)
-        return EMResult(q, lik if lik is not None else self.model, history)
+        return EMResult(q, lik if lik is not None else self.model, history, pred)
 
     # -- measuring -----------------------------------------------------------------------
     def elbo(self, data: Sequence[Example], posterior: LanguageModel | None, likelihood: LanguageModel | None = None,
