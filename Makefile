@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-latent experiment-red-team
+.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-latent experiment-red-team experiment-mask-engines experiment-masked
 
 install: $(STAMP)
 
@@ -70,3 +70,9 @@ experiment-latent: $(STAMP)
 # steps of 8 attacks, 2 victim replies each, 64 attacks per evaluation.
 experiment-red-team: $(STAMP)
 	$(PY) experiments/red_team.py --out docs/red_team --steps 20 --sft-steps 20 --mle-steps 20 --mle-n 96 --n 64 --victim-samples 2 --safety-steps 20
+
+# Which engine gives token masks (pilm uses xgrammar): mask time for 64 rows and errors
+# against a byte-level reference, llguidance vs outlines-core vs xgrammar.
+experiment-mask-engines: $(STAMP)
+	$(PY) -m pip install -q llguidance outlines-core
+	$(PY) experiments/mask_engines.py --out docs/masks

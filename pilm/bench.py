@@ -18,6 +18,11 @@ lengths) x 16 particles x 32 tokens as one batch against the same 64 targets one
 (``many_particles``) runs 1,024 particles x 64 tokens of one target and reports its peak
 memory.
 
+The masked leg (``masked_smc_over_generate``) runs the same SMC with the masked proposal
+(``pilm.proposals.MaskedProposal``: only tokens that keep the regex satisfiable are drawn);
+the time its masks take (``Potential.allowed_next``, xgrammar) is reported apart, per step
+for all N rows and as a share of the leg.
+
 A third leg runs twisted SMC with an MLP twist head (3 layers, after one CTL step, which is
 timed too): the head reads the hidden state of the same forward pass, so it should add
 little. Time is compared per drawn token (SMC particles that emit EOS stop early; ``generate`` is
@@ -79,6 +84,7 @@ def _return_freed_memory_to_os() -> None:
 def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2, prompt: str = "The movie was") -> dict:
     from . import load_model, smc, train_twist
     from .potentials import Regex
+    from .proposals import MaskedProposal
     from .target import Target
 
     _return_freed_memory_to_os()
@@ -93,9 +99,21 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         )
         return (out.shape[1] - ids.shape[1]) * n_particles
 
-    def run_smc(seed: int, twist=None):
-        res = smc(target, n_particles, twist=twist, ess_threshold=1.0, seed=seed, progress=False, on_extinction="return")
+    def run_smc(seed: int, twist=None, proposal=None):
+        res = smc(target, n_particles, twist=twist, proposal=proposal, ess_threshold=1.0, seed=seed, progress=False,
+                  on_extinction="return")
         return sum(len(t) for t in res.tokens), len(res.resampled_at)
+
+    mask_seconds = []
+    allowed_next = target.potential.allowed_next
+
+    def timed_allowed_next(seqs, stop=None):  # the masked leg's mask time, measured where it is spent
+        t0 = time.perf_counter()
+        out = allowed_next(seqs, stop)
+        mask_seconds.append(time.perf_counter() - t0)
+        return out
+
+    target.potential.allowed_next = timed_allowed_next
 
     twist = train_twist(target, "ctl", steps=1, batch_size=32, lr=1e-3, seed=0, progress=False)
     ctl_step_seconds = twist.history[-1]["seconds"]
@@ -104,7 +122,9 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
     generate()  # warm-up of every leg (allocator, kernels)
     run_smc(0)
     run_smc(0, twist)
+    run_smc(0, proposal=MaskedProposal())
     gen_times, smc_times, twisted_times, gen_mem, smc_mem = [], [], [], [], []
+    masked = []  # (seconds per token, mask seconds per step, mask share) per round
     resamples = 0
     for r in range(repeats):
         with _PeakRSS() as mem:
@@ -120,9 +140,18 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         t0 = time.perf_counter()
         tokens, _ = run_smc(r + 1, twist)
         twisted_times.append((time.perf_counter() - t0) / tokens)
+        mask_seconds.clear()
+        t0 = time.perf_counter()
+        tokens, _ = run_smc(r + 1, proposal=MaskedProposal())
+        seconds = time.perf_counter() - t0
+        masked.append((seconds / tokens, sum(mask_seconds) / len(mask_seconds), sum(mask_seconds) / seconds))
+    per_token, mask_per_step, mask_share = min(masked)
     return {
         "smc_over_generate": min(smc_times) / min(gen_times),
         "twisted_smc_over_generate": min(twisted_times) / min(gen_times),
+        "masked_smc_over_generate": per_token / min(gen_times),
+        "masked_mask_ms_per_step": 1e3 * mask_per_step,
+        "masked_mask_share": mask_share,
         "ctl_step_seconds": ctl_step_seconds,
         "head_update_seconds": head_update_seconds,
         "ctl_step_over_head_update": ctl_step_seconds / head_update_seconds,

@@ -65,3 +65,60 @@ def check_language_model(model: LanguageModel, prompt_ids: Sequence[int] = (0,),
     resumed = model.advance(held, torch.tensor([1, 1, 0]), hold=torch.tensor([True, False, True]))
     assert torch.allclose(resumed.logprobs[1], held.logprobs[2], atol=1e-4), (
         "a held row that resumes must continue as if it had never waited")
+
+
+def check_allowed_next(potential: Potential, model: LanguageModel, prefixes: Sequence[Sequence[int]],
+                       prompt: str | Sequence[int] = "", stop: int | None = None) -> None:
+    """Raise ``AssertionError`` unless the potential's next-token mask is its own prefix score
+    one step ahead: token v allowed after a prefix exactly where psi(prefix + v) > 0, and the
+    stop token where phi(prefix) > 0 (a mask that forbids more biases a masked sampler; one that
+    allows more wastes particles). O(V) prefix scores per prefix: for small vocabularies."""
+    prompt_ids = tuple(model.encode_prompt(prompt))
+    masks = potential.allowed_next(Sequences(model, prompt_ids, [tuple(p) for p in prefixes]), stop)
+    assert masks is not None, f"{potential.name} gives no mask"
+    for prefix, mask in zip(prefixes, masks):
+        prefix = tuple(prefix)
+        ahead = Sequences(model, prompt_ids, [prefix + (v,) for v in range(model.vocab_size)])
+        want = torch.isfinite(evaluate(potential, ahead, final=False))
+        if stop is not None:
+            want[stop] = bool(torch.isfinite(evaluate(potential, Sequences(model, prompt_ids, [prefix]), final=True)))
+        wrong = (mask != want).nonzero().flatten().tolist()
+        assert not wrong, f"{potential.name}: after {prefix}, the mask is wrong at tokens {wrong[:10]}"
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """Each token's bytes for a GPT-2-style byte-level BPE tokenizer (each character of a token
+    stands for one byte: printable bytes for themselves, the others for chr(256 + k) in byte
+    order); added tokens (e.g. "<|im_start|>") as their UTF-8 text."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+    return [bytes(to_byte[c] for c in t) if all(c in to_byte for c in t) else t.encode()
+            for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+
+
+def byte_reference_mask(pattern: str, tokenizer, prefix: Sequence[int], stop: int) -> torch.Tensor:
+    """The exact next-token mask of ``pattern`` after ``prefix`` on a byte-level tokenizer, for
+    checking mask engines: v is allowed iff the bytes of prefix + v (an added token's bytes are
+    its text) are a prefix of valid UTF-8 that ``pattern``, matched over bytes, can still
+    full-match; ``stop``
+    iff the prefix's bytes are complete UTF-8 and full-match. Exact for patterns whose byte form
+    means the same as the text form: literals (multi-byte ones too) and ASCII classes."""
+    import codecs
+
+    import regex
+
+    rx, pieces = regex.compile(pattern.encode()), token_bytes(tokenizer)
+    head = b"".join(pieces[t] for t in prefix)
+
+    def utf8_prefix(data: bytes, final: bool) -> bool:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    mask = torch.tensor([utf8_prefix(head + pieces[v], False)
+                         and rx.fullmatch(head + pieces[v], partial=True) is not None for v in range(len(pieces))])
+    mask[stop] = utf8_prefix(head, True) and rx.fullmatch(head) is not None
+    return mask

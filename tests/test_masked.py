@@ -112,31 +112,72 @@ def test_a_potential_without_a_mask_proposes_from_p0(constrained):
     assert a.tokens == b.tokens and a.log_z == pytest.approx(b.log_z)
 
 
-def test_llguidance_masks_equal_the_reference_on_the_real_tokenizer(tiny):
-    """On the embedded tokenizer (49,152 tokens), the automaton's mask (with the special and
-    stray-byte tokens added back) equals the reference mask (decode + partial match of every
-    token) for prefixes with multi-byte characters, a dead prefix and one after a stray byte."""
-    pytest.importorskip("llguidance")
-    from pilm.potentials.lexical import _text
+WORDS = "(café|naïve|日本語|über)( (café|naïve|日本語|über))*"
 
-    pattern = "[^eE]*"
-    fast = Regex(pattern)
-    assert fast._fast(tiny) is not None
-    prefixes = [(), tuple(tiny.encode(" sunny and warm")), tuple(tiny.encode(" café au lait")),
-                tuple(tiny.encode(" it is hot")), tuple(tiny.encode(" naïve 😀")),
-                tuple(tiny.encode(" ok")) + (111,)]
+
+@pytest.mark.parametrize("pattern", [WORDS, "[^eE]*"])
+def test_masks_are_bytes_exact_on_the_real_tokenizer(tiny, pattern):
+    """On the embedded tokenizer (49,152 byte-level tokens), the mask equals the byte-level
+    reference: after "caf" the lone first byte of "é" is allowed as well as "é" (it can still
+    become "café"), "c" may be followed by "a" as well as "af" (non-canonical tokenisations are
+    paths too), an added token as its text, and the stop token only after a whole match. Prefixes
+    include a split multi-byte character, emoji, and a dead one."""
+    from pilm.testing import byte_reference_mask, token_bytes
+
+    pieces = token_bytes(tiny.tokenizer)
+    lone = pieces.index(b"\xc3")  # the first byte of é, ü, ï as a token of its own
+    texts = ["", "caf", "café ", "café über c", "日本", "naïve naïve", " sunny and warm", " naïve 😀", " it is hot"]
+    prefixes = [tuple(tiny.encode(t)) for t in texts] + [tuple(tiny.encode("caf")) + (lone,)]
     seqs = pilm.potentials.base.Sequences(tiny, (1,), prefixes)
-    got = fast.allowed_next(seqs, tiny.eos_token_id)
-    import regex
-
-    rx = regex.compile(pattern)
+    got = Regex(pattern).allowed_next(seqs, tiny.eos_token_id)
     for i, prefix in enumerate(prefixes):
-        text = _text(tiny, prefix)
-        if rx.fullmatch(text, partial=True) is None:
-            assert not got[i].any()
-            continue
-        # a token is forbidden iff decoding it after the prefix adds an e or E
-        want = torch.tensor([rx.fullmatch(_text(tiny, prefix + (v,)), partial=True) is not None
-                             for v in range(tiny.vocab_size)])
-        want[tiny.eos_token_id] = rx.fullmatch(text) is not None
-        assert torch.equal(got[i], want), (text, (got[i] != want).nonzero()[:5].flatten().tolist())
+        want = byte_reference_mask(pattern, tiny.tokenizer, prefix, tiny.eos_token_id)
+        assert torch.equal(got[i], want), (prefix, (got[i] != want).nonzero()[:5].flatten().tolist())
+    if pattern == WORDS:
+        assert got[1, lone] and got[1, tiny.encode("é")[0]] and got[3, tiny.encode("a")[0]]
+
+
+@pytest.mark.parametrize("potential", [
+    Regex("[ab]*c[ab]?"), Regex("(?=a)[abc]*"),  # the second falls back to Python's regex (a look-ahead)
+    pilm.potentials.Grammar('root ::= "a" rest\nrest ::= "" | "b" rest | "c"'),
+])
+def test_the_mask_is_the_prefix_score_one_step_ahead(constrained, potential):
+    from pilm.testing import check_allowed_next
+
+    check_allowed_next(potential, constrained.model, [(), (0,), (0, 1), (2,), (0, 2), (1, 1, 0)], "b",
+                       stop=constrained.stop_token_id)
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}}, "required": ["ok", "n"]}
+
+
+def test_json_schema_masks_lead_only_to_valid_documents(tiny):
+    """Masked SMC on a random tiny model under a JSON schema: every completion that ends (EOS
+    or horizon) with phi = 1 parses and has the schema's keys and types; the mask is the
+    prefix score one step ahead on a few prefixes."""
+    import json
+
+    from pilm.testing import check_allowed_next
+
+    potential = pilm.potentials.JsonSchema(SCHEMA, any_whitespace=False)  # a random model wanders in whitespace
+    target = pilm.Target(tiny, "", potential, max_new_tokens=24)
+    res = pilm.smc(target, 16, proposal=MaskedProposal(), seed=0, progress=False, on_extinction="return")
+    finished = [s for s, w in zip(res.samples, res.log_weights) if math.isfinite(w)]
+    assert finished, "no particle finished a document in 24 tokens"
+    for text in finished:
+        doc = json.loads(text)
+        assert set(doc) == {"ok", "n"} and isinstance(doc["ok"], bool) and isinstance(doc["n"], int), text
+    check_allowed_next(pilm.potentials.JsonSchema(SCHEMA), tiny,
+                       [tiny.encode(p) for p in ['{"ok', '{"ok": true, "n": 1', '{"ok": true, "n": 1}']],
+                       stop=tiny.eos_token_id)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: pilm.potentials.JsonSchema({"type": "nope"}), "invalid json"),
+    (lambda: pilm.potentials.JsonSchema("{not json"), "invalid json"),
+    (lambda: pilm.potentials.Grammar('root ::= "a" |'), "invalid grammar"),
+    (lambda: pilm.potentials.Grammar('start ::= "a"'), "invalid grammar"),
+])
+def test_a_bad_schema_or_grammar_is_refused_where_it_is_written(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -63,6 +63,18 @@ def test_specs(model):
             parse_potential(bad, model)
 
 
+def test_json_and_grammar_specs_inline_or_from_a_file(model, tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "boolean"}')
+    assert parse_potential(f"json:{schema}", model).spec == '{"type": "boolean"}'
+    assert isinstance(parse_potential('json:{"type": "integer"}', model), pilm.potentials.JsonSchema)
+    assert isinstance(parse_potential('grammar:root ::= "a" | "b"', model), pilm.potentials.Grammar)
+    for bad, message in [(f"json:{tmp_path / 'missing.json'}", "no file"), ("json:{oops", "invalid json"),
+                         ("grammar:root ::=", "invalid grammar")]:
+        with pytest.raises(ValueError, match=message):
+            parse_potential(bad, model)
+
+
 def test_a_product_skips_later_factors_where_phi_is_already_zero(tiny):
     """The costly factor sees only the sequences the constraint before it allows, and the
     product equals the sum of the factors' log phi (-inf where any is -inf)."""

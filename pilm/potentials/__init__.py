@@ -3,11 +3,11 @@
 from .base import Potential, Product, Sequences, Tempered, evaluate
 from .classifiers import Sentiment, Toxicity
 from .function import FunctionPotential
-from .lexical import Regex
+from .lexical import Grammar, JsonSchema, Language, Regex
 from .likelihood import ModelLikelihood, SuffixLikelihood
 from .spec import SPEC_HELP, check_spec, parse_potential
 
 __all__ = [
-    "SPEC_HELP", "FunctionPotential", "ModelLikelihood", "Potential", "Product", "Regex", "Sentiment", "Sequences",
+    "SPEC_HELP", "FunctionPotential", "Grammar", "JsonSchema", "Language", "ModelLikelihood", "Potential", "Product", "Regex", "Sentiment", "Sequences",
     "SuffixLikelihood", "Tempered", "Toxicity", "check_spec", "evaluate", "parse_potential",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import regex
 
@@ -10,10 +11,11 @@ from ..models.base import LanguageModel
 from .base import Potential
 from .classifiers import Sentiment, Toxicity
 from .likelihood import SuffixLikelihood
-from .lexical import Regex
+from .lexical import Grammar, JsonSchema, Regex
 
 SPEC_HELP = (
-    "regex:PATTERN (completion must full-match), sentiment:positive|negative[:BETA], "
+    "regex:PATTERN (completion must full-match), json:SCHEMA|FILE.json (a JSON document valid under the "
+    "schema), grammar:EBNF|FILE (derived from the grammar's root rule), sentiment:positive|negative[:BETA], "
     "toxicity:clean|toxic[:BETA], suffix:TEXT (infilling: likelihood of TEXT after the completion)"
 )
 
@@ -40,8 +42,20 @@ def _regex(arg: str, model: LanguageModel | None) -> Potential:
         raise ValueError(f"invalid regular expression: {err}") from None
 
 
+def _inline_or_file(arg: str) -> str:
+    """The argument itself, or the text of the file it names (a schema or grammar is long)."""
+    path = Path(arg)
+    if len(arg) < 256 and "\n" not in arg and path.suffix in {".json", ".ebnf", ".gbnf"}:
+        if not path.is_file():
+            raise ValueError(f"no file {arg}")
+        return path.read_text()
+    return arg
+
+
 _KINDS: dict[str, Callable[[str, LanguageModel | None], Potential]] = {
     "regex": _regex,
+    "json": lambda arg, model: JsonSchema(_inline_or_file(arg)),
+    "grammar": lambda arg, model: Grammar(_inline_or_file(arg)),
     "sentiment": _classifier(Sentiment),
     "toxicity": _classifier(Toxicity),
     "suffix": lambda arg, model: SuffixLikelihood(model, arg),

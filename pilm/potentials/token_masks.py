@@ -1,83 +1,144 @@
-"""Token masks from a regular expression with llguidance's token automaton.
+"""A language over a model's tokens: a regular expression, a JSON schema or a grammar, compiled
+by xgrammar against the vocabulary, judging prefixes and completions and giving next-token masks.
 
-``llguidance`` (the Rust engine behind guidance) compiles a regex against a transformers
-tokenizer once and gives, for a matcher state, the bitmask of allowed next tokens in tens of
-microseconds, bytes-exact (a token that completes a multi-byte character is judged on the
-character). It forbids what is not text: special tokens, and bytes that cannot start or
-continue valid UTF-8. ``Regex`` judges text as decoded (a special token's text, "\ufffd" for
-a stray byte), so it adds those tokens back where the decoded text stays viable (a fixed set
-of a few hundred, checked by the reference path). Matchers are memoised per prefix: a child prefix copies its parent's matcher and
-consumes one token, so a step of N particles costs N token advances and N mask fills, and
-particles that share a prefix share one. Measured on the embedded tokenizer: 64 masks in
-10 ms, against seconds for the reference path (a decode and a partial match per token).
+The text of a token sequence is its bytes (EOS adds none; an added token such as
+"<|im_start|>" is its text, as ``decode`` shows it). For a prefix s, ``viable(s)`` says whether its bytes can still be
+extended to a string of the language, ``accepts(s)`` whether they are one, and ``allowed``
+the next tokens v with viable(s + v) — bytes-exact: a token holding the first byte of a
+multi-byte character is allowed where some character that starts with it keeps the prefix
+viable, so a sampler that masks loses no path the potential would keep. The three always
+agree, as all read the same token automaton.
+
+Why xgrammar (measured on the embedded tokenizer, ``experiments/mask_engines.py``,
+``docs/masks/engines.json``): llguidance, outlines-core and xgrammar all fill 64 masks in
+2–8 ms, but only xgrammar's masks equal the byte-level reference on a pattern of multi-byte
+words; llguidance allows only the canonical tokenisation where the pattern forces a literal
+("c" may not be followed by "a" towards "café", only by "af") and outlines-core dropped the
+space after a word ending in a multi-byte character — both forbid tokens that lead to
+phi > 0, which biases a masked sampler.
+
+Matchers are memoised per prefix (a child forks its parent's matcher and accepts one token),
+with the prefix's mask, so a step costs one token per distinct particle and particles that
+share a prefix (after resampling) share one lookup.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-
-@functools.cache
-def _tokenizer(hf_tokenizer):
-    import llguidance.hf
-
-    return llguidance.hf.from_tokenizer(hf_tokenizer)
+Kind = Literal["regex", "json", "grammar"]
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+_MEMO = 100_000  # prefixes kept per language (matchers are small; the oldest half is dropped beyond)
 
 
-class RegexMasks:
-    """Allowed-next-token masks of one regex over one transformers tokenizer (raises
-    ``ValueError`` if llguidance cannot compile the pattern)."""
+def _compiler(model):
+    """xgrammar's compiler for ``model``'s vocabulary: a transformers tokenizer's bytes, or each
+    token's decoded text for models without one (tabular LMs)."""
+    import xgrammar as xgr
 
-    def __init__(self, pattern: str, hf_tokenizer, vocab_size: int, eos: int | None):
-        from llguidance import LLMatcher
+    stops = [] if model.eos_token_id is None else [model.eos_token_id]
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.vocab_size, stop_token_ids=stops or None)
+    else:
+        vocab = ["" if v == model.eos_token_id else model.decode([v]) for v in range(model.vocab_size)]
+        info = xgr.TokenizerInfo(vocab, stop_token_ids=stops or None)
+    return xgr.GrammarCompiler(info, max_threads=1)
 
-        self.tokenizer = _tokenizer(hf_tokenizer)
-        self.grammar = LLMatcher.grammar_from_regex(pattern)
-        root = LLMatcher(self.tokenizer, self.grammar)
-        if root.get_error():
-            raise ValueError(f"llguidance cannot compile {pattern!r}: {root.get_error()}")
-        self.vocab_size, self.eos = vocab_size, eos
-        self._matchers = {(): root}
 
-    def _matcher(self, prefix: tuple[int, ...]):
-        m = self._matchers.get(prefix)
-        if m is None:
-            parent = self._matcher(prefix[:-1])
-            if parent is None or parent.validate_tokens([prefix[-1]]) != 1:
-                m = None  # a dead prefix: nothing is allowed after it
+_per_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiler and languages
+
+
+class TokenLanguage:
+    """One constraint compiled for one model's vocabulary; raises ``ValueError`` naming the
+    problem when xgrammar cannot compile it."""
+
+    def __init__(self, kind: Kind, spec: str, model, **options):
+        import xgrammar as xgr
+
+        self.model, self.eos, self.vocab_size = model, model.eos_token_id, model.vocab_size
+        compiler = _per_model[model]["compiler"]
+        try:
+            if kind == "regex":
+                self.compiled = compiler.compile_regex(spec)
+            elif kind == "json":
+                self.compiled = compiler.compile_json_schema(spec, **options)
             else:
-                m = parent.deep_copy()
-                m.consume_token(prefix[-1])
-            self._matchers[prefix] = m
-        return m
+                self.compiled = compiler.compile_grammar(spec)
+        except Exception as err:  # xgrammar raises RuntimeError or its own parse errors
+            raise ValueError(f"xgrammar cannot compile this {kind}: {str(err).splitlines()[0]}") from err
+        self._xgr = xgr
+        root = xgr.GrammarMatcher(self.compiled, terminate_without_stop_token=True)
+        self._memo: OrderedDict[tuple[int, ...], list] = OrderedDict({(): [root, None]})
 
-    def allowed(self, prefixes: Sequence[tuple[int, ...]], stop: int | None) -> tuple[Tensor, list[int]]:
-        """The masks, and the rows whose prefix the automaton rejected (a special token or a
-        byte that is not valid UTF-8 on its own was drawn): their mask is all False here."""
-        with warnings.catch_warnings():  # llguidance.torch uses torch.jit.script_method, deprecated
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import llguidance.torch as lt
+    def _text_tokens(self, tokens: Sequence[int]) -> tuple[int, ...]:
+        return tuple(int(t) for t in tokens if t != self.eos)
 
+    def _entry(self, key: tuple[int, ...]) -> list | None:
+        """[matcher, mask or None] of a prefix of text tokens, or None where it is dead."""
+        if key in self._memo:
+            return self._memo[key]
+        start = len(key) - 1
+        while start > 0 and key[:start] not in self._memo:
+            start -= 1
+        entry = self._memo[key[:start]]
+        for end in range(start + 1, len(key) + 1):
+            if entry is not None:
+                matcher = entry[0].fork()
+                entry = [matcher, None] if matcher.accept_token(key[end - 1]) else None
+            self._memo[key[:end]] = entry
+        if len(self._memo) > _MEMO:
+            for old in list(self._memo)[1 : _MEMO // 2]:
+                del self._memo[old]
+        return entry
+
+    def viable(self, tokens: Sequence[int]) -> bool:
+        return self._entry(self._text_tokens(tokens)) is not None
+
+    def accepts(self, tokens: Sequence[int]) -> bool:
+        entry = self._entry(self._text_tokens(tokens))
+        return entry is not None and entry[0].is_completed()
+
+    def _mask(self, entry: list) -> Tensor:
+        if entry[1] is None:
+            bits = self._xgr.allocate_token_bitmask(1, self.vocab_size)
+            entry[0].fill_next_token_bitmask(bits, 0)
+            entry[1] = ((bits[0, :, None] >> _SHIFTS) & 1).bool().view(-1)[: self.vocab_size]
+        return entry[1]
+
+    def allowed(self, prefixes: Sequence[Sequence[int]], stop: int | None) -> Tensor:
+        """(N, V) bool: token v after prefix i keeps it viable; the stop token where the text
+        (with the stop's own text when it is not EOS) is complete; EOS, when it is not the stop,
+        wherever the prefix is viable (it adds no text and does not end the completion)."""
         out = torch.zeros(len(prefixes), self.vocab_size, dtype=torch.bool)
-        dead = []
-        bits = lt.allocate_token_bitmask(1, self.tokenizer.vocab_size)
-        shifts = torch.arange(32, dtype=torch.int32)
         for i, prefix in enumerate(prefixes):
-            m = self._matcher(tuple(int(t) for t in prefix if t != self.eos or stop == self.eos))
-            if m is None:
-                dead.append(i)
+            key = self._text_tokens(prefix)
+            entry = self._entry(key)
+            if entry is None:
                 continue
-            lt.fill_next_token_bitmask(m, bits, 0)
-            row = ((bits[0, :, None] >> shifts) & 1).bool().view(-1)
-            n = min(self.vocab_size, len(row))
-            out[i, :n] = row[:n]
-            if self.eos is not None and stop != self.eos:
-                out[i, self.eos] = True  # EOS is an ordinary token that adds no text
-            if stop is not None:
-                out[i, stop] = m.is_accepting()
-        return out, dead
+            out[i] = self._mask(entry)
+            if self.eos is not None:
+                out[i, self.eos] = stop != self.eos
+            if stop is not None and stop != self.eos:
+                out[i, stop] = self.accepts(key + (stop,))
+            elif stop is not None:
+                out[i, stop] = entry[0].is_completed()
+        return out
+
+
+def language(kind: Kind, spec: str, model, **options) -> TokenLanguage:
+    """The compiled language of (kind, spec) for ``model``, built once per model (and
+    forgotten with it); ``options`` go to xgrammar's compiler (JSON: ``any_whitespace``)."""
+    cache = _per_model.get(model)
+    if cache is None:
+        cache = _per_model[model] = {"compiler": _compiler(model)}
+    key = (kind, spec, tuple(sorted(options.items())))
+    if key not in cache:
+        cache[key] = TokenLanguage(kind, spec, model, **options)
+    return cache[key]
