@@ -23,7 +23,7 @@ from .config import (
 )
 from .errors import ConfigError, PilmError
 
-DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32,
+DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32, "mask": True,
         "max_new_tokens": 16, "out": "results.jsonl", "plot": "ess.png"}
 PLAIN_DRAWS = 512  # the demo also counts how often plain sampling meets its constraint
 
@@ -60,9 +60,12 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
     from .twists import Twist
 
     twist = Twist.from_pretrained(out.twist, target.model) if out.twist else None
-    res = smc(target, sc.n_particles, twist=twist, proposal_beta=sc.proposal_beta, resample=sc.resample,
-              ess_threshold=sc.ess_threshold, seed=sc.seed, on_extinction=sc.on_extinction)
-    if twist is not None:
+    res = smc(target, sc.n_particles, twist=twist, proposal="masked" if sc.mask else None,
+              proposal_beta=sc.proposal_beta, resample=sc.resample, ess_threshold=sc.ess_threshold, seed=sc.seed,
+              on_extinction=sc.on_extinction)
+    if sc.mask:
+        how = "masked proposal: only tokens that keep the constraint satisfiable" + (", twisted" if twist else "")
+    elif twist is not None:
         how = "twisted SMC"
     elif target.potential is None:
         how = "plain sampling"

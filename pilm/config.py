@@ -60,6 +60,8 @@ class SMCConfig(Config):
         "systematic", "resampling scheme")
     ess_threshold: float = arg(0.5, "resample when ESS < this x N (1: at every step, 0: never)", low=0, high=1)
     proposal_beta: float = arg(1.0, "with a twist, propose from p0 psi^beta (0: p0 with twisted weights)", low=0)
+    mask: bool = arg(False, "draw only tokens that keep the potential's hard constraints (regex, json, grammar) "
+                            "satisfiable, weighted by their mass (the masked proposal)")
     on_extinction: Literal["warn", "raise", "return"] = arg(
         "warn", "when every particle dies: warn and return Z-hat = 0 unless shown impossible, raise, or return")
     seed: int = arg(0, "random seed (same seed, same run on the same machine)")

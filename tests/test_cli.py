@@ -150,6 +150,11 @@ def test_a_run_says_what_it_did(capsys, table_model):
     out = capsys.readouterr().out
     assert "no prefix score: importance weights until the last token" in out
     assert "[the infilled middle]" in out and "ab'" in out.split("top samples")[1].splitlines()[1]
+    assert main(["sample", "--prompt", "a", "--potential", "regex:[ab]*c", "--mask", "--n-particles", "4",
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "masked proposal" in out
+    assert all(line.rstrip("'").endswith("c") for line in out.split("top samples")[1].splitlines()[1:3])
 
 
 def test_train_twist_writes_a_small_twist_that_knows_its_target(capsys, table_model, tmp_path):

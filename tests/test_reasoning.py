@@ -90,6 +90,16 @@ def test_twisted_weights_with_a_potential_target_p_times_phi_whatever_the_prm():
         assert all(1 in t for t, w in zip(r.tokens, r.weights) if w > 0)
 
 
+def test_a_masked_filter_keeps_the_format_and_z():
+    """An answer format as a regex (at most one "a" in the chain): with mask=True every chain
+    drawn keeps it, and twisted weights still give Z-hat unbiased for Z = E_p[phi]."""
+    target = toy(pilm.potentials.Regex("[bc]*a?[bc]*"))
+    _, log_z = exact(target, lambda x: 1.0 if x.count(0) <= 1 else 0.0)
+    res = pilm.particle_filter([target] * 400, PRM, 4, weights="twisted", seed=4, mask=True)
+    assert within(ratios(res, log_z))
+    assert all(t.count(0) <= 1 for r in res for t in r.tokens)
+
+
 def test_the_exact_value_as_prm_resampled_at_every_boundary_stays_unbiased():
     """With psi_t = E[phi | x_<=t] and resampling at every boundary, Z-hat stays unbiased.
     Every weight equal to Z would need the locally optimal proposal of a whole step; a

@@ -122,6 +122,7 @@ def particle_filter(
     seed: int = 0,
     progress: bool = False,
     reference: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+    mask: bool = False,
 ) -> StepResult | list[StepResult]:
     """Particle filtering over reasoning steps with process reward ``prm`` (module docstring).
 
@@ -135,7 +136,11 @@ def particle_filter(
     combine (last | min | prod | mean). ``reference`` runs the conditional filter of
     ``particle_gibbs``. If every particle of a target scores 0 (extinction),
     ``on_extinction`` "warn" returns log_z = -inf with an ``ExtinctionWarning``, "raise"
-    raises ``ImpossibleTargetError``, "return" returns silently.
+    raises ``ImpossibleTargetError``, "return" returns silently. ``mask=True`` draws only
+    tokens that keep the target's potential satisfiable (an answer format as a ``Regex`` or a
+    ``Grammar``): with "twisted" weights the allowed mass enters the weights, so the target
+    stays p_M phi and Z-hat unbiased; with "paper" weights (no carried weights) the policy is
+    simply restricted to the format.
     """
     targets, single = step_targets(target, step)
     _check(n_particles, temperature, on_extinction)
@@ -148,7 +153,7 @@ def particle_filter(
     out = run_steps(targets, n_particles, as_prm(prm), rule, seeded_generators(seed, len(targets), targets[0].model.device),
                     temperature=temperature, aggregation=aggregation, references=refs,
                     method=f"particle filter ({weights})", on_extinction=on_extinction, progress=progress,
-                    info={"seed": seed, "tau": tau})
+                    info={"seed": seed, "tau": tau, "mask": mask}, mask=mask)
     for r in out:
         r.method = f"pf-{weights}"
     return out[0] if single else out
@@ -169,6 +174,7 @@ def particle_gibbs(
     seed: int = 0,
     progress: bool = False,
     reference: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+    mask: bool = False,
 ) -> StepResult | list[StepResult]:
     """Particle Gibbs (Puri et al. 2025; Andrieu, Doucet & Holenstein 2010): a particle filter,
     then ``iterations - 1`` conditional filters, each with a reference chain drawn from the
@@ -181,7 +187,7 @@ def particle_gibbs(
     (token ids: the Markov chain; the last is a draw from the last sweep) and whose compute
     fields sum all sweeps. ``ancestor_sampling``
     (PGAS) is not implemented. ``reference`` (one complete chain per target) starts the
-    chain there: the first sweep is already conditional."""
+    chain there: the first sweep is already conditional. ``mask`` as in ``particle_filter``."""
     if ancestor_sampling:
         raise NotImplementedError("ancestor sampling (PGAS) is not implemented; use ancestor_sampling=False")
     if not isinstance(iterations, int) or iterations < 1:
@@ -195,7 +201,7 @@ def particle_gibbs(
     for it in range(iterations):
         results = particle_filter(targets, prm, n_particles, weights=weights, temperature=temperature, tau=tau,
                                   aggregation=aggregation, seed=seed + it, progress=progress, on_extinction="return",
-                                  reference=refs)
+                                  reference=refs, mask=mask)
         for total, r in zip(spent, results, strict=True):
             for k in keys:
                 total[k] += r.info.get(k, 0.0)

@@ -76,7 +76,10 @@ def smc(
 
     ``twist=None`` is plain (bootstrap) SMC. With a twist, ``proposal="twist"`` (default)
     proposes from q ∝ p0 psi^proposal_beta (twisted SMC; ``proposal_beta`` < 1 tempers
-    towards p0 for exploration), ``proposal="base"`` from p0 with twisted weights. A
+    towards p0 for exploration), ``proposal="base"`` from p0 with twisted weights.
+    ``proposal="masked"`` draws only tokens that keep the potential's hard constraints
+    satisfiable (regex, JSON schema, grammar: ``pilm.proposals.MaskedProposal``), weighted by
+    the allowed mass, with or without a twist. A
     ``LanguageModel`` (or any ``pilm.proposals.Proposal``, e.g. ``ModelProposal``) as
     ``proposal`` samples from that instead (e.g. a fine-tuned policy), weighted by p0 phi / q.
 

@@ -82,10 +82,11 @@ def run_steps(
     targets: Sequence[Target], n: int, prm: ProcessReward | None, rule: Rule, generators: Sequence[torch.Generator],
     *, temperature: float = 1.0, aggregation: str = "last", steps: Steps | None = None,
     references: Sequence[Sequence[int] | None] | None = None, method: str = "particle filter",
-    on_extinction: str = "warn", progress: bool = False, info: dict | None = None,
+    on_extinction: str = "warn", progress: bool = False, info: dict | None = None, mask: bool = False,
 ) -> list[StepResult]:
     """Run ``rule`` over step boundaries for every target (module docstring); one
-    ``StepResult`` per target. ``steps`` overrides the targets' own ``Steps``."""
+    ``StepResult`` per target. ``steps`` overrides the targets' own ``Steps``. ``mask``: draw
+    only tokens the target's potential allows (``_masked``)."""
     started = time.perf_counter()
     judged = prm.lm_tokens if prm is not None else 0  # a PRM object may serve several runs: count this one's
     model = targets[0].model
@@ -118,7 +119,11 @@ def run_steps(
             rows = live[active]
             groups = rows // n
             log_q = proposal.propose(state, None).log_q
-            drawn = draw(log_q[active.to(log_q.device)], groups, generators)
+            log_q = log_q[active.to(log_q.device)]
+            if mask:
+                log_q, log_mass = _masked(targets, chains, rows, n, log_q)
+                chains.log_w[rows] += log_mass.double().cpu()
+            drawn = draw(log_q, groups, generators)
             for g, ref in enumerate(references or []):
                 at = (rows == g * n).nonzero()
                 if ref is not None and len(at):
@@ -246,6 +251,28 @@ def run_steps(
     return [_result(targets[g], chains, slice(g * n, (g + 1) * n), float(log_z[g]), rule, ess_log[g],
                     resampled[g], extinct_at[g], cuts[g], aggregation, meta, compute, m)
             for g in range(m)]
+
+
+def _masked(targets: Sequence[Target], chains: _Chains, rows: Tensor, n: int, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """The policy restricted to the tokens each row's potential allows after its chain so far
+    (``Potential.allowed_next``: a format, a grammar), renormalised, and the log of the mass it
+    had, log A = log sum_{v allowed} p_M(v). Carried into the chain's weight, A keeps the
+    target p_M phi of importance-weighted rules (the masked proposal of ``pilm.proposals``,
+    token by token); a row with nothing allowed keeps the policy and gets weight 0."""
+    allowed = torch.ones_like(log_q, dtype=torch.bool)
+    groups = rows // n
+    for g in groups.unique().tolist():
+        target = targets[g]
+        if target.potential is None:
+            continue
+        at = (groups == g).nonzero().squeeze(1)
+        prefixes = [chains.tokens[row, : chains.lengths[row]].tolist() for row in rows[at].tolist()]
+        m = target.potential.allowed_next(target.sequences(prefixes), target.stop_token_id)
+        if m is not None:
+            allowed[at.to(allowed.device)] = m.to(allowed.device)
+    masked = log_q.masked_fill(~allowed, -math.inf)
+    log_mass = torch.logsumexp(masked, 1)
+    return torch.where(torch.isneginf(log_mass)[:, None], log_q, masked - log_mass[:, None]), log_mass
 
 
 def _log_phi(target: Target, chains: _Chains, rows: slice, finished_now: Tensor, scores: Tensor) -> Tensor:

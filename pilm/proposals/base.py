@@ -134,8 +134,10 @@ def make_proposal(twist: TwistFunction | None = None, proposal: str | LanguageMo
                   beta: float = 1.0) -> Proposal:
     """The proposal the samplers' shorthands mean: ``twist=None`` is the base model;
     with a twist, ``proposal="twist"`` (default) is q ∝ p0 psi^beta and ``"base"`` is p0
-    with twisted weights; a ``LanguageModel`` is a ``ModelProposal`` on the target's
-    prompt; a ``Proposal`` is used as it is."""
+    with twisted weights; ``"masked"`` draws only tokens the potential's hard constraints
+    allow (``MaskedProposal``, times psi^beta with a twist); a ``LanguageModel`` is a
+    ``ModelProposal`` on the target's prompt; a ``Proposal`` is used as it is."""
+    from .masked import MaskedProposal
     from .model import ModelProposal
 
     if isinstance(proposal, LanguageModel):
@@ -145,8 +147,10 @@ def make_proposal(twist: TwistFunction | None = None, proposal: str | LanguageMo
             raise ValueError("give either a twist or a proposal object, not both")
         return proposal
     proposal = proposal or ("twist" if twist is not None else "base")
+    if proposal == "masked":
+        return MaskedProposal(twist, beta)
     if proposal not in ("base", "twist"):
-        raise ValueError(f"proposal must be 'base', 'twist', a LanguageModel or a Proposal, got {proposal!r}")
+        raise ValueError(f"proposal must be 'base', 'twist', 'masked', a LanguageModel or a Proposal, got {proposal!r}")
     if twist is None:
         if proposal == "twist":
             raise ValueError("proposal='twist' needs a twist")
