@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pilm.inference.result import read_jsonl
 from pilm.latent import LatentReasoner, Prediction
 from pilm.models.registry import load_model
 from pilm.tasks import subjectivity
@@ -42,7 +43,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {(r["labels"], r["method"]) for r in _rows(results)}
+    done = {(r["labels"], r["method"]) for r in read_jsonl(results, missing_ok=True)}
     model = load_model()
     reasoner = subjectivity.reasoner(model)
 
@@ -99,7 +100,7 @@ def main() -> None:
             pred = reasoner.predict(data.test, q, lik, samples=args.samples, vote="hard", seed=args.seed)
             record(n, "em", pred, e_seconds + m_seconds)
             record(n, "em-soft", pred.revote("soft"), e_seconds + m_seconds)
-    (out / "results.md").write_text(table(list(_rows(results)), args))
+    (out / "results.md").write_text(table(list(read_jsonl(results, missing_ok=True)), args))
     print((out / "results.md").read_text())
 
 
@@ -150,13 +151,6 @@ def table(rows: list[dict], args) -> str:
                   f"sigma(Z | X, gold) draws (self-normalised); some rationale gets it right for "
                   f"{100 * d['any_right']:.1f}% of items."]
     return "\n".join(lines) + "\n"
-
-
-def _rows(path: Path):
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield json.loads(line)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
-    done = {(r["constraint"], r["method"], r["n"], r["seed"]) for r in (read_jsonl(results) if results.exists() else [])}
+    done = {(r["constraint"], r["method"], r["n"], r["seed"]) for r in read_jsonl(results, missing_ok=True)}
     model = pilm.load_model()
     for constraint, target in targets(model).items():
         for n in map(int, args.n.split(",")):

@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from pilm.inference.result import read_jsonl
 from pilm.models.adapter import LoRAPolicy
 from pilm.models.registry import load_model
 from pilm.tasks.redteam import METHODS, Victim, mle_stage, red_teaming, train_attacker
@@ -43,7 +44,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {(r["stage"], r["method"]) for r in _rows(results)}
+    done = {(r["stage"], r["method"]) for r in read_jsonl(results, missing_ok=True)}
     attacker = load_model()
     victim = Victim(load_model(), temperature=0.7, max_tokens=20, name="victim (helpful, T 0.7)")
     transfer = Victim(victim.model, system=BLUNT, temperature=1.0, max_tokens=20, name="transfer (blunt, T 1.0)")
@@ -90,7 +91,7 @@ def main() -> None:
         if ("attack", method) not in done:
             record("attack", method, rt.evaluate(policies[method], args.n, seed=args.seed), seconds)
     # Stage 3: the victim learns to refuse the attacks that worked against it (GFN + MLE's, as the paper)
-    rows = {r["method"]: r for r in _rows(results) if r["stage"] == "attack" and "skipped" not in r}
+    rows = {r["method"]: r for r in read_jsonl(results, missing_ok=True) if r["stage"] == "attack" and "skipped" not in r}
     if not all(("tuned", m) in done for m in policies):
         source = max(rows, key=lambda m: (m == "gfn+mle", rows[m]["rate"][victim.name]))  # GFN+MLE, else the best
         found = _successful(rt, source, args, seed=args.seed + 1)
@@ -100,7 +101,7 @@ def main() -> None:
                 report = rt.evaluate(policy, args.n, seed=args.seed + 2, victims=[tuned])
                 record("tuned", method, report, 0.0)
         (out / "safety.json").write_text(json.dumps({"source": source, "attacks": found}, indent=1))
-    write_report(out, list(_rows(results)), args)
+    write_report(out, list(read_jsonl(results, missing_ok=True)), args)
 
 
 def _successful(rt, method: str, args, seed: int) -> list[str]:
@@ -149,13 +150,6 @@ def write_report(out: Path, rows: list[dict], args) -> None:
     fig.savefig(out / "pareto.png", dpi=120)
     plt.close(fig)
     print((out / "results.md").read_text())
-
-
-def _rows(path: Path):
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield json.loads(line)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,30 @@ def test_no_e_with_few_particles_estimates_zero_instead_of_raising(real_model):
             assert all("e" not in s.lower() for s, w in zip(res.samples, res.weights) if w > 0)
 
 
+def test_masked_no_e_agrees_with_reweighting_and_plain_monte_carlo(real_model):
+    """The no-'e' continuation of "My favorite weather is" (16 tokens, Z ≈ 0.03): the mean
+    Z-hat of masked SMC (N = 32, 6 seeds) agrees with reweighting-only SMC and with plain
+    Monte Carlo (1,024 draws, the share that meets the constraint), within 3 standard errors
+    of the difference (Z-hat is heavy-tailed at this N: var log Z-hat ~1 over 20 seeds, so
+    the SE comes from the seeds, not a normal guess); every masked particle meets it."""
+    target = pilm.Target(real_model, "My favorite weather is", pilm.potentials.Regex(r"[^eE]*"), max_new_tokens=16)
+    plain = pilm.importance_sample(target, 1024, seed=0, on_extinction="return")
+    p = statistics.mean(math.isfinite(w) for w in plain.log_weights)
+    mc, mc_se = p, math.sqrt(p * (1 - p) / 1024)
+    runs = {}
+    for proposal in ("masked", None):
+        z = []
+        for seed in range(6):
+            res = pilm.smc(target, 32, proposal=proposal, seed=seed, progress=False, on_extinction="return")
+            z.append(math.exp(res.log_z))
+            if proposal == "masked":
+                assert all("e" not in s.lower() for s in res.samples)
+        runs[proposal] = (statistics.mean(z), statistics.stdev(z) / math.sqrt(len(z)))
+    (masked, masked_se), (reweighted, reweighted_se) = runs["masked"], runs[None]
+    assert abs(masked - mc) < 3 * math.hypot(masked_se, mc_se), (masked, masked_se, mc, mc_se)
+    assert abs(masked - reweighted) < 3 * math.hypot(masked_se, reweighted_se), (masked, reweighted)
+
+
 def test_smc_with_regex_returns_only_matching_completions_and_is_seeded(real_model):
     target = pilm.Target(real_model, "My favourite animal is", pilm.potentials.Regex(r"[^eE]*"), max_new_tokens=8)
     a = pilm.smc(target, 16, seed=1, progress=False)

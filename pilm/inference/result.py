@@ -77,8 +77,11 @@ class SMCResult(Record):
         )
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every record of a JSONL file."""
+def read_jsonl(path: str | Path, *, missing_ok: bool = False) -> list[dict]:
+    """Every record of a JSONL file (none for a missing file with ``missing_ok``, as a
+    resumable experiment starts)."""
+    if missing_ok and not Path(path).exists():
+        return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 

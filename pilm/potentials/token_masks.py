@@ -18,8 +18,8 @@ space after a word ending in a multi-byte character — both forbid tokens that 
 phi > 0, which biases a masked sampler.
 
 Matchers are memoised per prefix (a child forks its parent's matcher and accepts one token),
-with the prefix's mask, so a step costs one token per distinct particle and particles that
-share a prefix (after resampling) share one lookup.
+so a step costs one token per distinct particle, and within a step particles that share a
+prefix (after resampling) share one mask.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 Kind = Literal["regex", "json", "grammar"]
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-_MEMO = 100_000  # prefixes kept per language (matchers are small; the oldest half is dropped beyond)
+_MEMO = 16_384  # matchers kept per language, least recently used dropped first: ~19 KB each (measured),
+# and SMC asks for the children of the prefixes it asked for one step before, so twice the rows suffice
 
 
 def _compiler(model):
@@ -75,61 +76,68 @@ class TokenLanguage:
             raise ValueError(f"xgrammar cannot compile this {kind}: {str(err).splitlines()[0]}") from err
         self._xgr = xgr
         root = xgr.GrammarMatcher(self.compiled, terminate_without_stop_token=True)
-        self._memo: OrderedDict[tuple[int, ...], list] = OrderedDict({(): [root, None]})
+        self._memo: OrderedDict[tuple[int, ...], object] = OrderedDict({(): root})
 
     def _text_tokens(self, tokens: Sequence[int]) -> tuple[int, ...]:
         return tuple(int(t) for t in tokens if t != self.eos)
 
-    def _entry(self, key: tuple[int, ...]) -> list | None:
-        """[matcher, mask or None] of a prefix of text tokens, or None where it is dead."""
+    def _matcher(self, key: tuple[int, ...]):
+        """The matcher after a prefix of text tokens, or None where the prefix is dead."""
         if key in self._memo:
+            self._memo.move_to_end(key)
             return self._memo[key]
         start = len(key) - 1
         while start > 0 and key[:start] not in self._memo:
             start -= 1
-        entry = self._memo[key[:start]]
+        matcher = self._memo[key[:start]]
         for end in range(start + 1, len(key) + 1):
-            if entry is not None:
-                matcher = entry[0].fork()
-                entry = [matcher, None] if matcher.accept_token(key[end - 1]) else None
-            self._memo[key[:end]] = entry
-        if len(self._memo) > _MEMO:
-            for old in list(self._memo)[1 : _MEMO // 2]:
-                del self._memo[old]
-        return entry
+            if matcher is not None:
+                child = matcher.fork()
+                matcher = child if child.accept_token(key[end - 1]) else None
+            self._memo[key[:end]] = matcher
+        self._memo.move_to_end(())  # the root is never dropped
+        while len(self._memo) > _MEMO:
+            self._memo.popitem(last=False)
+        return matcher
 
     def viable(self, tokens: Sequence[int]) -> bool:
-        return self._entry(self._text_tokens(tokens)) is not None
+        return self._matcher(self._text_tokens(tokens)) is not None
 
     def accepts(self, tokens: Sequence[int]) -> bool:
-        entry = self._entry(self._text_tokens(tokens))
-        return entry is not None and entry[0].is_completed()
-
-    def _mask(self, entry: list) -> Tensor:
-        if entry[1] is None:
-            bits = self._xgr.allocate_token_bitmask(1, self.vocab_size)
-            entry[0].fill_next_token_bitmask(bits, 0)
-            entry[1] = ((bits[0, :, None] >> _SHIFTS) & 1).bool().view(-1)[: self.vocab_size]
-        return entry[1]
+        matcher = self._matcher(self._text_tokens(tokens))
+        return matcher is not None and matcher.is_completed()
 
     def allowed(self, prefixes: Sequence[Sequence[int]], stop: int | None) -> Tensor:
         """(N, V) bool: token v after prefix i keeps it viable; the stop token where the text
         (with the stop's own text when it is not EOS) is complete; EOS, when it is not the stop,
         wherever the prefix is viable (it adds no text and does not end the completion)."""
-        out = torch.zeros(len(prefixes), self.vocab_size, dtype=torch.bool)
-        for i, prefix in enumerate(prefixes):
-            key = self._text_tokens(prefix)
-            entry = self._entry(key)
-            if entry is None:
+        keys = [self._text_tokens(p) for p in prefixes]
+        distinct = list(dict.fromkeys(keys))
+        bits = self._xgr.allocate_token_bitmask(len(distinct), self.vocab_size)
+        bits.zero_()  # a dead prefix allows nothing
+        matchers = [self._matcher(key) for key in distinct]
+        for j, matcher in enumerate(matchers):
+            if matcher is not None:
+                matcher.fill_next_token_bitmask(bits, j)
+        rows = _unpack(bits, self.vocab_size)
+        for j, (key, matcher) in enumerate(zip(distinct, matchers)):
+            if matcher is None:
                 continue
-            out[i] = self._mask(entry)
             if self.eos is not None:
-                out[i, self.eos] = stop != self.eos
+                rows[j, self.eos] = stop != self.eos
             if stop is not None and stop != self.eos:
-                out[i, stop] = self.accepts(key + (stop,))
+                rows[j, stop] = self.accepts(key + (stop,))
             elif stop is not None:
-                out[i, stop] = entry[0].is_completed()
-        return out
+                rows[j, stop] = matcher.is_completed()
+        where = {key: j for j, key in enumerate(distinct)}
+        return rows[[where[k] for k in keys]]
+
+
+def _unpack(bits: Tensor, vocab_size: int) -> Tensor:
+    """xgrammar's int32 bitmask (bit j of word w = token 32 w + j) as (N, V) bool; numpy's
+    unpackbits on the little-endian bytes is ~100x faster than shifting in torch."""
+    flat = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
+    return torch.from_numpy(flat[:, :vocab_size].astype(bool))
 
 
 def language(kind: Kind, spec: str, model, **options) -> TokenLanguage:
