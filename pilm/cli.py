@@ -60,6 +60,8 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
     from .twists import Twist
 
     twist = Twist.from_pretrained(out.twist, target.model) if out.twist else None
+    if sc.mask and target.potential is None:
+        note("--mask without a --potential: there is no constraint to mask")
     res = smc(target, sc.n_particles, twist=twist, proposal="masked" if sc.mask else None,
               proposal_beta=sc.proposal_beta, resample=sc.resample, ess_threshold=sc.ess_threshold, seed=sc.seed,
               on_extinction=sc.on_extinction)

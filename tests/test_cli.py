@@ -145,6 +145,8 @@ def test_a_run_says_what_it_did(capsys, table_model):
     assert main(["sample", "--n-particles", "4", "--max-new-tokens", "3"]) == 0
     out, err = capsys.readouterr()
     assert "pilm: note: no --prompt" in err and "pilm: note: no --potential: phi = 1" in err
+    assert main(["sample", "--n-particles", "4", "--max-new-tokens", "3", "--mask"]) == 0
+    assert "--mask without a --potential" in capsys.readouterr().err
     assert "plain sampling" in out
     assert main(["sample", "--prompt", "a", "--potential", "suffix:ab", "--n-particles", "4", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
