@@ -101,8 +101,8 @@ def byte_reference_mask(pattern: str, tokenizer, prefix: Sequence[int], stop: in
     """The exact next-token mask of ``pattern`` after ``prefix`` on a byte-level tokenizer, for
     checking mask engines: v is allowed iff the bytes of prefix + v (an added token's bytes are
     its text) are a prefix of valid UTF-8 that ``pattern``, matched over bytes, can still
-    full-match; ``stop``
-    iff the prefix's bytes are complete UTF-8 and full-match. Exact for patterns whose byte form
+    full-match; ``stop`` iff the prefix's bytes are complete UTF-8 and full-match. Exact for
+    patterns whose byte form
     means the same as the text form: literals (multi-byte ones too) and ASCII classes."""
     import codecs
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ExtinctionWarning, ImpossibleTargetError
 from ..prm import ProcessReward, StepBatch, aggregate, checked_scores
-from ..proposals import BaseProposal, log_mean_exp
+from ..proposals import BaseProposal, log_mean_exp, token_masks
 from ..steps import Steps
 from ..target import Target
 from .particles import draw
@@ -255,22 +255,13 @@ def run_steps(
 
 def _masked(targets: Sequence[Target], chains: _Chains, rows: Tensor, n: int, log_q: Tensor) -> tuple[Tensor, Tensor]:
     """The policy restricted to the tokens each row's potential allows after its chain so far
-    (``Potential.allowed_next``: a format, a grammar), renormalised, and the log of the mass it
-    had, log A = log sum_{v allowed} p_M(v). Carried into the chain's weight, A keeps the
-    target p_M phi of importance-weighted rules (the masked proposal of ``pilm.proposals``,
-    token by token); a row with nothing allowed keeps the policy and gets weight 0."""
-    allowed = torch.ones_like(log_q, dtype=torch.bool)
-    groups = rows // n
-    for g in groups.unique().tolist():
-        target = targets[g]
-        if target.potential is None:
-            continue
-        at = (groups == g).nonzero().squeeze(1)
-        prefixes = [chains.tokens[row, : chains.lengths[row]].tolist() for row in rows[at].tolist()]
-        m = target.potential.allowed_next(target.sequences(prefixes), target.stop_token_id)
-        if m is not None:
-            allowed[at.to(allowed.device)] = m.to(allowed.device)
-    masked = log_q.masked_fill(~allowed, -math.inf)
+    (``token_masks``: a format, a grammar), renormalised, and the log of the mass it had,
+    log A = log sum_{v allowed} p_M(v). Carried into the chain's weight, A keeps the target
+    p_M phi of importance-weighted rules (the masked proposal, token by token); a row with
+    nothing allowed keeps the policy and gets weight 0."""
+    block, lengths = chains.tokens[rows].tolist(), chains.lengths[rows].tolist()
+    prefixes = [tokens[:length] for tokens, length in zip(block, lengths, strict=True)]
+    masked = log_q.masked_fill(~token_masks(targets, rows // n, prefixes, log_q), -math.inf)
     log_mass = torch.logsumexp(masked, 1)
     return torch.where(torch.isneginf(log_mass)[:, None], log_q, masked - log_mass[:, None]), log_mass
 

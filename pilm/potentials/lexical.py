@@ -62,10 +62,8 @@ class Regex(Language):
 
     The pattern is compiled by xgrammar (ECMAScript-style syntax; ``^``/``$`` are optional, the
     whole text must match). Patterns it cannot compile — look-arounds, back-references, inline
-    flags — or any ``flags`` fall back to Python's ``regex`` on the decoded text (partial
-    matching for the prefix score) with a reference mask that decodes and partially matches
-    prefix + v for every token v: right for tabular models, slow (seconds per prefix) for a
-    49k vocabulary.
+    flags — or any ``flags`` fall back to Python's ``regex`` on the decoded text
+    (``PythonRegexLanguage``).
     """
 
     kind = "regex"
@@ -73,45 +71,56 @@ class Regex(Language):
     def __init__(self, pattern: str, *, flags: int = 0):
         self.pattern = pattern
         self._re = regex.compile(pattern, flags)  # raises regex.error on a malformed pattern
-        try:
-            if flags:
-                raise ValueError("flags")
-            super().__init__(pattern)
-            self.fallback = False
-        except ValueError:
-            self.spec, self.options, self.fallback = pattern, {}, True
-        self._masks: dict = {}
+        self._fallbacks: dict[str, PythonRegexLanguage] = {}
+        self.spec, self.options, self.fallback = pattern, {}, bool(flags)
+        if not self.fallback:
+            try:
+                super().__init__(pattern)
+            except ValueError:
+                self.fallback = True
 
     @property
     def name(self) -> str:
         return f"regex({self.pattern!r})"
 
-    def log_phi(self, seqs: Sequences) -> Tensor:
+    def _language(self, seqs: Sequences) -> TokenLanguage | PythonRegexLanguage:
         if not self.fallback:
-            return super().log_phi(seqs)
-        return torch.tensor([log_indicator(self._re.fullmatch(t) is not None) for t in seqs.texts])
+            return super()._language(seqs)
+        model = seqs.model
+        if model.name not in self._fallbacks:
+            self._fallbacks[model.name] = PythonRegexLanguage(self._re, model)
+        return self._fallbacks[model.name]
 
-    def log_prefix(self, seqs: Sequences) -> Tensor:
-        if not self.fallback:
-            return super().log_prefix(seqs)
-        return torch.tensor([log_indicator(self._re.fullmatch(t, partial=True) is not None) for t in seqs.texts])
 
-    def allowed_next(self, seqs: Sequences, stop: int | None = None) -> Tensor:
-        if not self.fallback:
-            return super().allowed_next(seqs, stop)
-        return torch.stack([self._reference(seqs.model, p, stop) for p in seqs.tokens])
+class PythonRegexLanguage:
+    """``TokenLanguage``'s three answers from Python's ``regex`` on the decoded text (EOS
+    dropped): partial matching says whether a prefix is viable, and the mask decodes and
+    partially matches prefix + v for every token v, memoised per prefix — right for tabular
+    models, seconds per prefix on a 49k vocabulary."""
 
-    def _reference(self, model, prefix: tuple[int, ...], stop: int | None) -> Tensor:
-        """The mask by decoding prefix + v and partial matching, for every token, memoised."""
-        key = (model.name, prefix, stop)
-        row = self._masks.get(key)
+    def __init__(self, compiled: regex.Pattern, model):
+        self._re, self._model, self._masks = compiled, model, {}
+
+    def _text(self, tokens) -> str:
+        eos = self._model.eos_token_id
+        return self._model.decode([t for t in tokens if t != eos])
+
+    def viable(self, tokens) -> bool:
+        return self._re.fullmatch(self._text(tokens), partial=True) is not None
+
+    def accepts(self, tokens) -> bool:
+        return self._re.fullmatch(self._text(tokens)) is not None
+
+    def allowed(self, prefixes, stop: int | None) -> Tensor:
+        return torch.stack([self._row(tuple(p), stop) for p in prefixes])
+
+    def _row(self, prefix: tuple[int, ...], stop: int | None) -> Tensor:
+        row = self._masks.get((prefix, stop))
         if row is None:
-            row = torch.tensor([self._re.fullmatch(_text(model, prefix + (v,)), partial=True) is not None
-                                for v in range(model.vocab_size)])
+            row = torch.tensor([self.viable(prefix + (v,)) for v in range(self._model.vocab_size)])
             if stop is not None:
-                row[stop] = self._re.fullmatch(_text(model, prefix + ((stop,) if stop != model.eos_token_id else ())))\
-                    is not None
-            self._masks[key] = row
+                row[stop] = self.accepts(prefix + ((stop,) if stop != self._model.eos_token_id else ()))
+            self._masks[(prefix, stop)] = row
         return row
 
 
@@ -150,8 +159,3 @@ def _first_line(err: Exception) -> str:
     lines = [ln for ln in str(err).splitlines() if ln.strip()]
     line = lines[0] if lines else type(err).__name__
     return line.split(": ", 1)[1] if line.startswith("[") and ": " in line else line
-
-
-def _text(model, tokens) -> str:
-    eos = model.eos_token_id
-    return model.decode([t for t in tokens if t != eos])

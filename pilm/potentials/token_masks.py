@@ -63,7 +63,7 @@ class TokenLanguage:
     def __init__(self, kind: Kind, spec: str, model, **options):
         import xgrammar as xgr
 
-        self.model, self.eos, self.vocab_size = model, model.eos_token_id, model.vocab_size
+        self.eos, self.vocab_size = model.eos_token_id, model.vocab_size  # no reference to the model: it keys the cache weakly
         compiler = _per_model[model]["compiler"]
         try:
             if kind == "regex":

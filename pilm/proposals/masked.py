@@ -49,15 +49,7 @@ class MaskedProposal(Proposal):
 
     def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
         log_psi = self.inner.propose(state, prefixes).log_psi if self.inner is not None else None
-        mask = torch.ones_like(state.logprobs, dtype=torch.bool)
-        for g in self._groups.unique().tolist():
-            target, rows = self._targets[g], (self._groups == g).nonzero().squeeze(1)
-            if target.potential is None:
-                continue
-            allowed = target.potential.allowed_next(target.sequences([prefixes[r] for r in rows.tolist()]),
-                                                    target.stop_token_id)
-            if allowed is not None:
-                mask[rows.to(mask.device)] = allowed.to(mask.device)
+        mask = token_masks(self._targets, self._groups, prefixes, state.logprobs)
         log_mask = torch.zeros_like(state.logprobs).masked_fill(~mask, -torch.inf)
         log_psi = log_mask if log_psi is None else log_psi + log_mask
         return Proposed(twisted_log_q(state.logprobs, log_psi), log_psi)
@@ -70,3 +62,20 @@ class MaskedProposal(Proposal):
     def advance(self, tokens: torch.Tensor) -> None:
         if self.inner is not None:
             self.inner.advance(tokens)
+
+
+def token_masks(targets: Sequence[Target], groups: torch.Tensor, prefixes: Sequence[Sequence[int]],
+                like: torch.Tensor) -> torch.Tensor:
+    """(rows, V) bool on ``like``'s device: the tokens row i's target (``targets[groups[i]]``)
+    allows after ``prefixes[i]`` (``Potential.allowed_next``, one call per target); all True
+    for a target whose potential gives no mask."""
+    mask = torch.ones_like(like, dtype=torch.bool)
+    for g in groups.unique().tolist():
+        target, rows = targets[g], (groups == g).nonzero().squeeze(1)
+        if target.potential is None:
+            continue
+        allowed = target.potential.allowed_next(target.sequences([prefixes[r] for r in rows.tolist()]),
+                                                target.stop_token_id)
+        if allowed is not None:
+            mask[rows.to(mask.device)] = allowed.to(mask.device)
+    return mask
