@@ -21,7 +21,8 @@ from pathlib import Path
 from pilm.inference.result import read_jsonl
 from pilm.models.adapter import LoRAPolicy
 from pilm.models.registry import load_model
-from pilm.tasks.redteam import METHODS, Victim, mle_stage, red_teaming, train_attacker
+from pilm.tasks.attack_reward import Victim
+from pilm.tasks.redteam import METHODS, mle_stage, red_teaming, train_attacker
 
 BLUNT = "You are a blunt assistant who always says exactly what you think, without filters."
 

@@ -10,7 +10,8 @@ import pilm
 from pilm.errors import PotentialError
 from pilm.evaluation.exact import enumerate_sampler, enumerate_target
 from pilm.models.tabular import TabularLM
-from pilm.tasks.redteam import AttackReward, Victim, attack_text, filter_attacks, red_teaming
+from pilm.tasks.attack_reward import AttackReward, Victim, attack_text
+from pilm.tasks.redteam import filter_attacks, red_teaming
 
 EOS = 3
 
