@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-latent experiment-red-team experiment-mask-engines experiment-masked
+.PHONY: install demo test docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
 
 install: $(STAMP)
 
@@ -22,15 +22,28 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
+# The documentation site (MkDocs + mkdocstrings), offline, every warning an error; opens at site/index.html.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
+# Ratios to transformers generate in one process; the report (with the machine and dtype) is
+# docs/bench/bench.json, whose table docs/bench/results.md make results renders.
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	.venv/bin/pilm bench
+	mkdir -p docs/bench
+	.venv/bin/pilm bench --json > docs/bench/bench.json.part
+	mv docs/bench/bench.json.part docs/bench/bench.json
+	$(PY) experiments/results.py
 
 clean:
-	rm -rf .venv
+	rm -rf .venv site
 
 experiment-twists: $(STAMP)
 	$(PY) experiments/twists.py --out docs/twists --steps 60 --seeds 10 --max-new-tokens 8
+
+# The sentiment study again with the tied head (an MLP scored against the LM's output embeddings) at lr 3e-3.
+experiment-twists-tied: $(STAMP)
+	$(PY) experiments/twists.py --out docs/twists_tied --tasks sentiment --head tied --lr 3e-3 --steps 60 --seeds 10 --max-new-tokens 8
 
 experiment-bounds: $(STAMP)
 	$(PY) experiments/bounds.py --out docs/bounds --seeds 5 --max-new-tokens 8 --suffix-tokens 4
@@ -76,3 +89,12 @@ experiment-red-team: $(STAMP)
 experiment-mask-engines: $(STAMP)
 	$(PY) -m pip install -q llguidance outlines-core
 	$(PY) experiments/mask_engines.py --out docs/masks
+
+# Hard constraints in the proposal (MaskedProposal) vs reweighting only: no "e" in 16 tokens and a JSON
+# schema, SMC with N = 4, 16, 64 over 20 seeds each (resumable: rerun to continue).
+experiment-masked: $(STAMP)
+	$(PY) experiments/masked.py --out docs/masked --n 4,16,64 --seeds 20
+
+# Every results table in docs/ from its saved data (--check: say which differ, write nothing).
+results: $(STAMP)
+	$(PY) experiments/results.py

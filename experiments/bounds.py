@@ -4,9 +4,9 @@ Trains one conditional twist per objective (ctl, rl, sixo, fudge, dpg) over infi
 targets whose suffixes are sampled from the joint p0(s, c | x) (amortised over endings),
 then runs ``pilm.bounds`` with exact posterior samples from the joint: for each seed a fresh
 (middle, suffix) pair, lower bounds from SIS/SMC with K particles and upper bounds from the
-same sampler conditioned on the exact middle (IWAE-UB / CSMC-UB). Writes results.jsonl,
-results.md (the table) and bounds.png into --out, and the twists into --out/twists (reused
-by a rerun with --reuse-twists). Rerun: make experiment-bounds
+same sampler conditioned on the exact middle (IWAE-UB / CSMC-UB). Writes results.jsonl (every
+row with the run's settings), results.md (``table``) and bounds.png into --out, and the
+twists into --out/twists (reused by a rerun with --reuse-twists). Rerun: make experiment-bounds
 """
 
 from __future__ import annotations
@@ -72,13 +72,12 @@ def main() -> None:
     report = pilm.bounds(train_targets[0], samplers, ks, exact_samples="joint", seeds=args.seeds, seed=0)
     for r in report.rows:
         r["train_seconds"] = seconds.get(r["sampler"])
-    report.info["config"] = vars(args)
-    report.to_jsonl(out / "results.jsonl")
+        r["config"] = {**vars(args), "model": model.name}
+    report.to_jsonl(out / "results.jsonl", append=False)
     plot(report, out, f"infilling, T={horizon}, suffix {m} tokens, {args.seeds} seeds")
-    write_markdown(report.rows, out, f"Infilling on {model.name}: T = {horizon} new tokens, suffix of {m} tokens "
-                   f"sampled from the joint per seed; {args.seeds} seeds; twists: conditional {args.head} heads, "
-                   f"{args.steps} steps x batch {args.batch_size}, lr {args.lr}. Bounds are means over seeds ± 95% "
-                   "half-widths; gap = upper - lower.")
+    from results import write  # experiments/results.py, next to this script
+
+    write(out, "bounds")
     print(report.table())
 
 
@@ -91,10 +90,15 @@ def plot(report: pilm.BoundsReport, out: Path, title: str) -> None:
     zoom.plot(out / "bounds_zoom.png", title=f"{title}{' (without ' + ', '.join(sorted(far)) + ')' if far else ''}")
 
 
-def write_markdown(rows: list[dict], out: Path, caption: str) -> None:
-    """results.md: the summary (gap per sampler and K, both methods, KL estimates) and every row."""
-    lines = [caption, "", *gap_summary(rows)]
-    (out / "results.md").write_text("\n".join(lines) + "\n\nAll rows:\n\n" + markdown(rows) + "\n")
+def table(rows: list[dict]) -> str:
+    """results.md: the run's settings (the rows' config and seeds), the gap summary, then every row
+    (bounds: means over seeds ± 95% Student-t half-widths)."""
+    c, seeds = rows[0]["config"], rows[0]["seeds"]
+    caption = (f"Infilling on {c['model']}: T = {c['max_new_tokens']} new tokens, suffix of {c['suffix_tokens']} "
+               f"tokens sampled from the joint per seed; {seeds} seeds; twists: conditional {c['head']} heads, "
+               f"{c['steps']} steps x batch {c['batch_size']}, lr {c['lr']}. Bounds are means over seeds ± 95% "
+               "half-widths; gap = upper - lower.")
+    return "\n".join([caption, "", *gap_summary(rows)]) + "\n\nAll rows:\n\n" + markdown(rows) + "\n"
 
 
 def gap_summary(rows: list[dict]) -> list[str]:

@@ -28,8 +28,8 @@ over 60 endings sampled from the joint, told each ending by its prompt (``ending
 the same budget as each twist there (60 steps x 16); ``pilm.bounds`` then scores it and the
 base proposal with exact posterior samples from the joint (5 seeds, SIS and SMC).
 
-Writes results_<task>.jsonl, results.md (every task run so far), the training logs and curve
-PNGs into --out. Rerun: make experiment-finetune
+Writes results_<task>.jsonl (every row with the run's settings), results.md (``table``: every
+task run so far), the training logs and curve PNGs into --out. Rerun: make experiment-finetune
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from pilm.tasks.random_number import report, valid_sequences
 
 METHODS = "sft,reinforce,subtb"
 TASKS = ("random-number", "arithmetic", "continuation", "infilling")
+INFILLING = {"max_new_tokens": 8, "suffix_tokens": 4, "endings": 60, "batch_size": 16, "seeds": 5}
+"""The infilling setting (docs/bounds'): horizon, ending length, training endings, batch, bound seeds."""
 
 
 def main() -> None:
@@ -74,15 +76,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = pilm.load_model()
+    config = {**vars(args), "model": model.name, "infilling": INFILLING}
     for task in args.tasks.split(","):
         rows, histories = {"random-number": random_number, "arithmetic": arithmetic,
                            "continuation": continuation, "infilling": infilling}[task](model, args, out)
         slug = task.replace("-", "_")
         plot_training(histories, out / f"training_{slug}.png", title=task, metrics=("loss", "log_r", "diversity"))
         with open(out / f"results_{slug}.jsonl", "w") as f:
-            f.writelines(json.dumps({**r, "config": vars(args)}) + "\n" for r in rows)
-    markdown = write_markdown(out, model.name)
-    print(markdown)
+            f.writelines(json.dumps({**r, "config": config}) + "\n" for r in rows)
+    from results import write  # experiments/results.py, next to this script
+
+    print(write(out, "finetune")["results.md"])
 
 
 def random_number(model, args, out: Path) -> tuple[list[dict], dict]:
@@ -167,17 +171,19 @@ def infilling(model, args, out: Path) -> tuple[list[dict], dict]:
     from pilm.tasks import joint_samples
     from pilm.tasks.infilling import DEFAULT_PROMPT, ending_first
 
-    pairs = joint_samples(model, DEFAULT_PROMPT, max_new_tokens=8, suffix_tokens=4, n=60, seed=10_000)
-    targets = [pilm.tasks.infilling(model, suffix=c, max_new_tokens=8) for _, c in pairs]
+    s = INFILLING
+    pairs = joint_samples(model, DEFAULT_PROMPT, max_new_tokens=s["max_new_tokens"], suffix_tokens=s["suffix_tokens"],
+                          n=s["endings"], seed=10_000)
+    targets = [pilm.tasks.infilling(model, suffix=c, max_new_tokens=s["max_new_tokens"]) for _, c in pairs]
     log = out / "train_infilling_subtb.jsonl"
     log.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    policy = pilm.finetune(targets, "subtb", steps=args.infilling_steps, batch_size=16, lr=args.lr,
+    policy = pilm.finetune(targets, "subtb", steps=args.infilling_steps, batch_size=s["batch_size"], lr=args.lr,
                            lora_rank=args.lora_rank, seed=args.seed, policy_prompt=ending_first, progress=False,
                            log_path=log)
     seconds = time.perf_counter() - t0
     report = pilm.bounds(targets[0], {"base": None, "subtb": ModelProposal(policy, prompt=ending_first)},
-                         [int(k) for k in args.ks.split(",")], exact_samples="joint", seeds=5, seed=0)
+                         [int(k) for k in args.ks.split(",")], exact_samples="joint", seeds=s["seeds"], seed=0)
     print(report.table(), flush=True)
     rows = [{"task": "infilling", **r, "train_seconds": seconds if r["sampler"] == "subtb" else 0.0}
             for r in report.rows]
@@ -192,22 +198,20 @@ def _train(target, method, args, log: Path, *, steps: int, **kw):
     return policy, time.perf_counter() - t0
 
 
-def write_markdown(out: Path, model_name: str) -> str:
-    """results.md: one table per results_<task>.jsonl in ``out``."""
+def table(rows: list[dict]) -> str:
+    """results.md: one section per task with rows (those of every results_<task>.jsonl), in TASKS
+    order, each captioned with the settings in its rows' config."""
     sections = []
-    for slug, table in TABLES.items():
-        path = out / f"results_{slug}.jsonl"
-        if path.exists():
-            rows = [json.loads(x) for x in path.read_text().splitlines()]
-            caption, lines = table(rows, rows[0]["config"], model_name)
+    for task, section in SECTIONS.items():
+        mine = [r for r in rows if r["task"] == task]
+        if mine:
+            caption, lines = section(mine, mine[0]["config"])
             sections.append("\n".join([caption, "", *lines]))
-    text = "\n\n".join(sections) + "\n"
-    (out / "results.md").write_text(text)
-    return text
+    return "\n\n".join(sections) + "\n"
 
 
-def _random_number_table(rows, c, model_name):
-    return (f"Random integer 0-100 on {model_name}, few-shot chat prompt. Each fine-tuned method: LoRA rank "
+def _random_number_table(rows: list[dict], c: dict) -> tuple[str, list[str]]:
+    return (f"Random integer 0-100 on {c['model']}, few-shot chat prompt. Each fine-tuned method: LoRA rank "
             f"{c['lora_rank']}, {c['steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}. "
             "Exact scores over the 101 valid answers.",
             _lines(["method", "valid (q mass)", "KL(q(·\\|valid) ‖ uniform)", "KL(uniform ‖ q)", "training (s)"],
@@ -215,8 +219,8 @@ def _random_number_table(rows, c, model_name):
              f"{r['train_seconds']:.0f} |" for r in rows]))
 
 
-def _arithmetic_table(rows, c, model_name):
-    return (f"Arithmetic with a calculator on {model_name}, 3-shot prompt. Training: {c['worked']} questions with "
+def _arithmetic_table(rows: list[dict], c: dict) -> tuple[str, list[str]]:
+    return (f"Arithmetic with a calculator on {c['model']}, 3-shot prompt. Training: {c['worked']} questions with "
             f"worked rationales (SFT's data) and {c['homework']} with answers only; LoRA rank {c['lora_rank']}, "
             f"{c['arithmetic_steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}. Accuracy of "
             f"the greedy rationale on {c['test']} held-out questions per column.",
@@ -225,8 +229,8 @@ def _arithmetic_table(rows, c, model_name):
              f"{r['train_seconds']:.0f} |" for r in rows]))
 
 
-def _continuation_table(rows, c, model_name):
-    return (f"Next sentence after {len(PROMPTS)} openings on {model_name}, {c['n']} completions per opening "
+def _continuation_table(rows: list[dict], c: dict) -> tuple[str, list[str]]:
+    return (f"Next sentence after {len(PROMPTS)} openings on {c['model']}, {c['n']} completions per opening "
             f"(stop at '.', at most 20 tokens), averaged over openings. SubTB: one LoRA policy for all openings, "
             f"{c['continuation_steps']} steps x batch {c['batch_size']}, lr {c['lr']}, seed {c['seed']}.",
             _lines(["decoder", "best log p0", "mean log p0", "distinct", "pairwise edit distance", "ends at '.'"],
@@ -234,14 +238,16 @@ def _continuation_table(rows, c, model_name):
              f"{r['pairwise_edit']:.2f} | {100 * r['finished']:.0f}% |" for r in rows]))
 
 
-def _infilling_table(rows, c, model_name):
+def _infilling_table(rows: list[dict], c: dict) -> tuple[str, list[str]]:
     from bounds import gap_summary  # experiments/bounds.py, next to this script
 
+    s = c["infilling"]
     trained = next(r["train_seconds"] for r in rows if r["sampler"] == "subtb")
-    return (f"Infilling on {model_name} (the setting of docs/bounds: 8 new tokens, a 4-token ending sampled from the "
-            f"joint per seed, 5 seeds). SubTB: one policy for 60 endings, told the ending by its prompt, "
-            f"{c['infilling_steps']} steps x batch 16, lr {c['lr']} ({trained:.0f} s). Gap = upper - lower bound on "
-            "log Z.", gap_summary(rows))
+    return (f"Infilling on {c['model']} (the setting of docs/bounds: {s['max_new_tokens']} new tokens, a "
+            f"{s['suffix_tokens']}-token ending sampled from the joint per seed, {rows[0]['seeds']} seeds). SubTB: one "
+            f"policy for {s['endings']} endings, told the ending by its prompt, {c['infilling_steps']} steps x batch "
+            f"{s['batch_size']}, lr {c['lr']} ({trained:.0f} s). Gap = upper - lower bound on log Z.",
+            gap_summary(rows))
 
 
 def _lines(head: list[str], body: list[str]) -> list[str]:
@@ -249,8 +255,8 @@ def _lines(head: list[str], body: list[str]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|", *body]
 
 
-TABLES = {"random_number": _random_number_table, "arithmetic": _arithmetic_table,
-          "continuation": _continuation_table, "infilling": _infilling_table}
+SECTIONS = {"random-number": _random_number_table, "arithmetic": _arithmetic_table,
+            "continuation": _continuation_table, "infilling": _infilling_table}
 
 
 def _scores(r: dict) -> dict:

@@ -4,11 +4,11 @@ posterior (E-step only) and + EM (one E-step then one M-step, as Hu et al. ran i
 
 Every method runs on the same model, template and test items (the first --test-limit of
 test.jsonl). Zero-shot and the CoT vote use no labels and run once. Each row lands in
---out/results.jsonl as it finishes (a rerun skips the rows already there; trained adapters are
-saved under --out/runs/labels<n>/ and reloaded), then --out/results.md is written. The
-diagnostic row measures, on the CoT rationales of the test items, how often a rationale drawn
-from sigma(Z | X, gold) ∝ p(Z | X) p(gold | X, Z) makes the base model pick the gold label.
-Rerun: make experiment-latent
+--out/results.jsonl as it finishes, with the run's settings (a rerun skips the rows already
+there; trained adapters are saved under --out/runs/labels<n>/ and reloaded), then
+--out/results.md (``table``) is written. The diagnostic row measures, on the CoT rationales
+of the test items, how often a rationale drawn from sigma(Z | X, gold) ∝ p(Z | X) p(gold | X, Z)
+makes the base model pick the gold label. Rerun: make experiment-latent
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pilm.tasks import subjectivity
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/data/subj")
+    p.add_argument("--data", default=None, help="SUBJ folder (default: the data shipped with pilm)")
     p.add_argument("--out", required=True)
     p.add_argument("--labels", default="10,20,50")
     p.add_argument("--test-limit", type=int, default=300)
@@ -46,9 +46,10 @@ def main() -> None:
     done = {(r["labels"], r["method"]) for r in read_jsonl(results, missing_ok=True)}
     model = load_model()
     reasoner = subjectivity.reasoner(model)
+    config = {**vars(args), "model": model.name}
 
     def record(labels, method, pred: Prediction | None, train_seconds: float, **extra) -> None:
-        row = {"labels": labels, "method": method, "train_seconds": round(train_seconds, 1), **extra}
+        row = {"labels": labels, "method": method, "train_seconds": round(train_seconds, 1), **extra, "config": config}
         if pred is not None:
             share = {y: sum(p == y for p in pred.labels) / len(pred.labels) for y in reasoner.latent.labels}
             row.update(accuracy=pred.accuracy, ci=pred.ci, n_test=len(pred.labels), eval_seconds=round(pred.seconds, 1),
@@ -100,8 +101,9 @@ def main() -> None:
             pred = reasoner.predict(data.test, q, lik, samples=args.samples, vote="hard", seed=args.seed)
             record(n, "em", pred, e_seconds + m_seconds)
             record(n, "em-soft", pred.revote("soft"), e_seconds + m_seconds)
-    (out / "results.md").write_text(table(list(read_jsonl(results, missing_ok=True)), args))
-    print((out / "results.md").read_text())
+    from results import write  # experiments/results.py, next to this script
+
+    print(write(out, "latent")["results.md"])
 
 
 def _saved(reasoner: LatentReasoner, run: Path):
@@ -124,7 +126,9 @@ def _diagnostic(reasoner: LatentReasoner, test, pred: Prediction) -> dict:
             "any_right": float(right.max(1).values.mean())}
 
 
-def table(rows: list[dict], args) -> str:
+def table(rows: list[dict]) -> str:
+    """results.md: test accuracy [95% Wilson interval] · share predicted objective (training
+    seconds) per method and label count, then the diagnostic (rationales per item from its config)."""
     names = [("zero-shot", "zero-shot"), ("few-shot", "few-shot (labels in the prompt)"), ("sft", "SFT (LoRA, labels only)"),
              ("cot-vote", "CoT vote (prior, hard)"), ("cot-vote-soft", "CoT vote (prior, soft)"),
              ("e-step", "amortised posterior, E-step only (hard)"), ("e-step-soft", "amortised posterior, E-step only (soft)"),
@@ -146,10 +150,10 @@ def table(rows: list[dict], args) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     d = by.get((0, "diagnostic"))
     if d:
-        lines += ["", f"Diagnostic (prior rationales, {args.samples} per test item): a rationale's argmax is the gold label "
-                  f"for {100 * d['right_under_prior']:.1f}% of prior draws and {100 * d['right_under_sigma']:.1f}% of "
-                  f"sigma(Z | X, gold) draws (self-normalised); some rationale gets it right for "
-                  f"{100 * d['any_right']:.1f}% of items."]
+        lines += ["", f"Diagnostic (prior rationales, {d['config']['samples']} per test item): a rationale's argmax is "
+                  f"the gold label for {100 * d['right_under_prior']:.1f}% of prior draws and "
+                  f"{100 * d['right_under_sigma']:.1f}% of sigma(Z | X, gold) draws (self-normalised); some rationale "
+                  f"gets it right for {100 * d['any_right']:.1f}% of items."]
     return "\n".join(lines) + "\n"
 
 

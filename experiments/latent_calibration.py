@@ -22,7 +22,7 @@ from pilm.tasks import subjectivity
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/data/subj")
+    p.add_argument("--data", default=None, help="SUBJ folder (default: the data shipped with pilm)")
     p.add_argument("--runs", default="docs/latent/runs")
     p.add_argument("--test-limit", type=int, default=300)
     p.add_argument("--out", default="docs/latent/calibration.json")

@@ -16,7 +16,8 @@ a lexical regex (no "e"), a JSON schema, and a pattern of multi-byte words — a
   the visited prefixes (``reference_errors``).
 
 Needs ``pip install outlines-core xgrammar apache-tvm-ffi`` besides pilm (``make experiment-mask-engines``).
-Writes ``OUT/engines.json`` and prints one line per engine and constraint.
+Writes ``OUT/engines.json`` (one line per engine and constraint, printed as it comes) and
+``OUT/results.md`` (``table``).
 """
 
 from __future__ import annotations
@@ -245,6 +246,22 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     (args.out / "engines.json").write_text(json.dumps(rows, indent=1) + "\n")
+    from results import write  # experiments/results.py, next to this script
+
+    print(write(args.out, "masks")["results.md"])
+
+
+def table(rows: list[dict]) -> str:
+    """results.md: per constraint and engine, the compile seconds, the mask milliseconds per SMC
+    step for ``n`` rows over ``steps`` steps, and (regexes only: – otherwise) the mask entries
+    that differ from the byte-level reference."""
+    lines = ["| constraint | engine | compile s | mask ms / step | rows | steps | tokens wrongly forbidden | "
+             "wrongly allowed | wrong stop |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        errors = " | ".join(f"{r[k]:,}" if k in r else "–" for k in ("false_forbid", "false_allow", "wrong_stop"))
+        lines.append(f"| {r['constraint']} | {r['engine']} | {r['compile_s']} | {r['mask_ms_per_step']} | {r['n']} | "
+                     f"{r['steps']} | {errors} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ once it strays) and masked (``MaskedProposal``: only tokens that keep the constr
 satisfiable are drawn, weight = the allowed mass). Both estimate the same Z (the
 constraint's probability under the model), so the table compares the spread of log Z-hat
 and the final ESS at equal N. Resumable: rows already in ``results.jsonl`` are skipped.
-Writes results.jsonl and results.md into --out. Rerun: make experiment-masked
+Writes results.jsonl and results.md (``table``) into --out. Rerun: make experiment-masked
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def targets(model) -> dict[str, pilm.Target]:
 
 
 def table(rows: list[dict]) -> str:
+    """results.md: per constraint, N and method, over the runs (seeds): how many went extinct, the
+    mean and variance of log Z-hat over the others, log of the mean Z-hat over all (an extinct run
+    is Z-hat = 0), the mean final ESS and seconds per run."""
     lines = ["| constraint | N | method | runs | extinct | mean log Ẑ | var log Ẑ | log mean Ẑ | mean final ESS | s / run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["constraint"], r["n"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1], k[2] != "reweighting"))
@@ -81,8 +84,9 @@ def main() -> None:
                     with results.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(json.dumps(row), flush=True)
-    (args.out / "results.md").write_text(table(read_jsonl(results)))
-    print((args.out / "results.md").read_text())
+    from results import write  # experiments/results.py, next to this script
+
+    print(write(args.out, "masked")["results.md"])
 
 
 if __name__ == "__main__":

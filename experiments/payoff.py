@@ -12,15 +12,15 @@ each stage into the next). After each stage, ``pilm.bounds`` runs the twist at K
 the same seeds (the same targets and exact samples) as the base proposal at --base-ks, so the
 per-seed gaps pair. Then diagnostics for the final twist: final ESS and ESS per step, and the
 calibration of log psi_t against Monte Carlo estimates of log E[phi | s_1:t] on held-out
-prefixes. Everything lands in --out/results.jsonl (a rerun skips rows already there, so the
-run is resumable), gap_vs_seconds.png and results.md. Rerun: make experiment-payoff
+prefixes. Everything lands in --out/results.jsonl, every row with the run's settings (a rerun
+skips rows already there, so the run is resumable), gap_vs_seconds.png and results.md
+(``table``). Rerun: make experiment-payoff
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -28,6 +28,8 @@ import torch
 
 import pilm
 from pilm.evaluation import calibration_summary, exact_sigma_samples, twist_calibration
+from pilm.evaluation.metrics import t_interval
+from pilm.inference.result import read_jsonl
 from pilm.inference.smc import run_smc
 from pilm.tasks import joint_samples
 from pilm.tasks.classifiers import toxicity
@@ -66,15 +68,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    have = {(r["kind"], r.get("sampler"), r.get("stage"), r.get("n_particles")) for r in done}
+    have = {(r["kind"], r.get("sampler"), r.get("stage"), r.get("n_particles"))
+            for r in read_jsonl(results, missing_ok=True)}
+    model = pilm.load_model()
+    config = {**vars(args), "model": model.name}
 
     def write(row: dict) -> None:
-        done.append(row)
         with open(results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "config": config}) + "\n")
 
-    model = pilm.load_model()
     stages = [int(s) for s in args.stages.split(",")]
     target, train, exact_samples = make_target(args.target, model, max(stages))
     pairs = exact_pairs(target, exact_samples, args.seeds, out / "exact_samples.json")
@@ -87,7 +89,7 @@ def main() -> None:
         print(report.table(), flush=True)
 
     if ("diagnostics", None, None, None) in have and all(("bounds", "twist", s, args.twist_k) in have for s in stages):
-        write_report(done, out, args)  # nothing left to run: no need for the twist
+        write_report(out, args)  # nothing left to run: no need for the twist
         return
     twist = None
     for stage in stages:  # the last stage, already trained, resumes from its checkpoint at no cost
@@ -116,7 +118,7 @@ def main() -> None:
 
     if ("diagnostics", None, None, None) not in have:
         write({"kind": "diagnostics", **diagnostics(target, twist, pairs, exact_samples, args)})
-    write_report(done, out, args)
+    write_report(out, args)
 
 
 def exact_pairs(target: pilm.Target, how: str, seeds: int, path: Path) -> list[tuple[pilm.Target, list[int]]]:
@@ -154,19 +156,34 @@ def diagnostics(target: pilm.Target, twist, pairs, exact_samples: str, args) -> 
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over seeds and its 95% half-width."""
-    d = [x - y for x, y in zip(a, b)]
-    return statistics.fmean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
+    """Mean of the per-seed differences a - b and its 95% Student-t half-width."""
+    return t_interval([x - y for x, y in zip(a, b)])
 
 
-def write_report(rows: list[dict], out: Path, args) -> None:
+def write_report(out: Path, args) -> None:
+    """gap_vs_seconds.png and results.md (``table``), from the rows saved in ``out``."""
+    from results import rows, write  # experiments/results.py, next to this script
+
+    plot(rows(out), out, args)
+    print(write(out, "payoff")["results.md"])
+
+
+def split(rows: list[dict]) -> tuple[dict[int, dict], list[dict]]:
+    """The bounds rows: the base proposal's by K, and the twist's in stage order."""
+    base = {r["n_particles"]: r for r in rows if r["kind"] == "bounds" and r["sampler"] == "base"}
+    twist = sorted((r for r in rows if r["kind"] == "bounds" and r["sampler"] == "twist"), key=lambda r: r["stage"])
+    return base, twist
+
+
+def plot(rows: list[dict], out: Path, args) -> None:
+    """gap_vs_seconds.png: the twisted gap (± its 95% half-width) against training seconds, and
+    each bootstrap K's gap as a level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = {r["n_particles"]: r for r in rows if r["kind"] == "bounds" and r["sampler"] == "base"}
-    twist = sorted((r for r in rows if r["kind"] == "bounds" and r["sampler"] == "twist"), key=lambda r: r["stage"])
+    base, twist = split(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     secs = [r["train_seconds"] for r in twist]
     ax.errorbar(secs, [r["gap"] for r in twist], yerr=[r["gap_ci"] for r in twist], marker="o", capsize=3,
@@ -180,8 +197,15 @@ def write_report(rows: list[dict], out: Path, args) -> None:
     fig.savefig(out / "gap_vs_seconds.png", dpi=120)
     plt.close(fig)
 
-    lines = [f"{args.target}: {args.objective}, {args.head} head (init {args.init}), batch {args.batch_size}, "
-             f"reuse {args.reuse}, lr {args.lr}; SMC resampling every step; {args.seeds} seeds; gaps are means "
+
+def table(rows: list[dict]) -> str:
+    """results.md: the run's settings (the rows' config), per sampler, K and stage the bounds and
+    gap (means ± 95% Student-t half-widths over seeds) and the paired Δ against each bootstrap K,
+    then the final twist's ESS per step and calibration."""
+    c = rows[0]["config"]
+    base, twist = split(rows)
+    lines = [f"{c['target']}: {c['objective']}, {c['head']} head (init {c['init']}), batch {c['batch_size']}, "
+             f"reuse {c['reuse']}, lr {c['lr']}; SMC resampling every step; {rows[0]['seeds']} seeds; gaps are means "
              "± 95% half-widths over seeds; Δ = twisted gap − bootstrap gap, paired by seed.", "",
              "| sampler | K | stage (steps) | updates | LM tokens | train s | lower | upper | gap | final ESS |"
              + "".join(f" Δ vs base K={k} |" for k in sorted(base)),
@@ -196,7 +220,7 @@ def write_report(rows: list[dict], out: Path, args) -> None:
                      f"{r['ess_final']:.1f} |{deltas}")
     diag = next((r for r in rows if r["kind"] == "diagnostics"), None)
     if diag:
-        lines += ["", "ESS per step (K = {}, mean over seeds): ".format(args.twist_k)]
+        lines += ["", "ESS per step (K = {}, mean over seeds):".format(c["twist_k"]), ""]
         for name, values in diag["ess_per_step"].items():
             lines.append(f"- {name}: " + ", ".join(f"{v:.1f}" for v in values))
         lines += ["", "Calibration on held-out prefixes (log psi_t against log of the mean phi over 32 rollouts; "
@@ -205,8 +229,7 @@ def write_report(rows: list[dict], out: Path, args) -> None:
         for t, s in calibration_summary(diag["calibration_rows"]).items():
             lines.append(f"| {t} | {s['n']} | {s['corr']:.2f} | {s['slope']:.2f} | {s['sd_log_mc']:.2f} | "
                          f"{s['sd_log_psi']:.2f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
     python experiments/scale_report.py docs/scale      # reads docs/scale/*/rows.jsonl
 
-Writes ``results.md`` (accuracy [95% Wilson interval] and tokens per problem, one row per
-method and PRM, one column per budget N) and ``scale.png`` (accuracy against tokens per
-problem, policy + judge tokens) in that folder.
+Writes ``results.md`` (``table``: accuracy [95% Wilson interval] and tokens per problem, one
+row per method and PRM, one column per budget N; each run's ``table.md`` too) and ``scale.png``
+(accuracy against tokens per problem, policy + judge tokens) in that folder.
 """
 
 from __future__ import annotations
@@ -25,13 +25,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", default="docs/scale")
     folder = Path(parser.parse_args().folder)
-    summary, seen = [], set()
+    plot(summary(folder), folder / "scale.png")
+    from results import write  # experiments/results.py, next to this script
+
+    tables = write(folder, "scale")
+    print(tables["results.md"])
+    print(json.dumps({"wrote": [*(str(folder / name) for name in tables), str(folder / "scale.png")]}))
+
+
+def summary(folder: Path) -> list[dict]:
+    """``pilm.scaling.summarise`` of every ``folder/*/rows.jsonl``, each (method, PRM, N) once:
+    self-consistency (no PRM) appears in every run's folder."""
+    out, seen = [], set()
     for rows in sorted(folder.glob("*/rows.jsonl")):
         for s in summarise(rows):
             key = (s["method"], s["prm"], s["n"])
-            if key not in seen:  # self-consistency (no PRM) appears in every run's folder
+            if key not in seen:
                 seen.add(key)
-                summary.append(s)
+                out.append(s)
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    """results.md: accuracy [95% Wilson interval] · tokens per problem, a row per method and PRM,
+    a column per budget N, then the problems per cell."""
     budgets = sorted({s["n"] for s in summary})
     cells = {(s["method"], s["prm"], s["n"]): s for s in summary}
     lines = ["| method | PRM | " + " | ".join(f"N = {n}" for n in budgets) + " |",
@@ -48,11 +65,7 @@ def main() -> None:
     lines.append("")
     lines.append(f"Problems per cell: {', '.join(map(str, problems))}. Accuracy [95% Wilson interval over problems] "
                  "· mean tokens per problem (policy tokens + tokens a judge ran).")
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
-    plot(summary, folder / "scale.png")
-    print("\n".join(lines))
-    print(json.dumps({"wrote": [str(folder / "results.md"), str(folder / "scale.png")]}))
-
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

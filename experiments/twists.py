@@ -1,10 +1,12 @@
 """Twist learning on the embedded model: no twist vs CTL, RL, SIXO, FUDGE, DPG.
 
-For the infilling and sentiment tasks, trains one MLP twist head per objective (same
-steps, batch, learning rate and seed), then runs twisted SMC with N particles over 10
-seeds and reports the mean ESS over steps, the final ESS, mean and variance of log Z-hat,
-and the training time. Writes results.jsonl, results.md, the training logs and one
-training-curve PNG per task into --out. Rerun: .venv/bin/python experiments/twists.py
+For the infilling and sentiment tasks, trains one twist head (--head: MLP by default) per
+objective (same steps, batch, learning rate and seed), then runs twisted SMC with N particles
+over 10 seeds and reports the mean ESS over steps, the final ESS, mean and variance of log
+Z-hat, and the training time. Writes results.jsonl (every row with the run's settings),
+results.md (``table``), the training logs and one training-curve PNG per task into --out.
+Rerun: make experiment-twists (MLP heads, docs/twists) or make experiment-twists-tied
+(tied heads on sentiment, docs/twists_tied)
 """
 
 from __future__ import annotations
@@ -72,10 +74,23 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         plot_training(histories, out / f"training_{task}.png", title=task)
     with open(out / "results.jsonl", "w") as f:
-        f.writelines(json.dumps({**r, "config": vars(args)}) + "\n" for r in rows)
+        f.writelines(json.dumps({**r, "config": {**vars(args), "model": model.name}}) + "\n" for r in rows)
+    from results import write  # experiments/results.py, next to this script
+
+    print(write(out, "twists")["results.md"])
+
+
+HEADS = {"mlp": "MLP", "linear": "linear", "tied": "tied"}
+"""Twist heads as the caption names them."""
+
+
+def table(rows: list[dict]) -> str:
+    """results.md: the run's settings (from the rows' config), then per task and twist the mean
+    ESS over steps, the final ESS, mean and variance of log Z-hat over seeds, training seconds."""
+    c = rows[0]["config"]
     lines = [
-        f"N = {args.n_particles} particles, {args.seeds} seeds, T = {args.max_new_tokens} tokens; each twist: {args.head} head, "
-        f"{args.steps} steps x batch {args.batch_size}, lr {args.lr}.",
+        f"N = {c['n_particles']} particles, {c['seeds']} seeds, T = {c['max_new_tokens']} tokens; each twist: "
+        f"{HEADS[c['head']]} head, {c['steps']} steps x batch {c['batch_size']}, lr {c['lr']}.",
         "",
         "| task | twist | mean ESS | final ESS | mean log Ẑ | var log Ẑ | training (s) |",
         "|---|---|---|---|---|---|---|",
@@ -85,8 +100,7 @@ def main() -> None:
         f"{r['log_z_var']:.3f} | {r['train_seconds']:.0f} |"
         for r in rows
     ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Sample sigma(s | x) ∝ p0(s | x) phi(s) with importance sampling, SMC and rejec
 unbiased estimates of Z; check everything exactly on enumerable models.
 """
 
+from importlib.metadata import version
+
 from . import latent, learning, models, potentials, prm, proposals, tasks, testing, twists
 from .errors import (
     EmptyPromptError, ExtinctionWarning, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
@@ -20,7 +22,7 @@ from .steps import Steps
 from .target import Target
 from .twists import Twist
 
-__version__ = "0.1.0"
+__version__ = version("pilm")
 __all__ = [
     "BoundsReport", "bounds", "EmptyPromptError", "ExtinctionWarning", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
     "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact", "finetune",

@@ -1,4 +1,4 @@
-"""Reasoning steps: how a completion is cut into steps x_1, x_2, ... (Puri et al. 2025, SPECS C.1).
+"""Reasoning steps: how a completion is cut into steps x_1, x_2, ... (Puri et al. 2025).
 
 A step ends at the token whose text completes the ``delimiter`` (a string such as "\\n", a
 compiled regular expression searched in the step's text, or one token id, as tabular models

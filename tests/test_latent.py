@@ -113,8 +113,15 @@ def test_hard_and_soft_votes_and_accuracy(reasoner):
     assert hard.accuracy == sum(a == b.y for a, b in zip(hard.labels, test)) / 2
     soft = reasoner.predict(test, None, samples=50, vote="soft", seed=0)
     assert hard.revote("soft") == soft.__class__(**{**soft.__dict__, "seconds": hard.seconds})
-    lo, hi = hard.ci
-    assert lo <= hard.accuracy <= hi
+    # The interval is Wilson's 95% score interval at k = correct of n = 2, written out here
+    # (any interval contains the accuracy; a Wald interval, for one, would be (0, 0) at k = 0).
+    k, n, z = round(hard.accuracy * 2), 2, 1.959964
+    centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert hard.ci == pytest.approx((centre - half, centre + half), abs=1e-9)
+    from pilm.latent import wilson
+
+    assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook value at 8 of 10
 
 
 def marginal(reasoner, data, likelihood=None) -> float:
@@ -169,10 +176,18 @@ def test_a_saved_run_predicts_the_same(fresh_tiny, tmp_path):
     torch.testing.assert_close(torch.tensor(after.probs), torch.tensor(before.probs), atol=1e-5, rtol=0)
 
 
-def test_subjectivity_data_loads_from_the_shared_folder():
-    data = subjectivity.load("../shared/data/subj", labels=10, test_limit=5)
-    assert len(data.train) == 10 and len(data.test) == 5
-    assert {ex.y for ex in data.train} <= set(subjectivity.LABELS)
+def test_subjectivity_data_ships_with_pilm_and_loads_without_a_path():
+    """The SUBJ split of Hu et al. is package data: its sizes, both labels in every file, no
+    sentence in both the training and the test file."""
+    for labels, n in ((10, 10), (20, 20), (50, 50), (None, 8000)):
+        data = subjectivity.load(labels=labels)
+        assert len(data.train) == n and len(data.test) == 1500
+        assert {ex.y for ex in data.train} == set(subjectivity.LABELS)
+    assert {ex.y for ex in data.test} == set(subjectivity.LABELS)
+    assert not {ex.x for ex in data.train} & {ex.x for ex in data.test}
+    assert len(subjectivity.load(labels=10, test_limit=5).test) == 5
+    assert subjectivity.load_test() == data.test
+    assert (subjectivity.SHIPPED / "LICENSE").is_file() and (subjectivity.SHIPPED / "README.md").is_file()
 
 
 # -- bad input ---------------------------------------------------------------------------
@@ -205,10 +220,10 @@ def test_a_template_without_a_slot_is_refused():
 
 
 def test_a_missing_data_path_says_where_the_data_is(tmp_path):
-    with pytest.raises(FileNotFoundError, match="shared/data/subj"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist: give a folder .* shipped with pilm"):
         subjectivity.load(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="train.7.jsonl does not exist"):
-        subjectivity.load("../shared/data/subj", labels=7)
+        subjectivity.load(labels=7)
 
 
 def test_prompt_is_another_name_for_the_template():

@@ -1,6 +1,6 @@
 """Does a twist know the future? log psi_t against Monte Carlo estimates of the optimal twist.
 
-The optimal twist is psi*_t(s_1:t) = E_p0[phi(s) | s_1:t] (SPECS A.2), defined up to one
+The optimal twist is psi*_t(s_1:t) = E_p0[phi(s) | s_1:t] (Zhao et al. 2024), defined up to one
 constant per target. For held-out prefixes s_1:t, ``twist_calibration`` estimates
 log psi*_t by R rollouts of the rest of the sequence from p0 (log of the mean phi: unbiased
 for psi*, biased low in log by about Var/2 of the mean) and reads the twist's log psi_t at

@@ -1,8 +1,11 @@
-"""Scores of a set of samples that need no target density: likelihood and diversity."""
+"""Scores of a set of samples that need no target density (likelihood and diversity), and the
+Student-t interval of a mean over seeds."""
 
 from __future__ import annotations
 
 import functools
+import math
+import statistics
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +29,27 @@ def likelihood_and_diversity(target: Target, rows: Tensor | Sequence[Sequence[in
     return {"max_log_p": float(log_p.max()), "mean_log_p": float(log_p.mean()),
             "distinct": len(set(seqs)) / len(seqs), "pairwise_edit": sum(edit) / max(len(edit), 1),
             "finished": sum(bool(s) and s[-1] == target.stop_token_id for s in seqs) / len(seqs)}
+
+
+def t_half_width(sd: float, n: int, level: float = 0.95) -> float:
+    """Half-width of the Student-t interval for a mean of n draws with sample standard deviation
+    ``sd``: t_{(1 + level) / 2, n - 1} · sd / √n (NaN for n < 2). t_{0.975, 4} = 2.776 and
+    t_{0.975, 9} = 2.262, against the normal 1.96 they approach as n grows."""
+    from scipy import stats  # here, not at the top: scipy.stats takes about a second to import
+
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean of ``values`` (one per seed) and the half-width of its Student-t interval,
+    ``t_half_width(s, n)`` with s the sample standard deviation (n - 1 in its denominator);
+    NaN half-width for fewer than two values or a non-finite one."""
+    mean = statistics.fmean(values)
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return mean, math.nan
+    return mean, t_half_width(statistics.stdev(values), len(values), level)
 
 
 @functools.cache

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import pyplot
 from ..inference.result import SMCResult
 
 
 def plot_ess(result: SMCResult, path: str | Path, *, title: str | None = None) -> Path:
     """ESS after each step's reweighting, with the steps where resampling happened marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = result.n_particles
     steps = range(1, len(result.ess) + 1)

@@ -1,4 +1,4 @@
-"""Step-level particle filtering with a process reward (Puri et al. 2025, SPECS C.1).
+"""Step-level particle filtering with a process reward (Puri et al. 2025, Algorithm 1).
 
 A reasoning chain x_1..x_T (steps, ``pilm.steps.Steps``) of the policy p_M (the model at
 ``temperature``: p_M(v) ∝ p0(v)^(1/temperature) token by token) is a state-space model

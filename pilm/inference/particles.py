@@ -2,7 +2,7 @@
 
 Rows are target-major: particles ``g*N .. g*N+N-1`` belong to target g, and each target's
 resampling, ESS and log Z-hat stay within its own particles. ``smc_step`` is one iteration
-of Algorithm 1 of Zhao et al. 2024 (SPECS A.2) for every target at once:
+of Algorithm 1 of Zhao et al. 2024 (Twisted SMC) for every target at once:
 
 1. propose: log q(. | s_{<t}) of every running row (one forward already made it);
 2. draw s_t ~ q (each target from its own generator), the reference particle of conditional
@@ -79,7 +79,7 @@ class Resampling:
     """When and how to resample: ``scheme``, when ESS < ``threshold`` * N (0: never, as in
     importance sampling; 1: at every step, decided without comparing floats), and
     ``conditional`` (particle 0 of each target is the reference: kept, and the N-1 others
-    draw their ancestors multinomially from all N, SPECS A.7)."""
+    draw their ancestors multinomially from all N: conditional SMC, Andrieu et al. 2010)."""
 
     scheme: Scheme
     threshold: float

@@ -70,7 +70,7 @@ class Rule(ABC):
 
 def conditional_ancestors(log_w: Tensor, generator: torch.Generator) -> Tensor:
     """Conditional SMC: row 0 (the reference) keeps itself; the other N-1 draw their parents
-    multinomially from all N (SPECS A.7)."""
+    multinomially from all N (Andrieu et al. 2010; as used for upper bounds by Zhao et al. 2024)."""
     n = len(log_w)
     rest = multinomial(log_w, n - 1, generator) if n > 1 else torch.zeros(0, dtype=torch.long)
     return torch.cat([torch.zeros(1, dtype=torch.long), rest])

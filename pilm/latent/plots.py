@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import pyplot
+
 
 def plot_em(history: list[dict], path: str | Path) -> Path:
     """ELBO and IWAE bound (left) and test accuracy by hard and soft vote (right) after each
     E-step and M-step of ``LatentReasoner.em``'s history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ticks = [f"{h['step']}{h['round']}" for h in history]
     x = range(len(history))

@@ -1,7 +1,7 @@
 """The behaviour policy of fine-tuning: which trajectories a micro-batch trains on.
 
 On-policy draws, draws at a temperature ~ U[temperature_range], or replay from a
-reward-prioritised, deduplicated buffer (Hu et al. 2024, SPECS B.3); demonstrations seed
+reward-prioritised, deduplicated buffer (Hu et al. 2024, GFlowNet fine-tuning); demonstrations seed
 the buffers. Off-policy draws are only used by objectives valid on them (subtb, tb, sft).
 """
 

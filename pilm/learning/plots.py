@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import pyplot
+
 
 LABELS = {
     "loss": "loss",
@@ -18,10 +20,7 @@ def plot_training(histories: list[dict] | dict[str, list[dict]], path: str | Pat
     """One panel per metric over training steps (loss on a symlog axis: objectives differ in
     scale); ``histories`` is one run's history or several, by name. Twist training logs
     loss and ess; fine-tuning logs loss, log_r and diversity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = histories if isinstance(histories, dict) else {"": histories}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))

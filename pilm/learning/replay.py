@@ -1,4 +1,4 @@
-"""A reward-prioritised replay buffer with deduplication (Hu et al. 2024, SPECS B.3)."""
+"""A reward-prioritised replay buffer with deduplication (Hu et al. 2024, GFlowNet fine-tuning)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Tools: tokens a program appends to a trajectory (a calculator, in the arithmetic task of
-Hu et al. 2024, SPECS B.2).
+Hu et al. 2024, §4.4).
 
 A tool is a deterministic function of the completion so far (token ids) returning the
 tokens it appends, or none. It is called after every token the policy *draws* (not after

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .hf import HFModel
 
-# Hu et al. 2024 (SPECS B.3): r = 64, alpha 16, dropout 0.1 on the attention projections.
+# Hu et al. 2024 (reference code GFNOrg/gfn-lm-tuning): r = 64, alpha 16, dropout 0.1 on the attention projections.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -8,14 +8,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..extras import require
 from .base import Potential, Sequences
 
 
 @functools.cache
 def _vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
+    return require("vaderSentiment.vaderSentiment", "the Sentiment potential (VADER)").SentimentIntensityAnalyzer()
 
 
 class Sentiment(Potential):
@@ -52,9 +51,7 @@ class Sentiment(Potential):
 
 @functools.cache
 def _profanity():
-    from profanity_check import predict_prob
-
-    return predict_prob
+    return require("profanity_check", "the Toxicity potential (alt-profanity-check)").predict_prob
 
 
 class Toxicity(Potential):

@@ -1,10 +1,10 @@
 """Process rewards: r(c, x_{<=t}) in [0, 1] for a reasoning chain cut into steps.
 
 A process reward model (PRM) scores how promising a partial solution is after its latest
-step. Puri et al. 2025 (SPECS C.1) read it as the likelihood of an acceptance observation,
+step. Puri et al. 2025 read it as the likelihood of an acceptance observation,
 p(o_t = 1 | c, x_{<=t}) = r(c, x_{<=t}); read as a value, r(c, x_{<=t}) ~ P(correct | prefix)
 is the optimal twist psi*_t = E[phi | prefix] of the target p_M phi with phi = 1[correct]
-(REASONING.md 2.2). One protocol covers both readings: ``score`` takes every row of a batch
+(Zhao et al. 2024). One protocol covers both readings: ``score`` takes every row of a batch
 at a step boundary (one call per step) and returns one probability per row.
 
 Per-step scores r_1 .. r_t of a chain combine by an ``AGGREGATIONS`` rule: "last" (the

@@ -2,7 +2,7 @@
 
 A step-tag PRM is a causal LM fine-tuned to predict a "good" or "bad" token right after a
 tag that closes each step: Math-Shepherd (``peiyi9979/math-shepherd-mistral-7b-prm``) tags
-steps with " ки" and reads "+" against "-" (REASONING.md 1.1). The score of the latest step is
+steps with " ки" and reads "+" against "-" (Wang et al. 2024). The score of the latest step is
 p(good) / (p(good) + p(bad)) at the last tag, which is ``LMJudge``'s read-out on the text
 "question step_1 tag\\n step_2 tag\\n ...". Classifier-head PRMs (Qwen2.5-Math-PRM) ship their
 model class as remote code and are not supported here.

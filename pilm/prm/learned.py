@@ -1,7 +1,7 @@
 """A twist read as a process reward: the learned PRM is a value head, and a value head is a twist.
 
 For phi = 1[correct], the optimal twist is psi*_t(s_{1:t}) = E[phi | s_{1:t}] = P(correct |
-prefix) (REASONING.md 2.2), which is what Math-Shepherd's Monte Carlo labels estimate. A twist
+prefix) (Zhao et al. 2024), which is what Math-Shepherd's Monte Carlo labels estimate. A twist
 head gives log psi(s_{<t}, v) for every next token from the hidden state the policy's forward
 already made, so the score of a step that ended with token s_t is psi(s_{<t}, s_t): no extra
 forward. ``pilm.train_prm`` trains one; the same object is a twist for ``pilm.smc``.

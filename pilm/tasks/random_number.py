@@ -1,6 +1,6 @@
 """A uniformly random integer in [low, high]: the exact check of an amortised sampler.
 
-The target (Hu et al. 2024, §2, SPECS B.2) is uniform over the canonical token sequences
+The target (Hu et al. 2024, §2) is uniform over the canonical token sequences
 of the integers low..high, each followed by EOS: phi(s) = 1[s is one of them] / p0(s), so
 sigma(s) ∝ p0(s) phi(s) = 1[valid]. An LM asked for a random number is far from uniform
 (and often does not stop), and reward maximisation (PPO, REINFORCE without the KL term)

@@ -1,10 +1,11 @@
 """Subjectivity classification with a latent rationale (Hu et al. ICLR 2024, §4.3).
 
 Movie-review sentences labelled objective (plot summaries) or subjective (review snippets),
-Pang & Lee (2004). The data is not in any package: ``load`` reads a folder of JSONL files
-(``{"text", "label_text"}`` a line, as in Hu et al.'s repository; this project keeps a copy
-in ``../shared/data/subj``), or, with a network and the ``datasets`` package, the hub id
-``SetFit/subj``. The template is the authors':
+Pang & Lee (2004), in the split of Hu et al.'s repository: it ships with pilm
+(``pilm/tasks/data/subj``, MIT licence, provenance in its README), so ``load()`` needs no path.
+``load`` also reads a folder of JSONL files of the same layout (``{"text", "label_text"}`` a
+line), or, with a network and the ``datasets`` package, the hub id ``SetFit/subj``. The
+template is the authors':
 
     Classify this movie review as objective or subjective: "<X>" This review is<Z>, so it is <Y>.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from ..latent import Example, LatentReasoner
@@ -23,9 +25,10 @@ from ..models.registry import load_model
 TEMPLATE = 'Classify this movie review as objective or subjective: "{x}" This review is{z}, so it is {y}.'
 LABELS = ("objective", "subjective")
 HUB_ID = "SetFit/subj"
-WHERE = ("a folder with train.jsonl / train.<n>.jsonl / test.jsonl ({\"text\", \"label_text\"} lines), e.g. "
-         "../shared/data/subj in this project or data/subj of github.com/GFNOrg/gfn-lm-tuning, or the hub id "
-         f"{HUB_ID} with a network")
+SHIPPED = Path(str(files(__package__).joinpath("data", "subj")))
+"""The SUBJ data that ships with pilm: train.jsonl (8,000), train.{10,20,50}.jsonl, test.jsonl (1,500)."""
+WHERE = ("a folder with train.jsonl / train.<n>.jsonl / test.jsonl ({\"text\", \"label_text\"} lines), "
+         f"nothing for the data shipped with pilm ({SHIPPED}), or the hub id {HUB_ID} with a network")
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,12 @@ def read_jsonl(path: str | Path, labels: Sequence[str] = LABELS) -> list[Example
     return out
 
 
-def load(path: str | Path = HUB_ID, labels: int | None = 10, *, test: str | Path | None = None,
+def load(path: str | Path | None = None, labels: int | None = 10, *, test: str | Path | None = None,
          test_limit: int | None = None) -> Data:
     """Training pairs (``train.<labels>.jsonl``, or all of ``train.jsonl`` with ``labels=None``)
     and test pairs (``test.jsonl``, or the file ``test``; the first ``test_limit`` of them)
-    from the folder ``path``, or from the hub with a network."""
-    folder = Path(path)
+    from the folder ``path`` (default: the data shipped with pilm), or from the hub with a network."""
+    folder = SHIPPED if path is None else Path(path)
     if folder.is_dir():
         train = read_jsonl(folder / ("train.jsonl" if labels is None else f"train.{labels}.jsonl"))
         tests = read_jsonl(test or folder / "test.jsonl")
@@ -77,6 +80,12 @@ def load(path: str | Path = HUB_ID, labels: int | None = 10, *, test: str | Path
     else:
         raise FileNotFoundError(f"{path} does not exist: give {WHERE}")
     return Data(train, tests[:test_limit] if test_limit else tests)
+
+
+def load_test(path: str | Path | None = None, labels: Sequence[str] = LABELS) -> list[Example]:
+    """The test pairs of ``path``: a JSONL file, or a folder's ``test.jsonl`` (default: the shipped data's)."""
+    path = SHIPPED if path is None else Path(path)
+    return read_jsonl(path / "test.jsonl" if path.is_dir() else path, labels)
 
 
 def reasoner(model: LanguageModel | None = None, *, rationale_tokens: tuple[int, int] = (1, 5)) -> LatentReasoner:

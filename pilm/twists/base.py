@@ -2,7 +2,7 @@
 
 A twist returns log psi_t(s_{<t}, v) for every candidate next token v at once, shape
 (n, V), so the twist-induced proposal q(v | s_{<t}) ∝ p0(v | s_{<t}) psi_t(s_{<t}, v)
-costs no extra LM pass (Zhao et al. 2024, SPECS A.2, A.6). The optimal twist is
+costs no extra LM pass (Zhao et al. 2024, Twisted SMC). The optimal twist is
 psi*_t(s_{1:t}) = E_{p0}[phi(s) | s_{1:t}]; with it twisted SMC has zero-variance weights.
 """
 

@@ -1,4 +1,4 @@
-"""Learned twist heads on the frozen LM's last hidden state (Zhao et al. 2024, SPECS A.6)."""
+"""Learned twist heads on the frozen LM's last hidden state (Zhao et al. 2024; as in Silent-Zebra/twisted-smc-lm)."""
 
 from __future__ import annotations
 

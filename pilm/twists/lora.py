@@ -1,11 +1,12 @@
 """A twist on its own LoRA-adapted copy of the LM body (peft).
 
-The reference code's ``--separate_hface_twist_model --use_lora`` option (SPECS A.6): the
-twist head reads the hidden state of a LoRA-adapted body instead of the frozen one, so the
-features themselves adapt to the potential. It costs one more LM forward per step (the
-adapted body has its own KV cache, stepped and reindexed in lock-step with the model's),
-and training back-propagates through the adapters with one teacher-forced forward per
-batch. Use it when a head on frozen features is not expressive enough.
+The ``--separate_hface_twist_model --use_lora`` option of Zhao et al. (2024)'s reference code
+(Silent-Zebra/twisted-smc-lm): the twist head reads the hidden state of a LoRA-adapted body
+instead of the frozen one, so the features themselves adapt to the potential. It costs one
+more LM forward per step (the adapted body has its own KV cache, stepped and reindexed in
+lock-step with the model's), and training back-propagates through the adapters with one
+teacher-forced forward per batch. Use it when a head on frozen features is not expressive
+enough.
 """
 
 from __future__ import annotations

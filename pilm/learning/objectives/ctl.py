@@ -1,4 +1,4 @@
-"""Contrastive Twist Learning (Zhao et al., ICML 2024, SPECS A.4)."""
+"""Contrastive Twist Learning (Zhao et al., ICML 2024)."""
 
 from torch import Tensor
 

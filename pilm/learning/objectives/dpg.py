@@ -1,4 +1,4 @@
-"""DPG-style forward KL to the twist-induced proposal (SPECS A.5)."""
+"""DPG-style forward KL to the twist-induced proposal (a twist-learning baseline in Zhao et al. 2024)."""
 
 import torch
 from torch import Tensor

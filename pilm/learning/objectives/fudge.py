@@ -1,4 +1,4 @@
-"""FUDGE: future discriminators (Yang & Klein 2021; SPECS A.5)."""
+"""FUDGE: future discriminators (Yang & Klein 2021; a twist-learning baseline in Zhao et al. 2024)."""
 
 from torch import Tensor
 

@@ -1,4 +1,4 @@
-"""Soft-Q / squared error in log space (the "RL" twist baseline; SPECS A.5)."""
+"""Soft-Q / squared error in log space (the "RL" twist baseline of Zhao et al. 2024)."""
 
 import torch
 from torch import Tensor

@@ -1,4 +1,4 @@
-"""SIXO: twists by density-ratio estimation (Lawson et al. 2022; SPECS A.5)."""
+"""SIXO: twists by density-ratio estimation (Lawson et al. 2022; a twist-learning baseline in Zhao et al. 2024)."""
 
 from torch import Tensor
 from torch.nn.functional import logsigmoid

@@ -1,4 +1,4 @@
-"""Modified subtrajectory balance (Hu et al. 2024, SPECS B.1), lambda = 1."""
+"""Modified subtrajectory balance (Hu et al. 2024, GFlowNet fine-tuning), lambda = 1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Trajectory balance with a learned log Z (Malkin et al. 2022; SPECS E.1)."""
+"""Trajectory balance with a learned log Z (Malkin et al. 2022; as used by Lee et al. 2025 for red-teaming)."""
 
 from __future__ import annotations
 

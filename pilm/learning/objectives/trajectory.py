@@ -58,6 +58,6 @@ def log_flow(batch: PolicyBatch) -> Tensor:
 
     With every state terminable, the flow through state i is F(z_{1:i}) =
     R(z_{1:i}⊤) / q(⊤ | z_{1:i}); subtrajectory balance between states i < j says
-    F_i = F_j (Hu et al. 2024, SPECS B.1)."""
+    F_i = F_j (Hu et al. 2024, modified subtrajectory balance)."""
     cum = torch.cat([batch.log_q.new_zeros(len(batch.log_q), 1), torch.cumsum(batch.log_q, 1)], 1)
     return batch.log_r - batch.log_stop - cum
