@@ -32,6 +32,7 @@ each leg, sampled every millisecond, with glibc told to return freed buffers to 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -42,6 +43,8 @@ import threading
 import time
 
 import torch
+
+from .models.machine import cpu_key
 
 
 class _PeakRSS:
@@ -79,6 +82,41 @@ def _return_freed_memory_to_os() -> None:
         libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: trim the heap top eagerly
     except OSError:
         pass  # not glibc: memory numbers are then coarser
+
+
+TARGETS = {
+    "smc_over_generate": 0.95,
+    "twisted_smc_over_generate": 1.15,
+    "masked_smc_over_generate": 1.3,
+    "pf_over_generate": 1.2,
+    "memory_over_generate": 1.2,
+}
+"""Each time or memory ratio to ``generate`` that the engine must stay under (lower is better)."""
+
+RATIOS = {
+    "smc_over_generate": "SMC with a prefix-scored regex, resampling every step",
+    "twisted_smc_over_generate": "twisted SMC (MLP twist head on the same forward's hidden state)",
+    "masked_smc_over_generate": "SMC with the masked proposal (xgrammar token masks)",
+    "pf_over_generate": "step-level particle filter with a learned PRM",
+    "memory_over_generate": "peak memory of SMC over generate's",
+    "batched_prompts_speedup": "64 prompts as one batch over one prompt at a time (higher is better)",
+    "ctl_step_over_head_update": "one CTL step (sampling included) over one head update on recorded states",
+    "subtb_over_trl_rloo": "one SubTB fine-tuning step over one TRL RLOO step, per token",
+}
+
+
+def table(report: dict) -> str:
+    """The report as markdown: each ratio with what it compares and its target, then the setting."""
+    lines = ["| ratio | compares | value | target |", "|---|---|---|---|"]
+    for key, what in RATIOS.items():
+        value = report.get(key)
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        target = f"≤ {TARGETS[key]}" + (" ✓" if value <= TARGETS[key] else " ✗") if key in TARGETS else "–"
+        lines.append(f"| `{key}` | {what} | {shown} | {target} |")
+    setting = ", ".join(f"{k} {report[k]}" for k in ("machine", "dtype", "threads", "torch", "n_particles",
+                                                     "new_tokens") if k in report)
+    return (f"Measured on: {setting}; 1-minute load average {report.get('load_average_1min', float('nan')):.2f} "
+            "when the main legs ended.\n\n" + "\n".join(lines) + "\n")
 
 
 def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2, prompt: str = "The movie was") -> dict:
@@ -164,6 +202,8 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         "n_particles": n_particles,
         "new_tokens": new_tokens,
         "dtype": str(model.dtype).removeprefix("torch."),
+        "machine": cpu_key(),
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
         **_in_a_fresh_process("batched_prompts"),
@@ -390,7 +430,7 @@ def finetune_vs_trl(batch: int = 8, new_tokens: int = 64, steps: int = 3, prompt
                                    task_type="CAUSAL_LM"),
             callbacks=[timer],
         )
-        with _PeakRSS() as mem:
+        with _PeakRSS() as mem, contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs: keep --json clean
             trainer.train()
     # TRL logs the mean completion length per step; EOS included like pilm's count.
     trl_per_token = min(t / (batch * float(n)) for t, n in zip(timer.times[1:], timer.lengths[1:], strict=False))

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from .cli_args import (
     BenchConfig, BoundsJob, FinetuneJob, LatentJob, Parser, RedTeamJob, PRMJob, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
+    check_together, new_folders, remove_if_empty,
 )
 from .config import (
     BoundsConfig, FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
 )
-from .errors import ConfigError, PilmError
+from . import __version__
+from .errors import ConfigError, PilmError, ResumeMismatchError
 
 DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32, "mask": True,
         "max_new_tokens": 16, "out": "results.jsonl", "plot": "ess.png"}
+EXTINCT = 1  # exit code of a run whose particles all died (--on-extinction return: 0)
 PLAIN_DRAWS = 512  # the demo also counts how often plain sampling meets its constraint
 
 
@@ -49,23 +55,27 @@ def _target(tc: TargetConfig):
 
 
 def _run_sample(tc: TargetConfig, sc: SMCConfig, out: SampleOutput) -> int:
-    _sample(_target(tc), tc, sc, out)
-    return 0
+    res = _sample(_target(tc), tc, sc, out)
+    return EXTINCT if math.isinf(res.log_z) and sc.on_extinction == "warn" else 0
 
 
 def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
     from . import smc
     from .evaluation.plots import plot_ess
+    from .models import LoRAPolicy
     from .potentials.likelihood import suffix_of
     from .twists import Twist
 
     twist = Twist.from_pretrained(out.twist, target.model) if out.twist else None
     if sc.mask and target.potential is None:
         note("--mask without a --potential: there is no constraint to mask")
-    res = smc(target, sc.n_particles, twist=twist, proposal="masked" if sc.mask else None,
+    policy = LoRAPolicy.from_pretrained(target.model, out.adapter) if out.adapter else None  # shares the weights
+    res = smc(target, sc.n_particles, twist=twist, proposal="masked" if sc.mask else policy,
               proposal_beta=sc.proposal_beta, resample=sc.resample, ess_threshold=sc.ess_threshold, seed=sc.seed,
               on_extinction=sc.on_extinction)
-    if sc.mask:
+    if policy is not None:
+        how = f"proposals from the fine-tuned policy {out.adapter}, weighted to sigma"
+    elif sc.mask:
         how = "masked proposal: only tokens that keep the constraint satisfiable" + (", twisted" if twist else "")
     elif twist is not None:
         how = "twisted SMC"
@@ -82,12 +92,14 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
     for w, text in (item for item in res.top(out.top) if item[0] > 0):
         shown = f"{tc.prompt}[{text}]{suffix.suffix}" if suffix else tc.prompt + text
         print(f"  {w:6.3f}  {shown!r}")
+    if math.isinf(res.log_z):
+        print("  none: every particle died (the warning says why)")
     print(f"log Z-hat = {res.log_z:.4f}   (Z-hat = {math.exp(res.log_z):.4g}, unbiased for Z)")
     print("ESS per step: " + " ".join(f"{e:.1f}" for e in res.ess))
     print(f"resampled at steps: {res.resampled_at or 'none'}   ({res.info['seconds']:.1f} s)")
     if out.out:
         Path(out.out).parent.mkdir(parents=True, exist_ok=True)
-        res.to_jsonl(out.out, append=True)
+        res.to_jsonl(out.out)
         print(f"wrote {out.out}")
     if out.plot:
         plot_ess(res, out.plot)
@@ -101,7 +113,7 @@ def _run_demo(tc: TargetConfig, sc: SMCConfig, out: SampleOutput) -> int:
 
     target = _target(tc)
     res = _sample(target, tc, sc, out)
-    plain = importance_sample(target, PLAIN_DRAWS, seed=sc.seed, on_extinction="return")
+    plain = importance_sample(target, PLAIN_DRAWS, seed=sc.seed, on_extinction="return", progress=True)
     met = sum(math.isfinite(w) for w in plain.log_weights)
     print(f"plain sampling met the constraint in {met} of {PLAIN_DRAWS} draws (Z-hat = {math.exp(plain.log_z):.4f}); "
           f"SMC's {sc.n_particles} particles estimated Z-hat = {math.exp(res.log_z):.4f}, and every sample above "
@@ -116,8 +128,8 @@ def _run_train_twist(tc: TargetConfig, cfg: TwistTrainingConfig, out: TwistOutpu
 
     target = _target(tc)
     folder = Path(out.out)
-    twist = train_twist(target, **asdict(cfg), checkpoint_dir=folder / "checkpoint", log_path=folder / "train.jsonl",
-                        plot_path=folder / "training.png")
+    twist = train_twist(target, **asdict(cfg), checkpoint_dir=folder / "checkpoint", overwrite=out.overwrite,
+                        log_path=folder / "train.jsonl", plot_path=folder / "training.png")
     twist.save_pretrained(folder)
     if not out.keep_checkpoint:
         shutil.rmtree(folder / "checkpoint", ignore_errors=True)
@@ -143,8 +155,8 @@ def _run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> in
     else:
         target = _target(tc)
     folder = Path(job.out)
-    policy = finetune(target, **asdict(cfg), checkpoint_dir=folder / "checkpoint", log_path=folder / "train.jsonl",
-                      plot_path=folder / "training.png", data=data, tool=tool)
+    policy = finetune(target, **asdict(cfg), checkpoint_dir=folder / "checkpoint", overwrite=job.overwrite,
+                      log_path=folder / "train.jsonl", plot_path=folder / "training.png", data=data, tool=tool)
     policy.save_pretrained(folder)
     if not job.keep_checkpoint:
         shutil.rmtree(folder / "checkpoint", ignore_errors=True)
@@ -219,7 +231,7 @@ def _run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
 def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
     from .scaling import is_main_process, plot, run_scale, summarise, table
 
-    rows = run_scale(cfg, job.out, prm_path=job.prm_path)
+    rows = run_scale(cfg, job.out, prm_path=job.prm_path, overwrite=job.overwrite)
     if is_main_process():
         summary = summarise(rows)
         text = table(summary)
@@ -244,7 +256,7 @@ def _run_latent(cfg: LatentConfig, job: LatentJob) -> int:
             raise ValueError(f"--run: {job.run} holds no saved latent run (latent.json is missing); "
                              f"make one with: pilm latent --out {job.run}")
         labels = json.loads(Path(job.run, "latent.json").read_text())["labels"]
-        test = subjectivity.read_jsonl(job.test or Path(job.data) / "test.jsonl", labels)
+        test = subjectivity.load_test(job.test or job.data, labels)
         reasoner, q, lik = LatentReasoner.load(load_model(job.model), job.run)
         history, pred = [], None
     else:
@@ -289,9 +301,10 @@ def _run_red_team(job: RedTeamJob) -> int:
     attacker = load_model(job.attacker)
     rt = red_teaming(attacker, load_model(job.victim), classifier=job.classifier, victim_samples=job.victim_samples,
                      beta=job.beta, gamma=job.gamma, seed=job.seed)
-    policy = train_attacker(rt, job.method, steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=job.seed,
-                            mle_steps=job.mle_steps, mle_n=job.mle_n, threshold=job.threshold)
     out = Path(job.out)
+    policy = train_attacker(rt, job.method, steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=job.seed,
+                            mle_steps=job.mle_steps, mle_n=job.mle_n, threshold=job.threshold,
+                            stage1_dir=out / "stage1" if job.method == "gfn+mle" else None)
     if policy is not None:
         policy.save_pretrained(out)
     report = rt.evaluate(policy, job.n, seed=job.seed + 1)
@@ -335,10 +348,13 @@ COMMANDS = {  # name: (help, run, configs, defaults)
     "bench": ("SMC time and memory over transformers generate, in one process", _run_bench, (BenchConfig,), {}),
 }
 
+CONFIGS = {config for _, _, classes, _ in COMMANDS.values() for config in classes}
+
 
 def build_parser() -> Parser:
     parser = Parser(prog="pilm", description="Probabilistic inference in language models. "
                     "Each command's --help lists its flags with their defaults.")
+    parser.add_argument("--version", action="version", version=f"pilm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = {}
     from .potentials.spec import SPEC_HELP
@@ -352,7 +368,16 @@ def build_parser() -> Parser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"pilm: warning: {message}", file=sys.stderr)
+    from tqdm import tqdm
+
+    tqdm.write(f"pilm: warning: {_for_cli(str(message))}", file=sys.stderr)  # on a line of its own, below any bar
+
+
+def _for_cli(message: str) -> str:
+    """A library message as the command line says it: each ``setting=value`` of a config (a
+    Python argument) becomes ``--setting value`` (its flag)."""
+    names = {f.name for config in CONFIGS for f in fields(config)}
+    return re.sub(r"\b([a-z_]+)=", lambda m: f"--{m[1].replace('_', '-')} " if m[1] in names else m[0], message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,17 +391,52 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help (0), or a parse error already printed as one line (2)
         return int(done.code or 0)
     _, run, classes, defaults = COMMANDS[args.command]
+    made, created = [], []
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
             made = configs(args, classes, defaults)
+            created = new_folders(made)
             check_paths(made)
+            check_together(made)
             return run(*made)
+        except KeyboardInterrupt:
+            remove_if_empty(created)
+            print(f"pilm: interrupted; {_what_was_saved(args.command, made, argv)}", file=sys.stderr)
+            return 130
         except ConfigError as err:
             print(f"pilm: error: --{err.field.replace('_', '-')} {err.reason}", file=sys.stderr)
+        except ResumeMismatchError as err:
+            said = "; ".join(f"{_flag(k)} {saved!r} there, {now!r} now" for k, (saved, now) in err.differences.items())
+            print(f"pilm: error: --out {_out(made)} holds a run of other settings ({said}); rerun with the same "
+                  "flags to resume it, or use --out elsewhere or --overwrite", file=sys.stderr)
         except (PilmError, ValueError, OSError) as err:
-            print(f"pilm: error: {err}".splitlines()[0], file=sys.stderr)
+            print(f"pilm: error: {_for_cli(str(err))}".splitlines()[0], file=sys.stderr)
+    remove_if_empty(created)
     return 2
+
+
+RESUMABLE = {"train-twist": "checkpoint", "finetune": "checkpoint", "scale": "rows.jsonl"}
+"""Commands that resume an interrupted run when rerun with the same flags, and what in --out they resume from."""
+
+
+def _what_was_saved(command: str, made, argv: list[str] | None) -> str:
+    """The one line an interrupt ends with: what was kept, and the command that resumes."""
+    rerun = "pilm " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    out = _out(made)
+    if command in RESUMABLE and out is not None and (out / RESUMABLE[command]).exists():
+        return f"{out / RESUMABLE[command]} is kept; resume with: {rerun}"
+    return f"nothing was saved; start again with: {rerun}"
+
+
+def _out(made) -> Path | None:
+    """The command's --out, if it has one."""
+    return next((Path(c.out) for c in made if getattr(c, "out", None)), None)
+
+
+def _flag(setting: str) -> str:
+    """A run key's setting as the reader knows it: its flag where it has one."""
+    return {"dtype": "dtype (PILM_DTYPE)", "targets": "the targets"}.get(setting, "--" + setting.replace("_", "-"))
 
 
 if __name__ == "__main__":

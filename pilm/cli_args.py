@@ -10,13 +10,16 @@ check their own ranges; ``check_paths`` then checks the folders and files they n
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
+import shutil
 import tempfile
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from .config import Config, arg
+from .config import Config, SMCConfig, TargetConfig, arg
 from .errors import ConfigError
 
 
@@ -29,7 +32,19 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"pilm: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"pilm: error: {message}{self._did_you_mean(message)} (see {self.prog} --help)\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        """'; did you mean X?' for a mistyped command, choice or flag close to a real one."""
+        if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+            word, known = choice[1], re.findall(r"[\w.+-]+", choice[2])
+        elif message.startswith("unrecognized arguments: "):
+            word = message.split()[2]
+            known = [o for action in self._actions for o in action.option_strings]
+        else:
+            return ""
+        close = difflib.get_close_matches(word, known, n=1)
+        return f"; did you mean {close[0]}?" if close else ""
 
     def add_configs(self, classes, defaults: dict) -> None:
         """One flag per field of each config class; ``defaults`` overrides field defaults."""
@@ -112,6 +127,36 @@ def _fixed_size(kind) -> int | None:
     return None if not args or args[-1] is Ellipsis else len(args)
 
 
+def output_folders(made) -> list[Path]:
+    """The folders a command writes into: its ``path="folder"`` settings, and the folder of each
+    ``path="file"`` one."""
+    out = []
+    for config in made:
+        for f in fields(config):
+            value, kind = getattr(config, f.name), f.metadata.get("path")
+            if value is not None and kind in ("folder", "file"):
+                out.append(Path(value) if kind == "folder" else Path(value).parent)
+    return out
+
+
+def new_folders(made) -> list[Path]:
+    """The topmost folders that writing the command's outputs will create (none exist yet)."""
+    roots = set()
+    for folder in output_folders(made):
+        if not folder.exists():
+            while not folder.parent.exists():
+                folder = folder.parent
+            roots.add(folder)
+    return sorted(roots)
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Delete each of ``folders`` that holds no file (a failed command leaves no empty folder)."""
+    for folder in folders:
+        if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+            shutil.rmtree(folder)
+
+
 def check_paths(made) -> None:
     """Before any model loads: potential specs parse, input folders hold what they should,
     output files and folders can be written."""
@@ -128,6 +173,10 @@ def check_paths(made) -> None:
             flag = "--" + f.name.replace("_", "-")
             if kind == "twist":
                 _check_twist_folder(flag, Path(value))
+            elif kind == "adapter":
+                if not (Path(value) / "adapter_config.json").exists():
+                    what = "does not exist" if not Path(value).exists() else "holds no adapter (adapter_config.json is missing)"
+                    raise ValueError(f"{flag}: {value} {what}; fine-tune one with: pilm finetune ... --out {value}")
             else:
                 _check_writable(flag, Path(value), folder=kind == "folder")
         if isinstance(config, BoundsJob):
@@ -140,8 +189,11 @@ def check_paths(made) -> None:
 
 def _check_twist_folder(flag: str, path: Path) -> None:
     if not (path / "twist_config.json").exists() and not (path / "lora_twist_config.json").exists():
-        what = "does not exist" if not path.exists() else "holds no saved twist (twist_config.json is missing)"
-        raise ValueError(f"{flag}: {path} {what}; train one with: pilm train-twist ... --out {path}")
+        maker = "train-prm" if flag == "--prm-path" else "train-twist"
+        if not path.exists():
+            raise ValueError(f"{flag}: {path} does not exist; make it with: pilm {maker} ... --out {path}")
+        raise ValueError(f"{flag}: {path} holds no saved {'process reward' if maker == 'train-prm' else 'twist'} "
+                         f"(twist_config.json is missing); make one in a new folder with: pilm {maker} ... --out FOLDER")
 
 
 def _check_writable(flag: str, path: Path, *, folder: bool) -> None:
@@ -170,6 +222,8 @@ class SampleOutput(Config):
     out: str | None = arg(None, "append the run to this JSONL file", path="file")
     plot: str | None = arg(None, "write the ESS-over-steps PNG here", path="file")
     twist: str | None = arg(None, "folder of a twist saved by train-twist (twisted SMC)", path="twist")
+    adapter: str | None = arg(None, "folder of a LoRA policy saved by finetune: it proposes, the weights correct "
+                              "its samples to sigma", path="adapter")
 
 
 @dataclass(frozen=True)
@@ -178,6 +232,7 @@ class TwistOutput(Config):
 
     out: str = arg("twist", "folder for the twist, its training log and plot", path="folder")
     keep_checkpoint: bool = arg(False, "keep the resumable checkpoint (optimizer state, RNG) after training")
+    overwrite: bool = arg(False, "start afresh when --out holds an interrupted run of other settings")
 
 
 @dataclass(frozen=True)
@@ -187,6 +242,7 @@ class FinetuneJob(Config):
     task: Literal["random-number", "arithmetic"] | None = arg(None, "a ready-made target instead of --prompt/--potential")
     out: str = arg("policy", "folder for the adapter, its training log and plot", path="folder")
     keep_checkpoint: bool = arg(False, "keep the resumable checkpoint (optimizer state, RNG) after training")
+    overwrite: bool = arg(False, "start afresh when --out holds an interrupted run of other settings")
 
 
 @dataclass(frozen=True)
@@ -226,6 +282,7 @@ class ScaleJob(Config):
     out: str = arg("scale", "folder for rows.jsonl (resumed if present), table.md and scale.png", path="folder")
     prm_path: str | None = arg(None, "folder of a learned PRM saved by pilm.train_prm (for --prm learned)",
                                path="twist")
+    overwrite: bool = arg(False, "start afresh when --out holds rows of other settings")
 
 
 @dataclass(frozen=True)
@@ -244,8 +301,8 @@ class LatentJob(Config):
     """What latent learns from, where it writes, and which saved run it evaluates."""
 
     task: Literal["subjectivity"] = arg("subjectivity", "latent-rationale task")
-    data: str = arg("SetFit/subj", "folder of train.<labels>.jsonl and test.jsonl (this project: ../shared/data/subj), "
-                    "or the hub id with a network")
+    data: str | None = arg(None, "folder of train.<labels>.jsonl and test.jsonl (default: the SUBJ data shipped "
+                           "with pilm), or the hub id SetFit/subj with a network")
     labels: int = arg(10, "labelled training pairs (train.<labels>.jsonl)", low=1)
     model: str | None = arg(None, "model: embedded name (smollm2-135m, the default), hub id or folder")
     e_batch_size: int = arg(8, "rationales per E-step fine-tuning step", low=1)
@@ -279,3 +336,27 @@ class RedTeamJob(Config):
     n: int = arg(256, "attacks drawn for the evaluation", low=2)
     seed: int = arg(0, "random seed")
     out: str = arg("red-team", "folder for the adapter, report.json and attacks.jsonl", path="folder")
+
+
+HARD_CONSTRAINTS = ("regex:", "json:", "grammar:")
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def check_together(made) -> None:
+    """Settings that contradict each other, refused before any model loads."""
+    def one(cls):
+        return next((c for c in made if isinstance(c, cls)), None)
+
+    target, smc, job, out = one(TargetConfig), one(SMCConfig), one(FinetuneJob), one(SampleOutput)
+    if smc and smc.mask and target and target.potential and not any(
+            spec.startswith(HARD_CONSTRAINTS) for spec in target.potential):
+        raise ValueError("--mask: no --potential is a hard constraint (regex:, json:, grammar:), so there is "
+                         "nothing to mask; leave out --mask")
+    if job and job.task and target and (target.prompt or target.potential):
+        raise ValueError(f"--task {job.task} brings its own prompt and potential: leave out --prompt and --potential")
+    if out and out.adapter and ((smc and smc.mask) or out.twist):
+        raise ValueError("--adapter proposes by itself: leave out --mask and --twist")
+    for config in made:
+        plot = getattr(config, "plot", None)
+        if plot and not plot.lower().endswith(PLOT_FORMATS):
+            raise ValueError(f"--plot: {plot} is not a picture file; end it in one of {', '.join(PLOT_FORMATS)}")

@@ -3,7 +3,9 @@
 The tree of completions is expanded level by level through the model protocol (one
 batched forward per level), so it works for tabular models and for transformers models
 with very short horizons alike. Zero-probability branches are pruned. It refuses, before
-computing anything more, once the count of sequences would pass ``max_sequences``.
+computing anything more, once the count of sequences would pass ``max_sequences`` or the
+prefixes of the next level would not fit the device's memory (``LanguageModel.max_rows``).
+``sequence_bound`` bounds the count before anything runs: sum_{t=1..T} V^t.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from .target import Target
 
 MAX_SEQUENCES = 2_000_000
 _POTENTIAL_BATCH = 4096
+
+
+def sequence_bound(target: Target) -> int:
+    """An upper bound on the completions of ``target``, known before any forward:
+    sum_{t=1..T} V^t (every token allowed at every step; pruning can only lower it)."""
+    v, horizon = target.model.vocab_size, target.max_new_tokens
+    return sum(v**t for t in range(1, horizon + 1))
 
 
 @dataclass
@@ -63,6 +72,7 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
     log q(s) of that proposal (``pilm.exact.enumerate_target(twist=...)`` builds the
     twist-induced one that ``pilm.smc(..., twist=twist)`` samples from)."""
     model, horizon, eos = target.model, target.max_new_tokens, target.stop_token_id
+    fit = model.max_rows(len(target.prompt_ids) + horizon + 1)
     state = model.start(target.prompt_ids, 1)
     if proposal is not None:
         proposal.begin([target], 1)
@@ -97,6 +107,11 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
         keep = ~finished
         if not keep.any():
             break
+        if fit is not None and int(keep.sum()) > fit:
+            raise TooLargeError(
+                f"exact enumeration of {target.model.name} would advance {int(keep.sum()):,} prefixes at step {t + 1}; "
+                f"at most {fit:,} fit in the device's memory: use a smaller vocabulary or horizon"
+            )
         prefixes = [prefixes[par[i]] + (tok[i],) for i in keep.nonzero().squeeze(1).tolist()]
         prefix_lp = lp[parent[keep], token[keep]]
         if proposal is not None:

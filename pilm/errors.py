@@ -43,3 +43,15 @@ class RejectionBudgetError(PilmError):
     def __init__(self, message: str, partial=None):
         super().__init__(message)
         self.partial = partial
+
+
+class ResumeMismatchError(PilmError, ValueError):
+    """A folder holds a run of other settings; ``differences`` maps each differing setting to
+    (saved, requested), and ``remedy`` says the ways out."""
+
+    def __init__(self, folder, differences: dict[str, tuple],
+                 remedy: str = "pass another checkpoint_dir, or overwrite=True to start afresh"):
+        self.folder, self.differences = folder, differences
+        said = "; ".join(f"{k}: {saved!r} there, {now!r} now" for k, (saved, now) in differences.items())
+        super().__init__(f"{folder} holds a run of other settings ({said}): resume it with the same settings, "
+                         f"or {remedy}")

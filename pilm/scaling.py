@@ -26,6 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,6 +34,8 @@ from accelerate import PartialState
 
 from . import inference
 from .config import ScaleConfig
+from .errors import ResumeMismatchError
+from .extras import pyplot
 from .inference.result import StepResult
 from .models import load_model
 from .tasks import arithmetic_chain, gsm8k
@@ -92,20 +95,29 @@ def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
 
 
 def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None, model=None,
-              progress: bool = True) -> Path:
-    """Run the grid of ``cfg`` and write ``out/rows.jsonl`` (resuming); returns its path."""
+              progress: bool = True, overwrite: bool = False) -> Path:
+    """Run the grid of ``cfg`` and write ``out/rows.jsonl``; returns its path.
+
+    A folder is resumed, and may grow by other methods, budgets N, process rewards and more
+    problems, only under the same settings otherwise (``run_key``, kept in ``out/run.json``):
+    another temperature, task or model raises `ResumeMismatchError` (``overwrite=True``
+    deletes the folder's rows and starts afresh)."""
     if cfg.prm == "learned" and prm_path is None:  # said before the model loads
-        raise ValueError("--prm learned needs --prm-path, a folder written by pilm.train_prm(...).save_pretrained "
-                         "(experiments/train_prm.py makes one)")
+        raise ValueError("prm='learned' needs prm_path=FOLDER, a process reward saved by pilm.train_prm "
+                         "(on the command line: pilm train-prm --out FOLDER)")
     if cfg.prm == "verifier" and cfg.task != "arithmetic-chain":
-        raise ValueError(f"{cfg.task} has no exact step verifier: use --prm judge or --prm learned")
+        raise ValueError(f"{cfg.task} has no exact step verifier: use prm='judge' or prm='learned'")
     state = PartialState(cpu=not torch.cuda.is_available())
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows_path = folder / "rows.jsonl"
+    if overwrite and state.is_main_process:
+        rows_path.unlink(missing_ok=True)
+        (folder / "run.json").unlink(missing_ok=True)
+    model = model or load_model(cfg.model)
+    _claim(folder, run_key(cfg, prm_path, model), rows_path)
     part = folder / f"rows.part{state.process_index}.jsonl" if state.num_processes > 1 else rows_path
     done = {_key(r) for p in (rows_path, part) if p.exists() for r in _read(p)}
-    model = model or load_model(cfg.model)
     prm = make_prm(cfg, model, prm_path)
     task = TASKS[cfg.task]
     problems = task.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
@@ -122,11 +134,13 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
             for lo in range(0, len(todo), per):
                 chunk = todo[lo: lo + per]
                 started = time.perf_counter()
+                cell = f"scale: {'/'.join(group)} N={n} prm={cfg.prm}: problems {chunk[0][0]}..{chunk[-1][0]}"
+                if progress:  # said before the cell runs (a cell can take minutes), and its time after
+                    print(f"{cell} ...", end="", flush=True)
                 targets = [task.target(model, p["question"]) for _, p in chunk]
                 results = run(targets, n)
                 if progress:
-                    print(f"scale: {'/'.join(group)} N={n} prm={cfg.prm}: problems {chunk[0][0]}..{chunk[-1][0]} "
-                          f"({time.perf_counter() - started:.0f} s)", flush=True)
+                    print(f" {time.perf_counter() - started:.0f} s", flush=True)
                 with open(part, "a") as f:
                     for (i, p), res in zip(chunk, results, strict=True):
                         for m in group:
@@ -145,6 +159,36 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
                 other.unlink(missing_ok=True)
     state.wait_for_everyone()
     return rows_path
+
+
+GROWS = ("methods", "n", "prm", "problems", "max_rows")
+"""Settings a scale folder may differ in between runs: each row records its own."""
+
+
+def run_key(cfg: ScaleConfig, prm_path: str | None, model) -> dict:
+    """What every row of a scale folder shares: the settings outside ``GROWS``, the learned
+    PRM's folder, the model and its dtype."""
+    key = {k: v for k, v in asdict(cfg).items() if k not in GROWS}
+    key.update(prm_path=prm_path, model=model.name, dtype=model.dtype_name)
+    return json.loads(json.dumps(key))
+
+
+def _claim(folder: Path, key: dict, rows_path: Path) -> None:
+    """Write ``key`` to ``folder/run.json``, or refuse when the folder holds rows of another key
+    (a folder from before run.json: the settings its rows record)."""
+    path = folder / "run.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+    elif rows_path.exists():
+        first = next(iter(_read(rows_path)), {})
+        saved = {**key, **{k: first[k] for k in ("task", "temperature", "seed", "model", "dtype") if k in first}}
+    else:
+        saved = key
+    differ = {k: (saved.get(k), key.get(k)) for k in sorted(set(saved) | set(key)) if saved.get(k) != key.get(k)}
+    if differ:
+        raise ResumeMismatchError(folder, differ, remedy="pass another out, or overwrite=True to start afresh")
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        path.write_text(json.dumps(key, indent=1) + "\n")
 
 
 def is_main_process() -> bool:
@@ -217,10 +261,7 @@ def table(summary: list[dict]) -> str:
 def plot(summary: list[dict], path: str | Path) -> None:
     """Accuracy against tokens per problem (log scale), one panel per process reward, one line
     per method (self-consistency in every panel, greedy as a dashed level), 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     prms = [p for p in ("verifier", "learned", "judge") if any(s["prm"] == p for s in summary)] or ["none"]

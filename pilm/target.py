@@ -50,7 +50,11 @@ class Target:
         bad = [t for t in self.prompt_ids if not 0 <= t < self.model.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary of {self.model.name}")
-        self.model.context(self.prompt_ids)  # an empty prompt on a model with no BOS fails here
+        context = len(self.model.context(self.prompt_ids))  # an empty prompt on a model with no BOS fails here
+        limit = self.model.context_length
+        if limit is not None and context + self.max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} after a {context}-token prompt passes the "
+                             f"{limit}-token context of {self.model.name}: at most {max(limit - context, 0)} new tokens fit")
         self.stop_token_id = self._stop_id()
         if self.steps is not None and not isinstance(self.steps, Steps):
             raise TypeError(f"steps must be a pilm.steps.Steps, got {type(self.steps).__name__}")

@@ -50,7 +50,7 @@ def test_on_extinction_raise_and_return_keep_their_meaning():
 def test_enumeration_shows_a_small_target_impossible():
     model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
     target = pilm.Target(model, "a", Regex("z+"), max_new_tokens=3)  # no token prints 'z'
-    with pytest.raises(pilm.ImpossibleTargetError, match="exact enumeration of all .* completions gives Z = 0"):
+    with pytest.raises(pilm.ImpossibleTargetError, match="exact enumeration of all .* completions within max_new_tokens=.* gives Z = 0"):
         pilm.smc(target, 16, seed=0, progress=False)
 
 

@@ -1,4 +1,5 @@
-"""Bidirectional bounds on log Z and KL in both directions, for any sampler (SPECS A.3, A.7).
+"""Bidirectional bounds on log Z and KL in both directions, for any sampler (Zhao et al. 2024, Twisted SMC;
+the IWAE bounds of Burda et al. 2016 and the SMC / conditional-SMC bounds).
 
 For a sampler q (the base model, a twisted proposal, or another language model) and K
 particles, over independent seeds:
@@ -32,7 +33,9 @@ from pathlib import Path
 import torch
 
 from ..config import BoundsConfig
-from ..errors import RejectionBudgetError, TooLargeError
+from ..enumeration import sequence_bound
+from ..errors import RejectionBudgetError
+from ..extras import pyplot
 from ..proposals import ModelProposal, as_proposal
 from ..inference.rejection import rejection_sample
 from ..inference.result import SMCResult
@@ -44,6 +47,7 @@ from ..twists.base import TwistFunction
 from ..twists.head import condition_ids
 from . import exact
 from .joint import joint_samples
+from .metrics import t_interval
 
 Sampler = None | TwistFunction | LanguageModel | ModelProposal
 METHODS = {"sis": 0.0, "smc": 1.0}  # ess_threshold: never / every step (as in the paper)
@@ -52,7 +56,8 @@ METHODS = {"sis": 0.0, "smc": 1.0}  # ess_threshold: never / every step (as in t
 @dataclass
 class BoundsReport:
     """``rows``: one dict per (sampler, n_particles, method) with lower, upper (means over
-    seeds) and their 95% half-widths, gap and its 95% half-width ``gap_ci`` (from the
+    seeds) and their 95% Student-t half-widths (``metrics.t_interval``), gap and its 95%
+    half-width ``gap_ci`` (from the
     per-seed gaps ``gaps``: every sampler meets the same targets and exact samples seed by
     seed, so gaps pair, also across calls with the same ``seed``), the sampler's KL
     estimates with guaranteed intervals, and SMC diagnostics (final ESS, distinct ancestors
@@ -79,16 +84,14 @@ class BoundsReport:
             lines.append(f"exact log Z = {self.log_z_exact:.4f}")
         return "\n".join(lines)
 
-    def to_jsonl(self, path: str | Path) -> None:
-        with open(path, "w") as f:
+    def to_jsonl(self, path: str | Path, *, append: bool = True) -> None:
+        """Add the report's rows to ``path``, one JSON line each (``append=False`` starts afresh)."""
+        with open(path, "a" if append else "w") as f:
             f.writelines(json.dumps({**r, "log_z_exact": self.log_z_exact}) + "\n" for r in self.rows)
 
     def plot(self, path: str | Path, *, title: str = "bounds on log Z") -> Path:
         """Bounds vs K (log scale), a colour per sampler, LB solid, UB dashed, a marker per method."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6.8, 4.2))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -114,6 +117,10 @@ class BoundsReport:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+AUTO_ENUMERATION = 200_000
+"""The most completions ``exact_samples='auto'`` enumerates (its bound is known before any forward)."""
 
 
 def exact_sigma_samples(
@@ -155,25 +162,14 @@ def exact_sigma_samples(
 
 
 def resolve_exact_samples(target: Target, how: str) -> str:
-    """``how``, with ``"auto"`` resolved: joint for a suffix potential, enumeration when the
-    target fits (200k sequences), else rejection."""
+    """``how``, with ``"auto"`` resolved before anything runs: joint for a suffix potential,
+    enumeration when at most ``AUTO_ENUMERATION`` completions can exist (sum_t V^t: tiny
+    vocabularies and horizons, never a real tokenizer's beyond one token), else rejection."""
     if how != "auto":
         return how
     if condition_ids(target) is not None:
         return "joint"
-    try:
-        exact.enumerate_target(target, max_sequences=200_000)
-        return "enumerate"
-    except TooLargeError:
-        return "rejection"
-
-
-def _ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% half-width (1.96 standard errors) over seeds."""
-    mean = statistics.fmean(values)
-    if len(values) < 2 or not all(math.isfinite(v) for v in values):
-        return mean, math.nan
-    return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    return "enumerate" if sequence_bound(target) <= AUTO_ENUMERATION else "rejection"
 
 
 def distinct_ancestors(result: SMCResult) -> int:
@@ -240,10 +236,10 @@ def bounds(
     bar.close()
     rows = []
     for (name, k, method), c in cells.items():
-        lo, lo_ci = _ci(c["lower"])
-        up, up_ci = _ci(c["upper"])
+        lo, lo_ci = t_interval(c["lower"])
+        up, up_ci = t_interval(c["upper"])
         gaps = [u - lo_i for u, lo_i in zip(c["upper"], c["lower"])]
-        _, gap_ci = _ci(gaps)  # paired: the same target and exact sample per seed
+        _, gap_ci = t_interval(gaps)  # paired: the same target and exact sample per seed
         rows.append({"sampler": name, "n_particles": k, "method": method, "lower": lo, "lower_ci": lo_ci,
                      "upper": up, "upper_ci": up_ci, "gap": up - lo, "gap_ci": gap_ci, "gaps": gaps,
                      "ess_final": statistics.fmean(c["ess"]),
@@ -259,7 +255,7 @@ def bounds(
                   "kl_q_sigma": log_z_mid - f_q, "kl_q_sigma_interval": [lo - f_q, up - f_q],
                   "kl_sigma_q": g_q - log_z_mid, "kl_sigma_q_interval": [g_q - up, g_q - lo]})
     rows.sort(key=lambda r: (list(samplers).index(r["sampler"]), r["method"], r["n_particles"]))
-    log_z_exact = exact.log_z(target, max_sequences=200_000) if exact_samples == "enumerate" else None
+    log_z_exact = exact.log_z(target, max_sequences=AUTO_ENUMERATION) if exact_samples == "enumerate" else None
     for r in rows:
         r["dtype"] = target.model.dtype_name
     return BoundsReport(rows, log_z_exact, {"seeds": seeds, "exact_samples": exact_samples, "methods": list(methods)})

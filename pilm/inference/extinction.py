@@ -41,10 +41,14 @@ def extinct(target: Target, t: int, died: int, n: int, policy: Extinction, *, us
         prefix = "pilm.smc (it uses the potential's prefix score, which drops hopeless prefixes early), "
     else:
         prefix = ""
-    remedies = f"more particles, {prefix}or a twist"
+    if t == target.max_new_tokens and died == n and not prefix:  # all viable until the horizon: tokens ran out
+        advice = (f"all were alive until the horizon and none completes the potential within "
+                  f"max_new_tokens={t}: raise that horizon (or use more particles)")
+    else:
+        advice = f"the target is not shown impossible; to sample it, use more particles, {prefix}or a twist"
     warnings.warn(ExtinctionWarning(
         f"{head} ({died} of {n}, {died / n:.0%}, died at this step), so this run estimates Z-hat = 0 "
-        f"(log_z = -inf). The target is not shown impossible; to sample it, use {remedies}."), stacklevel=6)
+        f"(log_z = -inf): {advice}."), stacklevel=6)
 
 
 def shown_impossible(target: Target, max_sequences: int = 10_000) -> str | None:
@@ -53,7 +57,8 @@ def shown_impossible(target: Target, max_sequences: int = 10_000) -> str | None:
     try:
         e = enumerate_target(target, max_sequences=max_sequences)
         if math.isinf(e.log_z):
-            return f"exact enumeration of all {len(e.tokens):,} completions gives Z = 0"
+            return (f"exact enumeration of all {len(e.tokens):,} completions within max_new_tokens="
+                    f"{target.max_new_tokens} gives Z = 0")
         return None
     except TooLargeError:
         pass

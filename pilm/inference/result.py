@@ -25,8 +25,9 @@ class Record:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def to_jsonl(self, path: str | Path, *, append: bool = False) -> None:
-        """Write this run as one JSON line (``append=True`` adds to an existing file)."""
+    def to_jsonl(self, path: str | Path, *, append: bool = True) -> None:
+        """Add this run to ``path`` as one JSON line (``append=False`` starts the file afresh);
+        the command line's ``--out`` does the same, so runs from both collect in one file."""
         with open(path, "a" if append else "w") as f:
             f.write(json.dumps(self.to_dict()) + "\n")
 

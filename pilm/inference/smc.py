@@ -16,7 +16,7 @@ depend on the drawn token, Zhao et al. 2024), or another model. At the last toke
 proposal still uses the learned psi_T; the weight uses phi. When a target's ESS falls below
 ``ess_threshold * N`` its particles are resampled, the log-mean weight is added to its
 log Z-hat and the weights reset; at the end log Z-hat += log mean_k w_k. Z-hat is unbiased
-for Z (SPECS A.2; adaptive resampling keeps this). ``ess_threshold=0`` never resamples
+for Z (Zhao et al. 2024; adaptive resampling keeps this). ``ess_threshold=0`` never resamples
 (sequential importance sampling); ``1`` resamples at every step.
 
 One model forward per step for all running particles of all targets; after resampling
@@ -87,7 +87,7 @@ def smc(
     ``None``) runs *conditional* SMC: particle 0 is forced to it and always survives
     resampling (its ancestors are kept; the other N-1 draw theirs multinomially from all N).
     With an exact sample of sigma as reference, E[log Z-hat] >= log Z: the IWAE upper bound
-    without resampling, the CSMC upper bound with it (SPECS A.7).
+    without resampling, the CSMC upper bound with it (Zhao et al. 2024, bidirectional bounds).
 
     Randomness comes only from generators on the model's device seeded from ``seed``: equal
     seeds give identical runs on the same machine. If every particle of a target reaches
@@ -206,7 +206,8 @@ def _result(particles: Particles, steps: list[StepInfo], g: int, target: Target,
         log_z=-math.inf if extinct else log_z, ess=[float(s.ess[g]) for s, _ in ran],
         resampled_at=[s.t for s, _ in ran if s.resampled[g]], ancestry=[(a[rows] - g * n).tolist() for _, a in ran],
         method="smc" if meta["ess_threshold"] > 0 else "is",
-        info={**meta, "n_particles": n, "max_new_tokens": target.max_new_tokens, "potential": str(target.potential),
+        info={**meta, "prompt": target.prompt, "chat": target.chat, "n_particles": n,
+              "max_new_tokens": target.max_new_tokens, "potential": str(target.potential),
               "model": target.model.name, "dtype": target.model.dtype_name, "extinct_at": extinct[0] if extinct else None},
     )
 

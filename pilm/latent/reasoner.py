@@ -113,7 +113,7 @@ class LatentReasoner:
 
     def m_step(self, train: Sequence[Example], posterior: LanguageModel | None, *, steps: int = C.m_steps,
                samples: int = C.m_samples, batch_size: int = 8, lr: float = 1e-4, likelihood: LanguageModel | None = None,
-               seed: int = 0, lora_rank: int = 64, lora_alpha: int = 16) -> LanguageModel:
+               seed: int = 0, lora_rank: int = 64, lora_alpha: int = 16, progress: bool = True) -> LanguageModel:
         """A likelihood fitted to (X, Z, Y) with Z ~ q(. | X) (``samples`` per pair, drawn once
         in one batched decode; ``posterior=None``: the prior): ``steps`` AdamW steps on
         -log p(Y | X, Z) over mini-batches of ``batch_size``. ``likelihood`` continues a
@@ -128,17 +128,17 @@ class LatentReasoner:
                 self.latent.context(self.latent.prefix_ids(ex.x), z) for ex in train
                 for z in _all_bodies(self.model.vocab_size, self.latent.stop_id, self.latent.max_tokens)]
             likelihood = self._new_likelihood(contexts, seed, lora_rank, lora_alpha)
-        return self._fit(likelihood, pairs, steps, batch_size, lr, g, "m_step")
+        return self._fit(likelihood, pairs, steps, batch_size, lr, g, "m_step", progress)
 
     def fit_direct(self, train: Sequence[Example], *, steps: int = 100, batch_size: int = 8, lr: float = 1e-4,
                    seed: int = 0, shots: Sequence[Example] = (), lora_rank: int = 64,
-                   lora_alpha: int = 16) -> LanguageModel:
+                   lora_alpha: int = 16, progress: bool = True) -> LanguageModel:
         """Supervised fine-tuning on the labels alone (the direct form, no rationale): a
         fresh LoRA maximising log p(Y | X)."""
         train = _checked(self.latent, train)
         pairs = [(self._direct_context(ex.x, shots), self.latent.index(ex.y)) for ex in train]
         lik = self._new_likelihood([c for c, _ in pairs], seed, lora_rank, lora_alpha)
-        return self._fit(lik, pairs, steps, batch_size, lr, torch.Generator().manual_seed(seed), "sft")
+        return self._fit(lik, pairs, steps, batch_size, lr, torch.Generator().manual_seed(seed), "sft", progress)
 
     def em(self, train: Sequence[Example], *, rounds: int = C.rounds, e_steps: int = C.e_steps,
            m_steps: int = C.m_steps, m_samples: int = C.m_samples, test: Sequence[Example] | None = None,
@@ -161,11 +161,11 @@ class LatentReasoner:
                                     progress=progress, **(e_kwargs or {}))
                 else:
                     lik = self.m_step(train, q, steps=m_steps, samples=m_samples, likelihood=lik, seed=seed + r,
-                                      **(m_kwargs or {}))
+                                      progress=progress, **(m_kwargs or {}))
                 record = {"round": r, "step": step, "train_seconds": time.perf_counter() - t0,
                           **self.elbo(train, q, lik, samples=samples, seed=seed)}
                 if test is not None:
-                    pred = self.predict(test, q, lik, samples=samples, vote="hard", seed=seed)
+                    pred = self.predict(test, q, lik, samples=samples, vote="hard", seed=seed, progress=progress)
                     record.update(accuracy_hard=pred.accuracy, accuracy_soft=pred.revote("soft").accuracy)
                 history.append(record)
         return EMResult(q, lik if lik is not None else self.model, history, pred)
@@ -191,7 +191,7 @@ class LatentReasoner:
 
     def predict(self, test: Sequence[Example] | Sequence[str], posterior: LanguageModel | None = None,
                 likelihood: LanguageModel | None = None, *, samples: int = 10, vote: str = "soft", seed: int = 0,
-                rows: int = 256) -> Prediction:
+                rows: int = 256, progress: bool = True) -> Prediction:
         """The posterior predictive with ``samples`` rationales per item from ``posterior``
         (None: the prior, i.e. chain-of-thought prompting), scored by ``likelihood`` (None:
         the base); ``vote`` soft or hard (module docstring). ``test``: examples, or bare
@@ -205,7 +205,8 @@ class LatentReasoner:
         g = torch.Generator().manual_seed(seed)
         probs, votes, shown, each = [], [], [], []
         per = max(1, rows // samples)
-        for lo in range(0, len(items), per):
+        for lo in tqdm(range(0, len(items), per), desc="latent predict", unit="block", disable=not progress,
+                       leave=False):
             block = items[lo:lo + per]
             prefixes = [lat.prefix_ids(ex.x) for ex in block]
             zs = self.rationales(posterior, [ex.x for ex in block], samples, g)
@@ -303,7 +304,7 @@ class LatentReasoner:
         raise TypeError(f"cannot fit a likelihood on a {type(model).__name__}")
 
     def _fit(self, lik: LanguageModel, pairs: list[tuple[list[int], int]], steps: int, batch_size: int, lr: float,
-             g: torch.Generator, name: str, progress: bool = True) -> LanguageModel:
+             g: torch.Generator, name: str, progress: bool) -> LanguageModel:
         params = list(lik.trainable.parameters())
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         label_ids = self.latent.label_ids

@@ -1,7 +1,9 @@
 """Training checkpoints in safetensors: module weights, optimizer state, RNG state, step.
 
 Written to a temporary folder and renamed into place, so an interrupted write never
-leaves a half checkpoint; resuming from one continues bit-identically.
+leaves a half checkpoint; resuming from one continues bit-identically. Each checkpoint records
+its run's key (``run_key``: the target, the model and dtype, every setting a step depends on),
+and a run resumes only from a checkpoint of the same key.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..errors import ResumeMismatchError
+from ..target import Target
 
 NAME = "checkpoint"
 
@@ -62,16 +68,34 @@ def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
     return state
 
 
+def run_key(targets: Sequence[Target], settings: dict) -> dict:
+    """What a run's steps depend on, as JSON: the target (prompt, potential, horizon; or every
+    target of a batch), the model and its dtype, and ``settings`` (the number of steps and the
+    checkpoint interval are not in it: a rerun with more steps continues the same run)."""
+    model = targets[0].model
+    where = targets[0].describe() if len(targets) == 1 else {"targets": [t.describe() for t in targets]}
+    key = {**where, "model": model.name, "dtype": str(getattr(model, "dtype", "float32")).removeprefix("torch."),
+           **settings}
+    return json.loads(json.dumps(key, default=str))
+
+
 def resume(directory: str | Path | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           generator: torch.Generator, objective: str) -> dict | None:
-    """The saved state of a run of ``objective`` in ``directory`` (restored in place), or
-    ``None`` if there is none; a checkpoint of another objective is refused."""
+           generator: torch.Generator, key: dict, *, overwrite: bool = False) -> dict | None:
+    """The saved state of the run ``key`` in ``directory`` (restored in place), or ``None`` if
+    there is none (or ``overwrite``, which deletes it). A checkpoint of another key raises
+    `ResumeMismatchError` naming the settings that differ, before anything is restored."""
     if directory is None:
         return None
-    saved = load_checkpoint(directory, module, optimizer, generator)
-    if saved is not None and saved["objective"] != objective:
-        raise ValueError(f"{directory} holds a {saved['objective']!r} run, not {objective!r}")
-    return saved
+    folder = Path(directory) / NAME
+    if overwrite:
+        shutil.rmtree(folder, ignore_errors=True)
+    if not (folder / "state.json").exists():
+        return None
+    saved_key = json.loads((folder / "state.json").read_text()).get("key", {})
+    if saved_key != key:
+        raise ResumeMismatchError(folder, {k: (saved_key.get(k), key.get(k)) for k in sorted(set(saved_key) | set(key))
+                                           if saved_key.get(k) != key.get(k)})
+    return load_checkpoint(directory, module, optimizer, generator)
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
 from ..target import Target
 from .behaviour import MODES, behaviour_batch, demonstration_data, draw_mode, exploration, remember
-from .checkpoint import resume, save_checkpoint
+from .checkpoint import resume, run_key, save_checkpoint
 from .log_z import LogZ
 from .objectives import FinetuneObjective, get_finetune_objective
 from .replay import ReplayBuffer
@@ -96,6 +96,7 @@ def finetune(
     policy_prompt: Callable[[Target], str | Sequence[int]] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = C.checkpoint_every,
+    overwrite: bool = False,
     log_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     progress: bool = True,
@@ -134,7 +135,8 @@ def finetune(
 
     With ``checkpoint_dir``, a checkpoint (adapter, log Z, optimizer, RNG, replay buffers,
     history) is written every ``checkpoint_every`` steps and at the end, and resumed from:
-    the run then continues bit-identically. Returns the policy with ``history`` (one dict
+    the run then continues bit-identically. A checkpoint of another target, model or setting
+    raises `ResumeMismatchError` (``overwrite=True`` deletes it and starts afresh). Returns the policy with ``history`` (one dict
     per step: loss, mean log R (untempered), diversity, completion tokens, behaviour modes,
     tau, lr, seconds).
     """
@@ -165,7 +167,15 @@ def finetune(
     buffers = [ReplayBuffer(replay_size, replay_tolerance) for _ in targets]
     history: list[dict] = []
     start = 0
-    saved = resume(checkpoint_dir, trainable, optimizer, generator, objective)
+    key = run_key(targets, {"objective": objective, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+                            "log_z_lr": log_z_lr, "warmup": warmup, "weight_decay": weight_decay,
+                            "grad_clip": grad_clip, "seed": seed, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+                            "lora_dropout": lora_dropout, "target_modules": list(target_modules), "explore": explore,
+                            "temperature_range": temperature_range, "replay_size": replay_size,
+                            "replay_tolerance": replay_tolerance, "reward_temperature": reward_temperature,
+                            "anneal_steps": anneal_steps, "min_log_reward": min_log_reward,
+                            "processes": accelerator.num_processes})
+    saved = resume(checkpoint_dir, trainable, optimizer, generator, key, overwrite=overwrite)
     if saved is not None:
         start, history = saved["step"], saved["history"]
         buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
@@ -178,6 +188,8 @@ def finetune(
     for path in (log_path, plot_path):
         if path is not None and main:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if log_path is not None and main:  # the log holds exactly the steps the run has (none, or the resumed ones)
+        Path(log_path).write_text("".join(json.dumps({"objective": objective, **r}) + "\n" for r in history))
     run = _Run(objective, spec, policy, log_z, targets, prompts, buffers, demos, generator, explore, batch_size, tool,
                temperature_range, min_log_reward, seed, accelerator.process_index)
 
@@ -203,7 +215,7 @@ def finetune(
                 f.write(json.dumps({"objective": objective, **record}) + "\n")
         if main and checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(checkpoint_dir, trainable, optimizer, generator,
-                            {"step": step + 1, "history": history, "objective": objective, "seed": seed,
+                            {"step": step + 1, "history": history, "key": key,
                              "buffers": [b.state() for b in buffers]})
         accelerator.wait_for_everyone()
     policy.history = history

@@ -2,7 +2,7 @@
 
 For phi = 1[correct], the value of a partial chain under the policy p_M is
 V(x_{<=t}) = E_{p_M}[phi | x_{<=t}] = P(correct | prefix): the optimal twist psi*_t of the
-target p_M phi (REASONING.md 2.2). Math-Shepherd's labels (Wang et al. 2024) estimate it by
+target p_M phi (Zhao et al. 2024). Math-Shepherd's labels (Wang et al. 2024) estimate it by
 Monte Carlo: from each step end of a sampled chain, k rollouts of the policy, and the label
 y = the fraction that reach a right answer (E[y] = V exactly). A head psi(s_{<t}, v) in
 (0, 1) on the policy's hidden state is fitted to y at the step ends by binary cross-entropy,
@@ -61,7 +61,7 @@ class _Recorder(ProcessReward):
 
 
 def collect_values(targets: Sequence[Target], *, verifier: Verifier | None = None, chains: int = 1, rollouts: int = 8,
-                   temperature: float = 1.0, seed: int = 0, max_rows: int = 512) -> ValueData:
+                   temperature: float = 1.0, seed: int = 0, max_rows: int = 512, progress: bool = True) -> ValueData:
     """Sample ``chains`` chains per target; label each step end by ``rollouts`` rollouts
     (module docstring). A chain that is finished at a step end is labelled by itself. A chain
     is right when ``verifier(question, answer)`` holds, or, without a verifier, it counts
@@ -69,7 +69,7 @@ def collect_values(targets: Sequence[Target], *, verifier: Verifier | None = Non
     targets = list(targets)
     recorder = _Recorder()
     per = max(1, max_rows // chains)
-    for lo in range(0, len(targets), per):
+    for lo in tqdm(range(0, len(targets), per), desc="train-prm chains", disable=not progress, leave=False):
         sample_chains(targets[lo: lo + per], chains, recorder, temperature=temperature, seed=seed + lo,
                       method="prm data")
     index = {t.prompt_ids: i for i, t in enumerate(targets)}
@@ -80,11 +80,11 @@ def collect_values(targets: Sequence[Target], *, verifier: Verifier | None = Non
         tokens += toks
         owner += [index[p] for p in prompts]
         done_steps += counts
-    labels = _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature, seed, max_rows)
+    labels = _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature, seed, max_rows, progress)
     return ValueData(torch.cat(hidden), torch.cat(last), tokens, owner, labels)
 
 
-def _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature, seed, max_rows) -> Tensor:
+def _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature, seed, max_rows, progress) -> Tensor:
     out = torch.zeros(len(tokens), dtype=torch.float64)
     todo = []
     for k, (toks, g, taken) in enumerate(zip(tokens, owner, done_steps, strict=True)):
@@ -99,7 +99,7 @@ def _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature,
                                    max_new_tokens=target.max_new_tokens - len(toks), steps=rest,
                                    question=target.question), g))
     per = max(1, max_rows // rollouts)
-    for lo in range(0, len(todo), per):
+    for lo in tqdm(range(0, len(todo), per), desc="train-prm rollouts", disable=not progress, leave=False):
         chunk = todo[lo: lo + per]
         results = sample_chains([t for _, t, _ in chunk], rollouts, None, temperature=temperature, seed=seed + 7919 + lo,
                                 method="prm rollouts")
@@ -173,7 +173,7 @@ def train_prm(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     started = time.perf_counter()
     data = collect_values(targets, verifier=verifier, chains=chains, rollouts=rollouts, temperature=temperature,
-                          seed=seed)
+                          seed=seed, progress=progress)
     collected = time.perf_counter() - started
     if twist is None:
         with torch.random.fork_rng():

@@ -20,7 +20,7 @@ from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist, condition_ids
 from ..twists.lora import LoRATwist
-from .checkpoint import resume, save_checkpoint
+from .checkpoint import resume, run_key, save_checkpoint
 from .objectives import TwistBatch, get_objective
 
 C = TwistTrainingConfig  # every default below is TwistTrainingConfig's
@@ -91,6 +91,7 @@ def train_twist(
     grad_clip: float = C.grad_clip,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = C.checkpoint_every,
+    overwrite: bool = False,
     log_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     progress: bool = True,
@@ -113,7 +114,8 @@ def train_twist(
     ``body="lora"`` puts the head on a LoRA-adapted copy of the body
     (rank ``lora_rank``, see ``LoRATwist``). With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end, and an existing one is resumed from: the run
-    then continues bit-identically. The returned twist carries ``history`` (one dict a step:
+    then continues bit-identically. A checkpoint of another target, model or setting raises
+    `ResumeMismatchError` (``overwrite=True`` deletes it and starts afresh). The returned twist carries ``history`` (one dict a step:
     loss (of its last update), ESS and log Z-hat of the step's SIS batch, updates and LM
     tokens drawn so far, seconds); ``log_path`` appends it as
     JSONL, ``plot_path`` draws the curves.
@@ -145,9 +147,15 @@ def train_twist(
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     start = 0
-    saved = resume(checkpoint_dir, twist, optimizer, generator, objective)
+    key = run_key(targets, {"objective": objective, "batch_size": batch_size, "lr": lr, "seed": seed,
+                            "head": head, "layers": layers, "init": init, "reuse": reuse, "body": body,
+                            "lora_rank": lora_rank, "conditional": conditional, "proposal_beta": proposal_beta,
+                            "weight_decay": weight_decay, "grad_clip": grad_clip})
+    saved = resume(checkpoint_dir, twist, optimizer, generator, key, overwrite=overwrite)
     if saved is not None:
         start, history = saved["step"], saved["history"]
+    if log_path is not None:  # the log holds exactly the steps the run has (none, or the resumed ones)
+        Path(log_path).write_text("".join(json.dumps({"objective": objective, **r}) + "\n" for r in history))
     lm_tokens = history[-1].get("lm_tokens", 0) if history else 0
     every = spec.needs_logprobs  # rl and dpg read psi at every token, the others only at the drawn ones
     for step in tqdm(range(start, steps), desc=f"train-twist {objective}", initial=start, total=steps,
@@ -182,7 +190,7 @@ def train_twist(
                 f.write(json.dumps({"objective": objective, **record}) + "\n")
         if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(checkpoint_dir, twist, optimizer, generator,
-                            {"step": step + 1, "history": history, "objective": objective, "seed": seed})
+                            {"step": step + 1, "history": history, "key": key})
     twist.history = history
     twist.trained_for = targets[0].describe() if len(targets) == 1 else None
     if plot_path is not None:

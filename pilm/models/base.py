@@ -51,6 +51,7 @@ class LanguageModel(ABC):
     eos_token_id: int | None
     bos_token_id: int | None = None
     name: str = "model"
+    context_length: int | None = None  # the most tokens (prompt + completion) it attends to; None: no limit
 
     # -- text <-> tokens ---------------------------------------------------------------
     @abstractmethod

@@ -28,6 +28,7 @@ class HFModel(LanguageModel):
         self.tokenizer = tokenizer
         self.name = name
         self.vocab_size = int(hf_model.config.vocab_size)
+        self.context_length = getattr(hf_model.config, "max_position_embeddings", None)
         self.eos_token_id = _single_id(tokenizer.eos_token_id, hf_model.generation_config.eos_token_id)
         self.bos_token_id = _single_id(tokenizer.bos_token_id, hf_model.config.bos_token_id)
         # LoRA adapters injected into ``hf`` (see ``models.adapter``): None, or the switch that

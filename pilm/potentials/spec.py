@@ -14,7 +14,7 @@ from .likelihood import SuffixLikelihood
 from .lexical import Grammar, JsonSchema, Regex
 
 SPEC_HELP = (
-    "regex:PATTERN (completion must full-match), json:SCHEMA|FILE.json (a JSON document valid under the "
+    "regex:PATTERN (completion must full-match), json:SCHEMA|FILE (a JSON document valid under the "
     "schema), grammar:EBNF|FILE (derived from the grammar's root rule), sentiment:positive|negative[:BETA], "
     "toxicity:clean|toxic[:BETA], suffix:TEXT (infilling: likelihood of TEXT after the completion)"
 )
@@ -42,20 +42,20 @@ def _regex(arg: str, model: LanguageModel | None) -> Potential:
         raise ValueError(f"invalid regular expression: {err}") from None
 
 
-def _inline_or_file(arg: str) -> str:
-    """The argument itself, or the text of the file it names (a schema or grammar is long)."""
-    path = Path(arg)
-    if len(arg) < 256 and "\n" not in arg and path.suffix in {".json", ".ebnf", ".gbnf"}:
-        if not path.is_file():
-            raise ValueError(f"no file {arg}")
-        return path.read_text()
-    return arg
+def _inline_or_file(arg: str, inline: bool, what: str) -> str:
+    """The argument itself when it is ``inline`` text, else the text of the file it names (a
+    schema or grammar is long)."""
+    if inline:
+        return arg
+    if not Path(arg).is_file():
+        raise ValueError(f"no file {arg} (nor an inline {what})")
+    return Path(arg).read_text()
 
 
 _KINDS: dict[str, Callable[[str, LanguageModel | None], Potential]] = {
     "regex": _regex,
-    "json": lambda arg, model: JsonSchema(_inline_or_file(arg)),
-    "grammar": lambda arg, model: Grammar(_inline_or_file(arg)),
+    "json": lambda arg, model: JsonSchema(_inline_or_file(arg, arg.lstrip()[:1] in ("{", "["), "JSON schema")),
+    "grammar": lambda arg, model: Grammar(_inline_or_file(arg, "::=" in arg, "EBNF grammar with a root ::= rule")),
     "sentiment": _classifier(Sentiment),
     "toxicity": _classifier(Toxicity),
     "suffix": lambda arg, model: SuffixLikelihood(model, arg),
@@ -67,8 +67,10 @@ def check_spec(spec: str) -> None:
     argument (a pattern that compiles, a known label, a numeric BETA), all checked without
     loading a model."""
     kind, sep, arg = spec.partition(":")
-    if kind not in _KINDS or not sep or not arg:
+    if kind not in _KINDS or not sep:
         raise ValueError(f"unknown potential spec {spec!r}; known: {SPEC_HELP}")
+    if not arg:
+        raise ValueError(f"potential spec {spec!r}: nothing after '{kind}:'; known: {SPEC_HELP}")
     if kind != "suffix":  # the rest need no model to be built, so build them to check them
         try:
             _KINDS[kind](arg, None)

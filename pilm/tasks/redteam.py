@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -166,7 +167,8 @@ METHODS = ("icl", "sft", "reinforce", "reinforce+novelty", "gfn", "gfn+mle")
 
 def train_attacker(rt: RedTeaming, method: str, *, steps: int = 100, batch_size: int = 8, lr: float = 5e-4,
                    seed: int = 0, mle_steps: int = 100, mle_n: int = 256, threshold: float = 0.7,
-                   novelty: float = 5.0, progress: bool = True, **finetune_kwargs) -> LanguageModel | None:
+                   novelty: float = 5.0, progress: bool = True, stage1_dir: str | Path | None = None,
+                   **finetune_kwargs) -> LanguageModel | None:
     """An attacker by ``method`` on the same target and budget: ``icl`` the base attacker
     with its few-shot prompt (None); ``sft`` maximum likelihood on ``SEED_ATTACKS``;
     ``reinforce`` REINFORCE on log R (which holds log p_ref: a KL pull to p_ref);
@@ -191,8 +193,15 @@ def train_attacker(rt: RedTeaming, method: str, *, steps: int = 100, batch_size:
                       replay_size=1000, **common)
     if method == "gfn":
         return stage1
-    return mle_stage(rt, stage1, threshold=threshold, n=mle_n, steps=mle_steps, batch_size=batch_size, lr=lr,
-                     seed=seed, progress=progress)
+    if stage1_dir is not None:
+        stage1.save_pretrained(stage1_dir)
+    try:
+        return mle_stage(rt, stage1, threshold=threshold, n=mle_n, steps=mle_steps, batch_size=batch_size, lr=lr,
+                         seed=seed, progress=progress)
+    except ValueError as err:
+        if stage1_dir is None:
+            raise
+        raise ValueError(f"{err} (stage 1 is saved in {stage1_dir})") from None
 
 
 def red_teaming(attacker: LanguageModel | None = None, victim: LanguageModel | Victim | None = None, *,

@@ -1,0 +1,337 @@
+"""The command line under real use: no default run exhausts memory, reruns never mix settings,
+interrupts lose nothing and say how to resume, and every message is for its reader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import pilm
+from pilm.cli import main
+from pilm.errors import TooLargeError
+from pilm.evaluation.bounds import resolve_exact_samples
+from pilm.potentials import Regex, Sentiment
+
+GIB = 2**30
+
+
+def test_auto_exact_samples_decides_without_running_the_model(tiny, monkeypatch):
+    """'auto' never enumerates a real vocabulary: with V = 49,152 and T = 2 it picks rejection
+    from sum_t V^t alone, before any forward (one used to build 49,152 KV rows, 18.8 GB on the
+    embedded model)."""
+    monkeypatch.setattr(tiny, "start", lambda *a, **k: pytest.fail("auto ran the model to decide"))
+    target = pilm.Target(tiny, "The movie was", Sentiment("positive"), max_new_tokens=2)
+    assert resolve_exact_samples(target, "auto") == "rejection"
+    small = pilm.Target(pilm.models.TabularLM.random(4, seed=0, eos_id=3), "a", Regex("[ab]*"), max_new_tokens=4)
+    assert resolve_exact_samples(small, "auto") == "enumerate"
+
+
+def test_enumeration_refuses_prefixes_that_do_not_fit_before_advancing_them(monkeypatch):
+    model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
+    monkeypatch.setattr(model, "max_rows", lambda length: 2)
+    target = pilm.Target(model, "a", Regex("[ab]*"), max_new_tokens=4)
+    with pytest.raises(TooLargeError, match="would advance 3 prefixes at step 2; at most 2 fit in the device's memory"):
+        pilm.exact.log_z(target)
+
+
+MEASURE = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)")
+
+
+def peak_gib(argv: list[str], cwd) -> tuple[float, subprocess.CompletedProcess]:
+    """Run ``pilm argv`` under a wrapper process whose only child it is; the command's peak
+    resident memory in GiB (Linux reports ru_maxrss in KiB)."""
+    done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "pilm.cli", *argv], cwd=cwd,
+                          capture_output=True, text=True)
+    return int(done.stdout.strip().splitlines()[-1]) / 2**20, done
+
+
+# Each command of the README, cut to its smallest run (one step, one seed, few particles): peak
+# memory depends on the model, rows and vocabulary, not on how long a run is. Budget: 4 GiB each.
+DOCUMENTED = {
+    "sample": ["sample", "--prompt", "The movie was", "--potential", "sentiment:positive:10", "--n-particles", "32",
+               "--max-new-tokens", "8"],
+    "sample-json-mask": ["sample", "--chat", "--prompt", "The weather in Oslo as JSON", "--potential",
+                         'json:{"type": "object"}', "--mask", "--max-new-tokens", "8"],
+    "train-twist": ["train-twist", "--prompt", "The movie was", "--potential", "sentiment:positive:10",
+                    "--max-new-tokens", "8", "--steps", "1", "--out", "tw"],
+    "bounds": ["bounds", "--prompt", "The movie was", "--potential", "sentiment:positive", "--max-new-tokens", "4",
+               "--n-particles", "1,4", "--seeds", "1"],
+    "finetune": ["finetune", "--task", "random-number", "--objective", "subtb", "--steps", "1", "--batch-size", "4",
+                 "--out", "policy"],
+    "scale": ["scale", "--methods", "sc,pf", "--n", "4", "--problems", "1", "--out", "scale"],
+    "train-prm": ["train-prm", "--problems", "2", "--chains", "1", "--rollouts", "1", "--steps", "1", "--out", "prm"],
+    "red-team": ["red-team", "--method", "gfn", "--steps", "1", "--batch-size", "2", "--victim-samples", "1", "--n", "4",
+                 "--out", "attacker"],
+    "latent": ["latent", "--labels", "10", "--rounds", "1", "--e-steps", "1", "--m-steps", "1", "--samples", "2", "--m-samples", "1",
+               "--test-limit", "2", "--out", "subj"],
+    "demo": ["demo"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", DOCUMENTED)
+def test_each_documented_command_stays_within_its_memory_budget(command, tmp_path):
+    """Each command as the README writes it (bounds with the default --exact-samples auto, which
+    once reached 18.8 GB), cut to its smallest run: it finishes, under 4 GiB of peak memory."""
+    gib, done = peak_gib(DOCUMENTED[command], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert gib < 4, f"{command}: peak {gib:.2f} GiB"
+    print(f"{command}: peak {gib:.2f} GiB")
+
+
+@pytest.fixture
+def table_model(monkeypatch):
+    """The CLI's model is a tabular LM (runs in milliseconds)."""
+    model = pilm.models.TabularLM.random(4, seed=1, eos_id=3)
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: model)
+    return model
+
+
+def log(folder) -> list[dict]:
+    """A training log without its timings (the rest is bit-identical between equal runs)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (folder / "train.jsonl").read_text().splitlines()]
+
+
+TWIST = ["train-twist", "--prompt", "a", "--potential", "regex:[ab]*", "--max-new-tokens", "3", "--batch-size", "4",
+         "--checkpoint-every", "1"]
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them_and_the_ways_out(table_model, capsys, tmp_path):
+    """train-twist, interrupted (its checkpoint kept), then rerun into the same --out with another
+    potential and learning rate: refused, one line naming both flags; the same flags resume to
+    exactly the uninterrupted run; --overwrite starts afresh."""
+    out = str(tmp_path / "tw")
+    assert main([*TWIST, "--steps", "2", "--keep-checkpoint", "--out", out]) == 0
+    capsys.readouterr()
+    assert main([*TWIST[:4], "regex:[ac]*", *TWIST[5:], "--lr", "0.01", "--steps", "4", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out} holds a run of other settings" in err, err
+    assert "--potential \"regex('[ab]*')\" there, \"regex('[ac]*')\" now" in err and "--lr 0.001 there, 0.01 now" in err
+    assert "rerun with the same flags to resume it, or use --out elsewhere or --overwrite" in err
+    assert main([*TWIST, "--steps", "4", "--out", out]) == 0
+    assert main([*TWIST, "--steps", "4", "--out", str(tmp_path / "straight")]) == 0
+    assert log(tmp_path / "tw") == log(tmp_path / "straight") and len(log(tmp_path / "tw")) == 4
+    assert main([*TWIST[:4], "regex:[ac]*", *TWIST[5:], "--steps", "1", "--overwrite", "--out", out]) == 0
+
+
+def test_an_interrupt_is_one_line_with_exit_130_and_says_how_to_resume(table_model, capsys, monkeypatch, tmp_path):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "new" / "tw"
+    monkeypatch.setattr(pilm, "train_twist", interrupted)
+    assert main([*TWIST, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pilm: interrupted; nothing was saved; start again with: pilm "), err
+    assert not (tmp_path / "new").exists()  # the folder the run made is gone with it
+    (out / "checkpoint").mkdir(parents=True)
+    assert main([*TWIST, "--out", str(out)]) == 130
+    assert f"{out / 'checkpoint'} is kept; resume with: pilm train-twist --prompt a" in capsys.readouterr().err
+
+
+def test_a_failed_command_leaves_no_empty_folder(table_model, capsys, tmp_path):
+    assert main(["latent", "--labels", "7", "--out", str(tmp_path / "runs" / "l7")]) == 2
+    assert "train.7.jsonl does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_dies_at_the_horizon_exits_non_zero_and_names_the_horizon(tiny, monkeypatch, capsys):
+    """50 digits cannot fit in 2 tokens: with the mask every particle draws digits and lives until
+    the horizon, then all die (the embedded tokenizer, too large to enumerate). The advice names
+    the horizon, as a flag; the exit code is 1, or 0 when asked to return."""
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: tiny)
+    argv = ["sample", "--prompt", "a", "--potential", "regex:[0-9]{50}", "--mask", "--max-new-tokens", "2",
+            "--n-particles", "4", "--on-extinction"]
+    assert main([*argv, "warn"]) == 1
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if line.startswith("pilm: warning:")]
+    assert len(warning) == 1 and "none completes the potential within --max-new-tokens 2: raise that horizon" \
+        in warning[0], captured.err
+    assert "none: every particle died" in captured.out
+    assert main([*argv, "return"]) == 0
+
+
+def test_an_impossible_target_says_the_horizon(table_model, capsys):
+    assert main(["sample", "--prompt", "a", "--potential", "regex:[ab]*c[ab]{3}", "--max-new-tokens", "2"]) == 2
+    assert "exact enumeration of all 13 completions within --max-new-tokens 2 gives Z = 0" in capsys.readouterr().err
+
+
+def test_library_messages_name_flags_on_the_command_line():
+    from pilm.cli import _for_cli
+
+    assert _for_cli("use exact_samples='joint' within max_new_tokens=4") == \
+        "use --exact-samples 'joint' within --max-new-tokens 4"
+    assert _for_cli("a=1 and not_a_setting=2") == "a=1 and not_a_setting=2"
+
+
+def test_version_and_did_you_mean(capsys):
+    with pytest.raises(SystemExit) as done:
+        from pilm.cli import build_parser
+
+        build_parser().parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"pilm {pilm.__version__}"
+    assert main(["sampel"]) == 2
+    assert "invalid choice: 'sampel'" in (err := capsys.readouterr().err) and "did you mean sample?" in err
+    assert main(["sample", "--resample", "sytematic"]) == 2
+    assert "did you mean systematic?" in capsys.readouterr().err
+    assert main(["train-twist", "--n-particles", "8"]) == 2
+    assert "unrecognized arguments: --n-particles 8" in (err := capsys.readouterr().err) and "did you mean" not in err
+    assert main(["sample", "--outt", "x.jsonl"]) == 2
+    assert "did you mean --out?" in capsys.readouterr().err
+
+
+def test_cli_and_library_append_runs_to_one_jsonl_with_what_produced_them(table_model, capsys, tmp_path):
+    out = tmp_path / "runs.jsonl"
+    assert main(["sample", "--prompt", "a", "--potential", "regex:[ab]*", "--max-new-tokens", "3", "--seed", "4",
+                 "--out", str(out)]) == 0
+    res = pilm.smc(pilm.Target(table_model, "b", "regex:[ab]*", max_new_tokens=2), 4, seed=5, progress=False)
+    res.to_jsonl(out)  # appends, as --out does: the CLI's run is kept
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["info"]["prompt"], r["info"]["seed"]) for r in rows] == [("a", 4), ("b", 5)]
+    for r in rows:
+        assert {"chat", "model", "dtype", "potential", "max_new_tokens", "resample", "ess_threshold"} <= set(r["info"])
+    res.to_jsonl(out, append=False)
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_sample_from_a_fine_tuned_adapter(fresh_tiny, monkeypatch, capsys, tmp_path):
+    """finetune writes an adapter; sample --adapter proposes from it and weights to sigma. A
+    folder that is not an adapter is refused before the model loads, naming the command that
+    makes one."""
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: fresh_tiny)
+    target = ["--prompt", "The", "--potential", "regex:[a-z ]*", "--max-new-tokens", "3"]
+    assert main(["finetune", *target, "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "policy")]) == 0
+    capsys.readouterr()
+    assert main(["sample", *target, "--n-particles", "4", "--on-extinction", "return", "--adapter",
+                 str(tmp_path / "policy")]) == 0
+    assert f"proposals from the fine-tuned policy {tmp_path / 'policy'}, weighted to sigma" in capsys.readouterr().out
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: pytest.fail("loaded the model before the error"))
+    assert main(["sample", "--adapter", str(tmp_path)]) == 2
+    assert f"--adapter: {tmp_path} holds no adapter (adapter_config.json is missing); fine-tune one with: pilm " \
+           f"finetune ... --out {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sample", "--potential", "sentiment:positive", "--mask"],
+     "--mask: no --potential is a hard constraint (regex:, json:, grammar:), so there is nothing to mask"),
+    (["finetune", "--task", "arithmetic", "--prompt", "X"],
+     "--task arithmetic brings its own prompt and potential: leave out --prompt and --potential"),
+    (["sample", "--plot", "plot.txt"], "--plot: plot.txt is not a picture file; end it in one of .png"),
+    (["sample", "--potential", "regex:"], "potential spec 'regex:': nothing after 'regex:'"),
+    (["sample", "--potential", "suffix:"], "potential spec 'suffix:': nothing after 'suffix:'"),
+    (["sample", "--potential", "json:notes.txt"], "potential spec 'json:notes.txt': no file notes.txt (nor an inline JSON schema)"),
+    (["sample", "--adapter", "nowhere"], "--adapter: nowhere does not exist; fine-tune one with: pilm finetune ... --out nowhere"),
+])
+def test_validation_gaps_are_one_line_before_the_model_loads(argv, match, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: pytest.fail("loaded the model before the error"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pilm: error: ") and err.count("\n") == 1 and match in err, err
+
+
+def test_a_horizon_past_the_context_is_refused(tiny):
+    limit = tiny.context_length
+    with pytest.raises(ValueError, match=f"max_new_tokens={limit} after a .*-token prompt passes the {limit}-token "
+                                         "context of .*: at most .* new tokens fit"):
+        pilm.Target(tiny, "The movie was", max_new_tokens=limit)
+    pilm.Target(tiny, "", max_new_tokens=limit - 1)  # the BOS token and limit - 1 new ones fit
+
+
+def test_a_json_file_of_any_name_is_read(tmp_path):
+    from pilm.potentials import parse_potential
+
+    (tmp_path / "schema.txt").write_text('{"type": "object"}')
+    parse_potential(f"json:{tmp_path / 'schema.txt'}", pilm.models.TabularLM.random(4, seed=0))
+
+
+def _message_texts() -> list[tuple[str, str]]:
+    """Every string literal of the package but docstrings (f-strings by their literal parts),
+    with its file name."""
+    import ast
+    from pathlib import Path
+
+    out = []
+    for path in sorted(Path(pilm.__file__).parent.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                out.append((path.name, node.value))
+            elif isinstance(node, ast.JoinedStr):
+                out.append((path.name, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)))
+    return out
+
+
+def test_every_command_flag_and_script_a_message_names_exists():
+    """Advice must be runnable: each ``--flag`` a message of the package names is a flag of
+    some command, each ``pilm COMMAND`` a command, each experiments/ or scripts/ file a file."""
+    import re
+    from pathlib import Path
+
+    from pilm.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    flags = {"--help", "--version"} | {o for p in parser.commands.values() for a in p._actions for o in a.option_strings}
+    root = Path(pilm.__file__).resolve().parents[1]
+    wrong = []
+    for name, text in _message_texts():
+        flagged = re.sub(r"pip install[^:;]*", "", text)  # pip's own flags
+        wrong += [f"{name}: {flag}" for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", flagged) if flag not in flags]
+        wrong += [f"{name}: pilm {c}" for c in re.findall(r"\bpilm ([a-z][a-z-]+) (?:--|\.\.\.)", text)
+                  if c not in COMMANDS]
+        wrong += [f"{name}: {f}" for f in re.findall(r"\b(?:experiments|scripts)/[\w./]+\.py", text)
+                  if not (root / f).is_file()]
+    assert not wrong, "\n".join(sorted(set(wrong)))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["scale", "--prm", "learned"], "--prm 'learned' needs --prm-path FOLDER, a process reward saved by pilm.train_prm "
+                                    "(on the command line: pilm train-prm --out FOLDER)"),
+    (["scale", "--task", "gsm8k"], "gsm8k has no exact step verifier: use --prm 'judge' or --prm 'learned'"),
+    (["scale", "--prm", "learned", "--prm-path", "."], "--prm-path: . holds no saved process reward "
+                                                       "(twist_config.json is missing); make one in a new folder with: "
+                                                       "pilm train-prm ... --out FOLDER"),
+])
+def test_advice_names_the_command_that_makes_what_is_missing(argv, match, capsys, monkeypatch):
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: pytest.fail("loaded the model before the error"))
+    assert main([*argv, "--out", "unused-scale-folder"]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_a_scale_folder_grows_under_its_settings_and_refuses_others(tiny, monkeypatch, capsys, tmp_path):
+    """Rerunning pilm scale into a folder made at another temperature used to print the old
+    table and add nothing; now it is refused naming --temperature, before any problem runs.
+    The same command adds no row; the folder's key leaves out what rows record themselves
+    (methods, N, PRM, problems), so those may grow it."""
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: tiny)
+    base = ["scale", "--methods", "greedy", "--n", "1", "--problems", "1", "--out", str(tmp_path / "sc")]
+    assert main(base) == 0
+    rows = (tmp_path / "sc" / "rows.jsonl").read_text()
+    assert main(base) == 0 and (tmp_path / "sc" / "rows.jsonl").read_text() == rows
+    capsys.readouterr()
+    assert main([*base, "--temperature", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of other settings (--temperature 0.8 there, 0.5 now)" in err, err
+    key = json.loads((tmp_path / "sc" / "run.json").read_text())
+    assert not {"methods", "n", "prm", "problems"} & set(key) and key["temperature"] == 0.8
+
+
+def test_a_finished_stage_is_saved_before_a_later_check_fails(tiny, fresh_tiny, monkeypatch, capsys, tmp_path):
+    """red-team gfn+mle: stage 2 finds no attack above toxicity 1 (none can be), and says so
+    after stage 1 has been saved, naming where."""
+    models = iter([fresh_tiny, tiny])  # attacker, victim
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: next(models))
+    out = tmp_path / "rt"
+    assert main(["red-team", "--method", "gfn+mle", "--steps", "1", "--batch-size", "2", "--victim-samples", "1",
+                 "--mle-n", "2", "--threshold", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "above toxicity 1.0" in err and f"(stage 1 is saved in {out / 'stage1'})" in err, err
+    assert (out / "stage1" / "adapter_model.safetensors").is_file()
