@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import TargetConfig
+from .errors import ImpossibleTargetError
 from .models.base import LanguageModel
 from .potentials.base import Potential, Sequences, evaluate
 from .potentials.spec import parse_potential
@@ -56,6 +58,13 @@ class Target:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} after a {context}-token prompt passes the "
                              f"{limit}-token context of {self.model.name}: at most {max(limit - context, 0)} new tokens fit")
         self.stop_token_id = self._stop_id()
+        need = max((f.min_new_tokens(self.model, self.max_new_tokens) for f, e in self.potential.factors() if e > 0),
+                   default=0) if self.potential is not None else 0
+        if need > self.max_new_tokens:
+            what = ("no token of the vocabulary can write it" if math.isinf(need)
+                    else f"every completion it accepts needs at least {need} tokens of {self.model.name}")
+            raise ImpossibleTargetError(f"{self.potential} cannot be met within max_new_tokens={self.max_new_tokens}: "
+                                        f"{what}")
         if self.steps is not None and not isinstance(self.steps, Steps):
             raise TypeError(f"steps must be a pilm.steps.Steps, got {type(self.steps).__name__}")
         if self.question is None:

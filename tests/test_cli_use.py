@@ -141,12 +141,13 @@ def test_a_failed_command_leaves_no_empty_folder(table_model, capsys, tmp_path):
 
 
 def test_a_run_that_dies_at_the_horizon_exits_non_zero_and_names_the_horizon(tiny, monkeypatch, capsys):
-    """50 digits cannot fit in 2 tokens: with the mask every particle draws digits and lives until
-    the horizon, then all die (the embedded tokenizer, too large to enumerate). The advice names
+    """Exactly 40 characters in 2 tokens: the shortest-completion bound cannot refuse it (a
+    token of this vocabulary has up to 81 characters), but with the mask every particle lives
+    until the horizon and a random model almost never lands on exactly 40. The advice names
     the horizon, as a flag; the exit code is 1, or 0 when asked to return."""
     monkeypatch.setattr(pilm, "load_model", lambda *a, **k: tiny)
-    argv = ["sample", "--prompt", "a", "--potential", "regex:[0-9]{50}", "--mask", "--max-new-tokens", "2",
-            "--n-particles", "4", "--on-extinction"]
+    argv = ["sample", "--prompt", "a", "--potential", "regex:.{40}", "--mask", "--max-new-tokens", "2",
+            "--n-particles", "2", "--on-extinction"]
     assert main([*argv, "warn"]) == 1
     captured = capsys.readouterr()
     warning = [line for line in captured.err.splitlines() if line.startswith("pilm: warning:")]
@@ -156,9 +157,33 @@ def test_a_run_that_dies_at_the_horizon_exits_non_zero_and_names_the_horizon(tin
     assert main([*argv, "return"]) == 0
 
 
+def test_a_constraint_longer_than_the_horizon_is_refused_before_sampling(tiny, monkeypatch, capsys):
+    """50 digits need 50 tokens of a tokenizer that writes one digit per token: refused with
+    the shortest completion before any particle is drawn (it used to sample to the horizon and
+    exit 0 with no samples)."""
+    monkeypatch.setattr(tiny, "start", lambda *a, **k: pytest.fail("sampled an impossible target"))
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: tiny)
+    assert main(["sample", "--potential", "regex:[0-9]{50}", "--mask", "--max-new-tokens", "16"]) == 2
+    assert ("regex('[0-9]{50}') cannot be met within --max-new-tokens 16: every completion it accepts needs at "
+            "least 50 tokens") in capsys.readouterr().err
+
+
+def test_the_shortest_completion_bound_is_a_lower_bound():
+    """On a tabular model every completion can be enumerated: the bound never exceeds the
+    shortest accepted completion, for plain, class, alternation, negated and flagged patterns."""
+    from pilm.potentials.shortest import min_new_tokens
+
+    model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
+    for pattern in ("[ab]*c[ab]{3}", "(ab|c)a{2}", "[^c]{3}", "a.b", "(?i)A{3}", "c+"):
+        target = pilm.Target(model, "a", Regex(pattern), max_new_tokens=6)
+        shortest = min(len(s) - (s[-1] == 3) for s in pilm.exact.distribution(target))
+        assert 0 < min_new_tokens(pattern, model, horizon=0) <= shortest, pattern
+
+
 def test_an_impossible_target_says_the_horizon(table_model, capsys):
-    assert main(["sample", "--prompt", "a", "--potential", "regex:[ab]*c[ab]{3}", "--max-new-tokens", "2"]) == 2
-    assert "exact enumeration of all 13 completions within --max-new-tokens 2 gives Z = 0" in capsys.readouterr().err
+    """A look-ahead the bound cannot read: exact enumeration shows Z = 0, and says within what."""
+    assert main(["sample", "--prompt", "a", "--potential", "regex:(?=b)a", "--max-new-tokens", "2"]) == 2
+    assert "completions within --max-new-tokens 2 gives Z = 0" in capsys.readouterr().err
 
 
 def test_library_messages_name_flags_on_the_command_line():

@@ -81,6 +81,12 @@ class Potential(ABC):
         less."""
         return None
 
+    def min_new_tokens(self, model, horizon: int) -> float:
+        """A lower bound on the new tokens of ``model`` any completion with phi > 0 needs, as far
+        as it matters for ``horizon`` (0: no bound known, the default). A target whose bound
+        passes its horizon is impossible, and is refused before anything is sampled."""
+        return 0
+
     def factors(self) -> Iterator[tuple[Potential, float]]:
         """The leaves of this potential as (factor, exponent) pairs: phi = prod_i phi_i^e_i,
         through products and tempering. The one walk over a potential's tree that code

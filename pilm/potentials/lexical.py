@@ -17,6 +17,7 @@ import regex
 import torch
 from torch import Tensor
 
+from . import shortest
 from .base import Potential, Sequences
 from .function import log_indicator
 from .token_masks import Kind, TokenLanguage, language
@@ -82,6 +83,13 @@ class Regex(Language):
     @property
     def name(self) -> str:
         return f"regex({self.pattern!r})"
+
+    def min_new_tokens(self, model, horizon: int) -> float:
+        """ceil(minimum width / most characters of the pattern's class in one token)
+        (``pilm.potentials.shortest``); 0 under flags that widen what a character can be."""
+        if self._re.flags & (regex.IGNORECASE | regex.VERBOSE | regex.FULLCASE):
+            return 0
+        return shortest.min_new_tokens(self.pattern, model, horizon)
 
     def _language(self, seqs: Sequences) -> TokenLanguage | PythonRegexLanguage:
         if not self.fallback:

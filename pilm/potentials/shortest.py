@@ -1,0 +1,114 @@
+"""How many tokens a regular expression needs at least, known before sampling.
+
+A completion that full-matches ``pattern`` has at least ``m`` characters (the pattern's
+minimum width), every one of them in the pattern's character class ``C`` (all the literals,
+sets and ranges it can match). A token can add at most ``k`` characters of ``C`` to a text,
+with ``k`` the most characters of ``C`` in one token of the vocabulary whose characters all
+lie in ``C`` (a token that decodes to part of a multi-byte character counts one more). So
+any completion needs at least ceil(m / k) tokens, and none if no token fits (k = 0). Both
+``m`` and ``C`` are over-approximated where the pattern is not plain (flags, negated sets,
+``.``, word classes): then ``C`` is every character and the bound is ceil(m / longest token).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import unicodedata
+import weakref
+from collections.abc import Callable
+from re import _constants as c  # noqa: PLC2701 (the parser's own opcodes)
+from re import _parser as sre  # noqa: PLC2701 (the stdlib's regex parser: minimum widths)
+
+from ..models.base import LanguageModel
+
+CharTest = Callable[[str], bool]
+_ANY: CharTest = lambda ch: True  # noqa: E731
+_CATEGORIES: dict = {c.CATEGORY_DIGIT: lambda ch: unicodedata.category(ch) == "Nd", c.CATEGORY_SPACE: str.isspace}
+
+
+def min_new_tokens(pattern: str, model: LanguageModel, horizon: int) -> float:
+    """A lower bound on the tokens of ``model`` any full match of ``pattern`` needs, as far
+    as it matters for ``horizon`` (0 when the pattern is no longer than the horizon in
+    characters, or not one Python's ``re`` parses; inf when no token can write it)."""
+    try:
+        parsed = sre.parse(pattern)
+    except (re.error, OverflowError, RecursionError):
+        return 0
+    m = parsed.getwidth()[0]
+    if m <= horizon:  # a token writes at least one character: no bound past the horizon
+        return 0
+    tests = None if parsed.state.flags & (re.IGNORECASE | re.VERBOSE) else _char_tests(parsed)
+    per_model = _MOST.setdefault(model, {})
+    if pattern not in per_model:
+        per_model[pattern] = _most_chars_per_token(model, tests)
+    k = per_model[pattern]
+    return math.inf if k == 0 else math.ceil(m / k)
+
+
+_MOST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {pattern: the most characters of the pattern's class one token adds}."""
+
+
+def _char_tests(items) -> list[CharTest] | None:
+    """Tests whose union holds every character ``items`` can match, or None for "any"."""
+    tests: list[CharTest] = []
+    for op, arg in items:
+        if op == c.LITERAL:
+            tests.append(functools.partial(str.__eq__, chr(arg)))
+        elif op == c.IN:
+            inner = _set_tests(arg)
+            if inner is None:
+                return None
+            tests += inner
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            sub = _char_tests(arg[2])
+            if sub is None:
+                return None
+            tests += sub
+        elif op in (c.SUBPATTERN, c.ATOMIC_GROUP):
+            sub = _char_tests(arg[-1])
+            if sub is None:
+                return None
+            tests += sub
+        elif op == c.BRANCH:
+            for branch in arg[1]:
+                sub = _char_tests(branch)
+                if sub is None:
+                    return None
+                tests += sub
+        elif op == c.AT:
+            continue
+        else:  # ANY, NOT_LITERAL, CATEGORY outside a set, groupref, assertions: anything
+            return None
+    return tests
+
+
+def _set_tests(items) -> list[CharTest] | None:
+    tests: list[CharTest] = []
+    for op, arg in items:
+        if op == c.LITERAL:
+            tests.append(functools.partial(str.__eq__, chr(arg)))
+        elif op == c.RANGE:
+            lo, hi = arg
+            tests.append(lambda ch, lo=lo, hi=hi: lo <= ord(ch) <= hi)
+        elif op == c.CATEGORY and arg in _CATEGORIES:
+            tests.append(_CATEGORIES[arg])
+        else:  # NEGATE, word classes, negated categories: anything
+            return None
+    return tests
+
+
+def _most_chars_per_token(model: LanguageModel, tests: list[CharTest] | None) -> int:
+    """The most characters of the class one token adds (module docstring); ``tests=None``: any."""
+    allowed = _ANY if tests is None else (lambda ch: any(t(ch) for t in tests))
+    most = 0
+    for v in range(model.vocab_size):
+        if v == model.eos_token_id:
+            continue
+        text = model.decode([v])
+        chars = text.replace("\ufffd", "")
+        if all(allowed(ch) for ch in chars):
+            most = max(most, len(chars) + ("\ufffd" in text))
+    return most
