@@ -42,7 +42,7 @@ def one_line_error(capsys, argv, match):
     (["sample", "--potential", "sentiment:happy"], "sentiment label must be 'positive' or 'negative', got 'happy'"),
     (["sample", "--potential", "toxicity:rude"], "toxicity:rude"),
     (["sample", "--potential", "telepathy:yes"], "unknown potential spec 'telepathy:yes'"),
-    (["sample", "--twist", "no/such/twist"], "--twist: no/such/twist does not exist; train one with"),
+    (["sample", "--twist", "no/such/twist"], "--twist: no/such/twist does not exist; make it with: pilm train-twist"),
     (["sample", "--n-particles", "0"], "--n-particles must be >= 1, got 0"),
     (["sample", "--n-particles", "-3"], "--n-particles must be >= 1, got -3"),
     (["sample", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
@@ -61,7 +61,7 @@ def one_line_error(capsys, argv, match):
     (["sample", "--n-particles", "many"], "argument --n-particles: invalid int value: 'many'"),
     (["sample", "--resample", "magic"], "argument --resample: invalid choice: 'magic'"),
     (["latent", "--data", "no/such/folder"], "no/such/folder does not exist: give a folder with train.jsonl"),
-    (["latent", "--data", "../shared/data/subj", "--labels", "7"], "train.7.jsonl does not exist"),
+    (["latent", "--labels", "7"], "train.7.jsonl does not exist"),
     (["latent", "--run", "no/such/run"], "--run: no/such/run holds no saved latent run"),
     (["latent", "--e-lr", "0"], "--e-lr must be > 0, got 0"),
     (["red-team", "--method", "ppo"], "argument --method: invalid choice: 'ppo'"),
@@ -183,7 +183,7 @@ def test_latent_trains_saves_and_scores_a_saved_run_on_any_file(capsys, monkeypa
     in peft format, then --run ... --test FILE scores sentences it never saw."""
     monkeypatch.setattr(pilm, "load_model", lambda *a, **k: fresh_tiny)
     run = tmp_path / "run"
-    assert main(["latent", "--data", "../shared/data/subj", "--labels", "10", "--e-steps", "1", "--m-steps", "1",
+    assert main(["latent", "--labels", "10", "--e-steps", "1", "--m-steps", "1",
                  "--m-samples", "2", "--samples", "2", "--test-limit", "3", "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "round 1 E-step: ELBO" in out and "round 1 M-step" in out and "on 3 items" in out
