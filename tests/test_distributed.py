@@ -12,13 +12,30 @@ import torch
 
 SCRIPT = textwrap.dedent("""
     import os, sys, torch, pilm
+    from pilm.learning import policy_trainer as trainer
     from pilm.potentials import FunctionPotential
+
+    # Spies: each process's own gradients as the update begins, and the gradients the update
+    # clips and applies (after the cross-process reduction).
+    local, applied = [], []
+    update, clip = trainer._update, torch.nn.utils.clip_grad_norm_
+
+    def spy_update(optimizer, trainable, accelerator, grad_clip):
+        local.append([p.grad.detach().clone() for p in trainable.parameters() if p.grad is not None])
+        return update(optimizer, trainable, accelerator, grad_clip)
+
+    def spy_clip(params, *args, **kwargs):
+        params = list(params)
+        applied.append([p.grad.detach().clone() for p in params if p.grad is not None])
+        return clip(params, *args, **kwargs)
+
+    trainer._update, torch.nn.utils.clip_grad_norm_ = spy_update, spy_clip
     model = pilm.models.TabularLM.random(4, seed=3, eos_id=3)
     soft = FunctionPotential(lambda t: 0.8 * t.count(0) - 0.5 * t.count(1), on="tokens", name="soft")
     policy = pilm.finetune(pilm.Target(model, "a", soft, max_new_tokens=4), "subtb", steps=5, batch_size=4, lr=0.05,
                            warmup=1, seed=0, progress=False, checkpoint_dir=sys.argv[1] + "/ckpt", checkpoint_every=5)
-    torch.save({"theta": policy.trainable["theta"].detach(), "log_r": [h["log_r"] for h in policy.history]},
-               f"{sys.argv[1]}/rank{os.environ['RANK']}.pt")
+    torch.save({"theta": policy.trainable["theta"].detach(), "log_r": [h["log_r"] for h in policy.history],
+                "local": local, "applied": applied}, f"{sys.argv[1]}/rank{os.environ['RANK']}.pt")
 """)
 
 
@@ -37,5 +54,16 @@ def test_two_processes_average_gradients_and_stay_identical(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert a["log_r"] != b["log_r"]  # each process drew its own trajectories (seed + process index)
-    assert torch.equal(a["theta"], b["theta"]) and a["theta"].abs().sum() > 0  # one averaged update per step
+    assert torch.equal(a["theta"], b["theta"]) and a["theta"].abs().sum() > 0  # one shared update per step
+    # Equal weights on both ranks hold for a sum as well as a mean (and AdamW barely tells them
+    # apart), so the gradients themselves are checked: the ranks' own gradients differ (their
+    # data differ), and the gradient every step applies is their mean on both ranks, not
+    # their sum (which differs from the mean by the mean itself, far above float error).
+    assert len(a["local"]) == len(a["applied"]) == 5
+    for step, (ga, gb, ma, mb) in enumerate(zip(a["local"], b["local"], a["applied"], b["applied"])):
+        for la, lb, applied_a, applied_b in zip(ga, gb, ma, mb, strict=True):
+            assert (la - lb).abs().max() > 1e-3, step
+            mean, total = (la + lb) / 2, la + lb
+            assert torch.allclose(applied_a, mean, atol=1e-6) and torch.equal(applied_a, applied_b), step
+            assert (applied_a - total).abs().max() > 1e-3, step
     assert (tmp_path / "ckpt").exists()  # written by the main process

@@ -22,7 +22,8 @@ LABELS = ("d", "e")
 @pytest.fixture
 def reasoner():
     """A random 5-token table (asymmetric: label probabilities differ by X and Z), rationales
-    of 1 to 3 tokens: 84 rationales per X, all enumerable."""
+    of 1 to 3 tokens: 84 rationales per X (4 + 16 + 64), all enumerable; with the empty one
+    (phi = 0) the posterior target has 85 completions."""
     return LatentReasoner(TabularLM.random(5, seed=7), template=TEMPLATE, labels=LABELS, rationale_tokens=(1, 3),
                           separator="")
 

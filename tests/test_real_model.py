@@ -15,8 +15,8 @@ from pilm.models import registry
 
 pytestmark = pytest.mark.slow
 
-# Calibrated on this model (tied head, lr 3e-3): final ESS 3.3 -> 5.7 and var log Z-hat 0.74 -> 0.45
-# over 10 seeds (5.1 and 0.46 over 40 seeds); training takes ~2 minutes.
+# The CTL twist of test_ctl_twist_improves_smc_on_sentiment (tied head, lr 3e-3); what it
+# does to SMC, measured, is in that test's docstring.
 CTL_TOKENS, CTL_STEPS = 6, 60
 
 
@@ -35,40 +35,51 @@ def test_the_embedded_models_hub_id_loads_the_embedded_copy(real_model, monkeypa
 
 
 def test_no_e_with_few_particles_estimates_zero_instead_of_raising(real_model):
-    """The no-'e' continuation (Z ≈ 0.03): particles dying by chance is Z-hat = 0, not an error."""
+    """The no-'e' continuation (Z ≈ 0.03): particles dying by chance is Z-hat = 0, not an error.
+    The extinction path is certain to be taken, on any machine: a single particle (N = 1)
+    survives the prefix-aware constraint with probability Z itself, so all three N = 1 runs
+    survive with probability Z^3 ~ 3e-5. The N = 4 runs (seeds 0-3 died twice, measured)
+    exercise either path."""
     target = pilm.Target(real_model, "My favorite weather is", pilm.potentials.Regex(r"[^eE]*"), max_new_tokens=16)
     dead = 0
-    for seed in range(4):
+    for n, seed in [(1, 0), (1, 1), (1, 2), (4, 0), (4, 1), (4, 2), (4, 3)]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = pilm.smc(target, 4, seed=seed, progress=False)
+            res = pilm.smc(target, n, seed=seed, progress=False)
         if res.log_z == -math.inf:
             dead += 1
             assert any(issubclass(w.category, pilm.ExtinctionWarning) for w in caught)
+            assert all(w == -math.inf for w in res.log_weights)
         else:
             assert all("e" not in s.lower() for s, w in zip(res.samples, res.weights) if w > 0)
+    assert dead >= 1
 
 
 def test_masked_no_e_agrees_with_reweighting_and_plain_monte_carlo(real_model):
-    """The no-'e' continuation of "My favorite weather is" (16 tokens, Z ≈ 0.03): the mean
-    Z-hat of masked SMC (N = 32, 6 seeds) agrees with reweighting-only SMC and with plain
-    Monte Carlo (1,024 draws, the share that meets the constraint), within 3 standard errors
-    of the difference (Z-hat is heavy-tailed at this N: var log Z-hat ~1 over 20 seeds, so
-    the SE comes from the seeds, not a normal guess); every masked particle meets it."""
-    target = pilm.Target(real_model, "My favorite weather is", pilm.potentials.Regex(r"[^eE]*"), max_new_tokens=16)
-    plain = pilm.importance_sample(target, 1024, seed=0, on_extinction="return")
+    """The no-'e' continuation of "My favorite weather is" over 4 tokens (Z ≈ 0.28): the mean
+    Z-hat of masked SMC (64 runs of N = 8, one batch) agrees with reweighting-only SMC (the
+    same) and with plain Monte Carlo (2,048 draws, the share that meets the constraint),
+    within 3 standard errors of each difference (each SMC mean's SE from its 64 runs); every
+    masked particle meets it. The horizon is short so that the estimates are precise enough
+    for the test to fail: measured relative SEs 0.025 masked, 0.054 reweighting, 0.034-0.036
+    plain, so a 30% bias of the masked Z-hat is ~7 SE of the difference from plain Monte
+    Carlo and ~5 SE from reweighting. Asserted: the SE of the difference with plain Monte
+    Carlo is below 7% of Z (a 30% bias at least 4.3 SE away). (At 16 tokens, 6 seeds of
+    N = 32 and 1,024 plain draws, Z ≈ 0.03, a 30-70% bias passed; with 512 plain draws here,
+    a +30% one did.)"""
+    target = pilm.Target(real_model, "My favorite weather is", pilm.potentials.Regex(r"[^eE]*"), max_new_tokens=4)
+    plain = pilm.importance_sample(target, 2048, seed=0, on_extinction="return")
     p = statistics.mean(math.isfinite(w) for w in plain.log_weights)
-    mc, mc_se = p, math.sqrt(p * (1 - p) / 1024)
+    mc, mc_se = p, math.sqrt(p * (1 - p) / 2048)
     runs = {}
     for proposal in ("masked", None):
-        z = []
-        for seed in range(6):
-            res = pilm.smc(target, 32, proposal=proposal, seed=seed, progress=False, on_extinction="return")
-            z.append(math.exp(res.log_z))
-            if proposal == "masked":
-                assert all("e" not in s.lower() for s in res.samples)
+        res = pilm.smc([target] * 64, 8, proposal=proposal, seed=0, progress=False, on_extinction="return")
+        z = [math.exp(r.log_z) for r in res]
+        if proposal == "masked":
+            assert all("e" not in s.lower() for r in res for s in r.samples)
         runs[proposal] = (statistics.mean(z), statistics.stdev(z) / math.sqrt(len(z)))
     (masked, masked_se), (reweighted, reweighted_se) = runs["masked"], runs[None]
+    assert math.hypot(masked_se, mc_se) < 0.07 * mc, (masked_se, mc_se, mc)  # a 30% bias is >= 4.3 SE away
     assert abs(masked - mc) < 3 * math.hypot(masked_se, mc_se), (masked, masked_se, mc, mc_se)
     assert abs(masked - reweighted) < 3 * math.hypot(masked_se, reweighted_se), (masked, reweighted)
 
@@ -138,9 +149,11 @@ def test_cli_train_twist_then_sample_with_it(tmp_path, capsys):
     assert "log Z-hat" in capsys.readouterr().out
 
 
-def test_infilling_bounds_sandwich_and_tighten(real_model, tmp_path):
+def test_infilling_bounds_are_ordered_and_tighten(real_model, tmp_path):
     """T = 5, a 3-token suffix, exact samples from the joint: LB <= UB at every K and the
-    gap at K = 256 is below the gap at K = 1."""
+    gap at K = 256 is below the gap at K = 1. log Z of each sampled ending is a sum over
+    49,152^5 middles, known here only through these same estimators, so that the bounds
+    sandwich log Z is tested where enumeration gives it (tests/test_bounds.py), not here."""
     target = pilm.tasks.infilling(real_model, prompt="Once upon a time", suffix=" the big dog", max_new_tokens=5)
     assert len(target.potential.suffix_ids) == 3
     rep = pilm.bounds(target, {"base": None}, [1, 256], exact_samples="joint", seeds=2, methods=("sis",),
@@ -171,21 +184,35 @@ def test_twist_training_resumes_bit_identically_on_the_real_model(real_model, tm
 
 def test_ctl_twist_improves_smc_on_sentiment(real_model):
     """A CTL twist makes 16-particle SMC on positive sentiment (beta = 10) better than no
-    twist: higher mean ESS of the final weights and lower variance of log Z-hat over 40 seeds
-    (measured on one AMX CPU: ESS 3.26 -> 4.62, var 0.78 -> 0.54 in float32; 3.44 -> 4.65,
-    0.91 -> 0.33 in bfloat16). Over 10 seeds the variance has a relative SE of about 0.45 and
-    the comparison flipped with the dtype, so 10 seeds cannot carry the claim."""
+    twist, over 200 runs each (one batch; the same seeds): a higher mean ESS of the final
+    weights, by more than 3 standard errors of the paired difference, and a lower variance
+    of log Z-hat, by more than 1 standard error of the log variance ratio (delta method).
+    Measured (bfloat16, 2-core CPU, seed 0): ESS 3.23 -> 4.42 (gain 1.19 ± 0.19, 6.3 SE),
+    var 0.78 -> 0.52 (log ratio 0.41 ± 0.14, 2.8 SE); training ~40 s, the runs ~100 s. A twist
+    that does nothing passes the ESS half with probability 0.1% (the variance half alone: 16%).
+    Over 40 seeds, the old size, the gain ranged 0.9-5.0 SE and the variance 0.9-2.2 SE over
+    five disjoint sets of seeds: too few to carry either claim (it flipped with the dtype)."""
     target = pilm.tasks.sentiment(real_model, "positive", beta=10.0, max_new_tokens=CTL_TOKENS)
     twist = pilm.train_twist(target, "ctl", steps=CTL_STEPS, batch_size=16, lr=3e-3, head="tied", seed=0,
                              progress=False)
 
-    def stats(tw):
-        runs = [pilm.smc(target, 16, twist=tw, ess_threshold=0.0, seed=s, progress=False) for s in range(40)]
-        log_z = torch.tensor([r.log_z for r in runs])
-        return statistics.mean(r.ess[-1] for r in runs), float(log_z.var())
+    def runs(tw):
+        res = pilm.smc([target] * 200, 16, twist=tw, ess_threshold=0.0, seed=0, progress=False)
+        return (torch.tensor([r.ess[-1] for r in res], dtype=torch.float64),
+                torch.tensor([r.log_z for r in res], dtype=torch.float64))
 
-    (ess_base, var_base), (ess_ctl, var_ctl) = stats(None), stats(twist)
-    assert ess_ctl > ess_base and var_ctl < var_base, (ess_base, ess_ctl, var_base, var_ctl)
+    def variance_and_se_of_log(x):
+        d = x - x.mean()
+        var, m4 = float((d**2).mean()), float((d**4).mean())
+        return var, math.sqrt((m4 - var * var) / len(x)) / var
+
+    (ess_base, log_z_base), (ess_ctl, log_z_ctl) = runs(None), runs(twist)
+    gain = ess_ctl - ess_base
+    gain_se = float(gain.std()) / math.sqrt(len(gain))
+    (var_base, se_base), (var_ctl, se_ctl) = variance_and_se_of_log(log_z_base), variance_and_se_of_log(log_z_ctl)
+    log_ratio, ratio_se = math.log(var_base / var_ctl), math.hypot(se_base, se_ctl)
+    assert float(gain.mean()) > 3 * gain_se, (float(ess_base.mean()), float(ess_ctl.mean()), gain_se)
+    assert log_ratio > ratio_se, (var_base, var_ctl, ratio_se)
 
 
 def test_subtb_on_the_random_number_task_moves_towards_uniform(tmp_path):

@@ -70,11 +70,30 @@ def test_the_learned_prm_reads_the_hidden_state_the_forward_already_made(tiny):
 
 
 def test_the_learned_prm_is_also_a_twist(tiny):
+    """The PRM's value head drives twisted SMC: without resampling each particle's weight is
+    p0(s) / q(s), q(s) = prod_t p0(s_t) psi(s_<=t) / sum_v p0(v) psi(s_<t v) with psi read
+    from the head at teacher-forced hidden states, here by hand (the target has no potential,
+    so phi = 1). The head's token bias is spread (sd 1) so that q is far from p0: the log
+    weights are of order 1 (measured 2.1, -2.7, -0.9, -1.4), where a sampler that ignored the
+    twist would give 0 and the by-hand values agree to ~1e-5."""
     torch.manual_seed(0)
     head = Twist.for_model(tiny, kind="tied", layers=2, output="log_sigmoid")
+    with torch.no_grad():
+        head.token_bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
     target = chain.target(tiny, "3 + 4 - 6", max_new_tokens=6)
-    res = pilm.smc(target, 4, twist=head, seed=0, progress=False)
-    assert math.isfinite(res.log_z)
+    res = pilm.smc(target, 4, twist=head, ess_threshold=0.0, seed=0, progress=False)
+    for tokens, log_w in zip(res.tokens, res.log_weights):
+        by_hand = 0.0
+        for t in range(len(tokens)):
+            state = tiny.start(list(target.prompt_ids) + tokens[:t], 1)
+            log_p0 = state.logprobs[0].double()
+            with torch.no_grad():
+                log_psi = head.log_psi(None, state.hidden)[0].double()
+            log_q = log_p0 + log_psi - torch.logsumexp(log_p0 + log_psi, 0)
+            by_hand += float(log_p0[tokens[t]] - log_q[tokens[t]])
+        assert log_w == pytest.approx(by_hand, abs=1e-3), (tokens, log_w, by_hand)
+    assert max(abs(w) for w in res.log_weights) > 0.5  # the twist moved the proposal off p0
+    assert math.isfinite(pilm.smc(target, 4, twist=head, seed=0, progress=False).log_z)  # with resampling too
 
 
 def test_a_twist_with_unbounded_psi_is_not_a_prm(tiny):
@@ -130,7 +149,17 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
     assert rows.read_text().splitlines() == lines
     summary = summarise(rows)
     assert {s["method"] for s in summary} == set(cfg.methods)
-    assert all(0 <= s["low"] <= s["accuracy"] <= s["high"] <= 1 for s in summary)
+    # Each cell's interval is Wilson's 95% score interval at k of n = 3 problems, written out here
+    # (any interval contains the accuracy; a Wald one, for one, is (0, 0) at k = 0).
+    for s in summary:
+        n, z = s["problems"], 1.96
+        k = round(s["accuracy"] * n)
+        centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        assert n == 3 and (s["low"], s["high"]) == pytest.approx((centre - half, centre + half), abs=1e-9), s
+    from pilm.scaling import wilson
+
+    assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook value at 8 of 10
     assert "| pf | verifier | 2 |" in table(summary)
 
 

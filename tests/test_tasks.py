@@ -99,9 +99,22 @@ def test_one_infilling_policy_for_many_endings(fresh_tiny):
     assert tuple(cues[0][-len(targets[0].prompt_ids):]) == targets[0].prompt_ids
     policy = pilm.finetune(targets, "subtb", steps=2, batch_size=4, lora_rank=4, seed=0, policy_prompt=ending_first,
                            progress=False)
-    report = pilm.bounds(targets[0], {"gfn": ModelProposal(policy, prompt=ending_first)}, [2], exact_samples="joint",
+    seen = []  # the ending of every target the proposal is asked to condition on, in order
+
+    def cue(target):
+        seen.append(tuple(pilm.twists.condition_ids(target)))
+        return ending_first(target)
+
+    report = pilm.bounds(targets[0], {"gfn": ModelProposal(policy, prompt=cue)}, [2], exact_samples="joint",
                          seeds=2, methods=["sis"], progress=False)
     row = next(r for r in report.rows if r["sampler"] == "gfn")
     assert math.isfinite(row["lower"]) and math.isfinite(row["upper"])
+    # The endings bounds samples from the joint (seed 0, as bounds draws them), one per seed:
+    # distinct, none of them the target's own; every run of seed i (its lower and its upper
+    # bound) conditions the policy on seed i's ending, seed by seed.
+    endings = [tuple(pilm.twists.condition_ids(t))
+               for t, _ in pilm.evaluation.exact_sigma_samples(targets[0], 2, "joint", seed=0)]
+    assert len(set(endings)) == 2 and tuple(targets[0].potential.suffix_ids) not in endings
+    assert seen == [endings[0]] * 2 + [endings[1]] * 2, (seen, endings)
     with pytest.raises(ValueError, match="infilling target"):
         ending_first(pilm.Target(fresh_tiny, "Hi", max_new_tokens=2))

@@ -105,6 +105,19 @@ def test_conditional_twist_trains_across_suffixes(tiny):
     targets = [pilm.tasks.infilling(tiny, prompt="Once", suffix=c, max_new_tokens=3) for c in ([11, 12], [13, 14, 15])]
     twist = pilm.train_twist(targets, "ctl", steps=2, batch_size=4, lr=1e-3, head="linear", progress=False)
     assert twist.config.conditional and len(twist.history) == 2
+    # Step i draws for targets[i % 2]: its SIS log Z-hat is about log p0(suffix), and the random
+    # tiny Llama is near uniform over its vocabulary (-log V = -10.8 a token; measured within
+    # 0.15 of -21.6 and -32.4 over three seeds), so a step on the other suffix is 10.8 nats off.
+    per_token = -math.log(tiny.vocab_size)
+    assert [h["log_z"] for h in twist.history] == pytest.approx([2 * per_token, 3 * per_token], abs=1.0)
+    # The head reads each target's own condition (its suffix), and training moved the weights
+    # that read it.
+    h = torch.randn(3, twist.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    a, b = (twist.log_psi(None, h, twist.condition_for(t)) for t in targets)
+    assert (a - b).abs().max() > 1e-2
+    init = pilm.train_twist(targets, "ctl", steps=0, batch_size=4, lr=1e-3, head="linear", progress=False)
+    reads_condition = slice(twist.config.hidden_size, None)
+    assert not torch.equal(init.net[0].weight[:, reads_condition], twist.net[0].weight[:, reads_condition])
     with pytest.raises(ValueError, match="sharing one model"):
         pilm.train_twist([targets[0], pilm.Target(pilm.models.TabularLM.random(3, eos_id=2), "a")], steps=1,
                          progress=False)
