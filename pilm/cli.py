@@ -93,7 +93,7 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
         shown = f"{tc.prompt}[{text}]{suffix.suffix}" if suffix else tc.prompt + text
         print(f"  {w:6.3f}  {shown!r}")
     if math.isinf(res.log_z):
-        print("  none: every particle died (the warning says why)")
+        print("  none: every particle died, so Z-hat = 0")
     print(f"log Z-hat = {res.log_z:.4f}   (Z-hat = {math.exp(res.log_z):.4g}, unbiased for Z)")
     print("ESS per step: " + " ".join(f"{e:.1f}" for e in res.ess))
     print(f"resampled at steps: {res.resampled_at or 'none'}   ({res.info['seconds']:.1f} s)")
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help (0), or a parse error already printed as one line (2)
         return int(done.code or 0)
     _, run, classes, defaults = COMMANDS[args.command]
-    made, created = [], []
+    made, created, code = [], [], 2
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
@@ -399,11 +399,10 @@ def main(argv: list[str] | None = None) -> int:
             created = new_folders(made)
             check_paths(made)
             check_together(made)
-            return run(*made)
+            code = run(*made)
         except KeyboardInterrupt:
-            remove_if_empty(created)
             print(f"pilm: interrupted; {_what_was_saved(args.command, made, argv)}", file=sys.stderr)
-            return 130
+            code = 130
         except ConfigError as err:
             print(f"pilm: error: --{err.field.replace('_', '-')} {err.reason}", file=sys.stderr)
         except ResumeMismatchError as err:
@@ -412,20 +411,25 @@ def main(argv: list[str] | None = None) -> int:
                   "flags to resume it, or use --out elsewhere or --overwrite", file=sys.stderr)
         except (PilmError, ValueError, OSError) as err:
             print(f"pilm: error: {_for_cli(str(err))}".splitlines()[0], file=sys.stderr)
-    remove_if_empty(created)
-    return 2
+        finally:  # whatever ended the run, a folder it made and left empty goes with it
+            remove_if_empty(created)
+    return code
 
 
-RESUMABLE = {"train-twist": "checkpoint", "finetune": "checkpoint", "scale": "rows.jsonl"}
-"""Commands that resume an interrupted run when rerun with the same flags, and what in --out they resume from."""
+RESUMABLE = {"train-twist": "checkpoint/checkpoint/state.json", "finetune": "checkpoint/checkpoint/state.json",
+             "scale": "rows.jsonl"}
+"""Commands that resume an interrupted run when rerun with the same flags, and the file in
+--out that shows there is something to resume from."""
 
 
 def _what_was_saved(command: str, made, argv: list[str] | None) -> str:
-    """The one line an interrupt ends with: what was kept, and the command that resumes."""
-    rerun = "pilm " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    """The one line an interrupt ends with: what was kept, and the command that resumes
+    (the same flags, less --overwrite, which would delete what was kept)."""
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    rerun = "pilm " + " ".join(shlex.quote(a) for a in given)
     out = _out(made)
     if command in RESUMABLE and out is not None and (out / RESUMABLE[command]).exists():
-        return f"{out / RESUMABLE[command]} is kept; resume with: {rerun}"
+        return f"{out / RESUMABLE[command].split('/')[0]} is kept; resume with: {rerun}"
     return f"nothing was saved; start again with: {rerun}"
 
 
@@ -436,7 +440,9 @@ def _out(made) -> Path | None:
 
 def _flag(setting: str) -> str:
     """A run key's setting as the reader knows it: its flag where it has one."""
-    return {"dtype": "dtype (PILM_DTYPE)", "targets": "the targets"}.get(setting, "--" + setting.replace("_", "-"))
+    named = {"dtype": "dtype (PILM_DTYPE)", "targets": "the targets", "processes": "processes (accelerate launch)",
+             "key": "settings"}
+    return named.get(setting, "--" + setting.replace("_", "-"))
 
 
 if __name__ == "__main__":

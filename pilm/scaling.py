@@ -112,10 +112,11 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     rows_path = folder / "rows.jsonl"
     if overwrite and state.is_main_process:
-        rows_path.unlink(missing_ok=True)
-        (folder / "run.json").unlink(missing_ok=True)
+        for old in (rows_path, folder / "run.json", *folder.glob("rows.part*.jsonl")):
+            old.unlink(missing_ok=True)
+    state.wait_for_everyone()
     model = model or load_model(cfg.model)
-    _claim(folder, run_key(cfg, prm_path, model), rows_path)
+    _claim(folder, run_key(cfg, model), rows_path)
     part = folder / f"rows.part{state.process_index}.jsonl" if state.num_processes > 1 else rows_path
     done = {_key(r) for p in (rows_path, part) if p.exists() for r in _read(p)}
     prm = make_prm(cfg, model, prm_path)
@@ -127,7 +128,8 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
             if group == ("greedy",) and n != cfg.n[0]:
                 continue
             names = {m: cfg.prm if m in USES_PRM else "none" for m in group}
-            todo = [(i, p) for i, p in mine if any((m, names[m], n, i) not in done for m in group)]
+            paths = {m: prm_path if names[m] == "learned" else None for m in group}
+            todo = [(i, p) for i, p in mine if any((m, names[m], paths[m], n, i) not in done for m in group)]
             per = max(1, cfg.max_rows // n)
             scored = group[0] in SHARED and group != ("sc",)  # bon or wbon among them: the chains are scored
             run = runner("bon" if scored else group[0], prm, cfg)
@@ -144,8 +146,9 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
                 with open(part, "a") as f:
                     for (i, p), res in zip(chunk, results, strict=True):
                         for m in group:
-                            if (m, names[m], n, i) not in done:
-                                f.write(json.dumps(_row(cfg, m, names[m], n, i, p, res)) + "\n")
+                            if (m, names[m], paths[m], n, i) not in done:
+                                row = _row(cfg, m, names[m], n, i, p, res)
+                                f.write(json.dumps({**row, "prm_path": paths[m]}) + "\n")
     state.wait_for_everyone()
     if state.is_main_process and part != rows_path:
         have = {_key(r) for r in _read(rows_path)} if rows_path.exists() else set()
@@ -161,15 +164,16 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     return rows_path
 
 
-GROWS = ("methods", "n", "prm", "problems", "max_rows")
-"""Settings a scale folder may differ in between runs: each row records its own."""
+GROWS = ("methods", "n", "prm", "max_rows")
+"""Settings a scale folder may differ in between runs: each row records its own (the PRM's
+folder too). The problem count is not among them: gsm8k's sample of problems changes with it."""
 
 
-def run_key(cfg: ScaleConfig, prm_path: str | None, model) -> dict:
-    """What every row of a scale folder shares: the settings outside ``GROWS``, the learned
-    PRM's folder, the model and its dtype."""
+def run_key(cfg: ScaleConfig, model) -> dict:
+    """What every row of a scale folder shares: the settings outside ``GROWS``, the model and
+    its dtype."""
     key = {k: v for k, v in asdict(cfg).items() if k not in GROWS}
-    key.update(prm_path=prm_path, model=model.name, dtype=model.dtype_name)
+    key.update(model=model.name, dtype=model.dtype_name)
     return json.loads(json.dumps(key))
 
 
@@ -216,7 +220,7 @@ def _row(cfg: ScaleConfig, method: str, prm_name: str, n: int, i: int, problem: 
 
 
 def _key(row: dict) -> tuple:
-    return row["method"], row["prm"], row["n"], row["problem"]
+    return row["method"], row["prm"], row.get("prm_path"), row["n"], row["problem"]
 
 
 def _read(path: Path) -> list[dict]:

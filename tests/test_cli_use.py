@@ -127,9 +127,15 @@ def test_an_interrupt_is_one_line_with_exit_130_and_says_how_to_resume(table_mod
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pilm: interrupted; nothing was saved; start again with: pilm "), err
     assert not (tmp_path / "new").exists()  # the folder the run made is gone with it
-    (out / "checkpoint").mkdir(parents=True)
-    assert main([*TWIST, "--out", str(out)]) == 130
-    assert f"{out / 'checkpoint'} is kept; resume with: pilm train-twist --prompt a" in capsys.readouterr().err
+    (out / "checkpoint").mkdir(parents=True)  # made before any save: nothing to resume yet
+    assert main([*TWIST, "--overwrite", "--out", str(out)]) == 130
+    assert "nothing was saved" in capsys.readouterr().err
+    (out / "checkpoint" / "checkpoint").mkdir()
+    (out / "checkpoint" / "checkpoint" / "state.json").write_text("{}")  # a complete save
+    assert main([*TWIST, "--overwrite", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoint'} is kept; resume with: pilm train-twist --prompt a" in err
+    assert "--overwrite" not in err  # rerunning with it would delete what was kept
 
 
 def test_a_failed_command_leaves_no_empty_folder(table_model, capsys, tmp_path):
@@ -168,14 +174,18 @@ def test_a_constraint_longer_than_the_horizon_is_refused_before_sampling(tiny, m
 
 def test_the_shortest_completion_bound_is_a_lower_bound():
     """On a tabular model every completion can be enumerated: the bound never exceeds the
-    shortest accepted completion, for plain, class, alternation, negated and flagged patterns."""
+    shortest accepted completion, for plain, class, alternation, negated and spaced patterns;
+    syntax the stdlib parser reads differently from the engines gets no bound at all (a scoped
+    flag once made (?i:x){16} need 16 tokens where two 8-character tokens match)."""
     from pilm.potentials.shortest import min_new_tokens
 
     model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
-    for pattern in ("[ab]*c[ab]{3}", "(ab|c)a{2}", "[^c]{3}", "a.b", "(?i)A{3}", "c+"):
+    for pattern in ("[ab]*c[ab]{3}", "(ab|c)a{2}", "[^c]{3}", "a.b", "c+", "[ab ]{2}c"):
         target = pilm.Target(model, "a", Regex(pattern), max_new_tokens=6)
         shortest = min(len(s) - (s[-1] == 3) for s in pilm.exact.distribution(target))
         assert 0 < min_new_tokens(pattern, model, horizon=0) <= shortest, pattern
+    for pattern in ("(?i:A){3}", "(?i)A{3}", "(?=a)a{3}", "a{e<=1}", "[[:alpha:]]{3}"):
+        assert min_new_tokens(pattern, model, horizon=0) == 0, pattern
 
 
 def test_an_impossible_target_says_the_horizon(table_model, capsys):
@@ -333,7 +343,7 @@ def test_a_scale_folder_grows_under_its_settings_and_refuses_others(tiny, monkey
     """Rerunning pilm scale into a folder made at another temperature used to print the old
     table and add nothing; now it is refused naming --temperature, before any problem runs.
     The same command adds no row; the folder's key leaves out what rows record themselves
-    (methods, N, PRM, problems), so those may grow it."""
+    (methods, N, PRM), so other methods and budgets grow it."""
     monkeypatch.setattr(pilm, "load_model", lambda *a, **k: tiny)
     base = ["scale", "--methods", "greedy", "--n", "1", "--problems", "1", "--out", str(tmp_path / "sc")]
     assert main(base) == 0
@@ -344,7 +354,11 @@ def test_a_scale_folder_grows_under_its_settings_and_refuses_others(tiny, monkey
     err = capsys.readouterr().err
     assert "holds a run of other settings (--temperature 0.8 there, 0.5 now)" in err, err
     key = json.loads((tmp_path / "sc" / "run.json").read_text())
-    assert not {"methods", "n", "prm", "problems"} & set(key) and key["temperature"] == 0.8
+    assert not {"methods", "n", "prm"} & set(key) and key["temperature"] == 0.8 and key["problems"] == 1
+    assert main([*base, "--n", "1,2"]) == 0  # another budget list is not refused (greedy runs at N = 1 only)
+    assert main([*base, "--methods", "greedy,sc"]) == 0  # another method grows the folder
+    assert {(r["method"], r["n"]) for r in map(json.loads, (tmp_path / "sc" / "rows.jsonl").read_text().splitlines())} \
+        == {("greedy", 1), ("sc", 1)}
 
 
 def test_a_finished_stage_is_saved_before_a_later_check_fails(tiny, fresh_tiny, monkeypatch, capsys, tmp_path):

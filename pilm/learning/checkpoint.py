@@ -74,8 +74,7 @@ def run_key(targets: Sequence[Target], settings: dict) -> dict:
     checkpoint interval are not in it: a rerun with more steps continues the same run)."""
     model = targets[0].model
     where = targets[0].describe() if len(targets) == 1 else {"targets": [t.describe() for t in targets]}
-    key = {**where, "model": model.name, "dtype": str(getattr(model, "dtype", "float32")).removeprefix("torch."),
-           **settings}
+    key = {**where, "model": model.name, "dtype": model.dtype_name, **settings}
     return json.loads(json.dumps(key, default=str))
 
 
@@ -91,7 +90,10 @@ def resume(directory: str | Path | None, module: torch.nn.Module, optimizer: tor
         shutil.rmtree(folder, ignore_errors=True)
     if not (folder / "state.json").exists():
         return None
-    saved_key = json.loads((folder / "state.json").read_text()).get("key", {})
+    saved_key = json.loads((folder / "state.json").read_text()).get("key")
+    if saved_key is None:
+        raise ResumeMismatchError(folder, {"key": ("none (a checkpoint from before runs recorded their settings)",
+                                                   "this run's")})
     if saved_key != key:
         raise ResumeMismatchError(folder, {k: (saved_key.get(k), key.get(k)) for k in sorted(set(saved_key) | set(key))
                                            if saved_key.get(k) != key.get(k)})

@@ -8,6 +8,9 @@ lie in ``C`` (a token that decodes to part of a multi-byte character counts one 
 any completion needs at least ceil(m / k) tokens, and none if no token fits (k = 0). Both
 ``m`` and ``C`` are over-approximated where the pattern is not plain (flags, negated sets,
 ``.``, word classes): then ``C`` is every character and the bound is ceil(m / longest token).
+Where ``C`` holds a space, every token counts one character more (a SentencePiece tokenizer
+drops a token's leading space when it decodes it alone). Syntax the stdlib parser reads
+differently from the engines (flags, look-arounds, fuzzy matching, POSIX classes) gets no bound.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def min_new_tokens(pattern: str, model: LanguageModel, horizon: int) -> float:
     """A lower bound on the tokens of ``model`` any full match of ``pattern`` needs, as far
     as it matters for ``horizon`` (0 when the pattern is no longer than the horizon in
     characters, or not one Python's ``re`` parses; inf when no token can write it)."""
+    if _BEYOND_RE.search(pattern):
+        return 0
     try:
         parsed = sre.parse(pattern)
     except (re.error, OverflowError, RecursionError):
@@ -46,6 +51,10 @@ def min_new_tokens(pattern: str, model: LanguageModel, horizon: int) -> float:
     k = per_model[pattern]
     return math.inf if k == 0 else math.ceil(m / k)
 
+
+_BEYOND_RE = re.compile(r"\(\?(?!:)|\{[^\d,}]|\[\[:")
+"""Syntax the stdlib parser would read differently from the engines (scoped or inline flags,
+look-arounds, the ``regex`` module's fuzzy ``{e<=n}`` and POSIX classes): no bound."""
 
 _MOST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """model -> {pattern: the most characters of the pattern's class one token adds}."""
@@ -103,6 +112,7 @@ def _set_tests(items) -> list[CharTest] | None:
 def _most_chars_per_token(model: LanguageModel, tests: list[CharTest] | None) -> int:
     """The most characters of the class one token adds (module docstring); ``tests=None``: any."""
     allowed = _ANY if tests is None else (lambda ch: any(t(ch) for t in tests))
+    spaced = allowed(" ")  # a tokenizer may drop a token's leading space when it decodes it alone
     most = 0
     for v in range(model.vocab_size):
         if v == model.eos_token_id:
@@ -110,5 +120,5 @@ def _most_chars_per_token(model: LanguageModel, tests: list[CharTest] | None) ->
         text = model.decode([v])
         chars = text.replace("\ufffd", "")
         if all(allowed(ch) for ch in chars):
-            most = max(most, len(chars) + ("\ufffd" in text))
+            most = max(most, len(chars) + ("\ufffd" in text) + spaced)
     return most
