@@ -138,7 +138,7 @@ def exact_sigma_samples(
     if how == "enumerate":
         return [(target, list(s)) for s in exact.sample(target, n, seed=seed)]
     if how == "rejection":
-        pilot = run_smc(target, 256, torch.Generator().manual_seed(seed + 1), ess_threshold=0.0,
+        pilot = run_smc(target, 256, torch.Generator(target.model.device).manual_seed(seed + 1), ess_threshold=0.0,
                         use_prefix=False, on_extinction="return")
         rate = float(torch.tensor(pilot.log_weights).clamp(max=0).exp().mean())
         if rate <= 0 or n / rate > max_draws:

@@ -53,8 +53,8 @@ def twist_calibration(
     open_cells = [c for c in cells if not c[1].is_complete(c[2])]
     rests = [Target(model, list(tg.prompt_ids) + p, max_new_tokens=tg.max_new_tokens - len(p), stop=tg.stop)
              for _, tg, p in open_cells]
-    runs = run_smc(rests, rollouts, torch.Generator().manual_seed(seed), ess_threshold=0.0, use_prefix=False) \
-        if rests else []
+    g = torch.Generator(model.device).manual_seed(seed)  # on the device it draws from
+    runs = run_smc(rests, rollouts, g, ess_threshold=0.0, use_prefix=False) if rests else []
     continuations = {id(c): r.tokens for c, r in zip(open_cells, runs)}
     rows = []
     for cell, value in zip(cells, log_psi):

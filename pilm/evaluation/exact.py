@@ -45,7 +45,7 @@ def distribution(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> dict[
 def sample(target: Target, n: int, *, seed: int = 0, max_sequences: int = MAX_SEQUENCES) -> list[tuple[int, ...]]:
     """n exact i.i.d. draws from sigma, by enumeration."""
     e = enumerate_target(target, max_sequences=max_sequences)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(e.log_sigma.device).manual_seed(seed)  # on the device of the tensor it draws from
     idx = torch.multinomial(torch.exp(e.log_sigma), n, replacement=True, generator=g)
     return [e.tokens[i] for i in idx.tolist()]
 
