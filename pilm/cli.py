@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import shlex
 import shutil
 import sys
 from dataclasses import fields
@@ -26,16 +24,13 @@ from .config import (
     BoundsConfig, FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
 )
 from . import __version__
+from .cli_messages import flag, for_cli, note, out_of, what_was_saved
 from .errors import ConfigError, PilmError, ResumeMismatchError
 
 DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32, "mask": True,
         "max_new_tokens": 16, "out": "results.jsonl", "plot": "ess.png"}
 EXTINCT = 1  # exit code of a run whose particles all died (--on-extinction return: 0)
 PLAIN_DRAWS = 512  # the demo also counts how often plain sampling meets its constraint
-
-
-def note(message: str) -> None:
-    print(f"pilm: note: {message}", file=sys.stderr)
 
 
 def _target(tc: TargetConfig):
@@ -348,7 +343,8 @@ COMMANDS = {  # name: (help, run, configs, defaults)
     "bench": ("SMC time and memory over transformers generate, in one process", _run_bench, (BenchConfig,), {}),
 }
 
-CONFIGS = {config for _, _, classes, _ in COMMANDS.values() for config in classes}
+SETTINGS = {f.name for _, _, classes, _ in COMMANDS.values() for config in classes for f in fields(config)}
+"""Every setting of every command: the names a library message's ``name=value`` may use."""
 
 
 def build_parser() -> Parser:
@@ -370,14 +366,7 @@ def build_parser() -> Parser:
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     from tqdm import tqdm
 
-    tqdm.write(f"pilm: warning: {_for_cli(str(message))}", file=sys.stderr)  # on a line of its own, below any bar
-
-
-def _for_cli(message: str) -> str:
-    """A library message as the command line says it: each ``setting=value`` of a config (a
-    Python argument) becomes ``--setting value`` (its flag)."""
-    names = {f.name for config in CONFIGS for f in fields(config)}
-    return re.sub(r"\b([a-z_]+)=", lambda m: f"--{m[1].replace('_', '-')} " if m[1] in names else m[0], message)
+    tqdm.write(f"pilm: warning: {for_cli(str(message), SETTINGS)}", file=sys.stderr)  # below any progress bar
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,48 +390,19 @@ def main(argv: list[str] | None = None) -> int:
             check_together(made)
             code = run(*made)
         except KeyboardInterrupt:
-            print(f"pilm: interrupted; {_what_was_saved(args.command, made, argv)}", file=sys.stderr)
+            print(f"pilm: interrupted; {what_was_saved(args.command, made, argv)}", file=sys.stderr)
             code = 130
         except ConfigError as err:
             print(f"pilm: error: --{err.field.replace('_', '-')} {err.reason}", file=sys.stderr)
         except ResumeMismatchError as err:
-            said = "; ".join(f"{_flag(k)} {saved!r} there, {now!r} now" for k, (saved, now) in err.differences.items())
-            print(f"pilm: error: --out {_out(made)} holds a run of other settings ({said}); rerun with the same "
+            said = "; ".join(f"{flag(k)} {saved!r} there, {now!r} now" for k, (saved, now) in err.differences.items())
+            print(f"pilm: error: --out {out_of(made)} holds a run of other settings ({said}); rerun with the same "
                   "flags to resume it, or use --out elsewhere or --overwrite", file=sys.stderr)
         except (PilmError, ValueError, OSError) as err:
-            print(f"pilm: error: {_for_cli(str(err))}".splitlines()[0], file=sys.stderr)
+            print(f"pilm: error: {for_cli(str(err), SETTINGS)}".splitlines()[0], file=sys.stderr)
         finally:  # whatever ended the run, a folder it made and left empty goes with it
             remove_if_empty(created)
     return code
-
-
-RESUMABLE = {"train-twist": "checkpoint/checkpoint/state.json", "finetune": "checkpoint/checkpoint/state.json",
-             "scale": "rows.jsonl"}
-"""Commands that resume an interrupted run when rerun with the same flags, and the file in
---out that shows there is something to resume from."""
-
-
-def _what_was_saved(command: str, made, argv: list[str] | None) -> str:
-    """The one line an interrupt ends with: what was kept, and the command that resumes
-    (the same flags, less --overwrite, which would delete what was kept)."""
-    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
-    rerun = "pilm " + " ".join(shlex.quote(a) for a in given)
-    out = _out(made)
-    if command in RESUMABLE and out is not None and (out / RESUMABLE[command]).exists():
-        return f"{out / RESUMABLE[command].split('/')[0]} is kept; resume with: {rerun}"
-    return f"nothing was saved; start again with: {rerun}"
-
-
-def _out(made) -> Path | None:
-    """The command's --out, if it has one."""
-    return next((Path(c.out) for c in made if getattr(c, "out", None)), None)
-
-
-def _flag(setting: str) -> str:
-    """A run key's setting as the reader knows it: its flag where it has one."""
-    named = {"dtype": "dtype (PILM_DTYPE)", "targets": "the targets", "processes": "processes (accelerate launch)",
-             "key": "settings"}
-    return named.get(setting, "--" + setting.replace("_", "-"))
 
 
 if __name__ == "__main__":

@@ -195,11 +195,12 @@ def test_an_impossible_target_says_the_horizon(table_model, capsys):
 
 
 def test_library_messages_name_flags_on_the_command_line():
-    from pilm.cli import _for_cli
+    from pilm.cli import SETTINGS
+    from pilm.cli_messages import for_cli
 
-    assert _for_cli("use exact_samples='joint' within max_new_tokens=4") == \
+    assert for_cli("use exact_samples='joint' within max_new_tokens=4", SETTINGS) == \
         "use --exact-samples 'joint' within --max-new-tokens 4"
-    assert _for_cli("a=1 and not_a_setting=2") == "a=1 and not_a_setting=2"
+    assert for_cli("a=1 and not_a_setting=2", SETTINGS) == "a=1 and not_a_setting=2"
 
 
 def test_version_and_did_you_mean(capsys):

@@ -61,52 +61,31 @@ _MOST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _char_tests(items) -> list[CharTest] | None:
-    """Tests whose union holds every character ``items`` can match, or None for "any"."""
-    tests: list[CharTest] = []
-    for op, arg in items:
-        if op == c.LITERAL:
-            tests.append(functools.partial(str.__eq__, chr(arg)))
-        elif op == c.IN:
-            inner = _set_tests(arg)
-            if inner is None:
-                return None
-            tests += inner
-        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
-            sub = _char_tests(arg[2])
-            if sub is None:
-                return None
-            tests += sub
-        elif op in (c.SUBPATTERN, c.ATOMIC_GROUP):
-            sub = _char_tests(arg[-1])
-            if sub is None:
-                return None
-            tests += sub
-        elif op == c.BRANCH:
-            for branch in arg[1]:
-                sub = _char_tests(branch)
-                if sub is None:
-                    return None
-                tests += sub
-        elif op == c.AT:
-            continue
-        else:  # ANY, NOT_LITERAL, CATEGORY outside a set, groupref, assertions: anything
-            return None
-    return tests
-
-
-def _set_tests(items) -> list[CharTest] | None:
+    """Tests whose union holds every character ``items`` (a parsed pattern, or the members of
+    a set) can match, or None for "any"."""
     tests: list[CharTest] = []
     for op, arg in items:
         if op == c.LITERAL:
             tests.append(functools.partial(str.__eq__, chr(arg)))
         elif op == c.RANGE:
-            lo, hi = arg
-            tests.append(lambda ch, lo=lo, hi=hi: lo <= ord(ch) <= hi)
+            tests.append(lambda ch, lo=arg[0], hi=arg[1]: lo <= ord(ch) <= hi)
         elif op == c.CATEGORY and arg in _CATEGORIES:
             tests.append(_CATEGORIES[arg])
-        else:  # NEGATE, word classes, negated categories: anything
+        elif op in _PARTS:
+            for part in _PARTS[op](arg):
+                sub = _char_tests(part)
+                if sub is None:
+                    return None
+                tests += sub
+        elif op != c.AT:  # ANY, NOT_LITERAL, NEGATE, word classes, groupref, assertions: anything
             return None
     return tests
+
+
+_PARTS = {c.IN: lambda arg: [arg], c.MAX_REPEAT: lambda arg: [arg[2]], c.MIN_REPEAT: lambda arg: [arg[2]],
+          c.POSSESSIVE_REPEAT: lambda arg: [arg[2]], c.SUBPATTERN: lambda arg: [arg[-1]],
+          c.ATOMIC_GROUP: lambda arg: [arg], c.BRANCH: lambda arg: arg[1]}
+"""The sub-patterns of each composite opcode."""
 
 
 def _most_chars_per_token(model: LanguageModel, tests: list[CharTest] | None) -> int:
