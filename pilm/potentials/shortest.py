@@ -35,21 +35,28 @@ def min_new_tokens(pattern: str, model: LanguageModel, horizon: int) -> float:
     """A lower bound on the tokens of ``model`` any full match of ``pattern`` needs, as far
     as it matters for ``horizon`` (0 when the pattern is no longer than the horizon in
     characters, or not one Python's ``re`` parses; inf when no token can write it)."""
-    if _BEYOND_RE.search(pattern):
-        return 0
-    try:
-        parsed = sre.parse(pattern)
-    except (re.error, OverflowError, RecursionError):
-        return 0
-    m = parsed.getwidth()[0]
+    m, tests = _parse(pattern)
     if m <= horizon:  # a token writes at least one character: no bound past the horizon
         return 0
-    tests = None if parsed.state.flags & (re.IGNORECASE | re.VERBOSE) else _char_tests(parsed)
     per_model = _MOST.setdefault(model, {})
     if pattern not in per_model:
         per_model[pattern] = _most_chars_per_token(model, tests)
     k = per_model[pattern]
     return math.inf if k == 0 else math.ceil(m / k)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(pattern: str) -> tuple[int, list[CharTest] | None]:
+    """The pattern's minimum width in characters (0: no bound) and its character tests, parsed
+    once per pattern (a target is built per step in some loops)."""
+    if _BEYOND_RE.search(pattern):
+        return 0, None
+    try:
+        parsed = sre.parse(pattern)
+    except (re.error, OverflowError, RecursionError):
+        return 0, None
+    flagged = parsed.state.flags & (re.IGNORECASE | re.VERBOSE)
+    return parsed.getwidth()[0], None if flagged else _char_tests(parsed)
 
 
 _BEYOND_RE = re.compile(r"\(\?(?!:)|\{[^\d,}]|\[\[:")
