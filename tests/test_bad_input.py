@@ -24,7 +24,8 @@ def test_nan_potential_names_itself_and_counts_particles(model):
 
 
 def test_every_particle_at_zero_weight_names_the_step(model):
-    target = pilm.Target(model, "a", Regex("z+"), max_new_tokens=3)  # no token prints 'z'
+    never = FunctionPotential(lambda t: -math.inf, on="tokens", prefix_fn=lambda t: -math.inf, name="never")
+    target = pilm.Target(model, "a", never, max_new_tokens=3)  # no bound can tell before sampling
     with pytest.raises(pilm.ImpossibleTargetError, match="step 1: all 16 particles have zero weight"):
         pilm.smc(target, 16, seed=0, progress=False)
     res = pilm.smc(target, 16, seed=0, progress=False, on_extinction="return")
@@ -74,7 +75,8 @@ def test_rejection_needs_phi_at_most_one_and_reports_budget(model):
     big = FunctionPotential(lambda t: 1.0, name="big")
     with pytest.raises(pilm.PotentialError, match="phi <= 1"):
         pilm.rejection_sample(pilm.Target(model, "a", big, max_new_tokens=2), 2)
-    rare = pilm.Target(model, "a", Regex("dd"), max_new_tokens=2)  # 'd' is EOS: never printed
+    never = FunctionPotential(lambda t: -math.inf, on="tokens", name="never")  # no bound sees it before drawing
+    rare = pilm.Target(model, "a", never, max_new_tokens=2)
     with pytest.raises(pilm.RejectionBudgetError, match="accepted 0 of 3") as err:
         pilm.rejection_sample(rare, 3, max_draws=100)
     assert err.value.partial.n_draws == 100

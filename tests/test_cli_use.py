@@ -4,6 +4,7 @@ interrupts lose nothing and say how to resume, and every message is for its read
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pilm
 from pilm.cli import main
 from pilm.errors import TooLargeError
 from pilm.evaluation.bounds import resolve_exact_samples
-from pilm.potentials import Regex, Sentiment
+from pilm.potentials import Grammar, Regex, Sentiment
 
 GIB = 2**30
 
@@ -186,6 +187,30 @@ def test_the_shortest_completion_bound_is_a_lower_bound():
         assert 0 < min_new_tokens(pattern, model, horizon=0) <= shortest, pattern
     for pattern in ("(?i:A){3}", "(?i)A{3}", "(?=a)a{3}", "a{e<=1}", "[[:alpha:]]{3}"):
         assert min_new_tokens(pattern, model, horizon=0) == 0, pattern
+
+
+def test_the_token_automaton_search_finds_the_shortest_completion():
+    """Regex, grammar and JSON alike: on a tabular model the breadth-first search over the token
+    automaton opens few texts, so its bound is the exact shortest completion enumeration finds
+    (past the horizon it is only a lower bound: horizon + 1)."""
+    model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
+    for potential in (Regex("(ab|c)a{2}"), Regex("[ab]*c[ab]{3}"), Grammar('root ::= "ab" [ab]* "c" | "c" "c"*'),
+                      Grammar('root ::= ("a" | "bc") ("a" | "b")')):
+        target = pilm.Target(model, "a", potential, max_new_tokens=6)
+        shortest = min(len(s) - (s[-1] == 3) for s in pilm.exact.distribution(target))
+        assert potential.min_new_tokens(model, 6) == shortest, potential
+        assert 1 <= potential.min_new_tokens(model, 0) <= shortest, potential
+    assert Regex("z+").min_new_tokens(model, 6) == Grammar('root ::= "z"').min_new_tokens(model, 6) == math.inf
+
+
+def test_a_grammar_longer_than_the_horizon_is_refused_before_sampling(tiny, monkeypatch, capsys):
+    """A forced 40-digit literal, one digit per token of the real tokenizer: the search follows
+    the one path past the horizon and the target is refused before any particle is drawn."""
+    monkeypatch.setattr(tiny, "start", lambda *a, **k: pytest.fail("sampled an impossible target"))
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: tiny)
+    literal = "0123456789" * 4
+    assert main(["sample", "--potential", f'grammar:root ::= "{literal}"', "--mask", "--max-new-tokens", "16"]) == 2
+    assert "every completion it accepts needs at least 17 tokens" in capsys.readouterr().err
 
 
 def test_an_impossible_target_says_the_horizon(table_model, capsys):

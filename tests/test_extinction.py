@@ -49,7 +49,7 @@ def test_on_extinction_raise_and_return_keep_their_meaning():
 
 def test_enumeration_shows_a_small_target_impossible():
     model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
-    target = pilm.Target(model, "a", Regex("z+"), max_new_tokens=3)  # no token prints 'z'
+    target = pilm.Target(model, "a", Regex("(?=z)z+"), max_new_tokens=3)  # no token prints "z"; a look-ahead: no bound before sampling
     with pytest.raises(pilm.ImpossibleTargetError, match="exact enumeration of all .* completions within max_new_tokens=.* gives Z = 0"):
         pilm.smc(target, 16, seed=0, progress=False)
 
@@ -62,7 +62,7 @@ def test_every_first_token_dead_shows_a_large_target_impossible(tiny):
 
 def test_a_dead_target_in_a_batch_leaves_the_others_running():
     model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
-    dead = pilm.Target(model, "a", Regex("z+"), max_new_tokens=3)
+    dead = pilm.Target(model, "a", Regex("(?=z)z+"), max_new_tokens=3)  # beyond the bound: dies while sampling
     alive = pilm.Target(model, "b", Regex("[ab]*"), max_new_tokens=3)
     res = pilm.smc([dead, alive], 8, seed=0, progress=False, on_extinction="return")
     assert res[0].log_z == -math.inf and math.isfinite(res[1].log_z)

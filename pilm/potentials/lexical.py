@@ -44,6 +44,11 @@ class Language(Potential):
     def _language(self, seqs: Sequences) -> TokenLanguage:
         return language(self.kind, self.spec, seqs.model, **self.options)
 
+    def min_new_tokens(self, model, horizon: int) -> float:
+        """The fewest tokens of ``model`` an accepted text needs, searched breadth-first over the
+        token automaton up to the horizon (``TokenLanguage.min_tokens``)."""
+        return language(self.kind, self.spec, model, **self.options).min_tokens(horizon)
+
     def log_phi(self, seqs: Sequences) -> Tensor:
         lang = self._language(seqs)
         return torch.tensor([log_indicator(lang.accepts(t)) for t in seqs.tokens])
@@ -86,10 +91,12 @@ class Regex(Language):
 
     def min_new_tokens(self, model, horizon: int) -> float:
         """ceil(minimum width / most characters of the pattern's class in one token)
-        (``pilm.potentials.shortest``); 0 under flags that widen what a character can be."""
+        (``pilm.potentials.shortest``), or the token automaton's search where that says more;
+        0 under flags that widen what a character can be."""
         if self._re.flags & (regex.IGNORECASE | regex.VERBOSE | regex.FULLCASE):
             return 0
-        return shortest.min_new_tokens(self.pattern, model, horizon)
+        bound = shortest.min_new_tokens(self.pattern, model, horizon)
+        return bound if self.fallback or bound > horizon else max(bound, super().min_new_tokens(model, horizon))
 
     def _language(self, seqs: Sequences) -> TokenLanguage | PythonRegexLanguage:
         if not self.fallback:

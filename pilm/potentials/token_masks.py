@@ -24,6 +24,7 @@ prefix (after resampling) share one mask.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 Kind = Literal["regex", "json", "grammar"]
+_SEARCH = 4_096  # prefixes the shortest-completion search may open before it settles for a lower bound
 _MEMO = 16_384  # matchers kept per language, least recently used dropped first: ~19 KB each (measured),
 # and SMC asks for the children of the prefixes it asked for one step before, so twice the rows suffice
 
@@ -77,6 +79,11 @@ class TokenLanguage:
         self._xgr = xgr
         root = xgr.GrammarMatcher(self.compiled, terminate_without_stop_token=True)
         self._memo: OrderedDict[tuple[int, ...], object] = OrderedDict({(): root})
+        cache = _per_model[model]
+        if "bytes" not in cache:
+            cache["bytes"] = self.compiled.tokenizer_info.decoded_vocab  # each token's bytes, as the matcher reads them
+        self._token_bytes = cache["bytes"]
+        self._shortest: dict[int, float] = {}  # horizon -> min_tokens(horizon)
 
     def _text_tokens(self, tokens: Sequence[int]) -> tuple[int, ...]:
         return tuple(int(t) for t in tokens if t != self.eos)
@@ -99,6 +106,43 @@ class TokenLanguage:
         while len(self._memo) > _MEMO:
             self._memo.popitem(last=False)
         return matcher
+
+    def min_tokens(self, horizon: int) -> float:
+        """The fewest text tokens any accepted completion has (inf: none has any), or a lower
+        bound on it past ``horizon``: a breadth-first search over the distinct texts each number of tokens can
+        write (two token sequences with the same bytes reach the same automaton state). Depth
+        d is searched only after every text of fewer tokens was found incomplete, so where the
+        search stops — at a completed text, past the horizon, or at ``_SEARCH`` opened texts
+        — its depth is a lower bound, and exact in the first case."""
+        if horizon not in self._shortest:
+            self._shortest[horizon] = self._search(horizon)
+        return self._shortest[horizon]
+
+    def _search(self, horizon: int) -> float:
+        level, seen, opened = {b"": self._memo[()]}, {b""}, 0
+        bits = self._xgr.allocate_token_bitmask(1, self.vocab_size)
+        for depth in range(horizon + 1):
+            if any(matcher.is_completed() for matcher in level.values()):
+                return depth
+            following: dict[bytes, object] = {}
+            for text, matcher in level.items():
+                bits.zero_()
+                matcher.fill_next_token_bitmask(bits, 0)
+                for token in np.flatnonzero(_unpack(bits, self.vocab_size)[0].numpy()):
+                    after = text + self._token_bytes[token]
+                    if token == self.eos or after in seen:
+                        continue
+                    child = matcher.fork()
+                    opened += 1
+                    if child.accept_token(int(token)):
+                        seen.add(after)
+                        following[after] = child
+                    if opened > _SEARCH:
+                        return depth + 1
+            if not following:
+                return math.inf
+            level = following
+        return horizon + 1
 
     def viable(self, tokens: Sequence[int]) -> bool:
         return self._matcher(self._text_tokens(tokens)) is not None
