@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pilm.inference.result import read_jsonl
+from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.latent import LatentReasoner, Prediction
 from pilm.models.registry import load_model
 from pilm.tasks import subjectivity
@@ -45,6 +46,8 @@ def main() -> None:
     results = out / "results.jsonl"
     done = {(r["labels"], r["method"]) for r in read_jsonl(results, missing_ok=True)}
     model = load_model()
+    claim(out, {**{k: v for k, v in vars(args).items() if k not in ("out", "labels")}, "model": model.name,
+                 "dtype": model.dtype_name}, remedy=RESUME_ELSEWHERE)  # rows of other settings never mix
     reasoner = subjectivity.reasoner(model)
     config = {**vars(args), "model": model.name}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pilm
 from pilm.inference.result import read_jsonl
+from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.proposals import MaskedProposal
 
 SCHEMA = {"type": "object", "required": ["city", "temp"],
@@ -68,6 +69,8 @@ def main() -> None:
     results = args.out / "results.jsonl"
     done = {(r["constraint"], r["method"], r["n"], r["seed"]) for r in read_jsonl(results, missing_ok=True)}
     model = pilm.load_model()
+    claim(args.out, {**{k: v for k, v in vars(args).items() if k not in ("out", "n", "seeds")}, "model": model.name,
+                 "dtype": model.dtype_name}, remedy=RESUME_ELSEWHERE)  # rows of other settings never mix
     for constraint, target in targets(model).items():
         for n in map(int, args.n.split(",")):
             for seed in range(args.seeds):

@@ -31,6 +31,7 @@ from pilm.evaluation import calibration_summary, exact_sigma_samples, twist_cali
 from pilm.evaluation.metrics import t_interval
 from pilm.inference.result import read_jsonl
 from pilm.inference.smc import run_smc
+from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.tasks import joint_samples
 from pilm.tasks.classifiers import toxicity
 from pilm.tasks.infilling import DEFAULT_PROMPT, infilling
@@ -71,6 +72,8 @@ def main() -> None:
     have = {(r["kind"], r.get("sampler"), r.get("stage"), r.get("n_particles"))
             for r in read_jsonl(results, missing_ok=True)}
     model = pilm.load_model()
+    claim(out, {**{k: v for k, v in vars(args).items() if k not in ("out", "stages", "base_ks")}, "model": model.name,
+                 "dtype": model.dtype_name}, remedy=RESUME_ELSEWHERE)  # rows of other settings never mix
     config = {**vars(args), "model": model.name}
 
     def write(row: dict) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pilm.inference.result import read_jsonl
+from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.models.adapter import LoRAPolicy
 from pilm.models.registry import load_model
 from pilm.tasks.attack_reward import Victim
@@ -47,6 +48,8 @@ def main() -> None:
     results = out / "results.jsonl"
     done = {(r["stage"], r["method"]) for r in read_jsonl(results, missing_ok=True)}
     attacker = load_model()
+    claim(out, {**{k: v for k, v in vars(args).items() if k not in ("out", "methods")}, "model": attacker.name,
+                 "dtype": attacker.dtype_name}, remedy=RESUME_ELSEWHERE)  # rows of other settings never mix
     victim = Victim(load_model(), temperature=0.7, max_tokens=20, name="victim (helpful, T 0.7)")
     transfer = Victim(victim.model, system=BLUNT, temperature=1.0, max_tokens=20, name="transfer (blunt, T 1.0)")
     rt = red_teaming(attacker, victim, victim_samples=args.victim_samples, beta=0.1, gamma=1.0, transfer=[transfer],

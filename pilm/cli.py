@@ -24,7 +24,7 @@ from .config import (
     BoundsConfig, FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
 )
 from . import __version__
-from .cli_messages import flag, for_cli, note, out_of, what_was_saved
+from .cli_messages import RESUMABLE, flag, for_cli, note, out_of, what_was_saved
 from .errors import ConfigError, PilmError, ResumeMismatchError
 
 DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32, "mask": True,
@@ -209,6 +209,7 @@ def _run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     from .tasks import arithmetic_chain as task
 
     model = load_model(job.model)
+    _claim(job, model, asdict(cfg))
     test = {p["question"] for p in task.problems(ScaleConfig.problems, ScaleConfig.operands, seed=ScaleConfig.seed)}
     train = [p for p in task.problems(job.problems + len(test), ScaleConfig.operands, seed=job.problem_seed)
              if p["question"] not in test][: job.problems]
@@ -257,7 +258,9 @@ def _run_latent(cfg: LatentConfig, job: LatentJob) -> int:
     else:
         data = subjectivity.load(job.data, job.labels, test=job.test)
         test = data.test
-        reasoner = subjectivity.reasoner(load_model(job.model))
+        model = load_model(job.model)
+        _claim(job, model, {**asdict(cfg), **{k: getattr(job, k) for k in LatentJob.TRAINING}})
+        reasoner = subjectivity.reasoner(model)
         result = reasoner.em(data.train, **asdict(cfg), test=test[:job.test_limit] if job.test_limit else test,
                              e_kwargs={"batch_size": job.e_batch_size, "lr": job.e_lr, "reward_temperature": (1.2, 1.0)},
                              m_kwargs={"lr": job.m_lr})
@@ -297,6 +300,9 @@ def _run_red_team(job: RedTeamJob) -> int:
     rt = red_teaming(attacker, load_model(job.victim), classifier=job.classifier, victim_samples=job.victim_samples,
                      beta=job.beta, gamma=job.gamma, seed=job.seed)
     out = Path(job.out)
+    if job.overwrite:
+        shutil.rmtree(out / "stage1", ignore_errors=True)
+    _claim(job, attacker, {k: getattr(job, k) for k in RedTeamJob.STAGE1} | {"victim_model": rt.victim.name})
     policy = train_attacker(rt, job.method, steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=job.seed,
                             mle_steps=job.mle_steps, mle_n=job.mle_n, threshold=job.threshold,
                             stage1_dir=out / "stage1" if job.method == "gfn+mle" else None)
@@ -315,6 +321,16 @@ def _run_red_team(job: RedTeamJob) -> int:
           f"diversity (mean MiniLM cosine) {report.diversity:.3f}, {report.distinct} distinct of {len(report.attacks)}")
     print(f"wrote {out} (report.json, attacks.jsonl{', adapter' if policy is not None else ''})")
     return 0
+
+
+def _claim(job, model, settings: dict) -> None:
+    """Key ``job.out`` to these settings and the model (``pilm.learning.checkpoint.claim``):
+    another run's folder is refused unless ``--overwrite``."""
+    from .learning.checkpoint import RUN, claim
+
+    if job.overwrite:
+        Path(job.out, RUN).unlink(missing_ok=True)
+    claim(job.out, json.loads(json.dumps({**settings, "model": model.name, "dtype": model.dtype_name})))
 
 
 def _size(folder: Path) -> str:
@@ -396,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pilm: error: --{err.field.replace('_', '-')} {err.reason}", file=sys.stderr)
         except ResumeMismatchError as err:
             said = "; ".join(f"{flag(k)} {saved!r} there, {now!r} now" for k, (saved, now) in err.differences.items())
-            print(f"pilm: error: --out {out_of(made)} holds a run of other settings ({said}); rerun with the same "
-                  "flags to resume it, or use --out elsewhere or --overwrite", file=sys.stderr)
+            same = "rerun with the same flags" + (" to resume it" if args.command in RESUMABLE else "")
+            print(f"pilm: error: --out {out_of(made)} holds a run of other settings ({said}); {same}, or use --out "
+                  "elsewhere or --overwrite", file=sys.stderr)
         except (PilmError, ValueError, OSError) as err:
             print(f"pilm: error: {for_cli(str(err), SETTINGS)}".splitlines()[0], file=sys.stderr)
         finally:  # whatever ended the run, a folder it made and left empty goes with it

@@ -21,6 +21,7 @@ from typing import Literal
 
 from .config import Config, SMCConfig, TargetConfig, arg
 from .errors import ConfigError
+from .learning.checkpoint import RUN
 
 
 class Parser(argparse.ArgumentParser):
@@ -151,9 +152,10 @@ def new_folders(made) -> list[Path]:
 
 
 def remove_if_empty(folders: list[Path]) -> None:
-    """Delete each of ``folders`` that holds no file (a failed command leaves no empty folder)."""
+    """Delete each of ``folders`` that holds no file but its run key (a failed command leaves
+    no empty folder)."""
     for folder in folders:
-        if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        if folder.is_dir() and not any(p.is_file() and p.name != RUN for p in folder.rglob("*")):
             shutil.rmtree(folder)
 
 
@@ -294,6 +296,7 @@ class PRMJob(Config):
     problems: int = arg(60, "training problems (none of pilm scale's default test problems)", low=1)
     problem_seed: int = arg(1, "seed of the training problems (pilm scale tests on seed 0)")
     out: str = arg("prm", "folder for the learned PRM (a twist folder: --prm-path of pilm scale)", path="folder")
+    overwrite: bool = arg(False, "replace what --out holds when it was trained with other settings")
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,10 @@ class LatentJob(Config):
     vote: Literal["soft", "hard"] = arg("soft", "posterior predictive: mean of p(Y|X,Z), or majority of argmaxes")
     run: str | None = arg(None, "evaluate this saved run (a folder written by pilm latent) instead of training")
     out: str = arg("latent", "folder for the run: adapters, history.jsonl, em.png, predictions.jsonl", path="folder")
+    overwrite: bool = arg(False, "replace what --out holds when it was trained with other settings")
+
+    TRAINING = ("task", "data", "labels", "e_batch_size", "e_lr", "m_lr", "test", "test_limit")
+    """The settings a trained run depends on (its key; the vote is chosen at evaluation)."""
 
 
 @dataclass(frozen=True)
@@ -335,7 +342,13 @@ class RedTeamJob(Config):
     threshold: float = arg(0.7, "toxicity an attack needs to enter the MLE data", low=0, high=1)
     n: int = arg(256, "attacks drawn for the evaluation", low=2)
     seed: int = arg(0, "random seed")
-    out: str = arg("red-team", "folder for the adapter, report.json and attacks.jsonl", path="folder")
+    out: str = arg("red-team", "folder for the adapter, report.json and attacks.jsonl (its stage1/ is resumed "
+                   "when the stage-1 settings match)", path="folder")
+    overwrite: bool = arg(False, "start afresh when --out holds a run of other settings")
+
+    STAGE1 = ("method", "attacker", "classifier", "victim_samples", "beta", "gamma", "steps", "batch_size", "lr", "seed")
+    """What the stage-1 attacker depends on, and the method (the folder's key: a rerun that
+    changes only the MLE stage or the evaluation reuses stage 1)."""
 
 
 HARD_CONSTRAINTS = ("regex:", "json:", "grammar:")

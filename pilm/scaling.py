@@ -34,9 +34,9 @@ from accelerate import PartialState
 
 from . import inference
 from .config import ScaleConfig
-from .errors import ResumeMismatchError
 from .extras import pyplot
 from .inference.result import StepResult
+from .learning.checkpoint import claim
 from .models import load_model
 from .tasks import arithmetic_chain, gsm8k
 
@@ -116,7 +116,11 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
             old.unlink(missing_ok=True)
     state.wait_for_everyone()
     model = model or load_model(cfg.model)
-    _claim(folder, run_key(cfg, model), rows_path)
+    key = run_key(cfg, model)
+    first = next(iter(_read(rows_path)), {}) if rows_path.exists() else None  # a folder from before run.json
+    claim(folder, key, previous=None if first is None else
+          {**key, **{k: first[k] for k in ("task", "temperature", "seed", "model", "dtype") if k in first}},
+          write=state.is_main_process)
     part = folder / f"rows.part{state.process_index}.jsonl" if state.num_processes > 1 else rows_path
     done = {_key(r) for p in (rows_path, part) if p.exists() for r in _read(p)}
     prm = make_prm(cfg, model, prm_path)
@@ -175,24 +179,6 @@ def run_key(cfg: ScaleConfig, model) -> dict:
     key = {k: v for k, v in asdict(cfg).items() if k not in GROWS}
     key.update(model=model.name, dtype=model.dtype_name)
     return json.loads(json.dumps(key))
-
-
-def _claim(folder: Path, key: dict, rows_path: Path) -> None:
-    """Write ``key`` to ``folder/run.json``, or refuse when the folder holds rows of another key
-    (a folder from before run.json: the settings its rows record)."""
-    path = folder / "run.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-    elif rows_path.exists():
-        first = next(iter(_read(rows_path)), {})
-        saved = {**key, **{k: first[k] for k in ("task", "temperature", "seed", "model", "dtype") if k in first}}
-    else:
-        saved = key
-    differ = {k: (saved.get(k), key.get(k)) for k in sorted(set(saved) | set(key)) if saved.get(k) != key.get(k)}
-    if differ:
-        raise ResumeMismatchError(folder, differ, remedy="pass another out, or overwrite=True to start afresh")
-    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        path.write_text(json.dumps(key, indent=1) + "\n")
 
 
 def is_main_process() -> bool:

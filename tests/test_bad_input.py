@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pilm
-from pilm.potentials import FunctionPotential, Regex
+from pilm.potentials import FunctionPotential
 
 
 @pytest.fixture

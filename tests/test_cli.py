@@ -178,6 +178,16 @@ def test_bounds_on_sampled_endings_say_so(capsys, table_model):
     assert "bounds on E_c[log Z(c)] over endings c sampled from the model" in capsys.readouterr().out
 
 
+def test_train_prm_refuses_a_folder_of_other_settings(capsys, monkeypatch, fresh_tiny, tmp_path):
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: fresh_tiny)
+    argv = ["train-prm", "--problems", "2", "--rollouts", "1", "--steps", "1", "--out", str(tmp_path / "prm")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "prm" / "run.json").read_text())["rollouts"] == 1
+    assert main([*argv, "--rollouts", "2"]) == 2
+    assert "holds a run of other settings (--rollouts 1 there, 2 now)" in capsys.readouterr().err
+    assert main([*argv, "--rollouts", "2", "--overwrite"]) == 0
+
+
 def test_latent_trains_saves_and_scores_a_saved_run_on_any_file(capsys, monkeypatch, fresh_tiny, tmp_path):
     """pilm latent on a tiny random Llama with the real tokenizer: one EM round, the run saved
     in peft format, then --run ... --test FILE scores sentences it never saw."""
@@ -188,8 +198,12 @@ def test_latent_trains_saves_and_scores_a_saved_run_on_any_file(capsys, monkeypa
     out = capsys.readouterr().out
     assert "round 1 E-step: ELBO" in out and "round 1 M-step" in out and "on 3 items" in out
     for name in ("latent.json", "history.jsonl", "em.png", "predictions.jsonl", "posterior/adapter_model.safetensors",
-                 "likelihood/adapter_config.json"):
+                 "likelihood/adapter_config.json", "run.json"):
         assert (run / name).exists(), name
+    assert main(["latent", "--labels", "10", "--e-steps", "1", "--m-steps", "1", "--m-samples", "2", "--samples", "2",
+                 "--test-limit", "3", "--e-lr", "0.001", "--out", str(run)]) == 2  # refused before training
+    assert "holds a run of other settings (--e-lr 0.0005 there, 0.001 now); rerun with the same flags, or" \
+        in capsys.readouterr().err
     other = tmp_path / "mine.jsonl"
     other.write_text('{"text": "a dull , lifeless film .", "label_text": "subjective"}\n'
                      '{"text": "she moves to paris .", "label": 0}\n')

@@ -331,7 +331,8 @@ def _message_texts() -> list[tuple[str, str]]:
 
 def test_every_command_flag_and_script_a_message_names_exists():
     """Advice must be runnable: each ``--flag`` a message of the package names is a flag of
-    some command, each ``pilm COMMAND`` a command, each experiments/ or scripts/ file a file."""
+    some command, and of the command where a message writes ``pilm COMMAND ... --flag``; each
+    ``pilm COMMAND`` a command, each experiments/ or scripts/ file a file."""
     import re
     from pathlib import Path
 
@@ -348,6 +349,11 @@ def test_every_command_flag_and_script_a_message_names_exists():
                   if c not in COMMANDS]
         wrong += [f"{name}: {f}" for f in re.findall(r"\b(?:experiments|scripts)/[\w./]+\.py", text)
                   if not (root / f).is_file()]
+        for command, rest in re.findall(r"\bpilm ([a-z][a-z-]+)((?: (?:--[a-z-]+|\.\.\.|[^\s;:)'\"-][^\s;:)'\"]*))*)", text):
+            if command in parser.commands:  # a command line written out: its flags are that command's
+                own = {o for a in parser.commands[command]._actions for o in a.option_strings}
+                wrong += [f"{name}: pilm {command} {flag}" for flag in re.findall(r"--[a-z][a-z-]*[a-z]", rest)
+                          if flag not in own]
     assert not wrong, "\n".join(sorted(set(wrong)))
 
 
@@ -389,7 +395,8 @@ def test_a_scale_folder_grows_under_its_settings_and_refuses_others(tiny, monkey
 
 def test_a_finished_stage_is_saved_before_a_later_check_fails(tiny, fresh_tiny, monkeypatch, capsys, tmp_path):
     """red-team gfn+mle: stage 2 finds no attack above toxicity 1 (none can be), and says so
-    after stage 1 has been saved, naming where."""
+    after stage 1 has been saved, naming where; a rerun with another threshold resumes from the
+    saved stage 1, one with another stage-1 setting is refused."""
     models = iter([fresh_tiny, tiny])  # attacker, victim
     monkeypatch.setattr(pilm, "load_model", lambda *a, **k: next(models))
     out = tmp_path / "rt"
@@ -398,3 +405,50 @@ def test_a_finished_stage_is_saved_before_a_later_check_fails(tiny, fresh_tiny, 
     err = capsys.readouterr().err
     assert "above toxicity 1.0" in err and f"(stage 1 is saved in {out / 'stage1'})" in err, err
     assert (out / "stage1" / "adapter_model.safetensors").is_file()
+
+    # a rerun with another threshold reuses stage 1 (the random attacker's attacks still fail
+    # the fluency floor, so the MLE stage still finds none: nothing is trained)
+    import pilm.tasks.redteam as redteam
+
+    objectives = []
+    train = redteam.finetune
+    monkeypatch.setattr(redteam, "finetune", lambda t, objective, **k: objectives.append(objective) or train(t, objective, **k))
+    models = iter([fresh_tiny, tiny])
+    assert main(["red-team", "--method", "gfn+mle", "--steps", "1", "--batch-size", "2", "--victim-samples", "1",
+                 "--mle-n", "2", "--threshold", "0", "--n", "2", "--out", str(out)]) == 2
+    assert objectives == [] and "above toxicity 0.0" in capsys.readouterr().err
+    models = iter([fresh_tiny, tiny])  # another stage-1 setting: refused, naming it
+    assert main(["red-team", "--method", "gfn+mle", "--steps", "2", "--batch-size", "2", "--victim-samples", "1",
+                 "--mle-n", "2", "--threshold", "0", "--n", "2", "--out", str(out)]) == 2
+    assert "holds a run of other settings (--steps 1 there, 2 now)" in capsys.readouterr().err
+
+
+def test_a_run_key_tells_two_functions_of_one_name_apart():
+    """Two lambdas print the same; their code (and what they capture) keys the run."""
+    from pilm.learning.checkpoint import run_key
+    from pilm.potentials import FunctionPotential
+
+    model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
+
+    def key(fn):
+        return run_key([pilm.Target(model, "a", FunctionPotential(fn, name="score"), max_new_tokens=2)], {})
+
+    def captured(weight):
+        return lambda text: weight * len(text)
+
+    assert key(lambda text: 0.0) == key(lambda text: 0.0)
+    assert key(lambda text: 0.0) != key(lambda text: -1.0)
+    assert key(captured(1.0)) == key(captured(1.0)) != key(captured(2.0))
+
+
+def test_a_results_folder_is_claimed_by_one_run(tmp_path):
+    """The experiments' resumable results: same settings resume, others are refused with the
+    script's ways out (an experiment has no --overwrite), and the folder's key stays the first."""
+    from pilm.errors import ResumeMismatchError
+    from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
+
+    assert claim(tmp_path, {"steps": 60, "model": "m"}, remedy=RESUME_ELSEWHERE) is False
+    assert claim(tmp_path, {"steps": 60, "model": "m"}, remedy=RESUME_ELSEWHERE) is True
+    with pytest.raises(ResumeMismatchError, match=r"\(steps: 60 there, 30 now\).*pass another --out, or delete"):
+        claim(tmp_path, {"steps": 30, "model": "m"}, remedy=RESUME_ELSEWHERE)
+    assert json.loads((tmp_path / "run.json").read_text())["steps"] == 60

@@ -8,6 +8,7 @@ and a run resumes only from a checkpoint of the same key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,11 +72,77 @@ def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
 def run_key(targets: Sequence[Target], settings: dict) -> dict:
     """What a run's steps depend on, as JSON: the target (prompt, potential, horizon; or every
     target of a batch), the model and its dtype, and ``settings`` (the number of steps and the
-    checkpoint interval are not in it: a rerun with more steps continues the same run)."""
+    checkpoint interval are not in it: a rerun with more steps continues the same run). A
+    potential that wraps Python functions is named by their code too (``code_digest``): two
+    lambdas share a name, not a key."""
     model = targets[0].model
     where = targets[0].describe() if len(targets) == 1 else {"targets": [t.describe() for t in targets]}
-    key = {**where, "model": model.name, "dtype": model.dtype_name, **settings}
+    functions = [_functions(t.potential) for t in targets]
+    code = {"potential_code": code_digest(*functions)} if any(functions) else {}
+    key = {**where, **code, "model": model.name, "dtype": model.dtype_name, **settings}
     return json.loads(json.dumps(key, default=str))
+
+
+RUN = "run.json"
+RESUME_ELSEWHERE = "pass another --out, or delete the folder's results to start afresh"
+"""The ways out for a script (the experiments) whose results folder holds other settings."""
+
+
+def claim(folder: str | Path, key: dict, *, previous: dict | None = None, write: bool = True,
+          remedy: str = "pass another out, or overwrite=True to start afresh") -> bool:
+    """Key an output folder to one run: True when ``folder/run.json`` (or ``previous``, what an
+    older folder's files record) already holds ``key`` (the run resumes), False for a fresh
+    folder; another key raises `ResumeMismatchError` naming the settings that differ. ``write``
+    (the main process) records the key; ``remedy`` says the ways out."""
+    folder = Path(folder)
+    path = folder / RUN
+    saved = json.loads(path.read_text()) if path.exists() else previous
+    if saved is not None and saved != key:
+        raise ResumeMismatchError(folder, {k: (saved.get(k), key.get(k)) for k in sorted(set(saved) | set(key))
+                                           if saved.get(k) != key.get(k)},
+                                  remedy=remedy)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(key, indent=1) + "\n")
+    return saved is not None
+
+
+def code_digest(*objects) -> str:
+    """A short digest of functions (their bytecode, constants and captured values) and data
+    (its JSON), the same in every process: no object addresses."""
+    digest = hashlib.sha256()
+    for obj in objects:
+        digest.update(_stable(obj).encode())
+    return digest.hexdigest()[:16]
+
+
+def _stable(obj) -> str:
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        cells = [cell.cell_contents for cell in obj.__closure__ or ()]
+        return f"fn({_code(code)}|{_stable(cells)})"
+    if callable(obj) and not isinstance(obj, type):
+        return f"{type(obj).__qualname__}({_stable(vars(obj) if hasattr(obj, '__dict__') else None)})"
+    return json.dumps(obj, sort_keys=True, default=_stable_default)
+
+
+def _stable_default(obj) -> str:
+    if isinstance(obj, torch.Tensor):
+        return _stable(obj.tolist())
+    return _stable(obj) if callable(obj) else type(obj).__qualname__
+
+
+def _code(code) -> str:
+    consts = [_code(c) if hasattr(c, "co_code") else repr(c) for c in code.co_consts]
+    return f"{code.co_code.hex()}:{consts}:{code.co_names}"
+
+
+def _functions(potential) -> list:
+    """The Python functions a potential's factors hold (a ``FunctionPotential``'s fn and prefix_fn)."""
+    if potential is None:
+        return []
+    return [value for factor, _ in potential.factors() for value in vars(factor).values()
+            if getattr(value, "__code__", None) is not None]
 
 
 def resume(directory: str | Path | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer,

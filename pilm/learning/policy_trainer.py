@@ -39,7 +39,7 @@ from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
 from ..target import Target
 from .behaviour import MODES, behaviour_batch, demonstration_data, draw_mode, exploration, remember
-from .checkpoint import resume, run_key, save_checkpoint
+from .checkpoint import code_digest, resume, run_key, save_checkpoint
 from .log_z import LogZ
 from .objectives import FinetuneObjective, get_finetune_objective
 from .replay import ReplayBuffer
@@ -150,6 +150,7 @@ def finetune(
         else (float(reward_temperature[0]), float(reward_temperature[-1]))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     prompts = [t.prompt_ids if policy_prompt is None else t.model.encode_prompt(policy_prompt(t)) for t in targets]
+    given_policy = policy
     if policy is None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -174,7 +175,10 @@ def finetune(
                             "temperature_range": temperature_range, "replay_size": replay_size,
                             "replay_tolerance": replay_tolerance, "reward_temperature": reward_temperature,
                             "anneal_steps": anneal_steps, "min_log_reward": min_log_reward,
-                            "processes": accelerator.num_processes})
+                            "processes": accelerator.num_processes, "data": code_digest({k: [[int(t) for t in seq] for seq in rows] for k, rows in demo_data.items()}),
+                            "tool": None if tool is None else code_digest(tool),
+                            "policy_prompts": None if policy_prompt is None else code_digest([list(p) for p in prompts]),
+                            "policy": None if given_policy is None else type(given_policy).__qualname__})
     saved = resume(checkpoint_dir, trainable, optimizer, generator, key, overwrite=overwrite)
     if saved is not None:
         start, history = saved["step"], saved["history"]

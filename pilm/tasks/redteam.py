@@ -25,7 +25,7 @@ from torch import Tensor
 from ..evaluation.metrics import pairwise_cosine
 from ..learning import finetune
 from ..learning.rollout import sample_many
-from ..models.adapter import LoRAPolicy
+from ..models.adapter import CONFIG_NAME, LoRAPolicy
 from ..models.base import LanguageModel
 from ..models.hf import HFModel
 from ..potentials import ModelLikelihood
@@ -174,7 +174,9 @@ def train_attacker(rt: RedTeaming, method: str, *, steps: int = 100, batch_size:
     ``reinforce`` REINFORCE on log R (which holds log p_ref: a KL pull to p_ref);
     ``reinforce+novelty`` the same plus ``Novelty``; ``gfn`` trajectory balance with a log Z
     head, reward temperature annealed 2 -> 1 over the first half, replay (stage 1); ``gfn+mle``
-    stage 1 then ``mle_stage``."""
+    stage 1 then ``mle_stage``. ``stage1_dir``: where stage 1 is saved as soon as it is trained
+    (before the MLE stage can fail), and loaded from, not retrained, when it holds one — the
+    caller keys the folder to the stage-1 settings (the CLI's ``out/run.json``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     common = {"batch_size": batch_size, "lr": lr, "seed": seed, "progress": progress, **finetune_kwargs}
@@ -189,8 +191,11 @@ def train_attacker(rt: RedTeaming, method: str, *, steps: int = 100, batch_size:
             t = Target(t.model, t.prompt_ids, t.potential * Novelty(t.model, weight=novelty, stop=t.stop_token_id),
                        max_new_tokens=t.max_new_tokens, stop=t.stop_token_id)
         return finetune(t, "reinforce", steps=steps, **common)
-    stage1 = finetune(t, "tb", steps=steps, reward_temperature=(2.0, 1.0), anneal_steps=max(1, steps // 2),
-                      replay_size=1000, **common)
+    if stage1_dir is not None and Path(stage1_dir, CONFIG_NAME).exists():
+        stage1 = LoRAPolicy.from_pretrained(t.model, stage1_dir)  # the caller keyed the folder to these settings
+    else:
+        stage1 = finetune(t, "tb", steps=steps, reward_temperature=(2.0, 1.0), anneal_steps=max(1, steps // 2),
+                          replay_size=1000, **common)
     if method == "gfn":
         return stage1
     if stage1_dir is not None:
