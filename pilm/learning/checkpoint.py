@@ -108,28 +108,37 @@ def claim(folder: str | Path, key: dict, *, previous: dict | None = None, write:
 
 
 def code_digest(*objects) -> str:
-    """A short digest of functions (their bytecode, constants and captured values) and data
-    (its JSON), the same in every process: no object addresses."""
+    """A short digest of functions (their bytecode, constants and captured values) and data,
+    the same in every process: no object addresses (``_stable``)."""
     digest = hashlib.sha256()
     for obj in objects:
         digest.update(_stable(obj).encode())
     return digest.hexdigest()[:16]
 
 
-def _stable(obj) -> str:
+def _stable(obj, depth: int = 0) -> str:
+    """A text for ``obj`` with no object address: functions by their code and what they
+    capture, containers by their items, plain values by repr, anything else (a model, say)
+    by its type, and by its fields only where it is a callable object."""
+    if depth > 8:
+        return "..."
     code = getattr(obj, "__code__", None)
     if code is not None:
         cells = [cell.cell_contents for cell in obj.__closure__ or ()]
-        return f"fn({_code(code)}|{_stable(cells)})"
-    if callable(obj) and not isinstance(obj, type):
-        return f"{type(obj).__qualname__}({_stable(vars(obj) if hasattr(obj, '__dict__') else None)})"
-    return json.dumps(obj, sort_keys=True, default=_stable_default)
-
-
-def _stable_default(obj) -> str:
+        return f"fn({_code(code)}|{_stable(cells, depth + 1)})"
+    if isinstance(obj, (str, int, float, bool, type(None))):
+        return repr(obj)
     if isinstance(obj, torch.Tensor):
-        return _stable(obj.tolist())
-    return _stable(obj) if callable(obj) else type(obj).__qualname__
+        return _stable(obj.tolist(), depth + 1)
+    if isinstance(obj, dict):
+        return "{" + ",".join(sorted(f"{_stable(k, depth + 1)}:{_stable(v, depth + 1)}" for k, v in obj.items())) + "}"
+    if isinstance(obj, (set, frozenset)):
+        return "{" + ",".join(sorted(_stable(x, depth + 1) for x in obj)) + "}"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(_stable(x, depth + 1) for x in obj) + "]"
+    if callable(obj) and not isinstance(obj, type) and hasattr(obj, "__dict__"):
+        return f"{type(obj).__qualname__}({_stable(vars(obj), depth + 1)})"
+    return type(obj).__qualname__
 
 
 def _code(code) -> str:
