@@ -253,7 +253,7 @@ def _in_a_fresh_process(leg: str) -> dict:
 def batched_prompts(model, n_prompts: int = 64, n_particles: int = 16, new_tokens: int = 32, repeats: int = 1) -> dict:
     """Time per drawn token of SMC on ``n_prompts`` targets in one batch over one target at a
     time (same seeds per target, alternating rounds, the fastest of each kept)."""
-    from .inference.smc import seeded_generators
+    from .inference.batch import seeded_generators
     from .potentials import Regex
     from .target import Target
     from . import smc

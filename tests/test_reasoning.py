@@ -361,3 +361,49 @@ def test_a_target_draws_the_same_alone_and_in_a_batch():
     alone = pilm.particle_filter(second, PRM, 8, weights="twisted", seed=seeded_generators(0, 2)[1].initial_seed())
     assert both[1].tokens == alone.tokens and both[1].log_z == pytest.approx(alone.log_z)
     assert both[0].tokens == pilm.particle_filter(first, PRM, 8, weights="twisted", seed=0).tokens
+
+
+def test_particle_gibbs_with_ancestor_sampling_leaves_its_target_invariant():
+    """PGAS (Lindsten et al. 2014) on twisted weights: references drawn exactly from
+    sigma ∝ p phi, one conditional sweep with ancestor sampling each; the new references are
+    again draws from sigma (chi-square against enumeration). Steps of one or two tokens, so a
+    stitched chain is a new chain, and the PRM as psi (not the exact value) so that the
+    ancestor weights do not reduce to the plain ones."""
+    phi = FunctionPotential(lambda t: math.log(table_score(t[::-1])), on="tokens", name="table phi")
+    target = toy(phi)
+    sigma, _ = exact(target, lambda x: table_score(x[::-1]))
+    keys = list(sigma)
+    probs = torch.tensor([sigma[k] for k in keys], dtype=torch.float64)
+    m = 1500
+    start = torch.multinomial(probs, m, replacement=True, generator=torch.Generator().manual_seed(1))
+    refs = [list(keys[i]) for i in start.tolist()]
+    switched = []
+    from pilm.inference.particle_filter import AncestorSampling
+
+    decide = AncestorSampling.decide
+
+    def spy(self, v):
+        d = decide(self, v)
+        if d.reference is not None:
+            switched.append(d.reference != v.reference_tokens)
+        return d
+
+    AncestorSampling.decide = spy
+    try:
+        res = pilm.particle_gibbs([target] * m, PRM, 4, iterations=1, reference=refs, seed=5, weights="twisted",
+                                  ancestor_sampling=True, ess_threshold=1.0)
+    finally:
+        AncestorSampling.decide = decide
+    assert sum(switched) > 0.2 * m  # the references' pasts did move
+    after = [tuple(r.info["references"][-1]) for r in res]
+    counts = torch.tensor([after.count(k) for k in keys], dtype=torch.float64)
+    expected = probs * m
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp_ = torch.cat([expected[big], expected[~big].sum().view(1)])
+    assert stats.chisquare(obs.numpy(), exp_.numpy()).pvalue > 1e-3
+
+
+def test_ancestor_sampling_needs_twisted_weights_and_a_potential():
+    with pytest.raises(ValueError, match="use weights='twisted' on targets with a potential"):
+        pilm.particle_gibbs(toy(), PRM, 4, ancestor_sampling=True, weights="twisted")

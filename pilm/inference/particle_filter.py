@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from ..prm import ProcessReward, as_prm
-from ..proposals import log_mean_exp
+from ..proposals import BaseProposal, Proposal, log_mean_exp
 from ..target import Target
 from ..twists.base import TwistFunction
-from .resampling import Scheme, ess, get_scheme, multinomial
+from .batch import seeded_generators
+from .boundaries import step_targets
+from .chains import run_steps
+from .resampling import Scheme, ess, multinomial
 from .result import StepResult
-from .smc import seeded_generators
-from .rules import Boundary, Decision, Rule, conditional_ancestors
-from .stepwise import run_steps, step_targets
+from .rules import Decision, Resample, Rule, View, conditional_ancestors
 
 WEIGHTS = ("paper", "twisted")
 _CLIP = 1e-6  # r is clipped to [1e-6, 1 - 1e-6] before the logit, as the peers clip: |logit| <= 13.8
@@ -55,44 +57,62 @@ class PaperWeights(Rule):
             raise ValueError(f"the weight temperature tau must be > 0, got {tau}")
         self.tau = tau
 
-    def decide(self, b: Boundary) -> Decision:
-        r = b.scores.clamp(_CLIP, 1 - _CLIP)
+    def decide(self, v: View) -> Decision:
+        r = v.scores.clamp(_CLIP, 1 - _CLIP)
         log_w = (r.log() - (-r).log1p()) / self.tau
-        if (b.scores[b.alive] == 0).all():
+        if (v.scores[v.alive] == 0).all():
             log_w = torch.full_like(log_w, -math.inf)
         ess_now = ess(log_w) if torch.isfinite(log_w).any() else 0.0
-        if not b.going or torch.isneginf(log_w).all():
-            return Decision(log_w, b.log_psi, b.alive, ess=ess_now)
-        parents = (conditional_ancestors(log_w, b.generator) if b.reference
-                   else multinomial(log_w, len(log_w), b.generator))
-        return Decision(torch.zeros_like(log_w), b.log_psi, b.alive, parents, float(log_mean_exp(log_w)), ess_now)
+        if not v.going or torch.isneginf(log_w).all():
+            return Decision(log_w, v.log_psi, v.alive, ess=ess_now)
+        parents = (conditional_ancestors(log_w, v.generator) if v.reference
+                   else multinomial(log_w, len(log_w), v.generator))
+        return Decision(torch.zeros_like(log_w), v.log_psi, v.alive, parents, float(log_mean_exp(log_w)), ess_now)
 
 
-class TwistedWeights(Rule):
-    """psi_t / psi_{t-1} at each boundary, phi / psi_{t-1} at a chain's end; resampling by
-    ``scheme`` when ESS < ``threshold`` * N (module docstring)."""
+TwistedWeights = Resample  # the "twisted" weights are SMC's: psi_t / psi_{t-1}, phi / psi_{t-1} at the end
 
-    name, weighs, importance = "twisted", True, True
 
-    def __init__(self, scheme: Scheme, threshold: float = 0.5):
-        if not 0 <= threshold <= 1:
-            raise ValueError(f"ess_threshold must be in [0, 1], got {threshold}")
-        self.scheme, self.threshold = scheme, threshold
+class AncestorSampling(Resample):
+    """Twisted weights whose conditional sweeps give the reference a new past (particle Gibbs
+    with ancestor sampling, Lindsten, Jordan & Schön 2014). When a boundary t resamples, the
+    reference row's ancestor is drawn instead of kept: with x' its remaining steps, row i
+    (not finished, with room for x' within the horizon) is chosen with probability
 
-    def decide(self, b: Boundary) -> Decision:
-        now = torch.where(b.finished, b.log_phi, b.scores.log())
-        new_psi = torch.where(b.stepped, now, b.log_psi)
-        incr = torch.where(torch.isneginf(b.log_psi), 0.0, new_psi - b.log_psi)
-        log_w = b.log_w + torch.where(b.stepped, incr, 0.0)
-        if torch.isneginf(log_w).all():
-            return Decision(log_w, new_psi, b.alive)
-        ess_now = ess(log_w)
-        due = self.threshold >= 1 or ess_now < self.threshold * len(log_w)
-        if not (b.going and due):
-            return Decision(log_w, new_psi, b.alive, ess=ess_now)
-        n = len(log_w)
-        parents = conditional_ancestors(log_w, b.generator) if b.reference else self.scheme(log_w, n, b.generator)
-        return Decision(torch.zeros_like(log_w), new_psi, b.alive, parents, float(log_mean_exp(log_w)), ess_now)
+        ∝ w_t^i · gamma_T(x^i_{1:t}, x'_{t+1:T}) / gamma_t(x^i_{1:t})
+        = w_t^i · p_M(x' | x^i_{1:t}) · phi(x^i_{1:t}, x') / psi_t(x^i_{1:t}),
+
+    gamma_t = p_M psi_t being the filter's intermediate targets, and the reference continues
+    as x^i_{1:t} followed by x'. Stitching assumes a step ends where its own tokens say, so
+    that x^i's steps followed by x''s are the stitched chain's steps. One teacher-forced
+    forward of the N stitched chains per resampling."""
+
+    def __init__(self, targets, temperature: float, scheme: str | Scheme = "systematic", threshold: float = 0.5):
+        super().__init__(scheme, threshold)
+        self.targets, self.base = targets, BaseProposal(temperature)
+
+    def decide(self, v: View) -> Decision:
+        d = super().decide(v)
+        ref = v.reference_tokens
+        if d.parents is None or ref is None or len(ref) == int(v.lengths[0]):
+            return d
+        target, future = self.targets[v.index], list(ref[int(v.lengths[0]):])
+        log_w, chains = self.weigh(v), v.chains
+        ok = [i for i in range(len(log_w)) if v.stepped[i] and not v.finished[i] and torch.isfinite(log_w[i])
+              and len(chains[i]) + len(future) <= target.max_new_tokens]
+        stitched = [list(chains[i]) + future for i in ok]
+        pad = max(map(len, stitched))
+        tokens = torch.tensor([s + [-1] * (pad - len(s)) for s in stitched])
+        lp = self.base.tempered(target.model.prefix_logprobs(target.prompt_ids, tokens).flatten(0, 1)).view(
+            len(ok), pad + 1, -1)
+        log_future = torch.stack([sum(lp[j, len(chains[i]) + k, f] for k, f in enumerate(future))
+                                  for j, i in enumerate(ok)]).double()
+        logits = torch.full_like(log_w, -math.inf)
+        logits[ok] = log_w[ok] + log_future + target.log_potential(stitched).double() - v.log_psi_now[ok]
+        a = int(multinomial(logits, 1, v.generator)[0])
+        parents = d.parents.clone()
+        parents[0] = a
+        return replace(d, parents=parents, reference=tuple(chains[a]) + tuple(future))
 
 
 def make_rule(weights: str, *, tau: float, resample: str | Scheme | None, ess_threshold: float | None) -> Rule:
@@ -102,13 +122,13 @@ def make_rule(weights: str, *, tau: float, resample: str | Scheme | None, ess_th
                              "use weights='twisted' for ESS-adaptive resampling with another scheme")
         return PaperWeights(tau)
     if weights == "twisted":
-        return TwistedWeights(get_scheme(resample or "systematic"), 0.5 if ess_threshold is None else ess_threshold)
+        return Resample(resample or "systematic", 0.5 if ess_threshold is None else ess_threshold)
     raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
 
 
 def particle_filter(
     target: Target | Sequence[Target],
-    prm: ProcessReward | TwistFunction,
+    prm: ProcessReward | TwistFunction | None,
     n_particles: int,
     *,
     step: str | int | object | None = None,
@@ -123,13 +143,16 @@ def particle_filter(
     progress: bool = False,
     reference: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
     mask: bool = False,
+    proposal: Proposal | None = None,
 ) -> StepResult | list[StepResult]:
     """Particle filtering over reasoning steps with process reward ``prm`` (module docstring).
 
     ``target``: one target or a list sharing one model (all their particles advance in one
     forward per token; one result per target). ``step``: the step delimiter (a string, a
     compiled regex or a token id; default: the target's ``Steps``, else "\\n").
-    ``prm``: a ``pilm.prm.ProcessReward``, or a twist with psi in [0, 1] (a learned PRM).
+    ``prm``: a ``pilm.prm.ProcessReward``, or a twist with psi in [0, 1] (a learned PRM), or
+    ``None``: the potential's prefix score is psi (with a boundary after every token, as
+    ``Steps(max_step_tokens=1)`` makes, this is token-level SMC, particle for particle).
     ``weights``: "paper" (``tau`` is the softmax temperature of the logits; multinomial
     resampling at every boundary) or "twisted" (``resample`` scheme, default systematic, when
     ESS < ``ess_threshold`` * N, default 0.5). ``aggregation``: how a chain's step scores
@@ -140,7 +163,9 @@ def particle_filter(
     tokens that keep the target's potential satisfiable (an answer format as a ``Regex`` or a
     ``Grammar``): with "twisted" weights the allowed mass enters the weights, so the target
     stays p_M phi and Z-hat unbiased; with "paper" weights (no carried weights) the policy is
-    simply restricted to the format.
+    simply restricted to the format. ``proposal``: any ``pilm.proposals.Proposal`` to draw
+    from instead of p_M (a twisted or masked proposal, a fine-tuned policy as a
+    ``ModelProposal``): the weights carry p_M / q, so "twisted" weights keep the target p_M phi.
     """
     targets, single = step_targets(target, step)
     _check(n_particles, temperature, on_extinction)
@@ -150,13 +175,22 @@ def particle_filter(
         refs = [reference] if single else list(reference)
         if len(refs) != len(targets):
             raise ValueError(f"give one reference per target ({len(targets)}), got {len(refs)}")
-    out = run_steps(targets, n_particles, as_prm(prm), rule, seeded_generators(seed, len(targets), targets[0].model.device),
-                    temperature=temperature, aggregation=aggregation, references=refs,
-                    method=f"particle filter ({weights})", on_extinction=on_extinction, progress=progress,
-                    info={"seed": seed, "tau": tau, "mask": mask}, mask=mask)
-    for r in out:
-        r.method = f"pf-{weights}"
+    if proposal is not None and (mask or weights == "paper"):
+        raise ValueError("a proposal is corrected by the weights: use weights='twisted', and build the mask into "
+                         "the proposal (pilm.proposals.MaskedProposal) rather than mask=True")
+    out = _filter(targets, prm, n_particles, rule, weights=weights, temperature=temperature, aggregation=aggregation,
+                  seed=seed, references=refs, on_extinction=on_extinction, progress=progress, mask=mask,
+                  proposal=proposal, method=f"pf-{weights}", info={"tau": tau})
     return out[0] if single else out
+
+
+def _filter(targets, prm, n, rule: Rule, *, weights: str, temperature, aggregation, seed, references, on_extinction,
+            progress, mask, proposal, method: str, info: dict) -> list[StepResult]:
+    return run_steps(targets, n, None if prm is None else as_prm(prm), rule,
+                     seeded_generators(seed, len(targets), targets[0].model.device), temperature=temperature,
+                     aggregation=aggregation, references=references, method=method,
+                     desc=f"particle filter ({weights})", on_extinction=on_extinction, progress=progress,
+                     info={"seed": seed, **info, "mask": mask}, mask=mask, proposal=proposal)
 
 
 def particle_gibbs(
@@ -171,6 +205,8 @@ def particle_gibbs(
     temperature: float = 1.0,
     tau: float = 1.0,
     aggregation: str = "last",
+    resample: str | Scheme | None = None,
+    ess_threshold: float | None = None,
     seed: int = 0,
     progress: bool = False,
     reference: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
@@ -185,23 +221,33 @@ def particle_gibbs(
     form a Markov chain with stationary law sigma. Budget: N x ``iterations`` chains. Returns
     the last sweep, whose ``info["references"]`` lists the chain drawn after each sweep
     (token ids: the Markov chain; the last is a draw from the last sweep) and whose compute
-    fields sum all sweeps. ``ancestor_sampling``
-    (PGAS) is not implemented. ``reference`` (one complete chain per target) starts the
-    chain there: the first sweep is already conditional. ``mask`` as in ``particle_filter``."""
-    if ancestor_sampling:
-        raise NotImplementedError("ancestor sampling (PGAS) is not implemented; use ancestor_sampling=False")
+    fields sum all sweeps. ``ancestor_sampling=True`` is PGAS (``AncestorSampling``: at each
+    resampling the reference draws a new past, which mixes far better where the reference's
+    early steps would otherwise stay fixed); it weighs stitched chains by p_M phi, so it needs
+    "twisted" weights and a target with a potential. ``reference`` (one complete chain per
+    target) starts the chain there: the first sweep is already conditional. ``mask`` as in
+    ``particle_filter``, and ``resample``, ``ess_threshold`` for "twisted" weights."""
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     targets, single = step_targets(target, step)
+    _check(n_particles, temperature, "return")
+    rule = make_rule(weights, tau=tau, resample=resample, ess_threshold=ess_threshold)
+    if ancestor_sampling:
+        if weights != "twisted" or any(t.potential is None for t in targets):
+            raise ValueError("ancestor_sampling weighs stitched chains by p_M phi: use weights='twisted' on targets "
+                             "with a potential")
+        rule = AncestorSampling(targets, temperature, rule.scheme, rule.threshold)
     refs = None if reference is None else ([reference] if single else list(reference))
+    if refs is not None and len(refs) != len(targets):
+        raise ValueError(f"give one reference per target ({len(targets)}), got {len(refs)}")
     history: list[list[list[int] | None]] = []
     keys = ("tokens", "forwards", "prm_calls", "prm_lm_tokens", "seconds")
     spent = [dict.fromkeys(keys, 0.0) for _ in targets]
     results: list[StepResult] = []
     for it in range(iterations):
-        results = particle_filter(targets, prm, n_particles, weights=weights, temperature=temperature, tau=tau,
-                                  aggregation=aggregation, seed=seed + it, progress=progress, on_extinction="return",
-                                  reference=refs, mask=mask)
+        results = _filter(targets, prm, n_particles, rule, weights=weights, temperature=temperature,
+                          aggregation=aggregation, seed=seed + it, references=refs, on_extinction="return",
+                          progress=progress, mask=mask, proposal=None, method="pg", info={"tau": tau})
         for total, r in zip(spent, results, strict=True):
             for k in keys:
                 total[k] += r.info.get(k, 0.0)
@@ -209,7 +255,6 @@ def particle_gibbs(
                                                         strict=True)]
         history.append(refs)
     for i, r in enumerate(results):
-        r.method = "pg"
         r.info.update(spent[i])
         r.info.update({"iterations": iterations, "references": [h[i] for h in history]})
     return results[0] if single else results

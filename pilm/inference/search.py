@@ -26,10 +26,11 @@ from ..models.base import LanguageModel, Tokens, decode_step
 from ..prm import ProcessReward, as_prm
 from ..target import Target
 from ..twists.base import TwistFunction
+from .batch import seeded_generators
+from .boundaries import step_targets
+from .chains import run_steps
 from .result import StepResult
-from .smc import seeded_generators
-from .rules import Boundary, Decision, Rule
-from .stepwise import run_steps, step_targets
+from .rules import Decision, Rule, View
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,15 @@ class BeamSelection(_WidthRule):
     aggregated score (finished ones compete too), copy each unfinished one ``width`` times so that each copy draws its own next step,
     keep finished ones once, and drop the rest: never more than N chains."""
 
-    name, reads_chains = "beam", True
+    name = "beam"
 
-    def decide(self, b: Boundary) -> Decision:
+    def decide(self, b: View) -> Decision:
         n = len(b.scores)
         ranked = sorted(b.alive.nonzero().squeeze(1).tolist(), key=lambda k: -_score(b.scores, k))
         first = {}  # the best-ranked row of each distinct chain
+        chains = b.chains
         for k in ranked:
-            first.setdefault(b.chains[k], k)
+            first.setdefault(chains[k], k)
         distinct = list(first.values())
         parents: list[int] = []
         for k in distinct[: -(-n // self.width)]:
@@ -139,7 +141,7 @@ class SubtreeSelection(_WidthRule):
 
     name = "dvts"
 
-    def decide(self, b: Boundary) -> Decision:
+    def decide(self, b: View) -> Decision:
         n = len(b.scores)
         parents, alive = torch.arange(n), b.alive.clone()
         for lo in range(0, n, self.width):
@@ -165,8 +167,6 @@ def _search(target, prm, n, rule, *, temperature, aggregation, step, seed, metho
     out = run_steps(targets, n, as_prm(prm), rule, seeded_generators(seed, len(targets), targets[0].model.device),
                     temperature=temperature, aggregation=aggregation, method=method, progress=progress,
                     info={"seed": seed, "width": rule.width})
-    for r in out:
-        r.method = method
     return out[0] if single else out
 
 

@@ -21,18 +21,16 @@ for Z (Zhao et al. 2024; adaptive resampling keeps this). ``ess_threshold=0`` ne
 
 One model forward per step for all running particles of all targets; after resampling
 the KV cache is reindexed (rows copied), never recomputed; finished particles leave the
-batch. The step itself is ``pilm.inference.particles.smc_step``.
+batch. It runs on the one particle engine (``pilm.inference.engine``) with a boundary after
+every token, the ``PrefixCritic`` and the ``Resample`` rule.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import time
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import SMCConfig
 from ..models.base import LanguageModel
@@ -40,13 +38,18 @@ from ..proposals import Proposal, incremental_log_weight, log_mean_exp, make_pro
 from ..proposals import twisted_log_q as proposal_log_probs
 from ..target import Target
 from ..twists.base import TwistFunction
+from . import engine
+from .batch import as_list, chunks, seeded_generators
+from .boundaries import Boundary
+from .critics import PrefixCritic
+from .particles import Particles, StepInfo
 from .extinction import Extinction, extinct
-from .particles import Particles, Resampling, StepInfo, smc_step
 from .resampling import Scheme, get_scheme
 from .result import SMCResult
+from .rules import Resample
 from .trace import Trace
 
-__all__ = ["importance_sample", "incremental_log_weight", "proposal_log_probs", "run_smc", "smc"]
+__all__ = ["importance_sample", "incremental_log_weight", "proposal_log_probs", "run_smc", "seeded_generators", "smc"]
 
 Targets = Target | Sequence[Target]
 
@@ -99,7 +102,7 @@ def smc(
     enumeration of a small target gives Z = 0), saying how it knows. ``"raise"`` always
     raises, ``"return"`` always returns without a warning.
     """
-    targets, single = _as_list(target)
+    targets, single = as_list(target)
     generators = seeded_generators(seed, len(targets), targets[0].model.device)
     out = run_smc(targets, n_particles, generators, twist=twist, proposal=proposal, proposal_beta=proposal_beta,
                   resample=resample, ess_threshold=ess_threshold, progress=progress, on_extinction=on_extinction,
@@ -119,7 +122,7 @@ def importance_sample(
     (unbiased in Z; the IWAE bound in log space). Prefix scores of the potential are not
     used. A list of targets runs as one batch, as in ``smc``; ``on_extinction`` as there.
     """
-    targets, single = _as_list(target)
+    targets, single = as_list(target)
     generators = seeded_generators(seed, len(targets), targets[0].model.device)
     out = run_smc(targets, n, generators, ess_threshold=0.0, use_prefix=False, progress=progress,
                   on_extinction=on_extinction, info={"seed": seed}, max_rows=max_rows)
@@ -147,50 +150,30 @@ def run_smc(
     """The SMC loop behind ``smc`` and ``importance_sample``, with explicit generators (one,
     or one per target). ``trace`` (one target, no resampling) records per-step tensors for
     twist training. Returns a result, or a list for a list of targets."""
-    targets, single = _as_list(target)
+    targets, single = as_list(target)
     generators = list(generator) if isinstance(generator, Sequence) else [generator] + seeded_generators(
         generator.initial_seed(), len(targets), generator.device)[1:]
     references = _references(targets, [reference] if single and reference is not None else reference, resample)
     prop = make_proposal(twist, proposal, proposal_beta)
     _check(targets, n, ess_threshold, on_extinction, trace, generators)
-    resampling = Resampling(get_scheme(resample), ess_threshold, conditional=references is not None)
+    scheme = get_scheme(resample)
     results = []
-    for chunk in _chunks(targets, n, max_rows):
-        refs = [references[g] for g in chunk] if references is not None else None
+    for chunk in chunks(targets, n, max_rows):
         batch = [targets[g] for g in chunk]
-        particles, steps, seconds = _sequential_monte_carlo(
-            batch, n, [generators[g] for g in chunk], prop, resampling, use_prefix, refs, trace, on_extinction,
-            progress)
-        meta = {**(info or {}), "resample": getattr(resampling.scheme, "__name__", str(resample)),
-                "ess_threshold": ess_threshold, "proposal": prop.name, "reference": references is not None,
-                "seconds": seconds, "batch_targets": len(batch)}
-        results += [_result(particles, steps, g, tg, meta) for g, tg in enumerate(batch)]
-    return results[0] if single else results
-
-
-@torch.no_grad()
-def _sequential_monte_carlo(targets, n, generators, proposal, resampling, use_prefix, references, trace,
-                            on_extinction, progress) -> tuple[Particles, list[StepInfo], float]:
-    """Algorithm 1 of Zhao et al. 2024 for every target at once: step until every particle
-    has ended; Z-hat, ESS and ancestry are read off the particles and the steps."""
-    started = time.perf_counter()
-    model, horizon = targets[0].model, max(t.max_new_tokens for t in targets)
-    particles = Particles.start(len(targets), n, horizon)
-    proposal.begin(targets, n)
-    state = model.start_many([t.prompt_ids for t in targets], n)
-    steps: list[StepInfo] = []
-    for _ in tqdm(range(horizon), desc="smc", unit="tok", disable=not progress, leave=False):
-        drawn_from = state
-        particles, state, step = smc_step(particles, state, proposal, generators, targets=targets,
-                                          resampling=resampling, use_prefix=use_prefix, references=references)
+        sampler = engine.Sampler(prop, Boundary(), PrefixCritic(use_prefix), Resample(scheme, ess_threshold))
+        done = engine.run(batch, n, sampler, [generators[g] for g in chunk],
+                          references=[references[g] for g in chunk] if references is not None else None,
+                          observe=trace, progress=progress,
+                          on_extinct=lambda g, t, died, batch=batch: extinct(batch[g], t, died, n, on_extinction,
+                                                                             used_prefix=use_prefix))
         if trace is not None:
-            trace.record(step, drawn_from)
-        for g in step.extinct.nonzero().squeeze(1).tolist():
-            extinct(targets[g], step.t, int(step.died[g]), n, on_extinction, used_prefix=use_prefix)
-        steps.append(step)
-        if state is None:
-            break
-    return particles, steps, time.perf_counter() - started
+            for boundary in done.steps:
+                trace.finish(boundary.rows[boundary.finished], boundary.log_psi_now[boundary.finished])
+        meta = {**(info or {}), "resample": getattr(scheme, "__name__", str(resample)),
+                "ess_threshold": ess_threshold, "proposal": prop.name, "reference": references is not None,
+                "seconds": done.seconds, "batch_targets": len(batch)}
+        results += [_result(done.particles, done.steps, g, tg, meta) for g, tg in enumerate(batch)]
+    return results[0] if single else results
 
 
 def _result(particles: Particles, steps: list[StepInfo], g: int, target: Target, meta: dict) -> SMCResult:
@@ -200,37 +183,17 @@ def _result(particles: Particles, steps: list[StepInfo], g: int, target: Target,
     log_w = particles.log_w[rows]
     log_z = float(particles.log_z[g] + log_mean_exp(log_w))
     toks = [particles.tokens[k, : particles.lengths[k]].tolist() for k in range(rows.start, rows.stop)]
-    extinct = [s.t for s in steps if s.extinct[g]]
+    extinct_at = [s.t for s in steps if s.extinct[g]]
     return SMCResult(
         samples=target.sequences(toks).texts, tokens=toks, log_weights=log_w.tolist(),
-        log_z=-math.inf if extinct else log_z, ess=[float(s.ess[g]) for s, _ in ran],
+        log_z=-math.inf if extinct_at else log_z, ess=[float(s.ess[g]) for s, _ in ran],
         resampled_at=[s.t for s, _ in ran if s.resampled[g]], ancestry=[(a[rows] - g * n).tolist() for _, a in ran],
         method="smc" if meta["ess_threshold"] > 0 else "is",
         info={**meta, "prompt": target.prompt, "chat": target.chat, "n_particles": n,
               "max_new_tokens": target.max_new_tokens, "potential": str(target.potential),
-              "model": target.model.name, "dtype": target.model.dtype_name, "extinct_at": extinct[0] if extinct else None},
+              "model": target.model.name, "dtype": target.model.dtype_name,
+              "extinct_at": extinct_at[0] if extinct_at else None},
     )
-
-
-def seeded_generators(seed: int, m: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per target on ``device``: target 0's is seeded with ``seed`` itself
-    (a single target draws as it always did), target i's with a hash of (seed, i)."""
-    def seed_of(i: int) -> int:
-        digest = hashlib.blake2b(repr((seed, i)).encode(), digest_size=8).digest()
-        return seed if i == 0 else int.from_bytes(digest, "little") & (2**63 - 1)
-
-    return [torch.Generator(device=device).manual_seed(seed_of(i)) for i in range(m)]
-
-
-def _as_list(target: Targets) -> tuple[list[Target], bool]:
-    if isinstance(target, Target):
-        return [target], True
-    targets = list(target)
-    if not targets or not all(isinstance(t, Target) for t in targets):
-        raise TypeError("give a pilm.Target or a non-empty list of them")
-    if any(t.model is not targets[0].model for t in targets):
-        raise ValueError("targets sampled in one batch must share one model")
-    return targets, False
 
 
 def _references(targets: list[Target], reference, resample) -> list[list[int] | None] | None:
@@ -262,16 +225,3 @@ def _check(targets, n, ess_threshold, on_extinction, trace, generators) -> None:
         raise ValueError(f"on_extinction must be 'warn', 'raise' or 'return', got {on_extinction!r}")
     if len(generators) != len(targets):
         raise ValueError(f"give one generator per target ({len(targets)}), got {len(generators)}")
-
-
-def _chunks(targets: list[Target], n: int, max_rows: int | None) -> list[list[int]]:
-    """Consecutive groups of target indices whose n rows each fit ``max_rows`` (default: what
-    the model's device has room for)."""
-    if max_rows is None:
-        length = max(len(t.prompt_ids) + t.max_new_tokens for t in targets) + 1
-        max_rows = targets[0].model.max_rows(length)
-    if max_rows is not None and n > max_rows:
-        raise ValueError(f"{n} particles of one target do not fit: at most {max_rows} rows fit in the device's "
-                         "memory (max_rows); use fewer particles or a shorter horizon")
-    per = len(targets) if max_rows is None else max(1, max_rows // n)
-    return [list(range(i, min(i + per, len(targets)))) for i in range(0, len(targets), per)]

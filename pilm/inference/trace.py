@@ -6,6 +6,7 @@ needs: training then costs no LM forward pass beyond the sampling itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,13 +27,15 @@ class Trace:
 
     log_phi: dict[int, float] = field(default_factory=dict)
 
-    def record(self, step, state: ModelState) -> None:
-        """Keep what ``step`` (a ``StepInfo``) drew from the model ``state``, for the rows that drew it."""
-        rows, finished = step.rows, step.finished
-        self.steps.append((rows.clone(), state.hidden, step.drawn, step.log_p0, step.log_q,
-                           state.logprobs if self.keep_logprobs else None))
-        for k, value in zip(rows[finished].tolist(), step.log_psi_now[finished].tolist()):
-            self.log_phi[k] = value  # at a particle's last token psi is phi
+    def __call__(self, rows: Tensor, state: ModelState, drawn: Tensor, log_p0: Tensor, log_q: Tensor) -> None:
+        """Keep one draw of the engine (``pilm.inference.engine.Observer``): what ``rows`` drew from ``state``."""
+        logprobs = state.logprobs if self.keep_logprobs else None  # a token boundary: every row of the state drew
+        self.steps.append((rows.clone(), state.hidden, drawn, log_p0, log_q, logprobs))
+
+    def finish(self, rows: Tensor, log_phi: Tensor) -> None:
+        """At a particle's last token psi is phi."""
+        for k, value in zip(rows.tolist(), log_phi.tolist(), strict=True):
+            self.log_phi[k] = value
 
     def stacked(self, n: int) -> dict[str, Tensor]:
         """Padded (n, T, ...) tensors; ``mask[k, t]`` is True where particle k drew a token at step t+1."""
@@ -44,7 +47,7 @@ class Trace:
             "log_p0": torch.zeros(n, T),
             "log_q": torch.zeros(n, T),
             "mask": torch.zeros(n, T, dtype=torch.bool),
-            "log_phi": torch.tensor([self.log_phi[k] for k in range(n)]),
+            "log_phi": torch.tensor([self.log_phi.get(k, -math.inf) for k in range(n)]),  # -inf: died early
         }
         if self.keep_logprobs:
             out["log_p0_all"] = torch.zeros(n, T, self.steps[0][5].shape[-1])

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from ..prm import ProcessReward, as_prm
 from ..target import Target
 from ..twists.base import TwistFunction
+from .batch import seeded_generators
+from .boundaries import step_targets
+from .chains import run_steps
 from .result import StepResult
-from .smc import seeded_generators
-from .rules import Boundary, Decision, Rule
-from .stepwise import run_steps, step_targets
+from .rules import Decision, Rule, View
 
 
 class Independent(Rule):
@@ -26,7 +27,7 @@ class Independent(Rule):
 
     name = "independent"
 
-    def decide(self, b: Boundary) -> Decision:
+    def decide(self, b: View) -> Decision:
         return Decision(b.log_w, b.log_psi, b.alive)
 
 
@@ -40,8 +41,6 @@ def sample_chains(target: Target | Sequence[Target], n: int, prm: ProcessReward 
     out = run_steps(targets, n, None if prm is None else as_prm(prm), Independent(),
                     seeded_generators(seed, len(targets), targets[0].model.device), temperature=temperature,
                     aggregation=aggregation, method=method, progress=progress, info={"seed": seed})
-    for r in out:
-        r.method = method
     return out[0] if single else out
 
 

@@ -60,8 +60,9 @@ class Proposal(ABC):
     def reindex(self, idx: Tensor) -> None:
         """Keep rows ``idx`` (duplicates allowed), in step with the model."""
 
-    def advance(self, tokens: Tensor) -> None:
-        """Append one token per row, in step with the model."""
+    def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
+        """Append one token per row, in step with the model (rows in ``hold`` wait: nothing is
+        appended to them, as in ``LanguageModel.advance``)."""
 
 
 class BaseProposal(Proposal):
@@ -76,13 +77,16 @@ class BaseProposal(Proposal):
         self.name = "base" if temperature == 1.0 else f"base at temperature {temperature:g}"
 
     def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
-        lp = state.logprobs
+        return Proposed(self.tempered(state.logprobs))
+
+    def tempered(self, logprobs: Tensor) -> Tensor:
+        """log q of every token from log p0 (rows, V)."""
         if self.temperature == 1.0:
-            return Proposed(lp)
+            return logprobs
         if self.temperature == 0:
-            greedy = torch.full_like(lp, -torch.inf)
-            return Proposed(greedy.scatter_(1, lp.argmax(1, keepdim=True), 0.0))
-        return Proposed(torch.log_softmax(lp / self.temperature, -1))
+            greedy = torch.full_like(logprobs, -torch.inf)
+            return greedy.scatter_(1, logprobs.argmax(1, keepdim=True), 0.0)
+        return torch.log_softmax(logprobs / self.temperature, -1)
 
 
 class TwistProposal(Proposal):
@@ -121,9 +125,9 @@ class TwistProposal(Proposal):
         if self.twist.stateful:
             self.twist.reindex(idx)
 
-    def advance(self, tokens: Tensor) -> None:
+    def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
         if self.twist.stateful:
-            self.twist.advance(tokens)
+            self.twist.advance(tokens, hold)
 
 
 def _words(target: dict) -> str:

@@ -24,20 +24,24 @@ import torch
 from ..models.base import ModelState
 from ..target import Target
 from ..twists.base import Prefixes, TwistFunction
-from .base import Proposal, Proposed, TwistProposal
+from .base import BaseProposal, Proposal, Proposed, TwistProposal
 from .weights import twisted_log_q
 
 
 class MaskedProposal(Proposal):
     """q ∝ p0 · (the targets' token masks) [· psi^beta]; see the module docstring. Targets
-    whose potential gives no mask are proposed from p0 (or the twist) as usual."""
+    whose potential gives no mask are proposed from p0 (or the twist) as usual. At a
+    ``temperature``, p0 is the model at that temperature (a reasoning policy p_M)."""
 
     needs_prefixes = True
 
-    def __init__(self, twist: TwistFunction | None = None, beta: float = 1.0):
+    def __init__(self, twist: TwistFunction | None = None, beta: float = 1.0, *, temperature: float = 1.0):
         self.inner = TwistProposal(twist, beta) if twist is not None else None
+        self.base = BaseProposal(temperature)
         self.keeps_prefix_scores = twist is None
         self.name = "masked" if twist is None else f"masked + {self.inner.name}"
+        if temperature != 1.0:
+            self.name += f" at temperature {temperature:g}"
         self._targets: list[Target] = []
         self._groups = torch.zeros(0, dtype=torch.long)
 
@@ -52,16 +56,16 @@ class MaskedProposal(Proposal):
         mask = token_masks(self._targets, self._groups, prefixes, state.logprobs)
         log_mask = torch.zeros_like(state.logprobs).masked_fill(~mask, -torch.inf)
         log_psi = log_mask if log_psi is None else log_psi + log_mask
-        return Proposed(twisted_log_q(state.logprobs, log_psi), log_psi)
+        return Proposed(twisted_log_q(self.base.tempered(state.logprobs), log_psi), log_psi)
 
     def reindex(self, idx: torch.Tensor) -> None:
         self._groups = self._groups[idx.cpu()]
         if self.inner is not None:
             self.inner.reindex(idx)
 
-    def advance(self, tokens: torch.Tensor) -> None:
+    def advance(self, tokens: torch.Tensor, hold: torch.Tensor | None = None) -> None:
         if self.inner is not None:
-            self.inner.advance(tokens)
+            self.inner.advance(tokens, hold)
 
 
 def token_masks(targets: Sequence[Target], groups: torch.Tensor, prefixes: Sequence[Sequence[int]],

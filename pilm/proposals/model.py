@@ -58,8 +58,8 @@ class ModelProposal(Proposal):
     def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
         return Proposed(self._state.logprobs.to(state.logprobs.device))
 
-    def advance(self, tokens: Tensor) -> None:
-        self._state = self.model.advance(self._state, tokens)
+    def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
+        self._state = self.model.advance(self._state, tokens, hold=hold)
 
     def reindex(self, idx: Tensor) -> None:
         self._state = self.model.reindex(self._state, idx)

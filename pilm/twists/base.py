@@ -32,7 +32,7 @@ class TwistFunction(ABC):
     def begin(self, targets, n: int) -> None:
         """Start ``n`` rows on each target's prompt, target-major (stateful twists only)."""
 
-    def advance(self, tokens: Tensor) -> None:
+    def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
         """Append one token per row, in step with the model (stateful twists only)."""
 
     def reindex(self, idx: Tensor) -> None:

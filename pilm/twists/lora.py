@@ -56,8 +56,8 @@ class LoRATwist(nn.Module, TwistFunction):
     def begin(self, targets, n: int) -> None:
         self._state = self.body.start_many([t.prompt_ids for t in targets], n)
 
-    def advance(self, tokens: Tensor) -> None:
-        self._state = self.body.advance(self._state, tokens)
+    def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
+        self._state = self.body.advance(self._state, tokens, hold=hold)
 
     def reindex(self, idx: Tensor) -> None:
         self._state = self.body.reindex(self._state, idx)

@@ -1,0 +1,46 @@
+"""Many targets as one batch: the list they come as, one generator each, and chunks that fit
+the device's memory."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from ..target import Target
+
+
+def as_list(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
+    """The targets as a list, and whether one target (not a list) was given."""
+    if isinstance(target, Target):
+        return [target], True
+    targets = list(target)
+    if not targets or not all(isinstance(t, Target) for t in targets):
+        raise TypeError("give a pilm.Target or a non-empty list of them")
+    if any(t.model is not targets[0].model for t in targets):
+        raise ValueError("targets sampled in one batch must share one model")
+    return targets, False
+
+
+def seeded_generators(seed: int, m: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per target on ``device``: target 0's is seeded with ``seed`` itself
+    (a single target draws as it always did), target i's with a hash of (seed, i)."""
+    def seed_of(i: int) -> int:
+        digest = hashlib.blake2b(repr((seed, i)).encode(), digest_size=8).digest()
+        return seed if i == 0 else int.from_bytes(digest, "little") & (2**63 - 1)
+
+    return [torch.Generator(device=device).manual_seed(seed_of(i)) for i in range(m)]
+
+
+def chunks(targets: list[Target], n: int, max_rows: int | None) -> list[list[int]]:
+    """Consecutive groups of target indices whose n rows each fit ``max_rows`` (default: what
+    the model's device has room for)."""
+    if max_rows is None:
+        length = max(len(t.prompt_ids) + t.max_new_tokens for t in targets) + 1
+        max_rows = targets[0].model.max_rows(length)
+    if max_rows is not None and n > max_rows:
+        raise ValueError(f"{n} particles of one target do not fit: at most {max_rows} rows fit in the device's "
+                         "memory (max_rows); use fewer particles or a shorter horizon")
+    per = len(targets) if max_rows is None else max(1, max_rows // n)
+    return [list(range(i, min(i + per, len(targets)))) for i in range(0, len(targets), per)]
