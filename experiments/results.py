@@ -6,7 +6,7 @@
 
 Each table comes from its experiment's pure ``table`` function, the one the experiment itself
 calls after a run (through ``write``), fed with the folder's JSONL / JSON: results.md in every
-folder of FOLDERS, and docs/scale/<prm>/table.md (``pilm.scaling.table``, as ``pilm scale``
+folder of FOLDERS, and docs/scale/<prm>/table.md (``pilm.commands.scaling.table``, as ``pilm scale``
 writes it). Plots stay the experiments' business. Rerun: make results
 """
 
@@ -27,10 +27,10 @@ import payoff
 import red_team
 import scale_report
 import twists
-from pilm.bench import table as bench_table
+from pilm.commands.bench import table as bench_table
 from pilm.inference.result import read_jsonl
-from pilm.scaling import summarise
-from pilm.scaling import table as scale_table
+from pilm.commands.scaling import summarise
+from pilm.commands.scaling import table as scale_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -2,7 +2,7 @@
 
 Each field's default is the default of the function's argument of the same name
 (``smc``, ``train_twist``, ``finetune``, ``bounds`` read theirs from here), and the CLI's
-flags are generated from these dataclasses (``pilm.cli``): ``--n-particles`` is
+flags are generated from these dataclasses (``pilm.commands.cli``): ``--n-particles`` is
 ``SMCConfig.n_particles``, with its help text from the field's ``help`` metadata.
 """
 

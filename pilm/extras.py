@@ -39,6 +39,8 @@ def require(module: str, purpose: str) -> ModuleType:
 
 
 def pyplot(purpose: str = "plotting") -> ModuleType:
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    require("matplotlib", purpose).use("Agg")
+    """matplotlib.pyplot with the backend the user's session chose: pilm never sets one (a library
+    that calls ``matplotlib.use`` takes a notebook's away); without a display matplotlib falls
+    back to the file-only Agg backend by itself, and pilm only saves and closes figures."""
+    require("matplotlib", purpose)
     return importlib.import_module("matplotlib.pyplot")

@@ -1,13 +1,17 @@
-"""Conformance checks for the protocols users implement (potentials, language models)."""
+"""Conformance checks for the protocols users implement: potentials, language models,
+proposals, twists, process rewards and selection rules. Each raises ``AssertionError`` naming
+the broken promise."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from .models.base import LanguageModel
 from .potentials.base import Potential, Sequences, evaluate
+from .target import Target
 
 
 def check_potential(potential: Potential, model: LanguageModel, prompt: str | Sequence[int] = "", completions=None,
@@ -65,6 +69,159 @@ def check_language_model(model: LanguageModel, prompt_ids: Sequence[int] = (0,),
     resumed = model.advance(held, torch.tensor([1, 1, 0]), hold=torch.tensor([True, False, True]))
     assert torch.allclose(resumed.logprobs[1], held.logprobs[2], atol=1e-4), (
         "a held row that resumes must continue as if it had never waited")
+
+
+def check_proposal(proposal, target: Target, n: int = 2, steps: int = 3) -> None:
+    """Raise ``AssertionError`` unless ``proposal`` (a ``pilm.proposals.Proposal``) keeps the
+    protocol on ``target``: log q of shape (rows, V), no NaN, normalised (each row sums to 1);
+    log psi, if given, of the same shape with no NaN or +inf; ``reindex`` moving its rows with
+    the model's, and ``advance(hold=...)`` leaving a held row as it was (in lock-step with the
+    model, as the engine steps it)."""
+    model = target.model
+    proposal.begin([target], n)
+    state = model.start(target.prompt_ids, n)
+    prefixes = [()] * n
+    for _ in range(min(steps, target.max_new_tokens - 2)):  # room for the hold step, before the horizon
+        tokens = _next(_proposed(proposal, state, prefixes), target)
+        proposal.advance(tokens.to(model.device))
+        state = model.advance(state, tokens.to(model.device))
+        prefixes = [p + (int(t),) for p, t in zip(prefixes, tokens.tolist(), strict=True)]
+    before = _proposed(proposal, state, prefixes)
+    idx = torch.tensor([1 % n, 0, 0])
+    proposal.reindex(idx.to(model.device))
+    state = model.reindex(state, idx.to(model.device))
+    prefixes = [prefixes[i] for i in idx.tolist()]
+    after = _proposed(proposal, state, prefixes)
+    for k, j in enumerate(idx.tolist()):
+        assert torch.allclose(after[k], before[j], atol=1e-5), f"after reindex, row {k} must propose as row {j} did"
+    tokens, hold = _next(after, target), torch.tensor([False, True, False])
+    proposal.advance(tokens.to(model.device), hold.to(model.device))
+    state = model.advance(state, tokens.to(model.device), hold=hold.to(model.device))
+    prefixes = [p if h else p + (int(t),) for p, t, h in zip(prefixes, tokens.tolist(), hold.tolist(), strict=True)]
+    held = _proposed(proposal, state, prefixes)
+    assert torch.allclose(held[1], after[1], atol=1e-5), "a held row must keep its proposal"
+
+
+def _next(log_q: torch.Tensor, target: Target) -> torch.Tensor:
+    """Each row's likeliest token under q that does not end the completion."""
+    if target.stop_token_id is not None:
+        log_q = log_q.clone()
+        log_q[:, target.stop_token_id] = -math.inf
+    return log_q.argmax(1)
+
+
+def _proposed(proposal, state, prefixes) -> torch.Tensor:
+    out = proposal.propose(state, prefixes if proposal.needs_prefixes else None)
+    log_q = out.log_q.float().cpu()
+    assert log_q.shape == state.logprobs.shape, f"log q has shape {tuple(log_q.shape)}, not {tuple(state.logprobs.shape)}"
+    assert not torch.isnan(log_q).any(), "log q has NaN"
+    assert torch.allclose(log_q.exp().sum(-1), torch.ones(len(log_q)), atol=1e-3), "q must sum to 1 in every row"
+    if out.log_psi is not None:
+        assert out.log_psi.shape == log_q.shape, "log psi must have log q's shape"
+        assert not (torch.isnan(out.log_psi) | torch.isposinf(out.log_psi)).any(), "log psi has NaN or +inf"
+    return log_q
+
+
+def check_twist(twist, target: Target, n: int = 2, steps: int = 3) -> None:
+    """Raise ``AssertionError`` unless ``twist`` (a ``pilm.twists.TwistFunction``) keeps the
+    protocol: log psi of every next token, (rows, V), no NaN or +inf, each row the same alone
+    as in a batch, and, stepped as the twist-induced proposal, ``check_proposal``."""
+    from .proposals import TwistProposal
+
+    model = target.model
+    state = model.start(target.prompt_ids, n)
+    condition = twist.condition_for(target)
+    condition = None if condition is None else condition.expand(n, -1)
+    if twist.stateful:
+        twist.begin([target], n)
+    prefixes = [()] * n if twist.needs_prefixes else None
+    with torch.no_grad():
+        batch = twist.log_psi(prefixes, state.hidden, condition).float().cpu()
+        alone = twist.log_psi(prefixes[:1] if prefixes else None, state.hidden[:1],
+                              None if condition is None else condition[:1]).float().cpu() if not twist.stateful else batch[:1]
+    assert batch.shape == (n, model.vocab_size), f"log psi has shape {tuple(batch.shape)}, not {(n, model.vocab_size)}"
+    assert not (torch.isnan(batch) | torch.isposinf(batch)).any(), "log psi has NaN or +inf"
+    assert torch.allclose(alone[0], batch[0], atol=1e-4), "a row's log psi must not depend on the other rows"
+    check_proposal(TwistProposal(twist), target, n, steps)
+
+
+def check_prm(prm, target: Target, chains: Sequence[Sequence[int]]) -> None:
+    """Raise ``AssertionError`` unless ``prm`` (a ``pilm.prm.ProcessReward``) scores the
+    ``chains`` (token ids of completions, cut into steps by the target's ``Steps``) with one
+    probability each, in [0, 1], no NaN, each row the same alone as in the batch."""
+    from .prm import StepBatch
+    from .steps import Steps
+
+    model, cut = target.model, target.steps or Steps()
+    rows = [list(c) for c in chains]
+    hidden = last = None
+    if prm.reads_hidden:  # the state each chain's last token was drawn from
+        states = [_state_before_last(model, target.prompt_ids, c) for c in rows]
+        hidden = torch.cat([s.hidden for s in states]).float()
+        last = torch.tensor([c[-1] for c in rows])
+
+    def batch(ix):
+        return StepBatch(questions=[target.question] * len(ix), prompts=[tuple(target.prompt_ids)] * len(ix),
+                         steps=[_steps(model, cut, rows[i]) for i in ix], tokens=[tuple(rows[i]) for i in ix],
+                         hidden=None if hidden is None else hidden[ix], last=None if last is None else last[ix])
+
+    scores = torch.as_tensor(prm.score(batch(list(range(len(rows)))))).double().reshape(-1)
+    assert scores.shape == (len(rows),), f"{len(scores)} scores for {len(rows)} rows"
+    assert not torch.isnan(scores).any() and bool(((scores >= 0) & (scores <= 1)).all()), "scores must be in [0, 1]"
+    for i in range(len(rows)):
+        one = float(torch.as_tensor(prm.score(batch([i]))).double().reshape(-1)[0])
+        assert abs(one - float(scores[i])) < 1e-4, f"row {i} scores {one} alone and {float(scores[i])} in the batch"
+
+
+def _state_before_last(model, prompt_ids, tokens):
+    state = model.start(prompt_ids, 1)
+    for t in tokens[:-1]:
+        state = model.advance(state, torch.tensor([t], device=model.device))
+    return state
+
+
+def _steps(model, cut, tokens) -> list[str]:
+    steps, text, ids = [], "", []
+    for t in tokens:
+        ids.append(t)
+        text += model.decode([t])
+        if cut.ends(text, t):
+            steps.append(model.decode(ids))
+            text, ids = "", []
+    return steps + ([model.decode(ids)] if ids else [])
+
+
+def check_rule(rule, n: int = 8, seed: int = 0) -> None:
+    """Raise ``AssertionError`` unless ``rule`` (a ``pilm.inference.rules.Rule``) keeps the
+    protocol on random views of ``n`` rows: a ``Decision`` with (n,) weights, log psi and
+    alive; parents, if any, (n,) indices of the rows, never one at weight 0 under importance
+    weights; the same decision from the same generator seed; and under a reference
+    (conditional SMC) row 0 its own parent."""
+    from .inference.rules import View
+
+    g = torch.Generator().manual_seed(seed)
+    for reference in (False, True):
+        scores = torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.05
+        log_w = torch.randn(n, generator=g, dtype=torch.float64)
+        log_w[-1] = -torch.inf  # a dead row
+        tokens = torch.randint(0, 5, (n, 3), generator=g)
+        args = (log_w, scores.log() - 0.1, scores.log(), scores, torch.ones(n, dtype=torch.bool),
+                torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool), True, reference)
+        a = rule.decide(View(*args, torch.Generator().manual_seed(seed), tokens, torch.full((n,), 3)))
+        b = rule.decide(View(*args, torch.Generator().manual_seed(seed), tokens, torch.full((n,), 3)))
+        for name in ("log_w", "log_psi", "alive"):
+            assert getattr(a, name).shape == (n,), f"Decision.{name} must have one entry per row"
+        assert a.alive.dtype == torch.bool, "Decision.alive must be a bool tensor"
+        assert not torch.isnan(a.log_w).any() and not math.isnan(a.log_z), "a decision has NaN weights or log Z"
+        assert (a.parents is None) == (b.parents is None) and (a.parents is None or torch.equal(a.parents, b.parents)), \
+            "the same generator seed must give the same decision"
+        if a.parents is not None:
+            assert a.parents.shape == (n,) and a.parents.dtype == torch.long, "parents must be (n,) long"
+            assert bool(((a.parents >= 0) & (a.parents < n)).all()), "parents must index the rows"
+            if rule.importance:  # carried importance weights: a row at weight 0 is gone
+                assert not (a.parents == n - 1).any(), "a row at weight 0 cannot be a parent"
+            if reference and rule.weighs:
+                assert int(a.parents[0]) == 0, "under a reference, row 0 must keep itself"
 
 
 def check_allowed_next(potential: Potential, model: LanguageModel, prefixes: Sequence[Sequence[int]],

@@ -7,8 +7,8 @@ import json
 import pytest
 
 import pilm
-from pilm.cli import COMMANDS, build_parser, main
-from pilm.cli_args import configs
+from pilm.commands.cli import COMMANDS, build_parser, main
+from pilm.commands.cli_args import configs
 
 
 @pytest.fixture

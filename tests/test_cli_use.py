@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import pilm
-from pilm.cli import main
+from pilm.commands.cli import main
 from pilm.errors import TooLargeError
 from pilm.evaluation.bounds import resolve_exact_samples
 from pilm.potentials import Grammar, Regex, Sentiment
@@ -45,7 +45,7 @@ MEASURE = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]
 def peak_gib(argv: list[str], cwd) -> tuple[float, subprocess.CompletedProcess]:
     """Run ``pilm argv`` under a wrapper process whose only child it is; the command's peak
     resident memory in GiB (Linux reports ru_maxrss in KiB)."""
-    done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "pilm.cli", *argv], cwd=cwd,
+    done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "pilm.commands.cli", *argv], cwd=cwd,
                           capture_output=True, text=True)
     return int(done.stdout.strip().splitlines()[-1]) / 2**20, done
 
@@ -223,8 +223,8 @@ def test_an_impossible_target_says_the_horizon(table_model, capsys):
 
 
 def test_library_messages_name_flags_on_the_command_line():
-    from pilm.cli import SETTINGS
-    from pilm.cli_messages import for_cli
+    from pilm.commands.cli import SETTINGS
+    from pilm.commands.cli_messages import for_cli
 
     assert for_cli("use exact_samples='joint' within max_new_tokens=4", SETTINGS) == \
         "use --exact-samples 'joint' within --max-new-tokens 4"
@@ -233,7 +233,7 @@ def test_library_messages_name_flags_on_the_command_line():
 
 def test_version_and_did_you_mean(capsys):
     with pytest.raises(SystemExit) as done:
-        from pilm.cli import build_parser
+        from pilm.commands.cli import build_parser
 
         build_parser().parse_args(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"pilm {pilm.__version__}"
@@ -339,7 +339,7 @@ def test_every_command_flag_and_script_a_message_names_exists():
     import re
     from pathlib import Path
 
-    from pilm.cli import COMMANDS, build_parser
+    from pilm.commands.cli import COMMANDS, build_parser
 
     parser = build_parser()
     flags = {"--help", "--version"} | {o for p in parser.commands.values() for a in p._actions for o in a.option_strings}

@@ -39,6 +39,7 @@ def test_a_filter_with_a_boundary_per_token_is_smc(threshold):
         assert a.tokens == b.tokens and a.resampled_at == b.resampled_at
         assert torch.allclose(torch.tensor(a.log_weights), torch.tensor(b.log_weights), atol=1e-9)
         assert math.isclose(a.log_z, b.log_z, abs_tol=1e-9)
+        assert a.ancestry == b.ancestry  # every sampler returns its ancestry
 
 
 ONE_STEP = [(2,), (0, 2), (1, 2), (0, 0), (0, 1), (1, 0), (1, 1)]  # every step: ends at 2, or cut after 2 tokens

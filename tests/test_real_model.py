@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pilm
-from pilm.cli import main
+from pilm.commands.cli import main
 from pilm.models import registry
 
 pytestmark = pytest.mark.slow

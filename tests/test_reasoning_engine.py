@@ -138,7 +138,7 @@ def test_gsm8k_loads_offline_and_checks_numbers(tmp_path):
 
 
 def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
-    from pilm.scaling import run_scale, summarise, table
+    from pilm.commands.scaling import run_scale, summarise, table
 
     cfg = ScaleConfig(methods=("greedy", "sc", "bon", "pf", "pf-twisted", "beam"), n=(1, 2), problems=3)
     rows = run_scale(cfg, tmp_path, model=tiny, progress=False)
@@ -157,14 +157,14 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
         centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         assert n == 3 and (s["low"], s["high"]) == pytest.approx((centre - half, centre + half), abs=1e-9), s
-    from pilm.scaling import wilson
+    from pilm.commands.scaling import wilson
 
     assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook value at 8 of 10
     assert "| pf | verifier | 2 |" in table(summary)
 
 
 def test_scale_refuses_a_verifier_for_gsm8k_and_learned_without_a_path(tmp_path):
-    from pilm.cli import main
+    from pilm.commands.cli import main
 
     assert main(["scale", "--prm", "learned", "--out", str(tmp_path / "x")]) == 2
     assert main(["scale", "--task", "gsm8k", "--prm", "verifier", "--problems", "1", "--out", str(tmp_path / "y")]) == 2
@@ -177,7 +177,7 @@ SCRIPT = textwrap.dedent("""
     from pilm.config import ScaleConfig
     from pilm.models import HFModel
     from pilm.models.registry import embedded_path
-    from pilm.scaling import run_scale
+    from pilm.commands.scaling import run_scale
     tok = AutoTokenizer.from_pretrained(embedded_path())
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -225,7 +225,7 @@ def test_a_judge_serving_two_runs_counts_each_runs_own_tokens(tiny):
 
 @pytest.mark.slow
 def test_train_prm_then_scale_with_it_on_the_command_line(tmp_path, capsys):
-    from pilm.cli import main
+    from pilm.commands.cli import main
 
     prm = tmp_path / "prm"
     assert main(["train-prm", "--problems", "2", "--rollouts", "2", "--steps", "3", "--out", str(prm)]) == 0

@@ -193,7 +193,7 @@ def test_drawn_token_batches_give_the_same_loss_and_gradient(target, tiny, objec
 
 
 def test_bench_times_one_head_update_on_cached_states(target, tiny):
-    from pilm.bench import _head_update_seconds
+    from pilm.commands.bench import _head_update_seconds
 
     twist = Twist.for_model(tiny, kind="tied", layers=2)
     before = [p.detach().clone() for p in twist.parameters()]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ..inference.smc import run_smc
+from ..proposals import log_mean_exp
 from ..target import Target
 from ..twists.base import TwistFunction
 
@@ -61,7 +62,7 @@ def twist_calibration(
         i, target, prefix = cell
         completed = [prefix + list(c) for c in continuations.get(id(cell), [[]])]
         log_phi = target.log_potential(completed).double()
-        log_mc = float(torch.logsumexp(log_phi, 0)) - math.log(len(completed))
+        log_mc = float(log_mean_exp(log_phi))
         rows.append({"pair": i, "t": len(prefix), "log_psi": value, "log_mc": log_mc})
     return {"rows": rows, "summary": calibration_summary(rows)}
 

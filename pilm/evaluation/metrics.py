@@ -31,6 +31,17 @@ def likelihood_and_diversity(target: Target, rows: Tensor | Sequence[Sequence[in
             "finished": sum(bool(s) and s[-1] == target.stop_token_id for s in seqs) / len(seqs)}
 
 
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion successes / n (95% by default; NaN
+    for n = 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def t_half_width(sd: float, n: int, level: float = 0.95) -> float:
     """Half-width of the Student-t interval for a mean of n draws with sample standard deviation
     ``sd``: t_{(1 + level) / 2, n - 1} · sd / √n (NaN for n < 2). t_{0.975, 4} = 2.776 and

@@ -93,6 +93,8 @@ def _result(target: Target, done: engine.Run, g: int, critic: Critic, boundary: 
         importance=rule.importance, method=method,
         info={**meta, **share, "cut_steps": int(boundary.cut[rows].sum()), "extinct_at": extinct_at,
               "question": target.question},
+        ancestry=[(a[rows] - g * p.n).tolist() for s, a in zip(done.steps, p.ancestry, strict=True)
+                  if bool((s.rows // p.n == g).any())],  # the boundaries this target's rows reached
     )
 
 

@@ -81,11 +81,14 @@ class PrefixCritic(Critic):
     def __init__(self, prefix: bool = True):
         self.prefix = prefix
 
+    def begin(self, targets: Sequence[Target], n: int) -> None:
+        self.scored = self.prefix and any(t.has_prefix_potential for t in targets)
+
     def log_psi(self, b: Stepped) -> Tensor:
         if b.twisted:
             return b.psi.double()
         out = torch.zeros(len(b.rows), dtype=torch.float64)
-        if not self.prefix:
+        if not self.scored:
             return out
         for g in b.groups.unique().tolist():
             target, going = b.targets[g], (b.groups == g) & ~b.finished

@@ -212,8 +212,11 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
 def _with_phi(b: Stepped, log_psi: Tensor, critic: Critic) -> Tensor:
     """The critic's log psi, with log phi where a row finished: its target's potential, or
     (for a target without one, under a critic whose last score is phi: a PRM) the critic's."""
-    out = log_psi.double().clone()
-    for g in b.groups.unique().tolist():
+    out = log_psi.double()
+    if not b.finished.any():
+        return out
+    out = out.clone()
+    for g in b.groups[b.finished].unique().tolist():
         target = b.targets[g]
         end = (b.groups == g) & b.finished
         if end.any() and (target.potential is not None or not critic.scores_phi):

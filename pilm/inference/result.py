@@ -99,7 +99,8 @@ class StepResult(Record):
     or ``None``), ``log_weights`` (final, unnormalised) and ``alive`` (still in the pool; a
     search discards rows). ``log_z``: log Z-hat of the run's target when its weights are
     importance weights or the paper's per-step potentials (``importance`` says which), NaN for
-    searches. ``ess`` and ``resampled_at`` are per step boundary. ``info`` holds the settings
+    searches. ``ess`` and ``resampled_at`` are per step boundary, and ``ancestry[b][k]`` is the
+    parent of particle k at boundary b+1 (the identity where nothing was selected). ``info`` holds the settings
     and this target's share of the compute: policy ``tokens``, ``forwards``, ``prm_calls``,
     ``prm_lm_tokens`` (tokens a judge ran), ``seconds``, and ``cut_steps`` (steps cut at
     ``max_step_tokens``).
@@ -119,6 +120,7 @@ class StepResult(Record):
     importance: bool = False
     method: str = "particle filter"
     info: dict = field(default_factory=dict)
+    ancestry: list[list[int]] = field(default_factory=list)
 
     @property
     def weights(self) -> list[float]:

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import LatentConfig
+from ..evaluation.metrics import wilson
 from ..inference.smc import run_smc
 from ..learning import finetune
 from ..learning.rollout import sample_many
@@ -43,7 +44,6 @@ from ..models.tabular import TabularLM, TabularPolicy
 from ..proposals import ModelProposal
 from .model import Example, LatentModel, label_logprobs, label_logprobs_grad
 
-Z95 = 1.959964
 C = LatentConfig  # em's defaults
 
 
@@ -371,13 +371,6 @@ def _prediction(latent: LatentModel, items: list[Example], which, probs, votes, 
     return Prediction(labels, probs.tolist(), votes, shown, acc, ci, time.perf_counter() - t0, gold=gold,
                       label_set=latent.labels)
 
-
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval for a binomial proportion (95% by default)."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
 
 
 def to_dict(pred: Prediction) -> dict:

@@ -10,7 +10,7 @@ token, which then stands in for the potential's prefix score in the weights.
 Adapters: ``BaseProposal`` (q = p0, optionally at a temperature), ``TwistProposal``
 (q ∝ p0 psi^beta, from the same forward), ``ModelProposal`` (another model, or a
 fine-tuned policy, under its own prompt) and ``MaskedProposal`` (q ∝ p0 · the constraint's
-token mask, ``masked.py``). ``make_proposal`` is the one place that turns the
+token mask, ``masked.py``). ``make_proposal`` (``dispatch.py``) is the one place that turns the
 samplers' shorthands (``twist=``, ``proposal=``) into one of them.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models.base import LanguageModel, ModelState
+from ..models.base import ModelState
 from ..target import Target
 from ..twists.base import Prefixes, TwistFunction
 from .weights import twisted_log_q
@@ -132,39 +132,3 @@ class TwistProposal(Proposal):
 
 def _words(target: dict) -> str:
     return f"prompt {target['prompt']!r}, potential {target['potential']}, max_new_tokens={target['max_new_tokens']}"
-
-
-def make_proposal(twist: TwistFunction | None = None, proposal: str | LanguageModel | Proposal | None = None,
-                  beta: float = 1.0) -> Proposal:
-    """The proposal the samplers' shorthands mean: ``twist=None`` is the base model;
-    with a twist, ``proposal="twist"`` (default) is q ∝ p0 psi^beta and ``"base"`` is p0
-    with twisted weights; ``"masked"`` draws only tokens the potential's hard constraints
-    allow (``MaskedProposal``, times psi^beta with a twist); a ``LanguageModel`` is a
-    ``ModelProposal`` on the target's prompt; a ``Proposal`` is used as it is."""
-    from .masked import MaskedProposal
-    from .model import ModelProposal
-
-    if isinstance(proposal, LanguageModel):
-        proposal = ModelProposal(proposal)
-    if isinstance(proposal, Proposal):
-        if twist is not None:
-            raise ValueError("give either a twist or a proposal object, not both")
-        return proposal
-    proposal = proposal or ("twist" if twist is not None else "base")
-    if proposal == "masked":
-        return MaskedProposal(twist, beta)
-    if proposal not in ("base", "twist"):
-        raise ValueError(f"proposal must be 'base', 'twist', 'masked', a LanguageModel or a Proposal, got {proposal!r}")
-    if twist is None:
-        if proposal == "twist":
-            raise ValueError("proposal='twist' needs a twist")
-        return BaseProposal()
-    return TwistProposal(twist, beta if proposal == "twist" else 0.0)
-
-
-def as_proposal(sampler: TwistFunction | LanguageModel | Proposal | None) -> Proposal:
-    """A sampler as the bounds and experiments name them: ``None`` is p0, a twist its
-    twist-induced proposal, a model a ``ModelProposal``, a proposal itself."""
-    if isinstance(sampler, TwistFunction):
-        return TwistProposal(sampler)
-    return make_proposal(proposal=sampler)

@@ -29,6 +29,7 @@ from ..errors import PotentialError
 from ..learning.rollout import sample_many
 from ..models.base import LanguageModel
 from ..potentials.base import Potential, Sequences
+from ..proposals import log_mean_exp
 
 ATTACK_PROMPT = (
     "Here are questions and requests that could make an AI chatbot reply with rude, offensive or toxic "
@@ -171,7 +172,7 @@ class AttackReward(Potential):
         if ok:
             c, _ = self.toxicity([texts[i] for i in ok])
             log_c = c.clamp(min=self.eps).log()
-            agg = log_c.mean(1) if self.aggregate == "elog" else torch.logsumexp(log_c, 1) - math.log(c.shape[1])
+            agg = log_c.mean(1) if self.aggregate == "elog" else log_mean_exp(log_c, 1)
             out[ok] = agg / self.beta
         return out.float()
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from .config import Config, SMCConfig, TargetConfig, arg
-from .errors import ConfigError
-from .learning.checkpoint import RUN
+from ..config import Config, SMCConfig, TargetConfig, arg
+from ..errors import ConfigError
+from ..learning.checkpoint import RUN
 
 
 class Parser(argparse.ArgumentParser):
@@ -162,7 +162,7 @@ def remove_if_empty(folders: list[Path]) -> None:
 def check_paths(made) -> None:
     """Before any model loads: potential specs parse, input folders hold what they should,
     output files and folders can be written."""
-    from .potentials.spec import check_spec
+    from ..potentials.spec import check_spec
 
     for config in made:
         for f in fields(config):

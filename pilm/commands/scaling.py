@@ -32,13 +32,14 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from . import inference
-from .config import ScaleConfig
-from .extras import pyplot
-from .inference.result import StepResult
-from .learning.checkpoint import claim
-from .models import load_model
-from .tasks import arithmetic_chain, gsm8k
+from .. import inference
+from ..config import ScaleConfig
+from ..extras import pyplot
+from ..evaluation.metrics import wilson
+from ..inference.result import StepResult
+from ..learning.checkpoint import claim
+from ..models import load_model
+from ..tasks import arithmetic_chain, gsm8k
 
 SELECT = {"greedy": "vote", "sc": "vote", "bon": "argmax", "wbon": "weighted_vote", "beam": "argmax",
           "dvts": "argmax", "pf": "argmax", "pf-twisted": "weighted_vote", "pg": "argmax"}
@@ -84,8 +85,8 @@ def _groups(methods) -> list[tuple[str, ...]]:
 
 
 def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
-    from .prm import LMJudge
-    from .twists import Twist
+    from ..prm import LMJudge
+    from ..twists import Twist
 
     if cfg.prm == "verifier":
         return arithmetic_chain.step_verifier()
@@ -212,15 +213,6 @@ def _key(row: dict) -> tuple:
 def _read(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k / n."""
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def summarise(rows_path: str | Path) -> list[dict]:

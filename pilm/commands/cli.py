@@ -20,12 +20,12 @@ from .cli_args import (
     BenchConfig, BoundsJob, FinetuneJob, LatentJob, Parser, RedTeamJob, PRMJob, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
     check_together, new_folders, remove_if_empty,
 )
-from .config import (
+from ..config import (
     BoundsConfig, FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
 )
-from . import __version__
+from .. import __version__
 from .cli_messages import RESUMABLE, flag, for_cli, note, out_of, what_was_saved
-from .errors import ConfigError, PilmError, ResumeMismatchError
+from ..errors import ConfigError, PilmError, ResumeMismatchError
 
 DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32, "mask": True,
         "max_new_tokens": 16, "out": "results.jsonl", "plot": "ess.png"}
@@ -34,9 +34,9 @@ PLAIN_DRAWS = 512  # the demo also counts how often plain sampling meets its con
 
 
 def _target(tc: TargetConfig):
-    from . import load_model
-    from .potentials.spec import parse_potential
-    from .target import Target
+    from .. import load_model
+    from ..potentials.spec import parse_potential
+    from ..target import Target
 
     model = load_model(tc.model)
     if not tc.prompt:
@@ -55,11 +55,11 @@ def _run_sample(tc: TargetConfig, sc: SMCConfig, out: SampleOutput) -> int:
 
 
 def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
-    from . import smc
-    from .evaluation.plots import plot_ess
-    from .models import LoRAPolicy
-    from .potentials.likelihood import suffix_of
-    from .twists import Twist
+    from .. import smc
+    from ..evaluation.plots import plot_ess
+    from ..models import LoRAPolicy
+    from ..potentials.likelihood import suffix_of
+    from ..twists import Twist
 
     twist = Twist.from_pretrained(out.twist, target.model) if out.twist else None
     if sc.mask and target.potential is None:
@@ -104,7 +104,7 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
 
 def _run_demo(tc: TargetConfig, sc: SMCConfig, out: SampleOutput) -> int:
     """The demo: a constraint plain sampling rarely meets, and what SMC returns under it."""
-    from . import importance_sample
+    from .. import importance_sample
 
     target = _target(tc)
     res = _sample(target, tc, sc, out)
@@ -119,7 +119,7 @@ def _run_demo(tc: TargetConfig, sc: SMCConfig, out: SampleOutput) -> int:
 def _run_train_twist(tc: TargetConfig, cfg: TwistTrainingConfig, out: TwistOutput) -> int:
     from dataclasses import asdict
 
-    from . import train_twist
+    from .. import train_twist
 
     target = _target(tc)
     folder = Path(out.out)
@@ -139,8 +139,8 @@ def _run_train_twist(tc: TargetConfig, cfg: TwistTrainingConfig, out: TwistOutpu
 def _run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> int:
     from dataclasses import asdict
 
-    from . import finetune, load_model
-    from .tasks import arithmetic, random_number
+    from .. import finetune, load_model
+    from ..tasks import arithmetic, random_number
 
     data = tool = None
     if job.task == "random-number":
@@ -166,8 +166,8 @@ def _run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> in
 def _run_bounds(tc: TargetConfig, cfg: BoundsConfig, job: BoundsJob) -> int:
     from dataclasses import asdict
 
-    from . import bounds, load_model
-    from .twists import Twist
+    from .. import bounds, load_model
+    from ..twists import Twist
 
     target = _target(tc)
     samplers: dict = {"base": None}
@@ -205,8 +205,8 @@ def _run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     import json
     from dataclasses import asdict
 
-    from . import load_model, train_prm
-    from .tasks import arithmetic_chain as task
+    from .. import load_model, train_prm
+    from ..tasks import arithmetic_chain as task
 
     model = load_model(job.model)
     _claim(job, model, asdict(cfg))
@@ -241,10 +241,10 @@ def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
 def _run_latent(cfg: LatentConfig, job: LatentJob) -> int:
     from dataclasses import asdict
 
-    from . import load_model
-    from .latent import LatentReasoner
-    from .latent.plots import plot_em
-    from .tasks import subjectivity
+    from .. import load_model
+    from ..latent import LatentReasoner
+    from ..latent.plots import plot_em
+    from ..tasks import subjectivity
 
     out = Path(job.out)
     if job.run is not None:  # evaluate a saved run
@@ -293,8 +293,8 @@ def _run_latent(cfg: LatentConfig, job: LatentJob) -> int:
 def _run_red_team(job: RedTeamJob) -> int:
     from dataclasses import asdict
 
-    from . import load_model
-    from .tasks.redteam import red_teaming, train_attacker
+    from .. import load_model
+    from ..tasks.redteam import red_teaming, train_attacker
 
     attacker = load_model(job.attacker)
     rt = red_teaming(attacker, load_model(job.victim), classifier=job.classifier, victim_samples=job.victim_samples,
@@ -326,7 +326,7 @@ def _run_red_team(job: RedTeamJob) -> int:
 def _claim(job, model, settings: dict) -> None:
     """Key ``job.out`` to these settings and the model (``pilm.learning.checkpoint.claim``):
     another run's folder is refused unless ``--overwrite``."""
-    from .learning.checkpoint import RUN, claim
+    from ..learning.checkpoint import RUN, claim
 
     if job.overwrite:
         Path(job.out, RUN).unlink(missing_ok=True)
@@ -369,7 +369,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"pilm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = {}
-    from .potentials.spec import SPEC_HELP
+    from ..potentials.spec import SPEC_HELP
 
     for name, (help_, _, classes, defaults) in COMMANDS.items():
         epilog = f"Potential specs: {SPEC_HELP}." if TargetConfig in classes else None

@@ -1,0 +1,7 @@
+"""``python -m pilm``: the command line."""
+
+import sys
+
+from .commands.cli import main
+
+sys.exit(main())
