@@ -8,13 +8,31 @@ from importlib.metadata import version
 
 from . import latent, learning, models, potentials, prm, proposals, tasks, testing, twists
 from .errors import (
-    EmptyPromptError, ExtinctionWarning, ImpossibleTargetError, ModelLoadError, PilmError, PotentialError,
-    RejectionBudgetError, TooLargeError,
+    EmptyPromptError,
+    ExtinctionWarning,
+    ImpossibleTargetError,
+    ModelLoadError,
+    PilmError,
+    PotentialError,
+    RejectionBudgetError,
+    TooLargeError,
 )
 from .evaluation import BoundsReport, bounds, exact
 from .inference import (
-    ModelProposal, RejectionResult, SMCResult, StepResult, best_of_n, dvts, greedy, importance_sample, particle_filter,
-    particle_gibbs, prm_beam_search, rejection_sample, self_consistency, smc,
+    ModelProposal,
+    RejectionResult,
+    SMCResult,
+    StepResult,
+    best_of_n,
+    dvts,
+    greedy,
+    importance_sample,
+    particle_filter,
+    particle_gibbs,
+    prm_beam_search,
+    rejection_sample,
+    self_consistency,
+    smc,
 )
 from .learning import finetune, train_prm, train_twist
 from .models import load_model
@@ -24,9 +42,10 @@ from .twists import Twist
 
 __version__ = version("pilm")
 __all__ = [
-    "BoundsReport", "bounds", "EmptyPromptError", "ExtinctionWarning", "ImpossibleTargetError", "ModelLoadError", "ModelProposal", "PilmError", "PotentialError",
-    "RejectionBudgetError", "RejectionResult", "SMCResult", "Target", "TooLargeError", "exact", "finetune",
-    "Twist", "importance_sample", "learning", "load_model", "models", "potentials", "proposals", "rejection_sample", "smc",
-    "latent", "tasks", "testing", "train_twist", "twists", "prm", "Steps", "StepResult", "best_of_n", "dvts", "greedy",
-    "particle_filter", "particle_gibbs", "prm_beam_search", "self_consistency", "train_prm",
+    "BoundsReport", "bounds", "EmptyPromptError", "ExtinctionWarning", "ImpossibleTargetError", "ModelLoadError",
+    "ModelProposal", "PilmError", "PotentialError", "RejectionBudgetError", "RejectionResult", "SMCResult",
+    "Target", "TooLargeError", "exact", "finetune", "Twist", "importance_sample", "learning", "load_model",
+    "models", "potentials", "proposals", "rejection_sample", "smc", "latent", "tasks", "testing", "train_twist",
+    "twists", "prm", "Steps", "StepResult", "best_of_n", "dvts", "greedy", "particle_filter", "particle_gibbs",
+    "prm_beam_search", "self_consistency", "train_prm"
 ]

@@ -117,7 +117,6 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
         if proposal is not None:
             prefix_lq = lq[parent[keep], token[keep]]
         state = decode_step(model, state, parent[keep], token[keep], *([proposal] if proposal is not None else []))
-    log_phi = torch.cat(
-        [target.log_potential(done_tokens[i : i + _POTENTIAL_BATCH]).double() for i in range(0, len(done_tokens), _POTENTIAL_BATCH)]
-    )
+    log_phi = torch.cat([target.log_potential(done_tokens[i : i + _POTENTIAL_BATCH]).double()
+                         for i in range(0, len(done_tokens), _POTENTIAL_BATCH)])
     return Enumeration(done_tokens, torch.cat(done_lp), log_phi, torch.cat(done_lq) if proposal is not None else None)

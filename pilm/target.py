@@ -21,8 +21,9 @@ class Target:
     """sigma(s | prompt) = p0(s | prompt) phi(s) / Z over completions s = s_1..s_T.
 
     A completion ends at the stop token (EOS by default, or ``stop``, one token such as
-    "."; it is part of s and its probability counted; with ``stop`` set, EOS is an ordinary token) or when it has ``max_new_tokens``
-    tokens (truncation: p0(s) is the probability of the drawn tokens only; no stop is forced). Z = sum_s p0(s | prompt) phi(s); with no
+    "."; it is part of s and its probability counted; with ``stop`` set, EOS is an ordinary
+    token) or when it has ``max_new_tokens`` tokens (truncation: p0(s) is the probability of
+    the drawn tokens only; no stop is forced). Z = sum_s p0(s | prompt) phi(s); with no
     potential phi = 1 and sigma = p0. ``chat=True`` wraps a text prompt in the model's
     chat template.
     """

@@ -120,3 +120,10 @@ def test_the_readme_quickstart_is_the_docs_quickstart():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Quickstart\n\n```python\n", 1)[1].split("```", 1)[0]
     assert block == (ROOT / "docs" / "quickstart.py").read_text()
+
+
+def test_the_package_is_lint_clean():
+    """ruff with the project's rules (pyproject.toml) finds nothing in pilm/."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", str(ROOT / "pilm")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-3000:]

@@ -44,8 +44,8 @@ import time
 
 import torch
 
-from .bench_host import host_work
 from ..models.machine import cpu_key
+from .bench_host import host_work
 
 
 class _PeakRSS:
@@ -117,6 +117,8 @@ def table(report: dict) -> str:
     lines = ["| ratio | compares | value | target |", "|---|---|---|---|"]
     for key, what in RATIOS.items():
         value = report.get(key)
+        if value is None:  # a leg this report did not run
+            continue
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         target = f"≤ {TARGETS[key]}" + (" ✓" if value <= TARGETS[key] else " ✗") if key in TARGETS else "–"
         lines.append(f"| `{key}` | {what} | {shown} | {target} |")
@@ -261,10 +263,10 @@ def _in_a_fresh_process(leg: str) -> dict:
 def batched_prompts(model, n_prompts: int = 64, n_particles: int = 16, new_tokens: int = 32, repeats: int = 1) -> dict:
     """Time per drawn token of SMC on ``n_prompts`` targets in one batch over one target at a
     time (same seeds per target, alternating rounds, the fastest of each kept)."""
+    from .. import smc
     from ..inference.batch import seeded_generators
     from ..potentials import Regex
     from ..target import Target
-    from .. import smc
 
     prompts = [f"{s} {v}" for s in SUBJECTS for v in VERBS][:n_prompts]
     targets = [Target(model, p, Regex(r"[^0-9]*"), max_new_tokens=new_tokens) for p in prompts]

@@ -16,16 +16,36 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .cli_args import (
-    BenchConfig, BoundsJob, FinetuneJob, LatentJob, Parser, RedTeamJob, PRMJob, SampleOutput, ScaleJob, TwistOutput, check_paths, configs,
-    check_together, new_folders, remove_if_empty,
-)
-from ..config import (
-    BoundsConfig, FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, SMCConfig, TargetConfig, TwistTrainingConfig,
-)
 from .. import __version__
-from .cli_messages import RESUMABLE, flag, for_cli, note, out_of, what_was_saved
+from ..config import (
+    BoundsConfig,
+    FinetuneConfig,
+    LatentConfig,
+    PRMTrainingConfig,
+    ScaleConfig,
+    SMCConfig,
+    TargetConfig,
+    TwistTrainingConfig,
+)
 from ..errors import ConfigError, PilmError, ResumeMismatchError
+from .cli_args import (
+    BenchConfig,
+    BoundsJob,
+    FinetuneJob,
+    LatentJob,
+    Parser,
+    PRMJob,
+    RedTeamJob,
+    SampleOutput,
+    ScaleJob,
+    TwistOutput,
+    check_paths,
+    check_together,
+    configs,
+    new_folders,
+    remove_if_empty,
+)
+from .cli_messages import RESUMABLE, flag, for_cli, note, out_of, what_was_saved
 
 DEMO = {"prompt": "My favourite weather is", "potential": ("regex:[^eE]*",), "n_particles": 32, "mask": True,
         "max_new_tokens": 16, "out": "results.jsonl", "plot": "ess.png"}

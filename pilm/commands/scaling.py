@@ -34,8 +34,8 @@ from accelerate import PartialState
 
 from .. import inference
 from ..config import ScaleConfig
-from ..extras import pyplot
 from ..evaluation.metrics import wilson
+from ..extras import pyplot
 from ..inference.result import StepResult
 from ..learning.checkpoint import claim
 from ..models import load_model

@@ -36,12 +36,12 @@ from ..config import BoundsConfig
 from ..enumeration import sequence_bound
 from ..errors import RejectionBudgetError
 from ..extras import pyplot
-from ..proposals import ModelProposal, as_proposal
 from ..inference.rejection import rejection_sample
 from ..inference.result import SMCResult
 from ..inference.smc import run_smc
 from ..models.base import LanguageModel
 from ..potentials import SuffixLikelihood
+from ..proposals import ModelProposal, as_proposal
 from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import condition_ids

@@ -1,11 +1,11 @@
 """Monte Carlo samplers of sigma."""
 
 from ..proposals import ModelProposal
-from .particles import Particles, Sampler, StepInfo
 from .engine import step as smc_step
+from .particle_filter import particle_filter, particle_gibbs
+from .particles import Particles, Sampler, StepInfo
 from .rejection import RejectionResult, rejection_sample
 from .resampling import SCHEMES, ess, get_scheme
-from .particle_filter import particle_filter, particle_gibbs
 from .result import SMCResult, StepResult, read_jsonl
 from .rules import Resample
 from .rules import Resample as Resampling

@@ -43,7 +43,6 @@ from .critics import Critic, Stepped
 from .particles import Particles, Run, Sampler, StepInfo, draw
 from .rules import Decision, View
 
-
 Observer = Callable[[Tensor, ModelState, Tensor, Tensor, Tensor], None]
 """Called at every draw with (rows, the state drawn from, the tokens, log p0 and log q of them)."""
 
@@ -143,9 +142,9 @@ def _forward(model, proposal: Proposal, state: ModelState, tokens: Tensor, hold:
 @dataclass
 class _Drawn:
     """What advancing to the boundary left per row: ``psi`` the proposal's log psi at the row's
-    last draw (0 where it has none; ``twisted``: it is a twist, not a token mask), ``hidden`` the state a row's last token was drawn from
-    (when the critic reads it), and per state row ``pending``: its last draw is still to be
-    appended."""
+    last draw (0 where it has none; ``twisted``: it is a twist, not a token mask), ``hidden``
+    the state a row's last token was drawn from (when the critic reads it), and per state row
+    ``pending``: its last draw is still to be appended."""
 
     psi: Tensor
     twisted: bool

@@ -111,8 +111,9 @@ class _WidthRule(Rule):
 class BeamSelection(_WidthRule):
     """PRM beam search over steps (search-and-learn's ``beam_search`` with its recipe's
     ``filter_duplicates``): keep the ceil(N / ``width``) distinct chains with the highest
-    aggregated score (finished ones compete too), copy each unfinished one ``width`` times so that each copy draws its own next step,
-    keep finished ones once, and drop the rest: never more than N chains."""
+    aggregated score (finished ones compete too), copy each unfinished one ``width`` times so
+    that each copy draws its own next step, keep finished ones once, and drop the rest: never
+    more than N chains."""
 
     name = "beam"
 

@@ -42,8 +42,8 @@ from . import engine
 from .batch import as_list, chunks, seeded_generators
 from .boundaries import Boundary
 from .critics import PrefixCritic
-from .particles import Particles, StepInfo
 from .extinction import Extinction, extinct
+from .particles import Particles, StepInfo
 from .resampling import Scheme, get_scheme
 from .result import SMCResult
 from .rules import Resample

@@ -15,7 +15,6 @@ from torch import Tensor
 from ..models.base import ModelState
 
 
-
 @dataclass
 class Trace:
     """Records, for every step and every particle still running, its hidden state before

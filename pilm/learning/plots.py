@@ -6,7 +6,6 @@ from pathlib import Path
 
 from ..extras import pyplot
 
-
 LABELS = {
     "loss": "loss",
     "ess": "ESS of the training batch (SIS)",

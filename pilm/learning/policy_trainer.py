@@ -175,7 +175,8 @@ def finetune(
                             "temperature_range": temperature_range, "replay_size": replay_size,
                             "replay_tolerance": replay_tolerance, "reward_temperature": reward_temperature,
                             "anneal_steps": anneal_steps, "min_log_reward": min_log_reward,
-                            "processes": accelerator.num_processes, "data": code_digest({k: [[int(t) for t in seq] for seq in rows] for k, rows in demo_data.items()}),
+                            "processes": accelerator.num_processes,
+                            "data": code_digest({k: [[int(t) for t in seq] for seq in rows] for k, rows in demo_data.items()}),
                             "tool": None if tool is None else code_digest(tool),
                             "policy_prompts": None if policy_prompt is None else code_digest([list(p) for p in prompts]),
                             "policy": None if given_policy is None else type(given_policy).__qualname__})

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from ..config import TwistTrainingConfig
 from ..inference.resampling import ess
-from ..proposals.weights import log_mean_exp
 from ..inference.smc import run_smc
 from ..inference.trace import Trace
+from ..proposals.weights import log_mean_exp
 from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist, condition_ids
@@ -115,10 +115,10 @@ def train_twist(
     (rank ``lora_rank``, see ``LoRATwist``). With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end, and an existing one is resumed from: the run
     then continues bit-identically. A checkpoint of another target, model or setting raises
-    `ResumeMismatchError` (``overwrite=True`` deletes it and starts afresh). The returned twist carries ``history`` (one dict a step:
-    loss (of its last update), ESS and log Z-hat of the step's SIS batch, updates and LM
-    tokens drawn so far, seconds); ``log_path`` appends it as
-    JSONL, ``plot_path`` draws the curves.
+    `ResumeMismatchError` (``overwrite=True`` deletes it and starts afresh). The returned
+    twist carries ``history`` (one dict a step: loss (of its last update), ESS and log Z-hat
+    of the step's SIS batch, updates and LM tokens drawn so far, seconds); ``log_path``
+    appends it as JSONL, ``plot_path`` draws the curves.
     """
     spec = get_objective(objective)
     targets = [target] if isinstance(target, Target) else list(target)

@@ -7,4 +7,7 @@ from .machine import default_dtype
 from .registry import DEFAULT_MODEL, cache_dir, load_model
 from .tabular import TabularLM
 
-__all__ = ["DEFAULT_MODEL", "HFModel", "LanguageModel", "LoRAPolicy", "ModelState", "TabularLM", "cache_dir", "decode_step", "default_dtype", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL", "HFModel", "LanguageModel", "LoRAPolicy", "ModelState", "TabularLM", "cache_dir",
+    "decode_step", "default_dtype", "load_model"
+]

@@ -8,6 +8,7 @@ from .likelihood import ModelLikelihood, SuffixLikelihood
 from .spec import SPEC_HELP, check_spec, parse_potential
 
 __all__ = [
-    "SPEC_HELP", "FunctionPotential", "Grammar", "JsonSchema", "Language", "ModelLikelihood", "Potential", "Product", "Regex", "Sentiment", "Sequences",
-    "SuffixLikelihood", "Tempered", "Toxicity", "check_spec", "evaluate", "parse_potential",
+    "SPEC_HELP", "FunctionPotential", "Grammar", "JsonSchema", "Language", "ModelLikelihood", "Potential",
+    "Product", "Regex", "Sentiment", "Sequences", "SuffixLikelihood", "Tempered", "Toxicity", "check_spec",
+    "evaluate", "parse_potential"
 ]

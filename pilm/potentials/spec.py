@@ -10,8 +10,8 @@ import regex
 from ..models.base import LanguageModel
 from .base import Potential
 from .classifiers import Sentiment, Toxicity
-from .likelihood import SuffixLikelihood
 from .lexical import Grammar, JsonSchema, Regex
+from .likelihood import SuffixLikelihood
 
 SPEC_HELP = (
     "regex:PATTERN (completion must full-match), json:SCHEMA|FILE (a JSON document valid under the "

@@ -7,5 +7,7 @@ from .hub import StepTagPRM
 from .judge import LMJudge
 from .learned import TwistPRM, as_prm
 
-__all__ = ["AGGREGATIONS", "FunctionPRM", "LMJudge", "PRMError", "ProcessReward", "StepBatch", "StepTagPRM", "TwistPRM", "aggregate",
-           "as_prm", "checked_scores"]
+__all__ = [
+    "AGGREGATIONS", "FunctionPRM", "LMJudge", "PRMError", "ProcessReward", "StepBatch", "StepTagPRM", "TwistPRM",
+    "aggregate", "as_prm", "checked_scores"
+]

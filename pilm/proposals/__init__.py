@@ -8,6 +8,6 @@ from .model import ModelProposal
 from .weights import incremental_log_weight, log_mean_exp, sequence_log_weight, twisted_log_q
 
 __all__ = [
-    "BaseProposal", "MaskedProposal", "token_masks", "ModelProposal", "Proposal", "Proposed", "TwistProposal", "as_proposal", "incremental_log_weight",
-    "log_mean_exp", "make_proposal", "sequence_log_weight", "twisted_log_q",
+    "BaseProposal", "MaskedProposal", "token_masks", "ModelProposal", "Proposal", "Proposed", "TwistProposal",
+    "as_proposal", "incremental_log_weight", "log_mean_exp", "make_proposal", "sequence_log_weight", "twisted_log_q"
 ]

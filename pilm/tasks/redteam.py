@@ -31,7 +31,16 @@ from ..models.hf import HFModel
 from ..potentials import ModelLikelihood
 from ..target import Target
 from .attack_reward import (
-    ATTACK_PROMPT, REFUSAL, SEED_ATTACKS, AttackReward, Classifier, Judge, Novelty, Profanity, Victim, attack_text,
+    ATTACK_PROMPT,
+    REFUSAL,
+    SEED_ATTACKS,
+    AttackReward,
+    Classifier,
+    Judge,
+    Novelty,
+    Profanity,
+    Victim,
+    attack_text,
 )
 
 

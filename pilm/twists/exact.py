@@ -29,7 +29,8 @@ def optimal_log_psi(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> di
     out = {}
     for prefix, terms in mass.items():
         log_joint = float(torch.logsumexp(torch.tensor(terms, dtype=torch.float64), 0))
-        log_p_prefix = float(model.score([list(target.prompt_ids) + list(prefix)], [len(target.prompt_ids)])[0]) if prefix else 0.0
+        log_p_prefix = (float(model.score([list(target.prompt_ids) + list(prefix)], [len(target.prompt_ids)])[0])
+                        if prefix else 0.0)
         out[prefix] = log_joint - log_p_prefix
     return out
 

@@ -25,8 +25,9 @@ class TwistConfig:
     with ReLU, hidden width H, then H -> V), or "tied": an MLP H -> H whose output is scored
     against the LM's own frozen output embeddings, log psi(v) = g(h) . e_v + b_v. The tied
     head generalises across tokens (a gradient on one sampled token moves every token with
-    a similar embedding), so it learns from far fewer samples than a V-way output layer. ``output``: "log" (the head's output is log psi) or
-    "log_sigmoid" (psi in (0, 1), as FUDGE needs). ``conditional``: the input is the hidden
+    a similar embedding), so it learns from far fewer samples than a V-way output layer.
+    ``output``: "log" (the head's output is log psi) or "log_sigmoid" (psi in (0, 1), as
+    FUDGE needs). ``conditional``: the input is the hidden
     state concatenated with the last hidden state of a conditioning token sequence (the
     infilling suffix), so one head serves every suffix. ``init``: "xavier" (Xavier-normal
     weights, as the reference code), or "base": the output layer starts at zero, so psi is

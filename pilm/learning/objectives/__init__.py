@@ -10,17 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .batch import TwistBatch
-from .reinforce import reinforce
-from .rws import rws
-from .sft import sft
-from .subtb import subtb
-from .tb import tb
-from .trajectory import PolicyBatch, log_flow
 from .ctl import ctl
 from .dpg import dpg
 from .fudge import fudge
+from .reinforce import reinforce
 from .rl import rl
+from .rws import rws
+from .sft import sft
 from .sixo import sixo
+from .subtb import subtb
+from .tb import tb
+from .trajectory import PolicyBatch, log_flow
 
 
 @dataclass(frozen=True)
