@@ -152,7 +152,7 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
     # Each cell's interval is Wilson's 95% score interval at k of n = 3 problems, written out here
     # (any interval contains the accuracy; a Wald one, for one, is (0, 0) at k = 0).
     for s in summary:
-        n, z = s["problems"], 1.96
+        n, z = s["problems"], 1.959964  # the normal 97.5% quantile
         k = round(s["accuracy"] * n)
         centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)) / (1 + z * z / n)
