@@ -254,7 +254,7 @@ def _in_a_fresh_process(leg: str) -> dict:
     allocator's default settings: the memory legs tell glibc to return every freed buffer
     to the OS, which makes each large allocation page-fault anew and would tax the leg with
     the largest tensors (1,024 rows of 49k log-probabilities) more than its rival."""
-    code = (f"import json; from pilm import load_model; from pilm.bench import {leg}; "
+    code = (f"import json; from pilm import load_model; from {__name__} import {leg}; "
             f"print(json.dumps({leg}(load_model())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

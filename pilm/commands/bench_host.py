@@ -78,7 +78,7 @@ def host_work(short: int = 16, long: int = 64) -> dict:
     tokens, and how much it grows at ``long`` tokens (a ratio: 1 is flat)."""
     out = {}
     for m in (1, 16):
-        at_short, at_long = host_ms_per_step(m, 64, short, repeats=1), host_ms_per_step(m, 64, long, repeats=1)
+        at_short, at_long = host_ms_per_step(m, 64, short), host_ms_per_step(m, 64, long)
         out[f"host_ms_per_step_{m}x64"] = at_short
         out[f"host_growth_{m}x64"] = at_long / at_short
     return out

@@ -1,7 +1,7 @@
 """``pilm`` on the command line: sample | train-twist | finetune | bounds | train-prm | scale | demo | bench.
 
 Each command has its own parser, generated from the config dataclasses it runs
-(``pilm.config``; see ``pilm.cli_args``), so its defaults are the library's and ``--help``
+(``pilm.config``; see ``pilm.commands.cli_args``), so its defaults are the library's and ``--help``
 shows them. Every failure is one ``pilm: error: ...`` line on stderr with exit code 2, and
 everything that can be checked before the model loads (counts, ranges, potential specs,
 folders, output paths) is checked first.
