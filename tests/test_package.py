@@ -127,3 +127,25 @@ def test_the_package_is_lint_clean():
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", str(ROOT / "pilm")], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+CPU_GENERATORS = {  # generators that only ever draw CPU numbers (indices, table rows), never from model tensors
+    "inference/result.py": "a particle index by the final weights",
+    "latent/reasoner.py": "mini-batch indices of the supervised baseline",
+    "learning/prm_trainer.py": "mini-batch indices of labels on the CPU",
+    "models/machine.py": "the CPU dtype probe",
+    "models/tabular.py": "a tabular model's rows, on the CPU",
+    "tasks/redteam.py": "mini-batch indices of the MLE stage",
+    "testing.py": "random views for check_rule",
+    "commands/bench_host.py": "the stub model's fixed row",
+}
+
+
+def test_generators_that_draw_from_a_model_live_on_its_device():
+    """A CPU torch.Generator cannot draw from GPU tensors: every generator made without a device
+    is one of the few that only draw CPU numbers (CPU_GENERATORS says which and why)."""
+    import re
+
+    found = {str(p.relative_to(ROOT / "pilm")) for p in (ROOT / "pilm").rglob("*.py")
+             if re.search(r"torch\.Generator\(\)", p.read_text())}
+    assert found == set(CPU_GENERATORS), f"made without a device: {sorted(found - set(CPU_GENERATORS))}"

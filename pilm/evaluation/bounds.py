@@ -211,7 +211,7 @@ def bounds(
     else:
         pairs, seeds = list(exact_samples), len(exact_samples)
         exact_samples = "joint" if any(t is not target for t, _ in pairs) else "given"
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(target.model.device).manual_seed(seed)  # on the device it draws from
     cells: dict[tuple, dict[str, list[float]]] = {}
     elbo: dict[str, list[float]] = {name: [] for name in samplers}
     eubo: dict[str, list[float]] = {name: [] for name in samplers}

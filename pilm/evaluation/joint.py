@@ -19,7 +19,7 @@ def joint_samples(
     """n pairs (middle, suffix) from the joint p0(s, c | x): each middle is an exact sample
     of sigma(. | x, c) for its own suffix c. Suffixes have exactly ``suffix_tokens`` tokens
     (truncated sampling, no EOS forced)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(model.device).manual_seed(seed)  # on the device it draws from
     middles = run_smc(Target(model, prompt, max_new_tokens=max_new_tokens), n, g, ess_threshold=0.0).tokens
     prompt_ids = list(model.encode_prompt(prompt))
     # every ending in one batched decode: one target per middle, one row each

@@ -40,7 +40,7 @@ def rejection_sample(
     Raises ``RejectionBudgetError`` (carrying the partial result) if ``max_draws`` proposals
     do not yield ``n`` acceptances.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(target.model.device).manual_seed(seed)  # run_smc draws on the model's device
     accepted: list[list[int]] = []
     draws = 0
     while len(accepted) < n and draws < max_draws:
@@ -52,7 +52,7 @@ def rejection_sample(
                 f"rejection sampling needs phi <= 1, but potential {target.potential} gave phi = "
                 f"{math.exp(float(log_phi.max())):.4g}; rescale it or use importance sampling / SMC"
             )
-        u = torch.rand(k, generator=generator, dtype=torch.float64)
+        u = torch.rand(k, generator=generator, dtype=torch.float64, device=generator.device).cpu()
         keep = (torch.log(u) < log_phi).nonzero().squeeze(1).tolist()
         accepted.extend(run.tokens[i] for i in keep)
         draws += k

@@ -119,7 +119,7 @@ class LatentReasoner:
         -log p(Y | X, Z) over mini-batches of ``batch_size``. ``likelihood`` continues a
         previous one; otherwise a fresh LoRA on the base (free label logits on a table)."""
         train = _checked(self.latent, train)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(self.model.device).manual_seed(seed)  # draws rationales on the model's device
         zs = self.rationales(posterior, [ex.x for ex in train], samples, g)
         pairs = [(self.latent.context(self.latent.prefix_ids(ex.x), z), self.latent.index(ex.y))
                  for ex, rows in zip(train, zs, strict=True) for z in rows]
@@ -180,7 +180,7 @@ class LatentReasoner:
         puts mass there: ``elbo`` averages the others, and ``short`` is their fraction."""
         data = _checked(self.latent, data)
         targets = [self.latent.posterior(ex, likelihood) for ex in data]
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(self.model.device).manual_seed(seed)
         proposal = None if posterior is None else ModelProposal(posterior)
         results = run_smc(targets, samples, g, proposal=proposal, ess_threshold=0.0, on_extinction="return")
         w = torch.tensor([r.log_weights for r in results], dtype=torch.float64)
@@ -202,7 +202,7 @@ class LatentReasoner:
         t0 = time.perf_counter()
         items = _items(self.latent, test)
         lat, lik = self.latent, likelihood or self.model
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(self.model.device).manual_seed(seed)
         probs, votes, shown, each = [], [], [], []
         per = max(1, rows // samples)
         for lo in tqdm(range(0, len(items), per), desc="latent predict", unit="block", disable=not progress,
@@ -312,7 +312,7 @@ class LatentReasoner:
         lik.train(True)
         for step in tqdm(range(steps), desc=f"latent {name}", disable=not progress):
             t0 = time.perf_counter()
-            pick = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g).tolist()
+            pick = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g, device=g.device).tolist()
             optimizer.zero_grad()
             loss = -torch.stack([label_logprobs_grad(lik, pairs[i][0], label_ids)[pairs[i][1]] for i in pick]).mean()
             loss.backward()

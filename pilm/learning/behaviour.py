@@ -38,7 +38,7 @@ def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: Re
     temperature = 1.0
     if mode == "tempered":
         lo, hi = temperature_range
-        temperature = lo + (hi - lo) * float(torch.rand((), generator=generator))
+        temperature = lo + (hi - lo) * float(torch.rand((), generator=generator, device=generator.device))
     policy.train(False)
     tokens = sample_trajectories(policy, target, n, generator, temperature, tool, prompt_ids)
     log_r, forced = scored_batch(target, tokens, tool, every_prefix, min_log_reward)
@@ -76,4 +76,4 @@ def exploration(spec: FinetuneObjective, objective: str, explore) -> tuple[float
 
 def draw_mode(explore: tuple[float, float, float], generator: torch.Generator, can_replay: bool) -> str:
     probs = torch.tensor(explore if can_replay else (explore[0] + explore[2], explore[1], 0.0))
-    return MODES[int(torch.multinomial(probs, 1, generator=generator))]
+    return MODES[int(torch.multinomial(probs.to(generator.device), 1, generator=generator))]

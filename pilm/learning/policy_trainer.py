@@ -164,7 +164,7 @@ def finetune(
         groups.append({"params": list(log_z.parameters()), "lr": log_z_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    generator = torch.Generator(targets[0].model.device).manual_seed(seed + accelerator.process_index)  # draws rollouts
     buffers = [ReplayBuffer(replay_size, replay_tolerance) for _ in targets]
     history: list[dict] = []
     start = 0
@@ -269,7 +269,8 @@ class _Run:
         they were drawn (demonstrations for sft, else the behaviour policy's mode)."""
         mode = "data" if self.objective == "sft" else draw_mode(self.explore, self.generator, len(self.buffers[k]) > 0)
         if mode == "data":  # supervised: demonstrations drawn uniformly
-            pick = torch.randint(len(self.demos[k][0]), (self.batch_size,), generator=self.generator)
+            pick = torch.randint(len(self.demos[k][0]), (self.batch_size,), generator=self.generator,
+                                 device=self.generator.device).cpu()
             return (mode, *(x[pick] for x in self.demos[k]))
         return (mode, *behaviour_batch(
             mode, self.policy, self.targets[k], self.buffers[k], self.batch_size, self.generator, tau=tau,

@@ -67,7 +67,7 @@ class ReplayBuffer:
         if not self.items:
             raise ValueError("the replay buffer is empty")
         logits = torch.tensor([t.reward for t in self.items], dtype=torch.float64) / temperature
-        idx = torch.multinomial(torch.softmax(logits, 0), n, replacement=True, generator=generator)
+        idx = torch.multinomial(torch.softmax(logits, 0).to(generator.device), n, replacement=True, generator=generator).cpu()
         return [self.items[i] for i in idx.tolist()]
 
     def state(self) -> list[dict]:

@@ -139,7 +139,7 @@ def train_twist(
                 raise ValueError(f"body must be 'frozen' or 'lora', got {body!r}")
     elif twist.output != spec.twist_output:
         raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(targets[0].model.device).manual_seed(seed)  # draws the batches on the model's device
     trainable = [p for p in twist.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     for path in (log_path, plot_path):

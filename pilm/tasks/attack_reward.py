@@ -149,7 +149,7 @@ class AttackReward(Potential):
             raise ValueError(f"need beta > 0, samples >= 1 and 0 < eps < 1 (got {beta}, {samples}, {eps})")
         self.victim, self.classifier, self.samples, self.beta, self.eps = victim, classifier, samples, beta, eps
         self.aggregate, self.min_tokens, self.stop = aggregate, min_tokens, stop
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(victim.model.device).manual_seed(seed)  # draws the victim's replies
 
     @property
     def name(self) -> str:

@@ -76,7 +76,8 @@ class RedTeaming:
         """n attacks from ``policy`` (None: the base attacker, i.e. in-context prompting) and
         their token rows (n, max_tokens), -1-padded."""
         t = self.target
-        rows = sample_many(policy or self.attacker, [t.prompt_ids], n, torch.Generator().manual_seed(seed),
+        sampler = policy or self.attacker
+        rows = sample_many(sampler, [t.prompt_ids], n, torch.Generator(sampler.device).manual_seed(seed),
                            horizon=t.max_new_tokens, stop=t.stop_token_id)
         return [attack_text(self.attacker, r, t.stop_token_id) for r in rows.tolist()], rows
 
