@@ -1,0 +1,204 @@
+"""The commands that train (train-twist, finetune, train-prm, latent, red-team), and the target
+every command builds from its flags."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..config import FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, TargetConfig, TwistTrainingConfig
+from .cli_args import FinetuneJob, LatentJob, PRMJob, RedTeamJob, TwistOutput
+from .cli_messages import note
+
+
+def target_from_flags(tc: TargetConfig):
+    from .. import load_model
+    from ..potentials.spec import parse_potential
+    from ..target import Target
+
+    model = load_model(tc.model)
+    if not tc.prompt:
+        note("no --prompt: completions start from the model's BOS token alone")
+    if not tc.potential:
+        note("no --potential: phi = 1, so this is plain sampling from the model (Z = 1)")
+    potential = None
+    for p in (parse_potential(spec, model) for spec in tc.potential):
+        potential = p if potential is None else potential * p
+    return Target(model, tc.prompt, potential, max_new_tokens=tc.max_new_tokens, chat=tc.chat)
+
+
+def run_train_twist(tc: TargetConfig, cfg: TwistTrainingConfig, out: TwistOutput) -> int:
+    from dataclasses import asdict
+
+    from .. import train_twist
+
+    target = target_from_flags(tc)
+    folder = Path(out.out)
+    twist = train_twist(target, **asdict(cfg), **_outputs(folder, out.overwrite))
+    last = _save(twist, folder, out.keep_checkpoint)
+    print(f"trained a {cfg.head} twist with {cfg.objective} for {cfg.steps} steps: "
+          f"final loss {last['loss']:.4g}, batch ESS {last['ess']:.1f}/{cfg.batch_size}")
+    print(f"wrote {folder} ({size_of(folder)}: twist, train.jsonl, training.png"
+          f"{', checkpoint' if out.keep_checkpoint else ''}); use: pilm sample ... --twist {folder}")
+    return 0
+
+
+def _outputs(folder: Path, overwrite: bool) -> dict:
+    """Where a trainer keeps its resumable checkpoint, its JSONL log and its curves."""
+    return {"checkpoint_dir": folder / "checkpoint", "overwrite": overwrite, "log_path": folder / "train.jsonl",
+            "plot_path": folder / "training.png"}
+
+
+def _save(trained, folder: Path, keep_checkpoint: bool) -> dict:
+    """Save what was trained in ``folder``, drop its checkpoint unless kept; its last history row."""
+    trained.save_pretrained(folder)
+    if not keep_checkpoint:
+        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    return trained.history[-1]
+
+
+def run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> int:
+    from dataclasses import asdict
+
+    from .. import finetune, load_model
+    from ..tasks import arithmetic, random_number
+
+    data = tool = None
+    if job.task == "random-number":
+        target = random_number(load_model(tc.model), max_new_tokens=None)
+    elif job.task == "arithmetic":  # 10 worked questions (SFT's data, SubTB's replay) and 40 with answers only
+        target, data, tool = arithmetic.training_set(load_model(tc.model), seed=cfg.seed)
+    else:
+        target = target_from_flags(tc)
+    folder = Path(job.out)
+    policy = finetune(target, **asdict(cfg), **_outputs(folder, job.overwrite), data=data, tool=tool)
+    last = _save(policy, folder, job.keep_checkpoint)
+    print(f"fine-tuned a rank-{cfg.lora_rank} LoRA policy with {cfg.objective} for {cfg.steps} steps: "
+          f"final loss {last['loss']:.4g}, mean log R {last['log_r']:.3g}")
+    print(f"wrote {folder} ({size_of(folder)}); load with pilm.load_model(..., adapter={str(folder)!r}) "
+          f"or: pilm bounds ... --sampler NAME=adapter:{folder}")
+    return 0
+
+
+def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .. import load_model, train_prm
+    from ..tasks import arithmetic_chain as task
+
+    model = load_model(job.model)
+    claim_out(job, model, asdict(cfg))
+    test = {p["question"] for p in task.problems(ScaleConfig.problems, ScaleConfig.operands, seed=ScaleConfig.seed)}
+    train = [p for p in task.problems(job.problems + len(test), ScaleConfig.operands, seed=job.problem_seed)
+             if p["question"] not in test][: job.problems]
+    targets = [task.target(model, p["question"]) for p in train]
+    prm = train_prm(targets, verifier=task.answer_checker(), **asdict(cfg))
+    folder = prm.save_pretrained(job.out)
+    report = {**prm.prm_data, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"]}
+    (folder / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"learned a {cfg.head} value head from {report['step_ends']} step ends (mean label "
+          f"{report['mean_label']:.3f}; rollouts {report['data_seconds']:.0f} s, fit {report['fit_seconds']:.0f} s)")
+    print(f"wrote {folder} ({size_of(folder)}); use: pilm scale --prm learned --prm-path {folder}")
+    return 0
+
+
+def run_latent(cfg: LatentConfig, job: LatentJob) -> int:
+    from dataclasses import asdict
+
+    from .. import load_model
+    from ..latent import LatentReasoner
+    from ..latent.plots import plot_em
+    from ..tasks import subjectivity
+
+    out = Path(job.out)
+    if job.run is not None:  # evaluate a saved run
+        if not Path(job.run, "latent.json").exists():
+            raise ValueError(f"--run: {job.run} holds no saved latent run (latent.json is missing); "
+                             f"make one with: pilm latent --out {job.run}")
+        labels = json.loads(Path(job.run, "latent.json").read_text())["labels"]
+        test = subjectivity.load_test(job.test or job.data, labels)
+        reasoner, q, lik = LatentReasoner.load(load_model(job.model), job.run)
+        history, pred = [], None
+    else:
+        data = subjectivity.load(job.data, job.labels, test=job.test)
+        test = data.test
+        model = load_model(job.model)
+        claim_out(job, model, {**asdict(cfg), **{k: getattr(job, k) for k in LatentJob.TRAINING}})
+        reasoner = subjectivity.reasoner(model)
+        result = reasoner.em(data.train, **asdict(cfg), test=test[:job.test_limit] if job.test_limit else test,
+                             e_kwargs={"batch_size": job.e_batch_size, "lr": job.e_lr, "reward_temperature": (1.2, 1.0)},
+                             m_kwargs={"lr": job.m_lr})
+        q, lik, history, pred = result.posterior, result.likelihood, result.history, result.prediction
+        reasoner.save(out, q, lik)
+        with open(out / "history.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        plot_em(history, out / "em.png")
+    test = test[:job.test_limit] if job.test_limit else test
+    # the last EM step already predicted the test items with this q and likelihood: re-vote, not re-sample
+    pred = pred.revote(job.vote) if pred is not None else reasoner.predict(test, q, lik, samples=cfg.samples,
+                                                                            vote=job.vote, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for ex, label, probs, z in zip(test, pred.labels, pred.probs, pred.rationales, strict=True):
+            f.write(json.dumps({"text": ex.x, "label_text": ex.y, "predicted": label, "probs": probs,
+                                "rationale": z}) + "\n")
+    for h in history:
+        print(f"round {h['round']} {h['step']}-step: ELBO {h['elbo']:.3f}, IWAE {h['iwae']:.3f}, test accuracy "
+              f"{100 * h['accuracy_hard']:.1f}% (hard) / {100 * h['accuracy_soft']:.1f}% (soft), "
+              f"{h['train_seconds']:.0f} s")
+    lo, hi = pred.ci
+    print(f"test accuracy ({job.vote} vote, {cfg.samples} rationales) on {len(test)} items: "
+          f"{100 * pred.accuracy:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
+    print(f"wrote {out} (predictions.jsonl{'' if job.run else ', history.jsonl, em.png, posterior/, likelihood/'}); "
+          f"evaluate on other sentences: pilm latent --run {job.run or out} --test FILE.jsonl --out DIR")
+    return 0
+
+
+def run_red_team(job: RedTeamJob) -> int:
+    from dataclasses import asdict
+
+    from .. import load_model
+    from ..tasks.redteam import red_teaming, train_attacker
+
+    attacker = load_model(job.attacker)
+    rt = red_teaming(attacker, load_model(job.victim), classifier=job.classifier, victim_samples=job.victim_samples,
+                     beta=job.beta, gamma=job.gamma, seed=job.seed)
+    out = Path(job.out)
+    if job.overwrite:
+        shutil.rmtree(out / "stage1", ignore_errors=True)
+    claim_out(job, attacker, {k: getattr(job, k) for k in RedTeamJob.STAGE1} | {"victim_model": rt.victim.name})
+    policy = train_attacker(rt, job.method, steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=job.seed,
+                            mle_steps=job.mle_steps, mle_n=job.mle_n, threshold=job.threshold,
+                            stage1_dir=out / "stage1" if job.method == "gfn+mle" else None)
+    if policy is not None:
+        policy.save_pretrained(out)
+    report = rt.evaluate(policy, job.n, seed=job.seed + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"method": job.method, "rate": report.rate, "diversity": report.diversity, "distinct": report.distinct,
+               "n": len(report.attacks), "settings": asdict(job)}
+    (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+    tox = report.toxicity[rt.victim.name]
+    with open(out / "attacks.jsonl", "w") as f:
+        f.writelines(json.dumps({"attack": x, "toxicity": c, "log_p_ref": lp}) + "\n"
+                     for x, c, lp in zip(report.attacks, tox, report.log_p_ref, strict=True))
+    print(f"{job.method}: toxicity rate {100 * report.rate[rt.victim.name]:.1f}% against {rt.victim.name}, "
+          f"diversity (mean MiniLM cosine) {report.diversity:.3f}, {report.distinct} distinct of {len(report.attacks)}")
+    print(f"wrote {out} (report.json, attacks.jsonl{', adapter' if policy is not None else ''})")
+    return 0
+
+
+def claim_out(job, model, settings: dict) -> None:
+    """Key ``job.out`` to these settings and the model (``pilm.learning.checkpoint.claim``):
+    another run's folder is refused unless ``--overwrite``."""
+    from ..learning.checkpoint import RUN, claim
+
+    if job.overwrite:
+        Path(job.out, RUN).unlink(missing_ok=True)
+    claim(job.out, json.loads(json.dumps({**settings, "model": model.name, "dtype": model.dtype_name})))
+
+
+def size_of(folder: Path) -> str:
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return f"{total / 2**20:.1f} MB"
