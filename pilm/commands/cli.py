@@ -28,16 +28,7 @@ from ..config import (
 )
 from ..errors import ConfigError, PilmError, ResumeMismatchError
 from .cli_args import (
-    BenchConfig,
-    BoundsJob,
-    FinetuneJob,
-    LatentJob,
     Parser,
-    PRMJob,
-    RedTeamJob,
-    SampleOutput,
-    ScaleJob,
-    TwistOutput,
     check_paths,
     check_together,
     configs,
@@ -45,6 +36,7 @@ from .cli_args import (
     remove_if_empty,
 )
 from .cli_messages import RESUMABLE, flag, for_cli, note, out_of, what_was_saved
+from .jobs import BenchConfig, BoundsJob, FinetuneJob, LatentJob, PRMJob, RedTeamJob, SampleOutput, ScaleJob, TwistOutput
 from .training import (
     run_finetune,
     run_latent,

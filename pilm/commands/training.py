@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 from ..config import FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, TargetConfig, TwistTrainingConfig
-from .cli_args import FinetuneJob, LatentJob, PRMJob, RedTeamJob, TwistOutput
 from .cli_messages import note
+from .jobs import FinetuneJob, LatentJob, PRMJob, RedTeamJob, TwistOutput
 
 
 def target_from_flags(tc: TargetConfig):
