@@ -121,7 +121,8 @@ class ProcessRewardCritic(Critic):
         for row, s in zip(b.rows.tolist(), checked_scores(self.prm, batch).tolist(), strict=True):
             self.history[row].append(s)
         self.calls += len(b.rows)
-        return self.scores(len(self.history))[b.rows].log()
+        return torch.tensor([aggregate(self.history[row], self.aggregation) for row in b.rows.tolist()],
+                            dtype=torch.float64).log()
 
     def scores(self, rows: int) -> Tensor:
         return torch.tensor([aggregate(s, self.aggregation) if s else math.nan for s in self.history],

@@ -160,7 +160,6 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
     tokens, lengths, log_w = p.tokens.clone(), p.lengths.clone(), p.log_w.clone()
     psi = torch.zeros(len(lengths), dtype=torch.float64)
     hidden = torch.zeros(len(lengths), state.hidden.shape[-1]) if sampler.critic.reads_hidden else None
-    tempered = None if sampler.temperature == 1.0 else BaseProposal(sampler.temperature)
     same = isinstance(proposal, BaseProposal) and proposal.temperature == sampler.temperature
     while True:
         idx = (~waiting).nonzero().squeeze(1)
@@ -180,7 +179,7 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         logprobs = state.logprobs if everyone else state.logprobs[at]
         lp0 = logprobs.gather(1, pick).squeeze(1).cpu()
         if not same:  # the weight p_M(s_t) / q(s_t)
-            base = lp0 if tempered is None else tempered.tempered(logprobs).gather(1, pick).squeeze(1).cpu()
+            base = _log_base_at(logprobs, pick, lp0, sampler.temperature)
             log_w[rows] += base.double() - lq.double()
         if proposed.log_psi is not None:
             psi[rows] = (proposed.log_psi if everyone else proposed.log_psi[at]).gather(1, pick).squeeze(1).cpu().double()
@@ -206,6 +205,17 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         state = _forward(model, proposal, state, feed, hold if hold.any() else None, compute)
     twisted = proposed.log_psi is not None and not proposal.keeps_prefix_scores
     return replace(p, tokens=tokens, lengths=lengths, log_w=log_w), state, _Drawn(psi, twisted, hidden, pending)
+
+
+def _log_base_at(logprobs: Tensor, pick: Tensor, lp0: Tensor, temperature: float) -> Tensor:
+    """log p_M of the drawn tokens, p_M ∝ p0^(1/T), without forming p_M over the vocabulary:
+    log p0(s) / T - logsumexp(log p0 / T); at T = 0 (greedy) 0 for the argmax, -inf elsewhere."""
+    if temperature == 1.0:
+        return lp0
+    if temperature == 0:
+        top = logprobs.argmax(1, keepdim=True)
+        return torch.where(pick == top, 0.0, -torch.inf).squeeze(1).cpu()
+    return lp0 / temperature - torch.logsumexp(logprobs / temperature, 1).cpu()
 
 
 def _with_phi(b: Stepped, log_psi: Tensor, critic: Critic) -> Tensor:
