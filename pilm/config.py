@@ -52,6 +52,15 @@ class TargetConfig(Config):
 
 
 @dataclass(frozen=True)
+class DeviceConfig(Config):
+    """Where the models run (every command)."""
+
+    device: str = arg("auto", "auto (this process's GPU if there is one, else the CPU), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
+        "auto", "model weights' dtype; auto: bfloat16 on a GPU that has it, float16 on one without, the faster on a CPU")
+
+
+@dataclass(frozen=True)
 class SMCConfig(Config):
     """How ``pilm.smc`` samples."""
 

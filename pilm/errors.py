@@ -55,3 +55,7 @@ class ResumeMismatchError(PilmError, ValueError):
         said = "; ".join(f"{k}: {saved!r} there, {now!r} now" for k, (saved, now) in differences.items())
         super().__init__(f"{folder} holds a run of other settings ({said}): resume it with the same settings, "
                          f"or {remedy}")
+
+
+class DeviceError(PilmError, ValueError):
+    """A device or dtype this machine cannot run, or two parts of one run on different devices."""

@@ -105,6 +105,13 @@ def test_a_proposal_with_paper_weights_is_refused():
         pilm.particle_filter(reasoning_target(), None, 4, proposal=pilm.proposals.BaseProposal(0.5))
 
 
+def test_paper_weights_without_a_prm_are_refused():
+    """The paper's weights are the PRM's scores: without one they were NaN, and the
+    resampling failed deep inside torch ("invalid multinomial distribution")."""
+    with pytest.raises(ValueError, match="prm is None"):
+        pilm.particle_filter(reasoning_target(), None, 4, weights="paper")
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.5, 1.7])
 def test_the_base_weight_at_a_temperature_is_the_tempered_policy(temperature):
     """The engine reads log p_M at the drawn tokens without forming p_M over the vocabulary:

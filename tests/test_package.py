@@ -136,7 +136,7 @@ CPU_GENERATORS = {  # generators that only ever draw CPU numbers (indices, table
     "models/machine.py": "the CPU dtype probe",
     "models/tabular.py": "a tabular model's rows, on the CPU",
     "tasks/redteam.py": "mini-batch indices of the MLE stage",
-    "testing.py": "random views for check_rule",
+    "testing/__init__.py": "random views for check_rule",
     "commands/bench_host.py": "the stub model's fixed row",
 }
 

@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from ..models.device import seeded_generator
 from ..models.machine import cpu_key
 from .bench_host import host_work
 from .bench_legs import (
@@ -194,7 +195,7 @@ def _head_update_seconds(target, twist, batch_size: int = 32, repeats: int = 5) 
     from ..learning.objectives import ctl
     from ..learning.twist_trainer import draw, twist_batch
 
-    drawn, _ = draw(target, twist, batch_size, torch.Generator(target.model.device).manual_seed(0), keep_logprobs=False)
+    drawn, _ = draw(target, twist, batch_size, seeded_generator(0, target.model.device), keep_logprobs=False)
     optimizer = torch.optim.AdamW(twist.parameters(), lr=1e-3)
     times = []
     for _ in range(repeats):

@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import (
     BoundsConfig,
+    DeviceConfig,
     FinetuneConfig,
     LatentConfig,
     PRMTrainingConfig,
@@ -27,6 +28,7 @@ from ..config import (
     TwistTrainingConfig,
 )
 from ..errors import ConfigError, PilmError, ResumeMismatchError
+from ..models.device import placed
 from .cli_args import (
     Parser,
     check_paths,
@@ -192,7 +194,7 @@ COMMANDS = {  # name: (help, run, configs, defaults)
     "bench": ("SMC time and memory over transformers generate, in one process", _run_bench, (BenchConfig,), {}),
 }
 
-SETTINGS = {f.name for _, _, classes, _ in COMMANDS.values() for config in classes for f in fields(config)}
+SETTINGS = {f.name for _, _, classes, _ in COMMANDS.values() for config in (*classes, DeviceConfig) for f in fields(config)}
 """Every setting of every command: the names a library message's ``name=value`` may use."""
 
 
@@ -207,7 +209,7 @@ def build_parser() -> Parser:
     for name, (help_, _, classes, defaults) in COMMANDS.items():
         epilog = f"Potential specs: {SPEC_HELP}." if TargetConfig in classes else None
         command = sub.add_parser(name, help=help_, description=help_, prog=f"pilm {name}", epilog=epilog)
-        command.add_configs(classes, defaults)
+        command.add_configs((*classes, DeviceConfig), defaults)
         parser.commands[name] = command
     return parser
 
@@ -233,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         try:
-            made = configs(args, classes, defaults)
-            created = new_folders(made)
-            check_paths(made)
-            check_together(made)
-            code = run(*made)
+            *made, where = configs(args, (*classes, DeviceConfig), defaults)
+            with placed(where.device, where.dtype):  # an impossible device fails here, before any model loads
+                created = new_folders(made)
+                check_paths(made)
+                check_together(made)
+                code = run(*made)
         except KeyboardInterrupt:
             print(f"pilm: interrupted; {what_was_saved(args.command, made, argv)}", file=sys.stderr)
             code = 130

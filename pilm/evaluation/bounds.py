@@ -40,6 +40,7 @@ from ..inference.rejection import rejection_sample
 from ..inference.result import SMCResult
 from ..inference.smc import run_smc
 from ..models.base import LanguageModel
+from ..models.device import seeded_generator
 from ..potentials import SuffixLikelihood
 from ..proposals import ModelProposal, as_proposal
 from ..target import Target
@@ -138,7 +139,7 @@ def exact_sigma_samples(
     if how == "enumerate":
         return [(target, list(s)) for s in exact.sample(target, n, seed=seed)]
     if how == "rejection":
-        pilot = run_smc(target, 256, torch.Generator(target.model.device).manual_seed(seed + 1), ess_threshold=0.0,
+        pilot = run_smc(target, 256, seeded_generator(seed + 1, target.model.device), ess_threshold=0.0,
                         use_prefix=False, on_extinction="return")
         rate = float(torch.tensor(pilot.log_weights).clamp(max=0).exp().mean())
         if rate <= 0 or n / rate > max_draws:
@@ -211,7 +212,7 @@ def bounds(
     else:
         pairs, seeds = list(exact_samples), len(exact_samples)
         exact_samples = "joint" if any(t is not target for t, _ in pairs) else "given"
-    g = torch.Generator(target.model.device).manual_seed(seed)  # on the device it draws from
+    g = seeded_generator(seed, target.model.device)  # on the device it draws from
     cells: dict[tuple, dict[str, list[float]]] = {}
     elbo: dict[str, list[float]] = {name: [] for name in samplers}
     eubo: dict[str, list[float]] = {name: [] for name in samplers}

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ..inference.smc import run_smc
+from ..models.device import seeded_generator
 from ..proposals import log_mean_exp
 from ..target import Target
 from ..twists.base import TwistFunction
@@ -54,7 +55,7 @@ def twist_calibration(
     open_cells = [c for c in cells if not c[1].is_complete(c[2])]
     rests = [Target(model, list(tg.prompt_ids) + p, max_new_tokens=tg.max_new_tokens - len(p), stop=tg.stop)
              for _, tg, p in open_cells]
-    g = torch.Generator(model.device).manual_seed(seed)  # on the device it draws from
+    g = seeded_generator(seed, model.device)  # on the device it draws from
     runs = run_smc(rests, rollouts, g, ess_threshold=0.0, use_prefix=False) if rests else []
     continuations = {id(c): r.tokens for c, r in zip(open_cells, runs)}
     rows = []

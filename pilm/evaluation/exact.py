@@ -11,6 +11,7 @@ import torch
 
 from .. import enumeration
 from ..enumeration import MAX_SEQUENCES, Enumeration
+from ..models.device import seeded_generator
 from ..proposals import Proposal, TwistProposal
 from ..target import Target
 from ..twists.base import TwistFunction
@@ -45,7 +46,7 @@ def distribution(target: Target, *, max_sequences: int = MAX_SEQUENCES) -> dict[
 def sample(target: Target, n: int, *, seed: int = 0, max_sequences: int = MAX_SEQUENCES) -> list[tuple[int, ...]]:
     """n exact i.i.d. draws from sigma, by enumeration."""
     e = enumerate_target(target, max_sequences=max_sequences)
-    g = torch.Generator(e.log_sigma.device).manual_seed(seed)  # on the device of the tensor it draws from
+    g = seeded_generator(seed, e.log_sigma.device)  # on the device of the tensor it draws from
     idx = torch.multinomial(torch.exp(e.log_sigma), n, replacement=True, generator=g)
     return [e.tokens[i] for i in idx.tolist()]
 

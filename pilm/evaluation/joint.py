@@ -6,10 +6,9 @@ s is an exact draw from sigma(. | x, c) ∝ p0(s | x) p0(c | x, s) for *that* c.
 
 from __future__ import annotations
 
-import torch
-
 from ..inference.smc import run_smc
 from ..models.base import LanguageModel
+from ..models.device import seeded_generator
 from ..target import Target
 
 
@@ -19,7 +18,7 @@ def joint_samples(
     """n pairs (middle, suffix) from the joint p0(s, c | x): each middle is an exact sample
     of sigma(. | x, c) for its own suffix c. Suffixes have exactly ``suffix_tokens`` tokens
     (truncated sampling, no EOS forced)."""
-    g = torch.Generator(model.device).manual_seed(seed)  # on the device it draws from
+    g = seeded_generator(seed, model.device)  # on the device it draws from
     middles = run_smc(Target(model, prompt, max_new_tokens=max_new_tokens), n, g, ess_threshold=0.0).tokens
     prompt_ids = list(model.encode_prompt(prompt))
     # every ending in one batched decode: one target per middle, one row each

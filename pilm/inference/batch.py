@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..models.device import seeded_generator
 from ..target import Target
 
 
@@ -30,7 +31,7 @@ def seeded_generators(seed: int, m: int, device: torch.device | str = "cpu") -> 
         digest = hashlib.blake2b(repr((seed, i)).encode(), digest_size=8).digest()
         return seed if i == 0 else int.from_bytes(digest, "little") & (2**63 - 1)
 
-    return [torch.Generator(device=device).manual_seed(seed_of(i)) for i in range(m)]
+    return [seeded_generator(seed_of(i), device) for i in range(m)]
 
 
 def chunks(targets: list[Target], n: int, max_rows: int | None) -> list[list[int]]:

@@ -62,7 +62,8 @@ def run_steps(
                "prm_lm_tokens": prm.lm_tokens - judged if prm is not None else 0, "seconds": done.seconds}
     meta = {**(info or {}), "method": desc, "rule": rule.name, "temperature": temperature,
             "aggregation": aggregation, "prm": None if prm is None else prm.name, "n_particles": n,
-            "batch_targets": m, "model": model.name, "dtype": model.dtype_name, "boundaries": len(done.steps)}
+            "batch_targets": m, "model": model.name, "dtype": model.dtype_name,
+            "device": str(model.device), "boundaries": len(done.steps)}
     return [_result(targets[g], done, g, critic, boundary, rule, aggregation, method, meta, compute) for g in range(m)]
 
 

@@ -178,6 +178,9 @@ def particle_filter(
     if proposal is not None and (mask or weights == "paper"):
         raise ValueError("a proposal is corrected by the weights: use weights='twisted', and build the mask into "
                          "the proposal (pilm.proposals.MaskedProposal) rather than mask=True")
+    if prm is None and weights == "paper":
+        raise ValueError("weights='paper' weighs particles by a process reward's scores, and prm is None: give a "
+                         "prm, or use weights='twisted' (psi is then the potential's prefix score)")
     out = _filter(targets, prm, n_particles, rule, weights=weights, temperature=temperature, aggregation=aggregation,
                   seed=seed, references=refs, on_extinction=on_extinction, progress=progress, mask=mask,
                   proposal=proposal, method=f"pf-{weights}", info={"tau": tau})

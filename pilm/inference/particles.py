@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from ..models.device import check_device
 from ..proposals import Proposal
 from .boundaries import Boundary
 from .critics import Critic
@@ -117,8 +118,14 @@ def draw(log_q: Tensor, groups: Tensor, generators: Sequence[torch.Generator]) -
     generator, on the device the probabilities live on; returned on the CPU."""
     probs = log_q.exp()
     if len(generators) == 1:
-        return torch.multinomial(probs, 1, generator=generators[0]).squeeze(1).cpu()
+        return torch.multinomial(probs, 1, generator=_on(generators[0], probs)).squeeze(1).cpu()
     ids, counts = torch.unique_consecutive(groups, return_counts=True)
     blocks = probs.split(counts.tolist())
-    return torch.cat([torch.multinomial(b, 1, generator=generators[g]).squeeze(1).cpu()
+    return torch.cat([torch.multinomial(b, 1, generator=_on(generators[g], b)).squeeze(1).cpu()
                       for g, b in zip(ids.tolist(), blocks, strict=True)])
+
+
+def _on(generator: torch.Generator, probs: Tensor) -> torch.Generator:
+    """The generator, if it lives where the probabilities do (torch's own error does not say which)."""
+    check_device("the generator", generator.device, probs.device)
+    return generator

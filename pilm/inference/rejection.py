@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PotentialError, RejectionBudgetError
+from ..models.device import seeded_generator
 from ..target import Target
 from .smc import run_smc
 
@@ -40,7 +41,7 @@ def rejection_sample(
     Raises ``RejectionBudgetError`` (carrying the partial result) if ``max_draws`` proposals
     do not yield ``n`` acceptances.
     """
-    generator = torch.Generator(target.model.device).manual_seed(seed)  # run_smc draws on the model's device
+    generator = seeded_generator(seed, target.model.device)  # run_smc draws on the model's device
     accepted: list[list[int]] = []
     draws = 0
     while len(accepted) < n and draws < max_draws:

@@ -192,6 +192,7 @@ def _result(particles: Particles, steps: list[StepInfo], g: int, target: Target,
         info={**meta, "prompt": target.prompt, "chat": target.chat, "n_particles": n,
               "max_new_tokens": target.max_new_tokens, "potential": str(target.potential),
               "model": target.model.name, "dtype": target.model.dtype_name,
+              "device": str(target.model.device),
               "extinct_at": extinct_at[0] if extinct_at else None},
     )
 

@@ -39,23 +39,24 @@ class Trace:
     def stacked(self, n: int) -> dict[str, Tensor]:
         """Padded (n, T, ...) tensors; ``mask[k, t]`` is True where particle k drew a token at step t+1."""
         T = len(self.steps)
-        H = self.steps[0][1].shape[-1]
+        H, dev = self.steps[0][1].shape[-1], self.steps[0][1].device  # built where the model ran
         out = {
-            "hidden": torch.zeros(n, T, H),
-            "tokens": torch.full((n, T), -1, dtype=torch.long),
-            "log_p0": torch.zeros(n, T),
-            "log_q": torch.zeros(n, T),
-            "mask": torch.zeros(n, T, dtype=torch.bool),
-            "log_phi": torch.tensor([self.log_phi.get(k, -math.inf) for k in range(n)]),  # -inf: died early
+            "hidden": torch.zeros(n, T, H, device=dev),
+            "tokens": torch.full((n, T), -1, dtype=torch.long, device=dev),
+            "log_p0": torch.zeros(n, T, device=dev),
+            "log_q": torch.zeros(n, T, device=dev),
+            "mask": torch.zeros(n, T, dtype=torch.bool, device=dev),
+            "log_phi": torch.tensor([self.log_phi.get(k, -math.inf) for k in range(n)], device=dev),  # -inf: died early
         }
         if self.keep_logprobs:
-            out["log_p0_all"] = torch.zeros(n, T, self.steps[0][5].shape[-1])
+            out["log_p0_all"] = torch.zeros(n, T, self.steps[0][5].shape[-1], device=dev)
         for t, (rows, hidden, drawn, lp0, lq, lp0_all) in enumerate(self.steps):
-            out["hidden"][rows, t] = hidden.float().cpu()
-            out["tokens"][rows, t] = drawn
-            out["log_p0"][rows, t] = lp0.float()
-            out["log_q"][rows, t] = lq.float()
+            rows = rows.to(dev)
+            out["hidden"][rows, t] = hidden.float()
+            out["tokens"][rows, t] = drawn.to(dev)
+            out["log_p0"][rows, t] = lp0.to(dev).float()
+            out["log_q"][rows, t] = lq.to(dev).float()
             out["mask"][rows, t] = True
             if lp0_all is not None:
-                out["log_p0_all"][rows, t] = lp0_all.cpu()
+                out["log_p0_all"][rows, t] = lp0_all
         return out

@@ -134,6 +134,7 @@ def label_logprobs_grad(model: LanguageModel, context: Sequence[int], label_ids:
     width = max(map(len, label_ids))
     tokens = torch.tensor([list(ids) + [-1] * (width - len(ids)) for ids in label_ids])
     lp = model.prefix_logprobs(context, tokens)[:, :width]  # (k, width, V)
+    tokens = tokens.to(lp.device)
     tok = lp.gather(2, tokens.clamp(min=0)[..., None]).squeeze(2).masked_fill(tokens < 0, 0.0)
     return torch.log_softmax(tok.sum(1), 0)
 

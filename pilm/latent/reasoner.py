@@ -39,6 +39,7 @@ from ..learning import finetune
 from ..learning.rollout import sample_many
 from ..models.adapter import LoRAPolicy
 from ..models.base import LanguageModel
+from ..models.device import seeded_generator
 from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
 from ..proposals import ModelProposal
@@ -119,7 +120,7 @@ class LatentReasoner:
         -log p(Y | X, Z) over mini-batches of ``batch_size``. ``likelihood`` continues a
         previous one; otherwise a fresh LoRA on the base (free label logits on a table)."""
         train = _checked(self.latent, train)
-        g = torch.Generator(self.model.device).manual_seed(seed)  # draws rationales on the model's device
+        g = seeded_generator(seed, self.model.device)  # draws rationales on the model's device
         zs = self.rationales(posterior, [ex.x for ex in train], samples, g)
         pairs = [(self.latent.context(self.latent.prefix_ids(ex.x), z), self.latent.index(ex.y))
                  for ex, rows in zip(train, zs, strict=True) for z in rows]
@@ -180,7 +181,7 @@ class LatentReasoner:
         puts mass there: ``elbo`` averages the others, and ``short`` is their fraction."""
         data = _checked(self.latent, data)
         targets = [self.latent.posterior(ex, likelihood) for ex in data]
-        g = torch.Generator(self.model.device).manual_seed(seed)
+        g = seeded_generator(seed, self.model.device)
         proposal = None if posterior is None else ModelProposal(posterior)
         results = run_smc(targets, samples, g, proposal=proposal, ess_threshold=0.0, on_extinction="return")
         w = torch.tensor([r.log_weights for r in results], dtype=torch.float64)
@@ -202,7 +203,7 @@ class LatentReasoner:
         t0 = time.perf_counter()
         items = _items(self.latent, test)
         lat, lik = self.latent, likelihood or self.model
-        g = torch.Generator(self.model.device).manual_seed(seed)
+        g = seeded_generator(seed, self.model.device)
         probs, votes, shown, each = [], [], [], []
         per = max(1, rows // samples)
         for lo in tqdm(range(0, len(items), per), desc="latent predict", unit="block", disable=not progress,

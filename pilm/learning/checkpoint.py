@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from ..errors import ResumeMismatchError
 from ..target import Target
@@ -26,7 +27,11 @@ NAME = "checkpoint"
 
 
 def save_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, state: dict) -> Path:
+                    generator: torch.Generator | Sequence[Tensor], state: dict) -> Path:
+    """Write the trainable weights, optimizer, random state and ``state`` atomically.
+    ``generator``: the one generator of a run, or every process's generator state in rank
+    order (a multi-process run resumes each rank's own stream)."""
+    streams = [generator.get_state()] if isinstance(generator, torch.Generator) else list(generator)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=directory))
@@ -34,7 +39,7 @@ def save_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
     tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
     save_file(_trainable(module), tmp / "weights.safetensors")
     save_file(tensors, tmp / "optimizer.safetensors")
-    save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
+    save_file({f"generator.{rank}": s.cpu() for rank, s in enumerate(streams)}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}))
     final = directory / NAME
     if final.exists():
@@ -49,8 +54,9 @@ def save_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
 
 
 def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator) -> dict | None:
-    """Restore a checkpoint in place and return its state dict, or ``None`` if there is none."""
+                    generator: torch.Generator, rank: int = 0) -> dict | None:
+    """Restore a checkpoint in place (``generator`` gets process ``rank``'s stream) and return
+    its state dict, or ``None`` if there is none."""
     folder = Path(directory) / NAME
     if not (folder / "state.json").exists():
         return None
@@ -65,7 +71,8 @@ def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
         i, name = key.split(".", 1)
         opt_state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
-    generator.set_state(load_file(folder / "rng.safetensors")["generator"])
+    streams = load_file(folder / "rng.safetensors")
+    generator.set_state(streams.get(f"generator.{rank}", streams.get("generator")))  # "generator": before ranks
     return state
 
 
@@ -155,7 +162,7 @@ def _functions(potential) -> list:
 
 
 def resume(directory: str | Path | None, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           generator: torch.Generator, key: dict, *, overwrite: bool = False) -> dict | None:
+           generator: torch.Generator, key: dict, *, overwrite: bool = False, rank: int = 0) -> dict | None:
     """The saved state of the run ``key`` in ``directory`` (restored in place), or ``None`` if
     there is none (or ``overwrite``, which deletes it). A checkpoint of another key raises
     `ResumeMismatchError` naming the settings that differ, before anything is restored."""
@@ -173,7 +180,7 @@ def resume(directory: str | Path | None, module: torch.nn.Module, optimizer: tor
     if saved_key != key:
         raise ResumeMismatchError(folder, {k: (saved_key.get(k), key.get(k)) for k in sorted(set(saved_key) | set(key))
                                            if saved_key.get(k) != key.get(k)})
-    return load_checkpoint(directory, module, optimizer, generator)
+    return load_checkpoint(directory, module, optimizer, generator, rank)
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:

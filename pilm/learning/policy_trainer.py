@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..config import FinetuneConfig
 from ..models.adapter import LoRAPolicy
 from ..models.base import LanguageModel
+from ..models.device import check_device, seeded_generator
 from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
 from ..target import Target
@@ -141,6 +142,7 @@ def finetune(
     tau, lr, seconds).
     """
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     spec: FinetuneObjective = get_finetune_objective(objective)
     targets = _check_targets(target, spec, objective)
@@ -148,23 +150,26 @@ def finetune(
     explore = exploration(spec, objective, explore)
     taus = (float(reward_temperature),) * 2 if isinstance(reward_temperature, (int, float)) \
         else (float(reward_temperature[0]), float(reward_temperature[-1]))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = targets[0].model.device
+    accelerator = Accelerator(cpu=device.type == "cpu")
     prompts = [t.prompt_ids if policy_prompt is None else t.model.encode_prompt(policy_prompt(t)) for t in targets]
     given_policy = policy
+    if policy is not None:
+        check_device("the policy", policy.device, device)
     if policy is None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             policy = make_policy(targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                                  target_modules=target_modules, prompts=prompts)
     hidden = targets[0].model.start(targets[0].prompt_ids, 1).hidden.shape[-1]
-    log_z = LogZ(hidden, amortised=len(targets) > 1)
+    log_z = LogZ(hidden, amortised=len(targets) > 1).to(device)
     trainable = nn.ModuleDict({"policy": policy.trainable, "log_z": log_z})
     groups = [{"params": list(policy.trainable.parameters()), "lr": lr}]
     if spec.learns_log_z:
         groups.append({"params": list(log_z.parameters()), "lr": log_z_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    generator = torch.Generator(targets[0].model.device).manual_seed(seed + accelerator.process_index)  # draws rollouts
+    generator = seeded_generator(seed + accelerator.process_index, device)  # draws rollouts
     buffers = [ReplayBuffer(replay_size, replay_tolerance) for _ in targets]
     history: list[dict] = []
     start = 0
@@ -180,7 +185,8 @@ def finetune(
                             "tool": None if tool is None else code_digest(tool),
                             "policy_prompts": None if policy_prompt is None else code_digest([list(p) for p in prompts]),
                             "policy": None if given_policy is None else type(given_policy).__qualname__})
-    saved = resume(checkpoint_dir, trainable, optimizer, generator, key, overwrite=overwrite)
+    saved = resume(checkpoint_dir, trainable, optimizer, generator, key, overwrite=overwrite,
+                   rank=accelerator.process_index)
     if saved is not None:
         start, history = saved["step"], saved["history"]
         buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
@@ -218,10 +224,12 @@ def finetune(
         if main and log_path is not None:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"objective": objective, **record}) + "\n")
-        if main and checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            save_checkpoint(checkpoint_dir, trainable, optimizer, generator,
-                            {"step": step + 1, "history": history, "key": key,
-                             "buffers": [b.state() for b in buffers]})
+        if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            streams = gather_object([generator.get_state()])  # every rank's random stream, so each resumes its own
+            if main:
+                save_checkpoint(checkpoint_dir, trainable, optimizer, streams,
+                                {"step": step + 1, "history": history, "key": key,
+                                 "buffers": [b.state() for b in buffers]})
         accelerator.wait_for_everyone()
     policy.history = history
     policy.log_z = log_z if spec.learns_log_z else None

@@ -121,6 +121,7 @@ def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_
     """``steps`` AdamW updates of ``twist`` (psi in (0, 1)) by binary cross-entropy against the
     labels at the recorded step ends (module docstring). Returns one record per update."""
     params = [p for p in twist.parameters() if p.requires_grad]
+    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     prefixes = [t[:-1] for t in data.tokens] if twist.needs_prefixes else None
@@ -128,9 +129,10 @@ def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_
     for step in tqdm(range(steps), desc="train-prm", disable=not progress, leave=False):
         t0 = time.perf_counter()
         idx = torch.randint(len(data.label), (min(batch_size, len(data.label)),), generator=generator)
-        log_psi = twist.log_psi([prefixes[i] for i in idx.tolist()] if prefixes else None, data.hidden[idx])
-        log_psi = log_psi.gather(1, data.last[idx].view(-1, 1)).squeeze(1).clamp(max=-1e-7)
-        y = data.label[idx].float()
+        hidden = data.hidden[idx].to(device)  # the recorded states stay on the host; a batch goes over
+        log_psi = twist.log_psi([prefixes[i] for i in idx.tolist()] if prefixes else None, hidden)
+        log_psi = log_psi.gather(1, data.last[idx].to(device).view(-1, 1)).squeeze(1).clamp(max=-1e-7)
+        y = data.label[idx].to(device).float()
         loss = -(y * log_psi + (1 - y) * torch.log(-torch.expm1(log_psi))).mean()
         optimizer.zero_grad()
         loss.backward()

@@ -49,7 +49,7 @@ def prefix_log_rewards(target: Target, tokens: Tensor, *, every_prefix: bool, fo
     b = len(tokens)
     n = trajectory_lengths(tokens, eos)
     with torch.no_grad():
-        tok, stop = step_logprobs(model.prefix_logprobs(target.prompt_ids, tokens), tokens, n, eos)
+        tok, stop = (x.cpu() for x in step_logprobs(model.prefix_logprobs(target.prompt_ids, tokens), tokens, n, eos))
     cum = torch.cat([torch.zeros(b, 1), torch.cumsum(tok, 1)], 1).double()  # log p0(z_{1:i})
     stop = stop.double()
     out = torch.full((b, horizon + 1), -math.inf, dtype=torch.float64)

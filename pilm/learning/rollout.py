@@ -81,13 +81,13 @@ def step_logprobs(lp: Tensor, tokens: Tensor, lengths: Tensor, stop_id: int | No
     """From log p(. | x, z_{1:i}), (B, T+1, V): log p of each drawn token before the stop,
     (B, T), and of the stop token at each state i <= n, (B, T+1); 0 elsewhere and at i = T
     (the horizon stops with probability 1)."""
-    horizon = tokens.shape[1]
-    steps = torch.arange(horizon)[None, :] < lengths[:, None]
+    horizon, tokens, lengths = tokens.shape[1], tokens.to(lp.device), lengths.to(lp.device)
+    steps = torch.arange(horizon, device=lp.device)[None, :] < lengths[:, None]
     tok = lp[:, :horizon].gather(2, tokens.clamp(min=0)[..., None]).squeeze(2).masked_fill(~steps, 0.0)
     stop = torch.zeros_like(lp[..., 0])
     if stop_id is not None:
         stop = torch.cat([lp[:, :horizon, stop_id], torch.zeros_like(lp[:, :1, 0])], 1)
-    states = torch.arange(horizon + 1)[None, :] <= lengths[:, None]
+    states = torch.arange(horizon + 1, device=lp.device)[None, :] <= lengths[:, None]
     return tok, stop.masked_fill(~states, 0.0)
 
 
@@ -101,7 +101,8 @@ def policy_batch(policy: LanguageModel, target: Target, tokens: Tensor, log_r: T
     n = trajectory_lengths(tokens, eos)
     prompt = target.prompt_ids if prompt_ids is None else prompt_ids
     log_q, log_stop = step_logprobs(policy.prefix_logprobs(prompt, tokens), tokens, n, eos)
+    device = log_q.device  # the policy's: the rewards and masks join it there
     if forced is not None:
-        log_q = log_q.masked_fill(forced, 0.0)
-    states = torch.arange(horizon + 1)[None, :] <= n[:, None]
-    return PolicyBatch(log_q, log_stop, log_r.float().masked_fill(~states, 0.0), states, log_z)
+        log_q = log_q.masked_fill(forced.to(device), 0.0)
+    states = torch.arange(horizon + 1, device=device)[None, :] <= n.to(device)[:, None]
+    return PolicyBatch(log_q, log_stop, log_r.to(device).float().masked_fill(~states, 0.0), states, log_z)

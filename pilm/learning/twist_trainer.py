@@ -15,6 +15,7 @@ from ..config import TwistTrainingConfig
 from ..inference.resampling import ess
 from ..inference.smc import run_smc
 from ..inference.trace import Trace
+from ..models.device import seeded_generator
 from ..proposals.weights import log_mean_exp
 from ..target import Target
 from ..twists.base import TwistFunction
@@ -139,7 +140,7 @@ def train_twist(
                 raise ValueError(f"body must be 'frozen' or 'lora', got {body!r}")
     elif twist.output != spec.twist_output:
         raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
-    generator = torch.Generator(targets[0].model.device).manual_seed(seed)  # draws the batches on the model's device
+    generator = seeded_generator(seed, targets[0].model.device)  # draws the batches on the model's device
     trainable = [p for p in twist.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     for path in (log_path, plot_path):

@@ -6,7 +6,7 @@ so it is measured, never assumed. Timing under load can flip a close call, and t
 seed must give the same samples on the same machine, so the decision is made once per CPU
 (keyed by its capability string and model name) and stored in ``$PILM_CACHE/dtype.json``
 beside the converted models; later processes read it. ``PILM_DTYPE=float32|bfloat16``
-overrides it; on a GPU it is bfloat16.
+overrides it. This is the CPU's answer only: ``device.resolve_dtype`` decides for other devices.
 """
 
 from __future__ import annotations
@@ -34,12 +34,10 @@ def cache_dir() -> Path:
 
 @functools.cache
 def default_dtype() -> torch.dtype:
-    """The matmul dtype pilm loads models in on this machine (see the module docstring)."""
+    """The matmul dtype pilm loads models in on this machine's CPU (see the module docstring)."""
     forced = os.environ.get("PILM_DTYPE")
     if forced:
         return getattr(torch, forced)
-    if torch.cuda.is_available():
-        return torch.bfloat16
     path, key = cache_dir() / _DTYPE_FILE, cpu_key()
     with locked(path):  # two processes probing at once must not decide differently
         try:

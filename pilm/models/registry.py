@@ -23,8 +23,9 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ModelLoadError
+from .device import resolve_device, resolve_dtype
 from .hf import HFModel
-from .machine import cache_dir, default_dtype, locked
+from .machine import cache_dir, locked
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
@@ -38,8 +39,8 @@ _MANIFEST = "pilm-manifest.json"
 def load_model(
     name_or_path: str | None = None,
     *,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = "auto",
+    device: str | torch.device | None = "auto",
     adapter: str | Path | None = None,
 ) -> HFModel:
     """Load a causal LM as a pilm model.
@@ -50,15 +51,19 @@ def load_model(
 
     ``None`` or ``"smollm2-135m"`` (or its hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``) is
     the embedded default (no network needed). Anything
-    else is a transformers hub id or a local folder. ``dtype=None`` picks the faster matmul
-    dtype for this machine (see ``default_dtype``); log-probabilities are float32 anyway.
+    else is a transformers hub id or a local folder. ``device="auto"`` is this process's GPU
+    when there is one, else the CPU; ``dtype="auto"`` is bfloat16 on a GPU that supports it
+    (float16 otherwise) and the measured faster matmul dtype on a CPU (``pilm.models.device``);
+    log-probabilities are float32 anyway. A device or dtype this machine cannot run raises
+    ``DeviceError`` before anything loads.
     """
     if adapter is not None:
         from .adapter import LoRAPolicy
 
         return LoRAPolicy.from_pretrained(load_model(name_or_path, dtype=dtype, device=device), adapter)
     name = _ALIASES.get(name_or_path, name_or_path) or DEFAULT_MODEL
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype())
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     if name not in _EMBEDDED:
         return _load_folder(name, dtype, device, name)
     try:
@@ -126,7 +131,7 @@ def _cache_is_valid(folder: Path) -> bool:
         return False
 
 
-def _load_folder(folder: str | Path, dtype: torch.dtype, device, name: str) -> HFModel:
+def _load_folder(folder: str | Path, dtype: torch.dtype, device: torch.device, name: str) -> HFModel:
     """Local folder or HF cache first; the hub only if it answers (no minute of retries offline)."""
     try:
         tokenizer, hf = _from_pretrained(folder, dtype, local_files_only=True)
@@ -143,7 +148,7 @@ def _load_folder(folder: str | Path, dtype: torch.dtype, device, name: str) -> H
             tokenizer, hf = _from_pretrained(folder, dtype, local_files_only=False)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load model {name!r} from the hub: {_first_line(err)}") from None
-    if device is not None:
+    if device.type != "cpu":
         hf = hf.to(device)
     return HFModel(hf, tokenizer, name=name)
 

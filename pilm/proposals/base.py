@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import ModelState
+from ..models.device import check_device, module_device
 from ..target import Target
 from ..twists.base import Prefixes, TwistFunction
 from .weights import twisted_log_q
@@ -101,6 +102,7 @@ class TwistProposal(Proposal):
         self._condition: Tensor | None = None
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
+        check_device("the twist", module_device(self.twist), targets[0].model.device)
         trained = self.twist.trained_for
         other = next((t.describe() for t in targets if trained and t.describe() != trained), None)
         if other is not None:

@@ -25,11 +25,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from ..learning.rollout import sample_trajectories
 from ..learning.tools import Tool
 from ..models.base import LanguageModel
+from ..models.device import seeded_generator
 from ..models.registry import load_model
 from ..potentials import FunctionPotential, SuffixLikelihood
 from ..target import Target
@@ -149,7 +148,7 @@ def accuracy(sampler: LanguageModel, items: Sequence[Problem], *, model: Languag
              temperature: float = 0.0, seed: int = 0, horizon_slack: int = 8) -> float:
     """The fraction of rationales whose answer is right: ``samples`` per problem from
     ``sampler`` with the calculator, at ``temperature`` (0: greedy)."""
-    generator = torch.Generator(sampler.device).manual_seed(seed)  # on the device it draws from
+    generator = seeded_generator(seed, sampler.device)  # on the device it draws from
     tool, right = calculator(model), 0
     for p in items:
         target = arithmetic(p, model, max_new_tokens=len(model.encode(p.rationale)) + horizon_slack)

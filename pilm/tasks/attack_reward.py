@@ -28,6 +28,7 @@ from torch import Tensor
 from ..errors import PotentialError
 from ..learning.rollout import sample_many
 from ..models.base import LanguageModel
+from ..models.device import seeded_generator
 from ..potentials.base import Potential, Sequences
 from ..proposals import log_mean_exp
 
@@ -149,7 +150,7 @@ class AttackReward(Potential):
             raise ValueError(f"need beta > 0, samples >= 1 and 0 < eps < 1 (got {beta}, {samples}, {eps})")
         self.victim, self.classifier, self.samples, self.beta, self.eps = victim, classifier, samples, beta, eps
         self.aggregate, self.min_tokens, self.stop = aggregate, min_tokens, stop
-        self.generator = torch.Generator(victim.model.device).manual_seed(seed)  # draws the victim's replies
+        self.generator = seeded_generator(seed, victim.model.device)  # draws the victim's replies
 
     @property
     def name(self) -> str:

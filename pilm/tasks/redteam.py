@@ -27,6 +27,7 @@ from ..learning import finetune
 from ..learning.rollout import sample_many
 from ..models.adapter import CONFIG_NAME, LoRAPolicy
 from ..models.base import LanguageModel
+from ..models.device import seeded_generator
 from ..models.hf import HFModel
 from ..potentials import ModelLikelihood
 from ..target import Target
@@ -77,7 +78,7 @@ class RedTeaming:
         their token rows (n, max_tokens), -1-padded."""
         t = self.target
         sampler = policy or self.attacker
-        rows = sample_many(sampler, [t.prompt_ids], n, torch.Generator(sampler.device).manual_seed(seed),
+        rows = sample_many(sampler, [t.prompt_ids], n, seeded_generator(seed, sampler.device),
                            horizon=t.max_new_tokens, stop=t.stop_token_id)
         return [attack_text(self.attacker, r, t.stop_token_id) for r in rows.tolist()], rows
 

@@ -92,8 +92,10 @@ class Twist(nn.Module, TwistFunction):
         return twist
 
     def attach(self, model: LanguageModel) -> None:
-        """Bind the twist to its model (a tied head reads the model's output embeddings)."""
+        """Bind the twist to its model and move it to the model's device (a tied head reads the
+        model's output embeddings)."""
         self._model = model
+        self.to(model.device)
         if self.config.kind == "tied":
             head = getattr(getattr(model, "hf", None), "get_output_embeddings", lambda: None)()
             if head is None:

@@ -68,8 +68,8 @@ class LoRATwist(nn.Module, TwistFunction):
     def log_psi_teacher_forced(self, target, tokens: Tensor, mask: Tensor) -> Tensor:
         """log psi at every step of the sampled sequences, with gradients through the
         adapters: one forward of [prompt, tokens] (right-padded), shape (K, T, V)."""
-        ctx = self.body.context(list(target.prompt_ids))
-        ids = torch.cat([torch.tensor(ctx).expand(len(tokens), -1), tokens.clamp(min=0)], 1)
+        ctx, device = self.body.context(list(target.prompt_ids)), self.body.device
+        ids = torch.cat([torch.tensor(ctx, device=device).expand(len(tokens), -1), tokens.to(device).clamp(min=0)], 1)
         out = self.body.hf(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
         h = out.hidden_states[-1][:, len(ctx) - 1 : len(ctx) - 1 + tokens.shape[1]]
         return self.head(h.float())

@@ -19,7 +19,7 @@ def rl(batch: TwistBatch, base: TwistBatch | None = None) -> Tensor:
     target = torch.full_like(batch.log_p0, LOG_FLOOR)
     target[:, :-1] = soft_next[:, 1:]
     last = batch.lengths - 1
-    target[torch.arange(len(last)), last] = batch.log_phi.float()
+    target[torch.arange(len(last), device=last.device), last] = batch.log_phi.float()
     target = target.clamp(min=LOG_FLOOR)
     err = (batch.log_psi - target) ** 2
     return err[batch.mask].mean()

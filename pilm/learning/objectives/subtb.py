@@ -35,7 +35,7 @@ def subtb(batch: PolicyBatch) -> Tensor:
     f = torch.where(usable, f, 0.0)
     diff = f[:, :, None] - f[:, None, :]
     n = f.shape[1]
-    pairs = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    pairs = torch.triu(torch.ones(n, n, dtype=torch.bool, device=f.device), diagonal=1)
     pairs = pairs & usable[:, :, None] & usable[:, None, :]
     count = pairs.sum().clamp(min=1)
     return torch.where(pairs, diff, 0.0).pow(2).sum() / count

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .models.base import LanguageModel
-from .potentials.base import Potential, Sequences, evaluate
-from .target import Target
+from ..models.base import LanguageModel
+from ..potentials.base import Potential, Sequences, evaluate
+from ..target import Target
 
 
 def check_potential(potential: Potential, model: LanguageModel, prompt: str | Sequence[int] = "", completions=None,
@@ -126,7 +126,7 @@ def check_twist(twist, target: Target, n: int = 2, steps: int = 3) -> None:
     """Raise ``AssertionError`` unless ``twist`` (a ``pilm.twists.TwistFunction``) keeps the
     protocol: log psi of every next token, (rows, V), no NaN or +inf, each row the same alone
     as in a batch, and, stepped as the twist-induced proposal, ``check_proposal``."""
-    from .proposals import TwistProposal
+    from ..proposals import TwistProposal
 
     model = target.model
     state = model.start(target.prompt_ids, n)
@@ -149,8 +149,8 @@ def check_prm(prm, target: Target, chains: Sequence[Sequence[int]]) -> None:
     """Raise ``AssertionError`` unless ``prm`` (a ``pilm.prm.ProcessReward``) scores the
     ``chains`` (token ids of completions, cut into steps by the target's ``Steps``) with one
     probability each, in [0, 1], no NaN, each row the same alone as in the batch."""
-    from .prm import StepBatch
-    from .steps import Steps
+    from ..prm import StepBatch
+    from ..steps import Steps
 
     model, cut = target.model, target.steps or Steps()
     rows = [list(c) for c in chains]
@@ -197,7 +197,7 @@ def check_rule(rule, n: int = 8, seed: int = 0) -> None:
     alive; parents, if any, (n,) indices of the rows, never one at weight 0 under importance
     weights; the same decision from the same generator seed; and under a reference
     (conditional SMC) row 0 its own parent."""
-    from .inference.rules import View
+    from ..inference.rules import View
 
     g = torch.Generator().manual_seed(seed)
     for reference in (False, True):

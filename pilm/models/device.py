@@ -1,0 +1,110 @@
+"""Where a model runs and in what dtype, the generators that draw there, and the one check
+that the parts of a run (model, twist, policy, generators) share a device.
+
+``device="auto"`` is this process's accelerator when there is one (CUDA device
+``LOCAL_RANK`` under ``accelerate launch``/``torchrun``, so each process of a launch takes
+its own GPU), else the CPU. ``dtype="auto"`` is bfloat16 on a CUDA device that supports it,
+float16 on one that does not, the measured faster matmul dtype on a CPU
+(``machine.default_dtype``), and float32 elsewhere. ``PILM_DEVICE`` and ``PILM_DTYPE``
+override "auto" (the CLI's ``--device``/``--dtype`` set them for the command and any process
+it starts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import DeviceError
+from .machine import default_dtype
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device ``device`` names (see the module docstring); a CUDA device this machine
+    does not have is refused with a ``DeviceError`` before anything loads."""
+    if device is None or device == "auto":
+        if os.environ.get("PILM_DEVICE", "auto") != "auto":
+            return resolve_device(os.environ["PILM_DEVICE"])
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"unknown device {device!r} ({err}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device} asked for, but this machine has no CUDA device "
+                              "(torch.cuda.is_available() is False); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype ``dtype`` names on ``device`` (see the module docstring); one the device
+    cannot run is refused with a ``DeviceError`` that says which it can."""
+    if dtype is None or dtype == "auto":
+        if os.environ.get("PILM_DTYPE", "auto") != "auto":
+            return resolve_dtype(os.environ["PILM_DTYPE"], device)
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return default_dtype() if device.type == "cpu" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise DeviceError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = getattr(torch, dtype)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"{device} ({torch.cuda.get_device_name(device)}) cannot run bfloat16; "
+                          "use float16 or float32")
+    return dtype
+
+
+def seeded_generator(seed: int, device: str | torch.device) -> torch.Generator:
+    """A generator seeded with ``seed`` on ``device``: draws on a device need one there."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device (an unset index is the first)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def module_device(part: object) -> torch.device | None:
+    """The device of a module's first parameter (``None``: not a module, or no parameters)."""
+    params = part.parameters() if isinstance(part, torch.nn.Module) else iter(())
+    first = next(params, None)
+    return None if first is None else first.device
+
+
+def check_device(what: str, device: torch.device | None, model_device: torch.device) -> None:
+    """Refuse ``what`` (a generator, twist, policy) on another device than the model's, naming
+    both (``device=None``: a part with no tensors of its own, which is anywhere)."""
+    if device is not None and not same_device(device, model_device):
+        raise DeviceError(f"{what} is on {device} but the model is on {model_device}: put them on one device "
+                          f"(e.g. .to(model.device), or torch.Generator(model.device))")
+
+
+@contextlib.contextmanager
+def placed(device: str = "auto", dtype: str = "auto") -> Iterator[torch.device]:
+    """Within the block (and in processes it starts), "auto" means ``device`` and ``dtype``;
+    both are checked first, so a machine without the device fails before a model loads."""
+    where = resolve_device(device)
+    resolve_dtype(dtype, where)
+    before = {k: os.environ.get(k) for k in ("PILM_DEVICE", "PILM_DTYPE")}
+    os.environ.update(PILM_DEVICE=device, PILM_DTYPE=dtype)
+    try:
+        yield where
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,218 @@
+"""Every verb with the model on an accelerator, checked without one: inside
+``pilm.testing.fake_accelerator()`` the model lives on ``fakegpu``, which computes on the CPU
+but is not the CPU, and any op that mixes a device tensor with a CPU tensor, or draws on one
+device with a generator on another, fails (see the module's docstring). A verb passes when it
+runs, gives finite results, and (for sampling) gives exactly what the same run gives on the
+CPU: the fake device computes the same ops on the same numbers, so any difference is a verb
+that takes another path on an accelerator."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import pilm
+from pilm.learning.objectives import FINETUNE_OBJECTIVES, OBJECTIVES
+from pilm.potentials import FunctionPotential
+from pilm.testing.fake_device import DeviceMixError, fake_accelerator
+
+PROMPTS = ("The cat", "Once upon a time there")
+SOFT = FunctionPotential(lambda t: -0.5 * t.count("e"), name="fewer e", prefix_fn=lambda t: -0.2 * t.count("e"))
+BOUNDED = FunctionPotential(lambda t: -0.1 * t.count("e"), name="fewer e, phi <= 1")
+
+
+@pytest.fixture
+def device_model(tiny):
+    """The session's tiny Llama (real tokenizer), a fresh copy on the fake device."""
+    from transformers import LlamaForCausalLM
+
+    from pilm.models import HFModel
+
+    with fake_accelerator() as acc:
+        torch.manual_seed(0)
+        model = HFModel(LlamaForCausalLM(tiny.hf.config).float().to("fakegpu"), tiny.tokenizer, name="tiny@fakegpu")
+        yield model, acc
+
+
+def cpu_twin(tiny):
+    from transformers import LlamaForCausalLM
+
+    from pilm.models import HFModel
+
+    torch.manual_seed(0)
+    return HFModel(LlamaForCausalLM(tiny.hf.config).float(), tiny.tokenizer, name="tiny@cpu")
+
+
+def targets(model, potential=SOFT, horizon=5):
+    return [pilm.Target(model, p, potential, max_new_tokens=horizon) for p in PROMPTS]
+
+
+def test_the_fake_device_catches_a_cpu_tensor_and_a_cpu_generator():
+    with fake_accelerator():
+        x = torch.ones(3, device="fakegpu")
+        with pytest.raises(DeviceMixError, match="CPU tensor"):
+            _ = x + torch.ones(3)
+        with pytest.raises(DeviceMixError, match="generator on cpu"):
+            torch.multinomial(x, 1, generator=torch.Generator().manual_seed(0))
+        assert torch.multinomial(x, 1, generator=torch.Generator("fakegpu").manual_seed(0)).device == x.device
+        _ = x + torch.tensor(2.0)  # a 0-dim CPU scalar is fine, as on CUDA
+        with pytest.raises((RuntimeError, TypeError)):
+            x.numpy()
+
+
+def test_smc_and_the_particle_filter_give_on_the_device_what_they_give_on_the_cpu(device_model, tiny):
+    model, acc = device_model
+    on_device = [r.log_z for r in pilm.smc(targets(model), 8, seed=0, progress=False)]
+    on_cpu = [r.log_z for r in pilm.smc(targets(cpu_twin(tiny)), 8, seed=0, progress=False)]
+    assert on_device == on_cpu
+    cut = pilm.Steps(delimiter=model.encode(" e")[0], max_steps=2, max_step_tokens=3)
+    chains = [pilm.Target(model, p, SOFT, max_new_tokens=6, steps=cut) for p in PROMPTS]
+    res = pilm.particle_filter(chains, None, 4, weights="twisted", seed=0)
+    assert all(math.isfinite(r.log_z) for r in res)
+
+
+def test_masked_and_twisted_smc_on_the_device(device_model):
+    model, _ = device_model
+    from pilm.potentials import Regex
+
+    masked = [pilm.Target(model, p, Regex(r"[a-z ]+"), max_new_tokens=3) for p in PROMPTS]
+    assert all(math.isfinite(r.log_z) for r in pilm.smc(masked, 4, proposal="masked", seed=0, progress=False))
+    twist = pilm.Twist.for_model(model, kind="mlp", layers=2)
+    assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, twist=twist, seed=0, progress=False))
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_a_twist_training_step_and_twisted_smc_with_it(device_model, objective):
+    model, _ = device_model
+    twist = pilm.train_twist(targets(model), objective, steps=1, batch_size=4, seed=0, progress=False)
+    assert math.isfinite(twist.history[-1]["loss"])
+    assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, twist=twist, seed=0, progress=False))
+
+
+def test_a_lora_twist_step_and_a_tied_head(device_model):
+    """The H200 run of scripts/gpu_smoke.py found the LoRA body's teacher-forced forward
+    building its ids on the CPU; this check now fails on that code."""
+    model, _ = device_model
+    twist = pilm.train_twist(targets(model), "ctl", body="lora", steps=1, batch_size=2, seed=0, progress=False)
+    assert math.isfinite(twist.history[-1]["loss"])
+    tied = pilm.Twist.for_model(model, kind="tied", layers=2)
+    assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, twist=tied, seed=0, progress=False))
+
+
+@pytest.mark.parametrize("objective", list(FINETUNE_OBJECTIVES))
+def test_a_fine_tuning_step(device_model, objective):
+    model, _ = device_model
+    demos = {"data": [model.encode(" a cat")]} if objective == "sft" else {}
+    policy = pilm.finetune(targets(model)[0], objective, steps=1, batch_size=2, lora_rank=2, seed=0, progress=False,
+                           **demos)
+    assert math.isfinite(policy.history[-1]["loss"])
+    assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, proposal=policy, seed=0, progress=False))
+
+
+def test_a_prm_training_step_and_the_particle_filter_with_it(device_model):
+    model, _ = device_model
+    cut = pilm.Steps(delimiter=model.encode(" e")[0], max_steps=2, max_step_tokens=3)
+    chains = [pilm.Target(model, p, SOFT, max_new_tokens=6, steps=cut) for p in PROMPTS]
+    prm = pilm.train_prm(chains, rollouts=1, chains=2, steps=1, batch_size=2, seed=0, progress=False)
+    for weights in ("paper", "twisted"):
+        assert all(math.isfinite(r.log_z) for r in pilm.particle_filter(chains, prm, 4, weights=weights, seed=0))
+
+
+def test_rejection_and_bounds(device_model):
+    model, _ = device_model
+    target = targets(model, BOUNDED, horizon=3)[0]
+    assert len(pilm.rejection_sample(target, 2, seed=0).samples) == 2
+    report = pilm.bounds(target, n_particles=[2], seeds=2, exact_samples="rejection", progress=False)
+    assert all(math.isfinite(r["lower"]) and math.isfinite(r["upper"]) for r in report.rows)
+
+
+def test_a_latent_e_and_m_step(device_model):
+    model, _ = device_model
+    from pilm.latent import Example, LatentReasoner
+
+    reasoner = LatentReasoner(model, template="{x} because{z}. So:{y}", labels=[" yes", " no"], rationale_tokens=(1, 2))
+    train = [Example("It rains", " yes"), Example("It is dry", " no")]
+    q = reasoner.e_step(train, steps=1, batch_size=2, lora_rank=2, progress=False)
+    lik = reasoner.m_step(train, q, steps=1, samples=1, batch_size=2, lora_rank=2, progress=False)
+    assert reasoner.predict(["It snows"], q, likelihood=lik, samples=2)
+
+
+def test_a_red_teaming_step(device_model, tiny):
+    model, _ = device_model
+    from pilm.tasks.attack_reward import Victim
+    from pilm.tasks.redteam import red_teaming
+
+    victim = Victim(model, max_tokens=3)
+    rt = red_teaming(model, victim, classifier=lambda x, y: torch.full((len(y),), 0.9, dtype=torch.float64),
+                     victim_samples=1, max_tokens=3, min_tokens=1)
+    q = pilm.finetune(rt.target, "tb", steps=1, batch_size=2, lora_rank=2, progress=False)
+    assert math.isfinite(q.history[-1]["loss"])
+
+
+def test_load_model_and_the_cli_put_the_model_on_the_device(tiny, tmp_path, capsys):
+    from pilm.commands.cli import main
+
+    tiny.hf.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    with fake_accelerator():
+        model = pilm.load_model(str(tmp_path / "m"), device="fakegpu", dtype="float32")
+        assert model.device.type == "fakegpu" and all(p.device == model.device for p in model.hf.parameters())
+        code = main(["sample", "--model", str(tmp_path / "m"), "--device", "fakegpu", "--dtype", "float32",
+                     "--prompt", "The cat", "--max-new-tokens", "3", "--n-particles", "2", "--out",
+                     str(tmp_path / "s.jsonl")])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "s.jsonl").read_text())
+    assert len(record["samples"]) == 2 and record["info"]["device"] == "fakegpu:0", record["info"]
+
+
+def test_a_generator_or_twist_on_another_device_is_refused_naming_both(device_model):
+    from pilm.errors import DeviceError
+    from pilm.inference.smc import run_smc
+    from pilm.twists import Twist, TwistConfig
+
+    model, _ = device_model
+    target = targets(model)[0]
+    with pytest.raises(DeviceError, match="generator is on cpu but the model is on fakegpu:0"):
+        run_smc(target, 2, torch.Generator().manual_seed(0))
+    hidden = model.start(model.encode("a"), 1).hidden.shape[-1]
+    loose = Twist(TwistConfig(hidden_size=hidden, vocab_size=model.vocab_size))  # made on the CPU, never attached
+    with pytest.raises(DeviceError, match="twist is on cpu but the model is on fakegpu:0"):
+        pilm.smc(target, 2, twist=loose, progress=False)
+
+
+# -- choosing the device and dtype, and refusing what the machine cannot run ----------------
+def fake_cuda(monkeypatch, count=2, bf16=True):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+
+
+def test_auto_is_this_process_gpu_and_its_best_dtype(monkeypatch):
+    from pilm.models.device import resolve_device, resolve_dtype
+
+    monkeypatch.delenv("PILM_DEVICE", raising=False)
+    monkeypatch.delenv("PILM_DTYPE", raising=False)
+    fake_cuda(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of an accelerate launch
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+    fake_cuda(monkeypatch, bf16=False)
+    assert resolve_dtype("auto", torch.device("cuda", 1)) == torch.float16
+    with pytest.raises(pilm.errors.DeviceError, match="cannot run bfloat16; use float16 or float32"):
+        resolve_dtype("bfloat16", torch.device("cuda", 0))
+    with pytest.raises(pilm.errors.DeviceError, match="has 2 CUDA device"):
+        resolve_device("cuda:5")
+
+
+def test_a_device_the_machine_lacks_is_one_cli_line_before_any_model_loads(monkeypatch, capsys):
+    from pilm.commands.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(pilm.models.registry, "_load_folder", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["sample", "--device", "cuda", "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no CUDA device" in err, err
+    assert main(["sample", "--device", "tpu9", "--prompt", "Hi"]) == 2
+    assert "unknown device 'tpu9'" in capsys.readouterr().err
