@@ -101,7 +101,7 @@ def verbs(device: str, dtype: torch.dtype) -> None:
     import pilm
     from pilm.learning.objectives import FINETUNE_OBJECTIVES, OBJECTIVES
     from pilm.models import decode_step
-    from pilm.potentials import FunctionPotential, Regex
+    from pilm.potentials import FunctionPotential, Regex, SuffixLikelihood
 
     tag = str(dtype).removeprefix("torch.")
     model = tiny_model(device, dtype)
@@ -143,12 +143,23 @@ def verbs(device: str, dtype: torch.dtype) -> None:
         assert not bad, f"outside the format: {bad}"
         return finite(res)
 
-    def twisted(kind: str, conditional: bool = False):
+    def twisted(kind: str):
         def run():
-            config = {"kind": kind, "layers": 2}
-            twist = pilm.Twist.for_model(model, **config)
+            twist = pilm.Twist.for_model(model, kind=kind, layers=2)
             return finite(pilm.smc(targets, 8, twist=twist, seed=0, progress=False))
         return run
+
+    def conditional():
+        ending = [pilm.Target(model, p, SuffixLikelihood(model, "w9 w8"), max_new_tokens=4) for p in prompts]
+        twist = pilm.train_twist(ending, "ctl", steps=1, batch_size=4, conditional=True, seed=0, progress=False)
+        return finite(pilm.smc(ending, 8, twist=twist, seed=0, progress=False))
+
+    def judge():
+        from pilm.prm import LMJudge
+
+        res = pilm.particle_filter(chains, LMJudge(model, "{question} w11 {steps} w12", yes=" w13", no=" w14"), 4,
+                                   weights="twisted", seed=0)
+        return finite(res)
 
     def train_twist(objective: str, body: str = "frozen"):
         def run():
@@ -232,7 +243,9 @@ def verbs(device: str, dtype: torch.dtype) -> None:
     check(f"[{tag}] train-twist ctl with a LoRA body", train_twist("ctl", "lora"))
     for objective in FINETUNE_OBJECTIVES:
         check(f"[{tag}] finetune {objective} step, then SMC with the policy", finetune(objective))
+    check(f"[{tag}] conditional twist (infilling ending) trained one step, twisted SMC", conditional)
     check(f"[{tag}] train-prm step, particle filters", prm_and_filters)
+    check(f"[{tag}] particle filter with the model as its own judge (LMJudge)", judge)
     check(f"[{tag}] particle Gibbs with ancestor sampling", gibbs)
     check(f"[{tag}] rejection and bounds", rejection_and_bounds)
     check(f"[{tag}] latent E and M step", latent)

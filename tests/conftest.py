@@ -9,6 +9,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # n workers share the cores: no threa
 
 import pilm
 from pilm.potentials import FunctionPotential, Regex
+from pilm.testing.fake_device import register
+
+register()  # the device checks' fake GPU, known before any test's backward pass (see register)
 
 
 def asymmetric_potential():

@@ -23,6 +23,7 @@ process logs and checkpoints.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,10 @@ def finetune(
     taus = (float(reward_temperature),) * 2 if isinstance(reward_temperature, (int, float)) \
         else (float(reward_temperature[0]), float(reward_temperature[-1]))
     device = targets[0].model.device
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    # Launched, gradients are reduced where the model is (NCCL on GPUs, gloo on CPUs); alone, the
+    # default state: accelerate keeps one per process and refuses a second with other settings.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=device.type == "cpu") if launched else Accelerator()
     prompts = [t.prompt_ids if policy_prompt is None else t.model.encode_prompt(policy_prompt(t)) for t in targets]
     given_policy = policy
     if policy is not None:

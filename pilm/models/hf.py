@@ -85,17 +85,17 @@ class HFModel(LanguageModel):
             mask = mask.to(self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
             extra = {"attention_mask": mask, "position_ids": positions}
-        with torch.no_grad():
-            out = self._call(
-                input_ids=ids.to(self.device),
-                cache=cache,
-                use_cache=True,
-                output_hidden_states=True,
-                logits_to_keep=1,
-                **extra,
-            )
+        # The last hidden state is what the output layer reads: taken there, so the forward keeps
+        # no per-layer states (output_hidden_states would hold every layer's, prompt-long at prefill).
+        taken: list[Tensor] = []
+        hook = self.hf.get_output_embeddings().register_forward_pre_hook(lambda _, args: taken.append(args[0]))
+        try:
+            with torch.no_grad():
+                out = self._call(input_ids=ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        finally:
+            hook.remove()
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return logprobs, out.hidden_states[-1][:, -1].float(), cache  # the cache object is updated in place
+        return logprobs, taken[-1][:, -1].float(), cache  # the cache object is updated in place
 
     def start(self, prompt_ids: Tokens, n: int) -> ModelState:
         ctx = self.context(prompt_ids)

@@ -46,6 +46,7 @@ class LMJudge(ProcessReward):
         self.lm_tokens += sum(map(len, prompts))
         out = []
         for lo in range(0, len(prompts), self.batch_rows):
-            lp = self.model.start_many(prompts[lo: lo + self.batch_rows], 1).logprobs[:, [self.yes, self.no]]
+            lp = self.model.start_many(prompts[lo: lo + self.batch_rows], 1).logprobs
+            lp = torch.stack([lp[:, self.yes], lp[:, self.no]], 1)
             out.append(torch.softmax(lp.double(), -1)[:, 0].cpu())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

@@ -20,7 +20,9 @@ real values underneath; a ``TorchFunctionMode`` turns the calls that name the de
 (factories, ``.to``) into CPU work on the wrapper, since torch stops them before dispatch;
 PrivateUse1, renamed ``fakegpu`` with a Python device guard (torch's recipe for backends
 written in Python), makes the device one torch accepts. It is not ``cuda``, so it also checks
-that nothing assumes CUDA. It is slow (Python around every op): use tiny models.
+that nothing assumes CUDA. It is slow (Python around every op): use tiny models. One thing CUDA runs is not supported:
+indexing a device tensor with a Python list (``x[:, [1, 2]]``), whose index tensor torch makes
+inside C++ on the device, past the modes; index with integers or a tensor instead.
 """
 
 from __future__ import annotations
@@ -234,9 +236,11 @@ class _Module:
     manual_seed = manual_seed_all
 
 
-def _register() -> None:
+def register() -> None:
     """Make ``fakegpu`` a device torch knows (PrivateUse1 renamed, with a Python device guard:
-    torch's own recipe for backends written in Python). Once per process, irreversibly."""
+    torch's own recipe for backends written in Python). Once per process, irreversibly, and
+    before the process's first backward pass: autograd sizes its per-device queues then, and a
+    device registered later fails its backward (a test suite calls this when it starts)."""
     global DEVICE
     if torch._C._get_privateuse1_backend_name() != NAME:
         from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
@@ -249,7 +253,7 @@ def _register() -> None:
 def fake_accelerator() -> Iterator[FakeAccelerator]:
     """Within the block, ``"fakegpu"`` is a checked fake device (see the module docstring); pass
     it explicitly (``load_model(..., device="fakegpu")``, ``--device fakegpu``)."""
-    _register()
+    register()
     with contextlib.ExitStack() as stack:
         # module.to(device) swaps each parameter for its device copy (set_data cannot take a subclass)
         previous = torch.__future__.get_swap_module_params_on_conversion()
