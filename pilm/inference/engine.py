@@ -119,8 +119,10 @@ def step(particles: Particles, state: ModelState, sampler: Sampler, targets: Seq
     p = replace(p, step_start=p.lengths.clone())
     if not len(going):
         return p, None, info
-    sampler.proposal.reindex(keep.to(model.device))
-    state = model.reindex(state, keep.to(model.device))
+    if len(keep) != state.n or not torch.equal(keep, torch.arange(len(keep))):  # decided on the host
+        row_map = keep.to(model.device)
+        sampler.proposal.reindex(row_map)
+        state = model.reindex(state, row_map)
     appended = drawn.pending[keep]  # rows whose last draw is not in the cache yet
     if appended.any():
         hold = None if appended.all() else ~appended
@@ -167,22 +169,26 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         prefixes = ([tuple(r[:k]) for r, k in zip(tokens[live].tolist(), lengths[live].tolist(), strict=True)]
                     if proposal.needs_prefixes else None)
         proposed = proposal.propose(state, prefixes)
-        at = idx.to(proposed.log_q.device)
+        at = None if everyone else idx.to(proposed.log_q.device)
         log_q = proposed.log_q if everyone else proposed.log_q[at]
-        drawn = draw(log_q, rows // n, generators)
+        on_device = draw(log_q, rows // n, generators)
         for g, ref in enumerate(references or []):
             first = (rows == g * n).nonzero()
             if ref is not None and len(first):  # the reference particle is still drawing
-                drawn[first[0, 0]] = ref[int(lengths[g * n])]
-        pick = drawn.to(log_q.device).unsqueeze(1)
-        lq = log_q.gather(1, pick).squeeze(1).cpu()
+                on_device[int(first[0, 0])] = ref[int(lengths[g * n])]
+        pick = on_device.unsqueeze(1)
         logprobs = state.logprobs if everyone else state.logprobs[at]
-        lp0 = logprobs.gather(1, pick).squeeze(1).cpu()
+        read = {"lq": log_q.gather(1, pick).squeeze(1), "lp0": logprobs.gather(1, pick).squeeze(1)}
         if not same:  # the weight p_M(s_t) / q(s_t)
-            base = _log_base_at(logprobs, pick, lp0, sampler.temperature)
-            log_w[rows] += base.double() - lq.double()
+            read["base"] = _log_base_at(logprobs, pick, read["lp0"], sampler.temperature)
         if proposed.log_psi is not None:
-            psi[rows] = (proposed.log_psi if everyone else proposed.log_psi[at]).gather(1, pick).squeeze(1).cpu().double()
+            read["psi"] = (proposed.log_psi if everyone else proposed.log_psi[at]).gather(1, pick).squeeze(1)
+        drawn, read = _to_host(on_device, read)
+        lq, lp0 = read["lq"], read["lp0"]
+        if not same:
+            log_w[rows] += read["base"].double() - lq.double()
+        if proposed.log_psi is not None:
+            psi[rows] = read["psi"].double()
             if proposal.keeps_prefix_scores:  # a token mask: 0 where the draw is allowed, -inf where nothing was
                 log_w[rows] += psi[rows]
         if observe is not None:
@@ -193,7 +199,7 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         done = ends.finished(rows, drawn, pos + 1)
         ended = done | sampler.boundary.ends(rows, drawn, tokens, lengths, p.step_start, done)
         if hidden is not None and ended.any():
-            hidden[rows[ended]] = state.hidden[at[ended.to(at.device)]].float().cpu()
+            hidden[rows[ended]] = state.hidden[idx[ended].to(state.hidden.device)].float().cpu()
         active = ~waiting
         waiting[idx[ended]] = True
         if waiting.all():
@@ -207,6 +213,13 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
     return replace(p, tokens=tokens, lengths=lengths, log_w=log_w), state, _Drawn(psi, twisted, hidden, pending)
 
 
+def _to_host(drawn: Tensor, read: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The drawn tokens and the values read at them, brought to the host in one transfer (as
+    float64: token ids are exact, and a float64 psi keeps its precision)."""
+    host = torch.stack([drawn.double(), *(v.double() for v in read.values())]).cpu()
+    return host[0].long(), dict(zip(read, host[1:], strict=True))
+
+
 def _log_base_at(logprobs: Tensor, pick: Tensor, lp0: Tensor, temperature: float) -> Tensor:
     """log p_M of the drawn tokens, p_M ∝ p0^(1/T), without forming p_M over the vocabulary:
     log p0(s) / T - logsumexp(log p0 / T); at T = 0 (greedy) 0 for the argmax, -inf elsewhere."""
@@ -214,8 +227,8 @@ def _log_base_at(logprobs: Tensor, pick: Tensor, lp0: Tensor, temperature: float
         return lp0
     if temperature == 0:
         top = logprobs.argmax(1, keepdim=True)
-        return torch.where(pick == top, 0.0, -torch.inf).squeeze(1).cpu()
-    return lp0 / temperature - torch.logsumexp(logprobs / temperature, 1).cpu()
+        return torch.where(pick == top, 0.0, -torch.inf).squeeze(1)
+    return lp0 / temperature - torch.logsumexp(logprobs / temperature, 1)
 
 
 def _with_phi(b: Stepped, log_psi: Tensor, critic: Critic) -> Tensor:

@@ -115,13 +115,13 @@ class Run:
 
 def draw(log_q: Tensor, groups: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     """One token per row from exp(log_q), each target's rows (contiguous) from its own
-    generator, on the device the probabilities live on; returned on the CPU."""
+    generator, drawn and returned on the device the probabilities live on."""
     probs = log_q.exp()
     if len(generators) == 1:
-        return torch.multinomial(probs, 1, generator=_on(generators[0], probs)).squeeze(1).cpu()
+        return torch.multinomial(probs, 1, generator=_on(generators[0], probs)).squeeze(1)
     ids, counts = torch.unique_consecutive(groups, return_counts=True)
     blocks = probs.split(counts.tolist())
-    return torch.cat([torch.multinomial(b, 1, generator=_on(generators[g], b)).squeeze(1).cpu()
+    return torch.cat([torch.multinomial(b, 1, generator=_on(generators[g], b)).squeeze(1)
                       for g, b in zip(ids.tolist(), blocks, strict=True)])
 
 

@@ -53,7 +53,7 @@ def _decode(policy: LanguageModel, state, horizon: int, eos: int | None, generat
     rows = torch.arange(n)
     pending: list[list[int]] = [[] for _ in range(n)]
     for t in range(horizon):
-        drawn = draw(proposal.propose(state, None).log_q, rows, [generator])
+        drawn = draw(proposal.propose(state, None).log_q, rows, [generator]).cpu()
         if tool is not None:
             for j, r in enumerate(rows.tolist()):
                 if pending[r]:

@@ -28,6 +28,9 @@ inside C++ on the device, past the modes; index with integers or a tensor instea
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
+from collections import Counter
 from collections.abc import Iterator
 from unittest import mock
 
@@ -110,6 +113,15 @@ class FakeAccelerator(TorchDispatchMode):
         super().__init__()
         self.to_host = 0
         self.to_device = 0
+        self.where: Counter[tuple[str, str]] = Counter()  # (direction, pilm file:line) -> transfers
+
+    def count(self, direction: str) -> None:
+        """One transfer ("to_host" or "to_device"), with the line of pilm that asked for it."""
+        setattr(self, direction, getattr(self, direction) + 1)
+        here = next((f for f in reversed(traceback.extract_stack()[:-2])
+                     if f"{os.sep}pilm{os.sep}" in f.filename and f"{os.sep}testing{os.sep}" not in f.filename), None)
+        where = "outside pilm" if here is None else f"{here.filename.split(os.sep + 'pilm' + os.sep)[-1]}:{here.lineno}"
+        self.where[(direction, where)] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -132,19 +144,22 @@ class FakeAccelerator(TorchDispatchMode):
     def _transfer(self, func, args, kwargs, on_device: bool, to_device: bool):
         plain = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
         if func is _aten._local_scalar_dense.default:
-            self.to_host += on_device
+            if on_device:
+                self.count("to_host")
             return plain
         if func is _aten.copy_.default:
             dst, src = args[0], args[1]
-            self.to_device += isinstance(dst, _OnDevice) and not isinstance(src, _OnDevice)
-            self.to_host += isinstance(src, _OnDevice) and not isinstance(dst, _OnDevice)
+            if isinstance(dst, _OnDevice) != isinstance(src, _OnDevice):
+                self.count("to_device" if isinstance(dst, _OnDevice) else "to_host")
             return dst
         # _to_copy: stays where it is unless a device was asked for
         if to_device:
-            self.to_device += not on_device
+            if not on_device:
+                self.count("to_device")
             return _wrap(plain)
         if "device" in kwargs and kwargs["device"] is not None:
-            self.to_host += on_device
+            if on_device:
+                self.count("to_host")
             return plain
         return _wrap(plain) if on_device else plain
 
@@ -200,7 +215,7 @@ class _Placement(TorchFunctionMode):
             out = torch.Tensor.to(_unwrap(source), **kwargs)
             if isinstance(source, _OnDevice):
                 return source if out is source.elem else _wrap(out)
-            self.checks.to_device += 1
+            self.checks.count("to_device")
             return _wrap(out.clone() if out is source else out)  # a copy, as a real transfer makes
         kwargs["device"] = _HOST
         return tree_map(_wrap, func(*args, **kwargs))
