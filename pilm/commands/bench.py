@@ -16,7 +16,9 @@ The batched-prompts leg (``batched_prompts``) runs 64 targets (64 prompts of dif
 lengths) x 16 particles x 32 tokens as one batch against the same 64 targets one at a time
 (each with the seed it has in the batch), alternating; the many-particles leg
 (``many_particles``) runs 1,024 particles x 64 tokens of one target and reports its peak
-memory.
+memory; the long-prompt leg (``long_prompt``) decodes 64 particles x 64 tokens after a
+512-token prompt and reports the KV cache it holds over one prompt copy plus the particles'
+own tokens (8 when every particle holds its own copy of the prompt).
 
 The masked leg (``masked_smc_over_generate``) runs the same SMC with the masked proposal
 (``pilm.proposals.MaskedProposal``: only tokens that keep the regex satisfiable are drawn);
@@ -46,6 +48,7 @@ from .bench_host import host_work
 from .bench_legs import (
     PeakRSS,
     finetune_vs_trl,
+    long_prompt,
     many_particles,
     return_freed_memory_to_os,
 )
@@ -58,6 +61,7 @@ TARGETS = {
     "memory_over_generate": 1.0,
     "host_growth_1x64": 1.25,
     "host_growth_16x64": 1.25,
+    "long_prompt_cache_over_shared": 1.2,
 }
 """Each time or memory ratio to ``generate`` that the engine must stay under (lower is better)."""
 
@@ -74,6 +78,8 @@ RATIOS = {
     "host_ms_per_step_16x64": "the same for 16 targets x 64 particles (ms)",
     "host_growth_1x64": "host work per step at 64 tokens over at 16, 64 particles (flat: 1)",
     "host_growth_16x64": "the same for 16 targets x 64 particles",
+    "long_prompt_cache_over_shared": "KV cache of 64 particles x 64 tokens on a 512-token prompt over one prompt copy "
+                                     "plus the particles' own tokens",
 }
 
 
@@ -183,6 +189,7 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         **_in_a_fresh_process("batched_prompts"),
         **_in_a_fresh_process("particle_filter_vs_generate"),
         **many_particles(model),
+        **long_prompt(model),
         **finetune_vs_trl(),
         **host_work(),
     }

@@ -170,6 +170,27 @@ def many_particles(model, n_particles: int = 1024, new_tokens: int = 64) -> dict
     }
 
 
+def long_prompt(model, prompt_tokens: int = 512, n_particles: int = 64, new_tokens: int = 64) -> dict:
+    """The KV cache one target holds after ``new_tokens`` steps of ``n_particles`` particles on a
+    ``prompt_tokens``-token prompt, over what sharing the prompt would hold: one prompt copy plus
+    each particle's own tokens (1 is that; n_particles x (prompt + new) / (prompt + n x new) is a
+    copy of the prompt per particle)."""
+    from ..models import decode_step
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, model.vocab_size, (prompt_tokens,), generator=g).tolist()
+    state = model.start(prompt, n_particles)
+    for _ in range(new_tokens):
+        tokens = torch.randint(10, model.vocab_size, (n_particles,), generator=g)
+        state = decode_step(model, state, torch.arange(n_particles), tokens)
+    layers = state.cache.layers
+    held = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    per_token = held / (n_particles * (prompt_tokens + new_tokens))
+    return {"long_prompt_shape": f"{prompt_tokens}-token prompt, {n_particles} particles x {new_tokens} tokens",
+            "long_prompt_cache_mb": held / 2**20,
+            "long_prompt_cache_over_shared": held / (per_token * (prompt_tokens + n_particles * new_tokens))}
+
+
 def _reward_text(text: str) -> float:
     """The shared cheap reward of the fine-tuning legs: fewer letters 'e' is better."""
     return -0.1 * text.count("e")
