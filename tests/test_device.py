@@ -230,3 +230,25 @@ def test_a_decoding_step_moves_little_between_host_and_device(device_model):
     acc.to_host = acc.to_device = 0
     pilm.smc(targets(model, horizon=horizon)[0], 8, seed=0, progress=False, ess_threshold=1.0)
     assert acc.to_host <= 2 * horizon + 2 and acc.to_device <= 2 * horizon + 2, acc.where.most_common()
+
+
+def test_the_cli_default_leaves_the_environment_choice_alone(monkeypatch, tmp_path):
+    """--dtype auto (the default) must not override PILM_DTYPE, and a fresh process where
+    PILM_DTYPE is "auto" must still find the CPU's dtype (it read "auto" as a torch dtype)."""
+    import os
+    import subprocess
+    import sys
+
+    from pilm.models.device import placed
+
+    monkeypatch.setenv("PILM_DTYPE", "float32")
+    monkeypatch.delenv("PILM_DEVICE", raising=False)
+    with placed("auto", "auto"):
+        assert os.environ["PILM_DTYPE"] == "float32"
+    with placed("cpu", "bfloat16"):
+        assert os.environ["PILM_DTYPE"] == "bfloat16" and os.environ["PILM_DEVICE"] == "cpu"
+    assert os.environ["PILM_DTYPE"] == "float32" and "PILM_DEVICE" not in os.environ
+    code = "from pilm.models.machine import default_dtype; print(default_dtype())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PILM_DTYPE": "auto", "PILM_CACHE": str(tmp_path)})
+    assert run.returncode == 0 and run.stdout.strip() in ("torch.float32", "torch.bfloat16"), run.stderr

@@ -94,12 +94,13 @@ def check_device(what: str, device: torch.device | None, model_device: torch.dev
 
 @contextlib.contextmanager
 def placed(device: str = "auto", dtype: str = "auto") -> Iterator[torch.device]:
-    """Within the block (and in processes it starts), "auto" means ``device`` and ``dtype``;
-    both are checked first, so a machine without the device fails before a model loads."""
+    """Within the block (and in processes it starts), "auto" means ``device`` and ``dtype``
+    (given as "auto" themselves, they leave ``PILM_DEVICE``/``PILM_DTYPE`` as they are); both
+    are checked first, so a machine without the device fails before a model loads."""
     where = resolve_device(device)
     resolve_dtype(dtype, where)
     before = {k: os.environ.get(k) for k in ("PILM_DEVICE", "PILM_DTYPE")}
-    os.environ.update(PILM_DEVICE=device, PILM_DTYPE=dtype)
+    os.environ.update({k: v for k, v in (("PILM_DEVICE", device), ("PILM_DTYPE", dtype)) if v != "auto"})
     try:
         yield where
     finally:

@@ -35,8 +35,8 @@ def cache_dir() -> Path:
 @functools.cache
 def default_dtype() -> torch.dtype:
     """The matmul dtype pilm loads models in on this machine's CPU (see the module docstring)."""
-    forced = os.environ.get("PILM_DTYPE")
-    if forced:
+    forced = os.environ.get("PILM_DTYPE", "auto")
+    if forced != "auto":
         return getattr(torch, forced)
     path, key = cache_dir() / _DTYPE_FILE, cpu_key()
     with locked(path):  # two processes probing at once must not decide differently
