@@ -192,7 +192,7 @@ def verbs(device: str, dtype: torch.dtype) -> None:
 
     def gibbs():
         res = pilm.particle_gibbs(chains[0], learned["prm"], 4, iterations=2, ancestor_sampling=True,
-                                  weights="twisted", seed=0)
+                                  weights="twisted", ess_threshold=1.0, seed=0)  # resampling at every boundary
         return f"{len(res.samples)} chains"
 
     def rejection_and_bounds():
@@ -219,7 +219,14 @@ def verbs(device: str, dtype: torch.dtype) -> None:
                          classifier=lambda x, y: torch.full((len(y),), 0.9, dtype=torch.float64),
                          victim_samples=1, max_tokens=3, min_tokens=1, prompt="w3", stop="w9")
         q = pilm.finetune(rt.target, "tb", steps=1, batch_size=2, lora_rank=2, progress=False)
-        return f"loss {q.history[-1]['loss']:.4g}"
+        tuned = rt.safety_tune(tiny_model(device, dtype), ["w3 w4", "w5"], steps=1, batch_size=2)
+        return f"loss {q.history[-1]['loss']:.4g}; safety-tuned victim on {tuned.model.device}"
+
+    def beams():
+        from pilm.inference.search import beam_search
+
+        found = beam_search(model, model.encode_prompt("w3 w4"), beams=4, max_new_tokens=4, groups=2, diversity=0.5)
+        return f"{len(found)} beams, best log p0 {found[0].log_p:.3f}"
 
     def cli():
         from pilm.commands.cli import main
@@ -249,7 +256,8 @@ def verbs(device: str, dtype: torch.dtype) -> None:
     check(f"[{tag}] particle Gibbs with ancestor sampling", gibbs)
     check(f"[{tag}] rejection and bounds", rejection_and_bounds)
     check(f"[{tag}] latent E and M step", latent)
-    check(f"[{tag}] red-team step", red_team)
+    check(f"[{tag}] red-team step and the victim's safety tuning", red_team)
+    check(f"[{tag}] diverse beam search", beams)
     check(f"[{tag}] pilm sample --device {device} --dtype {tag}", cli)
 
 

@@ -185,7 +185,7 @@ def test_a_generator_or_twist_on_another_device_is_refused_naming_both(device_mo
 def fake_cuda(monkeypatch, count=2, bf16=True):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0) if bf16 else (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
 
 
@@ -204,6 +204,10 @@ def test_auto_is_this_process_gpu_and_its_best_dtype(monkeypatch):
         resolve_dtype("bfloat16", torch.device("cuda", 0))
     with pytest.raises(pilm.errors.DeviceError, match="has 2 CUDA device"):
         resolve_device("cuda:5")
+    assert resolve_device("cuda") == torch.device("cuda", 1)  # a bare "cuda" is this process's too
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(pilm.errors.DeviceError, match="LOCAL_RANK=2 but this machine has 2"):
+        resolve_device("auto")
 
 
 def test_a_device_the_machine_lacks_is_one_cli_line_before_any_model_loads(monkeypatch, capsys):
@@ -252,3 +256,24 @@ def test_the_cli_default_leaves_the_environment_choice_alone(monkeypatch, tmp_pa
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PILM_DTYPE": "auto", "PILM_CACHE": str(tmp_path)})
     assert run.returncode == 0 and run.stdout.strip() in ("torch.float32", "torch.bfloat16"), run.stderr
+
+
+def test_beam_search_safety_tuning_and_pgas_that_resamples(device_model):
+    """Three paths a review of the first version found mixing devices: token-level beam search,
+    the red-team victim's safety tuning, and particle Gibbs with ancestor sampling on a sweep
+    that resamples (its stitched chains' log-probabilities met the host weights)."""
+    model, _ = device_model
+    from pilm.inference.search import beam_search
+    from pilm.tasks.attack_reward import Victim
+    from pilm.tasks.redteam import red_teaming
+
+    assert len(beam_search(model, model.encode_prompt("The cat"), beams=2, max_new_tokens=3)) == 2
+    rt = red_teaming(model, Victim(model, max_tokens=2), classifier=lambda x, y: torch.full((len(y),), 0.9,
+                     dtype=torch.float64), victim_samples=1, max_tokens=2, min_tokens=1)
+    tuned = rt.safety_tune(model, ["hello", "there"], steps=1, batch_size=2)
+    assert tuned.model.device == model.device
+    cut = pilm.Steps(delimiter=model.encode(" e")[0], max_steps=2, max_step_tokens=2)
+    chain = pilm.Target(model, PROMPTS[0], SOFT, max_new_tokens=4, steps=cut)
+    res = pilm.particle_gibbs(chain, pilm.Twist.for_model(model, output="log_sigmoid"), 4, iterations=2,
+                              ancestor_sampling=True, weights="twisted", ess_threshold=1.0, seed=0)
+    assert len(res.samples) == 4

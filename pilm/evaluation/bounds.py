@@ -258,5 +258,5 @@ def bounds(
     rows.sort(key=lambda r: (list(samplers).index(r["sampler"]), r["method"], r["n_particles"]))
     log_z_exact = exact.log_z(target, max_sequences=AUTO_ENUMERATION) if exact_samples == "enumerate" else None
     for r in rows:
-        r["dtype"] = target.model.dtype_name
+        r["dtype"], r["device"] = target.model.dtype_name, str(target.model.device)
     return BoundsReport(rows, log_z_exact, {"seeds": seeds, "exact_samples": exact_samples, "methods": list(methods)})

@@ -50,7 +50,7 @@ def twist_calibration(
         conditions = [twist.condition_for(tg) for _, tg, _ in cells]
         condition = None if conditions[0] is None else torch.stack(conditions)
         log_psi = twist.log_psi_at([tuple(p[:-1]) for _, _, p in cells], hidden,
-                                   torch.tensor([p[-1] for _, _, p in cells]), condition).tolist()
+                                   torch.tensor([p[-1] for _, _, p in cells], device=hidden.device), condition).tolist()
     # Every unfinished prefix's rollouts in one batched decode.
     open_cells = [c for c in cells if not c[1].is_complete(c[2])]
     rests = [Target(model, list(tg.prompt_ids) + p, max_new_tokens=tg.max_new_tokens - len(p), stop=tg.stop)

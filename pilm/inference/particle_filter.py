@@ -106,7 +106,7 @@ class AncestorSampling(Resample):
         lp = self.base.tempered(target.model.prefix_logprobs(target.prompt_ids, tokens).flatten(0, 1)).view(
             len(ok), pad + 1, -1)
         log_future = torch.stack([sum(lp[j, len(chains[i]) + k, f] for k, f in enumerate(future))
-                                  for j, i in enumerate(ok)]).double()
+                                  for j, i in enumerate(ok)]).double().cpu()  # the weights live on the host
         logits = torch.full_like(log_w, -math.inf)
         logits[ok] = log_w[ok] + log_future + target.log_potential(stitched).double() - v.log_psi_now[ok]
         a = int(multinomial(logits, 1, v.generator)[0])

@@ -67,7 +67,8 @@ def beam_search(model: LanguageModel, prompt_ids: Tokens, *, beams: int, max_new
                 if not rows:
                     new_live.append([])
                     continue
-                scores = torch.tensor([s for _, s in live[g]])[:, None] + state.logprobs[rows]
+                # ranked on the host: one transfer per group and step, then Python over the candidates
+                scores = torch.tensor([s for _, s in live[g]])[:, None] + state.logprobs[rows[0]:rows[-1] + 1].cpu()
                 ranked = (scores - diversity * counts).flatten().argsort(descending=True)
                 kept = []
                 for k in ranked.tolist():

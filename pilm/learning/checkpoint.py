@@ -72,7 +72,9 @@ def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
         opt_state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
     streams = load_file(folder / "rng.safetensors")
-    generator.set_state(streams.get(f"generator.{rank}", streams.get("generator")))  # "generator": before ranks
+    if f"generator.{rank}" not in streams and not (rank == 0 and "generator" in streams):  # "generator": before ranks
+        raise ValueError(f"{folder} holds no random stream for process {rank}; overwrite it to start afresh")
+    generator.set_state(streams.get(f"generator.{rank}", streams.get("generator")))
     return state
 
 
@@ -86,7 +88,9 @@ def run_key(targets: Sequence[Target], settings: dict) -> dict:
     where = targets[0].describe() if len(targets) == 1 else {"targets": [t.describe() for t in targets]}
     functions = [_functions(t.potential) for t in targets]
     code = {"potential_code": code_digest(*functions)} if any(functions) else {}
-    key = {**where, **code, "model": model.name, "dtype": model.dtype_name, **settings}
+    # a generator's state only fits a generator of its device type: a run resumes where it ran
+    placed = {} if model.device.type == "cpu" else {"device": model.device.type}
+    key = {**where, **code, "model": model.name, "dtype": model.dtype_name, **placed, **settings}
     return json.loads(json.dumps(key, default=str))
 
 

@@ -184,7 +184,7 @@ def finetune(
                             "temperature_range": temperature_range, "replay_size": replay_size,
                             "replay_tolerance": replay_tolerance, "reward_temperature": reward_temperature,
                             "anneal_steps": anneal_steps, "min_log_reward": min_log_reward,
-                            "processes": accelerator.num_processes,
+                            "processes": accelerator.num_processes, "replay_per_process": True,
                             "data": code_digest({k: [[int(t) for t in seq] for seq in rows] for k, rows in demo_data.items()}),
                             "tool": None if tool is None else code_digest(tool),
                             "policy_prompts": None if policy_prompt is None else code_digest([list(p) for p in prompts]),
@@ -193,7 +193,8 @@ def finetune(
                    rank=accelerator.process_index)
     if saved is not None:
         start, history = saved["step"], saved["history"]
-        buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in saved["buffers"]]
+        mine = saved["buffers"][accelerator.process_index]  # one list per rank
+        buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in mine]
     demos = {k: scored_demonstrations(targets[k], rows, tool, spec.prefix_rewards, min_log_reward)
              for k, rows in demo_data.items() if rows}  # target index -> (tokens, log R, tool mask)
     if start == 0 and objective != "sft":  # demonstrations seed the replay buffers
@@ -229,11 +230,12 @@ def finetune(
             with open(log_path, "a") as f:
                 f.write(json.dumps({"objective": objective, **record}) + "\n")
         if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            streams = gather_object([generator.get_state()])  # every rank's random stream, so each resumes its own
+            # every rank's random stream and replay buffers, so each resumes its own
+            streams = gather_object([generator.get_state()])
+            rank_buffers = gather_object([[b.state() for b in buffers]])
             if main:
                 save_checkpoint(checkpoint_dir, trainable, optimizer, streams,
-                                {"step": step + 1, "history": history, "key": key,
-                                 "buffers": [b.state() for b in buffers]})
+                                {"step": step + 1, "history": history, "key": key, "buffers": rank_buffers})
         accelerator.wait_for_everyone()
     policy.history = history
     policy.log_z = log_z if spec.learns_log_z else None

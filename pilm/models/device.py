@@ -30,14 +30,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or device == "auto":
         if os.environ.get("PILM_DEVICE", "auto") != "auto":
             return resolve_device(os.environ["PILM_DEVICE"])
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
+        return _this_process_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise DeviceError(f"unknown device {device!r} ({err}); use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
+        if device.index is None and torch.cuda.is_available():
+            return _this_process_gpu()  # under a launcher each process takes its own
         if not torch.cuda.is_available():
             raise DeviceError(f"device {device} asked for, but this machine has no CUDA device "
                               "(torch.cuda.is_available() is False); use cpu or auto")
@@ -47,6 +47,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def _this_process_gpu() -> torch.device:
+    """cuda:LOCAL_RANK (0 outside a launcher); a rank without a GPU of its own is refused."""
+    rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if rank >= count:
+        raise DeviceError(f"process LOCAL_RANK={rank} but this machine has {count} CUDA device(s): launch at most "
+                          f"{count} processes per machine, or name a device for each")
+    return torch.device("cuda", rank)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The dtype ``dtype`` names on ``device`` (see the module docstring); one the device
     cannot run is refused with a ``DeviceError`` that says which it can."""
@@ -54,16 +63,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         if os.environ.get("PILM_DTYPE", "auto") != "auto":
             return resolve_dtype(os.environ["PILM_DTYPE"], device)
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if _native_bf16(device) else torch.float16
         return default_dtype() if device.type == "cpu" else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise DeviceError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = getattr(torch, dtype)
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and device.type == "cuda" and not _native_bf16(device):
         raise DeviceError(f"{device} ({torch.cuda.get_device_name(device)}) cannot run bfloat16; "
                           "use float16 or float32")
     return dtype
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """bfloat16 in hardware: compute capability 8 (Ampere) and later. (torch.cuda.is_bf16_supported
+    also says yes where it is emulated, slowly, and asks the current device, not this one.)"""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def seeded_generator(seed: int, device: str | torch.device) -> torch.Generator:

@@ -138,8 +138,8 @@ class HFModel(LanguageModel):
         return ModelState(logprobs, hidden, cache, state.length + 1, mask)
 
     def reindex(self, state: ModelState, idx: Tensor) -> ModelState:
-        if len(idx) == state.n and torch.equal(idx.cpu(), torch.arange(state.n)):
-            return state
+        if idx.device.type == "cpu" and len(idx) == state.n and torch.equal(idx, torch.arange(state.n)):
+            return state  # (a row map already on the device is not synced back to test it)
         idx = idx.to(self.device)
         state.cache.reorder_cache(idx)
         mask = state.mask[idx] if state.mask is not None else None

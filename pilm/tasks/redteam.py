@@ -139,7 +139,7 @@ class RedTeaming:
 
 def _sequence_logprob(model: LanguageModel, prompt: Sequence[int], tokens: Tensor) -> Tensor:
     lp = model.prefix_logprobs(prompt, tokens)[:, :-1]
-    return lp.gather(2, tokens[..., None]).squeeze(2).sum()
+    return lp.gather(2, tokens.to(lp.device)[..., None]).squeeze(2).sum()
 
 
 def filter_attacks(attacks: Sequence[str], toxicity: Sequence[float], log_p_ref: Sequence[float], *,
