@@ -138,6 +138,7 @@ CPU_GENERATORS = {  # generators that only ever draw CPU numbers (indices, table
     "tasks/redteam.py": "mini-batch indices of the MLE stage",
     "testing/__init__.py": "random views for check_rule",
     "commands/bench_host.py": "the stub model's fixed row",
+    "commands/bench_legs.py": "the long-prompt leg's random prompt and token ids",
 }
 
 
