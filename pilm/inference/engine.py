@@ -215,7 +215,10 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
 
 def _to_host(drawn: Tensor, read: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The drawn tokens and the values read at them, brought to the host in one transfer (as
-    float64: token ids are exact, and a float64 psi keeps its precision)."""
+    float64: token ids are exact, and a float64 psi keeps its precision). On the CPU there is
+    nothing to save, and the stack would only cost."""
+    if drawn.device.type == "cpu":
+        return drawn, {k: v.double() for k, v in read.items()}
     host = torch.stack([drawn.double(), *(v.double() for v in read.values())]).cpu()
     return host[0].long(), dict(zip(read, host[1:], strict=True))
 

@@ -127,5 +127,6 @@ def draw(log_q: Tensor, groups: Tensor, generators: Sequence[torch.Generator]) -
 
 def _on(generator: torch.Generator, probs: Tensor) -> torch.Generator:
     """The generator, if it lives where the probabilities do (torch's own error does not say which)."""
-    check_device("the generator", generator.device, probs.device)
+    if generator.device != probs.device:  # cheap test first: this runs for every draw
+        check_device("the generator", generator.device, probs.device)
     return generator
