@@ -39,24 +39,24 @@ class Trace:
     def stacked(self, n: int) -> dict[str, Tensor]:
         """Padded (n, T, ...) tensors; ``mask[k, t]`` is True where particle k drew a token at step t+1."""
         T = len(self.steps)
-        H, dev = self.steps[0][1].shape[-1], self.steps[0][1].device  # built where the model ran
-        out = {
-            "hidden": torch.zeros(n, T, H, device=dev),
-            "tokens": torch.full((n, T), -1, dtype=torch.long, device=dev),
-            "log_p0": torch.zeros(n, T, device=dev),
-            "log_q": torch.zeros(n, T, device=dev),
-            "mask": torch.zeros(n, T, dtype=torch.bool, device=dev),
-            "log_phi": torch.tensor([self.log_phi.get(k, -math.inf) for k in range(n)], device=dev),  # -inf: died early
+        H, dev = self.steps[0][1].shape[-1], self.steps[0][1].device  # the states stay where the model ran
+        host = {  # the engine's records are on the host: filled there, moved once
+            "tokens": torch.full((n, T), -1, dtype=torch.long),
+            "log_p0": torch.zeros(n, T),
+            "log_q": torch.zeros(n, T),
+            "mask": torch.zeros(n, T, dtype=torch.bool),
+            "log_phi": torch.tensor([self.log_phi.get(k, -math.inf) for k in range(n)]),  # -inf: died early
         }
-        if self.keep_logprobs:
-            out["log_p0_all"] = torch.zeros(n, T, self.steps[0][5].shape[-1], device=dev)
-        for t, (rows, hidden, drawn, lp0, lq, lp0_all) in enumerate(self.steps):
-            rows = rows.to(dev)
-            out["hidden"][rows, t] = hidden.float()
-            out["tokens"][rows, t] = drawn.to(dev)
-            out["log_p0"][rows, t] = lp0.to(dev).float()
-            out["log_q"][rows, t] = lq.to(dev).float()
-            out["mask"][rows, t] = True
+        hidden = torch.zeros(n, T, H, device=dev)
+        lp0_all = torch.zeros(n, T, self.steps[0][5].shape[-1], device=dev) if self.keep_logprobs else None
+        for t, (rows, h, drawn, lp0, lq, every) in enumerate(self.steps):
+            host["tokens"][rows, t] = drawn
+            host["log_p0"][rows, t] = lp0.float()
+            host["log_q"][rows, t] = lq.float()
+            host["mask"][rows, t] = True
+            on_device = rows.to(dev)
+            hidden[on_device, t] = h.float()
             if lp0_all is not None:
-                out["log_p0_all"][rows, t] = lp0_all
-        return out
+                lp0_all[on_device, t] = every
+        out = {k: v.to(dev) for k, v in host.items()} | {"hidden": hidden}
+        return out if lp0_all is None else out | {"log_p0_all": lp0_all}
