@@ -127,3 +127,22 @@ def test_unknown_objective_and_output_mismatch(soft_target):
         pilm.train_twist(soft_target, "magic", steps=1, progress=False)
     with pytest.raises(ValueError, match="log_sigmoid"):
         pilm.train_twist(soft_target, "fudge", steps=1, twist=TableTwist(soft_target), progress=False)
+
+
+def test_a_lora_twist_reads_the_ending_it_is_conditioned_on(tiny, tmp_path):
+    """An amortised LoRA twist (infilling several endings) is conditional like a frozen-body
+    twist: before, train_twist built it without ``conditional`` and its log psi dropped the
+    condition, so it never saw the ending it was trained for."""
+    from pilm.potentials import SuffixLikelihood
+    from pilm.twists.lora import LoRATwist
+
+    ends = [pilm.Target(tiny, "The cat", SuffixLikelihood(tiny, e), max_new_tokens=3) for e in (" sat down.", " ran!")]
+    twist = pilm.train_twist(ends, "ctl", body="lora", steps=1, batch_size=2, seed=0, progress=False)
+    assert twist.head.config.conditional
+    tokens, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        first, second = (twist.log_psi_teacher_forced(t, tokens, mask) for t in ends)
+        assert not torch.allclose(first, second)
+        again = LoRATwist.from_pretrained(twist.save_pretrained(tmp_path / "t"), tiny)
+        assert again.head.config.conditional
+        assert torch.allclose(again.log_psi_teacher_forced(ends[0], tokens, mask), first, atol=1e-5)

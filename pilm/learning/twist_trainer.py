@@ -132,7 +132,7 @@ def train_twist(
             torch.manual_seed(seed)
             if body == "lora":
                 twist = LoRATwist(target.model, rank=lora_rank, kind=head, layers=layers, output=spec.twist_output,
-                                  init=init)
+                                  init=init, conditional=conditional)
             elif body == "frozen":
                 twist = Twist.for_model(target.model, kind=head, layers=layers, output=spec.twist_output,
                                         conditional=conditional, init=init)

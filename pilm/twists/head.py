@@ -113,7 +113,7 @@ class Twist(nn.Module, TwistFunction):
         if self.config.conditional:
             if condition is None:
                 raise ValueError("this twist is conditional: it needs a condition (the target's suffix)")
-            x = torch.cat([x, condition.float().expand(len(x), -1)], dim=-1)
+            x = torch.cat([x, condition.float().expand(*x.shape[:-1], -1)], dim=-1)  # (H,) or one per row
         return x
 
     def _tied_embeddings(self) -> Tensor:

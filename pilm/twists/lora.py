@@ -28,13 +28,15 @@ CONFIG_NAME = "lora_twist_config.json"
 
 class LoRATwist(nn.Module, TwistFunction):
     """log psi_t(s_{<t}, .) = head(h'(s_{<t})) with h' the last hidden state of the
-    LoRA-adapted body (rank ``rank`` on ``target_modules``; the base weights stay frozen)."""
+    LoRA-adapted body (rank ``rank`` on ``target_modules``; the base weights stay frozen).
+    ``conditional``: the head also reads the target's condition (the frozen model's last state
+    of its suffix, as a conditional ``Twist`` does), so one twist serves every ending."""
 
     stateful = True
 
     def __init__(self, model: HFModel, *, rank: int = 4, alpha: int | None = None, dropout: float = 0.0,
                  target_modules: list[str] | None = None, kind: str = "mlp", layers: int = 3, output: str = "log",
-                 init: str = "xavier"):
+                 init: str = "xavier", conditional: bool = False):
         from peft import LoraConfig, get_peft_model
 
         super().__init__()
@@ -46,7 +48,7 @@ class LoRATwist(nn.Module, TwistFunction):
         self.body = HFModel(body, model.tokenizer, name=f"{model.name}+lora-twist")
         hidden = model.hf.config.hidden_size
         self.head = Twist(TwistConfig(hidden, model.vocab_size, kind=kind, layers=layers, output=output,
-                                      init=init, model_name=model.name))
+                                      init=init, model_name=model.name, conditional=conditional))
         self.head.attach(model)  # a tied head scores against the (frozen) output embeddings
         self.output = output
         self._state = None
@@ -63,7 +65,10 @@ class LoRATwist(nn.Module, TwistFunction):
         self._state = self.body.reindex(self._state, idx)
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
-        return self.head(self._state.hidden)
+        return self.head(self._state.hidden, condition)
+
+    def condition_for(self, target) -> Tensor | None:
+        return self.head.condition_for(target)
 
     def log_psi_teacher_forced(self, target, tokens: Tensor, mask: Tensor) -> Tensor:
         """log psi at every step of the sampled sequences, with gradients through the
@@ -72,7 +77,7 @@ class LoRATwist(nn.Module, TwistFunction):
         ids = torch.cat([torch.tensor(ctx, device=device).expand(len(tokens), -1), tokens.to(device).clamp(min=0)], 1)
         out = self.body.hf(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
         h = out.hidden_states[-1][:, len(ctx) - 1 : len(ctx) - 1 + tokens.shape[1]]
-        return self.head(h.float())
+        return self.head(h.float(), self.condition_for(target))
 
     # -- persistence -------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Tensor]:
@@ -83,7 +88,8 @@ class LoRATwist(nn.Module, TwistFunction):
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.trainable_state(), directory / "lora_twist.safetensors")
         cfg = {"lora": self.lora, "head": {"kind": self.head.config.kind, "layers": self.head.config.layers,
-                                           "output": self.output}, "model_name": self.head.config.model_name,
+                                           "output": self.output, "conditional": self.head.config.conditional},
+               "model_name": self.head.config.model_name,
                "trained_for": self.trained_for}
         (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=1))
         return directory
