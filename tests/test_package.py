@@ -130,12 +130,9 @@ def test_the_package_is_lint_clean():
 
 
 CPU_GENERATORS = {  # generators that only ever draw CPU numbers (indices, table rows), never from model tensors
-    "inference/result.py": "a particle index by the final weights",
-    "latent/reasoner.py": "mini-batch indices of the supervised baseline",
     "learning/prm_trainer.py": "mini-batch indices of labels on the CPU",
     "models/machine.py": "the CPU dtype probe",
     "models/tabular.py": "a tabular model's rows, on the CPU",
-    "tasks/redteam.py": "mini-batch indices of the MLE stage",
     "testing/__init__.py": "random views for check_rule",
     "commands/bench_host.py": "the stub model's fixed row",
     "commands/bench_legs.py": "the long-prompt leg's random prompt and token ids",

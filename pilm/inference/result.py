@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.device import seeded_generator
 from ..prm.base import aggregate
 from .resampling import normalized
 
@@ -157,7 +158,7 @@ class StepResult(Record):
             w = torch.tensor(self.weights, dtype=torch.float64)
             if w.sum() <= 0:
                 return None
-            return self.answers[int(torch.multinomial(w, 1, generator=torch.Generator().manual_seed(seed)))]
+            return self.answers[int(torch.multinomial(w, 1, generator=seeded_generator(seed, w.device)))]
         if select == "vote":
             weight = dict.fromkeys(rows, 1.0)
         elif self.importance:

@@ -139,7 +139,7 @@ class LatentReasoner:
         train = _checked(self.latent, train)
         pairs = [(self._direct_context(ex.x, shots), self.latent.index(ex.y)) for ex in train]
         lik = self._new_likelihood([c for c, _ in pairs], seed, lora_rank, lora_alpha)
-        return self._fit(lik, pairs, steps, batch_size, lr, torch.Generator().manual_seed(seed), "sft", progress)
+        return self._fit(lik, pairs, steps, batch_size, lr, seeded_generator(seed, self.model.device), "sft", progress)
 
     def em(self, train: Sequence[Example], *, rounds: int = C.rounds, e_steps: int = C.e_steps,
            m_steps: int = C.m_steps, m_samples: int = C.m_samples, test: Sequence[Example] | None = None,

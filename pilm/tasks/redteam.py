@@ -125,9 +125,9 @@ class RedTeaming:
         answer = victim_model.encode(refusal) + ([victim_model.eos_token_id] if victim_model.eos_token_id is not None else [])
         target = torch.tensor([answer])
         optimizer = torch.optim.AdamW(list(tuned.trainable.parameters()), lr=lr)
-        g = torch.Generator().manual_seed(seed)
+        g = seeded_generator(seed, victim_model.device)
         for _ in range(steps):
-            pick = torch.randint(len(attacks), (min(batch_size, len(attacks)),), generator=g).tolist()
+            pick = torch.randint(len(attacks), (min(batch_size, len(attacks)),), generator=g, device=g.device).tolist()
             optimizer.zero_grad()
             loss = torch.stack([-_sequence_logprob(tuned, like.prompt_ids(attacks[i]), target) for i in pick]).mean()
             loss.backward()
