@@ -26,11 +26,10 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import FinetuneConfig
@@ -40,10 +39,11 @@ from ..models.device import check_device, seeded_generator
 from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
 from ..target import Target
-from .behaviour import MODES, behaviour_batch, demonstration_data, draw_mode, exploration, remember
+from .behaviour import MODES, demonstration_data, exploration, remember
 from .checkpoint import code_digest, resume, run_key, save_checkpoint
 from .log_z import LogZ
 from .objectives import FinetuneObjective, get_finetune_objective
+from .policy_step import PolicyRun, summary
 from .replay import ReplayBuffer
 from .rewards import prefix_log_rewards, scored_batch, scored_demonstrations, split_likelihood
 from .rollout import policy_batch, sample_trajectories, step_logprobs, trajectory_lengths
@@ -160,7 +160,7 @@ def finetune(
     given_policy = policy
     if policy is not None:
         check_device("the policy", policy.device, device)
-    if policy is None:
+    else:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             policy = make_policy(targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
@@ -206,7 +206,7 @@ def finetune(
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     if log_path is not None and main:  # the log holds exactly the steps the run has (none, or the resumed ones)
         Path(log_path).write_text("".join(json.dumps({"objective": objective, **r}) + "\n" for r in history))
-    run = _Run(objective, spec, policy, log_z, targets, prompts, buffers, demos, generator, explore, batch_size, tool,
+    run = PolicyRun(objective, spec, policy, log_z, targets, prompts, buffers, demos, generator, explore, batch_size, tool,
                temperature_range, min_log_reward, seed, accelerator.process_index)
 
     bar = tqdm(range(start, steps), desc=f"finetune {objective}", initial=start, total=steps,
@@ -220,7 +220,7 @@ def finetune(
         optimizer.zero_grad()
         micro = [run.score(run.draw(k, tau), k, tau, step, i, grad_accum) for i in range(grad_accum)]
         _update(optimizer, trainable, accelerator, grad_clip)
-        record = {"step": step + 1, **_summary(micro), "reward_temperature": tau, "lr": optimizer.param_groups[0]["lr"],
+        record = {"step": step + 1, **summary(micro), "reward_temperature": tau, "lr": optimizer.param_groups[0]["lr"],
                   "seconds": time.perf_counter() - t0}
         if spec.learns_log_z:
             record["log_z"] = float(log_z(targets[k], prompts[k]).detach())
@@ -245,74 +245,6 @@ def finetune(
         plot_training(history, plot_path, title=f"{objective} on {targets[0].model.name}",
                       metrics=("loss", "log_r", "diversity"))
     return policy
-
-
-@dataclass
-class _Micro:
-    """One micro-batch: what was drawn and how, and its loss and mean untempered log R."""
-
-    tokens: Tensor
-    mode: str
-    loss: float
-    log_r: float
-
-
-@dataclass
-class _Run:
-    """What a step draws from and scores with."""
-
-    objective: str
-    spec: FinetuneObjective
-    policy: LanguageModel
-    log_z: LogZ
-    targets: list[Target]
-    prompts: list[Sequence[int]]
-    buffers: list[ReplayBuffer]
-    demos: dict[int, tuple[Tensor, Tensor, Tensor]]
-    generator: torch.Generator
-    explore: tuple[float, float, float]
-    batch_size: int
-    tool: Tool | None
-    temperature_range: tuple[float, float]
-    min_log_reward: float
-    seed: int
-    process: int
-
-    def draw(self, k: int, tau: float) -> tuple[str, Tensor, Tensor, Tensor]:
-        """Tokens, untempered log R and tool mask of one micro-batch for target k, and how
-        they were drawn (demonstrations for sft, else the behaviour policy's mode)."""
-        mode = "data" if self.objective == "sft" else draw_mode(self.explore, self.generator, len(self.buffers[k]) > 0)
-        if mode == "data":  # supervised: demonstrations drawn uniformly
-            pick = torch.randint(len(self.demos[k][0]), (self.batch_size,), generator=self.generator,
-                                 device=self.generator.device).cpu()
-            return (mode, *(x[pick] for x in self.demos[k]))
-        return (mode, *behaviour_batch(
-            mode, self.policy, self.targets[k], self.buffers[k], self.batch_size, self.generator, tau=tau,
-            tool=self.tool, prompt_ids=self.prompts[k], temperature_range=self.temperature_range,
-            every_prefix=self.spec.prefix_rewards, min_log_reward=self.min_log_reward))
-
-    def score(self, drawn, k: int, tau: float, step: int, micro: int, grad_accum: int) -> _Micro:
-        """The objective's loss on a drawn micro-batch, back-propagated (scaled for accumulation)."""
-        mode, tokens, log_r, forced = drawn
-        target, prompt, spec = self.targets[k], self.prompts[k], self.spec
-        self.policy.train(True)
-        with torch.random.fork_rng():  # adapter dropout: seeded per micro-batch, so resume is exact
-            torch.manual_seed(hash((self.seed, self.process, step, micro)) % 2**62)
-            z = self.log_z(target, prompt) if spec.learns_log_z else None
-            batch = policy_batch(self.policy, target, tokens, log_r / tau, z, forced, prompt)
-            if spec.learns_log_z and step == 0 and micro == 0:
-                batch.log_z = self.log_z.start_at_estimate(batch, target, prompt)
-            loss = spec.loss(batch)
-            (loss / grad_accum).backward()
-        self.policy.train(False)
-        return _Micro(tokens, mode, loss.item(), float(batch.log_r_final.mean()) * tau)
-
-
-def _summary(micro: list[_Micro]) -> dict:
-    n = len(micro)
-    return {"loss": sum(m.loss for m in micro) / n, "log_r": sum(m.log_r for m in micro) / n,
-            "diversity": sum(len({tuple(r) for r in m.tokens.tolist()}) / len(m.tokens) for m in micro) / n,
-            "tokens": sum(int((m.tokens >= 0).sum()) for m in micro), "modes": [m.mode for m in micro]}
 
 
 def _check_targets(target, spec: FinetuneObjective, objective: str) -> list[Target]:
