@@ -2,8 +2,10 @@
 (prior p(Z | X) and likelihood p(Y | X, Z) from language models), amortised posteriors
 q(Z | X) ≈ p(Z | X, Y), the posterior predictive, and variational EM."""
 
+from ..evaluation.metrics import wilson
 from .model import Example, LabelLikelihood, LatentModel, label_logprobs
-from .reasoner import EMResult, LatentReasoner, Prediction, wilson
+from .prediction import Prediction
+from .reasoner import EMResult, LatentReasoner
 
 __all__ = ["EMResult", "Example", "LabelLikelihood", "LatentModel", "LatentReasoner", "Prediction", "label_logprobs",
            "wilson"]

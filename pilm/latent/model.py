@@ -86,6 +86,25 @@ class LatentModel:
             raise ValueError(f"label {y!r} is not in the label set {list(self.labels)}")
         return self.labels.index(y)
 
+    def checked(self, data: Sequence[Example]) -> list[Example]:
+        """Labelled examples, refused when there are none or a label is not in the set."""
+        data = list(data)
+        if not data:
+            raise ValueError("no labelled examples given")
+        for ex in data:
+            self.index(ex.y)
+        return data
+
+    def items(self, test: Sequence[Example] | Sequence[str]) -> list[Example]:
+        """Test items (texts, or examples whose labels, where given, must be in the set)."""
+        items = [Example(t, "") if isinstance(t, str) else t for t in test]
+        if not items:
+            raise ValueError("no test items given")
+        for ex in items:
+            if ex.y:
+                self.index(ex.y)
+        return items
+
     def prefix_ids(self, x: str) -> list[int]:
         """The prompt of the prior: the template up to ``{z}`` with X filled in."""
         return self.model.encode_prompt(self._head.replace("{x}", x))
@@ -158,3 +177,12 @@ class LabelLikelihood(Potential):
         out = label_logprobs(self.likelihood, contexts, lat.label_ids)[:, self.which]
         short = torch.tensor([len(lat.body(z)) < lat.min_tokens for z in seqs.tokens], dtype=torch.bool)
         return out.masked_fill(short, -torch.inf)
+
+
+def all_bodies(vocab: int, stop: int, length: int) -> list[list[int]]:
+    """Every rationale body of at most ``length`` tokens over a ``vocab``-token table (no stop token)."""
+    level, out = [[]], [[]]
+    for _ in range(length):
+        level = [b + [v] for b in level for v in range(vocab) if v != stop]
+        out += level
+    return out

@@ -26,14 +26,13 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import LatentConfig
-from ..evaluation.metrics import wilson
 from ..inference.smc import run_smc
 from ..learning import finetune
 from ..learning.rollout import sample_many
@@ -43,37 +42,10 @@ from ..models.device import seeded_generator
 from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
 from ..proposals import ModelProposal
-from .model import Example, LatentModel, label_logprobs, label_logprobs_grad
+from .model import Example, LatentModel, all_bodies, label_logprobs, label_logprobs_grad
+from .prediction import Prediction, make_prediction, vote_for
 
 C = LatentConfig  # em's defaults
-
-
-@dataclass
-class Prediction:
-    """Predicted labels of a test set: ``probs`` (n, n_labels) = the estimate of p(Y | X)
-    (mean of p(Y | X, Z) over the rationales, or the direct form's), ``votes`` (n, n_labels)
-    the rationales' argmax counts and ``per_rationale`` (n, k, n_labels) each rationale's
-    p(Y | X, Z) (both empty for the direct form), one sample ``rationale`` text per item, and
-    accuracy with its 95% Wilson interval where the items have labels."""
-
-    labels: list[str]
-    probs: list[list[float]]
-    votes: list[list[int]]
-    rationales: list[str]
-    accuracy: float | None
-    ci: tuple[float, float] | None
-    seconds: float
-    per_rationale: list = field(default_factory=list)
-    gold: list[str] = field(default_factory=list)
-    label_set: tuple[str, ...] = ()
-
-    def revote(self, vote: str) -> Prediction:
-        """The same rationales and scores aggregated by the other ``vote`` (no model call)."""
-        probs, votes = torch.tensor(self.probs), torch.tensor(self.votes)
-        which = _vote(probs, votes, vote)
-        labels = [self.label_set[i] for i in which.tolist()]
-        acc, ci = _accuracy(labels, self.gold)
-        return replace(self, labels=labels, accuracy=acc, ci=ci)
 
 
 @dataclass
@@ -109,7 +81,7 @@ class LatentReasoner:
         """q(Z | X) ≈ p(Z | X, Y) for every labelled pair, by ``pilm.finetune`` (step i trains
         on pair i mod n); ``policy`` continues a previous q. Returns the policy (with
         ``history``). Other keywords go to ``finetune``."""
-        targets = [self.latent.posterior(ex, likelihood) for ex in _checked(self.latent, train)]
+        targets = [self.latent.posterior(ex, likelihood) for ex in self.latent.checked(train)]
         return finetune(targets, objective, steps=steps, policy=policy, **finetune_kwargs)
 
     def m_step(self, train: Sequence[Example], posterior: LanguageModel | None, *, steps: int = C.m_steps,
@@ -119,7 +91,7 @@ class LatentReasoner:
         in one batched decode; ``posterior=None``: the prior): ``steps`` AdamW steps on
         -log p(Y | X, Z) over mini-batches of ``batch_size``. ``likelihood`` continues a
         previous one; otherwise a fresh LoRA on the base (free label logits on a table)."""
-        train = _checked(self.latent, train)
+        train = self.latent.checked(train)
         g = seeded_generator(seed, self.model.device)  # draws rationales on the model's device
         zs = self.rationales(posterior, [ex.x for ex in train], samples, g)
         pairs = [(self.latent.context(self.latent.prefix_ids(ex.x), z), self.latent.index(ex.y))
@@ -127,7 +99,7 @@ class LatentReasoner:
         if likelihood is None:  # a table gets a free logit vector on every context a rationale can make
             contexts = [c for c, _ in pairs] if not isinstance(self.model, TabularLM) else [
                 self.latent.context(self.latent.prefix_ids(ex.x), z) for ex in train
-                for z in _all_bodies(self.model.vocab_size, self.latent.stop_id, self.latent.max_tokens)]
+                for z in all_bodies(self.model.vocab_size, self.latent.stop_id, self.latent.max_tokens)]
             likelihood = self._new_likelihood(contexts, seed, lora_rank, lora_alpha)
         return self._fit(likelihood, pairs, steps, batch_size, lr, g, "m_step", progress)
 
@@ -136,7 +108,7 @@ class LatentReasoner:
                    lora_alpha: int = 16, progress: bool = True) -> LanguageModel:
         """Supervised fine-tuning on the labels alone (the direct form, no rationale): a
         fresh LoRA maximising log p(Y | X)."""
-        train = _checked(self.latent, train)
+        train = self.latent.checked(train)
         pairs = [(self._direct_context(ex.x, shots), self.latent.index(ex.y)) for ex in train]
         lik = self._new_likelihood([c for c, _ in pairs], seed, lora_rank, lora_alpha)
         return self._fit(lik, pairs, steps, batch_size, lr, seeded_generator(seed, self.model.device), "sft", progress)
@@ -149,7 +121,7 @@ class LatentReasoner:
         the current likelihood) then an M-step (the likelihood continues too). After each
         step the ELBO and IWAE bound on the training labels (``samples`` rationales per
         pair) and, with ``test``, the posterior-predictive accuracy are recorded."""
-        train = _checked(self.latent, train)
+        train = self.latent.checked(train)
         q: LanguageModel | None = None
         lik: LanguageModel | None = None
         history: list[dict] = []
@@ -179,7 +151,7 @@ class LatentReasoner:
         importance sampling with q as the proposal, all pairs in one batched run. A rationale
         shorter than ``min_tokens`` has likelihood 0, which makes the true ELBO -inf whenever q
         puts mass there: ``elbo`` averages the others, and ``short`` is their fraction."""
-        data = _checked(self.latent, data)
+        data = self.latent.checked(data)
         targets = [self.latent.posterior(ex, likelihood) for ex in data]
         g = seeded_generator(seed, self.model.device)
         proposal = None if posterior is None else ModelProposal(posterior)
@@ -197,11 +169,11 @@ class LatentReasoner:
         (None: the prior, i.e. chain-of-thought prompting), scored by ``likelihood`` (None:
         the base); ``vote`` soft or hard (module docstring). ``test``: examples, or bare
         texts (no accuracy). Items are sampled ``rows // samples`` at a time in one batch."""
-        _vote(torch.zeros(1, 1), torch.zeros(1, 1), vote)  # checked before any work
+        vote_for(torch.zeros(1, 1), torch.zeros(1, 1), vote)  # checked before any work
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         t0 = time.perf_counter()
-        items = _items(self.latent, test)
+        items = self.latent.items(test)
         lat, lik = self.latent, likelihood or self.model
         g = seeded_generator(seed, self.model.device)
         probs, votes, shown, each = [], [], [], []
@@ -225,7 +197,7 @@ class LatentReasoner:
                 short[..., None], 0).sum(1))
             shown += [lat.model.decode(lat.body(r[0])) for r in zs]
         probs_t, votes_t = torch.cat(probs), torch.cat(votes)
-        pred = _prediction(lat, items, _vote(probs_t, votes_t, vote), probs_t, votes_t.tolist(), shown, t0)
+        pred = make_prediction(lat, items, vote_for(probs_t, votes_t, vote), probs_t, votes_t.tolist(), shown, t0)
         pred.per_rationale = torch.cat(each).tolist()
         return pred
 
@@ -234,11 +206,11 @@ class LatentReasoner:
         """The direct form, no rationale: zero-shot, or few-shot with ``shots`` (labelled
         examples written by the template before the item), scored by ``likelihood``."""
         t0 = time.perf_counter()
-        items = _items(self.latent, test)
-        shots = _checked(self.latent, shots) if shots else ()
+        items = self.latent.items(test)
+        shots = self.latent.checked(shots) if shots else ()
         contexts = [self._direct_context(ex.x, shots) for ex in items]
         probs = label_logprobs(likelihood or self.model, contexts, self.latent.label_ids).exp()
-        return _prediction(self.latent, items, probs.argmax(-1), probs, [], [""] * len(items), t0)
+        return make_prediction(self.latent, items, probs.argmax(-1), probs, [], [""] * len(items), t0)
 
     def rationales(self, posterior: LanguageModel | None, xs: Sequence[str], k: int,
                    generator: torch.Generator) -> list[list[list[int]]]:
@@ -323,57 +295,3 @@ class LatentReasoner:
         lik.train(False)
         lik.history = getattr(lik, "history", []) + [{"fit": name, **h} for h in history]
         return lik
-
-
-def _all_bodies(vocab: int, stop: int, length: int) -> list[list[int]]:
-    level, out = [[]], [[]]
-    for _ in range(length):
-        level = [b + [v] for b in level for v in range(vocab) if v != stop]
-        out += level
-    return out
-
-
-def _checked(latent: LatentModel, data: Sequence[Example]) -> list[Example]:
-    data = list(data)
-    if not data:
-        raise ValueError("no labelled examples given")
-    for ex in data:
-        latent.index(ex.y)
-    return data
-
-
-def _items(latent: LatentModel, test) -> list[Example]:
-    items = [Example(t, "") if isinstance(t, str) else t for t in test]
-    if not items:
-        raise ValueError("no test items given")
-    for ex in items:
-        if ex.y:
-            latent.index(ex.y)
-    return items
-
-
-def _vote(probs: torch.Tensor, votes: torch.Tensor, vote: str) -> torch.Tensor:
-    if vote not in ("soft", "hard"):
-        raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
-    return (probs if vote == "soft" else votes + 1e-3 * probs).argmax(-1)  # hard ties go to the soft vote
-
-
-def _accuracy(labels: list[str], gold: list[str]) -> tuple[float | None, tuple[float, float] | None]:
-    if not gold or not all(gold):
-        return None, None
-    correct = sum(a == b for a, b in zip(labels, gold, strict=True))
-    return correct / len(gold), wilson(correct, len(gold))
-
-
-def _prediction(latent: LatentModel, items: list[Example], which, probs, votes, shown, t0) -> Prediction:
-    labels = [latent.labels[i] for i in which.tolist()]
-    gold = [ex.y for ex in items]
-    acc, ci = _accuracy(labels, gold)
-    return Prediction(labels, probs.tolist(), votes, shown, acc, ci, time.perf_counter() - t0, gold=gold,
-                      label_set=latent.labels)
-
-
-
-def to_dict(pred: Prediction) -> dict:
-    """A prediction as JSON-ready data."""
-    return asdict(pred)
