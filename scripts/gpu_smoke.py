@@ -40,42 +40,41 @@ RESULTS: list[tuple[str, bool, str]] = []
 def tiny_model(device: str, dtype: torch.dtype = torch.float32, *, words: int = 64, hidden: int = 64, layers: int = 2,
                heads: int = 4):
     """A random Llama with a ``words``-word tokenizer (w0 w1 ...) made in memory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
 
-    from pilm.models import HFModel
-
-    vocab = ["<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(words - 3)]
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<pad>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=words, hidden_size=hidden, intermediate_size=2 * hidden if hidden < 512 else
-                         int(hidden * 5.8), num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 2), bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    with torch.device(device):
-        hf = LlamaForCausalLM(config).to(dtype).eval()
-    return HFModel(hf, tokenizer, name=f"random-llama-{hidden}x{layers}@{device}")
+    return _random_llama(["<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(words - 3)], pre_tokenizers.WhitespaceSplit(),
+                         None, device, dtype, hidden, layers, heads, f"random-llama-{hidden}x{layers}@{device}")
 
 
 def char_model(device: str, dtype: torch.dtype):
     """A random Llama whose tokens are single characters (their concatenation is the text)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, pre_tokenizers
+
+    return _random_llama(["<s>", "</s>", "<pad>", *"abcdefghijklmnopqrstuvwxyz0123456789 .,"],
+                         pre_tokenizers.Split(Regex("."), "isolated"), decoders.Fuse(), device, dtype, 64, 2, 4,
+                         f"random-char-llama@{device}")
+
+
+def _random_llama(vocab: list[str], pre_tokenizer, decoder, device: str, dtype: torch.dtype, hidden: int, layers: int,
+                  heads: int, name: str):
+    """A Llama of random weights (seed 0) over a word-level tokenizer of ``vocab`` (<s>, </s>, <pad> first)."""
+    from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from pilm.models import HFModel
 
-    vocab = ["<s>", "</s>", "<pad>", *"abcdefghijklmnopqrstuvwxyz0123456789 .,"]
     raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<pad>"))
-    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    raw.decoder = decoders.Fuse()
+    raw.pre_tokenizer = pre_tokenizer
+    if decoder is not None:
+        raw.decoder = decoder
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden if hidden < 512 else
+                         int(hidden * 5.8), num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 2), bos_token_id=0, eos_token_id=1, pad_token_id=2)
     with torch.device(device):
         hf = LlamaForCausalLM(config).to(dtype).eval()
-    return HFModel(hf, tokenizer, name=f"random-char-llama@{device}")
+    return HFModel(hf, tokenizer, name=name)
 
 
 def check(name: str, fn) -> None:

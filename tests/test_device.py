@@ -24,7 +24,7 @@ BOUNDED = FunctionPotential(lambda t: -0.1 * t.count("e"), name="fewer e, phi <=
 
 @pytest.fixture
 def device_model(tiny):
-    """The session's tiny Llama (real tokenizer), a fresh copy on the fake device."""
+    """The session's tiny Llama (real tokenizer), made as ``fresh_tiny`` makes its CPU copy, on the fake device."""
     from transformers import LlamaForCausalLM
 
     from pilm.models import HFModel
@@ -33,15 +33,6 @@ def device_model(tiny):
         torch.manual_seed(0)
         model = HFModel(LlamaForCausalLM(tiny.hf.config).float().to("fakegpu"), tiny.tokenizer, name="tiny@fakegpu")
         yield model, acc
-
-
-def cpu_twin(tiny):
-    from transformers import LlamaForCausalLM
-
-    from pilm.models import HFModel
-
-    torch.manual_seed(0)
-    return HFModel(LlamaForCausalLM(tiny.hf.config).float(), tiny.tokenizer, name="tiny@cpu")
 
 
 def targets(model, potential=SOFT, horizon=5):
@@ -61,10 +52,10 @@ def test_the_fake_device_catches_a_cpu_tensor_and_a_cpu_generator():
             x.numpy()
 
 
-def test_smc_and_the_particle_filter_give_on_the_device_what_they_give_on_the_cpu(device_model, tiny):
+def test_smc_and_the_particle_filter_give_on_the_device_what_they_give_on_the_cpu(device_model, fresh_tiny):
     model, acc = device_model
     on_device = [r.log_z for r in pilm.smc(targets(model), 8, seed=0, progress=False)]
-    on_cpu = [r.log_z for r in pilm.smc(targets(cpu_twin(tiny)), 8, seed=0, progress=False)]
+    on_cpu = [r.log_z for r in pilm.smc(targets(fresh_tiny), 8, seed=0, progress=False)]
     assert on_device == on_cpu
     cut = pilm.Steps(delimiter=model.encode(" e")[0], max_steps=2, max_step_tokens=3)
     chains = [pilm.Target(model, p, SOFT, max_new_tokens=6, steps=cut) for p in PROMPTS]
