@@ -2,7 +2,9 @@
 
 The tree of completions is expanded level by level through the model protocol (one
 batched forward per level), so it works for tabular models and for transformers models
-with very short horizons alike. Zero-probability branches are pruned. It refuses, before
+with very short horizons alike. A target with ``steps`` (``pilm.steps.Steps``) also ends a
+completion where a step-level sampler ends its chain: after ``max_steps`` steps (a step cut
+at ``max_step_tokens`` counts) or at a step that states the final answer. Zero-probability branches are pruned. It refuses, before
 computing anything more, once the count of sequences would pass ``max_sequences`` or the
 prefixes of the next level would not fit the device's memory (``LanguageModel.max_rows``).
 ``sequence_bound`` bounds the count before anything runs: sum_{t=1..T} V^t.
@@ -82,6 +84,7 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
     done_tokens: list[tuple[int, ...]] = []
     done_lp: list[Tensor] = []
     done_lq: list[Tensor] = []
+    chains = _Chains(target) if target.steps is not None else None
     for t in range(1, horizon + 1):
         lp = prefix_lp[:, None] + state.logprobs.double().cpu()
         if proposal is not None:
@@ -99,6 +102,8 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
         if t == horizon:
             finished[:] = True
         par, tok = parent.tolist(), token.tolist()
+        if chains is not None:
+            finished |= chains.advance(par, tok, finished)
         for i in finished.nonzero().squeeze(1).tolist():
             done_tokens.append(prefixes[par[i]] + (tok[i],))
         done_lp.append(lp[parent[finished], token[finished]])
@@ -112,7 +117,10 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
                 f"exact enumeration of {target.model.name} would advance {int(keep.sum()):,} prefixes at step {t + 1}; "
                 f"at most {fit:,} fit in the device's memory: use a smaller vocabulary or horizon"
             )
-        prefixes = [prefixes[par[i]] + (tok[i],) for i in keep.nonzero().squeeze(1).tolist()]
+        kept = keep.nonzero().squeeze(1).tolist()
+        prefixes = [prefixes[par[i]] + (tok[i],) for i in kept]
+        if chains is not None:
+            chains.keep(kept)
         prefix_lp = lp[parent[keep], token[keep]]
         if proposal is not None:
             prefix_lq = lq[parent[keep], token[keep]]
@@ -120,3 +128,35 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
     log_phi = torch.cat([target.log_potential(done_tokens[i : i + _POTENTIAL_BATCH]).double()
                          for i in range(0, len(done_tokens), _POTENTIAL_BATCH)])
     return Enumeration(done_tokens, torch.cat(done_lp), log_phi, torch.cat(done_lq) if proposal is not None else None)
+
+
+class _Chains:
+    """The step state of each prefix (steps closed, the open step's tokens), ending chains as
+    ``pilm.inference.boundaries.StepBoundary`` does."""
+
+    def __init__(self, target: Target):
+        self.model, self.steps = target.model, target.steps
+        self.taken: list[int] = [0]
+        self.open: list[tuple[int, ...]] = [()]
+
+    def advance(self, parents: list[int], tokens: list[int], finished: Tensor) -> Tensor:
+        """For each candidate (a parent prefix and its next token): whether its chain ends
+        there by the step rules (``finished`` ones are over anyway)."""
+        steps, ends = self.steps, torch.zeros(len(tokens), dtype=torch.bool)
+        self._taken, self._open = [], []
+        for i, (p, v) in enumerate(zip(parents, tokens, strict=True)):
+            ids, taken = self.open[p] + (v,), self.taken[p]
+            if not finished[i]:
+                text = "".join(self.model.decode([u]) for u in ids)
+                if steps.ends(text, v) or len(ids) == steps.max_step_tokens:
+                    taken += 1
+                    ends[i] = steps.finishes(taken, self.model.decode(list(ids)))
+                    ids = ()
+            self._taken.append(taken)
+            self._open.append(ids)
+        return ends
+
+    def keep(self, kept: list[int]) -> None:
+        """The candidates that go on to the next level."""
+        self.taken = [self._taken[i] for i in kept]
+        self.open = [self._open[i] for i in kept]

@@ -55,6 +55,11 @@ class Steps:
             return None
         return canonical_answer(found.group(1) if found.re.groups else found.group(0))
 
+    def finishes(self, steps_done: int, step_text: str) -> bool:
+        """Whether a chain whose ``steps_done``-th step (text ``step_text``) just closed is
+        finished: it has taken ``max_steps`` steps or this step states the final answer."""
+        return steps_done >= self.max_steps or self.is_final(step_text)
+
     def is_final(self, step_text: str) -> bool:
         """Whether this step states the final answer (``final`` matches it)."""
         return self.final is not None and self.final.search(step_text) is not None

@@ -5,6 +5,7 @@ has exactly 2 steps, so there are 7 x 7 = 49 chains, enumerated exactly below. T
 reward is an asymmetric table of probabilities per prefix.
 """
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -73,6 +74,23 @@ def test_every_chain_has_two_steps_and_the_toy_is_enumerated():
     assert total == pytest.approx(1.0, abs=1e-5)  # the 49 chains are all of them
     res = pilm.self_consistency(target, 64, seed=0)
     assert all(len(s) == 2 for s in res.steps) and set(map(tuple, res.tokens)) <= set(chains())
+
+
+def test_exact_enumeration_ends_chains_where_the_step_samplers_do():
+    """A horizon of 4 tokens holds longer chains than 2 steps ("c" then "c" is 2 tokens):
+    enumeration must end each chain at its second step, as the particle filter does, and
+    at a step stating the final answer ("a" alone here, so "aa" is final)."""
+    target = toy()
+    enumerated = pilm.exact.distribution(target)
+    assert enumerated.keys() == set(chains())
+    for x, p in enumerated.items():
+        assert p == pytest.approx(math.exp(log_p(target, x)), rel=1e-4)
+    final = pilm.Target(target.model, [0], max_new_tokens=4, steps=dataclasses.replace(STEP, final="^a+$"))
+    ends = pilm.exact.distribution(final)
+    assert (0, 0) in ends and not any(x[:2] == (0, 0) and len(x) > 2 for x in ends)
+    assert sum(ends.values()) == pytest.approx(1.0, abs=1e-5)
+    res = pilm.self_consistency(final, 32, seed=0)
+    assert set(map(tuple, res.tokens)) <= ends.keys()
 
 
 @pytest.mark.parametrize("threshold", [0.5, 1.0])

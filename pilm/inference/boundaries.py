@@ -104,7 +104,7 @@ class StepBoundary(Boundary):
             text = self.model.decode(ids)
             self.steps[row].append(text)
             self.text[row] = ""
-            more[i] = len(self.steps[row]) >= self.cuts[g].max_steps or self.cuts[g].is_final(text)
+            more[i] = self.cuts[g].finishes(len(self.steps[row]), text)
         return more
 
     def texts(self, live: Tensor) -> list[list[str]]:

@@ -90,7 +90,7 @@ def _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature,
     for k, (toks, g, taken) in enumerate(zip(tokens, owner, done_steps, strict=True)):
         target = targets[g]
         text = target.sequences([toks]).texts[0]
-        finished = target.is_complete(toks) or taken >= target.steps.max_steps or target.steps.is_final(text)
+        finished = target.is_complete(toks) or target.steps.finishes(taken, text)
         if finished:
             out[k] = _right(target, toks, verifier)
         else:
