@@ -63,8 +63,8 @@ def main() -> None:
                                  head=args.head, seed=0, progress=False)
         seconds[objective] = time.perf_counter() - t0
         print(json.dumps({"objective": objective, "train_seconds": seconds[objective]}), flush=True)
-        twist.save_pretrained(folder)
-        samplers[objective], histories[objective] = twist, twist.history
+        twist.model.save_pretrained(folder)
+        samplers[objective], histories[objective] = twist.model, twist.history
     if histories:
         plot_training(histories, out / "training.png", title="conditional twists, infilling")
 

@@ -102,6 +102,7 @@ def random_number(model, args, out: Path) -> tuple[list[dict], dict]:
         policy, seconds = _train(target, method, args, out / f"train_{method}.jsonl", steps=args.steps,
                                  data=demos if method == "sft" else None)
         histories[method] = policy.history
+        policy = policy.model
         rows.append({"task": "random-number", "method": method, "train_seconds": seconds,
                      **_scores(report(policy, target))})
         print(json.dumps(rows[-1]), flush=True)
@@ -128,6 +129,7 @@ def arithmetic(model, args, out: Path) -> tuple[list[dict], dict]:
                                  steps=args.arithmetic_steps, data=worked if method != "reinforce" else None,
                                  tool=tool, **extra)
         histories[method] = policy.history
+        policy = policy.model
         rows.append({"task": "arithmetic", "method": method, "train_seconds": seconds, **scores(policy)})
         print(json.dumps(rows[-1]), flush=True)
     return rows, histories
@@ -142,8 +144,9 @@ def continuation(model, args, out: Path) -> tuple[list[dict], dict]:
 
     temp = args.continuation_temperature
     targets = [tempered_continuation(p, model, temperature=temp) for p in PROMPTS]
-    policy, seconds = _train(targets, "subtb", args, out / "train_continuation_subtb.jsonl",
-                             steps=args.continuation_steps)
+    trained, seconds = _train(targets, "subtb", args, out / "train_continuation_subtb.jsonl",
+                              steps=args.continuation_steps)
+    policy = trained.model
     n, horizon = args.n, targets[0].max_new_tokens
     g = torch.Generator().manual_seed(args.seed)
     decoders = {
@@ -163,7 +166,7 @@ def continuation(model, args, out: Path) -> tuple[list[dict], dict]:
         rows.append({"task": "continuation", "method": name,
                      "train_seconds": seconds if name.startswith("SubTB") else 0.0, **mean})
         print(json.dumps(rows[-1]), flush=True)
-    return rows, {"subtb": policy.history}
+    return rows, {"subtb": trained.history}
 
 
 def infilling(model, args, out: Path) -> tuple[list[dict], dict]:
@@ -178,16 +181,17 @@ def infilling(model, args, out: Path) -> tuple[list[dict], dict]:
     log = out / "train_infilling_subtb.jsonl"
     log.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    policy = pilm.finetune(targets, "subtb", steps=args.infilling_steps, batch_size=s["batch_size"], lr=args.lr,
-                           lora_rank=args.lora_rank, seed=args.seed, policy_prompt=ending_first, progress=False,
-                           log_path=log)
+    trained = pilm.finetune(targets, "subtb", steps=args.infilling_steps, batch_size=s["batch_size"], lr=args.lr,
+                            lora_rank=args.lora_rank, seed=args.seed, policy_prompt=ending_first, progress=False,
+                            log_path=log)
+    policy = trained.model
     seconds = time.perf_counter() - t0
     report = pilm.bounds(targets[0], {"base": None, "subtb": ModelProposal(policy, prompt=ending_first)},
                          [int(k) for k in args.ks.split(",")], exact_samples="joint", seeds=s["seeds"], seed=0)
     print(report.table(), flush=True)
     rows = [{"task": "infilling", **r, "train_seconds": seconds if r["sampler"] == "subtb" else 0.0}
             for r in report.rows]
-    return rows, {"subtb": policy.history}
+    return rows, {"subtb": trained.history}
 
 
 def _train(target, method, args, log: Path, *, steps: int, **kw):
@@ -195,7 +199,7 @@ def _train(target, method, args, log: Path, *, steps: int, **kw):
     t0 = time.perf_counter()
     policy = pilm.finetune(target, method, steps=steps, batch_size=args.batch_size, lr=args.lr,
                            lora_rank=args.lora_rank, seed=args.seed, progress=False, log_path=log, **kw)
-    return policy, time.perf_counter() - t0
+    return policy, time.perf_counter() - t0  # a Trained
 
 
 def table(rows: list[dict]) -> str:

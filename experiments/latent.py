@@ -76,7 +76,7 @@ def main() -> None:
             record(n, "few-shot", reasoner.direct(data.test, shots=data.train), 0.0)
         if (n, "sft") not in done:
             t0 = time.perf_counter()
-            sft = reasoner.fit_direct(data.train, steps=args.sft_steps, seed=args.seed)
+            sft = reasoner.fit_direct(data.train, steps=args.sft_steps, seed=args.seed).model
             seconds = time.perf_counter() - t0
             record(n, "sft", reasoner.direct(data.test, sft), seconds)
             sft.save_pretrained(run / "sft")
@@ -86,7 +86,7 @@ def main() -> None:
         if q is None:
             t0 = time.perf_counter()
             q = reasoner.e_step(data.train, steps=args.e_steps, batch_size=args.e_batch, lr=args.e_lr,
-                                reward_temperature=(1.2, 1.0), seed=args.seed)
+                                reward_temperature=(1.2, 1.0), seed=args.seed).model
             reasoner.save(run, q)
             (run / "e_seconds.json").write_text(json.dumps(time.perf_counter() - t0))
         e_seconds = json.loads((run / "e_seconds.json").read_text())
@@ -96,7 +96,7 @@ def main() -> None:
             record(n, "e-step-soft", pred.revote("soft"), e_seconds)
         if lik is None and (n, "em") not in done:
             t0 = time.perf_counter()
-            lik = reasoner.m_step(data.train, q, steps=args.m_steps, seed=args.seed)
+            lik = reasoner.m_step(data.train, q, steps=args.m_steps, seed=args.seed).model
             reasoner.save(run, q, lik)
             (run / "m_seconds.json").write_text(json.dumps(time.perf_counter() - t0))
         if (n, "em") not in done:

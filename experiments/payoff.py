@@ -101,11 +101,12 @@ def main() -> None:
             continue
         if stage == 0:
             twist = pilm.Twist.for_model(model, kind=args.head, init=args.init, conditional=args.target == "infilling")
+            history = []
         else:
-            twist = pilm.train_twist(train, args.objective, steps=stage, batch_size=args.batch_size, lr=args.lr,
-                                     head=args.head, init=args.init, reuse=args.reuse, seed=0,
-                                     checkpoint_dir=out / "checkpoint", checkpoint_every=25, progress=False)
-        history = twist.history
+            trained = pilm.train_twist(train, args.objective, steps=stage, batch_size=args.batch_size, lr=args.lr,
+                                       head=args.head, init=args.init, reuse=args.reuse, seed=0,
+                                       checkpoint_dir=out / "checkpoint", checkpoint_every=25, progress=False)
+            twist, history = trained.model, trained.history
         if len(history) != stage:
             raise SystemExit(f"the checkpoint in {out / 'checkpoint'} is at step {len(history)}, past stage {stage}: "
                              "give stages up to it (or a new --out)")

@@ -79,7 +79,7 @@ def main() -> None:
             if method == "gfn+mle" and "gfn" in policies:  # stage 2 on the stage-1 attacker already trained
                 try:
                     policies[method] = mle_stage(rt, policies["gfn"], n=args.mle_n, steps=args.mle_steps,
-                                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed).model
                 except ValueError as err:  # no attack above the threshold: said in the table, not fatal
                     if ("attack", method) not in done:
                         with open(results, "a") as f:
@@ -89,8 +89,9 @@ def main() -> None:
                     continue
                 seconds = time.perf_counter() - t0 + json.loads((out / "gfn" / "seconds.json").read_text())
             else:
-                policies[method] = train_attacker(rt, method, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                                                  seed=args.seed, mle_steps=args.mle_steps, mle_n=args.mle_n)
+                trained = train_attacker(rt, method, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                                         seed=args.seed, mle_steps=args.mle_steps, mle_n=args.mle_n)
+                policies[method] = None if trained is None else trained.model
                 seconds = time.perf_counter() - t0
             if policies[method] is not None:
                 policies[method].save_pretrained(folder)

@@ -63,11 +63,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         for objective in OBJECTIVES:
             t0 = time.perf_counter()
-            twist = pilm.train_twist(target, objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                     head=args.head, seed=0, progress=False,
-                                     log_path=out / f"train_{task}_{objective}.jsonl")
+            trained = pilm.train_twist(target, objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                       head=args.head, seed=0, progress=False,
+                                       log_path=out / f"train_{task}_{objective}.jsonl")
             seconds = time.perf_counter() - t0
-            histories[objective] = twist.history
+            twist, histories[objective] = trained.model, trained.history
             row = {"task": task, "method": objective, "train_seconds": seconds,
                    **evaluate(target, twist, args.n_particles, args.seeds)}
             rows.append(row)

@@ -8,9 +8,12 @@ flags are generated from these dataclasses (``pilm.commands.cli``): ``--n-partic
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, TypeVar
 
 from .errors import ConfigError
 
@@ -20,6 +23,37 @@ def arg(default, help: str, *, low: float | None = None, high: float | None = No
     """A config field: its default, its help text, and the range its values must lie in
     (``low`` <= value <= ``high``; ``strict``: low < value; for tuples, every item)."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "strict": strict, **metadata})
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def takes_config(kind: type) -> Callable[[F], F]:
+    """Let a function take its config dataclass as ``config=``: every field of ``config`` is
+    the argument of the same name, unless that argument is also given (a keyword override).
+    ``train_twist(target, config=TwistTrainingConfig(steps=50), lr=1e-2)`` trains 50 steps at
+    lr 1e-2 with the config's other settings."""
+
+    def wrap(fn: F) -> F:
+        signature = inspect.signature(fn)
+        names = [f.name for f in fields(kind) if f.name in signature.parameters]
+
+        @functools.wraps(fn)
+        def call(*args, config=None, **kwargs):
+            if config is not None:
+                if not isinstance(config, kind):
+                    raise TypeError(f"{fn.__name__}: config must be a {kind.__name__}, got {type(config).__name__}")
+                given = signature.bind_partial(*args, **kwargs).arguments
+                kwargs.update({n: getattr(config, n) for n in names if n not in given})
+            return fn(*args, **kwargs)
+
+        extra = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=f"{kind.__name__} | None")
+        params = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        call.__signature__ = signature.replace(parameters=params[:at] + [extra] + params[at:])  # type: ignore[attr-defined]
+        return call  # type: ignore[return-value]
+
+    return wrap
 
 
 class Config:

@@ -150,7 +150,7 @@ def verbs(device: str, dtype: torch.dtype) -> None:
 
     def conditional():
         ending = [pilm.Target(model, p, SuffixLikelihood(model, "w9 w8"), max_new_tokens=4) for p in prompts]
-        twist = pilm.train_twist(ending, "ctl", steps=1, batch_size=4, conditional=True, seed=0, progress=False)
+        twist = pilm.train_twist(ending, "ctl", steps=1, batch_size=4, conditional=True, seed=0, progress=False).model
         return finite(pilm.smc(ending, 8, twist=twist, seed=0, progress=False))
 
     def judge():
@@ -162,20 +162,20 @@ def verbs(device: str, dtype: torch.dtype) -> None:
 
     def train_twist(objective: str, body: str = "frozen"):
         def run():
-            twist = pilm.train_twist(targets, objective, steps=1, batch_size=4, seed=0, progress=False, body=body)
-            assert math.isfinite(twist.history[-1]["loss"])
-            return f"loss {twist.history[-1]['loss']:.4g}; " + finite(pilm.smc(targets, 4, twist=twist, seed=0,
-                                                                                progress=False))
+            trained = pilm.train_twist(targets, objective, steps=1, batch_size=4, seed=0, progress=False, body=body)
+            assert math.isfinite(trained.history[-1]["loss"])
+            return f"loss {trained.history[-1]['loss']:.4g}; " + finite(pilm.smc(targets, 4, twist=trained.model, seed=0,
+                                                                                  progress=False))
         return run
 
     def finetune(objective: str):
         def run():
             data = {"data": [model.encode("w10 w11")]} if objective == "sft" else {}
-            policy = pilm.finetune(targets[0], objective, steps=1, batch_size=2, lora_rank=2, seed=0, progress=False,
-                                   **data)
-            assert math.isfinite(policy.history[-1]["loss"])
-            return f"loss {policy.history[-1]['loss']:.4g}; as proposal " + finite(
-                pilm.smc(targets, 4, proposal=policy, seed=0, progress=False))
+            trained = pilm.finetune(targets[0], objective, steps=1, batch_size=2, lora_rank=2, seed=0, progress=False,
+                                    **data)
+            assert math.isfinite(trained.history[-1]["loss"])
+            return f"loss {trained.history[-1]['loss']:.4g}; as proposal " + finite(
+                pilm.smc(targets, 4, proposal=trained.model, seed=0, progress=False))
         return run
 
     cut = pilm.Steps(delimiter=model.encode("w10")[0], max_steps=3, max_step_tokens=3)
@@ -183,7 +183,8 @@ def verbs(device: str, dtype: torch.dtype) -> None:
     learned: dict = {}
 
     def prm_and_filters():
-        learned["prm"] = prm = pilm.train_prm(chains, rollouts=1, chains=2, steps=1, batch_size=2, seed=0, progress=False)
+        learned["prm"] = prm = pilm.train_prm(chains, rollouts=1, chains=2, steps=1, batch_size=2, seed=0,
+                                              progress=False).model
         out = []
         for weights in ("paper", "twisted"):
             out.append(f"{weights} " + finite(pilm.particle_filter(chains, prm, 8, weights=weights, seed=0)))
@@ -206,8 +207,8 @@ def verbs(device: str, dtype: torch.dtype) -> None:
 
         reasoner = LatentReasoner(model, template="{x} w20{z} w21{y}", labels=[" w30", " w31"], rationale_tokens=(1, 2))
         train = [Example("w3 w4", " w30"), Example("w5 w6", " w31")]
-        q = reasoner.e_step(train, steps=1, batch_size=2, lora_rank=2, progress=False)
-        lik = reasoner.m_step(train, q, steps=1, samples=1, batch_size=2, lora_rank=2, progress=False)
+        q = reasoner.e_step(train, steps=1, batch_size=2, lora_rank=2, progress=False).model
+        lik = reasoner.m_step(train, q, steps=1, samples=1, batch_size=2, lora_rank=2, progress=False).model
         return f"prediction {reasoner.predict(['w7 w8'], q, likelihood=lik, samples=2).labels}"
 
     def red_team():
@@ -217,9 +218,9 @@ def verbs(device: str, dtype: torch.dtype) -> None:
         rt = red_teaming(model, Victim(tiny_model(device, dtype), max_tokens=3, template="{system} {attack}"),
                          classifier=lambda x, y: torch.full((len(y),), 0.9, dtype=torch.float64),
                          victim_samples=1, max_tokens=3, min_tokens=1, prompt="w3", stop="w9")
-        q = pilm.finetune(rt.target, "tb", steps=1, batch_size=2, lora_rank=2, progress=False)
+        trained = pilm.finetune(rt.target, "tb", steps=1, batch_size=2, lora_rank=2, progress=False)
         tuned = rt.safety_tune(tiny_model(device, dtype), ["w3 w4", "w5"], steps=1, batch_size=2)
-        return f"loss {q.history[-1]['loss']:.4g}; safety-tuned victim on {tuned.model.device}"
+        return f"loss {trained.history[-1]['loss']:.4g}; safety-tuned victim on {tuned.model.device}"
 
     def beams():
         from pilm.inference.search import beam_search
@@ -267,9 +268,9 @@ from gpu_smoke import tiny_model
 from pilm.potentials import FunctionPotential
 model = tiny_model(str(pilm.models.resolve_device()))
 target = pilm.Target(model, "w3 w4", FunctionPotential(lambda s: -0.1 * s.count("w7"), name="p"), max_new_tokens=4)
-policy = pilm.finetune(target, "subtb", steps=2, batch_size=2, lora_rank=2, progress=False,
+trained = pilm.finetune(target, "subtb", steps=2, batch_size=2, lora_rank=2, progress=False,
                        checkpoint_dir=sys.argv[1], checkpoint_every=1)
-print("rank", pilm.models.resolve_device(), "loss", policy.history[-1]["loss"])
+print("rank", pilm.models.resolve_device(), "loss", trained.history[-1]["loss"])
 """
 
 

@@ -76,17 +76,17 @@ def test_masked_and_twisted_smc_on_the_device(device_model):
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_a_twist_training_step_and_twisted_smc_with_it(device_model, objective):
     model, _ = device_model
-    twist = pilm.train_twist(targets(model), objective, steps=1, batch_size=4, seed=0, progress=False)
-    assert math.isfinite(twist.history[-1]["loss"])
-    assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, twist=twist, seed=0, progress=False))
+    trained = pilm.train_twist(targets(model), objective, steps=1, batch_size=4, seed=0, progress=False)
+    assert math.isfinite(trained.history[-1]["loss"])
+    assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, twist=trained.model, seed=0, progress=False))
 
 
 def test_a_lora_twist_step_and_a_tied_head(device_model):
     """The H200 run of scripts/gpu_smoke.py found the LoRA body's teacher-forced forward
     building its ids on the CPU; this check now fails on that code."""
     model, _ = device_model
-    twist = pilm.train_twist(targets(model), "ctl", body="lora", steps=1, batch_size=2, seed=0, progress=False)
-    assert math.isfinite(twist.history[-1]["loss"])
+    trained = pilm.train_twist(targets(model), "ctl", body="lora", steps=1, batch_size=2, seed=0, progress=False)
+    assert math.isfinite(trained.history[-1]["loss"])
     tied = pilm.Twist.for_model(model, kind="tied", layers=2)
     assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, twist=tied, seed=0, progress=False))
 
@@ -95,9 +95,10 @@ def test_a_lora_twist_step_and_a_tied_head(device_model):
 def test_a_fine_tuning_step(device_model, objective):
     model, _ = device_model
     demos = {"data": [model.encode(" a cat")]} if objective == "sft" else {}
-    policy = pilm.finetune(targets(model)[0], objective, steps=1, batch_size=2, lora_rank=2, seed=0, progress=False,
-                           **demos)
-    assert math.isfinite(policy.history[-1]["loss"])
+    trained = pilm.finetune(targets(model)[0], objective, steps=1, batch_size=2, lora_rank=2, seed=0, progress=False,
+                            **demos)
+    policy = trained.model
+    assert math.isfinite(trained.history[-1]["loss"])
     assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, proposal=policy, seed=0, progress=False))
 
 
@@ -105,7 +106,7 @@ def test_a_prm_training_step_and_the_particle_filter_with_it(device_model):
     model, _ = device_model
     cut = pilm.Steps(delimiter=model.encode(" e")[0], max_steps=2, max_step_tokens=3)
     chains = [pilm.Target(model, p, SOFT, max_new_tokens=6, steps=cut) for p in PROMPTS]
-    prm = pilm.train_prm(chains, rollouts=1, chains=2, steps=1, batch_size=2, seed=0, progress=False)
+    prm = pilm.train_prm(chains, rollouts=1, chains=2, steps=1, batch_size=2, seed=0, progress=False).model
     for weights in ("paper", "twisted"):
         assert all(math.isfinite(r.log_z) for r in pilm.particle_filter(chains, prm, 4, weights=weights, seed=0))
 
@@ -124,8 +125,8 @@ def test_a_latent_e_and_m_step(device_model):
 
     reasoner = LatentReasoner(model, template="{x} because{z}. So:{y}", labels=[" yes", " no"], rationale_tokens=(1, 2))
     train = [Example("It rains", " yes"), Example("It is dry", " no")]
-    q = reasoner.e_step(train, steps=1, batch_size=2, lora_rank=2, progress=False)
-    lik = reasoner.m_step(train, q, steps=1, samples=1, batch_size=2, lora_rank=2, progress=False)
+    q = reasoner.e_step(train, steps=1, batch_size=2, lora_rank=2, progress=False).model
+    lik = reasoner.m_step(train, q, steps=1, samples=1, batch_size=2, lora_rank=2, progress=False).model
     assert reasoner.predict(["It snows"], q, likelihood=lik, samples=2)
 
 
@@ -137,8 +138,8 @@ def test_a_red_teaming_step(device_model, tiny):
     victim = Victim(model, max_tokens=3)
     rt = red_teaming(model, victim, classifier=lambda x, y: torch.full((len(y),), 0.9, dtype=torch.float64),
                      victim_samples=1, max_tokens=3, min_tokens=1)
-    q = pilm.finetune(rt.target, "tb", steps=1, batch_size=2, lora_rank=2, progress=False)
-    assert math.isfinite(q.history[-1]["loss"])
+    trained = pilm.finetune(rt.target, "tb", steps=1, batch_size=2, lora_rank=2, progress=False)
+    assert math.isfinite(trained.history[-1]["loss"])
 
 
 def test_load_model_and_the_cli_put_the_model_on_the_device(tiny, tmp_path, capsys):

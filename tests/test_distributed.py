@@ -12,29 +12,31 @@ import torch
 
 SCRIPT = textwrap.dedent("""
     import os, sys, torch, pilm
-    from pilm.learning import policy_trainer as trainer
+    from accelerate import Accelerator
     from pilm.potentials import FunctionPotential
 
-    # Spies: each process's own gradients as the update begins, and the gradients the update
-    # clips and applies (after the cross-process reduction).
-    local, applied = [], []
-    update, clip = trainer._update, torch.nn.utils.clip_grad_norm_
+    # Spies: each process's own gradients as they go into the cross-process reduction, and the
+    # gradients the update clips and applies (after it).
+    local, applied, pending = [], [], []
+    reduce, clip = Accelerator.reduce, torch.nn.utils.clip_grad_norm_
 
-    def spy_update(optimizer, trainable, accelerator, grad_clip):
-        local.append([p.grad.detach().clone() for p in trainable.parameters() if p.grad is not None])
-        return update(optimizer, trainable, accelerator, grad_clip)
+    def spy_reduce(self, tensor, *args, **kwargs):
+        pending.append(tensor.detach().clone())
+        return reduce(self, tensor, *args, **kwargs)
 
     def spy_clip(params, *args, **kwargs):
         params = list(params)
+        local.append(list(pending))
+        pending.clear()
         applied.append([p.grad.detach().clone() for p in params if p.grad is not None])
         return clip(params, *args, **kwargs)
 
-    trainer._update, torch.nn.utils.clip_grad_norm_ = spy_update, spy_clip
+    Accelerator.reduce, torch.nn.utils.clip_grad_norm_ = spy_reduce, spy_clip
     model = pilm.models.TabularLM.random(4, seed=3, eos_id=3)
     soft = FunctionPotential(lambda t: 0.8 * t.count(0) - 0.5 * t.count(1), on="tokens", name="soft")
     policy = pilm.finetune(pilm.Target(model, "a", soft, max_new_tokens=4), "subtb", steps=5, batch_size=4, lr=0.05,
                            warmup=1, seed=0, progress=False, checkpoint_dir=sys.argv[1] + "/ckpt", checkpoint_every=5)
-    torch.save({"theta": policy.trainable["theta"].detach(), "log_r": [h["log_r"] for h in policy.history],
+    torch.save({"theta": policy.model.trainable["theta"].detach(), "log_r": [h["log_r"] for h in policy.history],
                 "local": local, "applied": applied}, f"{sys.argv[1]}/rank{os.environ['RANK']}.pt")
 """)
 

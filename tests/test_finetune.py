@@ -84,13 +84,13 @@ def test_subtb_residual_is_the_pairwise_sum_written_out(soft_target):
 @pytest.mark.parametrize("objective, bound", [("subtb", 0.01), ("tb", 0.02), ("reinforce", 0.01), ("rws", 0.1)])
 def test_each_objective_learns_sigma_on_a_tabular_target(soft_target, objective, bound):
     before = enumerate_sampler(soft_target, soft_target.model).kl_q_sigma()
-    policy = pilm.finetune(soft_target, objective, steps=200, batch_size=16, lr=0.05, warmup=1, seed=0,
-                           progress=False)
-    e = enumerate_sampler(soft_target, policy)
+    trained = pilm.finetune(soft_target, objective, steps=200, batch_size=16, lr=0.05, warmup=1, seed=0,
+                            progress=False)
+    e = enumerate_sampler(soft_target, trained.model)
     assert before > 0.4
     assert e.kl_q_sigma() < bound and e.kl_sigma_q() < 2 * bound
     if objective == "tb":  # the learned log Z converges to the true one
-        assert policy.log_z.value.item() == pytest.approx(e.log_z, abs=0.1)
+        assert trained.extras["log_z"].value.item() == pytest.approx(e.log_z, abs=0.1)
 
 
 @pytest.mark.parametrize("explore", [(0.0, 1.0, 0.0), (0.0, 0.3, 0.7)])
@@ -98,7 +98,7 @@ def test_tempered_and_replayed_trajectories_keep_the_fixed_point(soft_target, ex
     """SubTB trained only on tempered draws (T ~ U[0.5, 2]) or mostly on replay still
     converges to sigma, not to a tempered or replay-weighted distribution."""
     policy = pilm.finetune(soft_target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0,
-                           explore=explore, progress=False)
+                           explore=explore, progress=False).model
     assert enumerate_sampler(soft_target, policy).kl_q_sigma() < 0.02
 
 
@@ -107,7 +107,7 @@ def test_a_finetuned_policy_is_an_smc_proposal(soft_target):
     of log Z at N = 8 on every seed (measured: 0.06), where the base model is off by more. (Without a twist,
     SMC's intermediate targets are p0's prefix marginals, which a policy trained on whole
     sequences does not match: importance sampling, not resampling, is the right use.)"""
-    policy = pilm.finetune(soft_target, "subtb", steps=150, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    policy = pilm.finetune(soft_target, "subtb", steps=150, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False).model
     log_z = pilm.exact.log_z(soft_target)
     runs = [pilm.smc(soft_target, 8, proposal=policy, ess_threshold=0.0, seed=s, progress=False).log_z
             for s in range(20)]
@@ -118,7 +118,7 @@ def test_a_finetuned_policy_is_an_smc_proposal(soft_target):
 def test_reward_temperature_targets_the_tempered_distribution(soft_target):
     """With tau fixed at 2 the optimum is q ∝ R^{1/2}, checked against that target exactly."""
     policy = pilm.finetune(soft_target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0,
-                           reward_temperature=2.0, progress=False)
+                           reward_temperature=2.0, progress=False).model
     e = pilm.exact.enumerate_target(soft_target)
     log_target = torch.log_softmax(e.log_sigma_unnormalized / 2, 0)
     log_q = policy.log_prob(soft_target.prompt_ids, e.tokens).double()
@@ -131,7 +131,7 @@ def test_resume_equals_uninterrupted(soft_target, tmp_path):
     whole = pilm.finetune(soft_target, "subtb", **kw)
     pilm.finetune(soft_target, "subtb", **{**kw, "steps": 7}, checkpoint_dir=tmp_path, checkpoint_every=7)
     resumed = pilm.finetune(soft_target, "subtb", **kw, checkpoint_dir=tmp_path)
-    assert torch.equal(whole.trainable["theta"], resumed.trainable["theta"])
+    assert torch.equal(whole.model.trainable["theta"], resumed.model.trainable["theta"])
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in whole.history]
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == strip
 
@@ -150,7 +150,7 @@ def test_bad_finetuning_requests_are_refused(soft_target):
 
 def test_sft_imitates_its_demonstrations(soft_target):
     demos = [[0, 0, 3], [2, 3]]
-    policy = pilm.finetune(soft_target, "sft", data=demos, steps=100, batch_size=8, lr=0.1, warmup=1, progress=False)
+    policy = pilm.finetune(soft_target, "sft", data=demos, steps=100, batch_size=8, lr=0.1, warmup=1, progress=False).model
     mass = policy.log_prob(soft_target.prompt_ids, demos).exp().sum()
     assert mass > 0.9
 
@@ -191,8 +191,8 @@ def test_lora_finetuning_resumes_bit_identically(fresh_tiny, tmp_path):
     whole = pilm.finetune(target, "subtb", **kw)
     pilm.finetune(target, "subtb", **{**kw, "steps": 2}, checkpoint_dir=tmp_path, checkpoint_every=2)
     resumed = pilm.finetune(target, "subtb", **kw, checkpoint_dir=tmp_path)
-    for key, p in whole.trainable.items():
-        assert torch.equal(p, resumed.trainable[key]), key
+    for key, p in whole.model.trainable.items():
+        assert torch.equal(p, resumed.model.trainable[key]), key
     assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
     assert not math.isnan(whole.history[-1]["loss"])
 
@@ -206,7 +206,7 @@ def test_subtb_learns_a_uniform_target_whose_short_prefixes_have_zero_reward():
     allowed = FunctionPotential(lambda t: 0.0 if tuple(t) in valid else -math.inf, on="tokens", name="allowed")
     target = pilm.Target(model, prompt="a", potential=allowed * pilm.potentials.ModelLikelihood(model, -1.0),
                          max_new_tokens=3)
-    policy = pilm.finetune(target, "subtb", steps=300, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    policy = pilm.finetune(target, "subtb", steps=300, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False).model
     q = policy.log_prob(target.prompt_ids, sorted(valid)).exp()
     assert q.sum() > 0.97  # base model: 0.07
     cond = q / q.sum()
@@ -275,7 +275,7 @@ def test_a_stop_token_other_than_eos_ends_completions_everywhere(soft_target):
     # at 1,000 runs over seeds 0-2, so ~0.016 here; 300 runs gave 0.048)
     assert se < 0.033, f"too few runs to detect a 10% bias: se={se:.4f}"
     assert abs(float(ratios.mean()) - 1) < 3 * se, (float(ratios.mean()), se)
-    policy = pilm.finetune(target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    policy = pilm.finetune(target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False).model
     assert enumerate_sampler(target, policy).kl_q_sigma() < 0.02
     with pytest.raises(ValueError, match="one token"):
         pilm.Target(soft_target.model, "a", max_new_tokens=4, stop="ab")
@@ -284,7 +284,7 @@ def test_a_stop_token_other_than_eos_ends_completions_everywhere(soft_target):
 def test_bounds_score_a_finetuned_policy(soft_target):
     """pilm.bounds takes a fine-tuned policy as a sampler: its bounds sandwich the exact log Z
     and its gap at K = 4 is far below the base model's."""
-    policy = pilm.finetune(soft_target, "subtb", steps=150, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    policy = pilm.finetune(soft_target, "subtb", steps=150, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False).model
     report = pilm.bounds(soft_target, {"base": None, "gfn": policy}, [4], exact_samples="enumerate", seeds=20,
                          methods=["sis"], progress=False)
     rows = {r["sampler"]: r for r in report.rows}
@@ -340,7 +340,7 @@ def test_a_tool_s_tokens_are_scored_but_not_sampled(soft_target):
     mass, kl_before = exact_kl(soft_target.model)
     assert mass == pytest.approx(1.0, abs=1e-5) and kl_before > 0.2  # measured 0.22
     policy = pilm.finetune(soft_target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0, tool=tool,
-                           progress=False)
+                           progress=False).model
     assert exact_kl(policy)[1] < 0.02  # measured 0.0004
     with pytest.raises(ValueError, match="does not follow the tool"):
         pilm.finetune(soft_target, "sft", data=[[0, 2, 3]], steps=1, tool=tool, progress=False)
@@ -353,11 +353,11 @@ def test_one_policy_amortised_over_several_prompts(soft_target):
     other = pilm.Target(soft_target.model, "b", FunctionPotential(lambda t: -0.7 * t.count(0) + 0.5 * t.count(2),
                                                                   on="tokens", name="other"), max_new_tokens=4)
     targets = [soft_target, other]
-    policy = pilm.finetune(targets, "tb", steps=400, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    trained = pilm.finetune(targets, "tb", steps=400, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
     for t in targets:
-        e = enumerate_sampler(t, policy)
+        e = enumerate_sampler(t, trained.model)
         assert e.kl_q_sigma() < 0.03, t.prompt
-        assert policy.log_z(t).item() == pytest.approx(e.log_z, abs=0.15), t.prompt
+        assert trained.extras["log_z"](t).item() == pytest.approx(e.log_z, abs=0.15), t.prompt
     assert abs(pilm.exact.log_z(soft_target) - pilm.exact.log_z(other)) > 0.5  # the head had to tell them apart
 
 
@@ -371,7 +371,7 @@ def test_subtb_learns_a_tempered_continuation(soft_target):
     target = tempered_continuation("a", soft_target.model, temperature=0.5, stop="c", max_new_tokens=4)
     e = pilm.exact.enumerate_target(target)
     assert e.log_sigma_unnormalized.tolist() == pytest.approx((2 * target.log_p0(e.tokens)).tolist(), abs=1e-4)
-    policy = pilm.finetune(target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    policy = pilm.finetune(target, "subtb", steps=200, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False).model
     assert enumerate_sampler(target, policy).kl_q_sigma() < 0.02
     rows = [[0, 2], [0, 2], [1, 1, 1, 1]]
     s = likelihood_and_diversity(target, rows)
@@ -390,7 +390,7 @@ def test_a_policy_prompt_tells_one_policy_which_target_it_samples(soft_target):
                                                                   on="tokens", name="other"), max_new_tokens=4)
     cue = {id(soft_target): "b", id(other): "c"}
     policy = pilm.finetune([soft_target, other], "subtb", steps=600, batch_size=16, lr=0.05, warmup=1, seed=0,
-                           policy_prompt=lambda t: cue[id(t)], progress=False)
+                           policy_prompt=lambda t: cue[id(t)], progress=False).model
     for t in (soft_target, other):
         e = pilm.exact.enumerate_target(t)
         log_q = policy.log_prob(cue[id(t)], e.tokens).double()
@@ -404,7 +404,7 @@ def test_a_policy_prompt_tells_one_policy_which_target_it_samples(soft_target):
 def test_gradient_accumulation_reaches_the_same_optimum(soft_target):
     """Two micro-batches of 8 per update (each with its own behaviour draw) instead of one of
     16: SubTB still reaches sigma (measured KL 0.0014; one batch of 16: 0.0054)."""
-    policy = pilm.finetune(soft_target, "subtb", steps=200, batch_size=8, grad_accum=2, lr=0.05, warmup=1, seed=0,
-                           progress=False)
-    assert all(len(h["modes"]) == 2 for h in policy.history)
-    assert enumerate_sampler(soft_target, policy).kl_q_sigma() < 0.01
+    trained = pilm.finetune(soft_target, "subtb", steps=200, batch_size=8, grad_accum=2, lr=0.05, warmup=1, seed=0,
+                            progress=False)
+    assert all(len(h["modes"]) == 2 for h in trained.history)
+    assert enumerate_sampler(soft_target, trained.model).kl_q_sigma() < 0.01

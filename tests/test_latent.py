@@ -77,7 +77,7 @@ def test_the_posterior_target_is_the_prior_times_the_label_likelihood(reasoner):
 def test_the_e_step_reaches_the_exact_posterior(reasoner):
     targets = [reasoner.latent.posterior(ex) for ex in TRAIN]
     before = [enumerate_sampler(t, reasoner.model).kl_sigma_q() for t in targets]
-    q = reasoner.e_step(TRAIN, steps=300, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    q = reasoner.e_step(TRAIN, steps=300, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False).model
     for t, b in zip(targets, before):
         e = enumerate_sampler(t, q)
         assert b > 0.1
@@ -157,7 +157,7 @@ def test_direct_baselines_normalise_over_the_labels(reasoner):
         assert sum(pred.probs[0]) == pytest.approx(1.0, abs=1e-5)
     lp = reasoner.model.logprobs_of(tuple(reasoner.model.encode("ab")))[[3, 4]]
     assert zero.probs[0] == pytest.approx(torch.softmax(lp, 0).tolist(), abs=1e-5)
-    sft = reasoner.fit_direct(TRAIN, steps=100, lr=0.1, seed=0)
+    sft = reasoner.fit_direct(TRAIN, steps=100, lr=0.1, seed=0).model
     fitted = reasoner.direct([ex.x for ex in TRAIN], sft)
     assert fitted.labels == [ex.y for ex in TRAIN]  # free logits memorise three labels
 
@@ -165,8 +165,8 @@ def test_direct_baselines_normalise_over_the_labels(reasoner):
 def test_a_saved_run_predicts_the_same(fresh_tiny, tmp_path):
     r = LatentReasoner(fresh_tiny, template=subjectivity.TEMPLATE, labels=subjectivity.LABELS)
     train = [Example("a fine film .", "subjective"), Example("he goes home .", "objective")]
-    q = r.e_step(train, steps=1, batch_size=2, progress=False)
-    lik = r.m_step(train, q, steps=1, samples=2, batch_size=2)
+    q = r.e_step(train, steps=1, batch_size=2, progress=False).model
+    lik = r.m_step(train, q, steps=1, samples=2, batch_size=2).model
     before = r.predict(train, q, lik, samples=3, seed=4)
     r.save(tmp_path / "run", q, lik)
     assert json.loads((tmp_path / "run" / "latent.json").read_text())["labels"] == list(subjectivity.LABELS)

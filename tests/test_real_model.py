@@ -178,7 +178,8 @@ def test_twist_training_resumes_bit_identically_on_the_real_model(real_model, tm
     straight = pilm.train_twist(target, "ctl", steps=4, checkpoint_dir=tmp_path / "a", **kw)
     pilm.train_twist(target, "ctl", steps=2, checkpoint_dir=tmp_path / "b", **kw)
     resumed = pilm.train_twist(target, "ctl", steps=4, checkpoint_dir=tmp_path / "b", **kw)
-    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(),
+                                                 resumed.model.state_dict().values()))
     assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
 
 
@@ -195,7 +196,7 @@ def test_ctl_twist_improves_smc_on_sentiment(real_model):
     five disjoint sets of seeds: too few to carry either claim (it flipped with the dtype)."""
     target = pilm.tasks.sentiment(real_model, "positive", beta=10.0, max_new_tokens=CTL_TOKENS)
     twist = pilm.train_twist(target, "ctl", steps=CTL_STEPS, batch_size=16, lr=3e-3, head="tied", seed=0,
-                             progress=False)
+                             progress=False).model
 
     def runs(tw):
         res = pilm.smc([target] * 120, 16, twist=tw, ess_threshold=0.0, seed=0, progress=False)
@@ -227,7 +228,7 @@ def test_subtb_on_the_random_number_task_moves_towards_uniform(tmp_path):
     model = pilm.load_model()  # its own instance: the adapter is injected into it
     target = pilm.tasks.random_number(model)
     before = report(model, target)
-    policy = pilm.finetune(target, "subtb", steps=30, batch_size=8, lr=5e-4, seed=0, progress=False)
+    policy = pilm.finetune(target, "subtb", steps=30, batch_size=8, lr=5e-4, seed=0, progress=False).model
     after = report(policy, target)
     assert after["valid"] > max(0.9, before["valid"] + 0.1)
     assert after["kl_uniform_q"] < before["kl_uniform_q"] - 0.05
@@ -259,9 +260,9 @@ def test_finetuning_resumes_bit_identically_on_the_real_model(tmp_path):
     pilm.finetune(pilm.tasks.random_number(pilm.load_model()), "subtb", **{**kw, "steps": 2},
                   checkpoint_dir=tmp_path, checkpoint_every=2)
     resumed = pilm.finetune(pilm.tasks.random_number(pilm.load_model()), "subtb", **kw, checkpoint_dir=tmp_path)
-    for key, p in whole.trainable.items():
-        assert torch.equal(p, resumed.trainable[key]), key
-    assert torch.equal(whole.log_z.value, resumed.log_z.value)
+    for key, p in whole.model.trainable.items():
+        assert torch.equal(p, resumed.model.trainable[key]), key
+    assert torch.equal(whole.extras["log_z"].value, resumed.extras["log_z"].value)
     assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
 
 

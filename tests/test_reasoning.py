@@ -207,7 +207,7 @@ def test_the_learned_prm_reaches_the_exact_value_on_a_tabular_task():
     target = toy(phi)
     head = TableTwist(target, output="log_sigmoid")
     prm = pilm.train_prm([target], chains=400, rollouts=8, steps=1500, batch_size=256, lr=0.1, twist=head,
-                         progress=False)
+                         progress=False).model
     assert prm is head
     visits = {}
     data_prefixes = [x for x in ONE_STEP]

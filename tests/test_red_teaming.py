@@ -85,7 +85,7 @@ def test_gamma_tempers_the_reference_likelihood(tabular):
 # with mass on the empty attack (p* = 0), so that mass is bounded instead (measured 1e-4).
 def test_the_gflownet_attacker_reaches_the_enumerated_target(tabular):
     before = enumerate_sampler(tabular.target, tabular.attacker).kl_sigma_q()
-    q = pilm.finetune(tabular.target, "tb", steps=300, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False)
+    q = pilm.finetune(tabular.target, "tb", steps=300, batch_size=16, lr=0.05, warmup=1, seed=0, progress=False).model
     e = enumerate_sampler(tabular.target, q)
     assert before > 0.3
     assert e.kl_sigma_q() < 0.02
@@ -112,9 +112,9 @@ def test_stages_one_and_two_never_touch_the_victim(fresh_tiny, tiny):
     attacker = HFModel(type(tiny.hf)(tiny.hf.config), tiny.tokenizer, name="attacker")
     rt = red_teaming(attacker, victim, classifier=lambda x, y: torch.full((len(y),), 0.9, dtype=torch.float64),
                      victim_samples=1, max_tokens=4, min_tokens=1)
-    q = pilm.finetune(rt.target, "tb", steps=1, batch_size=2, progress=False)
+    q = pilm.finetune(rt.target, "tb", steps=1, batch_size=2, progress=False).model
     smooth = pilm.tasks.red_teaming.mle_stage(rt, q, threshold=0.5, n=4, steps=1, batch_size=2, progress=False)
-    assert smooth.attacks
+    assert smooth.extras["attacks"] and smooth.model is not q
     after = fresh_tiny.hf.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert victim.respond(["hello there"], 2, torch.Generator().manual_seed(0)) == replies

@@ -98,7 +98,7 @@ def test_one_infilling_policy_for_many_endings(fresh_tiny):
     assert cues[0] != cues[1] and fresh_tiny.decode(cues[0]).startswith("The story ends with: the end.")
     assert tuple(cues[0][-len(targets[0].prompt_ids):]) == targets[0].prompt_ids
     policy = pilm.finetune(targets, "subtb", steps=2, batch_size=4, lora_rank=4, seed=0, policy_prompt=ending_first,
-                           progress=False)
+                           progress=False).model
     seen = []  # the ending of every target the proposal is asked to condition on, in order
 
     def cue(target):

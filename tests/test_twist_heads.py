@@ -60,7 +60,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, target, objec
     straight = pilm.train_twist(target, objective, steps=4, checkpoint_dir=tmp_path / "a", **kw)
     pilm.train_twist(target, objective, steps=2, checkpoint_dir=tmp_path / "b", **kw)  # "interrupted" after 2
     resumed = pilm.train_twist(target, objective, steps=4, checkpoint_dir=tmp_path / "b", **kw)
-    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
     def untimed(history):
         return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
@@ -70,8 +70,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, target, objec
 
 def test_a_lora_body_takes_a_tied_head(fresh_tiny):
     target = pilm.Target(fresh_tiny, "Hello", max_new_tokens=2)
-    twist = pilm.train_twist(target, "ctl", steps=1, batch_size=2, body="lora", head="tied", progress=False)
-    assert twist.head._embeddings is not None and math.isfinite(twist.history[-1]["loss"])
+    trained = pilm.train_twist(target, "ctl", steps=1, batch_size=2, body="lora", head="tied", progress=False)
+    assert trained.model.head._embeddings is not None and math.isfinite(trained.history[-1]["loss"])
 
 
 def test_lora_body_twist_steps_in_lock_step_and_trains(tmp_path, target, tiny):
@@ -93,7 +93,7 @@ def test_lora_body_twist_steps_in_lock_step_and_trains(tmp_path, target, tiny):
     assert torch.allclose(stepped[batch.mask], batch.log_psi_all[batch.mask].detach(), atol=1e-4)
     # Training moves only the adapters and the head; save/load round-trips them.
     before = {k: v.clone() for k, v in twist.trainable_state().items()}
-    trained = pilm.train_twist(target, "ctl", steps=2, batch_size=4, lr=1e-2, twist=twist, progress=False)
+    trained = pilm.train_twist(target, "ctl", steps=2, batch_size=4, lr=1e-2, twist=twist, progress=False).model
     after = trained.trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora" in k)
     trained.save_pretrained(tmp_path / "lt")
@@ -103,19 +103,20 @@ def test_lora_body_twist_steps_in_lock_step_and_trains(tmp_path, target, tiny):
 
 def test_conditional_twist_trains_across_suffixes(tiny):
     targets = [pilm.tasks.infilling(tiny, prompt="Once", suffix=c, max_new_tokens=3) for c in ([11, 12], [13, 14, 15])]
-    twist = pilm.train_twist(targets, "ctl", steps=2, batch_size=4, lr=1e-3, head="linear", progress=False)
-    assert twist.config.conditional and len(twist.history) == 2
+    trained = pilm.train_twist(targets, "ctl", steps=2, batch_size=4, lr=1e-3, head="linear", progress=False)
+    twist = trained.model
+    assert twist.config.conditional and len(trained.history) == 2
     # Step i draws for targets[i % 2]: its SIS log Z-hat is about log p0(suffix), and the random
     # tiny Llama is near uniform over its vocabulary (-log V = -10.8 a token; measured within
     # 0.15 of -21.6 and -32.4 over three seeds), so a step on the other suffix is 10.8 nats off.
     per_token = -math.log(tiny.vocab_size)
-    assert [h["log_z"] for h in twist.history] == pytest.approx([2 * per_token, 3 * per_token], abs=1.0)
+    assert [h["log_z"] for h in trained.history] == pytest.approx([2 * per_token, 3 * per_token], abs=1.0)
     # The head reads each target's own condition (its suffix), and training moved the weights
     # that read it.
     h = torch.randn(3, twist.config.hidden_size, generator=torch.Generator().manual_seed(0))
     a, b = (twist.log_psi(None, h, twist.condition_for(t)) for t in targets)
     assert (a - b).abs().max() > 1e-2
-    init = pilm.train_twist(targets, "ctl", steps=0, batch_size=4, lr=1e-3, head="linear", progress=False)
+    init = pilm.train_twist(targets, "ctl", steps=0, batch_size=4, lr=1e-3, head="linear", progress=False).model
     reads_condition = slice(twist.config.hidden_size, None)
     assert not torch.equal(init.net[0].weight[:, reads_condition], twist.net[0].weight[:, reads_condition])
     with pytest.raises(ValueError, match="sharing one model"):
@@ -163,12 +164,12 @@ def test_reuse_updates_on_cached_states_without_lm_forwards(target, tiny, monkey
     calls = []
     forward = type(tiny)._forward
     monkeypatch.setattr(type(tiny), "_forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
-    twist = pilm.train_twist(target, "ctl", steps=2, batch_size=4, reuse=5, head="tied", init="base", seed=1,
-                             progress=False)
+    trained = pilm.train_twist(target, "ctl", steps=2, batch_size=4, reuse=5, head="tied", init="base", seed=1,
+                               progress=False)
     per_draw = target.max_new_tokens + 1  # the prompt, then one step per token (the potential runs no LM here)
     assert len(calls) <= 2 * per_draw + 1  # + the hidden-size probe of Twist.for_model
-    assert [h["updates"] for h in twist.history] == [5, 10]
-    assert twist.history[-1]["lm_tokens"] >= twist.history[0]["lm_tokens"] > 0
+    assert [h["updates"] for h in trained.history] == [5, 10]
+    assert trained.history[-1]["lm_tokens"] >= trained.history[0]["lm_tokens"] > 0
 
 
 @pytest.mark.parametrize("objective", ["ctl", "sixo", "fudge"])

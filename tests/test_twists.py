@@ -137,7 +137,7 @@ def test_a_lora_twist_reads_the_ending_it_is_conditioned_on(tiny, tmp_path):
     from pilm.twists.lora import LoRATwist
 
     ends = [pilm.Target(tiny, "The cat", SuffixLikelihood(tiny, e), max_new_tokens=3) for e in (" sat down.", " ran!")]
-    twist = pilm.train_twist(ends, "ctl", body="lora", steps=1, batch_size=2, seed=0, progress=False)
+    twist = pilm.train_twist(ends, "ctl", body="lora", steps=1, batch_size=2, seed=0, progress=False).model
     assert twist.head.config.conditional
     tokens, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)
     with torch.no_grad():

@@ -133,8 +133,8 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
 
     target.potential.allowed_next = timed_allowed_next
 
-    twist = train_twist(target, "ctl", steps=1, batch_size=32, lr=1e-3, seed=0, progress=False)
-    ctl_step_seconds = twist.history[-1]["seconds"]
+    trained = train_twist(target, "ctl", steps=1, batch_size=32, lr=1e-3, seed=0, progress=False)
+    twist, ctl_step_seconds = trained.model, trained.history[-1]["seconds"]
     head_update_seconds = _head_update_seconds(target, twist)
     torch.manual_seed(0)
     generate()  # warm-up of every leg (allocator, kernels)

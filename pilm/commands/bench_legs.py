@@ -227,11 +227,11 @@ def finetune_vs_trl(batch: int = 8, new_tokens: int = 64, steps: int = 3, prompt
     model = load_model()
     target = Target(model, prompt, FunctionPotential(_reward_text, name="fewer e"), max_new_tokens=new_tokens)
     with PeakRSS() as mem:
-        policy = finetune(target, "subtb", steps=steps, batch_size=batch, lr=1e-4, warmup=1, seed=0,
-                          explore=(1.0, 0.0, 0.0), progress=False)
+        trained = finetune(target, "subtb", steps=steps, batch_size=batch, lr=1e-4, warmup=1, seed=0,
+                           explore=(1.0, 0.0, 0.0), progress=False)
     pilm_mem = mem.growth
-    pilm_per_token = min(h["seconds"] / h["tokens"] for h in policy.history[1:])
-    del policy
+    pilm_per_token = min(h["seconds"] / h["tokens"] for h in trained.history[1:])
+    del trained
 
     class Timer(TrainerCallback):
         def __init__(self):

@@ -29,14 +29,12 @@ def target_from_flags(tc: TargetConfig):
 
 
 def run_train_twist(tc: TargetConfig, cfg: TwistTrainingConfig, out: TwistOutput) -> int:
-    from dataclasses import asdict
-
     from .. import train_twist
 
     target = target_from_flags(tc)
     folder = Path(out.out)
-    twist = train_twist(target, **asdict(cfg), **_outputs(folder, out.overwrite))
-    last = _save(twist, folder, out.keep_checkpoint)
+    trained = train_twist(target, config=cfg, **_outputs(folder, out.overwrite))
+    last = _save(trained, folder, out.keep_checkpoint)
     print(f"trained a {cfg.head} twist with {cfg.objective} for {cfg.steps} steps: "
           f"final loss {last['loss']:.4g}, batch ESS {last['ess']:.1f}/{cfg.batch_size}")
     print(f"wrote {folder} ({size_of(folder)}: twist, train.jsonl, training.png"
@@ -51,16 +49,15 @@ def _outputs(folder: Path, overwrite: bool) -> dict:
 
 
 def _save(trained, folder: Path, keep_checkpoint: bool) -> dict:
-    """Save what was trained in ``folder``, drop its checkpoint unless kept; its last history row."""
-    trained.save_pretrained(folder)
+    """Save what was trained (a ``Trained``'s model) in ``folder``, drop its checkpoint unless
+    kept; its last history row."""
+    trained.model.save_pretrained(folder)
     if not keep_checkpoint:
         shutil.rmtree(folder / "checkpoint", ignore_errors=True)
     return trained.history[-1]
 
 
 def run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> int:
-    from dataclasses import asdict
-
     from .. import finetune, load_model
     from ..tasks import arithmetic, random_number
 
@@ -72,8 +69,8 @@ def run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> int
     else:
         target = target_from_flags(tc)
     folder = Path(job.out)
-    policy = finetune(target, **asdict(cfg), **_outputs(folder, job.overwrite), data=data, tool=tool)
-    last = _save(policy, folder, job.keep_checkpoint)
+    trained = finetune(target, config=cfg, **_outputs(folder, job.overwrite), data=data, tool=tool)
+    last = _save(trained, folder, job.keep_checkpoint)
     print(f"fine-tuned a rank-{cfg.lora_rank} LoRA policy with {cfg.objective} for {cfg.steps} steps: "
           f"final loss {last['loss']:.4g}, mean log R {last['log_r']:.3g}")
     print(f"wrote {folder} ({size_of(folder)}); load with pilm.load_model(..., adapter={str(folder)!r}) "
@@ -94,9 +91,9 @@ def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     train = [p for p in task.problems(job.problems + len(test), ScaleConfig.operands, seed=job.problem_seed)
              if p["question"] not in test][: job.problems]
     targets = [task.target(model, p["question"]) for p in train]
-    prm = train_prm(targets, verifier=task.answer_checker(), **asdict(cfg))
-    folder = prm.save_pretrained(job.out)
-    report = {**prm.prm_data, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"]}
+    prm = train_prm(targets, verifier=task.answer_checker(), config=cfg)
+    folder = prm.model.save_pretrained(job.out)
+    report = {**prm.extras, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"]}
     (folder / "training.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"learned a {cfg.head} value head from {report['step_ends']} step ends (mean label "
           f"{report['mean_label']:.3f}; rollouts {report['data_seconds']:.0f} s, fit {report['fit_seconds']:.0f} s)")
@@ -169,9 +166,10 @@ def run_red_team(job: RedTeamJob) -> int:
     if job.overwrite:
         shutil.rmtree(out / "stage1", ignore_errors=True)
     claim_out(job, attacker, {k: getattr(job, k) for k in RedTeamJob.STAGE1} | {"victim_model": rt.victim.name})
-    policy = train_attacker(rt, job.method, steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=job.seed,
+    trained = train_attacker(rt, job.method, steps=job.steps, batch_size=job.batch_size, lr=job.lr, seed=job.seed,
                             mle_steps=job.mle_steps, mle_n=job.mle_n, threshold=job.threshold,
                             stage1_dir=out / "stage1" if job.method == "gfn+mle" else None)
+    policy = None if trained is None else trained.model
     if policy is not None:
         policy.save_pretrained(out)
     report = rt.evaluate(policy, job.n, seed=job.seed + 1)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..config import LatentConfig
 from ..inference.smc import run_smc
-from ..learning import finetune
+from ..learning import Trained, finetune, fit
 from ..learning.rollout import sample_many
 from ..models.adapter import LoRAPolicy
 from ..models.base import LanguageModel
@@ -77,20 +77,21 @@ class LatentReasoner:
     # -- learning ------------------------------------------------------------------------
     def e_step(self, train: Sequence[Example], *, likelihood: LanguageModel | None = None,
                objective: str = "subtb", steps: int = C.e_steps, policy: LanguageModel | None = None,
-               **finetune_kwargs) -> LanguageModel:
+               **finetune_kwargs) -> Trained:
         """q(Z | X) ≈ p(Z | X, Y) for every labelled pair, by ``pilm.finetune`` (step i trains
-        on pair i mod n); ``policy`` continues a previous q. Returns the policy (with
-        ``history``). Other keywords go to ``finetune``."""
+        on pair i mod n); ``policy`` continues a previous q. Returns ``finetune``'s ``Trained``
+        (the policy is its ``.model``). Other keywords go to ``finetune``."""
         targets = [self.latent.posterior(ex, likelihood) for ex in self.latent.checked(train)]
         return finetune(targets, objective, steps=steps, policy=policy, **finetune_kwargs)
 
     def m_step(self, train: Sequence[Example], posterior: LanguageModel | None, *, steps: int = C.m_steps,
                samples: int = C.m_samples, batch_size: int = 8, lr: float = 1e-4, likelihood: LanguageModel | None = None,
-               seed: int = 0, lora_rank: int = 64, lora_alpha: int = 16, progress: bool = True) -> LanguageModel:
+               seed: int = 0, lora_rank: int = 64, lora_alpha: int = 16, progress: bool = True) -> Trained:
         """A likelihood fitted to (X, Z, Y) with Z ~ q(. | X) (``samples`` per pair, drawn once
         in one batched decode; ``posterior=None``: the prior): ``steps`` AdamW steps on
         -log p(Y | X, Z) over mini-batches of ``batch_size``. ``likelihood`` continues a
-        previous one; otherwise a fresh LoRA on the base (free label logits on a table)."""
+        previous one; otherwise a fresh LoRA on the base (free label logits on a table). Returns a
+        ``Trained`` (the likelihood is its ``.model``)."""
         train = self.latent.checked(train)
         g = seeded_generator(seed, self.model.device)  # draws rationales on the model's device
         zs = self.rationales(posterior, [ex.x for ex in train], samples, g)
@@ -105,9 +106,9 @@ class LatentReasoner:
 
     def fit_direct(self, train: Sequence[Example], *, steps: int = 100, batch_size: int = 8, lr: float = 1e-4,
                    seed: int = 0, shots: Sequence[Example] = (), lora_rank: int = 64,
-                   lora_alpha: int = 16, progress: bool = True) -> LanguageModel:
+                   lora_alpha: int = 16, progress: bool = True) -> Trained:
         """Supervised fine-tuning on the labels alone (the direct form, no rationale): a
-        fresh LoRA maximising log p(Y | X)."""
+        fresh LoRA maximising log p(Y | X). Returns a ``Trained`` (the likelihood is its ``.model``)."""
         train = self.latent.checked(train)
         pairs = [(self._direct_context(ex.x, shots), self.latent.index(ex.y)) for ex in train]
         lik = self._new_likelihood([c for c, _ in pairs], seed, lora_rank, lora_alpha)
@@ -131,10 +132,10 @@ class LatentReasoner:
                 t0 = time.perf_counter()
                 if step == "E":
                     q = self.e_step(train, likelihood=lik, steps=e_steps, policy=q, seed=seed + r,
-                                    progress=progress, **(e_kwargs or {}))
+                                    progress=progress, **(e_kwargs or {})).model
                 else:
                     lik = self.m_step(train, q, steps=m_steps, samples=m_samples, likelihood=lik, seed=seed + r,
-                                      progress=progress, **(m_kwargs or {}))
+                                      progress=progress, **(m_kwargs or {})).model
                 record = {"round": r, "step": step, "train_seconds": time.perf_counter() - t0,
                           **self.elbo(train, q, lik, samples=samples, seed=seed)}
                 if test is not None:
@@ -277,21 +278,18 @@ class LatentReasoner:
         raise TypeError(f"cannot fit a likelihood on a {type(model).__name__}")
 
     def _fit(self, lik: LanguageModel, pairs: list[tuple[list[int], int]], steps: int, batch_size: int, lr: float,
-             g: torch.Generator, name: str, progress: bool) -> LanguageModel:
-        params = list(lik.trainable.parameters())
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+             g: torch.Generator, name: str, progress: bool) -> Trained:
         label_ids = self.latent.label_ids
-        history = []
-        lik.train(True)
-        for step in tqdm(range(steps), desc=f"latent {name}", disable=not progress):
-            t0 = time.perf_counter()
+
+        def step(_: int, update) -> dict:
             pick = torch.randint(len(pairs), (min(batch_size, len(pairs)),), generator=g, device=g.device).tolist()
-            optimizer.zero_grad()
             loss = -torch.stack([label_logprobs_grad(lik, pairs[i][0], label_ids)[pairs[i][1]] for i in pick]).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            history.append({"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - t0})
+            update(loss)
+            return {"loss": loss.item()}
+
+        lik.train(True)
+        optimizer = torch.optim.AdamW(list(lik.trainable.parameters()), lr=lr, weight_decay=0.0)
+        history = fit(lik.trainable, optimizer, step, steps=steps, name=f"latent {name}", grad_clip=1.0,
+                      progress=progress)
         lik.train(False)
-        lik.history = getattr(lik, "history", []) + [{"fit": name, **h} for h in history]
-        return lik
+        return Trained(lik, history)

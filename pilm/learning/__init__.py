@@ -1,9 +1,11 @@
-"""Learning to infer: twist objectives and trainer; fine-tuning objectives and trainer."""
+"""Learning to infer: twist objectives and trainer; fine-tuning objectives and trainer; the
+one training loop they share (``fit``) and what each trainer returns (``Trained``)."""
 
+from .fit import Checkpointing, Trained, fit
 from .objectives import FINETUNE_OBJECTIVES, OBJECTIVES, PolicyBatch, TwistBatch, get_objective
 from .policy_trainer import finetune
 from .prm_trainer import train_prm
 from .twist_trainer import sample_batch, train_twist
 
-__all__ = ["FINETUNE_OBJECTIVES", "OBJECTIVES", "PolicyBatch", "TwistBatch", "finetune", "get_objective", "sample_batch",
-           "train_prm", "train_twist"]
+__all__ = ["FINETUNE_OBJECTIVES", "OBJECTIVES", "Checkpointing", "PolicyBatch", "Trained", "TwistBatch", "finetune",
+           "fit", "get_objective", "sample_batch", "train_prm", "train_twist"]

@@ -22,17 +22,14 @@ process logs and checkpoints.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..config import FinetuneConfig
+from ..config import FinetuneConfig, takes_config
 from ..models.adapter import LoRAPolicy
 from ..models.base import LanguageModel
 from ..models.device import check_device, seeded_generator
@@ -40,7 +37,8 @@ from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
 from ..target import Target
 from .behaviour import MODES, demonstration_data, exploration, remember
-from .checkpoint import code_digest, resume, run_key, save_checkpoint
+from .checkpoint import code_digest, run_key
+from .fit import Checkpointing, Trained, fit
 from .log_z import LogZ
 from .objectives import FinetuneObjective, get_finetune_objective
 from .policy_step import PolicyRun, summary
@@ -68,6 +66,7 @@ def make_policy(targets: Sequence[Target], *, rank: int, alpha: int, dropout: fl
     raise TypeError(f"cannot fine-tune a {type(model).__name__}: give policy= (a trainable LanguageModel)")
 
 
+@takes_config(FinetuneConfig)
 def finetune(
     target: Target | Sequence[Target],
     objective: str = C.objective,
@@ -102,7 +101,7 @@ def finetune(
     log_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     progress: bool = True,
-) -> LanguageModel:
+) -> Trained:
     """Fine-tune a policy towards sigma ∝ p0 phi with ``objective`` (subtb | tb | reinforce |
     rws | sft); see the module docstring for one step, and ``FinetuneConfig`` for every
     setting's default.
@@ -138,9 +137,12 @@ def finetune(
     With ``checkpoint_dir``, a checkpoint (adapter, log Z, optimizer, RNG, replay buffers,
     history) is written every ``checkpoint_every`` steps and at the end, and resumed from:
     the run then continues bit-identically. A checkpoint of another target, model or setting
-    raises `ResumeMismatchError` (``overwrite=True`` deletes it and starts afresh). Returns the policy with ``history`` (one dict
-    per step: loss, mean log R (untempered), diversity, completion tokens, behaviour modes,
-    tau, lr, seconds).
+    raises `ResumeMismatchError` (``overwrite=True`` deletes it and starts afresh). Returns a
+    ``Trained``: the policy as ``.model``, its ``.history`` (one dict per step: loss, mean log
+    R (untempered), diversity, completion tokens, behaviour modes, tau, lr, seconds) and, for
+    objectives that learn it, ``.extras["log_z"]`` (a ``LogZ``). The loop is ``pilm.learning.fit``.
+
+    ``config=`` a ``FinetuneConfig`` gives every setting at once; an argument also given overrides it.
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -167,16 +169,12 @@ def finetune(
                                  target_modules=target_modules, prompts=prompts)
     hidden = targets[0].model.start(targets[0].prompt_ids, 1).hidden.shape[-1]
     log_z = LogZ(hidden, amortised=len(targets) > 1).to(device)
-    trainable = nn.ModuleDict({"policy": policy.trainable, "log_z": log_z})
     groups = [{"params": list(policy.trainable.parameters()), "lr": lr}]
     if spec.learns_log_z:
         groups.append({"params": list(log_z.parameters()), "lr": log_z_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     generator = seeded_generator(seed + accelerator.process_index, device)  # draws rollouts
     buffers = [ReplayBuffer(replay_size, replay_tolerance) for _ in targets]
-    history: list[dict] = []
-    start = 0
     key = run_key(targets, {"objective": objective, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                             "log_z_lr": log_z_lr, "warmup": warmup, "weight_decay": weight_decay,
                             "grad_clip": grad_clip, "seed": seed, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
@@ -189,62 +187,39 @@ def finetune(
                             "tool": None if tool is None else code_digest(tool),
                             "policy_prompts": None if policy_prompt is None else code_digest([list(p) for p in prompts]),
                             "policy": None if given_policy is None else type(given_policy).__qualname__})
-    saved = resume(checkpoint_dir, trainable, optimizer, generator, key, overwrite=overwrite,
-                   rank=accelerator.process_index)
-    if saved is not None:
-        start, history = saved["step"], saved["history"]
-        mine = saved["buffers"][accelerator.process_index]  # one list per rank
-        buffers = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in mine]
     demos = {k: scored_demonstrations(targets[k], rows, tool, spec.prefix_rewards, min_log_reward)
              for k, rows in demo_data.items() if rows}  # target index -> (tokens, log R, tool mask)
-    if start == 0 and objective != "sft":  # demonstrations seed the replay buffers
-        for k, (tokens, log_r, _) in demos.items():
-            remember(buffers[k], tokens, log_r, targets[k].stop_token_id)
-    main = accelerator.is_main_process
-    for path in (log_path, plot_path):
-        if path is not None and main:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if log_path is not None and main:  # the log holds exactly the steps the run has (none, or the resumed ones)
-        Path(log_path).write_text("".join(json.dumps({"objective": objective, **r}) + "\n" for r in history))
-    run = PolicyRun(objective, spec, policy, log_z, targets, prompts, buffers, demos, generator, explore, batch_size, tool,
-               temperature_range, min_log_reward, seed, accelerator.process_index)
 
-    bar = tqdm(range(start, steps), desc=f"finetune {objective}", initial=start, total=steps,
-               disable=not (progress and main))
-    for step in bar:
-        t0 = time.perf_counter()
-        k = sorted(demos)[step % len(demos)] if objective == "sft" else step % len(targets)
-        tau = taus[0] + (taus[1] - taus[0]) * min(1.0, step / max((anneal_steps or steps) - 1, 1))
-        for g, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            g["lr"] = base_lr * min(1.0, (step + 1) / max(warmup, 1))
-        optimizer.zero_grad()
-        micro = [run.score(run.draw(k, tau), k, tau, step, i, grad_accum) for i in range(grad_accum)]
-        _update(optimizer, trainable, accelerator, grad_clip)
-        record = {"step": step + 1, **summary(micro), "reward_temperature": tau, "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": time.perf_counter() - t0}
+    def save() -> dict:  # every rank's replay buffers, so each resumes its own
+        return {"buffers": gather_object([[b.state() for b in buffers]])}
+
+    def load(state: dict) -> None:
+        mine = state["buffers"][accelerator.process_index]  # one list per rank
+        buffers[:] = [ReplayBuffer.from_state(s, replay_size, replay_tolerance) for s in mine]
+
+    checkpoint = Checkpointing(checkpoint_dir, key, checkpoint_every, overwrite, save=save, load=load)
+    run = PolicyRun(objective, spec, policy, log_z, targets, prompts, buffers, demos, generator, explore, batch_size,
+                    tool, temperature_range, min_log_reward, seed, accelerator.process_index)
+
+    def step(i: int, update) -> dict:
+        if i == 0 and objective != "sft":  # demonstrations seed the replay buffers
+            for k, (tokens, log_r, _) in demos.items():
+                remember(buffers[k], tokens, log_r, targets[k].stop_token_id)
+        k = sorted(demos)[i % len(demos)] if objective == "sft" else i % len(targets)
+        tau = taus[0] + (taus[1] - taus[0]) * min(1.0, i / max((anneal_steps or steps) - 1, 1))
+        micro = [run.score(run.draw(k, tau), k, tau, i, m, grad_accum) for m in range(grad_accum)]
+        update()
+        record = {**summary(micro), "reward_temperature": tau, "lr": optimizer.param_groups[0]["lr"]}
         if spec.learns_log_z:
             record["log_z"] = float(log_z(targets[k], prompts[k]).detach())
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3g}", log_r=f"{record['log_r']:.3g}")
-        if main and log_path is not None:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"objective": objective, **record}) + "\n")
-        if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            # every rank's random stream and replay buffers, so each resumes its own
-            streams = gather_object([generator.get_state()])
-            rank_buffers = gather_object([[b.state() for b in buffers]])
-            if main:
-                save_checkpoint(checkpoint_dir, trainable, optimizer, streams,
-                                {"step": step + 1, "history": history, "key": key, "buffers": rank_buffers})
-        accelerator.wait_for_everyone()
-    policy.history = history
-    policy.log_z = log_z if spec.learns_log_z else None
-    if main and plot_path is not None:
-        from .plots import plot_training
+        return record
 
-        plot_training(history, plot_path, title=f"{objective} on {targets[0].model.name}",
-                      metrics=("loss", "log_r", "diversity"))
-    return policy
+    history = fit(nn.ModuleDict({"policy": policy.trainable, "log_z": log_z}), optimizer, step, steps=steps,
+                  name=f"finetune {objective}", grad_clip=grad_clip, generator=generator, warmup=warmup,
+                  checkpoint=checkpoint, log_path=log_path, log_tag={"objective": objective}, plot_path=plot_path,
+                  title=f"{objective} on {targets[0].model.name}", metrics=("loss", "log_r", "diversity"),
+                  accelerator=accelerator, progress=progress, show=("loss", "log_r"))
+    return Trained(policy, history, {"log_z": log_z} if spec.learns_log_z else {})
 
 
 def _check_targets(target, spec: FinetuneObjective, objective: str) -> list[Target]:
@@ -255,13 +230,3 @@ def _check_targets(target, spec: FinetuneObjective, objective: str) -> list[Targ
         raise ValueError(f"{objective} makes every prefix terminable with the stop token, and {targets[0].model.name} "
                          "has no EOS token: give the target a stop token (Target(..., stop=...)) or use objective='tb'")
     return targets
-
-
-def _update(optimizer: torch.optim.Optimizer, trainable: nn.Module, accelerator, grad_clip: float) -> None:
-    """Average gradients across processes (under ``accelerate launch``), clip their norm, step."""
-    if accelerator.num_processes > 1:
-        for p in trainable.parameters():
-            if p.grad is not None:
-                p.grad = accelerator.reduce(p.grad, "mean")
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    optimizer.step()

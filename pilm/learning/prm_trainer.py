@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import PRMTrainingConfig
+from ..config import PRMTrainingConfig, takes_config
 from ..inference.voting import sample_chains
 from ..prm import ProcessReward, StepBatch
 from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist
+from .fit import Trained, fit
 
 Verifier = Callable[[str, "str | None"], bool]
 
@@ -122,28 +123,27 @@ def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_
     labels at the recorded step ends (module docstring). Returns one record per update."""
     params = [p for p in twist.parameters() if p.requires_grad]
     device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # picks rows of the host-side data
     prefixes = [t[:-1] for t in data.tokens] if twist.needs_prefixes else None
-    history = []
-    for step in tqdm(range(steps), desc="train-prm", disable=not progress, leave=False):
-        t0 = time.perf_counter()
+
+    def step(_: int, update) -> dict:
         idx = torch.randint(len(data.label), (min(batch_size, len(data.label)),), generator=generator)
         hidden = data.hidden[idx].to(device)  # the recorded states stay on the host; a batch goes over
-        log_psi = twist.log_psi([prefixes[i] for i in idx.tolist()] if prefixes else None, hidden)
+        log_psi = twist.log_psi([prefixes[j] for j in idx.tolist()] if prefixes else None, hidden)
         log_psi = log_psi.gather(1, data.last[idx].to(device).view(-1, 1)).squeeze(1).clamp(max=-1e-7)
         y = data.label[idx].to(device).float()
         loss = -(y * log_psi + (1 - y) * torch.log(-torch.expm1(log_psi))).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append({"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - t0})
-    return history
+        update(loss)
+        return {"loss": loss.item()}
+
+    return fit(twist, torch.optim.AdamW(params, lr=lr), step, steps=steps, name="train-prm", grad_clip=None,
+               progress=progress)
 
 
 C = PRMTrainingConfig  # every default below is PRMTrainingConfig's
 
 
+@takes_config(PRMTrainingConfig)
 def train_prm(
     targets: Sequence[Target],
     *,
@@ -159,14 +159,17 @@ def train_prm(
     twist: TwistFunction | None = None,
     seed: int = C.seed,
     progress: bool = True,
-) -> TwistFunction:
+) -> Trained:
     """A learned PRM for the policy at ``temperature`` on ``targets`` (module docstring):
     ``chains`` chains per target, ``rollouts`` Math-Shepherd rollouts per step end, then
     ``steps`` updates of a fresh head (``head`` tied | mlp | linear, psi in (0, 1)) or of
     ``twist``. ``verifier(question, answer) -> bool`` says whether a final answer is right
     (e.g. ``pilm.tasks.arithmetic_chain.answer_checker()``); without one, a chain counts
-    phi of its target's potential. The twist's ``history`` holds the updates and
-    ``data_seconds``/``labels`` the collection."""
+    phi of its target's potential. Returns a ``Trained``: the twist as ``.model``, the
+    updates as ``.history``, and the collection (step ends, mean label, seconds) as ``.extras``.
+
+    ``config=`` a ``PRMTrainingConfig`` gives every setting at once; an argument also given overrides it.
+    """
     targets = list(targets)
     if not targets or any(t.steps is None for t in targets):
         raise ValueError("train_prm needs targets with steps (pilm.steps.Steps), e.g. from a reasoning task")
@@ -182,8 +185,6 @@ def train_prm(
             torch.manual_seed(seed)
             twist = Twist.for_model(targets[0].model, kind=head, layers=layers, output="log_sigmoid")
     history = fit_value(twist, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
-    twist.history = history
-    twist.prm_data = {"step_ends": len(data.label), "mean_label": float(data.label.mean()),
-                      "data_seconds": collected, "fit_seconds": sum(h["seconds"] for h in history),
-                      "rollouts": rollouts, "chains": chains, "temperature": temperature}
-    return twist
+    return Trained(twist, history, {"step_ends": len(data.label), "mean_label": float(data.label.mean()),
+                                    "data_seconds": collected, "fit_seconds": sum(h["seconds"] for h in history),
+                                    "rollouts": rollouts, "chains": chains, "temperature": temperature})

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ..config import TwistTrainingConfig
+from ..config import TwistTrainingConfig, takes_config
 from ..inference.resampling import ess
 from ..inference.smc import run_smc
 from ..inference.trace import Trace
@@ -21,7 +18,8 @@ from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist, condition_ids
 from ..twists.lora import LoRATwist
-from .checkpoint import resume, run_key, save_checkpoint
+from .checkpoint import run_key
+from .fit import Checkpointing, Trained, fit
 from .objectives import TwistBatch, get_objective
 
 C = TwistTrainingConfig  # every default below is TwistTrainingConfig's
@@ -71,6 +69,7 @@ def twist_batch(target: Target, drawn: dict[str, Tensor], trainee, *, all_tokens
                       drawn_psi)
 
 
+@takes_config(TwistTrainingConfig)
 def train_twist(
     target: Target | Sequence[Target],
     objective: str = C.objective,
@@ -96,7 +95,7 @@ def train_twist(
     log_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     progress: bool = True,
-) -> TwistFunction:
+) -> Trained:
     """Learn a twist for ``target`` with ``objective`` (ctl | rl | sixo | fudge | dpg).
 
     ``target`` may be a sequence of targets sharing one model (e.g. infilling targets with
@@ -116,10 +115,13 @@ def train_twist(
     (rank ``lora_rank``, see ``LoRATwist``). With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end, and an existing one is resumed from: the run
     then continues bit-identically. A checkpoint of another target, model or setting raises
-    `ResumeMismatchError` (``overwrite=True`` deletes it and starts afresh). The returned
-    twist carries ``history`` (one dict a step: loss (of its last update), ESS and log Z-hat
-    of the step's SIS batch, updates and LM tokens drawn so far, seconds); ``log_path``
-    appends it as JSONL, ``plot_path`` draws the curves.
+    `ResumeMismatchError` (``overwrite=True`` deletes it and starts afresh). Returns a
+    ``Trained``: the twist as ``.model``, and its ``.history`` (one dict a step: loss (of its
+    last update), ESS and log Z-hat of the step's SIS batch, updates and LM tokens drawn so
+    far, seconds); ``log_path`` appends it as JSONL, ``plot_path`` draws the curves. The loop
+    is ``pilm.learning.fit``.
+
+    ``config=`` a ``TwistTrainingConfig`` gives every setting at once; an argument also given overrides it.
     """
     spec = get_objective(objective)
     targets = [target] if isinstance(target, Target) else list(target)
@@ -141,61 +143,38 @@ def train_twist(
     elif twist.output != spec.twist_output:
         raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
     generator = seeded_generator(seed, targets[0].model.device)  # draws the batches on the model's device
-    trainable = [p for p in twist.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    for path in (log_path, plot_path):
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    start = 0
+    optimizer = torch.optim.AdamW([p for p in twist.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     key = run_key(targets, {"objective": objective, "batch_size": batch_size, "lr": lr, "seed": seed,
                             "head": head, "layers": layers, "init": init, "reuse": reuse, "body": body,
                             "lora_rank": lora_rank, "conditional": conditional, "proposal_beta": proposal_beta,
                             "weight_decay": weight_decay, "grad_clip": grad_clip})
-    saved = resume(checkpoint_dir, twist, optimizer, generator, key, overwrite=overwrite)
-    if saved is not None:
-        start, history = saved["step"], saved["history"]
-    if log_path is not None:  # the log holds exactly the steps the run has (none, or the resumed ones)
-        Path(log_path).write_text("".join(json.dumps({"objective": objective, **r}) + "\n" for r in history))
-    lm_tokens = history[-1].get("lm_tokens", 0) if history else 0
+    drawn_tokens = [0]  # LM tokens drawn so far (a resumed run continues the count)
     every = spec.needs_logprobs  # rl and dpg read psi at every token, the others only at the drawn ones
-    for step in tqdm(range(start, steps), desc=f"train-twist {objective}", initial=start, total=steps,
-                     disable=not progress):
-        t0 = time.perf_counter()
-        step_target = targets[step % len(targets)]
+
+    def step(i: int, update) -> dict:
+        step_target = targets[i % len(targets)]
         drawn, log_w = draw(step_target, twist, batch_size, generator, keep_logprobs=spec.needs_logprobs,
                             proposal_beta=proposal_beta)
         base = None
         if spec.needs_base_samples:
             base, _ = draw(step_target, None, batch_size, generator, keep_logprobs=False)
-        lm_tokens += int(drawn["mask"].sum()) + (int(base["mask"].sum()) if base is not None else 0)
+        drawn_tokens[0] += int(drawn["mask"].sum()) + (int(base["mask"].sum()) if base is not None else 0)
         for _ in range(reuse):
             loss = spec.loss(twist_batch(step_target, drawn, twist, all_tokens=every),
                              None if base is None else twist_batch(step_target, base, twist, all_tokens=every))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-            optimizer.step()
+            update(loss)
         lw = torch.tensor(log_w)
-        finite = torch.isfinite(lw).any()
-        record = {
-            "step": step + 1, "loss": loss.item(),
-            "ess": ess(lw) if finite else 0.0,
-            "log_z": float(log_mean_exp(lw)),
-            "updates": (step + 1) * reuse, "lm_tokens": lm_tokens,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(record)
-        if log_path is not None:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"objective": objective, **record}) + "\n")
-        if checkpoint_dir is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            save_checkpoint(checkpoint_dir, twist, optimizer, generator,
-                            {"step": step + 1, "history": history, "key": key})
-    twist.history = history
-    twist.trained_for = targets[0].describe() if len(targets) == 1 else None
-    if plot_path is not None:
-        from .plots import plot_training
+        return {"loss": loss.item(), "ess": ess(lw) if torch.isfinite(lw).any() else 0.0,
+                "log_z": float(log_mean_exp(lw)), "updates": (i + 1) * reuse, "lm_tokens": drawn_tokens[0]}
 
-        plot_training(history, plot_path, title=f"{objective} on {target.model.name}")
-    return twist
+    def load(state: dict) -> None:
+        drawn_tokens[0] = state["history"][-1].get("lm_tokens", 0) if state["history"] else 0
+
+    history = fit(twist, optimizer, step, steps=steps, name=f"train-twist {objective}", grad_clip=grad_clip,
+                  generator=generator, checkpoint=Checkpointing(checkpoint_dir, key, checkpoint_every, overwrite,
+                                                                load=load),
+                  log_path=log_path, log_tag={"objective": objective}, plot_path=plot_path,
+                  title=f"{objective} on {target.model.name}", progress=progress)
+    twist.trained_for = targets[0].describe() if len(targets) == 1 else None
+    return Trained(twist, history)
+

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation.metrics import pairwise_cosine
-from ..learning import finetune
+from ..learning import Trained, finetune, fit
 from ..learning.rollout import sample_many
 from ..models.adapter import CONFIG_NAME, LoRAPolicy
 from ..models.base import LanguageModel
@@ -124,15 +124,16 @@ class RedTeaming:
             tuned = LoRAPolicy(victim_model, rank=rank, alpha=alpha, dropout=0.0, adapter_name=None)
         answer = victim_model.encode(refusal) + ([victim_model.eos_token_id] if victim_model.eos_token_id is not None else [])
         target = torch.tensor([answer])
-        optimizer = torch.optim.AdamW(list(tuned.trainable.parameters()), lr=lr)
         g = seeded_generator(seed, victim_model.device)
-        for _ in range(steps):
+
+        def step(_: int, update) -> dict:
             pick = torch.randint(len(attacks), (min(batch_size, len(attacks)),), generator=g, device=g.device).tolist()
-            optimizer.zero_grad()
             loss = torch.stack([-_sequence_logprob(tuned, like.prompt_ids(attacks[i]), target) for i in pick]).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(tuned.trainable.parameters()), 1.0)
-            optimizer.step()
+            update(loss)
+            return {"loss": loss.item()}
+
+        fit(tuned.trainable, torch.optim.AdamW(list(tuned.trainable.parameters()), lr=lr), step, steps=steps,
+            name="safety tuning", grad_clip=1.0, progress=False)
         return Victim(tuned, system=self.victim.system, temperature=self.victim.temperature,
                       max_tokens=self.victim.max_tokens, name=f"{self.victim.name} + safety LoRA")
 
@@ -152,11 +153,11 @@ def filter_attacks(attacks: Sequence[str], toxicity: Sequence[float], log_p_ref:
 
 def mle_stage(rt: RedTeaming, attacker: LanguageModel, *, threshold: float = 0.7, min_log_p: float = -100.0,
               n: int = 512, steps: int = 100, batch_size: int = 8, lr: float = 1e-4, seed: int = 0,
-              **finetune_kwargs) -> LanguageModel:
+              **finetune_kwargs) -> Trained:
     """Stage 2: draw n attacks from the stage-1 ``attacker``, keep those above the toxicity
     ``threshold`` and the fluency floor (``filter_attacks``), and fine-tune a fresh LoRA on the
-    base attacker by maximum likelihood on them (``finetune(..., "sft")``). The kept attacks
-    are on the result as ``attacks``."""
+    base attacker by maximum likelihood on them (``finetune(..., "sft")``). Returns its
+    ``Trained``, with the kept attacks as ``extras["attacks"]``."""
     report = rt.evaluate(attacker, n, seed=seed, victims=[rt.victim])
     kept = filter_attacks(report.attacks, report.toxicity[rt.victim.name], report.log_p_ref, threshold=threshold,
                           min_log_p=min_log_p)
@@ -169,7 +170,7 @@ def mle_stage(rt: RedTeaming, attacker: LanguageModel, *, threshold: float = 0.7
     rows = [first[x] for x in kept]
     smooth = finetune(rt.target, "sft", data=rows, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       **finetune_kwargs)
-    smooth.attacks = kept
+    smooth.extras["attacks"] = kept
     return smooth
 
 
@@ -179,7 +180,7 @@ METHODS = ("icl", "sft", "reinforce", "reinforce+novelty", "gfn", "gfn+mle")
 def train_attacker(rt: RedTeaming, method: str, *, steps: int = 100, batch_size: int = 8, lr: float = 5e-4,
                    seed: int = 0, mle_steps: int = 100, mle_n: int = 256, threshold: float = 0.7,
                    novelty: float = 5.0, progress: bool = True, stage1_dir: str | Path | None = None,
-                   **finetune_kwargs) -> LanguageModel | None:
+                   **finetune_kwargs) -> Trained | None:
     """An attacker by ``method`` on the same target and budget: ``icl`` the base attacker
     with its few-shot prompt (None); ``sft`` maximum likelihood on ``SEED_ATTACKS``;
     ``reinforce`` REINFORCE on log R (which holds log p_ref: a KL pull to p_ref);
@@ -187,7 +188,9 @@ def train_attacker(rt: RedTeaming, method: str, *, steps: int = 100, batch_size:
     head, reward temperature annealed 2 -> 1 over the first half, replay (stage 1); ``gfn+mle``
     stage 1 then ``mle_stage``. ``stage1_dir``: where stage 1 is saved as soon as it is trained
     (before the MLE stage can fail), and loaded from, not retrained, when it holds one — the
-    caller keys the folder to the stage-1 settings (the CLI's ``out/run.json``)."""
+    caller keys the folder to the stage-1 settings (the CLI's ``out/run.json``). Returns the
+    training's ``Trained`` (the attacker is its ``.model``; a stage 1 loaded from ``stage1_dir``
+    comes with an empty history)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     common = {"batch_size": batch_size, "lr": lr, "seed": seed, "progress": progress, **finetune_kwargs}
@@ -203,16 +206,16 @@ def train_attacker(rt: RedTeaming, method: str, *, steps: int = 100, batch_size:
                        max_new_tokens=t.max_new_tokens, stop=t.stop_token_id)
         return finetune(t, "reinforce", steps=steps, **common)
     if stage1_dir is not None and Path(stage1_dir, CONFIG_NAME).exists():
-        stage1 = LoRAPolicy.from_pretrained(t.model, stage1_dir)  # the caller keyed the folder to these settings
+        stage1 = Trained(LoRAPolicy.from_pretrained(t.model, stage1_dir), [])  # the caller keyed the folder to these settings
     else:
         stage1 = finetune(t, "tb", steps=steps, reward_temperature=(2.0, 1.0), anneal_steps=max(1, steps // 2),
                           replay_size=1000, **common)
     if method == "gfn":
         return stage1
     if stage1_dir is not None:
-        stage1.save_pretrained(stage1_dir)
+        stage1.model.save_pretrained(stage1_dir)
     try:
-        return mle_stage(rt, stage1, threshold=threshold, n=mle_n, steps=mle_steps, batch_size=batch_size, lr=lr,
+        return mle_stage(rt, stage1.model, threshold=threshold, n=mle_n, steps=mle_steps, batch_size=batch_size, lr=lr,
                          seed=seed, progress=progress)
     except ValueError as err:
         if stage1_dir is None:

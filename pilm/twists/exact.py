@@ -76,7 +76,6 @@ class TableTwist(nn.Module, TwistFunction):
             if output == "log_sigmoid":  # parameter = logit(psi)
                 values = values.clamp(max=-1e-6) - torch.log(-torch.expm1(values.clamp(max=-1e-6)))
         self.values = nn.Parameter(values)
-        self.history: list[dict] = []
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         values = self.values[torch.tensor([self.index[p] for p in prefixes], dtype=torch.long)]

@@ -79,7 +79,6 @@ class Twist(nn.Module, TwistFunction):
         if config.kind == "tied":
             self.token_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.output = config.output
-        self.history: list[dict] = []
         self._model: LanguageModel | None = None
         self._embeddings: Tensor | None = None  # the LM's frozen output embeddings (tied heads)
 

@@ -52,7 +52,6 @@ class LoRATwist(nn.Module, TwistFunction):
         self.head.attach(model)  # a tied head scores against the (frozen) output embeddings
         self.output = output
         self._state = None
-        self.history: list[dict] = []
 
     # -- stepping in lock-step with the model ------------------------------------------
     def begin(self, targets, n: int) -> None:
