@@ -11,7 +11,6 @@ twists into --out/twists (reused by a rerun with --reuse-twists). Rerun: make ex
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -19,28 +18,28 @@ from pathlib import Path
 import torch
 
 import pilm
+from pilm.commands.cli_args import Parser
+from pilm.config import TwistTrainingConfig
 from pilm.learning.plots import plot_training
 from pilm.tasks import joint_samples
 from pilm.tasks.infilling import DEFAULT_PROMPT, infilling
 
+TRAINING = {"steps": 60, "batch_size": 16, "lr": 1e-3, "head": "mlp"}
 OBJECTIVES = "ctl,rl,sixo,fudge,dpg"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/bounds")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--suffix-tokens", type=int, default=4)
     p.add_argument("--ks", default="1,4,16,64,256")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--objectives", default=OBJECTIVES)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--head", default="mlp", choices=["mlp", "linear", "tied"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--reuse-twists", action="store_true", help="load twists saved by an earlier run")
-    args = p.parse_args()
+    p.add_configs([TwistTrainingConfig], TRAINING, only=TRAINING)  # pilm train-twist's flags, this study's defaults
+    args, (training,) = p.parse_configs([TwistTrainingConfig], TRAINING)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -59,8 +58,7 @@ def main() -> None:
             samplers[objective] = pilm.Twist.from_pretrained(folder, model)
             continue
         t0 = time.perf_counter()
-        twist = pilm.train_twist(train_targets, objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 head=args.head, seed=0, progress=False)
+        twist = pilm.train_twist(train_targets, objective, config=training, progress=False)
         seconds[objective] = time.perf_counter() - t0
         print(json.dumps({"objective": objective, "train_seconds": seconds[objective]}), flush=True)
         twist.model.save_pretrained(folder)

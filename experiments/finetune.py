@@ -34,7 +34,6 @@ task run so far), the training logs and curve PNGs into --out. Rerun: make exper
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -42,6 +41,8 @@ from pathlib import Path
 import torch
 
 import pilm
+from pilm.commands.cli_args import Parser, configs
+from pilm.config import FinetuneConfig
 from pilm.learning.plots import plot_training
 from pilm.tasks import arithmetic as arith
 from pilm.tasks.continuation import PROMPTS
@@ -49,20 +50,16 @@ from pilm.tasks.random_number import report, valid_sequences
 
 METHODS = "sft,reinforce,subtb"
 TASKS = ("random-number", "arithmetic", "continuation", "infilling")
+TRAINING = {"steps": 100, "batch_size": 8, "lr": 5e-4, "lora_rank": 64, "seed": 0}
 INFILLING = {"max_new_tokens": 8, "suffix_tokens": 4, "endings": 60, "batch_size": 16, "seeds": 5}
 """The infilling setting (docs/bounds'): horizon, ending length, training endings, batch, bound seeds."""
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/finetune")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=METHODS)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lora-rank", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arithmetic-steps", type=int, default=120)
     p.add_argument("--worked", type=int, default=10, help="training questions with a worked rationale")
     p.add_argument("--homework", type=int, default=40, help="training questions with the answer only")
@@ -72,7 +69,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="samples or beams per opening")
     p.add_argument("--infilling-steps", type=int, default=60)
     p.add_argument("--ks", default="1,4,16,64", help="particle counts of the infilling bounds")
-    args = p.parse_args()
+    p.add_configs([FinetuneConfig], TRAINING, only=TRAINING)  # pilm finetune's flags, this study's defaults
+    args, _ = p.parse_configs([FinetuneConfig], TRAINING)  # checks the ranges before anything runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = pilm.load_model()
@@ -99,10 +97,9 @@ def random_number(model, args, out: Path) -> tuple[list[dict], dict]:
     demos = [valid[i] for i in torch.randint(len(valid), (args.steps * args.batch_size,), generator=g).tolist()]
     histories = {}
     for method in args.methods.split(","):
-        policy, seconds = _train(target, method, args, out / f"train_{method}.jsonl", steps=args.steps,
-                                 data=demos if method == "sft" else None)
-        histories[method] = policy.history
-        policy = policy.model
+        trained, seconds = _train(target, method, args, out / f"train_{method}.jsonl", steps=args.steps,
+                                  data=demos if method == "sft" else None)
+        histories[method], policy = trained.history, trained.model
         rows.append({"task": "random-number", "method": method, "train_seconds": seconds,
                      **_scores(report(policy, target))})
         print(json.dumps(rows[-1]), flush=True)
@@ -125,21 +122,20 @@ def arithmetic(model, args, out: Path) -> tuple[list[dict], dict]:
     histories = {}
     for method in args.methods.split(","):
         extra = {"reward_temperature": (1.1, 0.5)} if method == "subtb" else {}
-        policy, seconds = _train(targets, method, args, out / f"train_arithmetic_{method}.jsonl",
-                                 steps=args.arithmetic_steps, data=worked if method != "reinforce" else None,
-                                 tool=tool, **extra)
-        histories[method] = policy.history
-        policy = policy.model
+        trained, seconds = _train(targets, method, args, out / f"train_arithmetic_{method}.jsonl",
+                                  steps=args.arithmetic_steps, data=worked if method != "reinforce" else None,
+                                  tool=tool, **extra)
+        histories[method], policy = trained.history, trained.model
         rows.append({"task": "arithmetic", "method": method, "train_seconds": seconds, **scores(policy)})
         print(json.dumps(rows[-1]), flush=True)
     return rows, histories
 
 
 def continuation(model, args, out: Path) -> tuple[list[dict], dict]:
-    from pilm.inference.search import beam_search
-    from pilm.learning.replay import pad
-    from pilm.learning.policy_trainer import sample_trajectories
     from pilm.evaluation.metrics import likelihood_and_diversity
+    from pilm.inference.search import beam_search
+    from pilm.learning.policy_trainer import sample_trajectories
+    from pilm.learning.replay import pad
     from pilm.tasks.continuation import tempered_continuation
 
     temp = args.continuation_temperature
@@ -181,9 +177,8 @@ def infilling(model, args, out: Path) -> tuple[list[dict], dict]:
     log = out / "train_infilling_subtb.jsonl"
     log.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    trained = pilm.finetune(targets, "subtb", steps=args.infilling_steps, batch_size=s["batch_size"], lr=args.lr,
-                            lora_rank=args.lora_rank, seed=args.seed, policy_prompt=ending_first, progress=False,
-                            log_path=log)
+    trained = pilm.finetune(targets, "subtb", config=_training(args), steps=args.infilling_steps,
+                            batch_size=s["batch_size"], policy_prompt=ending_first, progress=False, log_path=log)
     policy = trained.model
     seconds = time.perf_counter() - t0
     report = pilm.bounds(targets[0], {"base": None, "subtb": ModelProposal(policy, prompt=ending_first)},
@@ -197,9 +192,13 @@ def infilling(model, args, out: Path) -> tuple[list[dict], dict]:
 def _train(target, method, args, log: Path, *, steps: int, **kw):
     log.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    policy = pilm.finetune(target, method, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                           lora_rank=args.lora_rank, seed=args.seed, progress=False, log_path=log, **kw)
-    return policy, time.perf_counter() - t0  # a Trained
+    trained = pilm.finetune(target, method, config=_training(args), steps=steps, progress=False, log_path=log, **kw)
+    return trained, time.perf_counter() - t0
+
+
+def _training(args) -> FinetuneConfig:
+    """The fine-tuning settings the flags give (``TRAINING``'s defaults, pilm's for the rest)."""
+    return configs(args, [FinetuneConfig], TRAINING)[0]
 
 
 def table(rows: list[dict]) -> str:

@@ -13,34 +13,34 @@ makes the base model pick the gold label. Rerun: make experiment-latent
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from pilm.commands.cli_args import Parser
+from pilm.commands.jobs import LatentJob
+from pilm.config import LatentConfig
 from pilm.inference.result import read_jsonl
-from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.latent import LatentReasoner, Prediction
+from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.models.registry import load_model
 from pilm.tasks import subjectivity
 
+FLAGS = {"samples": 10, "e_steps": 50, "m_steps": 30, "seed": 0, "e_lr": 5e-4}
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="SUBJ folder (default: the data shipped with pilm)")
     p.add_argument("--out", required=True)
     p.add_argument("--labels", default="10,20,50")
     p.add_argument("--test-limit", type=int, default=300)
-    p.add_argument("--samples", type=int, default=10, help="rationales per test item")
-    p.add_argument("--e-steps", type=int, default=50)
     p.add_argument("--e-batch", type=int, default=8)
-    p.add_argument("--e-lr", type=float, default=5e-4)
-    p.add_argument("--m-steps", type=int, default=30)
     p.add_argument("--sft-steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    p.add_configs([LatentConfig, LatentJob], FLAGS, only=FLAGS)  # pilm latent's flags, this study's defaults
+    args, _ = p.parse_configs([LatentConfig, LatentJob], FLAGS)  # checks the ranges before anything runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"

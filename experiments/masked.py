@@ -83,7 +83,8 @@ def main() -> None:
                                    on_extinction="return")
                     row = {"constraint": constraint, "method": method, "n": n, "seed": seed, "log_z": res.log_z,
                            "final_ess": res.ess[-1] if math.isfinite(res.log_z) else 0.0,
-                           "seconds": round(time.perf_counter() - t0, 2), "sample": res.top(1)[0][1] if math.isfinite(res.log_z) else ""}
+                           "seconds": round(time.perf_counter() - t0, 2),
+                           "sample": res.top(1)[0][1] if math.isfinite(res.log_z) else ""}
                     with results.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(json.dumps(row), flush=True)

@@ -19,7 +19,6 @@ skips rows already there, so the run is resumable), gap_vs_seconds.png and resul
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 import pilm
+from pilm.commands.cli_args import Parser
+from pilm.config import TwistTrainingConfig
 from pilm.evaluation import calibration_summary, exact_sigma_samples, twist_calibration
 from pilm.evaluation.metrics import t_interval
 from pilm.inference.result import read_jsonl
@@ -38,6 +39,7 @@ from pilm.tasks.infilling import DEFAULT_PROMPT, infilling
 from pilm.twists.head import condition_ids
 
 TOXIC_PROMPT = "The quarterly report shows that"
+TRAINING = {"objective": "ctl", "head": "tied", "init": "base", "batch_size": 32, "reuse": 4, "lr": 3e-4}
 
 
 def make_target(name: str, model, steps: int) -> tuple[pilm.Target, list[pilm.Target], str]:
@@ -51,21 +53,16 @@ def make_target(name: str, model, steps: int) -> tuple[pilm.Target, list[pilm.Ta
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--target", choices=["infilling", "toxicity"], required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--objective", default="ctl")
-    p.add_argument("--head", default="tied", choices=["mlp", "linear", "tied"])
-    p.add_argument("--init", default="base", choices=["xavier", "base"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--reuse", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--stages", default="0,25,50,100,200", help="cumulative optimiser steps at which to bound")
     p.add_argument("--twist-k", type=int, default=16)
     p.add_argument("--base-ks", default="16,64,256")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--calibration-prefixes", type=int, default=24)
-    args = p.parse_args()
+    p.add_configs([TwistTrainingConfig], TRAINING, only=TRAINING)  # pilm train-twist's flags, this study's defaults
+    args, (training,) = p.parse_configs([TwistTrainingConfig], TRAINING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
@@ -103,9 +100,8 @@ def main() -> None:
             twist = pilm.Twist.for_model(model, kind=args.head, init=args.init, conditional=args.target == "infilling")
             history = []
         else:
-            trained = pilm.train_twist(train, args.objective, steps=stage, batch_size=args.batch_size, lr=args.lr,
-                                       head=args.head, init=args.init, reuse=args.reuse, seed=0,
-                                       checkpoint_dir=out / "checkpoint", checkpoint_every=25, progress=False)
+            trained = pilm.train_twist(train, config=training, steps=stage, checkpoint_dir=out / "checkpoint",
+                                       checkpoint_every=25, progress=False)
             twist, history = trained.model, trained.history
         if len(history) != stage:
             raise SystemExit(f"the checkpoint in {out / 'checkpoint'} is at step {len(history)}, past stage {stage}: "

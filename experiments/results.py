@@ -27,10 +27,11 @@ import payoff
 import red_team
 import scale_report
 import twists
+
 from pilm.commands.bench import table as bench_table
-from pilm.inference.result import read_jsonl
 from pilm.commands.scaling import summarise
 from pilm.commands.scaling import table as scale_table
+from pilm.inference.result import read_jsonl
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -11,15 +11,17 @@ Rerun: make experiment-twists (MLP heads, docs/twists) or make experiment-twists
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
 import pilm
+from pilm.commands.cli_args import Parser
+from pilm.config import TwistTrainingConfig
 from pilm.learning.plots import plot_training
 
+TRAINING = {"steps": 80, "batch_size": 16, "lr": 1e-3, "head": "mlp"}
 OBJECTIVES = ["ctl", "rl", "sixo", "fudge", "dpg"]
 
 
@@ -36,17 +38,14 @@ def evaluate(target, twist, n_particles: int, seeds: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/twists")
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--n-particles", type=int, default=16)
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--tasks", default="infilling,sentiment")
-    p.add_argument("--head", default="mlp", choices=["mlp", "linear", "tied"])
-    args = p.parse_args()
+    p.add_configs([TwistTrainingConfig], TRAINING, only=TRAINING)  # pilm train-twist's flags, this study's defaults
+    args, (training,) = p.parse_configs([TwistTrainingConfig], TRAINING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = pilm.load_model()
@@ -63,8 +62,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         for objective in OBJECTIVES:
             t0 = time.perf_counter()
-            trained = pilm.train_twist(target, objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                       head=args.head, seed=0, progress=False,
+            trained = pilm.train_twist(target, objective, config=training, progress=False,
                                        log_path=out / f"train_{task}_{objective}.jsonl")
             seconds = time.perf_counter() - t0
             twist, histories[objective] = trained.model, trained.history

@@ -33,3 +33,25 @@ def test_t_interval_uses_the_t_quantile():
 def test_t_interval_is_undefined_below_two_values_or_with_a_non_finite_one():
     assert math.isnan(t_interval([3.0])[1])
     assert math.isnan(t_interval([1.0, -math.inf, 2.0])[1])
+
+
+@pytest.mark.parametrize("script, flag, help_text", [
+    ("twists.py", "--steps", "optimiser steps"),
+    ("bounds.py", "--lr", "AdamW learning rate"),
+    ("payoff.py", "--reuse", "head updates per drawn batch"),
+    ("finetune.py", "--lora-rank", "LoRA rank"),
+    ("latent.py", "--e-steps", "fine-tuning steps of each E-step"),
+    ("red_team.py", "--mle-n", "attacks drawn from stage 1"),
+])
+def test_the_experiments_flags_are_the_configs(script, flag, help_text, tmp_path):
+    """Each experiment's training flags are generated from pilm's config dataclasses (the
+    CLI's): the config's help text, and its range checks before anything loads."""
+    shown = subprocess.run([sys.executable, f"experiments/{script}", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and flag in shown.stdout
+    assert help_text in " ".join(shown.stdout.split())
+    target = ["--target", "toxicity"] if script == "payoff.py" else []
+    bad = subprocess.run([sys.executable, f"experiments/{script}", "--out", str(tmp_path / "out"), *target, flag, "-1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith(f"pilm: error: argument {flag}: must be"), bad.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written

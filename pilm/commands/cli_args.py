@@ -48,14 +48,28 @@ class Parser(argparse.ArgumentParser):
         close = difflib.get_close_matches(word, known, n=1)
         return f"; did you mean {close[0]}?" if close else ""
 
-    def add_configs(self, classes, defaults: dict) -> None:
-        """One flag per field of each config class; ``defaults`` overrides field defaults."""
+    def add_configs(self, classes, defaults: dict, only: typing.Collection[str] | None = None) -> None:
+        """One flag per field of each config class (``only``: of these fields; ``configs`` gives
+        the others their defaults); ``defaults`` overrides field defaults."""
         for cls in classes:
             group = self.add_argument_group(cls.__doc__.strip().splitlines()[0].rstrip(".:").replace("``", ""))
             hints = typing.get_type_hints(cls)
             for f in fields(cls):
+                if only is not None and f.name not in only:
+                    continue
                 group.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
                                    **_flag(hints[f.name], defaults.get(f.name, f.default), f.metadata))
+
+
+    def parse_configs(self, classes, defaults: dict, args: typing.Sequence[str] | None = None):
+        """Parse ``args`` (default: the command line), then build the configs of ``classes`` as
+        ``configs`` does; a value out of its range is an ``error`` naming the flag, as a wrong
+        type is. Returns the parsed namespace and the configs."""
+        namespace = self.parse_args(args)
+        try:
+            return namespace, configs(namespace, classes, defaults)
+        except ConfigError as err:
+            self.error(f"argument --{err.field.replace('_', '-')}: {err.reason}")
 
 
 def _flag(kind, default, metadata) -> dict:
@@ -107,7 +121,7 @@ def configs(namespace: argparse.Namespace, classes, defaults: dict | None = None
         values = {}
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            if not hasattr(namespace, f.name):  # a list flag not given
+            if not hasattr(namespace, f.name):  # a list flag not given, or a field with no flag
                 value = defaults.get(f.name, f.default)
             else:
                 value = getattr(namespace, f.name)
