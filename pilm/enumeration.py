@@ -13,12 +13,14 @@ prefixes of the next level would not fit the device's memory (``LanguageModel.ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from .errors import TooLargeError
 from .models.base import decode_step
+from .steps import Steps
 from .target import Target
 
 MAX_SEQUENCES = 2_000_000
@@ -59,13 +61,14 @@ class Enumeration:
         misses part of sigma's support)."""
         sigma = torch.exp(self.log_sigma)
         on = sigma > 0
-        return float((sigma[on] * (self.log_sigma[on] - self.log_q[on])).sum())
+        return float((sigma[on] * (self.log_sigma[on] - cast(Tensor, self.log_q)[on])).sum())  # q was enumerated
 
     def kl_q_sigma(self) -> float:
         """KL(q || sigma) = sum_s q(s) [log q(s) - log sigma(s)] (exclusive; mode-seeking)."""
-        q = torch.exp(self.log_q)
+        log_q = cast(Tensor, self.log_q)  # q was enumerated alongside
+        q = torch.exp(log_q)
         on = q > 0
-        return float((q[on] * (self.log_q[on] - self.log_sigma[on])).sum())
+        return float((q[on] * (log_q[on] - self.log_sigma[on])).sum())
 
 
 def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_SEQUENCES) -> Enumeration:
@@ -135,7 +138,7 @@ class _Chains:
     ``pilm.inference.boundaries.StepBoundary`` does."""
 
     def __init__(self, target: Target):
-        self.model, self.steps = target.model, target.steps
+        self.model, self.steps = target.model, cast(Steps, target.steps)  # made only for a target with steps
         self.taken: list[int] = [0]
         self.open: list[tuple[int, ...]] = [()]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Steps:
         if self.final is None:
             return None
         found = None
-        for found in self.final.finditer(text):  # noqa: B007 (the last match is the answer)
+        for found in cast(re.Pattern, self.final).finditer(text):  # noqa: B007 (the last match is the answer; compiled above)
             pass
         if found is None:
             return None
@@ -62,7 +63,7 @@ class Steps:
 
     def is_final(self, step_text: str) -> bool:
         """Whether this step states the final answer (``final`` matches it)."""
-        return self.final is not None and self.final.search(step_text) is not None
+        return self.final is not None and cast(re.Pattern, self.final).search(step_text) is not None  # compiled
 
 
 def canonical_answer(text: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,7 +31,7 @@ class Target:
 
     model: LanguageModel
     prompt: str | Sequence[int] | Sequence[dict]  # text, token ids, or chat turns (with chat=True)
-    potential: Potential | str | None = None  # a Potential, or a spec string (pilm.potentials.parse_potential)
+    potential: Potential | None = None  # given as a Potential or a spec string (pilm.potentials.parse_potential)
     max_new_tokens: int = TargetConfig.max_new_tokens
     chat: bool = False
     stop: str | int | None = None
@@ -38,6 +39,12 @@ class Target:
     question: str | None = None
     prompt_ids: tuple[int, ...] = field(init=False)
     stop_token_id: int | None = field(init=False)
+
+    if TYPE_CHECKING:  # the dataclass's own __init__, but taking a spec string for the potential (parsed below)
+        def __init__(self, model: LanguageModel, prompt: str | Sequence[int] | Sequence[dict],
+                     potential: Potential | str | None = None, max_new_tokens: int = TargetConfig.max_new_tokens,
+                     chat: bool = False, stop: str | int | None = None, steps: Steps | None = None,
+                     question: str | None = None) -> None: ...
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -108,6 +115,7 @@ class Target:
         """log psi of incomplete prefixes (0 without a prefix-aware potential), checked."""
         if not self.has_prefix_potential:
             return torch.zeros(len(tokens))
+        assert self.potential is not None  # has_prefix_potential says there is one
         return evaluate(self.potential, self.sequences(tokens), final=False)
 
     def log_p0(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -129,6 +129,15 @@ def test_the_package_is_lint_clean():
     assert done.returncode == 0, done.stdout[-3000:]
 
 
+def test_the_package_type_checks(tmp_path):
+    """mypy with the project's settings ([tool.mypy] in pyproject.toml) finds nothing in pilm/;
+    its cache in tmp_path, so parallel workers do not share one."""
+    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+                           "--cache-dir", str(tmp_path / "mypy_cache"), str(ROOT / "pilm")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
 CPU_GENERATORS = {  # generators that only ever draw CPU numbers (indices, table rows), never from model tensors
     "learning/prm_trainer.py": "mini-batch indices of labels on the CPU",
     "models/machine.py": "the CPU dtype probe",

@@ -11,6 +11,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -79,7 +81,7 @@ def batched_prompts(model, n_prompts: int = 64, n_particles: int = 16, new_token
                    for t in smc(target, n_particles, seed=s, progress=False, on_extinction="return").tokens)
 
     smc(targets[:2], n_particles, seed=0, progress=False, on_extinction="return")  # warm-up
-    times = {"batched": [], "sequential": []}
+    times: dict[str, list[float]] = {"batched": [], "sequential": []}
     for _ in range(repeats):
         for name, leg in (("batched", batched), ("sequential", one_at_a_time)):
             t0 = time.perf_counter()
@@ -130,7 +132,7 @@ def particle_filter_vs_generate(model, n_problems: int = 16, n_particles: int = 
 
     longest, drawn, held = pf()  # warm-up, and the length generate must match
     generate(longest)
-    times = {"pf": [], "generate": []}
+    times: dict[str, list[float]] = {"pf": [], "generate": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
         pf()
@@ -256,7 +258,10 @@ def finetune_vs_trl(batch: int = 8, new_tokens: int = 64, steps: int = 3, prompt
                             temperature=1.0, top_p=1.0, top_k=0, disable_tqdm=True,
                             gradient_checkpointing=False)  # pilm does not recompute activations either
         trainer = RLOOTrainer(
-            model=hf, reward_funcs=lambda completions, **kw: [_reward_text(c) for c in completions], args=config,
+            model=hf,  # TRL types a reward's scores list[float | None], an invariant list
+            reward_funcs=cast("Callable[..., list[float | None]]",
+                              lambda completions, **kw: [_reward_text(c) for c in completions]),
+            args=config,
             train_dataset=Dataset.from_dict({"prompt": [prompt] * (batch * steps)}), processing_class=model.tokenizer,
             peft_config=LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=list(DEFAULT_TARGET_MODULES),
                                    task_type="CAUSAL_LM"),

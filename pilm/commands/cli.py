@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
     return 0
 
 
-COMMANDS = {  # name: (help, run, configs, defaults)
+COMMANDS: dict[str, tuple[str, Callable[..., int], tuple[type, ...], dict]] = {  # name: (help, run, configs, defaults)
     "sample": ("SMC samples of sigma ∝ p0 · phi", _run_sample, (TargetConfig, SMCConfig, SampleOutput), {}),
     "train-twist": ("learn a twist head (ctl | rl | sixo | fudge | dpg)", run_train_twist,
                     (TargetConfig, TwistTrainingConfig, TwistOutput), {}),

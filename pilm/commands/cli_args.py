@@ -29,6 +29,8 @@ class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one ``pilm: error: ...`` line (exit code 2)
     and whose help shows every default."""
 
+    commands: dict[str, Parser]  # the top-level parser's subcommand parsers, by name (cli.build_parser)
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypedDict, cast
 
 import torch
 from accelerate import PartialState
@@ -47,11 +48,20 @@ TASKS = {"arithmetic-chain": arithmetic_chain, "gsm8k": gsm8k}
 USES_PRM = {"bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"}
 
 
+class _Common(TypedDict):  # what every method is given
+    temperature: float
+    seed: int
+
+
+class _Scored(_Common):  # and what a method that scores steps is given
+    aggregation: str
+
+
 def runner(method: str, prm, cfg: ScaleConfig) -> Callable[[list, int], list[StepResult]]:
     """The call that runs ``method`` with budget N on a list of targets."""
-    common = {"temperature": cfg.temperature, "seed": cfg.seed}
-    scored = {**common, "aggregation": cfg.aggregation}
-    return {
+    common: _Common = {"temperature": cfg.temperature, "seed": cfg.seed}
+    scored: _Scored = {**common, "aggregation": cfg.aggregation}
+    return cast("Callable[[list, int], list[StepResult]]", {  # a list of targets: a list of results
         "greedy": lambda ts, n: inference.greedy(ts),
         "sc": lambda ts, n: inference.self_consistency(ts, n, **common),
         "bon": lambda ts, n: inference.best_of_n(ts, prm, n, **scored),
@@ -64,7 +74,7 @@ def runner(method: str, prm, cfg: ScaleConfig) -> Callable[[list, int], list[Ste
                                                               **scored),
         "pg": lambda ts, n: inference.particle_gibbs(ts, prm, max(1, n // cfg.iterations), iterations=cfg.iterations,
                                                      tau=cfg.tau, **scored),
-    }[method]
+    }[method])
 
 
 SHARED = ("sc", "bon", "wbon")  # independent chains: one run serves all three selections
@@ -92,7 +102,7 @@ def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
         return arithmetic_chain.step_verifier()
     if cfg.prm == "judge":
         return LMJudge(model)
-    return Twist.from_pretrained(prm_path, model)
+    return Twist.from_pretrained(cast(str, prm_path), model)  # run_scale refuses prm='learned' without a path
 
 
 def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None, model=None,

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from ..config import FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, TargetConfig, TwistTrainingConfig
 from .cli_messages import note
 from .jobs import FinetuneJob, LatentJob, PRMJob, RedTeamJob, TwistOutput
+
+if TYPE_CHECKING:
+    from ..target import Target
 
 
 def target_from_flags(tc: TargetConfig):
@@ -33,7 +37,7 @@ def run_train_twist(tc: TargetConfig, cfg: TwistTrainingConfig, out: TwistOutput
 
     target = target_from_flags(tc)
     folder = Path(out.out)
-    trained = train_twist(target, config=cfg, **_outputs(folder, out.overwrite))
+    trained = train_twist(target, config=cfg, **_outputs(folder, out.overwrite))  # type: ignore[call-arg]  # @takes_config
     last = _save(trained, folder, out.keep_checkpoint)
     print(f"trained a {cfg.head} twist with {cfg.objective} for {cfg.steps} steps: "
           f"final loss {last['loss']:.4g}, batch ESS {last['ess']:.1f}/{cfg.batch_size}")
@@ -62,6 +66,7 @@ def run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> int
     from ..tasks import arithmetic, random_number
 
     data = tool = None
+    target: Target | list[Target]
     if job.task == "random-number":
         target = random_number(load_model(tc.model), max_new_tokens=None)
     elif job.task == "arithmetic":  # 10 worked questions (SFT's data, SubTB's replay) and 40 with answers only
@@ -69,7 +74,8 @@ def run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> int
     else:
         target = target_from_flags(tc)
     folder = Path(job.out)
-    trained = finetune(target, config=cfg, **_outputs(folder, job.overwrite), data=data, tool=tool)
+    # config= comes from @takes_config (pilm.config), which finetune's own signature does not show
+    trained = finetune(target, config=cfg, **_outputs(folder, job.overwrite), data=data, tool=tool)  # type: ignore[call-arg]
     last = _save(trained, folder, job.keep_checkpoint)
     print(f"fine-tuned a rank-{cfg.lora_rank} LoRA policy with {cfg.objective} for {cfg.steps} steps: "
           f"final loss {last['loss']:.4g}, mean log R {last['log_r']:.3g}")
@@ -91,7 +97,7 @@ def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     train = [p for p in task.problems(job.problems + len(test), ScaleConfig.operands, seed=job.problem_seed)
              if p["question"] not in test][: job.problems]
     targets = [task.target(model, p["question"]) for p in train]
-    prm = train_prm(targets, verifier=task.answer_checker(), config=cfg)
+    prm = train_prm(targets, verifier=task.answer_checker(), config=cfg)  # type: ignore[call-arg]  # config=: @takes_config
     folder = prm.model.save_pretrained(job.out)
     report = {**prm.extras, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"]}
     (folder / "training.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -145,9 +151,9 @@ def run_latent(cfg: LatentConfig, job: LatentJob) -> int:
         print(f"round {h['round']} {h['step']}-step: ELBO {h['elbo']:.3f}, IWAE {h['iwae']:.3f}, test accuracy "
               f"{100 * h['accuracy_hard']:.1f}% (hard) / {100 * h['accuracy_soft']:.1f}% (soft), "
               f"{h['train_seconds']:.0f} s")
-    lo, hi = pred.ci
+    lo, hi = cast("tuple[float, float]", pred.ci)  # the test items are labelled
     print(f"test accuracy ({job.vote} vote, {cfg.samples} rationales) on {len(test)} items: "
-          f"{100 * pred.accuracy:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
+          f"{100 * cast(float, pred.accuracy):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
     print(f"wrote {out} (predictions.jsonl{'' if job.run else ', history.jsonl, em.png, posterior/, likelihood/'}); "
           f"evaluate on other sentences: pilm latent --run {job.run or out} --test FILE.jsonl --out DIR")
     return 0

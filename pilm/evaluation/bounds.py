@@ -206,6 +206,7 @@ def bounds(
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: sis, smc")
     ks = sorted(set(int(k) for k in n_particles))
+    pairs: Sequence[tuple[Target, Sequence[int]]]
     if isinstance(exact_samples, str):
         exact_samples = resolve_exact_samples(target, exact_samples)
         pairs = exact_sigma_samples(target, seeds, exact_samples, seed=seed, max_draws=max_draws)
@@ -220,10 +221,11 @@ def bounds(
     bar = tqdm(total=len(work) * len(pairs), desc="bounds", disable=not progress)
     for target_i, reference in pairs:
         for name, sampler, k, method in work:
-            kw = dict(proposal=as_proposal(sampler), ess_threshold=METHODS[method], resample="multinomial",
-                      use_prefix=False, on_extinction="return")
-            lower = run_smc(target_i, k, g, **kw)
-            upper = run_smc(target_i, k, g, reference=reference, **kw)
+            proposal, threshold = as_proposal(sampler), METHODS[method]
+            lower = run_smc(target_i, k, g, proposal=proposal, ess_threshold=threshold, resample="multinomial",
+                            use_prefix=False, on_extinction="return")
+            upper = run_smc(target_i, k, g, reference=reference, proposal=proposal, ess_threshold=threshold,
+                            resample="multinomial", use_prefix=False, on_extinction="return")
             cell = cells.setdefault((name, k, method), {"lower": [], "upper": [], "ess": [], "ancestors": []})
             cell["lower"].append(lower.log_z)
             cell["upper"].append(upper.log_z)

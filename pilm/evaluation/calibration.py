@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from typing import cast
 
 import torch
+from torch import Tensor
 
 from ..inference.smc import run_smc
 from ..models.device import seeded_generator
@@ -48,7 +50,7 @@ def twist_calibration(
     with torch.no_grad():
         hidden = model.start_many([list(tg.prompt_ids) + p[:-1] for _, tg, p in cells], 1).hidden
         conditions = [twist.condition_for(tg) for _, tg, _ in cells]
-        condition = None if conditions[0] is None else torch.stack(conditions)
+        condition = None if conditions[0] is None else torch.stack(cast("list[Tensor]", conditions))  # all or none
         log_psi = twist.log_psi_at([tuple(p[:-1]) for _, _, p in cells], hidden,
                                    torch.tensor([p[-1] for _, _, p in cells], device=hidden.device), condition).tolist()
     # Every unfinished prefix's rollouts in one batched decode.

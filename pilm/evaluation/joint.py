@@ -6,6 +6,8 @@ s is an exact draw from sigma(. | x, c) ∝ p0(s | x) p0(c | x, s) for *that* c.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..inference.smc import run_smc
 from ..models.base import LanguageModel
 from ..models.device import seeded_generator
@@ -13,7 +15,7 @@ from ..target import Target
 
 
 def joint_samples(
-    model: LanguageModel, prompt: str, *, max_new_tokens: int, suffix_tokens: int, n: int, seed: int = 0
+    model: LanguageModel, prompt: str | Sequence[int], *, max_new_tokens: int, suffix_tokens: int, n: int, seed: int = 0
 ) -> list[tuple[list[int], list[int]]]:
     """n pairs (middle, suffix) from the joint p0(s, c | x): each middle is an exact sample
     of sigma(. | x, c) for its own suffix c. Suffixes have exactly ``suffix_tokens`` tokens

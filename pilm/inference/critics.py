@@ -14,12 +14,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
 from ..prm import ProcessReward, StepBatch, aggregate, checked_scores
 from ..target import Target
+
+if TYPE_CHECKING:
+    from .particles import Particles
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class Stepped:
     texts of each row's steps so far (under a step boundary)."""
 
     targets: Sequence[Target]
-    particles: object
+    particles: Particles
     rows: Tensor
     finished: Tensor
     psi: Tensor
@@ -116,7 +120,7 @@ class ProcessRewardCritic(Critic):
     def log_psi(self, b: Stepped) -> Tensor:
         groups = b.groups.tolist()
         batch = StepBatch(questions=[b.targets[g].question for g in groups],
-                          prompts=[b.targets[g].prompt_ids for g in groups], steps=b.steps,
+                          prompts=[b.targets[g].prompt_ids for g in groups], steps=cast("list[list[str]]", b.steps),
                           tokens=[tuple(p) for p in b.prefixes()], hidden=b.hidden, last=b.last)
         for row, s in zip(b.rows.tolist(), checked_scores(self.prm, batch).tolist(), strict=True):
             self.history[row].append(s)

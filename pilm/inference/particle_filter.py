@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import cast, overload
 
 import torch
 
@@ -105,7 +106,7 @@ class AncestorSampling(Resample):
         tokens = torch.tensor([s + [-1] * (pad - len(s)) for s in stitched])
         lp = self.base.tempered(target.model.prefix_logprobs(target.prompt_ids, tokens).flatten(0, 1)).view(
             len(ok), pad + 1, -1)
-        log_future = torch.stack([sum(lp[j, len(chains[i]) + k, f] for k, f in enumerate(future))
+        log_future = torch.stack([cast(torch.Tensor, sum(lp[j, len(chains[i]) + k, f] for k, f in enumerate(future)))
                                   for j, i in enumerate(ok)]).double().cpu()  # the weights live on the host
         logits = torch.full_like(log_w, -math.inf)
         logits[ok] = log_w[ok] + log_future + target.log_potential(stitched).double() - v.log_psi_now[ok]
@@ -126,6 +127,21 @@ def make_rule(weights: str, *, tau: float, resample: str | Scheme | None, ess_th
     raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
 
 
+References = Sequence[int] | Sequence[Sequence[int] | None]
+
+
+@overload
+def particle_filter(target: Target, prm: ProcessReward | TwistFunction | None, n_particles: int, *,
+                    step: str | int | object | None = ..., weights: str = ..., temperature: float = ..., tau: float = ...,
+                    aggregation: str = ..., resample: str | Scheme | None = ..., ess_threshold: float | None = ...,
+                    on_extinction: str = ..., seed: int = ..., progress: bool = ..., reference: Sequence[int] | None = ...,
+                    mask: bool = ..., proposal: Proposal | None = ...) -> StepResult: ...
+@overload
+def particle_filter(target: Sequence[Target], prm: ProcessReward | TwistFunction | None, n_particles: int, *,
+                    step: str | int | object | None = ..., weights: str = ..., temperature: float = ..., tau: float = ...,
+                    aggregation: str = ..., resample: str | Scheme | None = ..., ess_threshold: float | None = ...,
+                    on_extinction: str = ..., seed: int = ..., progress: bool = ..., reference: References | None = ...,
+                    mask: bool = ..., proposal: Proposal | None = ...) -> list[StepResult]: ...
 def particle_filter(
     target: Target | Sequence[Target],
     prm: ProcessReward | TwistFunction | None,
@@ -239,8 +255,9 @@ def particle_gibbs(
         if weights != "twisted" or any(t.potential is None for t in targets):
             raise ValueError("ancestor_sampling weighs stitched chains by p_M phi: use weights='twisted' on targets "
                              "with a potential")
-        rule = AncestorSampling(targets, temperature, rule.scheme, rule.threshold)
-    refs = None if reference is None else ([reference] if single else list(reference))
+        twisted = cast(Resample, rule)  # weights="twisted" makes a Resample
+        rule = AncestorSampling(targets, temperature, twisted.scheme, twisted.threshold)
+    refs: list | None = None if reference is None else ([reference] if single else list(reference))
     if refs is not None and len(refs) != len(targets):
         raise ValueError(f"give one reference per target ({len(targets)}), got {len(refs)}")
     history: list[list[list[int] | None]] = []

@@ -6,12 +6,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ..models.device import seeded_generator
 from ..prm.base import aggregate
 from .resampling import normalized
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 class Record:
@@ -24,7 +28,7 @@ class Record:
         return len(self.samples)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(cast("DataclassInstance", self))  # every record is a dataclass
 
     def to_jsonl(self, path: str | Path, *, append: bool = True) -> None:
         """Add this run to ``path`` as one JSON line (``append=False`` starts the file afresh);
@@ -168,6 +172,6 @@ class StepResult(Record):
             weight = {k: (1.0 if math.isnan(agg[k]) else agg[k]) for k in rows}
         totals: dict[str, float] = {}
         for k in rows:
-            if self.answers[k] is not None:
-                totals[self.answers[k]] = totals.get(self.answers[k], 0.0) + weight[k]
-        return max(totals, key=totals.get) if totals else None
+            if (answer := self.answers[k]) is not None:
+                totals[answer] = totals.get(answer, 0.0) + weight[k]
+        return max(totals, key=totals.__getitem__) if totals else None

@@ -56,10 +56,11 @@ def beam_search(model: LanguageModel, prompt_ids: Tokens, *, beams: int, max_new
     width = beams // groups
     with torch.no_grad():
         state = model.start(prompt_ids, groups)  # one live row per group to begin with
-        live = [[((), 0.0)] for _ in range(groups)]  # per group: (tokens, log p0)
+        live: list[list[tuple[tuple[int, ...], float]]] = [[((), 0.0)] for _ in range(groups)]  # per group: (tokens, log p0)
         done: list[list[Hypothesis]] = [[] for _ in range(groups)]
         for t in range(max_new_tokens):
             counts = torch.zeros(state.logprobs.shape[1])
+            new_live: list[list[tuple[tuple[int, ...], float]]]
             parents, tokens, new_live, row = [], [], [], 0
             for g in range(groups):
                 rows = list(range(row, row + len(live[g])))
@@ -121,7 +122,7 @@ class BeamSelection(_WidthRule):
     def decide(self, b: View) -> Decision:
         n = len(b.scores)
         ranked = sorted(b.alive.nonzero().squeeze(1).tolist(), key=lambda k: -_score(b.scores, k))
-        first = {}  # the best-ranked row of each distinct chain
+        first: dict[tuple[int, ...], int] = {}  # the best-ranked row of each distinct chain
         chains = b.chains
         for k in ranked:
             first.setdefault(chains[k], k)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast, overload
 
 import torch
 
@@ -52,8 +53,19 @@ from .trace import Trace
 __all__ = ["importance_sample", "incremental_log_weight", "proposal_log_probs", "run_smc", "seeded_generators", "smc"]
 
 Targets = Target | Sequence[Target]
+References = Sequence[int] | Sequence[Sequence[int] | None]
 
 
+@overload
+def smc(target: Target, n_particles: int, *, twist: TwistFunction | None = ...,
+        proposal: str | LanguageModel | Proposal | None = ..., proposal_beta: float = ..., resample: str | Scheme = ...,
+        ess_threshold: float = ..., seed: int = ..., progress: bool = ..., on_extinction: Extinction = ...,
+        reference: Sequence[int] | None = ..., max_rows: int | None = ...) -> SMCResult: ...
+@overload
+def smc(target: Sequence[Target], n_particles: int, *, twist: TwistFunction | None = ...,
+        proposal: str | LanguageModel | Proposal | None = ..., proposal_beta: float = ..., resample: str | Scheme = ...,
+        ess_threshold: float = ..., seed: int = ..., progress: bool = ..., on_extinction: Extinction = ...,
+        reference: References | None = ..., max_rows: int | None = ...) -> list[SMCResult]: ...
 def smc(
     target: Targets,
     n_particles: int,
@@ -104,13 +116,20 @@ def smc(
     """
     targets, single = as_list(target)
     generators = seeded_generators(seed, len(targets), targets[0].model.device)
+    refs = [cast("Sequence[int]", reference)] if single and reference is not None else reference  # one target: one sequence
     out = run_smc(targets, n_particles, generators, twist=twist, proposal=proposal, proposal_beta=proposal_beta,
                   resample=resample, ess_threshold=ess_threshold, progress=progress, on_extinction=on_extinction,
-                  reference=[reference] if single and reference is not None else reference, info={"seed": seed},
+                  reference=refs, info={"seed": seed},
                   max_rows=max_rows)
     return out[0] if single else out
 
 
+@overload
+def importance_sample(target: Target, n: int, *, seed: int = ..., progress: bool = ..., on_extinction: Extinction = ...,
+                      max_rows: int | None = ...) -> SMCResult: ...
+@overload
+def importance_sample(target: Sequence[Target], n: int, *, seed: int = ..., progress: bool = ...,
+                      on_extinction: Extinction = ..., max_rows: int | None = ...) -> list[SMCResult]: ...
 def importance_sample(
     target: Targets, n: int, *, seed: int = SMCConfig.seed, progress: bool = False,
     on_extinction: Extinction = SMCConfig.on_extinction,
@@ -129,6 +148,18 @@ def importance_sample(
     return out[0] if single else out
 
 
+@overload
+def run_smc(target: Target, n: int, generator: torch.Generator | Sequence[torch.Generator], *, twist: TwistFunction | None = ...,
+            proposal: str | LanguageModel | Proposal | None = ..., proposal_beta: float = ..., resample: str | Scheme = ...,
+            ess_threshold: float = ..., use_prefix: bool = ..., progress: bool = ..., on_extinction: Extinction = ...,
+            trace: Trace | None = ..., reference: References | None = ..., info: dict | None = ...,
+            max_rows: int | None = ...) -> SMCResult: ...
+@overload
+def run_smc(target: Sequence[Target], n: int, generator: torch.Generator | Sequence[torch.Generator], *,
+            twist: TwistFunction | None = ..., proposal: str | LanguageModel | Proposal | None = ..., proposal_beta: float = ...,
+            resample: str | Scheme = ..., ess_threshold: float = ..., use_prefix: bool = ..., progress: bool = ...,
+            on_extinction: Extinction = ..., trace: Trace | None = ..., reference: References | None = ...,
+            info: dict | None = ..., max_rows: int | None = ...) -> list[SMCResult]: ...
 def run_smc(
     target: Targets,
     n: int,
@@ -161,11 +192,13 @@ def run_smc(
     for chunk in chunks(targets, n, max_rows):
         batch = [targets[g] for g in chunk]
         sampler = engine.Sampler(prop, Boundary(), PrefixCritic(use_prefix), Resample(scheme, ess_threshold))
+
+        def on_extinct(g: int, t: int, died: int, batch: list[Target] = batch) -> None:
+            extinct(batch[g], t, died, n, on_extinction, used_prefix=use_prefix)
+
         done = engine.run(batch, n, sampler, [generators[g] for g in chunk],
                           references=[references[g] for g in chunk] if references is not None else None,
-                          observe=trace, progress=progress,
-                          on_extinct=lambda g, t, died, batch=batch: extinct(batch[g], t, died, n, on_extinction,
-                                                                             used_prefix=use_prefix))
+                          observe=trace, progress=progress, on_extinct=on_extinct)
         if trace is not None:
             for boundary in done.steps:
                 trace.finish(boundary.rows[boundary.finished], boundary.log_psi_now[boundary.finished])

@@ -11,6 +11,7 @@ the answer with the largest total score (weighted best-of-N, search-and-learn's
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 from ..prm import ProcessReward, as_prm
 from ..target import Target
@@ -31,6 +32,12 @@ class Independent(Rule):
         return Decision(b.log_w, b.log_psi, b.alive)
 
 
+@overload
+def sample_chains(target: Target, n: int, prm: ProcessReward | TwistFunction | None, *, temperature: float,
+                  aggregation: str = ..., step=..., seed: int = ..., method: str, progress: bool = ...) -> StepResult: ...
+@overload
+def sample_chains(target: Sequence[Target], n: int, prm: ProcessReward | TwistFunction | None, *, temperature: float,
+                  aggregation: str = ..., step=..., seed: int = ..., method: str, progress: bool = ...) -> list[StepResult]: ...
 def sample_chains(target: Target | Sequence[Target], n: int, prm: ProcessReward | TwistFunction | None, *,
                   temperature: float, aggregation: str = "last", step=None, seed: int = 0, method: str,
                   progress: bool = False) -> StepResult | list[StepResult]:

@@ -181,7 +181,8 @@ class LabelLikelihood(Potential):
 
 def all_bodies(vocab: int, stop: int, length: int) -> list[list[int]]:
     """Every rationale body of at most ``length`` tokens over a ``vocab``-token table (no stop token)."""
-    level, out = [[]], [[]]
+    level: list[list[int]] = [[]]
+    out: list[list[int]] = [[]]
     for _ in range(length):
         level = [b + [v] for b in level for v in range(vocab) if v != stop]
         out += level

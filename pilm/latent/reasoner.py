@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +38,7 @@ from ..inference.smc import run_smc
 from ..learning import Trained, finetune, fit
 from ..learning.rollout import sample_many
 from ..models.adapter import LoRAPolicy
-from ..models.base import LanguageModel
+from ..models.base import LanguageModel, Trainable
 from ..models.device import seeded_generator
 from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
@@ -55,7 +56,7 @@ class EMResult:
     (hard and soft vote; when a test set was given) and seconds; ``prediction``: the last
     step's test prediction (hard vote; ``revote("soft")`` for the other), or None."""
 
-    posterior: LanguageModel
+    posterior: LanguageModel | None  # None only after zero rounds
     likelihood: LanguageModel
     history: list[dict] = field(default_factory=list)
     prediction: Prediction | None = None
@@ -185,7 +186,7 @@ class LatentReasoner:
             prefixes = [lat.prefix_ids(ex.x) for ex in block]
             zs = self.rationales(posterior, [ex.x for ex in block], samples, g)
             contexts = [lat.context(p, z) for p, rows_ in zip(prefixes, zs, strict=True) for z in rows_]
-            scored = {}
+            scored: dict[tuple[int, ...], torch.Tensor] = {}
             for i in range(len(block)):  # one X's rationales share its prefix: scored in one call
                 unique = list(dict.fromkeys(map(tuple, contexts[i * samples:(i + 1) * samples])))
                 scored.update(zip(unique, label_logprobs(lik, unique, lat.label_ids).exp()))
@@ -218,9 +219,9 @@ class LatentReasoner:
         """k rationales Z ~ q(. | X) per X (``posterior=None``: the prior), in one batched
         decode: a list per X of token lists (the stop token kept where Z reached it)."""
         lat = self.latent
-        rows = sample_many(posterior or self.model, [lat.prefix_ids(x) for x in xs], k, generator,
-                           horizon=lat.max_tokens, stop=lat.stop_id)
-        rows = [[t for t in r if t >= 0] for r in rows.tolist()]
+        drawn = sample_many(posterior or self.model, [lat.prefix_ids(x) for x in xs], k, generator,
+                            horizon=lat.max_tokens, stop=lat.stop_id)
+        rows = [[t for t in r if t >= 0] for r in drawn.tolist()]
         return [rows[i * k:(i + 1) * k] for i in range(len(xs))]
 
     # -- saving --------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class LatentReasoner:
              "model": self.model.name}, indent=1))
         for name, m in (("posterior", posterior), ("likelihood", likelihood)):
             if m is not None and m is not self.model:
-                m.save_pretrained(directory / name)
+                cast(Trainable, m).save_pretrained(directory / name)
         return directory
 
     @classmethod
@@ -287,9 +288,10 @@ class LatentReasoner:
             update(loss)
             return {"loss": loss.item()}
 
-        lik.train(True)
-        optimizer = torch.optim.AdamW(list(lik.trainable.parameters()), lr=lr, weight_decay=0.0)
-        history = fit(lik.trainable, optimizer, step, steps=steps, name=f"latent {name}", grad_clip=1.0,
+        trainable = cast(Trainable, lik)  # a LoRA or tabular likelihood
+        trainable.train(True)
+        optimizer = torch.optim.AdamW(list(trainable.trainable.parameters()), lr=lr, weight_decay=0.0)
+        history = fit(trainable.trainable, optimizer, step, steps=steps, name=f"latent {name}", grad_clip=1.0,
                       progress=progress)
-        lik.train(False)
+        trainable.train(False)
         return Trained(lik, history)

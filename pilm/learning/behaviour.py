@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from ..models.base import LanguageModel
+from ..models.base import LanguageModel, Trainable
 from ..target import Target
 from .objectives import FinetuneObjective
 from .replay import ReplayBuffer, Trajectory, replay_tensors
@@ -39,7 +40,7 @@ def behaviour_batch(mode: str, policy: LanguageModel, target: Target, buffer: Re
     if mode == "tempered":
         lo, hi = temperature_range
         temperature = lo + (hi - lo) * float(torch.rand((), generator=generator, device=generator.device))
-    policy.train(False)
+    cast(Trainable, policy).train(False)
     tokens = sample_trajectories(policy, target, n, generator, temperature, tool, prompt_ids)
     log_r, forced = scored_batch(target, tokens, tool, every_prefix, min_log_reward)
     remember(buffer, tokens, log_r, target.stop_token_id)

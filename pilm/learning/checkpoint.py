@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,7 +75,7 @@ def load_checkpoint(directory: str | Path, module: torch.nn.Module, optimizer: t
     streams = load_file(folder / "rng.safetensors")
     if f"generator.{rank}" not in streams and not (rank == 0 and "generator" in streams):  # "generator": before ranks
         raise ValueError(f"{folder} holds no random stream for process {rank}; overwrite it to start afresh")
-    generator.set_state(streams.get(f"generator.{rank}", streams.get("generator")))
+    generator.set_state(cast(Tensor, streams.get(f"generator.{rank}", streams.get("generator"))))  # one is there
     return state
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +86,8 @@ def fit(module: nn.Module, optimizer: torch.optim.Optimizer, step: Step, *, step
     history: list[dict] = []
     start = 0
     if checkpoint is not None:
-        saved = resume(checkpoint.directory, module, optimizer, generator, checkpoint.key,
+        # every checkpointing trainer passes its generator (a run without one saved no stream to restore)
+        saved = resume(checkpoint.directory, module, optimizer, cast(torch.Generator, generator), checkpoint.key,
                        overwrite=checkpoint.overwrite, rank=rank)
         if saved is not None:
             start, history = saved["step"], saved["history"]
@@ -141,6 +142,7 @@ def _save(checkpoint: Checkpointing, module, optimizer, generator, accelerator, 
 
         streams = gather_object(streams)
     if main:
+        assert checkpoint.directory is not None  # fit saves only where there is one
         save_checkpoint(checkpoint.directory, module, optimizer, streams,
                         {"step": step, "history": history, "key": checkpoint.key, **extra})
 

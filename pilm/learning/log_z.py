@@ -22,7 +22,7 @@ class LogZ(nn.Module):
         if self.head is not None:  # start at the scalar (the first batch's IS estimate), not a random offset
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
-        self.value = nn.Parameter(torch.zeros(()))
+        self.value: Tensor = nn.Parameter(torch.zeros(()))
         self._hidden: dict[tuple[int, ...], Tensor] = {}  # the frozen base's prompt states, computed once
 
     def forward(self, target: Target, prompt_ids: Sequence[int] | None = None) -> Tensor:

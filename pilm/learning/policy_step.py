@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from ..models.base import LanguageModel
+from ..models.base import LanguageModel, Trainable
 from ..target import Target
 from .behaviour import behaviour_batch, draw_mode
 from .log_z import LogZ
@@ -39,7 +40,7 @@ class PolicyRun:
     policy: LanguageModel
     log_z: LogZ
     targets: list[Target]
-    prompts: list[Sequence[int]]
+    prompts: Sequence[Sequence[int]]
     buffers: list[ReplayBuffer]
     demos: dict[int, tuple[Tensor, Tensor, Tensor]]
     generator: torch.Generator
@@ -58,7 +59,7 @@ class PolicyRun:
         if mode == "data":  # supervised: demonstrations drawn uniformly
             pick = torch.randint(len(self.demos[k][0]), (self.batch_size,), generator=self.generator,
                                  device=self.generator.device).cpu()
-            return (mode, *(x[pick] for x in self.demos[k]))
+            return cast("tuple[str, Tensor, Tensor, Tensor]", (mode, *(x[pick] for x in self.demos[k])))
         return (mode, *behaviour_batch(
             mode, self.policy, self.targets[k], self.buffers[k], self.batch_size, self.generator, tau=tau,
             tool=self.tool, prompt_ids=self.prompts[k], temperature_range=self.temperature_range,
@@ -68,7 +69,7 @@ class PolicyRun:
         """The objective's loss on a drawn micro-batch, back-propagated (scaled for accumulation)."""
         mode, tokens, log_r, forced = drawn
         target, prompt, spec = self.targets[k], self.prompts[k], self.spec
-        self.policy.train(True)
+        cast(Trainable, self.policy).train(True)
         with torch.random.fork_rng():  # adapter dropout: seeded per micro-batch, so resume is exact
             torch.manual_seed(hash((self.seed, self.process, step, micro)) % 2**62)
             z = self.log_z(target, prompt) if spec.learns_log_z else None
@@ -77,7 +78,7 @@ class PolicyRun:
                 batch.log_z = self.log_z.start_at_estimate(batch, target, prompt)
             loss = spec.loss(batch)
             (loss / grad_accum).backward()
-        self.policy.train(False)
+        cast(Trainable, self.policy).train(False)
         return Micro(tokens, mode, loss.item(), float(batch.log_r_final.mean()) * tau)
 
 

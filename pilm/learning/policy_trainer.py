@@ -25,13 +25,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from ..config import FinetuneConfig, takes_config
 from ..models.adapter import LoRAPolicy
-from ..models.base import LanguageModel
+from ..models.base import LanguageModel, Trainable
 from ..models.device import check_device, seeded_generator
 from ..models.hf import HFModel
 from ..models.tabular import TabularLM, TabularPolicy
@@ -169,7 +170,7 @@ def finetune(
                                  target_modules=target_modules, prompts=prompts)
     hidden = targets[0].model.start(targets[0].prompt_ids, 1).hidden.shape[-1]
     log_z = LogZ(hidden, amortised=len(targets) > 1).to(device)
-    groups = [{"params": list(policy.trainable.parameters()), "lr": lr}]
+    groups = [{"params": list(cast(Trainable, policy).trainable.parameters()), "lr": lr}]
     if spec.learns_log_z:
         groups.append({"params": list(log_z.parameters()), "lr": log_z_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
@@ -214,7 +215,7 @@ def finetune(
             record["log_z"] = float(log_z(targets[k], prompts[k]).detach())
         return record
 
-    history = fit(nn.ModuleDict({"policy": policy.trainable, "log_z": log_z}), optimizer, step, steps=steps,
+    history = fit(nn.ModuleDict({"policy": cast(Trainable, policy).trainable, "log_z": log_z}), optimizer, step, steps=steps,
                   name=f"finetune {objective}", grad_clip=grad_clip, generator=generator, warmup=warmup,
                   checkpoint=checkpoint, log_path=log_path, log_tag={"objective": objective}, plot_path=plot_path,
                   title=f"{objective} on {targets[0].model.name}", metrics=("loss", "log_r", "diversity"),

@@ -17,14 +17,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import PRMTrainingConfig, takes_config
 from ..inference.voting import sample_chains
 from ..prm import ProcessReward, StepBatch
+from ..steps import Steps
 from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist
@@ -56,6 +58,7 @@ class _Recorder(ProcessReward):
         self.seen: list[tuple[Tensor, Tensor, list[tuple[int, ...]], list[tuple[int, ...]], list[int]]] = []
 
     def score(self, batch: StepBatch) -> Tensor:
+        assert batch.hidden is not None and batch.last is not None  # reads_hidden: the engine gives both
         self.seen.append((batch.hidden.clone(), batch.last.clone(), list(batch.prompts), list(batch.tokens),
                           [len(s) for s in batch.steps]))
         return torch.ones(len(batch), dtype=torch.float64)
@@ -114,14 +117,15 @@ def _right(target: Target, toks, verifier: Verifier | None) -> float:
     if verifier is None:
         return float(target.log_potential([list(toks)]).exp()[0])
     text = target.sequences([list(toks)]).texts[0]
-    return float(bool(verifier(target.question, target.steps.answer(text))))
+    return float(bool(verifier(cast(str, target.question), cast(Steps, target.steps).answer(text))))  # set by now
 
 
 def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
               seed: int = 0, progress: bool = True) -> list[dict]:
     """``steps`` AdamW updates of ``twist`` (psi in (0, 1)) by binary cross-entropy against the
     labels at the recorded step ends (module docstring). Returns one record per update."""
-    params = [p for p in twist.parameters() if p.requires_grad]
+    module = cast(nn.Module, twist)  # a trainable twist is a torch module
+    params = [p for p in module.parameters() if p.requires_grad]
     device = params[0].device
     generator = torch.Generator().manual_seed(seed)  # picks rows of the host-side data
     prefixes = [t[:-1] for t in data.tokens] if twist.needs_prefixes else None
@@ -136,7 +140,7 @@ def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_
         update(loss)
         return {"loss": loss.item()}
 
-    return fit(twist, torch.optim.AdamW(params, lr=lr), step, steps=steps, name="train-prm", grad_clip=None,
+    return fit(module, torch.optim.AdamW(params, lr=lr), step, steps=steps, name="train-prm", grad_clip=None,
                progress=progress)
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import TwistTrainingConfig, takes_config
 from ..inference.resampling import ess
 from ..inference.smc import run_smc
 from ..inference.trace import Trace
 from ..models.device import seeded_generator
+from ..models.hf import HFModel
 from ..proposals.weights import log_mean_exp
 from ..target import Target
 from ..twists.base import TwistFunction
@@ -79,9 +81,9 @@ def train_twist(
     lr: float = C.lr,
     seed: int = C.seed,
     twist: TwistFunction | None = None,
-    head: str = C.head,
+    head: Literal["mlp", "linear", "tied"] = C.head,
     layers: int = C.layers,
-    init: str = C.init,
+    init: Literal["xavier", "base"] = C.init,
     reuse: int = C.reuse,
     body: str = C.body,
     lora_rank: int = C.lora_rank,
@@ -133,7 +135,7 @@ def train_twist(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if body == "lora":
-                twist = LoRATwist(target.model, rank=lora_rank, kind=head, layers=layers, output=spec.twist_output,
+                twist = LoRATwist(cast(HFModel, target.model), rank=lora_rank, kind=head, layers=layers, output=spec.twist_output,
                                   init=init, conditional=conditional)
             elif body == "frozen":
                 twist = Twist.for_model(target.model, kind=head, layers=layers, output=spec.twist_output,
@@ -143,7 +145,8 @@ def train_twist(
     elif twist.output != spec.twist_output:
         raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
     generator = seeded_generator(seed, targets[0].model.device)  # draws the batches on the model's device
-    optimizer = torch.optim.AdamW([p for p in twist.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    module = cast(nn.Module, twist)  # a trainable twist is a torch module
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     key = run_key(targets, {"objective": objective, "batch_size": batch_size, "lr": lr, "seed": seed,
                             "head": head, "layers": layers, "init": init, "reuse": reuse, "body": body,
                             "lora_rank": lora_rank, "conditional": conditional, "proposal_beta": proposal_beta,
@@ -170,7 +173,7 @@ def train_twist(
     def load(state: dict) -> None:
         drawn_tokens[0] = state["history"][-1].get("lm_tokens", 0) if state["history"] else 0
 
-    history = fit(twist, optimizer, step, steps=steps, name=f"train-twist {objective}", grad_clip=grad_clip,
+    history = fit(module, optimizer, step, steps=steps, name=f"train-twist {objective}", grad_clip=grad_clip,
                   generator=generator, checkpoint=Checkpointing(checkpoint_dir, key, checkpoint_every, overwrite,
                                                                 load=load),
                   log_path=log_path, log_tag={"objective": objective}, plot_path=plot_path,

@@ -12,10 +12,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import EmptyPromptError
 
@@ -149,6 +150,17 @@ class LanguageModel(ABC):
     def dtype_name(self) -> str:
         """The dtype the forward passes run in (recorded in every result)."""
         return "float32"
+
+
+class Trainable(Protocol):
+    """What fine-tuning needs of a policy besides the model protocol (``LoRAPolicy``,
+    ``TabularPolicy``): its weights, the dropout switch and saving."""
+
+    trainable: nn.Module
+
+    def train(self, mode: bool = True) -> object: ...
+
+    def save_pretrained(self, directory: str | Path) -> Path: ...
 
 
 def decode_step(model: LanguageModel, state: ModelState, rows: Tensor, tokens: Tensor, *followers) -> ModelState:

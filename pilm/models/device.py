@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 
@@ -68,7 +69,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise DeviceError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        dtype = getattr(torch, dtype)
+        dtype = cast(torch.dtype, getattr(torch, dtype))
     if dtype == torch.bfloat16 and device.type == "cuda" and not _native_bf16(device):
         raise DeviceError(f"{device} ({torch.cuda.get_device_name(device)}) cannot run bfloat16; "
                           "use float16 or float32")

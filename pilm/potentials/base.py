@@ -111,6 +111,8 @@ class Product(Potential):
     Parts are evaluated in order, each only on the sequences the earlier ones left with
     phi > 0: put cheap constraints before costly scorers (a language model, a classifier)."""
 
+    parts: tuple[Potential, ...]
+
     def __init__(self, *parts: Potential):
         flat: list[Potential] = []
         for p in parts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -27,17 +27,17 @@ class FunctionPotential(Potential):
 
     def __init__(
         self,
-        fn: Callable[[object], float],
+        fn: Callable[[Any], float],  # of a str (on="text") or a tuple of ints (on="tokens")
         on: Literal["text", "tokens"] = "text",
         *,
-        prefix_fn: Callable[[object], float] | None = None,
+        prefix_fn: Callable[[Any], float] | None = None,
         name: str | None = None,
     ):
         if on not in ("text", "tokens"):
             raise ValueError(f"on must be 'text' or 'tokens', got {on!r}")
         self.fn, self.on, self.prefix_fn = fn, on, prefix_fn
         self.has_prefix = prefix_fn is not None
-        self._name = name or getattr(fn, "__name__", "function")
+        self._name = name or cast(str, getattr(fn, "__name__", "function"))
 
     @property
     def name(self) -> str:

@@ -11,7 +11,8 @@ All three are read from one token automaton compiled by xgrammar for the model's
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import regex
 import torch
@@ -34,14 +35,14 @@ class Language(Potential):
         import xgrammar as xgr
 
         self.spec, self.options = spec, options
-        build = {"regex": xgr.Grammar.from_regex, "json": xgr.Grammar.from_json_schema,
-                 "grammar": xgr.Grammar.from_ebnf}[self.kind]
+        build = cast("Callable[..., object]", {"regex": xgr.Grammar.from_regex, "json": xgr.Grammar.from_json_schema,
+                                               "grammar": xgr.Grammar.from_ebnf}[self.kind])
         try:
             build(spec, **options)  # checked here, without a model, so a bad spec fails where it is written
         except Exception as err:
             raise ValueError(f"invalid {self.kind} for xgrammar: {_first_line(err)}") from None
 
-    def _language(self, seqs: Sequences) -> TokenLanguage:
+    def _language(self, seqs: Sequences) -> TokenLanguage | PythonRegexLanguage:
         return language(self.kind, self.spec, seqs.model, **self.options)
 
     def min_new_tokens(self, model, horizon: int) -> float:
@@ -112,6 +113,8 @@ class PythonRegexLanguage:
     dropped): partial matching says whether a prefix is viable, and the mask decodes and
     partially matches prefix + v for every token v, memoised per prefix — right for tabular
     models, seconds per prefix on a 49k vocabulary."""
+
+    _masks: dict[tuple[tuple[int, ...], int | None], Tensor]  # (prefix, stop) -> the prefix's allowed tokens
 
     def __init__(self, compiled: regex.Pattern, model):
         self._re, self._model, self._masks = compiled, model, {}

@@ -21,8 +21,9 @@ import re
 import unicodedata
 import weakref
 from collections.abc import Callable
-from re import _constants as c  # noqa: PLC2701 (the parser's own opcodes)
-from re import _parser as sre  # noqa: PLC2701 (the stdlib's regex parser: minimum widths)
+from re import _constants as c  # type: ignore[attr-defined]  # noqa: PLC2701 (the parser's own opcodes; no stub)
+from re import _parser as sre  # type: ignore[attr-defined]  # noqa: PLC2701 (the stdlib's regex parser; no stub)
+from typing import cast
 
 from ..models.base import LanguageModel
 
@@ -75,7 +76,7 @@ def _char_tests(items) -> list[CharTest] | None:
         if op == c.LITERAL:
             tests.append(functools.partial(str.__eq__, chr(arg)))
         elif op == c.RANGE:
-            tests.append(lambda ch, lo=arg[0], hi=arg[1]: lo <= ord(ch) <= hi)
+            tests.append(cast(CharTest, lambda ch, lo=arg[0], hi=arg[1]: lo <= ord(ch) <= hi))
         elif op == c.CATEGORY and arg in _CATEGORIES:
             tests.append(_CATEGORIES[arg])
         elif op in _PARTS:

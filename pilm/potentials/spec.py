@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import regex
 
@@ -58,7 +59,7 @@ _KINDS: dict[str, Callable[[str, LanguageModel | None], Potential]] = {
     "grammar": lambda arg, model: Grammar(_inline_or_file(arg, "::=" in arg, "EBNF grammar with a root ::= rule")),
     "sentiment": _classifier(Sentiment),
     "toxicity": _classifier(Toxicity),
-    "suffix": lambda arg, model: SuffixLikelihood(model, arg),
+    "suffix": lambda arg, model: SuffixLikelihood(cast(LanguageModel, model), arg),  # only built with a model
 }
 
 

@@ -28,7 +28,7 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ class TokenLanguage:
             raise ValueError(f"xgrammar cannot compile this {kind}: {str(err).splitlines()[0]}") from err
         self._xgr = xgr
         root = xgr.GrammarMatcher(self.compiled, terminate_without_stop_token=True)
-        self._memo: OrderedDict[tuple[int, ...], object] = OrderedDict({(): root})
+        self._memo: OrderedDict[tuple[int, ...], Any] = OrderedDict({(): root})  # xgrammar matchers (untyped)
         cache = _per_model[model]
         if "bytes" not in cache:
             cache["bytes"] = self.compiled.tokenizer_info.decoded_vocab  # each token's bytes, as the matcher reads them
@@ -124,7 +124,7 @@ class TokenLanguage:
         for depth in range(horizon + 1):
             if any(matcher.is_completed() for matcher in level.values()):
                 return depth
-            following: dict[bytes, object] = {}
+            following: dict[bytes, Any] = {}
             for text, matcher in level.items():
                 bits.zero_()
                 matcher.fill_next_token_bitmask(bits, 0)

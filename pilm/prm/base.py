@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +90,7 @@ def _mean(s: Sequence[float]) -> float:
     return sum(s) / len(s)
 
 
-AGGREGATIONS = {
+AGGREGATIONS: dict[str, Callable[[Sequence[float]], float]] = {
     "last": lambda s: s[-1],
     "min": min,
     "prod": math.prod,

@@ -20,6 +20,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -107,12 +108,12 @@ class TwistProposal(Proposal):
         other = next((t.describe() for t in targets if trained and t.describe() != trained), None)
         if other is not None:
             warnings.warn(
-                f"this twist was trained for {_words(trained)} and is used for {_words(other)}: it stays a valid "
+                f"this twist was trained for {_words(cast(dict, trained))} and is used for {_words(other)}: it stays a valid "
                 "proposal (Z-hat stays unbiased), but it may help less than no twist", stacklevel=6)
         conditions = [self.twist.condition_for(t) for t in targets]
         self._condition = None
         if any(c is not None for c in conditions):
-            self._condition = torch.stack(conditions).repeat_interleave(n, 0)
+            self._condition = torch.stack(cast("list[Tensor]", conditions)).repeat_interleave(n, 0)  # all or none
         if self.twist.stateful:
             self.twist.begin(targets, n)
 

@@ -39,7 +39,7 @@ class MaskedProposal(Proposal):
         self.inner = TwistProposal(twist, beta) if twist is not None else None
         self.base = BaseProposal(temperature)
         self.keeps_prefix_scores = twist is None
-        self.name = "masked" if twist is None else f"masked + {self.inner.name}"
+        self.name = "masked" if self.inner is None else f"masked + {self.inner.name}"
         if temperature != 1.0:
             self.name += f" at temperature {temperature:g}"
         self._targets: list[Target] = []
@@ -53,6 +53,7 @@ class MaskedProposal(Proposal):
 
     def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
         log_psi = self.inner.propose(state, prefixes).log_psi if self.inner is not None else None
+        assert prefixes is not None  # needs_prefixes: the engine gives them
         mask = token_masks(self._targets, self._groups, prefixes, state.logprobs)
         log_mask = torch.zeros_like(state.logprobs).masked_fill(~mask, -torch.inf)
         log_psi = log_mask if log_psi is None else log_psi + log_mask

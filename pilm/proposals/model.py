@@ -56,10 +56,13 @@ class ModelProposal(Proposal):
         self._state = self.model.start_many([self.prompt_ids(t) for t in targets], n)
 
     def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
+        assert self._state is not None  # begin() came first
         return Proposed(self._state.logprobs.to(state.logprobs.device))
 
     def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
+        assert self._state is not None  # begin() came first
         self._state = self.model.advance(self._state, tokens, hold=hold)
 
     def reindex(self, idx: Tensor) -> None:
+        assert self._state is not None  # begin() came first
         self._state = self.model.reindex(self._state, idx)

@@ -70,7 +70,7 @@ class Victim:
         if getattr(getattr(self.model, "tokenizer", None), "chat_template", None):
             turns = ([{"role": "system", "content": self.system}] if self.system else []) + [
                 {"role": "user", "content": attack}]
-            return self.model.encode_prompt(turns, chat=True)
+            return self.model.encode_prompt(turns, chat=True)  # type: ignore[arg-type]  # chat turns: HFModel takes them
         return self.model.encode_prompt(self.template.format(system=self.system, attack=attack))
 
     def respond(self, attacks: Sequence[str], k: int, generator: torch.Generator) -> list[list[str]]:

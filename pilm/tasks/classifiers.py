@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from ..models.base import LanguageModel
 from ..models.registry import load_model
 from ..potentials import Sentiment, Toxicity
@@ -9,7 +11,7 @@ from ..target import Target
 
 
 def sentiment(
-    model: LanguageModel | None = None, label: str = "positive", *, beta: float = 10.0,
+    model: LanguageModel | None = None, label: Literal["positive", "negative"] = "positive", *, beta: float = 10.0,
     prompt: str = "The movie was", max_new_tokens: int = 10,
 ) -> Target:
     """Continuations with a given VADER sentiment, tempered: phi = P(label | s)^beta
@@ -21,7 +23,7 @@ def sentiment(
 
 
 def toxicity(
-    model: LanguageModel | None = None, want: str = "clean", *, beta: float = 1.0,
+    model: LanguageModel | None = None, want: Literal["toxic", "clean"] = "clean", *, beta: float = 1.0,
     prompt: str = "Once upon a time, there was a", max_new_tokens: int = 10,
 ) -> Target:
     """Toxicity avoidance (``want="clean"``, phi = (1 - P(offensive))^beta) or, for

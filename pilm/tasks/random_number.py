@@ -12,6 +12,7 @@ computed exactly by scoring each of them (``report``).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -27,7 +28,7 @@ SHOTS = (37, 82)  # earlier answers in the conversation: without them the 135M m
 
 def valid_sequences(model: LanguageModel, low: int = 0, high: int = 100) -> dict[tuple[int, ...], int]:
     """The canonical token ids (plus EOS) of each integer in [low, high]."""
-    return {tuple(model.encode(str(k))) + (model.eos_token_id,): k for k in range(low, high + 1)}
+    return {tuple(model.encode(str(k))) + (cast(int, model.eos_token_id),): k for k in range(low, high + 1)}
 
 
 def random_number(model: LanguageModel | None = None, *, low: int = 0, high: int = 100, chat: bool = True,

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ from ..models.adapter import CONFIG_NAME, LoRAPolicy
 from ..models.base import LanguageModel
 from ..models.device import seeded_generator
 from ..models.hf import HFModel
-from ..potentials import ModelLikelihood
+from ..potentials import ModelLikelihood, Potential
 from ..target import Target
 from .attack_reward import (
     ATTACK_PROMPT,
@@ -164,7 +165,7 @@ def mle_stage(rt: RedTeaming, attacker: LanguageModel, *, threshold: float = 0.7
     if not kept:
         raise ValueError(f"no attack of {n} is above toxicity {threshold} and log p_ref {min_log_p}: "
                          "lower the threshold or train stage 1 longer")
-    first = {}
+    first: dict[str, list[int]] = {}
     for text, row in zip(report.attacks, report.tokens, strict=True):
         first.setdefault(text, row)
     rows = [first[x] for x in kept]
@@ -198,15 +199,17 @@ def train_attacker(rt: RedTeaming, method: str, *, steps: int = 100, batch_size:
     if method == "icl":
         return None
     if method == "sft":
-        rows = [rt.attacker.encode(x)[: t.max_new_tokens - 1] + [t.stop_token_id] for x in SEED_ATTACKS]
+        rows = [rt.attacker.encode(x)[: t.max_new_tokens - 1] + [cast(int, t.stop_token_id)] for x in SEED_ATTACKS]
         return finetune(t, "sft", data=rows, steps=steps, **common)
     if method.startswith("reinforce"):
         if method == "reinforce+novelty":
-            t = Target(t.model, t.prompt_ids, t.potential * Novelty(t.model, weight=novelty, stop=t.stop_token_id),
+            t = Target(t.model, t.prompt_ids,
+                       cast(Potential, t.potential) * Novelty(t.model, weight=novelty, stop=t.stop_token_id),
                        max_new_tokens=t.max_new_tokens, stop=t.stop_token_id)
         return finetune(t, "reinforce", steps=steps, **common)
     if stage1_dir is not None and Path(stage1_dir, CONFIG_NAME).exists():
-        stage1 = Trained(LoRAPolicy.from_pretrained(t.model, stage1_dir), [])  # the caller keyed the folder to these settings
+        # the caller keyed the folder to these settings
+        stage1 = Trained(LoRAPolicy.from_pretrained(cast(HFModel, t.model), stage1_dir), [])
     else:
         stage1 = finetune(t, "tb", steps=steps, reward_temperature=(2.0, 1.0), anneal_steps=max(1, steps // 2),
                           replay_size=1000, **common)
@@ -254,6 +257,7 @@ def red_teaming(attacker: LanguageModel | None = None, victim: LanguageModel | V
     return RedTeaming(attacker, victim, reward, target, list(transfer))
 
 
-red_teaming.mle_stage = mle_stage
-red_teaming.filter_attacks = filter_attacks
-red_teaming.train_attacker = train_attacker
+# the stages, reachable from the entry point as attributes (mypy does not type attributes set on a function)
+red_teaming.mle_stage = mle_stage  # type: ignore[attr-defined]
+red_teaming.filter_attacks = filter_attacks  # type: ignore[attr-defined]
+red_teaming.train_attacker = train_attacker  # type: ignore[attr-defined]

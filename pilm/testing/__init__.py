@@ -80,7 +80,7 @@ def check_proposal(proposal, target: Target, n: int = 2, steps: int = 3) -> None
     model = target.model
     proposal.begin([target], n)
     state = model.start(target.prompt_ids, n)
-    prefixes = [()] * n
+    prefixes: list[tuple[int, ...]] = [()] * n
     for _ in range(min(steps, target.max_new_tokens - 2)):  # room for the hold step, before the horizon
         tokens = _next(_proposed(proposal, state, prefixes), target)
         proposal.advance(tokens.to(model.device))

@@ -63,7 +63,8 @@ class _OnDevice(torch.Tensor):
         out.elem = elem
         return out
 
-    def __repr__(self) -> str:  # printing reads the values: a transfer to the host on a GPU
+    # printing reads the values: a transfer to the host on a GPU
+    def __repr__(self) -> str:  # type: ignore[override]  # Tensor.__repr__ also takes tensor_contents=
         return f"{self.elem!r} on {DEVICE}"
 
     def tolist(self):
@@ -80,13 +81,15 @@ class _OnDevice(torch.Tensor):
 class _Generator(torch._C.Generator):
     """``torch.Generator`` inside the mode: a CPU generator that says ``fakegpu:0`` when made for it."""
 
+    _fake: bool
+
     def __new__(cls, device: str | torch.device = "cpu"):
-        self = super().__new__(cls, "cpu")
+        self = super().__new__(cls, "cpu")  # type: ignore[call-arg]  # torch's stub omits Generator.__new__(device)
         self._fake = torch.device(device).type == DEVICE.type
         return self
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> torch.device:  # type: ignore[override]  # torch's stub declares device a plain attribute
         return DEVICE if self._fake else _HOST
 
 

@@ -44,6 +44,7 @@ class ExactTwist(TwistFunction):
         self.table, self.vocab_size = table, vocab_size
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
+        assert prefixes is not None  # needs_prefixes: the sampler gives them
         return torch.tensor(
             [[self.table.get(p + (v,), -math.inf) for v in range(self.vocab_size)] for p in prefixes],
             dtype=torch.float32,
@@ -66,7 +67,8 @@ class TableTwist(nn.Module, TwistFunction):
     def __init__(self, target: Target, init: dict[tuple[int, ...], float] | None = None, output: str = "log"):
         super().__init__()
         self.output = output
-        prefixes = sorted({s[:t] for s in enumerate_target(target).tokens for t in range(len(s))})
+        # every prefix, the complete sequences too: a finished row waiting at its boundary is still asked
+        prefixes = sorted({s[:t] for s in enumerate_target(target).tokens for t in range(len(s) + 1)})
         self.index = {p: i for i, p in enumerate(prefixes)}
         V = target.model.vocab_size
         values = torch.zeros(len(prefixes), V)
@@ -78,5 +80,6 @@ class TableTwist(nn.Module, TwistFunction):
         self.values = nn.Parameter(values)
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
+        assert prefixes is not None  # needs_prefixes: the sampler gives them
         values = self.values[torch.tensor([self.index[p] for p in prefixes], dtype=torch.long)]
         return torch.nn.functional.logsigmoid(values) if self.output == "log_sigmoid" else values

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,7 +75,7 @@ class Twist(nn.Module, TwistFunction):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
         if config.init == "base":
-            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(cast(nn.Linear, self.net[-1]).weight)
         if config.kind == "tied":
             self.token_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.output = config.output
@@ -133,7 +133,7 @@ class Twist(nn.Module, TwistFunction):
             out = (self.net(x) * self._tied_embeddings()[tokens]).sum(-1) / self.config.hidden_size**0.5
             out = out + self.token_bias[tokens]
         else:
-            last = self.net[-1]
+            last = cast(nn.Linear, self.net[-1])
             out = (self.net[:-1](x) * last.weight[tokens]).sum(-1) + last.bias[tokens]
         return nn.functional.logsigmoid(out) if self.config.output == "log_sigmoid" else out
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..models.base import ModelState
 from ..models.hf import HFModel
 from .base import Prefixes, TwistFunction
 from .head import Twist, TwistConfig
@@ -35,13 +37,14 @@ class LoRATwist(nn.Module, TwistFunction):
     stateful = True
 
     def __init__(self, model: HFModel, *, rank: int = 4, alpha: int | None = None, dropout: float = 0.0,
-                 target_modules: list[str] | None = None, kind: str = "mlp", layers: int = 3, output: str = "log",
-                 init: str = "xavier", conditional: bool = False):
+                 target_modules: list[str] | None = None, kind: Literal["linear", "mlp", "tied"] = "mlp", layers: int = 3,
+                 output: Literal["log", "log_sigmoid"] = "log", init: Literal["xavier", "base"] = "xavier",
+                 conditional: bool = False):
         from peft import LoraConfig, get_peft_model
 
         super().__init__()
-        self.lora = {"rank": rank, "alpha": alpha or 2 * rank, "dropout": dropout,
-                     "target_modules": target_modules or ["q_proj", "v_proj"]}
+        self.lora: dict[str, Any] = {"rank": rank, "alpha": alpha or 2 * rank, "dropout": dropout,
+                                     "target_modules": target_modules or ["q_proj", "v_proj"]}
         body = get_peft_model(copy.deepcopy(model.hf), LoraConfig(
             r=rank, lora_alpha=self.lora["alpha"], lora_dropout=dropout, target_modules=self.lora["target_modules"]))
         self.adapted = body  # registered as a submodule, so the adapters are parameters of the twist
@@ -51,19 +54,22 @@ class LoRATwist(nn.Module, TwistFunction):
                                       init=init, model_name=model.name, conditional=conditional))
         self.head.attach(model)  # a tied head scores against the (frozen) output embeddings
         self.output = output
-        self._state = None
+        self._state: ModelState | None = None
 
     # -- stepping in lock-step with the model ------------------------------------------
     def begin(self, targets, n: int) -> None:
         self._state = self.body.start_many([t.prompt_ids for t in targets], n)
 
     def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
+        assert self._state is not None  # begin() came first
         self._state = self.body.advance(self._state, tokens, hold=hold)
 
     def reindex(self, idx: Tensor) -> None:
+        assert self._state is not None  # begin() came first
         self._state = self.body.reindex(self._state, idx)
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
+        assert self._state is not None  # begin() came first
         return self.head(self._state.hidden, condition)
 
     def condition_for(self, target) -> Tensor | None:

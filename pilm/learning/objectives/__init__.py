@@ -8,6 +8,7 @@ learned).
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from .batch import TwistBatch
 from .ctl import ctl
@@ -28,7 +29,7 @@ class Objective:
     loss: Callable
     needs_logprobs: bool = False
     needs_base_samples: bool = False
-    twist_output: str = "log"
+    twist_output: Literal["log", "log_sigmoid"] = "log"
 
 
 OBJECTIVES: dict[str, Objective] = {

@@ -39,6 +39,7 @@ class TwistBatch:
         """log psi_t(s_{1:t}) at the drawn tokens, (K, T), 0 at padding."""
         picked = self.log_psi_drawn
         if picked is None:
+            assert self.log_psi_all is not None  # a batch carries one of the two
             picked = self.log_psi_all.gather(-1, self.tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return picked.masked_fill(~self.mask, 0.0)
 

@@ -14,6 +14,7 @@ def dpg(batch: TwistBatch, base: TwistBatch | None = None) -> Tensor:
     SIS-weighted twisted samples. Zero in expectation at psi*, where q^psi = sigma."""
     if batch.log_p0_all is None:
         raise ValueError("the dpg objective needs log p0 of every token (log_p0_all)")
+    assert batch.log_psi_all is not None  # the trainer scores every token for dpg
     log_q = torch.log_softmax(batch.log_p0_all + batch.log_psi_all, -1)
     picked = log_q.gather(-1, batch.tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     per_sequence = (picked * batch.mask).sum(1)

@@ -15,6 +15,7 @@ def rl(batch: TwistBatch, base: TwistBatch | None = None) -> Tensor:
     loss and its gradient are zero there. Samples from the twisted proposal."""
     if batch.log_p0_all is None:
         raise ValueError("the rl objective needs log p0 of every token (log_p0_all)")
+    assert batch.log_psi_all is not None  # the trainer scores every token for rl
     soft_next = torch.logsumexp(batch.log_p0_all + batch.log_psi_all.detach(), -1)  # (K, T): value of s_{<t+1}
     target = torch.full_like(batch.log_p0, LOG_FLOOR)
     target[:, :-1] = soft_next[:, 1:]
