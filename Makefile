@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
+.PHONY: install demo test docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
 
 install: $(STAMP)
 
@@ -65,6 +65,11 @@ experiment-scale: $(STAMP)
 # Do learned twists pay off? Gap on log Z against training time, twisted K = 16 vs bootstrap
 # K = 16, 64, 256, for infilling and a rare toxicity event (resumable: rerun to continue).
 # Stages cut to what one session afforded with both running at once (1,984 s and 952 s of training).
+# Twists without training (look-ahead prefix score, exact last step) on docs/payoff's targets and exact samples.
+experiment-analytic-twists: $(STAMP)
+	$(PY) experiments/analytic_twists.py --target infilling --out docs/payoff/analytic_infilling
+	$(PY) experiments/analytic_twists.py --target toxicity --out docs/payoff/analytic_toxicity --alphas 1
+
 experiment-payoff: $(STAMP)
 	$(PY) experiments/payoff.py --target infilling --out docs/payoff/infilling --stages 0,50,150
 	$(PY) experiments/payoff.py --target toxicity --out docs/payoff/toxicity --stages 0,50,75

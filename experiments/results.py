@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import analytic_twists
 import bounds
 import finetune
 import latent
@@ -48,6 +49,7 @@ def scale(folder: Path) -> dict[str, str]:
 
 
 KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
+    "analytic": lambda f: {"results.md": analytic_twists.table(rows(f))},
     "bench": lambda f: {"results.md": bench_table(json.loads((f / "bench.json").read_text()))},
     "bounds": lambda f: {"results.md": bounds.table(rows(f))},
     "finetune": lambda f: {"results.md": finetune.table(rows(f, "results_*.jsonl"))},

@@ -83,6 +83,8 @@ class TargetConfig(Config):
     chat: bool = arg(False, "wrap the prompt in the model's chat template")
     potential: tuple[str, ...] = arg((), "a potential spec (repeat to multiply them)", repeat=True)
     max_new_tokens: int = arg(32, "horizon T: a completion ends at EOS or after T tokens", low=1)
+    lookahead: float = arg(0.0, "alpha of a suffix: potential's look-ahead prefix score alpha log p(suffix | prompt, "
+                                "prefix) (0: none)", low=0)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class SMCConfig(Config):
     proposal_beta: float = arg(1.0, "with a twist, propose from p0 psi^beta (0: p0 with twisted weights)", low=0)
     mask: bool = arg(False, "draw only tokens that keep the potential's hard constraints (regex, json, grammar) "
                             "satisfiable, weighted by their mass (the masked proposal)")
+    exact_last: int = arg(0, "score phi for the M likeliest last tokens and draw each particle's last token from "
+                             "p0 phi there (the exact-last-step proposal; 0: off)", low=0)
     on_extinction: Literal["warn", "raise", "return"] = arg(
         "warn", "when every particle dies: warn and return Z-hat = 0 unless shown impossible, raise, or return")
     seed: int = arg(0, "random seed (same seed, same run on the same machine)")

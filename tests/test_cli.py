@@ -67,6 +67,9 @@ def one_line_error(capsys, argv, match):
     (["red-team", "--method", "ppo"], "argument --method: invalid choice: 'ppo'"),
     (["red-team", "--beta", "0"], "--beta must be > 0, got 0"),
     (["red-team", "--threshold", "2"], "--threshold must be in [0, 1], got 2"),
+    (["sample", "--lookahead", "0.5"], "--lookahead scores a suffix: potential ahead"),
+    (["sample", "--potential", "suffix:x", "--lookahead", "-1"], "--lookahead must be >= 0, got -1"),
+    (["sample", "--exact-last", "-2"], "--exact-last must be >= 0, got -2"),
 ])
 def test_every_mistake_is_one_line_exit_2_before_the_model_loads(capsys, no_model, argv, match):
     one_line_error(capsys, argv, match)
@@ -157,6 +160,10 @@ def test_a_run_says_what_it_did(capsys, table_model):
     out = capsys.readouterr().out
     assert "masked proposal" in out
     assert all(line.rstrip("'").endswith("c") for line in out.split("top samples")[1].splitlines()[1:3])
+    assert main(["sample", "--prompt", "a", "--potential", "suffix:ab", "--lookahead", "0.5", "--exact-last", "3",
+                 "--n-particles", "4", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "suffix('ab')^lookahead 0.5" in out and "proposal exact-last (top 3)" in out
 
 
 def test_train_twist_writes_a_small_twist_that_knows_its_target(capsys, table_model, tmp_path):

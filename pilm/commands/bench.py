@@ -123,18 +123,7 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
                   on_extinction="return")
         return sum(len(t) for t in res.tokens), len(res.resampled_at)
 
-    mask_seconds = []
-    potential = cast(Regex, target.potential)  # the Regex above
-    allowed_next = potential.allowed_next
-
-    def timed_allowed_next(seqs, stop=None):  # the masked leg's mask time, measured where it is spent
-        t0 = time.perf_counter()
-        out = allowed_next(seqs, stop)
-        mask_seconds.append(time.perf_counter() - t0)
-        return out
-
-    potential.allowed_next = timed_allowed_next  # type: ignore[method-assign]  # timed on this one instance
-
+    mask_seconds = _timed_masks(cast(Regex, target.potential))
     trained = train_twist(target, "ctl", steps=1, batch_size=32, lr=1e-3, seed=0, progress=False)
     twist, ctl_step_seconds = trained.model, trained.history[-1]["seconds"]
     head_update_seconds = _head_update_seconds(target, twist)
@@ -183,11 +172,7 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         "smc_resampling_steps": resamples,
         "n_particles": n_particles,
         "new_tokens": new_tokens,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "machine": cpu_key(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0],
+        **_machine(model),
         **_in_a_fresh_process("batched_prompts"),
         **_in_a_fresh_process("particle_filter_vs_generate"),
         **many_particles(model),
@@ -195,6 +180,28 @@ def run_benchmark(n_particles: int = 64, new_tokens: int = 32, repeats: int = 2,
         **finetune_vs_trl(),
         **host_work(),
     }
+
+
+def _timed_masks(potential) -> list[float]:
+    """The masked leg's mask time, measured where it is spent: this one potential's
+    ``allowed_next`` is wrapped, and the list it returns fills with each call's seconds."""
+    seconds: list[float] = []
+    allowed_next = potential.allowed_next
+
+    def timed(seqs, stop=None):
+        t0 = time.perf_counter()
+        out = allowed_next(seqs, stop)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    potential.allowed_next = timed  # type: ignore[method-assign]  # timed on this one instance
+    return seconds
+
+
+def _machine(model) -> dict:
+    """What the ratios were measured on: the dtype, the CPU, torch, threads and the load."""
+    return {"dtype": str(model.dtype).removeprefix("torch."), "machine": cpu_key(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0]}
 
 
 def _head_update_seconds(target, twist, batch_size: int = 32, repeats: int = 5) -> float:

@@ -63,18 +63,24 @@ def _run_sample(tc: TargetConfig, sc: SMCConfig, out: SampleOutput) -> int:
 def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
     from .. import smc
     from ..evaluation.plots import plot_ess
-    from ..models import LoRAPolicy
+    from ..models import LanguageModel, LoRAPolicy
     from ..potentials.likelihood import suffix_of
+    from ..proposals import ExactLastProposal, Proposal, make_proposal
     from ..twists import Twist
 
     twist = Twist.from_pretrained(out.twist, target.model) if out.twist else None
     if sc.mask and target.potential is None:
         note("--mask without a --potential: there is no constraint to mask")
     policy = LoRAPolicy.from_pretrained(target.model, out.adapter) if out.adapter else None  # shares the weights
-    res = smc(target, sc.n_particles, twist=twist, proposal="masked" if sc.mask else policy,
+    proposal: str | LanguageModel | Proposal | None = "masked" if sc.mask else policy
+    if sc.exact_last:  # the last token from p0 phi, whatever proposes before it
+        proposal, twist = ExactLastProposal(make_proposal(twist, proposal, sc.proposal_beta), top_m=sc.exact_last), None
+    res = smc(target, sc.n_particles, twist=twist, proposal=proposal,
               proposal_beta=sc.proposal_beta, resample=sc.resample, ess_threshold=sc.ess_threshold, seed=sc.seed,
               on_extinction=sc.on_extinction)
-    if policy is not None:
+    if sc.exact_last:
+        how = f"proposal {res.info['proposal']}"
+    elif policy is not None:
         how = f"proposals from the fine-tuned policy {out.adapter}, weighted to sigma"
     elif sc.mask:
         how = "masked proposal: only tokens that keep the constraint satisfiable" + (", twisted" if twist else "")

@@ -247,6 +247,8 @@ def check_together(made) -> None:
             spec.startswith(HARD_CONSTRAINTS) for spec in target.potential):
         raise ValueError("--mask: no --potential is a hard constraint (regex:, json:, grammar:), so there is "
                          "nothing to mask; leave out --mask")
+    if target and target.lookahead and not any(spec.startswith("suffix:") for spec in target.potential):
+        raise ValueError("--lookahead scores a suffix: potential ahead; give one with --potential suffix:TEXT")
     if job and job.task and target and (target.prompt or target.potential):
         raise ValueError(f"--task {job.task} brings its own prompt and potential: leave out --prompt and --potential")
     if out and out.adapter and ((smc and smc.mask) or out.twist):

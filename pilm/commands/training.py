@@ -27,7 +27,7 @@ def target_from_flags(tc: TargetConfig):
     if not tc.potential:
         note("no --potential: phi = 1, so this is plain sampling from the model (Z = 1)")
     potential = None
-    for p in (parse_potential(spec, model) for spec in tc.potential):
+    for p in (parse_potential(spec, model, lookahead=tc.lookahead) for spec in tc.potential):
         potential = p if potential is None else potential * p
     return Target(model, tc.prompt, potential, max_new_tokens=tc.max_new_tokens, chat=tc.chat)
 

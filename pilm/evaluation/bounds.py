@@ -191,6 +191,7 @@ def bounds(
     methods: Sequence[str] = BoundsConfig.methods,
     seed: int = BoundsConfig.seed,
     max_draws: int = BoundsConfig.max_draws,
+    use_prefix: bool = False,
     progress: bool = True,
 ) -> BoundsReport:
     """Lower and upper bounds on log Z for each sampler, K and method, with KL estimates
@@ -198,7 +199,9 @@ def bounds(
     (the base model), a twist, or a language model (scored on the target's tokens).
     ``exact_samples``: how to draw them (see ``exact_sigma_samples``), or the (target, sample)
     pairs it returned, one per seed: bounds computed in several calls then share them (rejection
-    at a small Z is costly) and their per-seed gaps pair."""
+    at a small Z is costly) and their per-seed gaps pair. ``use_prefix``: the samplers also
+    weigh by the potential's prefix score (e.g. ``SuffixLikelihood(lookahead=alpha)``'s
+    look-ahead); by default a sampler is its proposal alone."""
     from tqdm.auto import tqdm
 
     samplers = dict(samplers or {"base": None})
@@ -223,9 +226,9 @@ def bounds(
         for name, sampler, k, method in work:
             proposal, threshold = as_proposal(sampler), METHODS[method]
             lower = run_smc(target_i, k, g, proposal=proposal, ess_threshold=threshold, resample="multinomial",
-                            use_prefix=False, on_extinction="return")
+                            use_prefix=use_prefix, on_extinction="return")
             upper = run_smc(target_i, k, g, reference=reference, proposal=proposal, ess_threshold=threshold,
-                            resample="multinomial", use_prefix=False, on_extinction="return")
+                            resample="multinomial", use_prefix=use_prefix, on_extinction="return")
             cell = cells.setdefault((name, k, method), {"lower": [], "upper": [], "ess": [], "ancestors": []})
             cell["lower"].append(lower.log_z)
             cell["upper"].append(upper.log_z)

@@ -77,6 +77,7 @@ def run(targets: Sequence[Target], n: int, sampler: Sampler, generators: Sequenc
                     on_extinct(g, info.t, int(info.died[g]))
             steps.append(info)
             bar.update(1)
+    compute.update(sampler.proposal.compute)
     return Run(particles, steps, compute, time.perf_counter() - started)
 
 

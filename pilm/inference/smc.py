@@ -204,7 +204,8 @@ def run_smc(
                 trace.finish(boundary.rows[boundary.finished], boundary.log_psi_now[boundary.finished])
         meta = {**(info or {}), "resample": getattr(scheme, "__name__", str(resample)),
                 "ess_threshold": ess_threshold, "proposal": prop.name, "reference": references is not None,
-                "seconds": done.seconds, "batch_targets": len(batch)}
+                "seconds": done.seconds, "batch_targets": len(batch),
+                "compute": {k: v / len(batch) for k, v in done.compute.items()}}  # this target's share
         results += [_result(done.particles, done.steps, g, tg, meta) for g, tg in enumerate(batch)]
     return results[0] if single else results
 

@@ -17,11 +17,21 @@ class SuffixLikelihood(Potential):
     given the ending. Scored in one batched forward of ``model``. When ``model`` is the
     target's model, token ids are used as they are (an EOS inside s stays in the context);
     another model re-tokenises the prompt and completion text.
+
+    ``lookahead`` = alpha > 0 gives it a prefix score, the look-ahead twist
+    log psi_t(s_{1:t}) = alpha · log p(suffix | prompt + s_{1:t}): "the ending could follow
+    now", tempered. phi itself stays untempered, so Z-hat stays unbiased for any alpha; the
+    twist only moves where the particles go. It costs one scoring forward of every particle's
+    context and ending at every step (alpha = 0, the default: none, and no prefix score).
     """
 
-    def __init__(self, model: LanguageModel, suffix: str | Sequence[int]):
+    def __init__(self, model: LanguageModel, suffix: str | Sequence[int], lookahead: float = 0.0):
         if not len(suffix):
             raise ValueError("SuffixLikelihood needs a non-empty suffix")
+        if not (isinstance(lookahead, (int, float)) and 0 <= lookahead < float("inf")):
+            raise ValueError(f"lookahead must be a number >= 0, got {lookahead!r}")
+        self.lookahead = float(lookahead)
+        self.has_prefix = self.lookahead > 0
         if isinstance(suffix, str):
             self.suffix, self.suffix_ids = suffix, model.encode(suffix)
         else:  # token ids, e.g. an ending sampled from the model
@@ -31,7 +41,7 @@ class SuffixLikelihood(Potential):
 
     @property
     def name(self) -> str:
-        return f"suffix({self.suffix!r})"
+        return f"suffix({self.suffix!r})" + (f"^lookahead {self.lookahead:g}" if self.lookahead else "")
 
     def log_phi(self, seqs: Sequences) -> Tensor:
         if seqs.model is self.model:
@@ -40,6 +50,10 @@ class SuffixLikelihood(Potential):
             prompt = self.model.encode_prompt(seqs.prompt_text)
             ctx = [self.model.context(prompt) + self.model.encode(t) for t in seqs.texts]
         return self.model.score([c + self.suffix_ids for c in ctx], [len(c) for c in ctx])
+
+    def log_prefix(self, seqs: Sequences) -> Tensor:
+        """alpha · log p(suffix | prompt + prefix) (the class docstring's look-ahead twist)."""
+        return self.lookahead * self.log_phi(seqs)
 
 
 class ModelLikelihood(Potential):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import regex
 
@@ -17,7 +16,8 @@ from .likelihood import SuffixLikelihood
 SPEC_HELP = (
     "regex:PATTERN (completion must full-match), json:SCHEMA|FILE (a JSON document valid under the "
     "schema), grammar:EBNF|FILE (derived from the grammar's root rule), sentiment:positive|negative[:BETA], "
-    "toxicity:clean|toxic[:BETA], suffix:TEXT (infilling: likelihood of TEXT after the completion)"
+    "toxicity:clean|toxic[:BETA], suffix:TEXT (infilling: likelihood of TEXT after the completion; "
+    "--lookahead ALPHA gives it a look-ahead prefix score)"
 )
 
 
@@ -59,7 +59,6 @@ _KINDS: dict[str, Callable[[str, LanguageModel | None], Potential]] = {
     "grammar": lambda arg, model: Grammar(_inline_or_file(arg, "::=" in arg, "EBNF grammar with a root ::= rule")),
     "sentiment": _classifier(Sentiment),
     "toxicity": _classifier(Toxicity),
-    "suffix": lambda arg, model: SuffixLikelihood(cast(LanguageModel, model), arg),  # only built with a model
 }
 
 
@@ -68,7 +67,7 @@ def check_spec(spec: str) -> None:
     argument (a pattern that compiles, a known label, a numeric BETA), all checked without
     loading a model."""
     kind, sep, arg = spec.partition(":")
-    if kind not in _KINDS or not sep:
+    if (kind not in _KINDS and kind != "suffix") or not sep:
         raise ValueError(f"unknown potential spec {spec!r}; known: {SPEC_HELP}")
     if not arg:
         raise ValueError(f"potential spec {spec!r}: nothing after '{kind}:'; known: {SPEC_HELP}")
@@ -79,8 +78,11 @@ def check_spec(spec: str) -> None:
             raise ValueError(f"potential spec {spec!r}: {err}") from None
 
 
-def parse_potential(spec: str, model: LanguageModel) -> Potential:
-    """A potential from ``KIND:ARGUMENT`` (see ``SPEC_HELP``)."""
+def parse_potential(spec: str, model: LanguageModel, *, lookahead: float = 0.0) -> Potential:
+    """A potential from ``KIND:ARGUMENT`` (see ``SPEC_HELP``); ``lookahead``: the alpha of a
+    ``suffix:`` potential's look-ahead prefix score (``SuffixLikelihood``)."""
     check_spec(spec)
     kind, _, arg = spec.partition(":")
+    if kind == "suffix":  # the one kind built with the model
+        return SuffixLikelihood(model, arg, lookahead=lookahead)
     return _KINDS[kind](arg, model)

@@ -1,0 +1,132 @@
+"""The exact-last-step proposal and the look-ahead suffix twist, against exact enumeration.
+
+The target: a random 5-token table (EOS = 4), prompt "a", horizon 3, and a potential that
+reads the last token: phi = exp(0.9 [last is "a"] - 0.7 [last is "b"] + 0.2 #c) and 0 when the
+text ends in "d" (asymmetric, with zeros the floor must step around).
+"""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from scipy import stats
+
+import pilm
+from pilm.models import TabularLM
+from pilm.potentials import FunctionPotential, SuffixLikelihood
+from pilm.proposals import ExactLastProposal, MaskedProposal
+
+from .conftest import mean_and_se
+
+RUNS = 600
+N = 8
+
+
+def last_token_phi(t) -> float:
+    text = "".join("abcd"[i] for i in t if i < 4)
+    if text.endswith("d"):
+        return -math.inf
+    return 0.9 * text.endswith("a") - 0.7 * text.endswith("b") + 0.2 * text.count("c")
+
+
+@pytest.fixture
+def target():
+    model = TabularLM.random(5, seed=11, eos_id=4)
+    return pilm.Target(model, "a", FunctionPotential(last_token_phi, on="tokens", name="last"), max_new_tokens=3)
+
+
+def ratios(target, **kw):
+    z = math.exp(pilm.exact.log_z(target))
+    runs = pilm.smc([target] * RUNS, N, seed=0, progress=False, on_extinction="return", **kw)
+    return [math.exp(r.log_z) / z for r in runs], runs
+
+
+def test_with_every_token_scored_the_last_weight_is_z(target):
+    """Horizon 1 and top_m >= V: q = p0 phi / Z exactly, so every particle's weight is Z and
+    log Z-hat = log Z on every run (zero variance: any error in q shows)."""
+    one = pilm.Target(target.model, "a", target.potential, max_new_tokens=1)
+    log_z = pilm.exact.log_z(one)
+    for seed in range(5):
+        res = pilm.smc(one, 6, proposal=ExactLastProposal(top_m=5), ess_threshold=0.0, seed=seed, progress=False)
+        assert res.log_z == pytest.approx(log_z, abs=1e-5)
+        assert max(res.log_weights) - min(res.log_weights) < 1e-5
+        assert res.info["compute"]["exact_last_sequences"] == 6 * 5  # 6 rows x 5 candidates, one call
+
+
+@pytest.mark.parametrize("top_m, threshold", [(2, 0.0), (2, 0.5), (5, 0.5)])
+def test_z_hat_stays_unbiased_with_a_floor_under_the_unscored_tokens(target, top_m, threshold):
+    r, _ = ratios(target, proposal=ExactLastProposal(top_m=top_m), ess_threshold=threshold)
+    mean, se = mean_and_se(r)
+    # 4 SE: a false alarm 6e-5; se < 0.025 puts a 10% bias beyond 4 SE (measured se 0.01-0.02)
+    assert se < 0.025, f"too few runs to detect a 10% bias: se={se:.4f}"
+    assert abs(mean - 1) < 4 * se, f"mean Zhat/Z = {mean:.4f} ± {se:.4f}"
+
+
+def test_its_log_q_is_a_distribution_and_lowers_the_last_weights_spread(target):
+    """Enumerated with the proposal, q sums to 1 over the completions and is positive wherever
+    sigma is; KL(sigma || q) falls below the base model's."""
+    e = pilm.exact.enumerate_target(target, proposal=ExactLastProposal(top_m=2))
+    q = e.log_q.exp()
+    assert float(q.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert bool((q[e.log_sigma > -math.inf] > 0).all())
+    base = pilm.exact.enumerate_target(target, proposal=pilm.proposals.BaseProposal())
+    assert e.kl_sigma_q() < base.kl_sigma_q() - 0.05
+
+
+def test_samples_follow_sigma(target):
+    """E[Z-hat · w_k 1{s_k = s}] = p0(s) phi(s) for every sequence: each cell's mean over runs
+    against the exact value, a chi-square from the runs' own standard errors."""
+    e = pilm.exact.enumerate_target(target)
+    gamma = dict(zip(e.tokens, torch.exp(e.log_sigma_unnormalized).tolist(), strict=True))
+    _, runs = ratios(target, proposal="exact-last", ess_threshold=0.5)
+    cells: dict = {s: [] for s in gamma}
+    for res in runs:
+        mass: Counter = Counter()
+        for w, toks in zip(res.weights, res.tokens, strict=True):
+            mass[tuple(toks)] += w
+        for s in cells:
+            cells[s].append(math.exp(res.log_z) * mass[s])
+    chi2, dof = 0.0, 0
+    for s, values in cells.items():
+        mean, se = mean_and_se(values)
+        if gamma[s] > 1e-3 and se > 0:
+            chi2 += ((mean - gamma[s]) / se) ** 2
+            dof += 1
+    assert dof >= 10
+    assert stats.chi2.sf(chi2, dof) > 1e-3, f"chi2={chi2:.1f} on {dof} cells"
+
+
+def test_it_composes_with_a_mask_and_names_itself(target):
+    regex = pilm.potentials.Regex("[abc]*")  # no "d": the mask and phi agree
+    masked = pilm.Target(target.model, "a", target.potential * regex, max_new_tokens=3)
+    proposal = pilm.proposals.make_proposal(proposal="masked+exact-last")
+    assert isinstance(proposal, ExactLastProposal) and isinstance(proposal.inner, MaskedProposal)
+    r, runs = ratios(masked, proposal=proposal, ess_threshold=0.5)
+    mean, se = mean_and_se(r)
+    assert se < 0.025 and abs(mean - 1) < 4 * se, f"mean Zhat/Z = {mean:.4f} ± {se:.4f}"
+    assert all("d" not in s for res in runs for s in res.samples)
+    assert runs[0].info["proposal"] == "exact-last (top 16) + masked"
+    with pytest.raises(ValueError, match="top_m must be a positive integer"):
+        ExactLastProposal(top_m=0)
+    with pytest.raises(ValueError, match="'exact-last'"):
+        pilm.smc(target, 2, proposal="exact-lats", progress=False)
+
+
+def test_the_lookahead_suffix_twist_keeps_z_hat_unbiased_and_phi_untempered():
+    """SuffixLikelihood(lookahead=alpha): phi unchanged, a prefix score alpha log p(suffix | prefix),
+    and twisted SMC with it stays unbiased for Z = E_p0[p(suffix | s)]."""
+    model = TabularLM.random(4, seed=2, eos_id=3)
+    plain = SuffixLikelihood(model, "ab")
+    ahead = SuffixLikelihood(model, "ab", lookahead=0.5)
+    assert not plain.has_prefix and ahead.has_prefix and "lookahead 0.5" in ahead.name
+    target = pilm.Target(model, "a", ahead, max_new_tokens=3)
+    seqs = target.sequences([[0, 1], [2]])
+    assert torch.allclose(ahead.log_prefix(seqs), 0.5 * plain.log_phi(seqs))
+    assert pilm.exact.log_z(target) == pytest.approx(pilm.exact.log_z(pilm.Target(model, "a", plain,
+                                                                                   max_new_tokens=3)), abs=1e-6)
+    r, _ = ratios(target, ess_threshold=0.5)
+    mean, se = mean_and_se(r)
+    assert se < 0.025 and abs(mean - 1) < 4 * se, f"mean Zhat/Z = {mean:.4f} ± {se:.4f}"
+    with pytest.raises(ValueError, match="lookahead must be a number >= 0"):
+        SuffixLikelihood(model, "ab", lookahead=-1)
