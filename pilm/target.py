@@ -103,7 +103,12 @@ class Target:
         return Sequences(self.model, self.prompt_ids, [tuple(int(t) for t in s) for s in tokens])
 
     def is_complete(self, tokens: Sequence[int]) -> bool:
-        return len(tokens) == self.max_new_tokens or (bool(tokens) and tokens[-1] == self.stop_token_id)
+        """Whether ``tokens`` is a whole completion: it reaches the horizon, ends at the stop
+        token, or (with ``steps``) its last step ends the chain."""
+        if len(tokens) == self.max_new_tokens or (bool(tokens) and tokens[-1] == self.stop_token_id):
+            return True
+        return self.steps is not None and self.steps.chain_end(self.model.decode, list(tokens),
+                                                               self.stop_token_id) == len(tokens)
 
     def log_potential(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """log phi of completed sequences (0 without a potential), checked."""

@@ -130,3 +130,11 @@ def test_the_lookahead_suffix_twist_keeps_z_hat_unbiased_and_phi_untempered():
     assert se < 0.025 and abs(mean - 1) < 4 * se, f"mean Zhat/Z = {mean:.4f} ± {se:.4f}"
     with pytest.raises(ValueError, match="lookahead must be a number >= 0"):
         SuffixLikelihood(model, "ab", lookahead=-1)
+
+
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_it_keeps_the_proposal_protocol(target, horizon):
+    """pilm.testing.check_proposal: normalised, reindexed and held in lock-step with the model;
+    at horizon 1 the reindex is checked on the last token itself."""
+    short = pilm.Target(target.model, "a", target.potential, max_new_tokens=horizon)
+    pilm.testing.check_proposal(ExactLastProposal(top_m=2), short, n=3)

@@ -23,6 +23,8 @@ from pilm.potentials import FunctionPotential
 from pilm.prm import FunctionPRM, PRMError, ProcessReward, StepBatch
 from pilm.steps import Steps
 
+from .conftest import mean_and_se
+
 STEP = Steps(delimiter=2, max_steps=2, max_step_tokens=2)
 ONE_STEP = [(2,), (0, 2), (1, 2), (0, 0), (0, 1), (1, 0), (1, 1)]  # every possible step
 
@@ -91,6 +93,26 @@ def test_exact_enumeration_ends_chains_where_the_step_samplers_do():
     assert sum(ends.values()) == pytest.approx(1.0, abs=1e-5)
     res = pilm.self_consistency(final, 32, seed=0)
     assert set(map(tuple, res.tokens)) <= ends.keys()
+
+
+def test_token_smc_ends_chains_by_the_steps_too():
+    """One target, one sigma: token-level SMC and IS end a chain where its Steps do, so Z-hat
+    is unbiased for the enumerated Z, every sample is an enumerated chain, and bounds with
+    enumerated exact samples (complete by the step rules, not by EOS) run."""
+    phi = FunctionPotential(lambda t: math.log(table_score(t)), on="tokens", name="table")
+    target = toy(phi)
+    final = pilm.Target(target.model, [0], phi, max_new_tokens=4, steps=dataclasses.replace(STEP, final="^a+$"))
+    for t in (target, final):
+        enumerated = pilm.exact.distribution(t)
+        runs = pilm.smc([t] * 400, 8, seed=3, progress=False)
+        z = math.exp(pilm.exact.log_z(t))
+        mean, se = mean_and_se([math.exp(r.log_z) / z for r in runs])
+        assert se < 0.025 and abs(mean - 1) < 4 * se, f"mean Zhat/Z = {mean:.4f} ± {se:.4f}"
+        assert {tuple(s) for r in runs for s in r.tokens} <= enumerated.keys()
+        assert all(t.is_complete(list(s)) for s in enumerated)
+    report = pilm.bounds(final, n_particles=[4], seeds=4, exact_samples="enumerate", methods=["smc"], progress=False)
+    row = report.rows[0]
+    assert row["lower"] <= report.log_z_exact + 0.5 and row["upper"] >= report.log_z_exact - 0.5
 
 
 @pytest.mark.parametrize("threshold", [0.5, 1.0])

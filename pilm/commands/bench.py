@@ -194,7 +194,7 @@ def _timed_masks(potential) -> list[float]:
         seconds.append(time.perf_counter() - t0)
         return out
 
-    potential.allowed_next = timed  # type: ignore[method-assign]  # timed on this one instance
+    potential.allowed_next = timed  # timed on this one instance
     return seconds
 
 

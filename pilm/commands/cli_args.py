@@ -249,6 +249,8 @@ def check_together(made) -> None:
                          "nothing to mask; leave out --mask")
     if target and target.lookahead and not any(spec.startswith("suffix:") for spec in target.potential):
         raise ValueError("--lookahead scores a suffix: potential ahead; give one with --potential suffix:TEXT")
+    if target and target.lookahead and not smc:
+        raise ValueError("--lookahead is a prefix score that SMC resamples on: only pilm sample uses it")
     if job and job.task and target and (target.prompt or target.potential):
         raise ValueError(f"--task {job.task} brings its own prompt and potential: leave out --prompt and --potential")
     if out and out.adapter and ((smc and smc.mask) or out.twist):

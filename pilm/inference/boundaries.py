@@ -95,7 +95,7 @@ class StepBoundary(Boundary):
 
     def close(self, particles, live, finished) -> Tensor:
         more = torch.zeros(len(live), dtype=torch.bool)
-        spans = zip(live.tolist(), particles.step_start[live].tolist(), particles.lengths[live].tolist(), strict=True)
+        spans = zip(live.tolist(), self._starts(particles, live).tolist(), particles.lengths[live].tolist(), strict=True)
         for i, (row, lo, hi) in enumerate(spans):
             g = row // self.n
             ids = particles.tokens[row, lo:hi].tolist()
@@ -107,6 +107,10 @@ class StepBoundary(Boundary):
             more[i] = self.cuts[g].finishes(len(self.steps[row]), text)
         return more
 
+    def _starts(self, particles, live: Tensor) -> Tensor:
+        """Where each live row's open step began."""
+        return particles.step_start[live]
+
     def texts(self, live: Tensor) -> list[list[str]]:
         return [self.steps[row] for row in live.tolist()]
 
@@ -115,6 +119,43 @@ class StepBoundary(Boundary):
         self.steps = [list(self.steps[i]) for i in p]
         self.text = [self.text[i] for i in p]
         self.cut = self.cut[parents]
+
+
+class TokenStepBoundary(StepBoundary):
+    """A boundary after every token (token SMC) that still ends each chain where its target's
+    ``Steps`` say: after ``max_steps`` steps, or at a step stating the final answer, as the
+    step-level samplers and exact enumeration do, so that one target has one sigma. Rows of a
+    target without ``steps`` are never ended by it (``StepBoundary`` would give them ``Steps()``)."""
+
+    every_token, drops_dead, unit = True, False, "tok"
+
+    def begin(self, targets: Sequence[Target], n: int) -> None:
+        super().begin(targets, n)
+        self.active = torch.tensor([t.steps is not None for t in targets]).repeat_interleave(n)
+        self.start = torch.zeros(len(self.active), dtype=torch.long)  # where each row's open step began
+        self.closing = torch.zeros(len(self.active), dtype=torch.bool)  # its last token ended a step
+
+    def ends(self, rows, drawn, tokens, lengths, step_start, finished) -> Tensor:
+        self.closing[rows] = super().ends(rows, drawn, tokens, lengths, self.start, finished) & self.active[rows]
+        return torch.ones(len(rows), dtype=torch.bool)
+
+    def close(self, particles, live, finished) -> Tensor:
+        more = torch.zeros(len(live), dtype=torch.bool)
+        closing = self.closing[live] & ~finished
+        if closing.any():
+            more[closing] = super().close(particles, live[closing], finished[closing])
+            self.start[live[closing]] = particles.lengths[live[closing]]
+        return more
+
+    def _starts(self, particles, live: Tensor) -> Tensor:
+        return self.start[live]
+
+    def texts(self, live: Tensor) -> None:  # type: ignore[override]  # a token boundary keeps no step texts
+        return None
+
+    def select(self, parents: Tensor) -> None:
+        super().select(parents)
+        self.start = self.start[parents]
 
 
 def step_targets(target: Target | Sequence[Target], step) -> tuple[list[Target], bool]:

@@ -41,7 +41,7 @@ from ..target import Target
 from ..twists.base import TwistFunction
 from . import engine
 from .batch import as_list, chunks, seeded_generators
-from .boundaries import Boundary
+from .boundaries import Boundary, TokenStepBoundary
 from .critics import PrefixCritic
 from .extinction import Extinction, extinct
 from .particles import Particles, StepInfo
@@ -191,7 +191,8 @@ def run_smc(
     results = []
     for chunk in chunks(targets, n, max_rows):
         batch = [targets[g] for g in chunk]
-        sampler = engine.Sampler(prop, Boundary(), PrefixCritic(use_prefix), Resample(scheme, ess_threshold))
+        every = TokenStepBoundary() if any(t.steps is not None for t in batch) else Boundary()  # Steps end chains
+        sampler = engine.Sampler(prop, every, PrefixCritic(use_prefix), Resample(scheme, ess_threshold))
 
         def on_extinct(g: int, t: int, died: int, batch: list[Target] = batch) -> None:
             extinct(batch[g], t, died, n, on_extinction, used_prefix=use_prefix)

@@ -45,7 +45,8 @@ class Trained:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        return f"Trained(model={type(self.model).__name__}, history={len(self.history)} steps, extras={sorted(self.extras)})"
+        steps = f"{len(self.history)} step" + ("" if len(self.history) == 1 else "s")
+        return f"Trained(model={type(self.model).__name__}, history={steps}, extras={sorted(self.extras)})"
 
     def __getattr__(self, name: str):
         raise AttributeError(f"a Trained result has no {name!r}: the trained object is its .model "

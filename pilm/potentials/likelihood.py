@@ -28,7 +28,7 @@ class SuffixLikelihood(Potential):
     def __init__(self, model: LanguageModel, suffix: str | Sequence[int], lookahead: float = 0.0):
         if not len(suffix):
             raise ValueError("SuffixLikelihood needs a non-empty suffix")
-        if not (isinstance(lookahead, (int, float)) and 0 <= lookahead < float("inf")):
+        if isinstance(lookahead, bool) or not (isinstance(lookahead, (int, float)) and 0 <= lookahead < float("inf")):
             raise ValueError(f"lookahead must be a number >= 0, got {lookahead!r}")
         self.lookahead = float(lookahead)
         self.has_prefix = self.lookahead > 0

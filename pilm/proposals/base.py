@@ -48,10 +48,14 @@ class Proposal(ABC):
     in the weights instead of being replaced by it (a token mask)."""
 
     name: str = "proposal"
-    compute: dict[str, int] = {}  # what proposing cost this run beyond the model's forwards (e.g. potential calls)
     needs_prefixes: bool = False
     # With a log psi of its own, the potential's prefix scores still weight (a mask is not a twist)
     keeps_prefix_scores: bool = False
+
+    @property
+    def compute(self) -> dict[str, int]:
+        """What proposing cost this run beyond the model's forwards (e.g. potential calls)."""
+        return {}
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
         """Start ``n`` rows for each target, target-major (stateless proposals: nothing)."""

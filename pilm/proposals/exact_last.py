@@ -12,7 +12,9 @@ call per target, ``top_m`` sequences per row) and puts a floor c under the other
 and c = 1 where phi is 0 on every scored token. So q_T > 0 wherever p0 phi > 0, the last
 weight p0 phi / q_T = A phi(s v) / w(v) is A for every scored token, and Z-hat stays
 unbiased. Before the last token it proposes as ``inner`` does (p0, a twist, a token mask);
-at the last token a mask multiplies w. The sequences it scores are counted in ``compute``
+at the last token a mask multiplies w (a ``MaskedProposal``'s: the tokens it never proposes).
+A row is scored once at its last token (a row that waits there, in a step-level sampler, is
+not scored again). The sequences it scores are counted in ``compute``
 (``exact_last_sequences``), the price of the proposal in potential calls.
 """
 
@@ -27,6 +29,7 @@ from ..models.base import ModelState
 from ..target import Target
 from ..twists.base import Prefixes
 from .base import BaseProposal, Proposal, Proposed
+from .masked import MaskedProposal
 
 
 class ExactLastProposal(Proposal):
@@ -41,9 +44,15 @@ class ExactLastProposal(Proposal):
         self.keeps_prefix_scores = self.inner.keeps_prefix_scores
         plain = isinstance(self.inner, BaseProposal) and self.inner.temperature == 1.0
         self.name = f"exact-last (top {top_m})" + ("" if plain else f" + {self.inner.name}")
-        self.compute = {"exact_last_sequences": 0}
+        self._spent = {"exact_last_sequences": 0}
         self._targets: list[Target] = []
         self._groups = self._lengths = self._horizon = torch.zeros(0, dtype=torch.long)
+        self._scored = torch.zeros(0, dtype=torch.bool)  # rows whose last-token q is in _q
+        self._q: Tensor | None = None
+
+    @property
+    def compute(self) -> dict[str, int]:
+        return dict(self._spent)
 
     @property
     def needs_prefixes(self) -> bool:  # type: ignore[override]  # the last token's prefixes are scored
@@ -54,11 +63,12 @@ class ExactLastProposal(Proposal):
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
         self.inner.begin(targets, n)
-        self.compute = {"exact_last_sequences": 0}  # this run's
+        self._spent = {"exact_last_sequences": 0}  # this run's
         self._targets = list(targets)
         self._groups = torch.arange(len(targets)).repeat_interleave(n)
         self._horizon = torch.tensor([t.max_new_tokens for t in targets]).repeat_interleave(n)
         self._lengths = torch.zeros(len(self._groups), dtype=torch.long)
+        self._scored, self._q = torch.zeros(len(self._groups), dtype=torch.bool), None
 
     def propose(self, state: ModelState, prefixes: Prefixes | None) -> Proposed:
         last = self._at_last()
@@ -66,13 +76,19 @@ class ExactLastProposal(Proposal):
         if not last.any():
             return proposed
         assert prefixes is not None  # needs_prefixes is True at the last token
-        rows = last.nonzero().squeeze(1)
-        at = rows.to(state.logprobs.device)
-        log_p0 = state.logprobs[at].float()
-        if self.keeps_prefix_scores and proposed.log_psi is not None:  # a token mask stays a mask
-            log_p0 = log_p0 + proposed.log_psi[at].float()
+        if self._q is None or self._q.shape != proposed.log_q.shape:
+            self._q, self._scored = torch.empty_like(proposed.log_q), torch.zeros(len(last), dtype=torch.bool)
+        new = (last & ~self._scored).nonzero().squeeze(1)
+        if len(new):
+            at = new.to(state.logprobs.device)
+            log_p0 = state.logprobs[at].float()
+            if isinstance(self.inner, MaskedProposal):  # a token mask stays a mask
+                log_p0 = log_p0.masked_fill(torch.isneginf(proposed.log_q[at]), -torch.inf)
+            self._q[at] = self._last(log_p0, new, prefixes, proposed.log_q[at])
+            self._scored[new] = True
+        rows = last.nonzero().squeeze(1).to(self._q.device)
         log_q = proposed.log_q.clone()
-        log_q[at] = self._last(log_p0, rows, prefixes, proposed.log_q[at])
+        log_q[rows] = self._q[rows]
         return Proposed(log_q, proposed.log_psi)
 
     def _last(self, log_p0: Tensor, rows: Tensor, prefixes: Prefixes, fallback: Tensor) -> Tensor:
@@ -87,7 +103,7 @@ class ExactLastProposal(Proposal):
             seqs = [tuple(prefixes[int(rows[i])]) + (v,) for i in mine for v in candidates[i]]
             scores = self._targets[g].log_potential(seqs).float().view(len(mine), m)
             log_phi[mine] = scores.cpu()
-            self.compute["exact_last_sequences"] += len(seqs)
+            self._spent["exact_last_sequences"] += len(seqs)
         log_phi = log_phi.to(log_p0.device).masked_fill(torch.isneginf(top_lp), -torch.inf)
         scored = top_lp + log_phi
         floor = torch.logsumexp(scored, 1) - torch.logsumexp(top_lp, 1)  # log c: p0-weighted mean of phi
@@ -103,10 +119,12 @@ class ExactLastProposal(Proposal):
         self.inner.reindex(idx)
         host = idx.cpu()
         self._groups, self._lengths, self._horizon = self._groups[host], self._lengths[host], self._horizon[host]
+        self._scored = self._scored[host]
+        if self._q is not None:
+            self._q = self._q[idx.to(self._q.device)]
 
     def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
         self.inner.advance(tokens, hold)
-        if hold is None:
-            self._lengths += 1
-        else:
-            self._lengths += (~hold).long().cpu()
+        moved = torch.ones(len(self._lengths), dtype=torch.bool) if hold is None else ~hold.cpu()
+        self._lengths += moved.long()
+        self._scored &= ~moved  # a row that moved on is at another position
