@@ -65,6 +65,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
 
 FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent": "latent", "masked": "masked", "masks": "masks",
            "payoff/infilling": "payoff", "payoff/toxicity": "payoff", "payoff/toxicity_lr3e-3": "payoff",
+           "payoff/analytic_infilling": "analytic", "payoff/analytic_toxicity": "analytic",
            "red_team": "red_team", "scale": "scale", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 
