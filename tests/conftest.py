@@ -1,5 +1,6 @@
 import math
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -36,6 +37,28 @@ def mean_and_se(values):
     return float(x.mean()), float(x.std() / math.sqrt(len(x)))
 
 
+def sigma_cells_chi2(target, runs) -> tuple[float, int]:
+    """E[Z-hat · w_k 1{s_k = s}] = p0(s) phi(s) for every sequence s: each cell's mean over
+    the independent ``runs`` against the enumerated value, summed as a chi-square from the
+    runs' own standard errors over the cells above 1e-3. Returns (chi2, cells)."""
+    e = pilm.exact.enumerate_target(target)
+    gamma = dict(zip(e.tokens, torch.exp(e.log_sigma_unnormalized).tolist(), strict=True))
+    cells: dict = {s: [] for s in gamma}
+    for res in runs:
+        mass: Counter = Counter()
+        for w, toks in zip(res.weights, res.tokens, strict=True):
+            mass[tuple(toks)] += w
+        for s in cells:
+            cells[s].append(math.exp(res.log_z) * mass[s])
+    chi2, dof = 0.0, 0
+    for s, values in cells.items():
+        mean, se = mean_and_se(values)
+        if gamma[s] > 1e-3 and se > 0:
+            chi2 += ((mean - gamma[s]) / se) ** 2
+            dof += 1
+    return chi2, dof
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """The embedded SmolLM2-135M-Instruct (converted once into the user cache)."""
@@ -46,8 +69,9 @@ def real_model():
 def fresh_tiny(tiny):
     """A tiny random Llama of its own, for tests that inject adapters (a fine-tuned policy is
     injected into the model it adapts, so the session's ``tiny`` must stay untouched)."""
-    from pilm.models import HFModel
     from transformers import LlamaForCausalLM
+
+    from pilm.models import HFModel
 
     torch.manual_seed(0)
     return HFModel(LlamaForCausalLM(tiny.hf.config).float(), tiny.tokenizer, name="tiny-llama")
@@ -56,9 +80,10 @@ def fresh_tiny(tiny):
 @pytest.fixture(scope="session")
 def tiny():
     """A tiny random Llama with the embedded model's real tokenizer (fast engine tests)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     from pilm.models import HFModel
     from pilm.models.registry import embedded_path
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_path())
     torch.manual_seed(0)

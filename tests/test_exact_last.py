@@ -6,7 +6,6 @@ text ends in "d" (asymmetric, with zeros the floor must step around).
 """
 
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from pilm.models import TabularLM
 from pilm.potentials import FunctionPotential, SuffixLikelihood
 from pilm.proposals import ExactLastProposal, MaskedProposal
 
-from .conftest import mean_and_se
+from .conftest import mean_and_se, sigma_cells_chi2
 
 RUNS = 600
 N = 8
@@ -77,22 +76,8 @@ def test_its_log_q_is_a_distribution_and_lowers_the_last_weights_spread(target):
 def test_samples_follow_sigma(target):
     """E[Z-hat · w_k 1{s_k = s}] = p0(s) phi(s) for every sequence: each cell's mean over runs
     against the exact value, a chi-square from the runs' own standard errors."""
-    e = pilm.exact.enumerate_target(target)
-    gamma = dict(zip(e.tokens, torch.exp(e.log_sigma_unnormalized).tolist(), strict=True))
     _, runs = ratios(target, proposal="exact-last", ess_threshold=0.5)
-    cells: dict = {s: [] for s in gamma}
-    for res in runs:
-        mass: Counter = Counter()
-        for w, toks in zip(res.weights, res.tokens, strict=True):
-            mass[tuple(toks)] += w
-        for s in cells:
-            cells[s].append(math.exp(res.log_z) * mass[s])
-    chi2, dof = 0.0, 0
-    for s, values in cells.items():
-        mean, se = mean_and_se(values)
-        if gamma[s] > 1e-3 and se > 0:
-            chi2 += ((mean - gamma[s]) / se) ** 2
-            dof += 1
+    chi2, dof = sigma_cells_chi2(target, runs)
     assert dof >= 10
     assert stats.chi2.sf(chi2, dof) > 1e-3, f"chi2={chi2:.1f} on {dof} cells"
 

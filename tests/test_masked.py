@@ -2,7 +2,6 @@
 satisfiable are sampled, weighted by the allowed mass; checked against enumeration."""
 
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from pilm.potentials import FunctionPotential, Regex
 from pilm.proposals import MaskedProposal
 from pilm.twists.exact import optimal
 
-from .conftest import mean_and_se
+from .conftest import mean_and_se, sigma_cells_chi2
 
 RUNS, N = 300, 4
 
@@ -87,22 +86,7 @@ def test_masked_samples_follow_sigma(constrained):
     """E[Z-hat · w_k 1{s_k = s}] = p0(s) phi(s) for every sequence: each cell's mean over runs
     against the exact value, a chi-square from the runs' own standard errors."""
     target = with_soft(constrained)
-    e = pilm.exact.enumerate_target(target)
-    gamma = dict(zip(e.tokens, torch.exp(e.log_sigma_unnormalized).tolist()))
-    cells = {s: [] for s in gamma}
-    for seed in range(RUNS):
-        res = masked(target, seed)
-        mass = Counter()
-        for w, toks in zip(res.weights, res.tokens):
-            mass[tuple(toks)] += w
-        for s in cells:
-            cells[s].append(math.exp(res.log_z) * mass[s])
-    chi2, dof = 0.0, 0
-    for s, values in cells.items():
-        mean, se = mean_and_se(values)
-        if gamma[s] > 1e-3 and se > 0:
-            chi2 += ((mean - gamma[s]) / se) ** 2
-            dof += 1
+    chi2, dof = sigma_cells_chi2(target, [masked(target, seed) for seed in range(RUNS)])
     assert dof >= 5
     assert stats.chi2.sf(chi2, dof) > 1e-3, f"chi2={chi2:.1f} on {dof} cells"
 
