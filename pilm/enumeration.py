@@ -20,7 +20,6 @@ from torch import Tensor
 
 from .errors import TooLargeError
 from .models.base import decode_step
-from .steps import Steps
 from .target import Target
 
 MAX_SEQUENCES = 2_000_000
@@ -87,7 +86,6 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
     done_tokens: list[tuple[int, ...]] = []
     done_lp: list[Tensor] = []
     done_lq: list[Tensor] = []
-    chains = _Chains(target) if target.steps is not None else None
     for t in range(1, horizon + 1):
         lp = prefix_lp[:, None] + state.logprobs.double().cpu()
         if proposal is not None:
@@ -105,8 +103,9 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
         if t == horizon:
             finished[:] = True
         par, tok = parent.tolist(), token.tolist()
-        if chains is not None:
-            finished |= chains.advance(par, tok, finished)
+        if target.steps is not None:  # the step rules end a chain too (Target.is_complete, as the samplers)
+            finished |= torch.tensor([not done and target.is_complete(prefixes[p] + (v,))
+                                      for p, v, done in zip(par, tok, finished.tolist(), strict=True)], dtype=torch.bool)
         for i in finished.nonzero().squeeze(1).tolist():
             done_tokens.append(prefixes[par[i]] + (tok[i],))
         done_lp.append(lp[parent[finished], token[finished]])
@@ -120,10 +119,7 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
                 f"exact enumeration of {target.model.name} would advance {int(keep.sum()):,} prefixes at step {t + 1}; "
                 f"at most {fit:,} fit in the device's memory: use a smaller vocabulary or horizon"
             )
-        kept = keep.nonzero().squeeze(1).tolist()
-        prefixes = [prefixes[par[i]] + (tok[i],) for i in kept]
-        if chains is not None:
-            chains.keep(kept)
+        prefixes = [prefixes[par[i]] + (tok[i],) for i in keep.nonzero().squeeze(1).tolist()]
         prefix_lp = lp[parent[keep], token[keep]]
         if proposal is not None:
             prefix_lq = lq[parent[keep], token[keep]]
@@ -131,35 +127,3 @@ def enumerate_target(target: Target, *, proposal=None, max_sequences: int = MAX_
     log_phi = torch.cat([target.log_potential(done_tokens[i : i + _POTENTIAL_BATCH]).double()
                          for i in range(0, len(done_tokens), _POTENTIAL_BATCH)])
     return Enumeration(done_tokens, torch.cat(done_lp), log_phi, torch.cat(done_lq) if proposal is not None else None)
-
-
-class _Chains:
-    """The step state of each prefix (steps closed, the open step's tokens), ending chains as
-    ``pilm.inference.boundaries.StepBoundary`` does."""
-
-    def __init__(self, target: Target):
-        self.model, self.steps = target.model, cast(Steps, target.steps)  # made only for a target with steps
-        self.taken: list[int] = [0]
-        self.open: list[tuple[int, ...]] = [()]
-
-    def advance(self, parents: list[int], tokens: list[int], finished: Tensor) -> Tensor:
-        """For each candidate (a parent prefix and its next token): whether its chain ends
-        there by the step rules (``finished`` ones are over anyway)."""
-        steps, ends = self.steps, torch.zeros(len(tokens), dtype=torch.bool)
-        self._taken, self._open = [], []
-        for i, (p, v) in enumerate(zip(parents, tokens, strict=True)):
-            ids, taken = self.open[p] + (v,), self.taken[p]
-            if not finished[i]:
-                text = "".join(self.model.decode([u]) for u in ids)
-                if steps.ends(text, v) or len(ids) == steps.max_step_tokens:
-                    taken += 1
-                    ends[i] = steps.finishes(taken, self.model.decode(list(ids)))
-                    ids = ()
-            self._taken.append(taken)
-            self._open.append(ids)
-        return ends
-
-    def keep(self, kept: list[int]) -> None:
-        """The candidates that go on to the next level."""
-        self.taken = [self._taken[i] for i in kept]
-        self.open = [self._open[i] for i in kept]

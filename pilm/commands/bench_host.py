@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import LanguageModel, ModelState
+from ..models.device import seeded_generator
 
 
 class StubModel(LanguageModel):
@@ -27,7 +28,7 @@ class StubModel(LanguageModel):
 
     def __init__(self, vocab_size: int = 256, hidden: int = 576):
         self.vocab_size = vocab_size
-        g = torch.Generator().manual_seed(0)
+        g = seeded_generator(0, "cpu")  # the stub computes on the CPU
         self._row = torch.log_softmax(torch.randn(vocab_size, generator=g), -1)
         self._hidden = torch.zeros(hidden)
 

@@ -16,6 +16,8 @@ from typing import cast
 
 import torch
 
+from ..models.device import seeded_generator
+
 
 class PeakRSS:
     """Peak resident memory above the starting level while the block runs (bytes)."""
@@ -179,12 +181,13 @@ def long_prompt(model, prompt_tokens: int = 512, n_particles: int = 64, new_toke
     copy of the prompt per particle)."""
     from ..models import decode_step
 
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(10, model.vocab_size, (prompt_tokens,), generator=g).tolist()
+    g = seeded_generator(0, model.device)
+    prompt = torch.randint(10, model.vocab_size, (prompt_tokens,), generator=g, device=model.device).tolist()
     state = model.start(prompt, n_particles)
+    rows = torch.arange(n_particles, device=model.device)
     for _ in range(new_tokens):
-        tokens = torch.randint(10, model.vocab_size, (n_particles,), generator=g)
-        state = decode_step(model, state, torch.arange(n_particles), tokens)
+        tokens = torch.randint(10, model.vocab_size, (n_particles,), generator=g, device=model.device)
+        state = decode_step(model, state, rows, tokens)
     held = _cache_bytes(state)
     per_token = _cache_bytes(model.start(prompt, 1)) / prompt_tokens  # what one row holds per position
     return {"long_prompt_shape": f"{prompt_tokens}-token prompt, {n_particles} particles x {new_tokens} tokens",

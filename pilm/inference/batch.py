@@ -11,6 +11,9 @@ import torch
 from ..models.device import seeded_generator
 from ..target import Target
 
+References = Sequence[int] | Sequence[Sequence[int] | None]
+"""Conditional SMC's references: one complete sequence for one target, or one (or None) per target."""
+
 
 def as_list(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
     """The targets as a list, and whether one target (not a list) was given."""

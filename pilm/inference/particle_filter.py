@@ -36,7 +36,7 @@ from ..prm import ProcessReward, as_prm
 from ..proposals import BaseProposal, Proposal, log_mean_exp
 from ..target import Target
 from ..twists.base import TwistFunction
-from .batch import seeded_generators
+from .batch import References, seeded_generators
 from .boundaries import step_targets
 from .chains import run_steps
 from .resampling import Scheme, ess, multinomial
@@ -127,7 +127,6 @@ def make_rule(weights: str, *, tau: float, resample: str | Scheme | None, ess_th
     raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
 
 
-References = Sequence[int] | Sequence[Sequence[int] | None]
 
 
 @overload

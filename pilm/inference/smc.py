@@ -40,7 +40,7 @@ from ..proposals import twisted_log_q as proposal_log_probs
 from ..target import Target
 from ..twists.base import TwistFunction
 from . import engine
-from .batch import as_list, chunks, seeded_generators
+from .batch import References, as_list, chunks, seeded_generators
 from .boundaries import Boundary, TokenStepBoundary
 from .critics import PrefixCritic
 from .extinction import Extinction, extinct
@@ -53,7 +53,6 @@ from .trace import Trace
 __all__ = ["importance_sample", "incremental_log_weight", "proposal_log_probs", "run_smc", "seeded_generators", "smc"]
 
 Targets = Target | Sequence[Target]
-References = Sequence[int] | Sequence[Sequence[int] | None]
 
 
 @overload

@@ -202,10 +202,11 @@ def finetune(
     run = PolicyRun(objective, spec, policy, log_z, targets, prompts, buffers, demos, generator, explore, batch_size,
                     tool, temperature_range, min_log_reward, seed, accelerator.process_index)
 
+    if objective != "sft":  # demonstrations seed the replay buffers (a resumed run loads its own instead)
+        for k, (tokens, log_r, _) in demos.items():
+            remember(buffers[k], tokens, log_r, targets[k].stop_token_id)
+
     def step(i: int, update) -> dict:
-        if i == 0 and objective != "sft":  # demonstrations seed the replay buffers
-            for k, (tokens, log_r, _) in demos.items():
-                remember(buffers[k], tokens, log_r, targets[k].stop_token_id)
         k = sorted(demos)[i % len(demos)] if objective == "sft" else i % len(targets)
         tau = taus[0] + (taus[1] - taus[0]) * min(1.0, i / max((anneal_steps or steps) - 1, 1))
         micro = [run.score(run.draw(k, tau), k, tau, i, m, grad_accum) for m in range(grad_accum)]

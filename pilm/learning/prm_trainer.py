@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import PRMTrainingConfig, takes_config
 from ..inference.voting import sample_chains
+from ..models.device import seeded_generator
 from ..prm import ProcessReward, StepBatch
 from ..steps import Steps
 from ..target import Target
@@ -127,7 +128,7 @@ def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_
     module = cast(nn.Module, twist)  # a trainable twist is a torch module
     params = [p for p in module.parameters() if p.requires_grad]
     device = params[0].device
-    generator = torch.Generator().manual_seed(seed)  # picks rows of the host-side data
+    generator = seeded_generator(seed, "cpu")  # picks rows of the host-side data
     prefixes = [t[:-1] for t in data.tokens] if twist.needs_prefixes else None
 
     def step(_: int, update) -> dict:

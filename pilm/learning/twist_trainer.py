@@ -151,27 +151,29 @@ def train_twist(
                             "head": head, "layers": layers, "init": init, "reuse": reuse, "body": body,
                             "lora_rank": lora_rank, "conditional": conditional, "proposal_beta": proposal_beta,
                             "weight_decay": weight_decay, "grad_clip": grad_clip})
-    drawn_tokens = [0]  # LM tokens drawn so far (a resumed run continues the count)
+    lm_tokens = 0  # LM tokens drawn so far (a resumed run continues the count)
     every = spec.needs_logprobs  # rl and dpg read psi at every token, the others only at the drawn ones
 
     def step(i: int, update) -> dict:
+        nonlocal lm_tokens
         step_target = targets[i % len(targets)]
         drawn, log_w = draw(step_target, twist, batch_size, generator, keep_logprobs=spec.needs_logprobs,
                             proposal_beta=proposal_beta)
         base = None
         if spec.needs_base_samples:
             base, _ = draw(step_target, None, batch_size, generator, keep_logprobs=False)
-        drawn_tokens[0] += int(drawn["mask"].sum()) + (int(base["mask"].sum()) if base is not None else 0)
+        lm_tokens += int(drawn["mask"].sum()) + (int(base["mask"].sum()) if base is not None else 0)
         for _ in range(reuse):
             loss = spec.loss(twist_batch(step_target, drawn, twist, all_tokens=every),
                              None if base is None else twist_batch(step_target, base, twist, all_tokens=every))
             update(loss)
         lw = torch.tensor(log_w)
         return {"loss": loss.item(), "ess": ess(lw) if torch.isfinite(lw).any() else 0.0,
-                "log_z": float(log_mean_exp(lw)), "updates": (i + 1) * reuse, "lm_tokens": drawn_tokens[0]}
+                "log_z": float(log_mean_exp(lw)), "updates": (i + 1) * reuse, "lm_tokens": lm_tokens}
 
     def load(state: dict) -> None:
-        drawn_tokens[0] = state["history"][-1].get("lm_tokens", 0) if state["history"] else 0
+        nonlocal lm_tokens
+        lm_tokens = state["history"][-1].get("lm_tokens", 0) if state["history"] else 0
 
     history = fit(module, optimizer, step, steps=steps, name=f"train-twist {objective}", grad_clip=grad_clip,
                   generator=generator, checkpoint=Checkpointing(checkpoint_dir, key, checkpoint_every, overwrite,

@@ -82,7 +82,7 @@ def cpu_key() -> str:
 
 def _bf16_faster_on_cpu() -> bool:
     """A model-shaped matmul (64 x 576 @ 576 x 1536) timed in both dtypes, best of 5."""
-    generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+    generator = torch.Generator(device="cpu").manual_seed(0)  # the CPU probe; leaves the global RNG alone
 
     def best_time(dtype: torch.dtype) -> float:
         a = torch.randn(64, 576, generator=generator).to(dtype)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .base import LanguageModel, ModelState, Tokens
+from .device import seeded_generator
 
 # Token i prints as the i-th lower-case letter, so regex potentials work on tabular models.
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -91,7 +92,7 @@ class TabularLM(LanguageModel):
         return lp
 
     def _hidden_of(self, prefix: tuple[int, ...]) -> Tensor:
-        g = torch.Generator().manual_seed(_prefix_seed(-1, prefix))
+        g = seeded_generator(_prefix_seed(-1, prefix), "cpu")  # a table lives on the CPU
         return torch.randn(self.hidden_size, generator=g)
 
     def _state(self, prefixes: list[tuple[int, ...]]) -> ModelState:

@@ -198,8 +198,9 @@ def check_rule(rule, n: int = 8, seed: int = 0) -> None:
     weights; the same decision from the same generator seed; and under a reference
     (conditional SMC) row 0 its own parent."""
     from ..inference.rules import View
+    from ..models.device import seeded_generator
 
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed, "cpu")  # the views are CPU tensors
     for reference in (False, True):
         scores = torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.05
         log_w = torch.randn(n, generator=g, dtype=torch.float64)
@@ -207,8 +208,8 @@ def check_rule(rule, n: int = 8, seed: int = 0) -> None:
         tokens = torch.randint(0, 5, (n, 3), generator=g)
         args = (log_w, scores.log() - 0.1, scores.log(), scores, torch.ones(n, dtype=torch.bool),
                 torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool), True, reference)
-        a = rule.decide(View(*args, torch.Generator().manual_seed(seed), tokens, torch.full((n,), 3)))
-        b = rule.decide(View(*args, torch.Generator().manual_seed(seed), tokens, torch.full((n,), 3)))
+        a = rule.decide(View(*args, seeded_generator(seed, "cpu"), tokens, torch.full((n,), 3)))
+        b = rule.decide(View(*args, seeded_generator(seed, "cpu"), tokens, torch.full((n,), 3)))
         for name in ("log_w", "log_psi", "alive"):
             assert getattr(a, name).shape == (n,), f"Decision.{name} must have one entry per row"
         assert a.alive.dtype == torch.bool, "Decision.alive must be a bool tensor"
