@@ -146,12 +146,3 @@ def test_teacher_forced_prefix_logprobs_equal_cached_stepping(tiny):
     slow = LanguageModel.prefix_logprobs(tiny, prompt, tokens)
     assert fast.shape == (2, 4, tiny.vocab_size)
     assert torch.allclose(fast[0], slow[0], atol=1e-5) and torch.allclose(fast[1, :3], slow[1, :3], atol=1e-5)
-
-
-def test_the_long_prompt_leg_counts_a_prompt_copy_per_particle(tiny):
-    """Every particle holds its own copy of the prompt's KV cache today: 4 particles x (8 + 2)
-    positions over one prompt (8) plus their own tokens (4 x 2) is 40 / 16 = 2.5."""
-    from pilm.commands.bench_legs import long_prompt
-
-    leg = long_prompt(tiny, prompt_tokens=8, n_particles=4, new_tokens=2)
-    assert leg["long_prompt_cache_over_shared"] == pytest.approx(2.5)

@@ -188,15 +188,11 @@ def long_prompt(model, prompt_tokens: int = 512, n_particles: int = 64, new_toke
     for _ in range(new_tokens):
         tokens = torch.randint(10, model.vocab_size, (n_particles,), generator=g, device=model.device)
         state = decode_step(model, state, rows, tokens)
-    held = _cache_bytes(state)
-    per_token = _cache_bytes(model.start(prompt, 1)) / prompt_tokens  # what one row holds per position
+    held = state.cache.nbytes()
+    per_token = model.start(prompt, 1).cache.nbytes() / prompt_tokens  # what one row holds per position
     return {"long_prompt_shape": f"{prompt_tokens}-token prompt, {n_particles} particles x {new_tokens} tokens",
             "long_prompt_cache_mb": held / 2**20,
             "long_prompt_cache_over_shared": held / (per_token * (prompt_tokens + n_particles * new_tokens))}
-
-
-def _cache_bytes(state) -> int:
-    return sum(t.numel() * t.element_size() for layer in state.cache.layers for t in (layer.keys, layer.values))
 
 
 def _reward_text(text: str) -> float:

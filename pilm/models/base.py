@@ -30,15 +30,13 @@ class ModelState:
     ``logprobs`` is log p0(next token | row's context), float32, shape (n, V).
     ``hidden`` is the last hidden state at the last position, float32, shape (n, H).
     ``cache`` is backend-specific and is consumed by ``advance``/``reindex``: after either
-    call, only the returned state is valid. ``mask`` marks the real (non-padding) cache
-    positions of each row when rows started from prompts of different lengths.
+    call, only the returned state is valid.
     """
 
     logprobs: Tensor
     hidden: Tensor
     cache: Any
     length: int
-    mask: Tensor | None = None  # (n, cache length): 0 at left padding (rows of prompts of unequal lengths)
 
     @property
     def n(self) -> int:

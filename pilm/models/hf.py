@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .base import LanguageModel, ModelState, Tokens
+from .kv_cache import CASCADE, DynamicRows, RowCache, SharedPrefix, share_prefixes
 
 if TYPE_CHECKING:
     from .adapter import AdapterSwitch
@@ -41,10 +42,17 @@ class HFModel(LanguageModel):
         self.adapter: str | None = None
         inner = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model  # under peft
         self._takes_cache = "cache" in inspect.signature(inner.forward).parameters
+        share_prefixes(inner)
 
     @property
     def device(self) -> torch.device:
         return self.hf.device
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether particles share their prompt's KV cache (``models.kv_cache``): where the
+        attention allows, and as long as nobody switched the model to another implementation."""
+        return self.hf.config._attn_implementation == CASCADE
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,17 +86,9 @@ class HFModel(LanguageModel):
         return list(self.tokenizer(prompt).input_ids)
 
     # -- batched decoding --------------------------------------------------------------
-    def _forward(self, ids: Tensor, cache, mask: Tensor | None = None) -> tuple[Tensor, Tensor, object]:
-        """One forward of ``ids`` (rows, L) on ``cache``; with ``mask`` (rows, cache + L; 0 at
-        left padding) each row's positions count its real tokens only."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache() if cache is None else cache
-        extra = {}
-        if mask is not None:
-            mask = mask.to(self.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-            extra = {"attention_mask": mask, "position_ids": positions}
+    def _forward(self, ids: Tensor, cache, **extra) -> tuple[Tensor, Tensor]:
+        """One forward of ``ids`` (rows, L) on ``cache`` (updated in place); ``extra``: the
+        attention mask and position ids. Returns the last position's log-probs and hidden state."""
         # The last hidden state is what the output layer reads: taken there, so the forward keeps
         # no per-layer states (output_hidden_states would hold every layer's, prompt-long at prefill).
         taken: list[Tensor] = []
@@ -98,14 +98,35 @@ class HFModel(LanguageModel):
                 out = self._call(input_ids=ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1, **extra)
         finally:
             hook.remove()
-        logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        return logprobs, taken[-1][:, -1].float(), cache  # the cache object is updated in place
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1), taken[-1][:, -1].float()
+
+    def _prefill(self, ctxs: list[list[int]], group: Tensor) -> ModelState:
+        """The prompts' one forward (left-padded to one width, with an attention mask and
+        per-row positions, when their lengths differ) and the rows' cache: row i continues
+        prompt ``group[i]``."""
+        from transformers import DynamicCache
+
+        width = max(map(len, ctxs))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_id or 0)
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctxs])
+        lengths = torch.tensor([len(c) for c in ctxs], device=self.device)
+        mask = None
+        extra = {}
+        if len(set(map(len, ctxs))) > 1:
+            mask = torch.arange(width, device=self.device) >= (width - lengths)[:, None]
+            extra = {"attention_mask": mask.long(), "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        cache = DynamicCache()
+        logprobs, hidden = self._forward(ids, cache, **extra)
+        rows = group.to(self.device)
+        if self.shares_prefixes:
+            state: RowCache = SharedPrefix.of(cache, mask, group, lengths[rows])
+        else:
+            state = DynamicRows(cache, None if mask is None else mask.long(), width)
+            state.reorder(rows)
+        return ModelState(logprobs[rows], hidden[rows], state, width)
 
     def start(self, prompt_ids: Tokens, n: int) -> ModelState:
-        ctx = self.context(prompt_ids)
-        logprobs, hidden, cache = self._forward(torch.tensor([ctx]), None)
-        state = ModelState(logprobs, hidden, cache, len(ctx))
-        return self.reindex(state, torch.zeros(n, dtype=torch.long))
+        return self._prefill([self.context(prompt_ids)], torch.zeros(n, dtype=torch.long))
 
     def start_many(self, prompts: Sequence[Tokens], n: int) -> ModelState:
         """Prompts of different lengths are left-padded into one forward, with an attention
@@ -114,41 +135,32 @@ class HFModel(LanguageModel):
         ctxs = [self.context(p) for p in prompts]
         if len({tuple(c) for c in ctxs}) == 1:
             return self.start(ctxs[0], n * len(ctxs))
-        width = max(map(len, ctxs))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_id or 0)
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctxs])
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctxs], device=self.device)
-        logprobs, hidden, cache = self._forward(ids, None, mask)
-        state = ModelState(logprobs, hidden, cache, width, mask)
-        return self.reindex(state, torch.arange(len(ctxs)).repeat_interleave(n))
+        return self._prefill(ctxs, torch.arange(len(ctxs)).repeat_interleave(n))
 
     def advance(self, state: ModelState, tokens: Tensor, hold: Tensor | None = None) -> ModelState:
         """Held rows get a masked-out position (a hole their attention and positions skip)
         and keep their previous next-token state."""
-        mask = state.mask
-        held = hold is not None and bool(hold.any())
-        hold_rows = cast(Tensor, hold)  # read only where held, so not None
-        if held and mask is None:
-            mask = torch.ones(state.n, state.length, dtype=torch.long, device=self.device)
-        if mask is not None:
-            new = mask.new_ones(len(mask), 1) if not held else (~hold_rows).long().view(-1, 1).to(mask.device)
-            mask = torch.cat([mask, new], 1)
-        if held:
-            tokens = torch.where(hold_rows.to(tokens.device), 0, tokens)
-        logprobs, hidden, cache = self._forward(tokens.view(-1, 1), state.cache, mask)
-        if held:
-            keep = hold_rows.to(logprobs.device).view(-1, 1)
+        rows: RowCache = state.cache
+        if hold is not None and not bool(hold.any()):
+            hold = None
+        if hold is not None:
+            hold = hold.to(self.device)
+            tokens = torch.where(hold.to(tokens.device), 0, tokens)
+        extra = rows.step(hold)
+        with rows.attending():
+            logprobs, hidden = self._forward(tokens.view(-1, 1), **extra)
+        if hold is not None:
+            keep = hold.view(-1, 1)
             logprobs = torch.where(keep, state.logprobs, logprobs)
             hidden = torch.where(keep, state.hidden, hidden)
-        return ModelState(logprobs, hidden, cache, state.length + 1, mask)
+        return ModelState(logprobs, hidden, rows, state.length + 1)
 
     def reindex(self, state: ModelState, idx: Tensor) -> ModelState:
         if idx.device.type == "cpu" and len(idx) == state.n and torch.equal(idx, torch.arange(state.n)):
             return state  # (a row map already on the device is not synced back to test it)
         idx = idx.to(self.device)
-        state.cache.reorder_cache(idx)
-        mask = state.mask[idx] if state.mask is not None else None
-        return ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length, mask)
+        state.cache.reorder(idx)
+        return ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length)
 
     def max_rows(self, length: int) -> int:
         """Rows whose KV cache (``length`` positions) and next-token tensors (a few copies of
@@ -206,7 +218,12 @@ class HFModel(LanguageModel):
         if not seqs:
             return out
         shared = _common_prefix_length(seqs, min(firsts) - 1)
-        prefix_cache = self._forward(torch.tensor([seqs[0][:shared]]), None)[2] if shared else None
+        prefix_cache = None
+        if shared:
+            from transformers import DynamicCache
+
+            prefix_cache = DynamicCache()
+            self._forward(torch.tensor([seqs[0][:shared]]), prefix_cache)
         rows_per_block = max(1, _SCORE_LOGITS_BYTES // (4 * self.vocab_size * max(map(len, seqs))))
         for lo in range(0, len(seqs), rows_per_block):
             block = range(lo, min(lo + rows_per_block, len(seqs)))
