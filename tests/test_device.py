@@ -73,6 +73,22 @@ def test_masked_and_twisted_smc_on_the_device(device_model):
     assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, twist=twist, seed=0, progress=False))
 
 
+def test_token_masks_are_unpacked_on_the_device_as_on_the_cpu(device_model, tiny):
+    """The packed bitmask travels and is unpacked by shifts on the device: the same (N, V)
+    mask as numpy's unpacking on the CPU, with the EOS and stop columns and repeated prefixes."""
+    from pilm.potentials import Regex
+    from pilm.potentials.base import Sequences
+
+    model, _ = device_model
+    words = [model.encode(w) for w in ("the", " cat", "The", "9")]
+    prefixes = [(), tuple(words[0]), tuple(words[0] + words[1]), (), tuple(words[2]), tuple(words[3])]
+    for stop in (model.eos_token_id, model.encode(".")[0]):
+        on_device = Regex(r"[a-z ]+\.?").allowed_next(Sequences(model, (), prefixes), stop)
+        on_cpu = Regex(r"[a-z ]+\.?").allowed_next(Sequences(tiny, (), prefixes), stop)
+        assert on_device.device == model.device and on_cpu.device.type == "cpu"
+        assert torch.equal(on_device.cpu(), on_cpu) and on_cpu.any(1)[:4].all() and not on_cpu[4:].any()
+
+
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_a_twist_training_step_and_twisted_smc_with_it(device_model, objective):
     model, _ = device_model

@@ -74,7 +74,7 @@ class Potential(ABC):
         return self.log_phi(seqs)
 
     def allowed_next(self, seqs: Sequences, stop: int | None = None) -> Tensor | None:
-        """Token masks for the masked proposal: (n, V) bool, True where appending token v to
+        """Token masks for the masked proposal: (n, V) bool on the model's device, True where appending token v to
         prefix i keeps phi > 0 possible for some completion, and True at ``stop`` only where
         prefix i itself has phi > 0. ``None``: this potential constrains no token (the
         default). A mask may allow more than it must (then the weights correct it), never

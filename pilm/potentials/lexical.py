@@ -61,7 +61,7 @@ class Language(Potential):
     def allowed_next(self, seqs: Sequences, stop: int | None = None) -> Tensor:
         """Token v is allowed after a prefix where prefix + v stays viable; the stop token
         where the prefix's text is in the language (``TokenLanguage.allowed``)."""
-        return self._language(seqs).allowed(seqs.tokens, stop)
+        return self._language(seqs).allowed(seqs.tokens, stop, seqs.model.device)
 
 
 class Regex(Language):
@@ -129,8 +129,8 @@ class PythonRegexLanguage:
     def accepts(self, tokens) -> bool:
         return self._re.fullmatch(self._text(tokens)) is not None
 
-    def allowed(self, prefixes, stop: int | None) -> Tensor:
-        return torch.stack([self._row(tuple(p), stop) for p in prefixes])
+    def allowed(self, prefixes, stop: int | None, device: torch.device | str = "cpu") -> Tensor:
+        return torch.stack([self._row(tuple(p), stop) for p in prefixes]).to(device)
 
     def _row(self, prefix: tuple[int, ...], stop: int | None) -> Tensor:
         row = self._masks.get((prefix, stop))

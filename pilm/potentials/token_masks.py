@@ -151,37 +151,49 @@ class TokenLanguage:
         matcher = self._matcher(self._text_tokens(tokens))
         return matcher is not None and matcher.is_completed()
 
-    def allowed(self, prefixes: Sequence[Sequence[int]], stop: int | None) -> Tensor:
-        """(N, V) bool: token v after prefix i keeps it viable; the stop token where the text
-        (with the stop's own text when it is not EOS) is complete; EOS, when it is not the stop,
-        wherever the prefix is viable (it adds no text and does not end the completion)."""
+    def allowed(self, prefixes: Sequence[Sequence[int]], stop: int | None,
+                device: torch.device | str = "cpu") -> Tensor:
+        """(N, V) bool on ``device``: token v after prefix i keeps it viable; the stop token
+        where the text (with the stop's own text when it is not EOS) is complete; EOS, when it
+        is not the stop, wherever the prefix is viable (it adds no text and does not end the
+        completion). The distinct prefixes' packed bitmasks (V/8 bytes a row) travel to the
+        device and are unpacked and spread to the rows there."""
         keys = [self._text_tokens(p) for p in prefixes]
         distinct = list(dict.fromkeys(keys))
         bits = self._xgr.allocate_token_bitmask(len(distinct), self.vocab_size)
         bits.zero_()  # a dead prefix allows nothing
         matchers = [self._matcher(key) for key in distinct]
-        for j, matcher in enumerate(matchers):
+        eos_col, stop_col = [], []  # per distinct prefix: the EOS and stop columns (-1: leave)
+        for j, (key, matcher) in enumerate(zip(distinct, matchers, strict=True)):
             if matcher is not None:
                 matcher.fill_next_token_bitmask(bits, j)
-        rows = _unpack(bits, self.vocab_size)
-        for j, (key, matcher) in enumerate(zip(distinct, matchers)):
-            if matcher is None:
-                continue
-            if self.eos is not None:
-                rows[j, self.eos] = stop != self.eos
-            if stop is not None and stop != self.eos:
-                rows[j, stop] = self.accepts(key + (stop,))
-            elif stop is not None:
-                rows[j, stop] = matcher.is_completed()
+            live = matcher is not None
+            eos_col.append(int(stop != self.eos) if live and self.eos is not None else -1)
+            if live and stop is not None:
+                stop_col.append(int(self.accepts(key + (stop,)) if stop != self.eos else matcher.is_completed()))
+            else:
+                stop_col.append(-1)
         where = {key: j for j, key in enumerate(distinct)}
-        return rows[[where[k] for k in keys]]
+        index = [where[k] for k in keys]
+        columns = torch.tensor([index + eos_col + stop_col], dtype=torch.long).to(device)  # one transfer
+        rows = _unpack(bits.to(device), self.vocab_size)
+        distinct_rows = torch.arange(len(distinct), device=rows.device)
+        for col, values in ((self.eos, columns[0, len(keys):len(keys) + len(distinct)]),
+                            (stop, columns[0, len(keys) + len(distinct):])):
+            if col is not None:
+                rows[distinct_rows, col] = torch.where(values >= 0, values.bool(), rows[:, col])
+        return rows[columns[0, : len(keys)]]
 
 
 def _unpack(bits: Tensor, vocab_size: int) -> Tensor:
-    """xgrammar's int32 bitmask (bit j of word w = token 32 w + j) as (N, V) bool; numpy's
-    unpackbits on the little-endian bytes is ~100x faster than shifting in torch."""
-    flat = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
-    return torch.from_numpy(flat[:, :vocab_size].astype(bool))
+    """xgrammar's int32 bitmask (bit j of word w = token 32 w + j) as (N, V) bool, where
+    ``bits`` is. On the CPU numpy's unpackbits on the little-endian bytes is ~100x faster than
+    shifting in torch; on an accelerator the shifts run there."""
+    if bits.device.type == "cpu":
+        flat = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(flat[:, :vocab_size].astype(bool))
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    return ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
 
 
 def language(kind: Kind, spec: str, model, **options) -> TokenLanguage:
