@@ -15,7 +15,8 @@ training step, particle filters (both weightings), particle Gibbs with ancestor 
 rejection and bounds; a latent E and M step; a red-teaming step; the CLI (``pilm sample
 --device``). Then a two-process fine-tuning run (two GPUs needed, else said and skipped) and a
 timing and memory table: tokens/s of ``generate`` against SMC and the particle filter on a
-1.5B-shaped random model. Prints one line per check; exits 1 if any failed.
+1.5B-shaped random model, and SMC with the particles sharing the prompt's KV cache against a
+per-row cache, for 64-token prompts and a 512-token one. Prints one line per check; exits 1 if any failed.
 """
 
 from __future__ import annotations
@@ -123,6 +124,27 @@ def verbs(device: str, dtype: torch.dtype) -> None:
         tolerance = 1e-3 if dtype == torch.float32 else 0.15  # bfloat16 kernels differ with padding and shape
         assert worst < tolerance, f"max |diff| {worst:.2e} >= {tolerance}"
         return f"max |log p diff| {worst:.2e}"
+
+    def shared_prompt_cache():
+        assert model.shares_prefixes, "the tiny Llama should share its prompts' KV cache"
+        ids = [model.encode_prompt(p) for p in prompts]
+
+        def run():
+            state, out = model.start_many(ids, 3), []
+            for step in range(4):
+                parents = torch.tensor([5, 0, 3, 3, 1, 2]) if step % 2 else torch.arange(6)
+                hold = torch.tensor([False, step == 1, False, False, step == 2, False], device=device)
+                state = model.advance(model.reindex(state, parents), torch.tensor([5, 6, 7, 8, 9, 10]) + step, hold)
+                out.append(state.logprobs)
+            return torch.stack(out)
+
+        shared = run()
+        with per_row_cache(model):
+            rows = run()
+        worst = float((shared - rows).abs().max())
+        tolerance = 1e-4 if dtype == torch.float32 else 0.15  # bfloat16: eager-style vs sdpa kernels
+        assert worst < tolerance, f"max |diff| {worst:.2e} >= {tolerance}"
+        return f"resampling across prompts and holds, max |log p diff| vs a per-row cache {worst:.2e}"
 
     def smc_same_and_chunked():
         a = pilm.smc(targets, 8, seed=0, progress=False)
@@ -241,6 +263,7 @@ def verbs(device: str, dtype: torch.dtype) -> None:
             return Path(f"{tmp}/s.jsonl").read_text().split('"device": ')[1].split(",")[0]
 
     check(f"[{tag}] padded cached decoding = each row's full forward", padded_decoding)
+    check(f"[{tag}] particles share the prompt's KV cache = a per-row cache", shared_prompt_cache)
     check(f"[{tag}] SMC over two prompts: same seed, same draws; chunked", smc_same_and_chunked)
     check(f"[{tag}] masked SMC (regex)", masked)
     for kind in ("mlp", "tied"):
@@ -297,31 +320,54 @@ def timing(device: str) -> None:
     from pilm.potentials import FunctionPotential
 
     model = tiny_model(device, torch.bfloat16, words=151936, hidden=1536, layers=28, heads=12)
-    prompt = " ".join(f"w{i}" for i in range(3, 64))
-    ids = torch.tensor([model.encode_prompt(prompt)], device=device)
     def sevens(tokens) -> float:  # a cheap token-level potential, so the table times the engine, not a classifier
         return -0.05 * sum(1 for v in tokens if v % 7 == 0)
 
     soft = FunctionPotential(sevens, on="tokens", name="fewer multiples of 7", prefix_fn=sevens)
     cut = pilm.Steps(delimiter=model.encode("w10")[0], max_steps=64, max_step_tokens=16)
     print(f"timing on {model.name} ({sum(p.numel() for p in model.hf.parameters()) / 1e9:.2f}B parameters, bfloat16)")
-    print(f"{'particles':>9} {'new tokens':>10} {'generate tok/s':>15} {'smc tok/s':>10} {'pf tok/s':>9} "
-          f"{'smc/gen':>8} {'pf/gen':>7} {'GiB gen':>8} {'GiB smc':>8} {'GiB pf':>7}")
-    for n, horizon in ((64, 64), (256, 64), (1024, 64)):
-        target = pilm.Target(model, prompt, soft, max_new_tokens=horizon)
-        chain = pilm.Target(model, prompt, soft, max_new_tokens=horizon, steps=cut)
+    print(f"{'particles':>9} {'prompt':>6} {'generate tok/s':>15} {'smc tok/s':>10} {'pf tok/s':>9} "
+          f"{'smc/gen':>8} {'pf/gen':>7} {'smc/per-row':>11} {'GiB gen':>8} {'GiB smc':>8} {'GiB pf':>7} {'GiB per-row':>11}")
+    horizon = 64
+    for n, length in ((64, 64), (256, 64), (1024, 64), (64, 512)):
+        text = " ".join(f"w{3 + i % 60}" for i in range(length))
+        ids = torch.tensor([model.encode_prompt(text)], device=device)
+        target = pilm.Target(model, text, soft, max_new_tokens=horizon)
+        chain = pilm.Target(model, text, soft, max_new_tokens=horizon, steps=cut)
+        smc = partial(pilm.smc, target, n, seed=0, progress=False)
+
+        def per_row(smc=smc):
+            with per_row_cache(model):
+                smc()
+
         legs = {
             "gen": partial(model.hf.generate, ids.expand(n, -1), do_sample=True, max_new_tokens=horizon,
                            min_new_tokens=horizon, pad_token_id=2),
-            "smc": partial(pilm.smc, target, n, seed=0, progress=False),
+            "smc": smc,
             "pf": partial(pilm.particle_filter, chain, None, n, weights="twisted", seed=0),
+            "row": per_row,
         }
-        for leg in legs.values():
-            leg()  # warm-up
-        (gen, gen_mem), (smc, smc_mem), (pf, pf_mem) = (_timed(leg) for leg in legs.values())
+        if n == 64 and length == 64:
+            for leg in legs.values():
+                leg()  # warm-up
+        (gen, gen_mem), (t_smc, smc_mem), (pf, pf_mem), (row, row_mem) = (_timed(leg) for leg in legs.values())
         tokens = n * horizon
-        print(f"{n:>9} {horizon:>10} {tokens / gen:>15.0f} {tokens / smc:>10.0f} {tokens / pf:>9.0f} "
-              f"{smc / gen:>8.2f} {pf / gen:>7.2f} {gen_mem:>8.2f} {smc_mem:>8.2f} {pf_mem:>7.2f}", flush=True)
+        print(f"{n:>9} {ids.shape[1]:>6} {tokens / gen:>15.0f} {tokens / t_smc:>10.0f} {tokens / pf:>9.0f} "
+              f"{t_smc / gen:>8.2f} {pf / gen:>7.2f} {t_smc / row:>11.2f} {gen_mem:>8.2f} {smc_mem:>8.2f} {pf_mem:>7.2f} "
+              f"{row_mem:>11.2f}", flush=True)
+
+
+@contextlib.contextmanager
+def per_row_cache(model):
+    """The model decoding with a per-row ``DynamicCache`` (sdpa attention): a prompt copy per
+    particle and a concatenation per step, the path models without the cascade attention take."""
+    from pilm.models.kv_cache import CASCADE
+
+    model.hf.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.hf.set_attn_implementation(CASCADE)
 
 
 def _timed(fn) -> tuple[float, float]:

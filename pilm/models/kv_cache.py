@@ -121,6 +121,7 @@ class SharedPrefix:
         self.values = [k0.new_empty(n, heads, 0, dim) for _ in prefix]
         self.valid = torch.zeros(n, 0, dtype=torch.bool, device=k0.device)  # False at a held row's hole
         self.used = 0
+        self.holes = False  # whether any row ever waited (else every own position counts)
         self._layout: tuple[Tensor, int] | None = None
 
     @classmethod
@@ -135,6 +136,7 @@ class SharedPrefix:
     def step(self, hold: Tensor | None) -> dict[str, Any]:
         if self.used == self.valid.shape[1]:
             self._grow()
+        self.holes |= hold is not None
         live = torch.ones_like(self.positions, dtype=torch.bool) if hold is None else ~hold.to(self.valid.device)
         self.valid[:, self.used] = live
         positions, self.positions = self.positions, self.positions + live
@@ -208,13 +210,14 @@ class SharedPrefix:
         pk, pv = self.prefix[layer]
         prompts, kv_heads, p_len, _ = pk.shape
         g = heads // kv_heads
-        q = query.reshape(n, kv_heads, g, dim)
+        q = query.reshape(n, kv_heads, g, dim) * scaling
         slots, m = self.layout()
-        scores_p = torch.matmul(_blocks(q, slots, prompts, m), pk.transpose(-1, -2)) * scaling
+        scores_p = torch.matmul(_blocks(q, slots, prompts, m), pk.transpose(-1, -2))
         if self.prefix_bias is not None:
             scores_p = scores_p + self.prefix_bias
-        scores_s = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (n, kv heads, g, S)
-        scores_s = scores_s.masked_fill(~mask, float("-inf"))
+        scores_s = torch.matmul(q, key.transpose(-1, -2))  # (n, kv heads, g, S)
+        if self.holes:
+            scores_s = scores_s.masked_fill(~mask, float("-inf"))
         scores = torch.cat([_rows(scores_p, slots, n, g), scores_s], -1)
         weights = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
         w_p, w_s = weights.split([p_len, weights.shape[-1] - p_len], -1)
