@@ -4,7 +4,7 @@ Sample sigma(s | x) ∝ p0(s | x) phi(s) with importance sampling, SMC and rejec
 unbiased estimates of Z; check everything exactly on enumerable models.
 """
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from . import latent, learning, models, potentials, prm, proposals, tasks, testing, twists
 from .errors import (
@@ -40,7 +40,10 @@ from .steps import Steps
 from .target import Target
 from .twists import Twist
 
-__version__ = version("pilm")
+try:
+    __version__ = version("pilm")
+except PackageNotFoundError:  # run from a source tree that was never installed (PYTHONPATH)
+    __version__ = "0+source"
 __all__ = [
     "BoundsReport", "bounds", "EmptyPromptError", "ExtinctionWarning", "ImpossibleTargetError", "ModelLoadError",
     "ModelProposal", "PilmError", "PotentialError", "RejectionBudgetError", "RejectionResult", "SMCResult",

@@ -347,9 +347,8 @@ def timing(device: str) -> None:
             "pf": partial(pilm.particle_filter, chain, None, n, weights="twisted", seed=0),
             "row": per_row,
         }
-        if n == 64 and length == 64:
-            for leg in legs.values():
-                leg()  # warm-up
+        for leg in legs.values():
+            leg()  # warm-up at this shape
         (gen, gen_mem), (t_smc, smc_mem), (pf, pf_mem), (row, row_mem) = (_timed(leg) for leg in legs.values())
         tokens = n * horizon
         print(f"{n:>9} {ids.shape[1]:>6} {tokens / gen:>15.0f} {tokens / t_smc:>10.0f} {tokens / pf:>9.0f} "

@@ -234,10 +234,11 @@ def _blocks(x: Tensor, slots: Tensor | None, prompts: int, m: int) -> Tensor:
 
 
 def _rows(x: Tensor, slots: Tensor | None, n: int, g: int) -> Tensor:
-    """The inverse of ``_blocks``: (prompts, kv heads, m·g, k) to (n, kv heads, g, k)."""
+    """The inverse of ``_blocks``: (prompts, kv heads, m·g, k) to (n, kv heads, g, k), a view
+    for one prompt."""
     prompts, kv_heads, mg, k = x.shape
-    x = x.view(prompts, kv_heads, mg // g, g, k).transpose(1, 2).reshape(-1, kv_heads, g, k)
-    return x if slots is None else x[slots]
+    x = x.view(prompts, kv_heads, mg // g, g, k).transpose(1, 2)
+    return x[0] if slots is None else x.reshape(-1, kv_heads, g, k)[slots]
 
 
 def _cascade_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
