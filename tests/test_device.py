@@ -73,6 +73,19 @@ def test_masked_and_twisted_smc_on_the_device(device_model):
     assert all(math.isfinite(r.log_z) for r in pilm.smc(targets(model), 4, twist=twist, seed=0, progress=False))
 
 
+def test_particles_keep_a_prompt_copy_each_on_an_accelerator_unless_told_to_share(device_model, tiny):
+    """kv_cache="auto" shares the prompt on the CPU and not on an accelerator (kernel launches
+    bind there); "shared" shares anywhere; anything else is refused, naming the choices."""
+    model, _ = device_model
+    assert tiny.shares_prefixes and not model.shares_prefixes
+    model.kv_cache = "shared"
+    assert model.shares_prefixes
+    with pytest.raises(ValueError, match="kv_cache='paged': use one of auto, shared, per-row"):
+        model.kv_cache = "paged"
+    with pytest.raises(ValueError, match="kv_cache='paged'"):
+        pilm.load_model(kv_cache="paged")
+
+
 def test_token_masks_are_unpacked_on_the_device_as_on_the_cpu(device_model, tiny):
     """The packed bitmask travels and is unpacked by shifts on the device: the same (N, V)
     mask as numpy's unpacking on the CPU, with the EOS and stop columns and repeated prefixes."""

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 
 from ..errors import ModelLoadError
 from .device import resolve_device, resolve_dtype
-from .hf import HFModel
+from .hf import KV_CACHES, HFModel
 from .machine import cache_dir, locked
 from .split_gguf import SplitGGUF
 
@@ -50,6 +50,7 @@ def load_model(
     dtype: torch.dtype | str | None = "auto",
     device: str | torch.device | None = "auto",
     adapter: str | Path | None = None,
+    kv_cache: str = "auto",
 ) -> HFModel:
     """Load a causal LM as a pilm model.
 
@@ -64,12 +65,22 @@ def load_model(
     when there is one, else the CPU; ``dtype="auto"`` is bfloat16 on a GPU that supports it
     (float16 otherwise) and the measured faster matmul dtype on a CPU (``pilm.models.device``);
     log-probabilities are float32 anyway. A device or dtype this machine cannot run raises
-    ``DeviceError`` before anything loads.
+    ``DeviceError`` before anything loads. ``kv_cache`` is how particles hold their prompt
+    (``HFModel.kv_cache``: "auto", "shared" or "per-row").
     """
     if adapter is not None:
         from .adapter import LoRAPolicy
 
-        return LoRAPolicy.from_pretrained(load_model(name_or_path, dtype=dtype, device=device), adapter)
+        base = load_model(name_or_path, dtype=dtype, device=device, kv_cache=kv_cache)
+        return LoRAPolicy.from_pretrained(base, adapter)
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache={kv_cache!r}: use one of {', '.join(KV_CACHES)}")
+    model = _load(name_or_path, dtype, device)
+    model.kv_cache = kv_cache
+    return model
+
+
+def _load(name_or_path: str | None, dtype: torch.dtype | str | None, device: str | torch.device | None) -> HFModel:
     name = _ALIASES.get(name_or_path, name_or_path) or DEFAULT_MODEL
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
