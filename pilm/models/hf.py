@@ -35,9 +35,9 @@ class HFModel(LanguageModel):
     "auto" (the default) shares on the CPU, where it is faster (0.92x the per-row time with a
     16-token prompt, 0.37x with 256 tokens, 64 rows, SmolLM2-135M) as well as smaller, and
     keeps a copy per row on accelerators, where decoding is bound by kernel launches and the
-    cascade's extra kernels made it 1.2-2x slower on an H200 (docs/guide/gpu.md) while
-    holding 0.6-0.7x the memory: choose "shared" there when memory binds (long prompts,
-    many particles).
+    cascade's extra kernels made it 0.97-2.0x the per-row time on an H200 (docs/guide/gpu.md)
+    for 0.6-0.9x the memory: choose "shared" there when memory binds (long prompts, many
+    particles).
     """
 
     def __init__(self, hf_model, tokenizer, name: str = "hf-model"):
