@@ -144,7 +144,7 @@ def verbs(device: str, dtype: torch.dtype) -> None:
         with kv_cache(model, "per-row"):
             rows = run()
         worst = float((shared - rows).abs().max())
-        tolerance = 1e-4 if dtype == torch.float32 else 0.15  # bfloat16: eager-style vs sdpa kernels
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # bfloat16 (3.8e-3 measured on an H200)
         assert worst < tolerance, f"max |diff| {worst:.2e} >= {tolerance}"
         return f"resampling across prompts and holds, max |log p diff| vs a per-row cache {worst:.2e}"
 

@@ -28,30 +28,92 @@ def pair(tiny):
     return tiny, eager
 
 
-@pytest.mark.parametrize("which", ["shared", "dynamic"])
-def test_rows_equal_their_own_full_forward_through_holds_resampling_and_growth(pair, which, monkeypatch):
-    """Two prompts of different lengths (left padding), 3 rows each; every step some rows wait
-    and a resampling keeps, duplicates and drops rows across the two prompts (so rows of one
-    prompt are not contiguous); chunks of 2 positions make the buffers grow four times.
-    Tolerance 1e-5: float32 rounding of the same sums in another order."""
-    monkeypatch.setattr(kv_cache, "CHUNK", 2)
-    model = pair[0] if which == "shared" else pair[1]
-    prompts = [model.encode("The old lighthouse keeper"), model.encode("Once")]
+def tiny_of(tiny, model_type: str, **overrides) -> HFModel:
+    """A tiny random model of ``model_type`` with the session's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = tiny.hf.config
+    config = AutoConfig.for_model(model_type, vocab_size=cfg.vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, **overrides)
+    torch.manual_seed(0)
+    return HFModel(AutoModelForCausalLM.from_config(config).float(), tiny.tokenizer, name=f"tiny-{model_type}")
+
+
+def decode_against_full_forwards(model, prompts, hold_rate: float, steps: int = 9) -> None:
+    """3 rows a prompt; each step rows wait with probability ``hold_rate``; every third step a
+    resampling keeps, duplicates and drops rows across the prompts (so rows of one prompt are
+    not contiguous). Every row's next-token log-probs must equal its own full forward, to
+    1e-5: float32 rounding of the same sums in another order."""
     state = model.start_many(prompts, 3)
-    seqs = [list(prompts[i // 3]) for i in range(6)]
+    seqs = [list(prompts[i // 3]) for i in range(3 * len(prompts))]
     g = torch.Generator().manual_seed(0)
-    for step in range(9):
+    for step in range(steps):
         for i, seq in enumerate(seqs):
             assert torch.allclose(state.logprobs[i], full_logprobs(model, seq), atol=1e-5), (step, i)
         if step % 3 == 2:
             idx = torch.randint(0, len(seqs), (len(seqs) - (step == 5),), generator=g)
             state, seqs = model.reindex(state, idx), [list(seqs[j]) for j in idx.tolist()]
         tokens = torch.randint(10, 5000, (len(seqs),), generator=g)
-        hold = torch.rand(len(seqs), generator=g) < 0.3
-        state = model.advance(state, tokens, hold)
+        hold = torch.rand(len(seqs), generator=g) < hold_rate
+        state = model.advance(state, tokens, hold if hold_rate else None)
         for seq, t, h in zip(seqs, tokens.tolist(), hold.tolist(), strict=True):
-            if not h:
+            if not h or not hold_rate:
                 seq.append(t)
+
+
+@pytest.mark.parametrize("which", ["shared", "dynamic"])
+@pytest.mark.parametrize("hold_rate", [0.0, 0.3])
+def test_rows_equal_their_own_full_forward_through_holds_resampling_and_growth(pair, which, hold_rate, monkeypatch):
+    """Two prompts of different lengths (left padding, a prompt bias), with and without rows
+    that wait; chunks of 2 positions make the buffers grow four times."""
+    monkeypatch.setattr(kv_cache, "CHUNK", 2)
+    model = pair[0] if which == "shared" else pair[1]
+    decode_against_full_forwards(model, [model.encode("The old lighthouse keeper"), model.encode("Once")], hold_rate)
+
+
+def test_prompts_of_one_length_share_without_padding(tiny):
+    """Three different prompts of equal length: no prompt bias, a layout of three blocks."""
+    prompts = [tiny.encode(w) for w in (" red", " green", " blue")]
+    assert len({len(p) for p in prompts}) == 1 and len({tuple(p) for p in prompts}) == 3
+    decode_against_full_forwards(tiny, prompts, hold_rate=0.0)
+
+
+@pytest.mark.parametrize("model_type, overrides, shares", [
+    ("qwen2", {}, True), ("qwen3", {"head_dim": 8}, True), ("mistral", {"sliding_window": None}, True),
+    ("mistral", {}, False),  # its default 4,096-token window: a copy per row
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4}, False),
+    ("opt", None, False),  # its decoder reads more of the cache than update: a copy per row
+])
+def test_each_architecture_shares_exactly_or_keeps_a_copy_per_row(tiny, model_type, overrides, shares):
+    model = _tiny_opt(tiny) if overrides is None else tiny_of(tiny, model_type, **overrides)
+    assert model.shares_prefixes == shares
+    decode_against_full_forwards(model, [model.encode("The old lighthouse keeper"), model.encode("Once")], 0.3, steps=6)
+
+
+def _tiny_opt(tiny) -> HFModel:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = tiny.hf.config
+    config = OPTConfig(vocab_size=cfg.vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=32, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                       pad_token_id=cfg.eos_token_id)
+    torch.manual_seed(0)
+    return HFModel(OPTForCausalLM(config).float(), tiny.tokenizer, name="tiny-opt")
+
+
+def test_switching_the_attention_after_the_prompt_is_an_error_not_a_wrong_number(fresh_tiny):
+    state = fresh_tiny.start(fresh_tiny.encode("The movie was"), 2)
+    fresh_tiny.hf.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="attention implementation changed after the prompt"):
+        fresh_tiny.advance(state, torch.tensor([5, 6]))
+
+
+def test_a_policy_and_a_twist_body_keep_the_base_models_choice(fresh_tiny):
+    from pilm.models import LoRAPolicy
+
+    fresh_tiny.kv_cache = "per-row"
+    assert LoRAPolicy(fresh_tiny).kv_cache == "per-row"
 
 
 def test_a_step_writes_in_place_and_resampling_gathers_only_the_rows_own_positions(tiny, monkeypatch):

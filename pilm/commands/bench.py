@@ -18,7 +18,8 @@ lengths) x 16 particles x 32 tokens as one batch against the same 64 targets one
 (``many_particles``) runs 1,024 particles x 64 tokens of one target and reports its peak
 memory; the long-prompt leg (``long_prompt``) decodes 64 particles x 64 tokens after a
 512-token prompt and reports the KV cache it holds over one prompt copy plus the particles'
-own tokens (8 when every particle holds its own copy of the prompt).
+own tokens (8 when every particle holds its own copy of the prompt), and its time over the time
+with a copy of the prompt per row.
 
 The masked leg (``masked_smc_over_generate``) runs the same SMC with the masked proposal
 (``pilm.proposals.MaskedProposal``: only tokens that keep the regex satisfiable are drawn);
@@ -81,6 +82,7 @@ RATIOS = {
     "host_growth_16x64": "the same for 16 targets x 64 particles",
     "long_prompt_cache_over_shared": "KV cache of 64 particles x 64 tokens on a 512-token prompt over one prompt copy "
                                      "plus the particles' own tokens",
+    "long_prompt_time_over_per_row": "that decode's time (the model's kv_cache choice) over a copy of the prompt per row",
 }
 
 

@@ -174,25 +174,44 @@ def many_particles(model, n_particles: int = 1024, new_tokens: int = 64) -> dict
     }
 
 
-def long_prompt(model, prompt_tokens: int = 512, n_particles: int = 64, new_tokens: int = 64) -> dict:
+def long_prompt(model, prompt_tokens: int = 512, n_particles: int = 64, new_tokens: int = 64, repeats: int = 2) -> dict:
     """The KV cache one target holds after ``new_tokens`` steps of ``n_particles`` particles on a
     ``prompt_tokens``-token prompt, over what sharing the prompt would hold: one prompt copy plus
     each particle's own tokens (1 is that; n_particles x (prompt + new) / (prompt + n x new) is a
-    copy of the prompt per particle)."""
+    copy of the prompt per particle); and the decode's time with the model's own ``kv_cache``
+    choice over the time with a copy per row (``HFModel.kv_cache``), alternating ``repeats``
+    times, the fastest of each kept. Each decode resamples every fourth step."""
     from ..models import decode_step
 
     g = seeded_generator(0, model.device)
     prompt = torch.randint(10, model.vocab_size, (prompt_tokens,), generator=g, device=model.device).tolist()
-    state = model.start(prompt, n_particles)
+    tokens = torch.randint(10, model.vocab_size, (new_tokens, n_particles), generator=g, device=model.device)
+    parents = torch.randint(0, n_particles, (new_tokens, n_particles), generator=g, device=model.device)
     rows = torch.arange(n_particles, device=model.device)
-    for _ in range(new_tokens):
-        tokens = torch.randint(10, model.vocab_size, (n_particles,), generator=g, device=model.device)
-        state = decode_step(model, state, rows, tokens)
-    held = state.cache.nbytes()
+
+    def decode():
+        state = model.start(prompt, n_particles)
+        for t in range(new_tokens):
+            state = decode_step(model, state, parents[t] if t % 4 == 3 else rows, tokens[t])
+        return state
+
+    held = decode().cache.nbytes()
     per_token = model.start(prompt, 1).cache.nbytes() / prompt_tokens  # what one row holds per position
+    own: list[float] = []
+    per_row: list[float] = []
+    chosen = model.kv_cache
+    for _ in range(repeats):
+        for how, times in ((chosen, own), ("per-row", per_row)):
+            model.kv_cache = how
+            t0 = time.perf_counter()
+            decode()
+            times.append(time.perf_counter() - t0)
+    model.kv_cache = chosen
     return {"long_prompt_shape": f"{prompt_tokens}-token prompt, {n_particles} particles x {new_tokens} tokens",
             "long_prompt_cache_mb": held / 2**20,
-            "long_prompt_cache_over_shared": held / (per_token * (prompt_tokens + n_particles * new_tokens))}
+            "long_prompt_cache_over_shared": held / (per_token * (prompt_tokens + n_particles * new_tokens)),
+            "long_prompt_kv_cache": chosen if chosen != "auto" else ("shared" if model.shares_prefixes else "per-row"),
+            "long_prompt_time_over_per_row": min(own) / min(per_row)}
 
 
 def _reward_text(text: str) -> float:

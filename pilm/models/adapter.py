@@ -70,6 +70,7 @@ class LoRAPolicy(HFModel):
         if isinstance(base, LoRAPolicy):
             raise ValueError("give the base model, not another policy, as the base of a LoRAPolicy")
         super().__init__(base.hf, base.tokenizer, name=f"{base.name}+lora")
+        self.kv_cache = base.kv_cache
         if base.adapters is None:
             base.hf.requires_grad_(False)  # p0 is never trained
             base.adapters = AdapterSwitch(base.hf)

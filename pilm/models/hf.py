@@ -1,4 +1,4 @@
-"""Any transformers causal LM behind the pilm model protocol, with a per-row KV cache."""
+"""Any transformers causal LM behind the pilm model protocol; its decode cache is in ``models.kv_cache``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from .adapter import AdapterSwitch
 
 KV_CACHES = ("auto", "shared", "per-row")
+
+
+def check_kv_cache(value: str) -> str:
+    if value not in KV_CACHES:
+        raise ValueError(f"kv_cache={value!r}: use one of {', '.join(KV_CACHES)}")
+    return value
 
 # Largest logits block ``score`` materialises at once (bytes of float32): bounds the memory
 # of scoring many long sequences with a 50k vocabulary to a few hundred MB.
@@ -67,9 +73,7 @@ class HFModel(LanguageModel):
 
     @kv_cache.setter
     def kv_cache(self, value: str) -> None:
-        if value not in KV_CACHES:
-            raise ValueError(f"kv_cache={value!r}: use one of {', '.join(KV_CACHES)}")
-        self._kv_cache = value
+        self._kv_cache = check_kv_cache(value)
 
     @property
     def shares_prefixes(self) -> bool:

@@ -11,13 +11,12 @@ where the prefix scores of all rows of one prompt are one matrix product (the pr
 once per step, not once per row) and the rows' own scores a batched product; one softmax over
 both keeps it exact. A step writes its new keys and values into the next free column (the
 buffers grow by chunks), so nothing is copied per step, where a ``DynamicCache`` concatenates
-the whole cache; resampling gathers only the rows' own positions.
+the whole cache; resampling gathers the rows' own buffers, never the prompt.
 
-``SharedPrefix`` is used for transformers models whose attention goes through the
-``AttentionInterface`` with ``sdpa`` (the default): ``share_prefixes`` registers the
-"pilm_cascade" implementation, which is sdpa itself for every forward outside a decode step
-(prefill, scoring, training). Other models decode through ``DynamicRows``, a
-``DynamicCache`` with per-row padding masks.
+``SharedPrefix`` is used for the ``ARCHITECTURES`` with sdpa attention (their default) and no
+sliding window: ``share_prefixes`` registers the "pilm_cascade" implementation, which is sdpa
+itself for every forward outside a decode step (prefill, scoring, training). Other models
+decode through ``DynamicRows``, a ``DynamicCache`` with per-row padding masks.
 """
 
 from __future__ import annotations
@@ -53,15 +52,20 @@ class RowCache(Protocol):
         """Bytes of keys and values held."""
 
 
+# Architectures whose decoder reads nothing from the cache but ``update`` and takes explicit
+# position ids and a 4-D mask (each is decoded against its full forward in tests/test_kv_cache.py).
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+
+
 def share_prefixes(hf) -> bool:
     """Switch ``hf`` (a transformers model, unwrapped from peft) to the cascade attention when
-    it can take it: attention through the ``AttentionInterface``, sdpa, and no sliding
-    windows, soft-capping or sinks. Returns whether it did; outside a decode step the
-    attention is sdpa's, so every other forward is unchanged."""
+    it can take it: one of ``ARCHITECTURES``, sdpa attention, no sliding window or
+    soft-capping. Returns whether it did. The switch is the model's own (its config's
+    attention implementation), but outside a decode step the cascade is sdpa itself, so every
+    other forward of the model, inside pilm or not, is unchanged."""
     cfg = hf.config
     plain = not any(getattr(cfg, a, None) for a in ("sliding_window", "attn_logit_softcapping", "use_sliding_window"))
-    can_set = getattr(type(hf), "_can_set_attn_implementation", None)
-    if cfg._attn_implementation not in ("sdpa", CASCADE) or not plain or can_set is None or not can_set():
+    if cfg.model_type not in ARCHITECTURES or cfg._attn_implementation not in ("sdpa", CASCADE) or not plain:
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -116,13 +120,14 @@ class SharedPrefix:
             prefix_mask.shape, dtype=k0.dtype, device=k0.device).masked_fill(~prefix_mask, float("-inf"))[:, None, None]
         self.group = group.cpu()
         self.positions = positions  # (rows,) on the device: each row's next position id
-        n, (_, heads, _, dim) = len(group), k0.shape
-        self.keys = [k0.new_empty(n, heads, 0, dim) for _ in prefix]
-        self.values = [k0.new_empty(n, heads, 0, dim) for _ in prefix]
+        n = len(group)
+        self.keys = [k.new_empty(n, k.shape[1], 0, k.shape[3]) for k, _ in prefix]
+        self.values = [v.new_empty(n, v.shape[1], 0, v.shape[3]) for _, v in prefix]
         self.valid = torch.zeros(n, 0, dtype=torch.bool, device=k0.device)  # False at a held row's hole
         self.used = 0
         self.holes = False  # whether any row ever waited (else every own position counts)
         self._layout: tuple[Tensor, int] | None = None
+        self._calls = [0, 0]  # a step's cache writes and cascade attentions: equal, or the prompt was skipped
 
     @classmethod
     def of(cls, prefill: Any, prefix_mask: Tensor | None, group: Tensor, positions: Tensor) -> SharedPrefix:
@@ -159,6 +164,7 @@ class SharedPrefix:
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """transformers' cache call: store the step's keys and values in the reserved column
         and return the row's own positions so far (the prefix is the attention's to add)."""
+        self._calls[0] += 1
         col = self.used - 1
         self.keys[layer_idx][:, :, col : col + 1] = key
         self.values[layer_idx][:, :, col : col + 1] = value
@@ -175,13 +181,19 @@ class SharedPrefix:
 
     @contextlib.contextmanager
     def attending(self) -> Iterator[None]:
-        token = _ACTIVE.set(self)
+        token, self._calls = _ACTIVE.set(self), [0, 0]
         try:
             yield
         finally:
             _ACTIVE.reset(token)
+        writes, attended = self._calls
+        if writes != attended:  # e.g. the model was switched to another attention after the prompt
+            raise RuntimeError(f"{writes} layers stored this step's keys but {attended} attended through the shared "
+                               "prompt cache: the model's attention implementation changed after the prompt was "
+                               f"encoded (it must stay {CASCADE!r}); start the decode again")
 
     def nbytes(self) -> int:
+        """Bytes of the positions in use (the buffers reserve up to half as many again)."""
         own = [t[:, :, : self.used] for t in (*self.keys, *self.values)]
         return sum(t.numel() * t.element_size() for t in (*own, *(x for kv in self.prefix for x in kv)))
 
@@ -204,6 +216,7 @@ class SharedPrefix:
                scaling: float) -> Tensor:
         """Attention of one new token per row over its prompt and its own positions (the
         module docstring's a_i), in the layout transformers expects: (rows, 1, heads, dim)."""
+        self._calls[1] += 1
         n, heads, q_len, dim = query.shape
         if q_len != 1:
             raise ValueError(f"the shared-prefix cache decodes one token per row per step, not {q_len}")
@@ -222,7 +235,7 @@ class SharedPrefix:
         weights = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
         w_p, w_s = weights.split([p_len, weights.shape[-1] - p_len], -1)
         out = torch.matmul(w_s, value) + _rows(torch.matmul(_blocks(w_p, slots, prompts, m), pv), slots, n, g)
-        return out.reshape(n, 1, heads, dim)
+        return out.reshape(n, 1, heads, value.shape[-1])
 
 
 def _blocks(x: Tensor, slots: Tensor | None, prompts: int, m: int) -> Tensor:
@@ -251,6 +264,9 @@ def _cascade_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     assert attention_mask is not None  # the step's 4-D mask
+    extra = [k for k in ("s_aux", "sinks", "softcap", "sliding_window") if kwargs.get(k) is not None]
+    if extra:
+        raise NotImplementedError(f"the shared-prompt cache does not implement attention with {', '.join(extra)}")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return cache.attend(module.layer_idx, query, key, value, attention_mask, scale), None
 

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 
 from ..errors import ModelLoadError
 from .device import resolve_device, resolve_dtype
-from .hf import KV_CACHES, HFModel
+from .hf import HFModel, check_kv_cache
 from .machine import cache_dir, locked
 from .split_gguf import SplitGGUF
 
@@ -73,8 +73,7 @@ def load_model(
 
         base = load_model(name_or_path, dtype=dtype, device=device, kv_cache=kv_cache)
         return LoRAPolicy.from_pretrained(base, adapter)
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"kv_cache={kv_cache!r}: use one of {', '.join(KV_CACHES)}")
+    check_kv_cache(kv_cache)  # before anything loads
     model = _load(name_or_path, dtype, device)
     model.kv_cache = kv_cache
     return model

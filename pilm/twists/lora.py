@@ -49,6 +49,7 @@ class LoRATwist(nn.Module, TwistFunction):
             r=rank, lora_alpha=self.lora["alpha"], lora_dropout=dropout, target_modules=self.lora["target_modules"]))
         self.adapted = body  # registered as a submodule, so the adapters are parameters of the twist
         self.body = HFModel(body, model.tokenizer, name=f"{model.name}+lora-twist")
+        self.body.kv_cache = getattr(model, "kv_cache", "auto")
         hidden = model.hf.config.hidden_size
         self.head = Twist(TwistConfig(hidden, model.vocab_size, kind=kind, layers=layers, output=output,
                                       init=init, model_name=model.name, conditional=conditional))
