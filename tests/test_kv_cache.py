@@ -66,7 +66,7 @@ def decode_against_full_forwards(model, prompts, hold_rate: float, steps: int = 
 @pytest.mark.parametrize("hold_rate", [0.0, 0.3])
 def test_rows_equal_their_own_full_forward_through_holds_resampling_and_growth(pair, which, hold_rate, monkeypatch):
     """Two prompts of different lengths (left padding, a prompt bias), with and without rows
-    that wait; chunks of 2 positions make the buffers grow four times."""
+    that wait; first buffers of 2 positions make them double three times."""
     monkeypatch.setattr(kv_cache, "CHUNK", 2)
     model = pair[0] if which == "shared" else pair[1]
     decode_against_full_forwards(model, [model.encode("The old lighthouse keeper"), model.encode("Once")], hold_rate)
@@ -117,7 +117,7 @@ def test_a_policy_and_a_twist_body_keep_the_base_models_choice(fresh_tiny):
 
 
 def test_a_step_writes_in_place_and_resampling_gathers_only_the_rows_own_positions(tiny, monkeypatch):
-    """No whole-cache copy per step: the buffers keep their storage until a chunk fills; the
+    """No whole-cache copy per step: the buffers keep their storage until they fill; the
     prompt's keys are never copied, not even by a resampling."""
     monkeypatch.setattr(kv_cache, "CHUNK", 4)
     state = tiny.start(tiny.encode("The movie was"), 3)
@@ -128,7 +128,7 @@ def test_a_step_writes_in_place_and_resampling_gathers_only_the_rows_own_positio
     for t in range(3):
         state = tiny.advance(state, torch.tensor([8, 9, 10 + t]))
         assert cache.keys[0].data_ptr() == first
-    state = tiny.advance(state, torch.tensor([1, 2, 3]))  # the fifth position: a new chunk
+    state = tiny.advance(state, torch.tensor([1, 2, 3]))  # the fifth position: the buffers double
     assert cache.keys[0].data_ptr() != first
     state = tiny.reindex(state, torch.tensor([2, 2, 0]))
     assert cache.prefix[0][0].data_ptr() == prompt_keys and cache.prefix[0][0].shape[0] == 1

@@ -10,7 +10,7 @@ attention, as in Hydragen, Juravsky et al. 2024): with a query q_i of row i,
 where the prefix scores of all rows of one prompt are one matrix product (the prefix is read
 once per step, not once per row) and the rows' own scores a batched product; one softmax over
 both keeps it exact. A step writes its new keys and values into the next free column (the
-buffers grow by chunks), so nothing is copied per step, where a ``DynamicCache`` concatenates
+buffers double when full), so nothing is copied per step, where a ``DynamicCache`` concatenates
 the whole cache; resampling gathers the rows' own buffers, never the prompt.
 
 ``SharedPrefix`` is used for the ``ARCHITECTURES`` with sdpa attention (their default) and no
@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 CASCADE = "pilm_cascade"
-CHUNK = 64  # row positions added when a buffer is full (at least; half again when larger)
+CHUNK = 16  # a row's first buffer holds this many positions; a full one doubles (exact at powers of two,
+# half empty at worst, each position copied once on average)
 
 _ACTIVE: ContextVar[SharedPrefix | None] = ContextVar("pilm_shared_prefix", default=None)
 
@@ -151,7 +152,7 @@ class SharedPrefix:
                 "attention_mask": self.valid[:, None, None, : self.used]}
 
     def _grow(self) -> None:
-        size = self.used + max(CHUNK, self.used // 2)
+        size = max(CHUNK, 2 * self.used)
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
                 new = old.new_empty(old.shape[0], old.shape[1], size, old.shape[3])
@@ -193,7 +194,7 @@ class SharedPrefix:
                                f"encoded (it must stay {CASCADE!r}); start the decode again")
 
     def nbytes(self) -> int:
-        """Bytes of the positions in use (the buffers reserve up to half as many again)."""
+        """Bytes of the positions in use (the buffers reserve up to as many again)."""
         own = [t[:, :, : self.used] for t in (*self.keys, *self.values)]
         return sum(t.numel() * t.element_size() for t in (*own, *(x for kv in self.prefix for x in kv)))
 
