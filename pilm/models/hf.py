@@ -38,8 +38,8 @@ class HFModel(LanguageModel):
     ``kv_cache`` is how the rows of a decode hold their prompt: "shared" stores each prompt's
     keys and values once for all its particles (``models.kv_cache.SharedPrefix``), "per-row"
     gives every row its own copy (a transformers ``DynamicCache``); both compute the same.
-    "auto" (the default) shares on the CPU, where it is faster (0.92x the per-row time with a
-    16-token prompt, 0.37x with 256 tokens, 64 rows, SmolLM2-135M) as well as smaller, and
+    "auto" (the default) shares on the CPU, where it is smaller and no slower (the bench's
+    long-prompt leg: 64 particles after 512 tokens decode in 0.30x the per-row time), and
     keeps a copy per row on accelerators, where decoding is bound by kernel launches and the
     cascade's extra kernels made it 0.97-2.0x the per-row time on an H200 (docs/guide/gpu.md)
     for 0.6-0.9x the memory: choose "shared" there when memory binds (long prompts, many
