@@ -210,7 +210,7 @@ def long_prompt(model, prompt_tokens: int = 512, n_particles: int = 64, new_toke
     return {"long_prompt_shape": f"{prompt_tokens}-token prompt, {n_particles} particles x {new_tokens} tokens",
             "long_prompt_cache_mb": held / 2**20,
             "long_prompt_cache_over_shared": held / (per_token * (prompt_tokens + n_particles * new_tokens)),
-            "long_prompt_kv_cache": chosen if chosen != "auto" else ("shared" if model.shares_prefixes else "per-row"),
+            "long_prompt_kv_cache": "shared" if model.shares_prefixes else "per-row",
             "long_prompt_time_over_per_row": min(own) / min(per_row)}
 
 

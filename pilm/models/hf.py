@@ -12,18 +12,10 @@ import torch
 from torch import Tensor
 
 from .base import LanguageModel, ModelState, Tokens
-from .kv_cache import CASCADE, DynamicRows, RowCache, SharedPrefix, share_prefixes
+from .kv_cache import CASCADE, RowCache, check_kv_cache, decode_rows, share_prefixes
 
 if TYPE_CHECKING:
     from .adapter import AdapterSwitch
-
-KV_CACHES = ("auto", "shared", "per-row")
-
-
-def check_kv_cache(value: str) -> str:
-    if value not in KV_CACHES:
-        raise ValueError(f"kv_cache={value!r}: use one of {', '.join(KV_CACHES)}")
-    return value
 
 # Largest logits block ``score`` materialises at once (bytes of float32): bounds the memory
 # of scoring many long sequences with a 50k vocabulary to a few hundred MB.
@@ -146,11 +138,7 @@ class HFModel(LanguageModel):
         cache = DynamicCache()
         logprobs, hidden = self._forward(ids, cache, **extra)
         rows = group.to(self.device)
-        if self.shares_prefixes:
-            state: RowCache = SharedPrefix.of(cache, mask, group, lengths[rows])
-        else:
-            state = DynamicRows(cache, None if mask is None else mask.long(), width)
-            state.reorder(rows)
+        state = decode_rows(cache, mask, group, lengths[rows], shared=self.shares_prefixes)
         return ModelState(logprobs[rows], hidden[rows], state, width)
 
     def start(self, prompt_ids: Tokens, n: int) -> ModelState:

@@ -53,6 +53,27 @@ class RowCache(Protocol):
         """Bytes of keys and values held."""
 
 
+KV_CACHES = ("auto", "shared", "per-row")  # HFModel.kv_cache
+
+
+def check_kv_cache(value: str) -> str:
+    if value not in KV_CACHES:
+        raise ValueError(f"kv_cache={value!r}: use one of {', '.join(KV_CACHES)}")
+    return value
+
+
+def decode_rows(prefill: Any, prompt_mask: Tensor | None, group: Tensor, positions: Tensor, *,
+                shared: bool) -> RowCache:
+    """The cache of rows that continue the prompts of ``prefill`` (their forward's
+    ``DynamicCache``; ``prompt_mask`` (prompts, P): False at left padding, or None): row i
+    continues prompt ``group[i]`` at position ``positions[i]``."""
+    if shared:
+        return SharedPrefix([(layer.keys, layer.values) for layer in prefill.layers], prompt_mask, group, positions)
+    rows = DynamicRows(prefill, None if prompt_mask is None else prompt_mask.long(), prefill.get_seq_length())
+    rows.reorder(group.to(positions.device))
+    return rows
+
+
 # Architectures whose decoder reads nothing from the cache but ``update`` and takes explicit
 # position ids and a 4-D mask (each is decoded against its full forward in tests/test_kv_cache.py).
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
@@ -129,11 +150,6 @@ class SharedPrefix:
         self.holes = False  # whether any row ever waited (else every own position counts)
         self._layout: tuple[Tensor, int] | None = None
         self._calls = [0, 0]  # a step's cache writes and cascade attentions: equal, or the prompt was skipped
-
-    @classmethod
-    def of(cls, prefill: Any, prefix_mask: Tensor | None, group: Tensor, positions: Tensor) -> SharedPrefix:
-        """The rows that continue the prompts of ``prefill``, the ``DynamicCache`` of their forward."""
-        return cls([(layer.keys, layer.values) for layer in prefill.layers], prefix_mask, group, positions)
 
     @property
     def n(self) -> int:

@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 
 from ..errors import ModelLoadError
 from .device import resolve_device, resolve_dtype
-from .hf import HFModel, check_kv_cache
+from .hf import HFModel
+from .kv_cache import check_kv_cache
 from .machine import cache_dir, locked
 from .split_gguf import SplitGGUF
 
