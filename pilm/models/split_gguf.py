@@ -37,8 +37,7 @@ class SplitGGUF:
         piece raises ``ModelLoadError`` naming the install command."""
         out, missing = [], []
         for package in self.packages:
-            spec = importlib.util.find_spec(package)
-            pieces = sorted(Path(spec.origin).parent.glob("data/part*.bin")) if spec and spec.origin else []
+            pieces = package_files(package, "data/part*.bin") or []
             if len(pieces) != 1:
                 missing.append(package.replace("_", "-"))
             else:
@@ -75,3 +74,12 @@ class SplitGGUF:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return final
+
+
+def package_files(package: str, pattern: str) -> list[Path] | None:
+    """The files matching ``pattern`` in an installed package's folder, found without importing
+    it (sorted); None when the package is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    return sorted(Path(spec.origin).parent.glob(pattern))

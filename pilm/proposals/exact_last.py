@@ -128,3 +128,5 @@ class ExactLastProposal(Proposal):
         moved = torch.ones(len(self._lengths), dtype=torch.bool) if hold is None else ~hold.cpu()
         self._lengths += moved.long()
         self._scored &= ~moved  # a row that moved on is at another position
+        if not bool(self._scored.any()):
+            self._q = None  # nothing to reuse: later resamplings need not gather (rows, V) of stale rows
