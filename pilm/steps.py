@@ -65,16 +65,17 @@ class Steps:
         """How many of ``tokens`` the chain keeps before these rules end it (after
         ``max_steps`` steps or a final step; a cut step counts), or ``None`` if they do not
         end it; ``decode`` turns token ids into text, ``stop`` (the stop token) ends it anyway."""
-        taken, ids = 0, []
+        taken, ids, text = 0, [], ""
         for k, v in enumerate(tokens):
             if v == stop:
                 return None
             ids.append(v)
-            if self.ends("".join(decode([u]) for u in ids), v) or len(ids) == self.max_step_tokens:
+            text += decode([v])  # the step's text token by token, as the step samplers read it
+            if self.ends(text, v) or len(ids) == self.max_step_tokens:
                 taken += 1
                 if self.finishes(taken, decode(ids)):
                     return k + 1
-                ids = []
+                ids, text = [], ""
         return None
 
     def is_final(self, step_text: str) -> bool:

@@ -60,6 +60,7 @@ class StepBoundary(Boundary):
     row's step text."""
 
     every_token, drops_dead, unit = False, True, "step"
+    keeps_texts = True  # the closed steps' texts, for PRMs and results (a count is all the rules need)
 
     def __init__(self, steps: Steps | None = None):
         self.override = steps
@@ -71,6 +72,7 @@ class StepBoundary(Boundary):
         self.stops = [t.stop_token_id for t in targets]
         r = len(targets) * n
         self.steps: list[list[str]] = [[] for _ in range(r)]
+        self.taken = torch.zeros(r, dtype=torch.long)  # steps closed
         self.cut = torch.zeros(r, dtype=torch.long)
         self.text = [""] * r
         self.max_tokens = torch.tensor([c.max_step_tokens for c in self.cuts]).repeat_interleave(n)
@@ -102,9 +104,11 @@ class StepBoundary(Boundary):
             if ids and ids[-1] == self.stops[g]:
                 ids = ids[:-1]
             text = self.model.decode(ids)
-            self.steps[row].append(text)
+            if self.keeps_texts:
+                self.steps[row].append(text)
             self.text[row] = ""
-            more[i] = self.cuts[g].finishes(len(self.steps[row]), text)
+            self.taken[row] += 1
+            more[i] = self.cuts[g].finishes(int(self.taken[row]), text)
         return more
 
     def _starts(self, particles, live: Tensor) -> Tensor:
@@ -116,9 +120,10 @@ class StepBoundary(Boundary):
 
     def select(self, parents: Tensor) -> None:
         p = parents.tolist()
-        self.steps = [list(self.steps[i]) for i in p]
+        if self.keeps_texts:
+            self.steps = [list(self.steps[i]) for i in p]
         self.text = [self.text[i] for i in p]
-        self.cut = self.cut[parents]
+        self.cut, self.taken = self.cut[parents], self.taken[parents]
 
 
 class TokenStepBoundary(StepBoundary):
@@ -128,6 +133,7 @@ class TokenStepBoundary(StepBoundary):
     target without ``steps`` are never ended by it (``StepBoundary`` would give them ``Steps()``)."""
 
     every_token, drops_dead, unit = True, False, "tok"
+    keeps_texts = False
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
         super().begin(targets, n)
@@ -136,7 +142,11 @@ class TokenStepBoundary(StepBoundary):
         self.closing = torch.zeros(len(self.active), dtype=torch.bool)  # its last token ended a step
 
     def ends(self, rows, drawn, tokens, lengths, step_start, finished) -> Tensor:
-        self.closing[rows] = super().ends(rows, drawn, tokens, lengths, self.start, finished) & self.active[rows]
+        active = self.active[rows]
+        self.closing[rows] = False
+        if active.any():
+            self.closing[rows[active]] = super().ends(rows[active], drawn[active], tokens, lengths, self.start,
+                                                      finished[active])
         return torch.ones(len(rows), dtype=torch.bool)
 
     def close(self, particles, live, finished) -> Tensor:
