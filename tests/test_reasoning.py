@@ -101,7 +101,10 @@ def test_token_smc_ends_chains_by_the_steps_too():
     phi = FunctionPotential(lambda t: math.log(table_score(t)), on="tokens", name="table")
     target = toy(phi)
     final = pilm.Target(target.model, [0], phi, max_new_tokens=4, steps=dataclasses.replace(STEP, final="^a+$"))
-    for t in (target, final):
+    # The same rule by text: enumeration reads it in Steps.chain_end, token SMC in the boundary's own path.
+    by_text = pilm.Target(target.model, [0], phi, max_new_tokens=4, steps=dataclasses.replace(STEP, delimiter="c"))
+    assert pilm.exact.distribution(by_text).keys() == set(chains())
+    for t in (target, final, by_text):
         enumerated, log_z = pilm.exact.distribution(t), pilm.exact.log_z(t)
         for runs in (pilm.smc([t] * 400, 8, seed=3, progress=False), pilm.importance_sample([t] * 400, 8, seed=3)):
             assert within(ratios(runs, log_z))
