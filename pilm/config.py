@@ -195,6 +195,8 @@ class ScaleConfig(Config):
 
     task: Literal["arithmetic-chain", "gsm8k"] = arg("arithmetic-chain", "reasoning task (gsm8k: for a larger --model)")
     model: str | None = arg(None, "policy model: embedded name (smollm2-135m, the default), hub id or folder")
+    backend: Literal["hf", "vllm"] = arg("hf", "what runs the policy: transformers, or a vLLM engine (every method "
+                                         "but a learned PRM, which reads hidden states)")
     methods: tuple[Literal["greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"], ...] = arg(
         ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"), "methods to run")
     n: tuple[int, ...] = arg((1, 4, 16, 64), "budgets N (chains per problem)", low=1)

@@ -29,6 +29,10 @@ class PotentialError(PilmError, ValueError):
     """A potential broke its contract (NaN, +inf, wrong shape)."""
 
 
+class BackendError(PilmError, ValueError):
+    """A model backend was asked for what it cannot do exactly; the message names the backend that can."""
+
+
 class ModelLoadError(PilmError, OSError):
     """A model could not be found or loaded."""
 

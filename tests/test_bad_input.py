@@ -91,3 +91,22 @@ def test_exact_refuses_past_its_size(model):
 def test_tabular_text_outside_alphabet(model):
     with pytest.raises(ValueError, match="outside"):
         model.encode("xyz")
+
+
+def test_backend_arguments_are_refused_before_anything_loads(monkeypatch, tmp_path):
+    import sys
+
+    from pilm.commands.cli import main
+    from pilm.errors import BackendError, ModelLoadError
+
+    with pytest.raises(ValueError, match="unknown backend 'tgi'; choose one of hf, vllm"):
+        pilm.load_model(backend="tgi")
+    with pytest.raises(TypeError, match="tensor_parallel_size: engine arguments are for backend='vllm'"):
+        pilm.load_model(tensor_parallel_size=2)
+    with pytest.raises(BackendError, match="adapter= and kv_cache= belong to backend='hf'"):
+        pilm.load_model(backend="vllm", adapter="somewhere")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as where it is not installed
+    with pytest.raises(ModelLoadError, match=r"pip install vllm \(CUDA\).*make test-engines"):
+        pilm.load_model(backend="vllm")
+    argv = ["scale", "--backend", "vllm", "--prm", "learned", "--prm-path", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2  # a learned PRM reads hidden states: refused before the engine starts

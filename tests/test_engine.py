@@ -116,13 +116,13 @@ def test_paper_weights_without_a_prm_are_refused():
 def test_the_base_weight_at_a_temperature_is_the_tempered_policy(temperature):
     """The engine reads log p_M at the drawn tokens without forming p_M over the vocabulary:
     the same numbers as the tempered base proposal (T = 0: greedy, 0 or -inf)."""
-    from pilm.inference.engine import _log_base_at
+    from pilm.inference.particles import log_base_at
     from pilm.proposals import BaseProposal
 
     g = torch.Generator().manual_seed(0)
     lp = torch.log_softmax(torch.randn(6, 40, generator=g), -1)
     pick = torch.cat([lp.argmax(1, keepdim=True)[:3], torch.randint(40, (3, 1), generator=g)])
     want = BaseProposal(temperature).tempered(lp).gather(1, pick).squeeze(1)
-    got = _log_base_at(lp, pick, lp.gather(1, pick).squeeze(1), temperature)
+    got = log_base_at(lp, pick, lp.gather(1, pick).squeeze(1), temperature)
     assert torch.equal(torch.isinf(want), torch.isinf(got))
     assert torch.allclose(want[torch.isfinite(want)], got[torch.isfinite(got)], atol=1e-5)

@@ -183,11 +183,14 @@ SCRIPT = textwrap.dedent("""
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     model = HFModel(LlamaForCausalLM(cfg).float(), tok, name="tiny-llama")
-    run_scale(ScaleConfig(methods=("sc", "pf"), n=(2,), problems=5), sys.argv[1], model=model, progress=False)
+    cfg = ScaleConfig(methods=("sc", "pf"), n=(2,), problems=5, max_rows=4, temperature=1.0)  # blocks of 2 problems
+    run_scale(cfg, sys.argv[1], model=model, progress=False)
 """)
 
 
-def test_scale_under_two_processes_shares_the_problems_and_merges_the_rows(tmp_path):
+def test_scale_under_two_processes_shares_the_problems_and_draws_what_one_process_does(tmp_path):
+    """Two processes take alternate blocks of problems and merge their rows; each block is the
+    batch, and has the seed, it has in one process, so every chain is the one-process run's."""
     from tests.test_distributed import free_port
 
     (tmp_path / "run.py").write_text(SCRIPT)
@@ -196,8 +199,15 @@ def test_scale_under_two_processes_shares_the_problems_and_merges_the_rows(tmp_p
            str(tmp_path / "run.py"), str(tmp_path / "out")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
-    assert sorted((r["method"], r["problem"]) for r in rows) == sorted((m, i) for m in ("sc", "pf") for i in range(5))
+    alone = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "alone")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    runs = [{(r["method"], r["problem"]): r for r in map(json.loads, (tmp_path / d / "rows.jsonl").read_text().splitlines())}
+            for d in ("out", "alone")]
+    assert sorted(runs[0]) == sorted((m, i) for m in ("sc", "pf") for i in range(5)) == sorted(runs[1])
+    same = ("predicted", "tokens", "log_z")
+    assert all({k: runs[0][c][k] for k in same} == {k: runs[1][c][k] for k in same} for c in runs[0])
+    assert len({runs[1][("pf", i)]["log_z"] for i in range(5)}) > 1  # the runs differ between problems
     assert not list((tmp_path / "out").glob("rows.part*"))
 
 

@@ -3,9 +3,11 @@
 For each budget N (chains per problem) and method, every problem is solved once and one
 JSONL row is written per (method, PRM, N, problem): the predicted and gold answers, whether
 it is right, and the compute spent (policy tokens, tokens a judge ran, PRM calls, forwards,
-seconds). Rows already in the file are skipped, so a run resumes where it stopped. Under
-``accelerate launch`` each process takes every k-th problem and writes its own part file;
-the main process merges them into ``rows.jsonl``. ``summarise`` turns the rows into the
+seconds). Rows already in the file are skipped, so a run resumes where it stopped. The
+problems run in blocks of ``max_rows // N`` (one batch each), block b with the seed derived
+from (``seed``, b): under ``accelerate launch`` each process takes every k-th block and writes
+its own part file, which the main process merges into ``rows.jsonl``, so a sharded run draws
+what one process would (each block is the same batch, under the same seed). ``summarise`` turns the rows into the
 accuracy table (95% Wilson intervals over problems) and ``plot`` the accuracy-vs-tokens
 figure.
 
@@ -26,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TypedDict, cast
 
@@ -37,6 +39,7 @@ from .. import inference
 from ..config import ScaleConfig
 from ..evaluation.metrics import wilson
 from ..extras import pyplot
+from ..inference.batch import derived_seed
 from ..inference.result import StepResult
 from ..learning.checkpoint import claim
 from ..models import load_model
@@ -116,6 +119,9 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     if cfg.prm == "learned" and prm_path is None:  # said before the model loads
         raise ValueError("prm='learned' needs prm_path=FOLDER, a process reward saved by pilm.train_prm "
                          "(on the command line: pilm train-prm --out FOLDER)")
+    if cfg.prm == "learned" and cfg.backend != "hf":
+        raise ValueError("prm='learned' reads the policy's hidden states, which a serving engine does not return: "
+                         "use backend='hf', or a process reward that scores step texts (verifier, judge)")
     if cfg.prm == "verifier" and cfg.task != "arithmetic-chain":
         raise ValueError(f"{cfg.task} has no exact step verifier: use prm='judge' or prm='learned'")
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -126,7 +132,7 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
         for old in (rows_path, folder / "run.json", *folder.glob("rows.part*.jsonl")):
             old.unlink(missing_ok=True)
     state.wait_for_everyone()
-    model = model or load_model(cfg.model)
+    model = model or load_model(cfg.model, backend=cfg.backend)
     key = run_key(cfg, model)
     first = next(iter(_read(rows_path)), {}) if rows_path.exists() else None  # a folder from before run.json
     claim(folder, key, previous=None if first is None else
@@ -137,19 +143,21 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     prm = make_prm(cfg, model, prm_path)
     task = TASKS[cfg.task]
     problems = task.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
-    mine = list(enumerate(problems))[state.process_index:: state.num_processes]
     for n in cfg.n:
+        per = max(1, cfg.max_rows // n)
+        blocks = [list(range(lo, min(lo + per, len(problems)))) for lo in range(0, len(problems), per)]
         for group in _groups(cfg.methods):
             if group == ("greedy",) and n != cfg.n[0]:
                 continue
             names = {m: cfg.prm if m in USES_PRM else "none" for m in group}
             paths = {m: prm_path if names[m] == "learned" else None for m in group}
-            todo = [(i, p) for i, p in mine if any((m, names[m], paths[m], n, i) not in done for m in group)]
-            per = max(1, cfg.max_rows // n)
             scored = group[0] in SHARED and group != ("sc",)  # bon or wbon among them: the chains are scored
-            run = runner("bon" if scored else group[0], prm, cfg)
-            for lo in range(0, len(todo), per):
-                chunk = todo[lo: lo + per]
+            for b in range(state.process_index, len(blocks), state.num_processes):
+                chunk = [(i, problems[i]) for i in blocks[b] if any((m, names[m], paths[m], n, i) not in done
+                                                                     for m in group)]
+                if not chunk:
+                    continue
+                run = runner("bon" if scored else group[0], prm, replace(cfg, seed=derived_seed(cfg.seed, b)))
                 started = time.perf_counter()
                 cell = f"scale: {'/'.join(group)} N={n} prm={cfg.prm}: problems {chunk[0][0]}..{chunk[-1][0]}"
                 if progress:  # said before the cell runs (a cell can take minutes), and its time after
@@ -188,6 +196,8 @@ def run_key(cfg: ScaleConfig, model) -> dict:
     """What every row of a scale folder shares: the settings outside ``GROWS``, the model and
     its dtype."""
     key = {k: v for k, v in asdict(cfg).items() if k not in GROWS}
+    if cfg.backend == "hf":
+        del key["backend"]  # the reference, as in folders from before there was another
     key.update(model=model.name, dtype=model.dtype_name)
     return json.loads(json.dumps(key))
 
@@ -213,6 +223,7 @@ def _row(cfg: ScaleConfig, method: str, prm_name: str, n: int, i: int, problem: 
         "forwards": info.get("forwards", 0.0), "seconds": info.get("seconds", 0.0),
         "log_z": None if math.isnan(res.log_z) or math.isinf(res.log_z) else res.log_z,
         "temperature": cfg.temperature, "seed": cfg.seed, "model": info.get("model"), "dtype": info.get("dtype"),
+        "backend": cfg.backend,
     }
 
 

@@ -27,14 +27,16 @@ def as_list(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
     return targets, False
 
 
-def seeded_generators(seed: int, m: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per target on ``device``: target 0's is seeded with ``seed`` itself
-    (a single target draws as it always did), target i's with a hash of (seed, i)."""
-    def seed_of(i: int) -> int:
-        digest = hashlib.blake2b(repr((seed, i)).encode(), digest_size=8).digest()
-        return seed if i == 0 else int.from_bytes(digest, "little") & (2**63 - 1)
+def derived_seed(seed: int, i: int) -> int:
+    """The i-th seed derived from ``seed``: ``seed`` itself for i = 0, else a hash of (seed, i)."""
+    digest = hashlib.blake2b(repr((seed, i)).encode(), digest_size=8).digest()
+    return seed if i == 0 else int.from_bytes(digest, "little") & (2**63 - 1)
 
-    return [seeded_generator(seed_of(i), device) for i in range(m)]
+
+def seeded_generators(seed: int, m: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per target on ``device``, target i's seeded with ``derived_seed(seed, i)``
+    (so a single target draws as it always did)."""
+    return [seeded_generator(derived_seed(seed, i), device) for i in range(m)]
 
 
 def chunks(targets: list[Target], n: int, max_rows: int | None) -> list[list[int]]:

@@ -40,6 +40,16 @@ class Boundary:
         """Which of ``rows``, that just drew ``drawn`` (``finished``: it ended its sequence), ended its step."""
         return torch.ones(len(rows), dtype=torch.bool)
 
+    def room(self, rows: Tensor, lengths: Tensor, step_start: Tensor) -> Tensor:
+        """The most tokens each of ``rows`` may draw before its step must have ended (a backend
+        that generates natively asks for no more)."""
+        return torch.ones(len(rows), dtype=torch.long)
+
+    def stop_marks(self, g: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Token ids and texts after which target g's step has surely ended (a native
+        backend's stops, which only save tokens: ``ends`` decides)."""
+        return (), ()
+
     def close(self, particles, live: Tensor, finished: Tensor) -> Tensor:
         """At the boundary: which of the ``live`` rows are finished besides ``finished``."""
         return torch.zeros(len(live), dtype=torch.bool)
@@ -94,6 +104,17 @@ class StepBoundary(Boundary):
         long = (lengths[rows] - step_start[rows] == self.max_tokens[rows]) & ~ended & ~finished
         self.cut[rows[long]] += 1
         return ended | long
+
+    def room(self, rows, lengths, step_start) -> Tensor:
+        return self.max_tokens[rows] - (lengths[rows] - step_start[rows])
+
+    def stop_marks(self, g: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        delimiter = self.cuts[g].delimiter
+        if isinstance(delimiter, int):
+            return (delimiter,), ()
+        if isinstance(delimiter, str) and len(delimiter) == 1:
+            return _holding(self.model, delimiter), ()
+        return (), (delimiter,) if isinstance(delimiter, str) else ()  # a pattern: ends finds it
 
     def close(self, particles, live, finished) -> Tensor:
         more = torch.zeros(len(live), dtype=torch.bool)
@@ -185,6 +206,17 @@ def _piece(model, v: int) -> str:
     if v not in pieces:
         pieces[v] = model.decode([v])
     return pieces[v]
+
+
+def _holding(model, character: str) -> tuple[int, ...]:
+    """Every token whose text holds ``character`` (the whole vocabulary decoded once per model)."""
+    held = _HOLDING.setdefault(model, {})
+    if character not in held:
+        held[character] = tuple(v for v in range(model.vocab_size) if character in _piece(model, v))
+    return held[character]
+
+
+_HOLDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {character: token ids}
 
 
 def _marks(model, delimiter):

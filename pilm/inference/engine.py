@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from ..models.base import ModelState
 from ..proposals import BaseProposal, Proposal
 from ..target import Target
+from . import native
 from .critics import Critic, Stepped
-from .particles import Particles, Run, Sampler, StepInfo, draw
+from .particles import Particles, Run, Sampler, StepInfo, draw, log_base_at, to_host
 from .rules import Decision, View
 
 Observer = Callable[[Tensor, ModelState, Tensor, Tensor, Tensor], None]
@@ -59,17 +60,20 @@ def run(targets: Sequence[Target], n: int, sampler: Sampler, generators: Sequenc
     started = time.perf_counter()
     model, m = targets[0].model, len(targets)
     horizon = max(t.max_new_tokens for t in targets)
+    if model.generates_steps:
+        native.check(model, sampler, observe is not None)
     particles = Particles.start(m, n, horizon)
     references = None if references is None else [None if r is None else list(r) for r in references]  # ours to change
     for part in (sampler.proposal, sampler.boundary, sampler.critic):
         part.begin(targets, n)
-    state: ModelState | None = model.start_many([t.prompt_ids for t in targets], n)
-    compute = {"tokens": 0, "forwards": 1, "forward_rows": m * n, "held_rows": 0}
+    state = None if model.generates_steps else model.start_many([t.prompt_ids for t in targets], n)
+    compute = {"tokens": 0, "forwards": 0, "forward_rows": 0, "held_rows": 0} if state is None else {
+        "tokens": 0, "forwards": 1, "forward_rows": m * n, "held_rows": 0}
     ends = _Ends(targets, n)
     steps: list[StepInfo] = []
     total = horizon if sampler.boundary.every_token else None
     with tqdm(total=total, desc=desc, unit=sampler.boundary.unit, disable=not progress, leave=False) as bar:
-        while state is not None:
+        while len(particles.running):
             particles, state, info = step(particles, state, sampler, targets, generators, references=references,
                                           observe=observe, compute=compute, ends=ends)
             for g in info.extinct.nonzero().squeeze(1).tolist():
@@ -93,17 +97,23 @@ class _Ends:
         return (last == self.stop[rows]) | (lengths == self.horizon[rows])
 
 
-def step(particles: Particles, state: ModelState, sampler: Sampler, targets: Sequence[Target],
+def step(particles: Particles, state: ModelState | None, sampler: Sampler, targets: Sequence[Target],
          generators: Sequence[torch.Generator], *, references=None, observe: Observer | None = None,
          compute: dict | None = None, ends: _Ends | None = None) -> tuple[Particles, ModelState | None, StepInfo]:
     """One boundary for every running row: advance each to its boundary, score, weigh and
     select (module docstring). Returns the new particles, the model state of the rows still
-    running (``None`` when none is) and what the boundary did."""
+    running (``None`` when none is, or on a backend that generates natively, which keeps no
+    state: ``pilm.inference.native``) and what the boundary did."""
     model = targets[0].model
     compute = {} if compute is None else compute
     ends = ends or _Ends(targets, particles.n)
     live = particles.running
-    p, state, drawn = _advance(model, particles, state, sampler, generators, references, observe, compute, ends)
+    if state is None:
+        p = native.advance(model, particles, sampler, targets, generators, references, compute, ends)
+        drawn = _Drawn(torch.zeros(len(p.lengths), dtype=torch.float64), False, None,
+                       torch.zeros(len(live), dtype=torch.bool))
+    else:
+        p, state, drawn = _advance(model, particles, state, sampler, generators, references, observe, compute, ends)
     last = p.tokens[live, p.lengths[live] - 1]
     finished = ends.finished(live, last, p.lengths[live])
     finished |= sampler.boundary.close(p, live, finished)
@@ -118,7 +128,7 @@ def step(particles: Particles, state: ModelState, sampler: Sampler, targets: Seq
     sampler.critic.select(parents)
     sampler.boundary.select(parents)
     p = replace(p, step_start=p.lengths.clone())
-    if not len(going):
+    if not len(going) or state is None:
         return p, None, info
     if len(keep) != state.n or not torch.equal(keep, torch.arange(len(keep))):  # decided on the host
         row_map = keep.to(model.device)
@@ -181,10 +191,10 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         logprobs = state.logprobs if everyone else state.logprobs[at]
         read = {"lq": log_q.gather(1, pick).squeeze(1), "lp0": logprobs.gather(1, pick).squeeze(1)}
         if not same:  # the weight p_M(s_t) / q(s_t)
-            read["base"] = _log_base_at(logprobs, pick, read["lp0"], sampler.temperature)
+            read["base"] = log_base_at(logprobs, pick, read["lp0"], sampler.temperature)
         if proposed.log_psi is not None:
             read["psi"] = (proposed.log_psi if everyone else proposed.log_psi[at]).gather(1, pick).squeeze(1)
-        drawn, read = _to_host(on_device, read)
+        drawn, read = to_host(on_device, read)
         lq, lp0 = read["lq"], read["lp0"]
         if not same:
             log_w[rows] += read["base"].double() - lq.double()
@@ -212,27 +222,6 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         state = _forward(model, proposal, state, feed, hold if hold.any() else None, compute)
     twisted = proposed.log_psi is not None and not proposal.keeps_prefix_scores
     return replace(p, tokens=tokens, lengths=lengths, log_w=log_w), state, _Drawn(psi, twisted, hidden, pending)
-
-
-def _to_host(drawn: Tensor, read: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """The drawn tokens and the values read at them, brought to the host in one transfer (as
-    float64: token ids are exact, and a float64 psi keeps its precision). On the CPU there is
-    nothing to save, and the stack would only cost."""
-    if drawn.device.type == "cpu":
-        return drawn, {k: v.double() for k, v in read.items()}
-    host = torch.stack([drawn.double(), *(v.double() for v in read.values())]).cpu()
-    return host[0].long(), dict(zip(read, host[1:], strict=True))
-
-
-def _log_base_at(logprobs: Tensor, pick: Tensor, lp0: Tensor, temperature: float) -> Tensor:
-    """log p_M of the drawn tokens, p_M ∝ p0^(1/T), without forming p_M over the vocabulary:
-    log p0(s) / T - logsumexp(log p0 / T); at T = 0 (greedy) 0 for the argmax, -inf elsewhere."""
-    if temperature == 1.0:
-        return lp0
-    if temperature == 0:
-        top = logprobs.argmax(1, keepdim=True)
-        return torch.where(pick == top, 0.0, -torch.inf).squeeze(1)
-    return lp0 / temperature - torch.logsumexp(logprobs / temperature, 1)
 
 
 def _with_phi(b: Stepped, log_psi: Tensor, critic: Critic) -> Tensor:

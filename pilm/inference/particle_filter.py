@@ -88,6 +88,8 @@ class AncestorSampling(Resample):
     that x^i's steps followed by x''s are the stitched chain's steps. One teacher-forced
     forward of the N stitched chains per resampling."""
 
+    reads_model = True
+
     def __init__(self, targets, temperature: float, scheme: str | Scheme = "systematic", threshold: float = 0.5):
         super().__init__(scheme, threshold)
         self.targets, self.base = targets, BaseProposal(temperature)

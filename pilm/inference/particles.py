@@ -1,5 +1,6 @@
 """The records of the particle engine (``pilm.inference.engine``): the particles, what a
-sampler is made of, what one boundary did and a finished run; and the batched draw.
+sampler is made of, what one boundary did and a finished run; and the batched draw, with the
+weight of a draw and its trip to the host.
 
 Rows are target-major: particles ``g*N .. g*N+N-1`` belong to target g, and each target's
 selection, ESS and log Z-hat stay within its own rows.
@@ -130,3 +131,24 @@ def _on(generator: torch.Generator, probs: Tensor) -> torch.Generator:
     if generator.device != probs.device:  # cheap test first: this runs for every draw
         check_device("the generator", generator.device, probs.device)
     return generator
+
+
+def to_host(drawn: Tensor, read: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The drawn tokens and the values read at them, brought to the host in one transfer (as
+    float64: token ids are exact, and a float64 psi keeps its precision). On the CPU there is
+    nothing to save, and the stack would only cost."""
+    if drawn.device.type == "cpu":
+        return drawn, {k: v.double() for k, v in read.items()}
+    host = torch.stack([drawn.double(), *(v.double() for v in read.values())]).cpu()
+    return host[0].long(), dict(zip(read, host[1:], strict=True))
+
+
+def log_base_at(logprobs: Tensor, pick: Tensor, lp0: Tensor, temperature: float) -> Tensor:
+    """log p_M of the drawn tokens, p_M ∝ p0^(1/T), without forming p_M over the vocabulary:
+    log p0(s) / T - logsumexp(log p0 / T); at T = 0 (greedy) 0 for the argmax, -inf elsewhere."""
+    if temperature == 1.0:
+        return lp0
+    if temperature == 0:
+        top = logprobs.argmax(1, keepdim=True)
+        return torch.where(pick == top, 0.0, -torch.inf).squeeze(1)
+    return lp0 / temperature - torch.logsumexp(logprobs / temperature, 1)

@@ -74,11 +74,13 @@ class Rule(ABC):
     """How a boundary weighs and selects one target's rows. ``weighs``: its weights define a
     target whose normaliser ``log_z`` estimates (a target whose every weight is 0 is
     extinct); ``importance``: the final weights are importance weights of that target (not
-    the paper's fresh per-step scores), so a row at weight 0 draws no more."""
+    the paper's fresh per-step scores), so a row at weight 0 draws no more; ``reads_model``:
+    it runs the model itself (teacher-forced log-probs over the vocabulary)."""
 
     name: str = "rule"
     weighs: bool = False
     importance: bool = False
+    reads_model: bool = False
 
     @abstractmethod
     def decide(self, v: View) -> Decision: ...

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..errors import EmptyPromptError
+from ..errors import BackendError, EmptyPromptError
 
 Tokens = Sequence[int]
 
@@ -43,9 +43,39 @@ class ModelState:
         return self.logprobs.shape[0]
 
 
-class LanguageModel(ABC):
-    """Base class of pilm models (see the module docstring for the protocol)."""
+@dataclass(frozen=True)
+class StepRequest:
+    """One row's next stretch of tokens, drawn by a backend that generates natively
+    (``LanguageModel.generates_steps``): continue ``context`` by at most ``max_tokens`` tokens
+    of p0^(1/temperature) (temperature 0: greedy), stopping after a token in ``stop_ids`` or
+    once the text holds one of ``stop_texts``; ``seed`` makes the draw reproducible."""
 
+    context: tuple[int, ...]
+    max_tokens: int
+    temperature: float
+    seed: int
+    stop_ids: tuple[int, ...] = ()
+    stop_texts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a ``StepRequest`` drew: ``tokens``, their log p0 under the backend's own forward
+    (``logprobs``), and how many of the context's tokens its prefix cache served (``cached``)."""
+
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    cached: int = 0
+
+
+class LanguageModel(ABC):
+    """Base class of pilm models (see the module docstring for the protocol).
+
+    ``generates_steps``: the model is a serving engine that draws whole stretches of tokens
+    itself (``generate``) instead of exposing one forward per token (``start``/``advance``):
+    the particle engine then advances rows a step at a time on it."""
+
+    generates_steps: bool = False
     vocab_size: int
     eos_token_id: int | None
     bos_token_id: int | None = None
@@ -90,6 +120,15 @@ class LanguageModel(ABC):
         if len(set(prompts)) != 1:
             raise NotImplementedError(f"{type(self).__name__} cannot batch different prompts")
         return self.start(prompts[0], n * len(prompts))
+
+    def generate(self, requests: Sequence[StepRequest]) -> list[Generation]:
+        """Draw every request's tokens (``generates_steps`` backends only)."""
+        raise BackendError(f"{type(self).__name__} decodes token by token (start/advance), not by requests")
+
+    def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int]) -> Tensor:
+        """log p0(v | prompt) for each prompt (rows) and each token v of ``choices`` (columns),
+        float32: one forward of every prompt."""
+        return self.start_many(prompts, 1).logprobs[:, list(choices)]
 
     def max_rows(self, length: int) -> int | None:
         """How many rows of ``length`` positions (prompt and completion) fit in the memory of
@@ -170,3 +209,30 @@ def decode_step(model: LanguageModel, state: ModelState, rows: Tensor, tokens: T
         f.reindex(rows)
         f.advance(tokens)
     return model.advance(model.reindex(state, rows), tokens)
+
+
+def encode_with_tokenizer(tokenizer, name: str, prompt: str | Tokens | Sequence[dict], chat: bool) -> list[int]:
+    """A prompt's ids under a transformers tokenizer (``LanguageModel.encode_prompt``): raw
+    text as the start of a document (the tokenizer's own special tokens, e.g. a BOS,
+    included); ``chat=True`` wraps it as one user turn of the chat template and adds the
+    generation prompt, and a list of ``{"role": ..., "content": ...}`` turns is a conversation."""
+    messages = chat and not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], dict)
+    if not isinstance(prompt, str) and not messages:
+        return [int(t) for t in prompt]  # type: ignore[arg-type]  # token ids
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{name}'s tokenizer has no chat template; use chat=False")
+        turns = list(prompt) if messages else [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding or plain ids
+    return list(tokenizer(prompt).input_ids)
+
+
+def single_id(*candidates) -> int | None:
+    """The first candidate that names a token (a list names its first), as an int."""
+    for c in candidates:
+        if isinstance(c, (list, tuple)):
+            c = c[0] if c else None
+        if c is not None:
+            return int(c)
+    return None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import Tensor
 
-from .base import LanguageModel, ModelState, Tokens
+from .base import LanguageModel, ModelState, Tokens, encode_with_tokenizer, single_id
 from .kv_cache import CASCADE, RowCache, check_kv_cache, decode_rows, share_prefixes
 
 if TYPE_CHECKING:
@@ -45,8 +45,8 @@ class HFModel(LanguageModel):
         self.kv_cache = "auto"
         self.vocab_size = int(hf_model.config.vocab_size)
         self.context_length = getattr(hf_model.config, "max_position_embeddings", None)
-        self.eos_token_id = _single_id(tokenizer.eos_token_id, hf_model.generation_config.eos_token_id)
-        self.bos_token_id = _single_id(tokenizer.bos_token_id, hf_model.config.bos_token_id)
+        self.eos_token_id = single_id(tokenizer.eos_token_id, hf_model.generation_config.eos_token_id)
+        self.bos_token_id = single_id(tokenizer.bos_token_id, hf_model.config.bos_token_id)
         # LoRA adapters injected into ``hf`` (see ``models.adapter``): None, or the switch that
         # selects ``self.adapter`` (None = all off, i.e. the base model) before each forward.
         self.adapters: AdapterSwitch | None = None
@@ -90,20 +90,9 @@ class HFModel(LanguageModel):
         return self.tokenizer.decode(list(ids))
 
     def encode_prompt(self, prompt: str | Tokens, *, chat: bool = False) -> list[int]:
-        """Raw text is tokenised as the start of a document (the tokenizer's own special
-        tokens, e.g. a BOS, included); ``chat=True`` wraps it as one user turn of the chat
-        template and adds the generation prompt. With ``chat=True`` the prompt may also be a
-        conversation, a list of ``{"role": ..., "content": ...}`` turns (e.g. few-shot)."""
-        messages = chat and not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], dict)
-        if not isinstance(prompt, str) and not messages:
-            return [int(t) for t in prompt]
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"{self.name}'s tokenizer has no chat template; use chat=False")
-            turns = list(prompt) if messages else [{"role": "user", "content": prompt}]
-            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding or plain ids
-        return list(self.tokenizer(prompt).input_ids)
+        """Raw text as the start of a document, or (``chat=True``) one user turn of the chat
+        template, or a conversation (``pilm.models.base.encode_with_tokenizer``)."""
+        return encode_with_tokenizer(self.tokenizer, self.name, prompt, chat)
 
     # -- batched decoding --------------------------------------------------------------
     def _forward(self, ids: Tensor, cache, **extra) -> tuple[Tensor, Tensor]:
@@ -287,12 +276,3 @@ def _common_prefix_length(seqs: list[list[int]], cap: int) -> int:
     while n < cap and all(len(s) > n and s[n] == seqs[0][n] for s in seqs):
         n += 1
     return n
-
-
-def _single_id(*candidates) -> int | None:
-    for c in candidates:
-        if isinstance(c, (list, tuple)):
-            c = c[0] if c else None
-        if c is not None:
-            return int(c)
-    return None

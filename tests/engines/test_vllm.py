@@ -1,0 +1,131 @@
+"""pilm on a vLLM engine (``make test-engines``, in .venv-vllm; ``make test`` never imports vLLM):
+the same numbers as the transformers backend where both are exact, the step-level samplers on
+the engine's own generation, the same results for the same seeds, and no process left behind.
+
+One engine serves the module (starting one takes a minute or two on a CPU). It runs in float32,
+like the HF model it is compared with, so that the two backends' log-probs differ only by their
+kernels."""
+
+import json
+import math
+import re
+
+import psutil
+import pytest
+import torch
+
+import pilm
+from pilm.commands.scaling import run_scale
+from pilm.config import ScaleConfig
+from pilm.errors import BackendError
+from pilm.potentials import FunctionPotential
+from pilm.prm import FunctionPRM
+from pilm.steps import Steps
+
+PROMPT = ("Numbers come in many kinds: whole numbers, fractions, primes and squares. Lists of them are "
+          "used for counting, for sorting and for games. Below, write a short list of numbers that you like, "
+          "one per line, and nothing else:\n")  # over 32 tokens: whole blocks of the engine's prefix cache
+ONE = re.compile("1")  # in about a third of the chains
+
+
+def engine_processes(before: set[int]) -> list[psutil.Process]:
+    """Processes started since ``before`` that are still running, other than Python's
+    resource tracker (which lives as long as the interpreter that started it)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(
+                    p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine():
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    model = pilm.load_model(backend="vllm", dtype="float32", max_model_len=512)
+    assert engine_processes(before)  # the engine runs in processes of its own
+    yield model
+    model.close()
+    _, alive = psutil.wait_procs(engine_processes(before), timeout=30)
+    assert not alive, f"the engine left processes behind: {[p.name() for p in alive]}"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return pilm.load_model(dtype="float32")
+
+
+def test_both_backends_give_the_same_log_probs(engine, hf):
+    """Teacher-forced log p0 of the same completions: per token within 0.02 nats (the kernels
+    differ; transformers and vLLM are known to differ by ~1e-2 nats per token in bfloat16)."""
+    prompt = hf.encode_prompt(PROMPT)
+    completions = [hf.encode(t) for t in ("1\n2\n3\n", "7\n14\n21\n28\n", "The list: seven, eight.")]
+    seqs = [prompt + c for c in completions]
+    a, b = hf.score(seqs, [len(prompt)] * 3), engine.score(seqs, [len(prompt)] * 3)
+    per_token = (a - b).abs() / torch.tensor([len(c) for c in completions])
+    assert per_token.max() < 0.02, per_token
+    choices = engine.choice_logprobs([prompt], [hf.encode("1")[0], hf.encode("7")[0]])
+    assert torch.allclose(choices, hf.choice_logprobs([prompt], [hf.encode("1")[0], hf.encode("7")[0]]), atol=0.02)
+
+
+def target(model):
+    """Z = E_p[phi], phi = 0.1 + 0.8 * 1["1" in the text], over at most 3 lines of 4 tokens."""
+    phi = FunctionPotential(lambda s: math.log(0.1 + 0.8 * bool(ONE.search(s))), name="has 1")
+    return pilm.Target(model, PROMPT, phi, max_new_tokens=12, steps=Steps(delimiter="\n", max_steps=3,
+                                                                             max_step_tokens=4))
+
+
+# About E[phi | the steps so far]: 0.9 once a "1" is there, else 0.1 + 0.8 P(one comes) ~ 0.25. The closer psi is
+# to that, the smaller Z-hat's variance (with it exact, every run would return Z).
+PRM = FunctionPRM(lambda question, steps: 0.9 if ONE.search("".join(steps)) else 0.25, name="1 so far")
+
+
+def z_hat(model, seeds: int) -> torch.Tensor:
+    runs = pilm.particle_filter([target(model)] * seeds, PRM, 8, weights="twisted", seed=0)
+    return torch.tensor([math.exp(r.log_z) for r in runs], dtype=torch.float64)
+
+
+def test_the_particle_filter_estimates_the_same_z_on_both_backends_and_by_plain_monte_carlo(engine, hf):
+    """Twisted weights: Z-hat is unbiased for Z = E_p[phi] on each backend. The two means over
+    64 runs of 8 particles, and plain Monte Carlo (mean phi over 512 chains the engine drew),
+    agree within 4 standard errors of their difference; that SE is asserted below 7.5% of Z,
+    so a 30% bias would show. (Exactness to 10% is tested on enumerable models by make test,
+    tests/test_native.py; what this checks is the plumbing to a real engine, at a CPU's cost.)"""
+    on_engine, on_hf = z_hat(engine, 64), z_hat(hf, 64)
+    chains = pilm.self_consistency(target(engine), 512, seed=1)
+    phi = torch.tensor([0.1 + 0.8 * bool(ONE.search(s)) for s in chains.samples], dtype=torch.float64)
+    se = lambda x: float(x.std()) / math.sqrt(len(x))  # noqa: E731
+    for other in (on_hf, phi):
+        gap_se = math.hypot(se(on_engine), se(other))
+        assert gap_se < 0.075 * float(phi.mean()), (gap_se, float(phi.mean()))
+        assert abs(on_engine.mean() - other.mean()) < 4 * gap_se, (float(on_engine.mean()), float(other.mean()))
+    assert 0.15 < float(phi.mean()) < 0.85  # phi separates chains: the comparison has teeth
+
+
+def test_the_same_seed_gives_the_same_run(engine):
+    a = pilm.particle_filter(target(engine), PRM, 8, weights="paper", seed=3)
+    b = pilm.particle_filter(target(engine), PRM, 8, weights="paper", seed=3)
+    assert a.tokens == b.tokens and a.log_z == b.log_z
+    assert a.info["cached_tokens"] > 0  # survivors' prefixes came from the engine's cache
+
+
+def test_what_the_engine_cannot_run_exactly_is_refused(engine):
+    from pilm.twists.exact import ExactTwist
+
+    with pytest.raises(BackendError, match="backend='hf'"):
+        pilm.smc(target(engine), 4, twist=ExactTwist({}, engine.vocab_size), progress=False)
+
+
+def test_pilm_scale_runs_its_grid_on_the_engine(engine, tmp_path):
+    methods = ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg")
+    cfg = ScaleConfig(backend="vllm", methods=methods, n=(2,), problems=1)
+    rows = [json.loads(line) for line in run_scale(cfg, tmp_path, model=engine, progress=False).read_text().splitlines()]
+    assert {r["method"] for r in rows} == set(methods) and len(rows) == len(methods)
+    assert all(r["backend"] == "vllm" and r["tokens"] > 0 for r in rows)
+    assert json.loads((tmp_path / "run.json").read_text())["backend"] == "vllm"
+    judged = ScaleConfig(backend="vllm", prm="judge", methods=("bon",), n=(2,), problems=1)
+    rows = run_scale(judged, tmp_path / "judge", model=engine, progress=False).read_text().splitlines()
+    assert json.loads(rows[0])["prm_tokens"] > 0

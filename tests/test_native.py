@@ -1,0 +1,179 @@
+"""The particle engine on a backend that generates natively (a serving engine's requests,
+``pilm.inference.native``), checked without one: ``Requests`` answers requests by exact
+sampling from a tabular model, and is sloppy on purpose (it overshoots its stops and stops
+short at random), as an engine whose stop rule differs from pilm's could be. Samplers on it
+must still hit sigma exactly, refuse what they cannot run exactly, and draw per target."""
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+from scipy import stats
+
+import pilm
+from pilm.errors import BackendError
+from pilm.models import TabularLM
+from pilm.models.base import Generation, LanguageModel, StepRequest
+from pilm.potentials import FunctionPotential
+from pilm.prm import ProcessReward
+from pilm.steps import Steps
+from pilm.twists.exact import ExactTwist
+
+from .conftest import sigma_cells_chi2
+from .test_reasoning import PRM, STEP, _first, chains, exact, log_p, ratios, table_score, within
+
+
+class Requests(LanguageModel):
+    """A tabular LM behind a request interface. Each request draws exactly from p0^(1/T) with
+    its own seed; with ``sloppy`` it ignores a stop one time in three (draws past it) and stops
+    short one time in four (the engine then asks again)."""
+
+    generates_steps = True
+
+    def __init__(self, base: TabularLM, sloppy: bool = True):
+        self.base, self.sloppy, self.name = base, sloppy, "requests"
+        self.vocab_size, self.eos_token_id, self.bos_token_id = base.vocab_size, base.eos_token_id, base.bos_token_id
+        self.calls: list[int] = []
+
+    def encode(self, text):
+        return self.base.encode(text)
+
+    def decode(self, ids):
+        return self.base.decode(ids)
+
+    def score(self, sequences, starts):
+        return self.base.score(sequences, starts)
+
+    def start(self, prompt_ids, n):
+        raise BackendError("token by token: backend='hf'")
+
+    advance = reindex = start
+
+    def generate(self, requests: list[StepRequest]) -> list[Generation]:
+        self.calls.append(len(requests))
+        out = []
+        for r in requests:
+            g = torch.Generator().manual_seed(r.seed)
+            state, drawn = self.base.start(list(r.context), 1), []
+            while len(drawn) < r.max_tokens:
+                lp = state.logprobs[0] / r.temperature if r.temperature > 0 else state.logprobs[0]
+                v = int(torch.multinomial(lp.softmax(0), 1, generator=g)) if r.temperature > 0 else int(lp.argmax())
+                drawn.append(v)
+                stop = v in r.stop_ids or any(s in self.decode(drawn) for s in r.stop_texts)
+                if self.sloppy and torch.rand((), generator=g) < (0.25 if not stop else 0.0):
+                    break  # short
+                if stop and not (self.sloppy and torch.rand((), generator=g) < 1 / 3):
+                    break
+                state = self.base.advance(state, torch.tensor([v]))
+            out.append(Generation(tuple(drawn), (0.0,) * len(drawn)))
+        return out
+
+
+class HiddenReader(ProcessReward):
+    """A process reward that reads the policy's hidden states (as a learned value head does)."""
+
+    reads_hidden = True
+
+    def score(self, batch):
+        return torch.full((len(batch),), 0.5)
+
+
+def toy(potential=None, sloppy=True, steps=STEP):
+    return pilm.Target(Requests(TabularLM.random(3, seed=5), sloppy), [0], potential, max_new_tokens=4, steps=steps)
+
+
+def test_chains_are_drawn_from_p_with_each_steps_end_where_pilms_rule_puts_it():
+    """Independent chains on the sloppy engine: frequencies match p0 (chi-square over the 49
+    chains, 4,000 draws: a false alarm one time in 1e4), and every chain has its two steps."""
+    target = toy()
+    res = pilm.self_consistency(target, 4000, seed=0)
+    assert all(len(s) == 2 for s in res.steps)
+    counts = {x: 0 for x in chains()}
+    for t in res.tokens:
+        counts[tuple(t)] += 1
+    expected = [4000 * math.exp(log_p(target, x)) for x in chains()]
+    pooled = [(c, e) for c, e in zip(counts.values(), expected, strict=True) if e >= 5]
+    chi2 = sum((c - e) ** 2 / e for c, e in pooled)
+    assert stats.chi2.sf(chi2, len(pooled) - 1) > 1e-4
+    assert res.info["requests"] > 0 and res.info["forwards"] == 0  # no token-by-token forward ran
+
+
+@pytest.mark.parametrize("weights", ["twisted", "paper"])
+def test_the_particle_filter_on_requests_has_unbiased_z(weights):
+    """Twisted weights: Z-hat unbiased for Z = E_p[final score]; the paper's weights (every
+    chain has 2 steps): for the normaliser of p g(r_1) g(r_2), g(r) = r / (1 - r). Each within
+    4 SE, with SE < 0.025 asserted (``within``)."""
+    target = toy()
+    g = lambda r: r / (1 - r)  # noqa: E731
+    weight = table_score if weights == "twisted" else lambda x: g(table_score(x[: len(_first(x))])) * g(table_score(x))
+    _, log_z = exact(target, weight)
+    res = pilm.particle_filter([target] * 400, PRM, 4 if weights == "twisted" else 32, weights=weights, seed=1)
+    assert within(ratios(res, log_z))
+
+
+def test_token_smc_on_one_token_requests_targets_sigma():
+    """Bootstrap token SMC (one-token requests): the sigma cells E[Z-hat w 1{s}] = p0 phi
+    (chi-square from the runs' own SEs, p > 1e-4)."""
+    phi = FunctionPotential(lambda t: math.log(table_score(t)), on="tokens", name="table")
+    target = toy(phi)
+    runs = pilm.smc([target] * 300, 8, seed=3, progress=False)
+    chi2, cells = sigma_cells_chi2(dataclasses.replace(target, model=target.model.base), runs)  # enumerated on the LM
+    assert stats.chi2.sf(chi2, cells) > 1e-4
+
+
+def test_particle_gibbs_on_requests_leaves_its_target_invariant():
+    """References drawn exactly from sigma ∝ p g(r_1) g(r_2), one conditional sweep each (the
+    reference row replays its reference, no request): the new references are again sigma's
+    (chi-square over the chains, rare ones pooled; p > 1e-3)."""
+    target = toy()
+    g = lambda r: r / (1 - r)  # noqa: E731
+    sigma, _ = exact(target, lambda x: g(table_score(x[: len(_first(x))])) * g(table_score(x)))
+    keys = list(sigma)
+    probs = torch.tensor([sigma[k] for k in keys], dtype=torch.float64)
+    m = 1500
+    start = torch.multinomial(probs, m, replacement=True, generator=torch.Generator().manual_seed(0))
+    res = pilm.particle_gibbs([target] * m, PRM, 4, iterations=1, reference=[list(keys[i]) for i in start.tolist()],
+                              seed=5)
+    after = [tuple(r.info["references"][-1]) for r in res]
+    counts = torch.tensor([after.count(k) for k in keys], dtype=torch.float64)
+    expected = probs * m
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp_ = torch.cat([expected[big], expected[~big].sum().view(1)])
+    assert stats.chisquare(obs.numpy(), exp_.numpy()).pvalue > 1e-3
+
+
+def test_a_delimiter_given_as_text_stops_on_every_token_holding_it():
+    target = toy(steps=Steps(delimiter="c", max_steps=2, max_step_tokens=2))
+    res = pilm.self_consistency(target, 200, seed=0)
+    assert {tuple(t) for t in res.tokens} <= set(chains())
+
+
+def test_a_target_draws_the_same_alone_in_a_batch_and_twice():
+    """Seeds come from each target's own generator, so a target's chains do not depend on the
+    batch it runs in: what makes a sharded run equal one process's."""
+    a, b = toy(), toy()
+    b = pilm.Target(a.model, [1], max_new_tokens=4, steps=STEP)
+    alone = pilm.particle_filter([a], PRM, 8, weights="twisted", seed=4)[0]
+    both = pilm.particle_filter([a, b], PRM, 8, weights="twisted", seed=4)[0]
+    again = pilm.particle_filter([a, b], PRM, 8, weights="twisted", seed=4)[0]
+    assert alone.tokens == both.tokens == again.tokens and alone.log_z == both.log_z
+
+
+def test_what_needs_every_tokens_log_probs_is_refused_before_any_work():
+    phi = FunctionPotential(lambda t: 0.0 if 1 in t else -math.inf, on="tokens", name="has b")
+    target = toy(phi)
+    cases = [
+        lambda: pilm.smc(target, 4, twist=ExactTwist({}, 3), progress=False),
+        lambda: pilm.particle_filter(target, HiddenReader(), 4, weights="twisted"),
+        lambda: pilm.particle_filter(target, PRM, 4, weights="twisted", mask=True),
+        lambda: pilm.particle_gibbs(target, PRM, 4, weights="twisted", ancestor_sampling=True),
+    ]
+    for case in cases:
+        target.model.calls.clear()
+        with warnings.catch_warnings(), pytest.raises(BackendError, match="backend='hf'"):
+            warnings.simplefilter("ignore")
+            case()
+        assert not target.model.calls  # refused before a request was sent
