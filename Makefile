@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-engines docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-scale-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
+.PHONY: install demo test test-engines bench-engines docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-scale-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ $(ENGINES)/.installed: pyproject.toml
 
 test-engines: $(ENGINES)/.installed
 	$(ENGINES)/bin/python -m pytest -q tests/engines
+
+# The vLLM backend's cost against the engine's own generation and against transformers (docs/engines).
+bench-engines: $(ENGINES)/.installed
+	$(ENGINES)/bin/python experiments/engine_bench.py --out docs/engines
 
 # The documentation site (MkDocs + mkdocstrings), offline, every warning an error; opens at site/index.html.
 docs: $(STAMP)

@@ -155,6 +155,7 @@ class TokenStepBoundary(StepBoundary):
 
     every_token, drops_dead, unit = True, False, "tok"
     keeps_texts = False
+    room = Boundary.room  # one token: every token is a boundary
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
         super().begin(targets, n)

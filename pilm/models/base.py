@@ -128,7 +128,8 @@ class LanguageModel(ABC):
     def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int]) -> Tensor:
         """log p0(v | prompt) for each prompt (rows) and each token v of ``choices`` (columns),
         float32: one forward of every prompt."""
-        return self.start_many(prompts, 1).logprobs[:, list(choices)]
+        logprobs = self.start_many(prompts, 1).logprobs
+        return torch.stack([logprobs[:, v] for v in choices], 1)  # no index tensor made on the host
 
     def max_rows(self, length: int) -> int | None:
         """How many rows of ``length`` positions (prompt and completion) fit in the memory of
