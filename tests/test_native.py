@@ -22,7 +22,8 @@ from pilm.steps import Steps
 from pilm.twists.exact import ExactTwist
 
 from .conftest import sigma_cells_chi2
-from .test_reasoning import PRM, STEP, _first, chains, exact, log_p, ratios, table_score, within
+from .test_reasoning import (PRM, STEP, _first, chains, exact, log_p, particle_gibbs_p_value, ratios, table_score,
+                             within)
 
 
 class Requests(LanguageModel):
@@ -124,25 +125,9 @@ def test_token_smc_on_one_token_requests_targets_sigma():
 
 
 def test_particle_gibbs_on_requests_leaves_its_target_invariant():
-    """References drawn exactly from sigma ∝ p g(r_1) g(r_2), one conditional sweep each (the
-    reference row replays its reference, no request): the new references are again sigma's
-    (chi-square over the chains, rare ones pooled; p > 1e-3)."""
-    target = toy()
-    g = lambda r: r / (1 - r)  # noqa: E731
-    sigma, _ = exact(target, lambda x: g(table_score(x[: len(_first(x))])) * g(table_score(x)))
-    keys = list(sigma)
-    probs = torch.tensor([sigma[k] for k in keys], dtype=torch.float64)
-    m = 1500
-    start = torch.multinomial(probs, m, replacement=True, generator=torch.Generator().manual_seed(0))
-    res = pilm.particle_gibbs([target] * m, PRM, 4, iterations=1, reference=[list(keys[i]) for i in start.tolist()],
-                              seed=5)
-    after = [tuple(r.info["references"][-1]) for r in res]
-    counts = torch.tensor([after.count(k) for k in keys], dtype=torch.float64)
-    expected = probs * m
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
-    exp_ = torch.cat([expected[big], expected[~big].sum().view(1)])
-    assert stats.chisquare(obs.numpy(), exp_.numpy()).pvalue > 1e-3
+    """As on the token engine (the reference row replays its reference, no request): the new
+    references are again sigma's (chi-square, p > 1e-3)."""
+    assert particle_gibbs_p_value(toy()) > 1e-3
 
 
 def test_a_delimiter_given_as_text_stops_on_every_token_holding_it():

@@ -69,6 +69,27 @@ def within(x: torch.Tensor, k: float = 4.0) -> bool:
     return abs(float(x.mean()) - 1) < k * se
 
 
+def draws(sigma: dict, m: int, seed: int) -> list[list[int]]:
+    """m exact draws from an enumerated sigma (chain -> probability)."""
+    keys = list(sigma)
+    probs = torch.tensor([sigma[k] for k in keys], dtype=torch.float64)
+    start = torch.multinomial(probs, m, replacement=True, generator=torch.Generator().manual_seed(seed))
+    return [list(keys[i]) for i in start.tolist()]
+
+
+def references_p_value(sigma: dict, results) -> float:
+    """Chi-square p-value of the references after each run's last sweep against sigma (the
+    chains expected fewer than 5 times pooled into one bin, as chi-square needs)."""
+    keys, m = list(sigma), len(results)
+    after = [tuple(r.info["references"][-1]) for r in results]
+    counts = torch.tensor([after.count(k) for k in keys], dtype=torch.float64)
+    expected = torch.tensor([sigma[k] for k in keys], dtype=torch.float64) * m
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp_ = torch.cat([expected[big], expected[~big].sum().view(1)])
+    return float(stats.chisquare(obs.numpy(), exp_.numpy()).pvalue)
+
+
 def test_every_chain_has_two_steps_and_the_toy_is_enumerated():
     target = toy()
     total = sum(math.exp(log_p(target, x)) for x in chains())
@@ -200,25 +221,18 @@ def _first(x):
     return next(s for s in ONE_STEP if tuple(x[: len(s)]) == s)
 
 
-def test_particle_gibbs_leaves_its_target_invariant():
-    """References drawn exactly from sigma, one conditional sweep each: the new references
-    are again draws from sigma (chi-square against enumeration)."""
-    target = toy()
+def particle_gibbs_p_value(target) -> float:
+    """References drawn exactly from the paper weights' sigma ∝ p g(r_1) g(r_2), one conditional
+    sweep each: the chi-square p-value of the new references against sigma."""
     g = lambda r: r / (1 - r)  # noqa: E731
     sigma, _ = exact(target, lambda x: g(table_score(x[: len(_first(x))])) * g(table_score(x)))
-    keys = list(sigma)
-    probs = torch.tensor([sigma[k] for k in keys], dtype=torch.float64)
-    m = 1500
-    start = torch.multinomial(probs, m, replacement=True, generator=torch.Generator().manual_seed(0))
-    refs = [list(keys[i]) for i in start.tolist()]
-    res = pilm.particle_gibbs([target] * m, PRM, 4, iterations=1, reference=refs, seed=5)
-    after = [tuple(r.info["references"][-1]) for r in res]
-    counts = torch.tensor([after.count(k) for k in keys], dtype=torch.float64)
-    expected = probs * m
-    big = expected >= 5  # pool the rare chains into one bin, as chi-square needs
-    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
-    exp_ = torch.cat([expected[big], expected[~big].sum().view(1)])
-    assert stats.chisquare(obs.numpy(), exp_.numpy()).pvalue > 1e-3
+    res = pilm.particle_gibbs([target] * 1500, PRM, 4, iterations=1, reference=draws(sigma, 1500, 0), seed=5)
+    return references_p_value(sigma, res)
+
+
+def test_particle_gibbs_leaves_its_target_invariant():
+    """The new references are again draws from sigma (a false alarm one time in 1,000)."""
+    assert particle_gibbs_p_value(toy()) > 1e-3
 
 
 def test_the_learned_prm_reaches_the_exact_value_on_a_tabular_task():
@@ -413,11 +427,8 @@ def test_particle_gibbs_with_ancestor_sampling_leaves_its_target_invariant():
     phi = FunctionPotential(lambda t: math.log(table_score(t[::-1])), on="tokens", name="table phi")
     target = toy(phi)
     sigma, _ = exact(target, lambda x: table_score(x[::-1]))
-    keys = list(sigma)
-    probs = torch.tensor([sigma[k] for k in keys], dtype=torch.float64)
     m = 1500
-    start = torch.multinomial(probs, m, replacement=True, generator=torch.Generator().manual_seed(1))
-    refs = [list(keys[i]) for i in start.tolist()]
+    refs = draws(sigma, m, 1)
     switched = []
     from pilm.inference.particle_filter import AncestorSampling
 
@@ -436,13 +447,7 @@ def test_particle_gibbs_with_ancestor_sampling_leaves_its_target_invariant():
     finally:
         AncestorSampling.decide = decide
     assert sum(switched) > 0.2 * m  # the references' pasts did move
-    after = [tuple(r.info["references"][-1]) for r in res]
-    counts = torch.tensor([after.count(k) for k in keys], dtype=torch.float64)
-    expected = probs * m
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
-    exp_ = torch.cat([expected[big], expected[~big].sum().view(1)])
-    assert stats.chisquare(obs.numpy(), exp_.numpy()).pvalue > 1e-3
+    assert references_p_value(sigma, res) > 1e-3
 
 
 def test_ancestor_sampling_needs_twisted_weights_and_a_potential():
