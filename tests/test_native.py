@@ -162,3 +162,54 @@ def test_what_needs_every_tokens_log_probs_is_refused_before_any_work():
             warnings.simplefilter("ignore")
             case()
         assert not target.model.calls  # refused before a request was sent
+
+
+def test_a_tempered_policy_is_drawn_exactly():
+    """Temperature 0.7: chain frequencies match p_M(x) = prod_t p0^(1/0.7)(x_t | .) renormalised
+    token by token, from the tabular model's own log-probs (chi-square, p > 1e-4)."""
+    target, t = toy(), 0.7
+    base = target.model.base
+
+    def log_p_m(x):
+        state, total = base.start([0], 1), 0.0
+        for v in x:
+            total += float(torch.log_softmax(state.logprobs[0] / t, 0)[v])
+            state = base.advance(state, torch.tensor([v]))
+        return total
+
+    probs = {x: math.exp(log_p_m(x)) for x in chains()}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)  # the 49 chains are all of p_M's
+    res = pilm.self_consistency(target, 4000, temperature=t, seed=2)
+    counts = {x: 0 for x in chains()}
+    for tokens in res.tokens:
+        counts[tuple(tokens)] += 1
+    big = [x for x in chains() if 4000 * probs[x] >= 5]  # the rare chains pooled into one bin
+    rest = [x for x in chains() if x not in big]
+    observed = [counts[x] for x in big] + [sum(counts[x] for x in rest)]
+    expected = torch.tensor([probs[x] for x in big] + [sum(probs[x] for x in rest)], dtype=torch.float64)
+    assert stats.chisquare(observed, (4000 * expected / expected.sum()).numpy()).pvalue > 1e-4
+
+
+def test_a_longer_delimiter_is_the_engines_stop_text_and_pilms_rule_still_decides():
+    """"ab" ends a step: the engine stops on the text (stop_texts), and every chain's steps are
+    those exact enumeration finds by the same rule."""
+    steps = Steps(delimiter="ab", max_steps=2, max_step_tokens=3)
+    target = toy(steps=steps)
+    enumerated = pilm.exact.distribution(dataclasses.replace(target, model=target.model.base))
+    res = pilm.self_consistency(target, 300, seed=3)
+    assert {tuple(t) for t in res.tokens} <= enumerated.keys()
+    assert any("ab" in s[0] for s in res.steps)  # the text stop did end steps
+
+
+def test_an_impossible_target_on_requests_warns_instead_of_enumerating():
+    """Extinction: a model that generates by requests cannot enumerate, so the run returns
+    Z-hat = 0 with a warning (no token-by-token proof of impossibility is attempted)."""
+    never = FunctionPotential(lambda t: -math.inf, on="tokens", name="never")
+    with pytest.warns(pilm.errors.ExtinctionWarning):
+        res = pilm.smc(toy(never), 4, seed=0, progress=False)
+    assert res.log_z == -math.inf
+
+
+def test_a_reference_that_ends_too_soon_is_an_error_not_a_loop():
+    with pytest.raises(ValueError, match="the reference of target 0 ends after 1 tokens"):
+        pilm.particle_filter(toy(), PRM, 4, weights="twisted", reference=[0])

@@ -4,10 +4,11 @@ For each budget N (chains per problem) and method, every problem is solved once 
 JSONL row is written per (method, PRM, N, problem): the predicted and gold answers, whether
 it is right, and the compute spent (policy tokens, tokens a judge ran, PRM calls, forwards,
 seconds). Rows already in the file are skipped, so a run resumes where it stopped. The
-problems run in blocks of ``max_rows // N`` (one batch each), block b with the seed derived
-from (``seed``, b): under ``accelerate launch`` each process takes every k-th block and writes
-its own part file, which the main process merges into ``rows.jsonl``, so a sharded run draws
-what one process would (each block is the same batch, under the same seed). ``summarise`` turns the rows into the
+problems run in blocks of ``max_rows // N`` (one batch each; a block with any row missing runs
+whole, writing only what is missing), block b with the seed derived from (``seed``, b): under
+``accelerate launch`` each process takes every k-th block and writes its own part file, which
+the main process merges into ``rows.jsonl``, so for the same ``max_rows`` a sharded run draws
+what one process would (each block is the same batch under the same seed). ``summarise`` turns the rows into the
 accuracy table (95% Wilson intervals over problems) and ``plot`` the accuracy-vs-tokens
 figure.
 
@@ -125,6 +126,10 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     if cfg.prm == "verifier" and cfg.task != "arithmetic-chain":
         raise ValueError(f"{cfg.task} has no exact step verifier: use prm='judge' or prm='learned'")
     state = PartialState(cpu=not torch.cuda.is_available())
+    if cfg.backend != "hf" and state.num_processes > 1:
+        raise ValueError(f"backend={cfg.backend!r} under {state.num_processes} processes would start one engine per "
+                         "process on the same devices: run one process, and spread the engine over devices with its "
+                         "own parallelism")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows_path = folder / "rows.jsonl"
@@ -153,10 +158,9 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
             paths = {m: prm_path if names[m] == "learned" else None for m in group}
             scored = group[0] in SHARED and group != ("sc",)  # bon or wbon among them: the chains are scored
             for b in range(state.process_index, len(blocks), state.num_processes):
-                chunk = [(i, problems[i]) for i in blocks[b] if any((m, names[m], paths[m], n, i) not in done
-                                                                     for m in group)]
-                if not chunk:
+                if all((m, names[m], paths[m], n, i) in done for i in blocks[b] for m in group):
                     continue
+                chunk = [(i, problems[i]) for i in blocks[b]]  # the whole block: the same batch as ever
                 run = runner("bon" if scored else group[0], prm, replace(cfg, seed=derived_seed(cfg.seed, b)))
                 started = time.perf_counter()
                 cell = f"scale: {'/'.join(group)} N={n} prm={cfg.prm}: problems {chunk[0][0]}..{chunk[-1][0]}"

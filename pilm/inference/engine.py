@@ -21,8 +21,9 @@ Puri et al. (2025) at once:
 A ``Sampler`` is the four choices (proposal, boundary, critic, rule); the samplers of
 ``pilm.inference`` are façades that only choose them. The model protocol the engine needs is
 ``LanguageModel.start_many``, ``advance`` (with ``hold``: rows at their boundary wait) and
-``reindex``, and the full-vocabulary ``logprobs`` of every row (``pilm.models.base``); a
-backend that can "advance every row to its next step end" natively implements those.
+``reindex``, and the full-vocabulary ``logprobs`` of every row (``pilm.models.base``); on a
+backend that generates by requests instead (``generates_steps``: a serving engine), the advance
+move is ``pilm.inference.native``'s, and the rest is the same.
 """
 
 from __future__ import annotations

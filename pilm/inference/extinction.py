@@ -53,7 +53,10 @@ def extinct(target: Target, t: int, died: int, n: int, policy: Extinction, *, us
 
 def shown_impossible(target: Target, max_sequences: int = 10_000) -> str | None:
     """How we know Z = 0 for ``target``, or ``None`` if we do not: exact enumeration of a
-    small target, or every one of the V first tokens with psi = 0 (phi = 0 where it ends)."""
+    small target, or every one of the V first tokens with psi = 0 (phi = 0 where it ends).
+    A model that generates by requests (a serving engine) cannot enumerate: ``None``."""
+    if target.model.generates_steps:
+        return None
     try:
         e = enumerate_target(target, max_sequences=max_sequences)
         if math.isinf(e.log_z):

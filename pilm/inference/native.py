@@ -87,6 +87,9 @@ def _draw(model, rows: Tensor, room: Tensor, tokens: Tensor, lengths: Tensor, sa
         ref = None if references is None else references[g]
         if ref is not None and row == g * n:
             out[i] = list(ref[k: k + r])
+            if not out[i]:
+                raise ValueError(f"the reference of target {g} ends after {k} tokens, before its chain is finished "
+                                 "by its target's steps, stop token or horizon: give a complete chain")
             continue
         stop_ids, stop_texts = sampler.boundary.stop_marks(g)
         if targets[g].stop_token_id is not None:

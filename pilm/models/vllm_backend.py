@@ -12,8 +12,8 @@ without recomputing it. pilm's boundary rule, not the engine's stop, decides whe
 What this backend cannot do exactly it refuses with a ``BackendError`` that names
 ``backend="hf"``: decoding token by token (``start``/``advance``, which twisted and masked
 proposals, twists and training need), full-vocabulary log-probs, and hidden states (a learned
-process reward that reads them). The log-probs it returns are its own forward's; HF's and
-vLLM's differ by ~1e-2 nats per token, so the two are never mixed in one weight.
+process reward that reads them). The log-probs it returns are its own forward's, not
+transformers' (the kernels differ), so the two are never mixed in one weight.
 """
 
 from __future__ import annotations
