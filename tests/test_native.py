@@ -5,6 +5,7 @@ short at random), as an engine whose stop rule differs from pilm's could be. Sam
 must still hit sigma exactly, refuse what they cannot run exactly, and draw per target."""
 
 import dataclasses
+import json
 import math
 import warnings
 
@@ -27,19 +28,22 @@ from .test_reasoning import (PRM, STEP, _first, chains, exact, log_p, particle_g
 
 
 class Requests(LanguageModel):
-    """A tabular LM behind a request interface. Each request draws exactly from p0^(1/T) with
-    its own seed; with ``sloppy`` it ignores a stop one time in three (draws past it) and stops
-    short one time in four (the engine then asks again)."""
+    """A model (tabular, or a tiny transformers one) behind a request interface. Each request
+    draws exactly from p0^(1/T) with its own seed; with ``sloppy`` it ignores a stop one time in
+    three (draws past it) and stops short one time in four (the engine then asks again)."""
 
     generates_steps = True
 
-    def __init__(self, base: TabularLM, sloppy: bool = True):
+    def __init__(self, base: LanguageModel, sloppy: bool = True):
         self.base, self.sloppy, self.name = base, sloppy, "requests"
         self.vocab_size, self.eos_token_id, self.bos_token_id = base.vocab_size, base.eos_token_id, base.bos_token_id
         self.calls: list[int] = []
 
     def encode(self, text):
         return self.base.encode(text)
+
+    def encode_prompt(self, prompt, *, chat=False):
+        return self.base.encode_prompt(prompt, chat=chat)
 
     def decode(self, ids):
         return self.base.decode(ids)
@@ -213,3 +217,32 @@ def test_an_impossible_target_on_requests_warns_instead_of_enumerating():
 def test_a_reference_that_ends_too_soon_is_an_error_not_a_loop():
     with pytest.raises(ValueError, match="the reference of target 0 ends after 1 tokens"):
         pilm.particle_filter(toy(), PRM, 4, weights="twisted", reference=[0])
+
+
+def test_pilm_scale_on_a_request_engine_keeps_finished_rows_when_the_engine_dies(tiny, tmp_path):
+    """Every method of the grid runs on a request engine; an engine that dies mid-run stops the
+    run with its own message, the blocks finished before stay in rows.jsonl, and a rerun
+    completes the grid."""
+    from pilm.commands.scaling import run_scale
+    from pilm.config import ScaleConfig
+
+    methods = ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg")
+    cfg = ScaleConfig(backend="vllm", methods=methods, n=(2,), problems=4, max_rows=4)  # blocks of 2 problems
+    model, rows = Requests(tiny, sloppy=False), tmp_path / "rows.jsonl"
+    healthy = model.generate
+
+    def dying(requests):
+        if rows.exists() and rows.read_text():  # once the first block's rows are written
+            raise RuntimeError("EngineDeadError: the engine core died")
+        return healthy(requests)
+
+    model.generate = dying
+    with pytest.raises(RuntimeError, match="the engine core died"):
+        run_scale(cfg, tmp_path, model=model, progress=False)
+    kept = {(r["method"], r["problem"]) for r in map(json.loads, rows.read_text().splitlines())}
+    assert kept == {("greedy", 0), ("greedy", 1)}
+    model.generate = healthy
+    run_scale(cfg, tmp_path, model=model, progress=False)
+    done = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert {(r["method"], r["problem"]) for r in done} == {(m, i) for m in methods for i in range(4)}
+    assert all(r["backend"] == "vllm" for r in done) and len(done) == len(methods) * 4
