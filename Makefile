@@ -37,9 +37,12 @@ $(ENGINES)/.installed: pyproject.toml
 test-engines: $(ENGINES)/.installed
 	$(ENGINES)/bin/python -m pytest -q tests/engines
 
-# The vLLM backend's cost against the engine's own generation and against transformers (docs/engines).
+# The vLLM backend's cost against the engine's own generation and against transformers, then the engine
+# tests, which record what they measured (log-prob gap, Z-hat on both backends) in docs/engines/agreement.json.
 bench-engines: $(ENGINES)/.installed
 	$(ENGINES)/bin/python experiments/engine_bench.py --out docs/engines
+	rm -f docs/engines/agreement.json
+	PILM_ENGINE_REPORT=docs/engines/agreement.json $(ENGINES)/bin/python -m pytest -q tests/engines
 
 # The documentation site (MkDocs + mkdocstrings), offline, every warning an error; opens at site/index.html.
 docs: $(STAMP)

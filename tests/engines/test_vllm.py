@@ -8,7 +8,9 @@ kernels."""
 
 import json
 import math
+import os
 import re
+from pathlib import Path
 
 import psutil
 import pytest
@@ -21,6 +23,15 @@ from pilm.errors import BackendError
 from pilm.potentials import FunctionPotential
 from pilm.prm import FunctionPRM
 from pilm.steps import Steps
+
+def record(**values) -> None:
+    """Add measured values to the JSON file $PILM_ENGINE_REPORT names (make bench-engines sets it:
+    docs/engines/agreement.json), so that the docs quote what the checks measured."""
+    path = os.environ.get("PILM_ENGINE_REPORT")
+    if path:
+        report = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+        Path(path).write_text(json.dumps({**report, **values}, indent=1) + "\n")
+
 
 PROMPT = ("Numbers come in many kinds: whole numbers, fractions, primes and squares. Lists of them are "
           "used for counting, for sorting and for games. Below, write a short list of numbers that you like, "
@@ -66,6 +77,7 @@ def test_both_backends_give_the_same_log_probs(engine, hf):
     seqs = [prompt + c for c in completions]
     a, b = hf.score(seqs, [len(prompt)] * 3), engine.score(seqs, [len(prompt)] * 3)
     per_token = (a - b).abs() / torch.tensor([len(c) for c in completions])
+    record(logprob_gap_per_token_max=float(per_token.max()), logprob_gap_per_token_mean=float(per_token.mean()))
     assert per_token.max() < 0.02, per_token
     choices = engine.choice_logprobs([prompt], [hf.encode("1")[0], hf.encode("7")[0]])
     assert torch.allclose(choices, hf.choice_logprobs([prompt], [hf.encode("1")[0], hf.encode("7")[0]]), atol=0.02)
@@ -98,6 +110,8 @@ def test_the_particle_filter_estimates_the_same_z_on_both_backends_and_by_plain_
     chains = pilm.self_consistency(target(engine), 512, seed=1)
     phi = torch.tensor([0.1 + 0.8 * bool(ONE.search(s)) for s in chains.samples], dtype=torch.float64)
     se = lambda x: float(x.std()) / math.sqrt(len(x))  # noqa: E731
+    record(z_hat={name: {"mean": float(x.mean()), "se": se(x), "runs": len(x)}
+                  for name, x in (("vllm_pf", on_engine), ("hf_pf", on_hf), ("vllm_monte_carlo", phi))})
     for other in (on_hf, phi):
         gap_se = math.hypot(se(on_engine), se(other))
         assert gap_se < 0.075 * float(phi.mean()), (gap_se, float(phi.mean()))
