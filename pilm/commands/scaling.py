@@ -140,9 +140,12 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     model = model or load_model(cfg.model, backend=cfg.backend)
     key = run_key(cfg, model)
     first = next(iter(_read(rows_path)), {}) if rows_path.exists() else None  # a folder from before run.json
-    claim(folder, key, previous=None if first is None else
-          {**key, **{k: first[k] for k in ("task", "temperature", "seed", "model", "dtype") if k in first}},
-          write=state.is_main_process)
+    previous = None if first is None else {**key, **{k: first[k] for k in ("task", "temperature", "seed", "model",
+                                                                          "dtype") if k in first}}
+    for turn in (True, False):  # the main process writes run.json before the others read it
+        if state.is_main_process == turn:
+            claim(folder, key, previous=previous, write=turn)
+        state.wait_for_everyone()
     part = folder / f"rows.part{state.process_index}.jsonl" if state.num_processes > 1 else rows_path
     done = {_key(r) for p in (rows_path, part) if p.exists() for r in _read(p)}
     prm = make_prm(cfg, model, prm_path)

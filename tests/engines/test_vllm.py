@@ -70,17 +70,17 @@ def hf():
 
 
 def test_both_backends_give_the_same_log_probs(engine, hf):
-    """Teacher-forced log p0 of the same completions: per token within 0.02 nats (the kernels
-    differ; transformers and vLLM are known to differ by ~1e-2 nats per token in bfloat16)."""
+    """Teacher-forced log p0 of the same completions, float32: per token within 1e-3 nats (the
+    kernels differ only in rounding; measured 1.3e-5 on a 2-core CPU, docs/engines/agreement.json)."""
     prompt = hf.encode_prompt(PROMPT)
     completions = [hf.encode(t) for t in ("1\n2\n3\n", "7\n14\n21\n28\n", "The list: seven, eight.")]
     seqs = [prompt + c for c in completions]
     a, b = hf.score(seqs, [len(prompt)] * 3), engine.score(seqs, [len(prompt)] * 3)
     per_token = (a - b).abs() / torch.tensor([len(c) for c in completions])
     record(logprob_gap_per_token_max=float(per_token.max()), logprob_gap_per_token_mean=float(per_token.mean()))
-    assert per_token.max() < 0.02, per_token
+    assert per_token.max() < 1e-3, per_token
     choices = engine.choice_logprobs([prompt], [hf.encode("1")[0], hf.encode("7")[0]])
-    assert torch.allclose(choices, hf.choice_logprobs([prompt], [hf.encode("1")[0], hf.encode("7")[0]]), atol=0.02)
+    assert torch.allclose(choices, hf.choice_logprobs([prompt], [hf.encode("1")[0], hf.encode("7")[0]]), atol=1e-3)
 
 
 def target(model):
