@@ -6,7 +6,7 @@
 
 Each table comes from its experiment's pure ``table`` function, the one the experiment itself
 calls after a run (through ``write``), fed with the folder's JSONL / JSON: results.md in every
-folder of FOLDERS, and docs/scale/<prm>/table.md (``pilm.commands.scaling.table``, as ``pilm scale``
+folder of FOLDERS, and docs/scale/<prm>/table.md (``pilm.commands.scale_report.table``, as ``pilm scale``
 writes it). Plots stay the experiments' business. Rerun: make results
 """
 
@@ -30,8 +30,8 @@ import scale_report
 import twists
 
 from pilm.commands.bench import table as bench_table
-from pilm.commands.scaling import summarise
-from pilm.commands.scaling import table as scale_table
+from pilm.commands.scale_report import summarise
+from pilm.commands.scale_report import table as scale_table
 from pilm.inference.result import read_jsonl
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pilm.commands.scaling import plot, summarise
+from pilm.commands.scale_report import plot, summarise
 
 NAMES = {"greedy": "greedy CoT", "sc": "self-consistency (vote)", "bon": "best-of-N (argmax)",
          "wbon": "weighted best-of-N", "beam": "PRM beam search (M = 4)", "dvts": "DVTS (M = 4)",
@@ -34,7 +34,7 @@ def main() -> None:
 
 
 def summary(folder: Path) -> list[dict]:
-    """``pilm.commands.scaling.summarise`` of every ``folder/*/rows.jsonl``, each (method, PRM, N) once:
+    """``pilm.commands.scale_report.summarise`` of every ``folder/*/rows.jsonl``, each (method, PRM, N) once:
     self-consistency (no PRM) appears in every run's folder."""
     out, seen = [], set()
     for rows in sorted(folder.glob("*/rows.jsonl")):

@@ -72,7 +72,7 @@ class Requests(LanguageModel):
                 if stop and not (self.sloppy and torch.rand((), generator=g) < 1 / 3):
                     break
                 state = self.base.advance(state, torch.tensor([v]))
-            out.append(Generation(tuple(drawn), (0.0,) * len(drawn)))
+            out.append(Generation(tuple(drawn)))
         return out
 
 

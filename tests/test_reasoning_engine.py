@@ -138,7 +138,8 @@ def test_gsm8k_loads_offline_and_checks_numbers(tmp_path):
 
 
 def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
-    from pilm.commands.scaling import run_scale, summarise, table
+    from pilm.commands.scale_report import summarise, table
+    from pilm.commands.scaling import run_scale
 
     cfg = ScaleConfig(methods=("greedy", "sc", "bon", "pf", "pf-twisted", "beam"), n=(1, 2), problems=3)
     rows = run_scale(cfg, tmp_path, model=tiny, progress=False)
@@ -157,7 +158,7 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
         centre = (k / n + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(k / n * (1 - k / n) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         assert n == 3 and (s["low"], s["high"]) == pytest.approx((centre - half, centre + half), abs=1e-9), s
-    from pilm.commands.scaling import wilson
+    from pilm.evaluation.metrics import wilson
 
     assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook value at 8 of 10
     assert "| pf | verifier | 2 |" in table(summary)

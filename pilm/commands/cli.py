@@ -167,7 +167,8 @@ def _run_bench(cfg: BenchConfig) -> int:
 
 
 def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
-    from .scaling import is_main_process, plot, run_scale, summarise, table
+    from .scale_report import plot, summarise, table
+    from .scaling import is_main_process, run_scale
 
     rows = run_scale(cfg, job.out, prm_path=job.prm_path, overwrite=job.overwrite)
     if is_main_process():

@@ -8,9 +8,8 @@ problems run in blocks of ``max_rows // N`` (one batch each; a block with any ro
 whole, writing only what is missing), block b with the seed derived from (``seed``, b): under
 ``accelerate launch`` each process takes every k-th block and writes its own part file, which
 the main process merges into ``rows.jsonl``, so for the same ``max_rows`` a sharded run draws
-what one process would (each block is the same batch under the same seed). ``summarise`` turns the rows into the
-accuracy table (95% Wilson intervals over problems) and ``plot`` the accuracy-vs-tokens
-figure.
+what one process would (each block is the same batch under the same seed).
+``pilm.commands.scale_report`` turns the rows into the accuracy table and figure.
 
 Methods and their answer selection (``StepResult.answer``): greedy (one greedy chain);
 sc (self-consistency: N chains, majority vote); bon / wbon (best-of-N: N chains scored
@@ -38,16 +37,15 @@ from accelerate import PartialState
 
 from .. import inference
 from ..config import ScaleConfig
-from ..evaluation.metrics import wilson
-from ..extras import pyplot
 from ..inference.batch import derived_seed
 from ..inference.result import StepResult
 from ..learning.checkpoint import claim
 from ..models import load_model
 from ..tasks import arithmetic_chain, gsm8k
+from .scale_report import METHODS, read_rows
 
-SELECT = {"greedy": "vote", "sc": "vote", "bon": "argmax", "wbon": "weighted_vote", "beam": "argmax",
-          "dvts": "argmax", "pf": "argmax", "pf-twisted": "weighted_vote", "pg": "argmax"}
+SELECT = dict(zip(METHODS, ("vote", "vote", "argmax", "weighted_vote", "argmax", "argmax", "argmax", "weighted_vote",
+                            "argmax"), strict=True))
 TASKS = {"arithmetic-chain": arithmetic_chain, "gsm8k": gsm8k}
 USES_PRM = {"bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"}
 
@@ -139,7 +137,7 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     state.wait_for_everyone()
     model = model or load_model(cfg.model, backend=cfg.backend)
     key = run_key(cfg, model)
-    first = next(iter(_read(rows_path)), {}) if rows_path.exists() else None  # a folder from before run.json
+    first = next(iter(read_rows(rows_path)), {}) if rows_path.exists() else None  # a folder from before run.json
     previous = None if first is None else {**key, **{k: first[k] for k in ("task", "temperature", "seed", "model",
                                                                           "dtype") if k in first}}
     for turn in (True, False):  # the main process writes run.json before the others read it
@@ -147,7 +145,7 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
             claim(folder, key, previous=previous, write=turn)
         state.wait_for_everyone()
     part = folder / f"rows.part{state.process_index}.jsonl" if state.num_processes > 1 else rows_path
-    done = {_key(r) for p in (rows_path, part) if p.exists() for r in _read(p)}
+    done = {_key(r) for p in (rows_path, part) if p.exists() for r in read_rows(p)}
     prm = make_prm(cfg, model, prm_path)
     task = TASKS[cfg.task]
     problems = task.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
@@ -181,11 +179,11 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
                                 f.write(json.dumps({**row, "prm_path": paths[m]}) + "\n")
     state.wait_for_everyone()
     if state.is_main_process and part != rows_path:
-        have = {_key(r) for r in _read(rows_path)} if rows_path.exists() else set()
+        have = {_key(r) for r in read_rows(rows_path)} if rows_path.exists() else set()
         with open(rows_path, "a") as f:
             for k in range(state.num_processes):
                 other = folder / f"rows.part{k}.jsonl"
-                for r in _read(other) if other.exists() else []:
+                for r in read_rows(other) if other.exists() else []:
                     if _key(r) not in have:
                         have.add(_key(r))
                         f.write(json.dumps(r) + "\n")
@@ -236,68 +234,3 @@ def _row(cfg: ScaleConfig, method: str, prm_name: str, n: int, i: int, problem: 
 
 def _key(row: dict) -> tuple:
     return row["method"], row["prm"], row.get("prm_path"), row["n"], row["problem"]
-
-
-def _read(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def summarise(rows_path: str | Path) -> list[dict]:
-    """One entry per (method, PRM, N): accuracy, its 95% interval, problems, and mean tokens
-    (policy + judge) per problem."""
-    cells: dict[tuple, list[dict]] = {}
-    for r in _read(Path(rows_path)):
-        cells.setdefault((r["method"], r["prm"], r["n"]), []).append(r)
-    out = []
-    for (method, prm, n), rows in sorted(cells.items(), key=lambda kv: (list(SELECT).index(kv[0][0]), kv[0][1], kv[0][2])):
-        k = sum(r["correct"] for r in rows)
-        lo, hi = wilson(k, len(rows))
-        out.append({"method": method, "prm": prm, "n": n, "problems": len(rows), "accuracy": k / len(rows),
-                    "low": lo, "high": hi, "tokens": sum(r["tokens"] + r["prm_tokens"] for r in rows) / len(rows),
-                    "seconds": sum(r["seconds"] for r in rows) / len(rows)})
-    return out
-
-
-def table(summary: list[dict]) -> str:
-    """The summary as a markdown table: accuracy [95% interval] and tokens per problem."""
-    lines = ["| method | PRM | N | accuracy [95% CI] | tokens / problem | problems |", "|---|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['method']} | {s['prm']} | {s['n']} | {s['accuracy']:.2f} [{s['low']:.2f}, {s['high']:.2f}] "
-                     f"| {s['tokens']:.0f} | {s['problems']} |")
-    return "\n".join(lines)
-
-
-def plot(summary: list[dict], path: str | Path) -> None:
-    """Accuracy against tokens per problem (log scale), one panel per process reward, one line
-    per method (self-consistency in every panel, greedy as a dashed level), 95% intervals."""
-    plt = pyplot()
-    import matplotlib.ticker
-
-    prms = [p for p in ("verifier", "learned", "judge") if any(s["prm"] == p for s in summary)] or ["none"]
-    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(SELECT)}
-    fig, axes = plt.subplots(1, len(prms), figsize=(4.2 * len(prms), 4), sharey=True, squeeze=False)
-    for ax, prm in zip(axes[0], prms):
-        for method in SELECT:
-            cells = sorted((s for s in summary if s["method"] == method and s["prm"] in (prm, "none")),
-                           key=lambda c: c["tokens"])
-            if not cells:
-                continue
-            if method == "greedy":
-                ax.axhline(cells[0]["accuracy"], color=colours[method], ls="--", lw=1, label="greedy")
-                continue
-            err = [[c["accuracy"] - c["low"] for c in cells], [c["high"] - c["accuracy"] for c in cells]]
-            ax.errorbar([c["tokens"] for c in cells], [c["accuracy"] for c in cells], yerr=err, marker="o",
-                        capsize=2, color=colours[method], label=method, alpha=0.85)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_title(f"PRM: {prm}")
-        ax.set_xlabel("tokens per problem (policy + PRM)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (95% interval)")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -68,8 +68,8 @@ def run(targets: Sequence[Target], n: int, sampler: Sampler, generators: Sequenc
     for part in (sampler.proposal, sampler.boundary, sampler.critic):
         part.begin(targets, n)
     state = None if model.generates_steps else model.start_many([t.prompt_ids for t in targets], n)
-    compute = {"tokens": 0, "forwards": 0, "forward_rows": 0, "held_rows": 0} if state is None else {
-        "tokens": 0, "forwards": 1, "forward_rows": m * n, "held_rows": 0}
+    prefilled = state is not None  # a backend that generates by requests keeps no state here
+    compute = {"tokens": 0, "forwards": int(prefilled), "forward_rows": m * n * prefilled, "held_rows": 0}
     ends = _Ends(targets, n)
     steps: list[StepInfo] = []
     total = horizon if sampler.boundary.every_token else None

@@ -81,7 +81,7 @@ def _draw(model, rows: Tensor, room: Tensor, tokens: Tensor, lengths: Tensor, sa
         seeds[mine] = torch.randint(_SEEDS, (int(mine.sum()),), generator=generators[g if len(generators) > 1 else 0],
                                     device=generators[0].device).cpu()
     out: list[list[int]] = [[] for _ in rows]
-    asks, at = [], []
+    asks, at, heads = [], [], {}
     for i, (row, g, k, r) in enumerate(zip(rows.tolist(), groups.tolist(), lengths[rows].tolist(), room.tolist(),
                                            strict=True)):
         ref = None if references is None else references[g]
@@ -91,11 +91,14 @@ def _draw(model, rows: Tensor, room: Tensor, tokens: Tensor, lengths: Tensor, sa
                 raise ValueError(f"the reference of target {g} ends after {k} tokens, before its chain is finished "
                                  "by its target's steps, stop token or horizon: give a complete chain")
             continue
-        stop_ids, stop_texts = sampler.boundary.stop_marks(g)
-        if targets[g].stop_token_id is not None:
-            stop_ids = (*stop_ids, targets[g].stop_token_id)
-        context = tuple(targets[g].model.context(targets[g].prompt_ids)) + tuple(tokens[row, :k].tolist())
-        asks.append(StepRequest(context, int(r), sampler.temperature, int(seeds[i]), stop_ids, stop_texts))
+        if g not in heads:  # per target, once a call: its context and its stops
+            stop_ids, stop_texts = sampler.boundary.stop_marks(g)
+            stop = targets[g].stop_token_id
+            heads[g] = (tuple(targets[g].model.context(targets[g].prompt_ids)),
+                        stop_ids if stop is None else (*stop_ids, stop), stop_texts)
+        context, stop_ids, stop_texts = heads[g]
+        asks.append(StepRequest(context + tuple(tokens[row, :k].tolist()), int(r), sampler.temperature,
+                                int(seeds[i]), stop_ids, stop_texts))
         at.append(i)
     for i, ask, got in zip(at, asks, model.generate(asks), strict=True):
         if not got.tokens:
@@ -115,11 +118,15 @@ def _replay(drawn: list[list[int]], rows: Tensor, tokens: Tensor, lengths: Tenso
     """Append each row's drawn tokens one position at a time, through the finished test and the
     boundary's ``ends``, until its step ends; returns which rows ended their step."""
     ended = torch.zeros(len(rows), dtype=torch.bool)
-    for j in range(max(map(len, drawn), default=0)):
-        at = torch.tensor([i for i, d in enumerate(drawn) if len(d) > j and not ended[i]], dtype=torch.long)
+    counts = torch.tensor([len(d) for d in drawn], dtype=torch.long)
+    padded = torch.full((len(rows), int(counts.max()) if len(rows) else 0), -1, dtype=torch.long)
+    for i, d in enumerate(drawn):
+        padded[i, : len(d)] = torch.tensor(d, dtype=torch.long)
+    for j in range(padded.shape[1]):
+        at = ((counts > j) & ~ended).nonzero().squeeze(1)
         if not len(at):
             break
-        sub, v = rows[at], torch.tensor([drawn[i][j] for i in at.tolist()])
+        sub, v = rows[at], padded[at, j]
         pos = lengths[sub]
         tokens[sub, pos], lengths[sub] = v, pos + 1
         done = ends.finished(sub, v, pos + 1)

@@ -60,11 +60,11 @@ class StepRequest:
 
 @dataclass(frozen=True)
 class Generation:
-    """What a ``StepRequest`` drew: ``tokens``, their log p0 under the backend's own forward
-    (``logprobs``), and how many of the context's tokens its prefix cache served (``cached``)."""
+    """What a ``StepRequest`` drew: ``tokens``, and how many of the context's tokens the
+    backend's prefix cache served (``cached``). No log-probs: the draws are p_M's own, so no
+    weight reads them (and a weight never mixes two backends' log-probs)."""
 
     tokens: tuple[int, ...]
-    logprobs: tuple[float, ...]
     cached: int = 0
 
 

@@ -76,15 +76,13 @@ class VLLMModel(LanguageModel):
         if not requests:
             return []
         params = [SamplingParams(temperature=r.temperature, top_p=1.0, top_k=0, min_p=0.0, seed=r.seed,
-                                 max_tokens=r.max_tokens, logprobs=0, stop_token_ids=list(r.stop_ids),
+                                 max_tokens=r.max_tokens, stop_token_ids=list(r.stop_ids),
                                  stop=list(r.stop_texts) or None, include_stop_str_in_output=True, ignore_eos=True,
                                  detokenize=bool(r.stop_texts), skip_special_tokens=False) for r in requests]
         prompts = [TokensPrompt(prompt_token_ids=list(r.context)) for r in requests]
         out = []
         for o in self.llm.generate(prompts, params, use_tqdm=False):
-            c = o.outputs[0]
-            logprobs = tuple(float(d[t].logprob) for d, t in zip(c.logprobs or [], c.token_ids, strict=True))
-            out.append(Generation(tuple(c.token_ids), logprobs, int(o.num_cached_tokens or 0)))
+            out.append(Generation(tuple(o.outputs[0].token_ids), int(o.num_cached_tokens or 0)))
         return out
 
     def score(self, sequences: Sequence[Tokens], starts: Sequence[int]) -> torch.Tensor:

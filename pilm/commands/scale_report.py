@@ -1,0 +1,79 @@
+"""The tables and figures of a ``pilm scale`` folder: its rows (one per method, PRM, N and
+problem) summarised per (method, PRM, N) with 95% Wilson intervals over problems, as a
+markdown table and as accuracy against tokens per problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..evaluation.metrics import wilson
+from ..extras import pyplot
+
+METHODS = ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg")  # pilm scale's, in table order
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file (blank lines skipped)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarise(rows_path: str | Path) -> list[dict]:
+    """One entry per (method, PRM, N): accuracy, its 95% interval, problems, and mean tokens
+    (policy + judge) per problem."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in read_rows(Path(rows_path)):
+        cells.setdefault((r["method"], r["prm"], r["n"]), []).append(r)
+    out = []
+    for (method, prm, n), rows in sorted(cells.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1], kv[0][2])):
+        k = sum(r["correct"] for r in rows)
+        lo, hi = wilson(k, len(rows))
+        out.append({"method": method, "prm": prm, "n": n, "problems": len(rows), "accuracy": k / len(rows),
+                    "low": lo, "high": hi, "tokens": sum(r["tokens"] + r["prm_tokens"] for r in rows) / len(rows),
+                    "seconds": sum(r["seconds"] for r in rows) / len(rows)})
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    """The summary as a markdown table: accuracy [95% interval] and tokens per problem."""
+    lines = ["| method | PRM | N | accuracy [95% CI] | tokens / problem | problems |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['method']} | {s['prm']} | {s['n']} | {s['accuracy']:.2f} [{s['low']:.2f}, {s['high']:.2f}] "
+                     f"| {s['tokens']:.0f} | {s['problems']} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: str | Path) -> None:
+    """Accuracy against tokens per problem (log scale), one panel per process reward, one line
+    per method (self-consistency in every panel, greedy as a dashed level), 95% intervals."""
+    plt = pyplot()
+    import matplotlib.ticker
+
+    prms = [p for p in ("verifier", "learned", "judge") if any(s["prm"] == p for s in summary)] or ["none"]
+    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+    fig, axes = plt.subplots(1, len(prms), figsize=(4.2 * len(prms), 4), sharey=True, squeeze=False)
+    for ax, prm in zip(axes[0], prms):
+        for method in METHODS:
+            cells = sorted((s for s in summary if s["method"] == method and s["prm"] in (prm, "none")),
+                           key=lambda c: c["tokens"])
+            if not cells:
+                continue
+            if method == "greedy":
+                ax.axhline(cells[0]["accuracy"], color=colours[method], ls="--", lw=1, label="greedy")
+                continue
+            err = [[c["accuracy"] - c["low"] for c in cells], [c["high"] - c["accuracy"] for c in cells]]
+            ax.errorbar([c["tokens"] for c in cells], [c["accuracy"] for c in cells], yerr=err, marker="o",
+                        capsize=2, color=colours[method], label=method, alpha=0.85)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"PRM: {prm}")
+        ax.set_xlabel("tokens per problem (policy + PRM)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (95% interval)")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
