@@ -12,7 +12,16 @@ of the embedded model, M prompts x N particles:
 * ``smc_vllm`` / ``smc_hf``: bootstrap token SMC (one-token requests on the engine).
 
 Ratios: pf_vllm / generate_vllm (the issue's target: <= 1.2, reached only if survivors hit the
-prefix cache), and each engine leg's seconds per token over the HF leg's.
+prefix cache), and each engine leg's seconds per token over the HF leg's. Beside them, the
+filter's prompt tokens the engine prefilled per token it drew: vLLM caches a prefix by whole
+blocks (32 tokens on a CPU), so each step's request recomputes the tail of its prefix that
+fills no block, and on a CPU a prefilled token costs about what a drawn one does.
+
+Then, after the engine above is shut down, ``pilm scale`` (the particle filter, N = 16, on
+``--sharded-prompts`` problems) as whole commands, one run each: one process with vLLM's own
+core binding, one process bound to every core, and two processes under torchrun, each with an
+engine on its own core (``pilm.models.vllm_backend.process_share``); seconds with and without
+the engines' start-up, and the peak memory of each command's processes.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,9 +54,10 @@ def legs(engine, hf, m: int, n: int, seed: int) -> dict:
         targets = [chain.target(model, p["question"]) for p in problems]
         started = time.perf_counter()
         res = pilm.particle_filter(targets, chain.step_verifier(), n, temperature=0.8, seed=seed)
-        out[name] = {"seconds": time.perf_counter() - started, "tokens": sum(r.info["tokens"] for r in res),
-                     "cached_share": (sum(r.info.get("cached_tokens", 0) for r in res)
-                                      / max(1, sum(r.info.get("prompt_tokens", 0) for r in res)))}
+        total = lambda key, res=res: sum(r.info.get(key, 0) for r in res)  # noqa: E731
+        out[name] = {"seconds": time.perf_counter() - started, "tokens": total("tokens"),
+                     "cached_share": total("cached_tokens") / max(1, total("prompt_tokens")),
+                     "prefilled_per_drawn": (total("prompt_tokens") - total("cached_tokens")) / max(1, total("drawn_tokens"))}
     per_chain = max(1, round(out["pf_vllm"]["tokens"] / (m * n)))
     prompts = [TokensPrompt(prompt_token_ids=chain.target(engine, p["question"]).prompt_ids) for p in problems]
     params = [SamplingParams(temperature=0.8, top_p=1.0, top_k=0, seed=seed * 10_000 + k, max_tokens=per_chain,
@@ -62,6 +74,61 @@ def legs(engine, hf, m: int, n: int, seed: int) -> dict:
     return out
 
 
+SCALE = """
+import sys
+
+from pilm.commands.scaling import run_scale
+from pilm.config import ScaleConfig
+
+if __name__ == "__main__":
+    cfg = ScaleConfig(backend="vllm", methods=("pf",), n=(16,), problems=int(sys.argv[2]), max_rows=int(sys.argv[3]),
+                      seed=int(sys.argv[4]), engine=("max_model_len=1024",))
+    run_scale(cfg, sys.argv[1], progress=False)
+"""
+
+
+def scale_run(folder: Path, launcher: list[str], bind: str | None, prompts: int, seed: int) -> dict:
+    """``pilm scale`` (the particle filter, N = 16, on ``prompts`` problems in two blocks) as a
+    command of its own: its wall-clock seconds (engine start-up included), the seconds its
+    blocks report (the slowest process's sum when processes run side by side), and the peak
+    resident memory of its whole process tree."""
+    script = folder / "scale_run.py"
+    script.write_text(SCALE)
+    env = {**os.environ, **({"VLLM_CPU_OMP_THREADS_BIND": bind} if bind else {})}
+    out = folder / f"run{len(list(folder.glob('run*')))}"
+    started, peak = time.perf_counter(), 0.0
+    proc = subprocess.Popen([*launcher, str(script), str(out), str(prompts), str(prompts * 16 // 2), str(seed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tree = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        peak = max(peak, rss_mib([tree.pid, *(c.pid for c in tree.children(recursive=True))]))
+        time.sleep(0.5)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.read()[-4000:])
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    blocks: dict[int, float] = {}
+    for r in rows:  # each row reports its problem's share of its block's seconds
+        b = r["problem"] // (prompts // 2)
+        blocks[b] = blocks.get(b, 0.0) + r["seconds"]
+    parallel = len(launcher) > 1
+    return {"seconds": seconds, "block_seconds": max(blocks.values()) if parallel else sum(blocks.values()),
+            "rows": len(rows), "peak_mib": peak,
+            "bind": bind or ("one core each (process_share)" if parallel else "vLLM auto")}
+
+
+def sharded_legs(folder: Path, prompts: int, seed: int) -> dict:
+    """One process (vLLM's own core binding, then both cores named) against two processes
+    under torchrun, one core each (``process_share``), on the same problems and seeds."""
+    import sys
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return {"one_process_auto": scale_run(folder, [sys.executable], None, prompts, seed),
+            "one_process_both_cores": scale_run(folder, [sys.executable], ",".join(
+                str(c) for c in sorted(os.sched_getaffinity(0))), prompts, seed),
+            "two_processes": scale_run(folder, torchrun, None, prompts, seed)}
+
+
 def rss_mib(pids) -> float:
     total = 0
     for pid in pids:
@@ -73,14 +140,21 @@ def rss_mib(pids) -> float:
 
 
 def table(report: dict) -> str:
-    r = report["ratios"]
+    r, sh = report["ratios"], report["sharded"]
     lines = ["| measure | median over rounds |", "|---|---|",
              f"| particle filter on vLLM / vLLM generating as many tokens | {r['pf_over_generate_vllm']:.2f} |",
+             f"| the filter's prompt tokens the engine prefilled (not cached), per drawn token | "
+             f"{r['prefilled_per_drawn']:.2f} |",
              f"| particle filter: vLLM seconds per token / HF seconds per token | {r['pf_vllm_over_hf_per_token']:.2f} |",
              f"| token SMC: vLLM seconds per token / HF seconds per token | {r['smc_vllm_over_hf_per_token']:.2f} |",
              f"| share of the filter's prompt tokens served by vLLM's prefix cache | {r['cached_share']:.2f} |",
              f"| memory: vLLM engine processes (MiB) | {report['memory_mib']['vllm_engine']:.0f} |",
              f"| memory: this process with the HF model (MiB) | {report['memory_mib']['this_process']:.0f} |"]
+    lines += ["", f"pilm scale, particle filter N = 16 on {report['sharded_prompts']} problems (one run each):", "",
+              "| run | seconds (with engine start-up) | seconds in blocks | peak memory of its processes (MiB) |",
+              "|---|---|---|---|"]
+    lines += [f"| {name.replace('_', ' ')} (binding {v['bind']}) | {v['seconds']:.0f} | {v['block_seconds']:.0f} | "
+              f"{v['peak_mib']:.0f} |" for name, v in sh.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -90,6 +164,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--particles", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--sharded-prompts", type=int, default=64)
     a = ap.parse_args()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     engine = pilm.load_model(backend="vllm", max_model_len=1024)
@@ -105,12 +180,15 @@ def main() -> None:
         "smc_vllm_over_hf_per_token": statistics.median(per_token(r, "smc_vllm") / per_token(r, "smc_hf")
                                                         for r in rounds),
         "cached_share": statistics.median(r["pf_vllm"]["cached_share"] for r in rounds),
+        "prefilled_per_drawn": statistics.median(r["pf_vllm"]["prefilled_per_drawn"] for r in rounds),
     }
     report = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__,
                           "dtype": engine.dtype_name, "threads": torch.get_num_threads()},
               "prompts": a.prompts, "particles": a.particles, "rounds": rounds, "ratios": ratios,
               "memory_mib": {"vllm_engine": rss_mib(engine_pids), "this_process": rss_mib([os.getpid()])}}
     engine.close()
+    with tempfile.TemporaryDirectory() as folder:  # after the engine above is shut down: the legs have the machine
+        report.update(sharded_prompts=a.sharded_prompts, sharded=sharded_legs(Path(folder), a.sharded_prompts, seed=7))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")

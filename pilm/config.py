@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -195,8 +196,8 @@ class ScaleConfig(Config):
 
     task: Literal["arithmetic-chain", "gsm8k"] = arg("arithmetic-chain", "reasoning task (gsm8k: for a larger --model)")
     model: str | None = arg(None, "policy model: embedded name (smollm2-135m, the default), hub id or folder")
-    backend: Literal["hf", "vllm"] = arg("hf", "what runs the policy: transformers, or a vLLM engine (every method "
-                                         "but a learned PRM, which reads hidden states)")
+    backend: Literal["hf", "vllm"] = arg("hf", "what runs the policy: transformers, or a vLLM engine (a learned PRM "
+                                         "then reads its hidden states with a transformers copy of the model)")
     methods: tuple[Literal["greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"], ...] = arg(
         ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"), "methods to run")
     n: tuple[int, ...] = arg((1, 4, 16, 64), "budgets N (chains per problem)", low=1)
@@ -211,6 +212,32 @@ class ScaleConfig(Config):
     aggregation: Literal["last", "min", "prod", "mean"] = arg("last", "how a chain's step scores combine")
     max_rows: int = arg(512, "chains advanced in one batch (problems x N)", low=1)
     seed: int = arg(0, "random seed of problems and samplers")
+    engine: tuple[str, ...] = arg((), "vLLM engine arguments KEY=VALUE (e.g. tensor_parallel_size=2 "
+                                  "max_model_len=4096), for --backend vllm")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.engine_args and self.backend != "vllm":  # a malformed item is refused by engine_args
+            raise ConfigError("engine", f"gives vLLM engine arguments, but the backend is {self.backend!r}: add "
+                              "--backend vllm")
+
+    @property
+    def engine_args(self) -> dict:
+        """``engine`` as keyword arguments of ``vllm.LLM``: each VALUE read as JSON (numbers,
+        true/false, lists) where it is JSON, else as a string."""
+        out = {}
+        for item in self.engine:
+            key, eq, value = item.partition("=")
+            if not eq or not key.isidentifier():
+                raise ConfigError("engine", f"takes KEY=VALUE items such as tensor_parallel_size=2, got {item!r}")
+            if key in ("model", "dtype", "device"):
+                raise ConfigError("engine", f"{key} is set by pilm ({'--model' if key == 'model' else '--' + key}), "
+                                  f"not an engine argument")
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key] = value
+        return out
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def test_tabular_text_outside_alphabet(model):
         model.encode("xyz")
 
 
-def test_backend_arguments_are_refused_before_anything_loads(monkeypatch, tmp_path):
+def test_backend_arguments_are_refused_before_anything_loads(monkeypatch, tmp_path, capsys):
     import sys
 
     from pilm.commands.cli import main
@@ -108,5 +108,45 @@ def test_backend_arguments_are_refused_before_anything_loads(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "vllm", None)  # as where it is not installed
     with pytest.raises(ModelLoadError, match=r"pip install vllm \(CUDA\).*make test-engines"):
         pilm.load_model(backend="vllm")
-    argv = ["scale", "--backend", "vllm", "--prm", "learned", "--prm-path", str(tmp_path), "--out", str(tmp_path / "o")]
-    assert main(argv) == 2  # a learned PRM reads hidden states: refused before the engine starts
+    assert main(["scale", "--backend", "vllm", "--out", str(tmp_path / "o")]) == 2
+    assert "pilm: error: --backend 'vllm' needs vLLM in this environment: pip install vllm (CUDA)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was made
+
+
+def test_engine_arguments_of_pilm_scale_are_read_and_bad_ones_refused(capsys, tmp_path):
+    from pilm.commands.cli import main
+    from pilm.config import ScaleConfig
+    from pilm.errors import ConfigError
+
+    cfg = ScaleConfig(backend="vllm", engine=("tensor_parallel_size=2", "enforce_eager=false", "quantization=fp8",
+                                              "max_model_len=4096"))
+    assert cfg.engine_args == {"tensor_parallel_size": 2, "enforce_eager": False, "quantization": "fp8",
+                               "max_model_len": 4096}
+    for bad, said in ((("tensor_parallel_size",), "KEY=VALUE"), (("=2",), "KEY=VALUE"), (("dtype=float16",), "--dtype")):
+        with pytest.raises(ConfigError, match=said):
+            ScaleConfig(backend="vllm", engine=bad)
+    with pytest.raises(ConfigError, match="add --backend vllm"):
+        ScaleConfig(engine=("tensor_parallel_size=2",))
+    assert main(["scale", "--engine", "tensor_parallel_size=2", "--out", str(tmp_path / "o")]) == 2
+    assert "--engine gives vLLM engine arguments, but the backend is 'hf'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was made
+
+
+def test_each_launched_process_gives_its_engine_devices_of_its_own(monkeypatch):
+    from pilm.errors import BackendError
+    from pilm.models.vllm_backend import process_share
+
+    assert process_share("cuda", {}) == {}  # outside a launcher
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert process_share("cuda", {"tensor_parallel_size": 4}) == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert process_share("cuda", {}) == {"CUDA_VISIBLE_DEVICES": "5"}
+    with pytest.raises(BackendError, match="need 4 GPUs; it has 2: launch fewer processes"):
+        process_share("cuda", {"tensor_parallel_size": 2})
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {8, 9, 10, 11, 12, 13, 14, 15})
+    assert process_share("cpu", {}) == {"VLLM_CPU_OMP_THREADS_BIND": "12,13,14,15"}
+    assert process_share("cpu", {"tensor_parallel_size": 2}) == {"VLLM_CPU_OMP_THREADS_BIND": "12,13|14,15"}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")
+    assert process_share("cpu", {}) == {}  # the user's own binding stands

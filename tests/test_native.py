@@ -246,3 +246,45 @@ def test_pilm_scale_on_a_request_engine_keeps_finished_rows_when_the_engine_dies
     done = [json.loads(line) for line in rows.read_text().splitlines()]
     assert {(r["method"], r["problem"]) for r in done} == {(m, i) for m in methods for i in range(4)}
     assert all(r["backend"] == "vllm" for r in done) and len(done) == len(methods) * 4
+
+
+def test_a_learned_prm_reads_its_hidden_states_with_a_transformers_copy_on_requests(tiny):
+    """A value head on a policy that returns no hidden states: with ``reader`` it scores each
+    chain off the hidden state the reader computes teacher-forced (left-padded, in forwards of
+    at most 3 rows here), which is the state the token-by-token forward made (float32: equal
+    within 1e-5); without one, the request engine refuses it. On requests, every final chain's
+    last score is the one the token engine's hidden state gives."""
+    from pilm.prm import StepBatch, TwistPRM
+    from pilm.testing import _state_before_last
+    from pilm.twists import Twist
+
+    torch.manual_seed(3)
+    twist = Twist.for_model(tiny, output="log_sigmoid", kind="mlp")
+    for p in twist.parameters():
+        p.data.normal_(0, 0.3)  # not the zero-initialised head: scores that differ between chains
+    target = pilm.Target(tiny, "Count:", max_new_tokens=9, steps=Steps(delimiter=tiny.encode(".")[0], max_step_tokens=3))
+    chains = [tuple(torch.randint(tiny.vocab_size, (k,)).tolist()) for k in (1, 4, 7, 2, 5)]
+
+    def scores(prm, hidden=None):
+        return prm.score(StepBatch(questions=["Count:"] * 5, prompts=[tuple(target.prompt_ids)] * 5,
+                                   steps=[["x"]] * 5, tokens=chains, hidden=hidden,
+                                   last=torch.tensor([c[-1] for c in chains])))
+
+    hidden = torch.cat([_state_before_last(tiny, target.prompt_ids, c).hidden for c in chains]).float()
+    read = TwistPRM(twist, reader=tiny, batch_rows=3)
+    assert not read.reads_hidden and TwistPRM(twist).reads_hidden
+    assert torch.allclose(scores(read), scores(TwistPRM(twist), hidden), atol=1e-5)
+    assert scores(read).std() > 1e-3  # the comparison has teeth
+    assert read.lm_tokens == 2 * sum(len(tiny.context(target.prompt_ids)) + len(c) - 1 for c in chains)
+
+    engine = Requests(tiny, sloppy=True)
+    on_requests = dataclasses.replace(target, model=engine)
+    with pytest.raises(BackendError, match="reader="):
+        pilm.particle_filter(on_requests, TwistPRM(twist), 4, seed=0)
+    res = pilm.particle_filter(on_requests, read, 4, seed=0)
+    assert res.info["prm_lm_tokens"] > 0
+    for tokens, got in zip(res.tokens, res.scores, strict=True):
+        state = _state_before_last(tiny, target.prompt_ids, tokens)
+        with torch.no_grad():
+            want = float(twist.log_psi(None, state.hidden.float()).exp()[0, tokens[-1]])
+        assert abs(got[-1] - want) < 1e-5

@@ -8,7 +8,8 @@ problems run in blocks of ``max_rows // N`` (one batch each; a block with any ro
 whole, writing only what is missing), block b with the seed derived from (``seed``, b): under
 ``accelerate launch`` each process takes every k-th block and writes its own part file, which
 the main process merges into ``rows.jsonl``, so for the same ``max_rows`` a sharded run draws
-what one process would (each block is the same batch under the same seed).
+what one process would (each block is the same batch under the same seed). On the vLLM backend
+each process starts its own engine on its own devices (``pilm.models.vllm_backend.process_share``).
 ``pilm.commands.scale_report`` turns the rows into the accuracy table and figure.
 
 Methods and their answer selection (``StepResult.answer``): greedy (one greedy chain);
@@ -97,14 +98,18 @@ def _groups(methods) -> list[tuple[str, ...]]:
 
 
 def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
-    from ..prm import LMJudge
+    from ..prm import LMJudge, TwistPRM
     from ..twists import Twist
 
     if cfg.prm == "verifier":
         return arithmetic_chain.step_verifier()
     if cfg.prm == "judge":
         return LMJudge(model)
-    return Twist.from_pretrained(cast(str, prm_path), model)  # run_scale refuses prm='learned' without a path
+    path = cast(str, prm_path)  # run_scale refuses prm='learned' without a path
+    if not model.generates_steps:
+        return Twist.from_pretrained(path, model)  # it reads the hidden state the policy's forward made
+    reader = load_model(cfg.model, dtype=model.dtype_name)  # the engine returns none: a transformers copy reads them
+    return TwistPRM(Twist.from_pretrained(path, reader), reader=reader)
 
 
 def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None, model=None,
@@ -118,16 +123,9 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     if cfg.prm == "learned" and prm_path is None:  # said before the model loads
         raise ValueError("prm='learned' needs prm_path=FOLDER, a process reward saved by pilm.train_prm "
                          "(on the command line: pilm train-prm --out FOLDER)")
-    if cfg.prm == "learned" and cfg.backend != "hf":
-        raise ValueError("prm='learned' reads the policy's hidden states, which a serving engine does not return: "
-                         "use backend='hf', or a process reward that scores step texts (verifier, judge)")
     if cfg.prm == "verifier" and cfg.task != "arithmetic-chain":
         raise ValueError(f"{cfg.task} has no exact step verifier: use prm='judge' or prm='learned'")
     state = PartialState(cpu=not torch.cuda.is_available())
-    if cfg.backend != "hf" and state.num_processes > 1:
-        raise ValueError(f"backend={cfg.backend!r} under {state.num_processes} processes would start one engine per "
-                         "process on the same devices: run one process, and spread the engine over devices with its "
-                         "own parallelism")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows_path = folder / "rows.jsonl"
@@ -135,7 +133,7 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
         for old in (rows_path, folder / "run.json", *folder.glob("rows.part*.jsonl")):
             old.unlink(missing_ok=True)
     state.wait_for_everyone()
-    model = model or load_model(cfg.model, backend=cfg.backend)
+    model = model or load_model(cfg.model, backend=cfg.backend, **cfg.engine_args)  # one engine per process
     key = run_key(cfg, model)
     first = next(iter(read_rows(rows_path)), {}) if rows_path.exists() else None  # a folder from before run.json
     previous = None if first is None else {**key, **{k: first[k] for k in ("task", "temperature", "seed", "model",
@@ -200,7 +198,7 @@ folder too). The problem count is not among them: gsm8k's sample of problems cha
 def run_key(cfg: ScaleConfig, model) -> dict:
     """What every row of a scale folder shares: the settings outside ``GROWS``, the model and
     its dtype."""
-    key = {k: v for k, v in asdict(cfg).items() if k not in GROWS}
+    key = {k: v for k, v in asdict(cfg).items() if k not in GROWS and k != "engine"}  # how it runs, not what
     if cfg.backend == "hf":
         del key["backend"]  # the reference, as in folders from before there was another
     key.update(model=model.name, dtype=model.dtype_name)

@@ -40,8 +40,9 @@ def check(model, sampler: Sampler, observed: bool) -> None:
     if type(proposal) is not BaseProposal or proposal.temperature != sampler.temperature:
         why = f"its proposal ({type(proposal).__name__}) needs every token's full-vocabulary log-probs"
     elif sampler.critic.reads_hidden:
-        why = ("its process reward reads the policy's hidden states, which the engine does not return; a process "
-               "reward that scores step texts (an exact verifier, pilm.prm.LMJudge) runs on it")
+        why = ("its process reward reads the policy's hidden states, which the engine does not return: give it a "
+               "transformers copy of the policy to read them with (pilm.prm.TwistPRM(twist, reader=...)), or use a "
+               "process reward that scores step texts (an exact verifier, pilm.prm.LMJudge)")
     elif sampler.rule.reads_model:
         why = f"its rule ({type(sampler.rule).__name__}) runs the model teacher-forced over the vocabulary"
     elif observed:

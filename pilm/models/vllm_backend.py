@@ -12,14 +12,19 @@ without recomputing it. pilm's boundary rule, not the engine's stop, decides whe
 What this backend cannot do exactly it refuses with a ``BackendError`` that names
 ``backend="hf"``: decoding token by token (``start``/``advance``, which twisted and masked
 proposals, twists and training need), full-vocabulary log-probs, and hidden states (a learned
-process reward that reads them). The log-probs it returns are its own forward's, not
-transformers' (the kernels differ), so the two are never mixed in one weight.
+process reward reads them with a transformers copy instead: ``pilm.prm.TwistPRM``'s
+``reader``). The log-probs it returns are its own forward's, not transformers' (the kernels
+differ), so the two are never mixed in one weight.
+
+Under a launcher each process starts its own engine on its own devices (``process_share``):
+data parallelism over targets, as ``pilm scale`` shards its blocks of problems.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -136,6 +141,55 @@ class VLLMModel(LanguageModel):
         self.close()
 
 
+def process_share(platform: str, engine_args: Mapping) -> dict[str, str]:
+    """Under a launcher (``accelerate launch``, ``torchrun``: process ``LOCAL_RANK`` of
+    ``LOCAL_WORLD_SIZE`` on this machine), the environment that gives this process's engine
+    devices of its own, so that each process serves its share of the targets on its own engine
+    (data parallelism): the rank-th group of tensor_parallel_size x pipeline_parallel_size of
+    the visible GPUs (``CUDA_VISIBLE_DEVICES``), or on a CPU the rank-th share of this
+    process's cores, one list per tensor-parallel rank (``VLLM_CPU_OMP_THREADS_BIND``; a
+    binding the user set is kept). Empty outside a launcher."""
+    rank, ranks = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if ranks == 1:
+        return {}
+    per = int(engine_args.get("tensor_parallel_size", 1)) * int(engine_args.get("pipeline_parallel_size", 1))
+    if platform == "cpu":
+        if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+            return {}
+        devices = [str(c) for c in sorted(os.sched_getaffinity(0))]
+        what = "CPU cores"
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        what = "GPUs"
+    if len(devices) < ranks * per:
+        raise BackendError(f"{ranks} processes on this machine, each with an engine over {per} device(s), need "
+                           f"{ranks * per} {what}; it has {len(devices)}: launch fewer processes")
+    if platform != "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ",".join(devices[rank * per: (rank + 1) * per])}
+    share = len(devices) // ranks
+    mine = devices[rank * share: (rank + 1) * share]
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(mine[i * share // per: (i + 1) * share // per])
+                                                  for i in range(per))}
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` while the engine starts (its processes inherit them), and
+    this process's own environment as it was afterwards (vLLM rewrites LOCAL_WORLD_SIZE)."""
+    keys = {*values, "LOCAL_WORLD_SIZE"}
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def load_vllm(model: str | Path, name: str, dtype: str | torch.dtype | None, device, **engine_args) -> VLLMModel:
     """A ``VLLMModel`` of ``model`` (a folder or hub id). ``dtype="auto"`` as for the HF backend;
     ``device`` must be "auto" or the engine's own platform (vLLM places itself; give
@@ -144,7 +198,8 @@ def load_vllm(model: str | Path, name: str, dtype: str | torch.dtype | None, dev
     parameter), and on a CPU: eager mode (graph compilation takes minutes there), a 2 GiB
     cache in blocks of 32 tokens (the least it allows; a prefix is cached by whole blocks),
     and whole prefills (vLLM 0.32 on a CPU crashes when it prefills a seeded request in
-    chunks). ``engine_args`` override any of them."""
+    chunks). ``engine_args`` override any of them. Under a launcher each process's engine
+    takes its own devices (``process_share``)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury pilm's progress
     try:
         import vllm
@@ -162,4 +217,5 @@ def load_vllm(model: str | Path, name: str, dtype: str | torch.dtype | None, dev
         args = {"enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enable_chunked_prefill": False,
                 "block_size": 32, **args}  # its default 128-token blocks would cache no prefix shorter than that
     dtype = resolve_dtype(dtype, torch.device(platform if platform == "cpu" else "cuda"))
-    return VLLMModel(vllm.LLM(model=str(model), dtype=dtype, **args), name=name)
+    with _environment(process_share(platform, args)):
+        return VLLMModel(vllm.LLM(model=str(model), dtype=dtype, **args), name=name)

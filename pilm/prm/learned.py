@@ -5,28 +5,40 @@ prefix) (Zhao et al. 2024), which is what Math-Shepherd's Monte Carlo labels est
 head gives log psi(s_{<t}, v) for every next token from the hidden state the policy's forward
 already made, so the score of a step that ended with token s_t is psi(s_{<t}, s_t): no extra
 forward. ``pilm.train_prm`` trains one; the same object is a twist for ``pilm.smc``.
+
+A policy that returns no hidden states (a serving engine, ``pilm.models.vllm_backend``) needs
+a ``reader``: a transformers model with the policy's weights, the one the head was trained on,
+which reads each chain teacher-forced, one batched forward per boundary. Each chain is read
+whole at each boundary (no cache is kept in step with the particles), so over a chain of T
+tokens and K steps the reader runs about K * T / 2 tokens, which ``lm_tokens`` counts.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
+from ..models.base import LanguageModel
 from ..twists.base import TwistFunction
 from .base import ProcessReward, StepBatch
 
 
 class TwistPRM(ProcessReward):
     """r(c, x_{<=t}) = psi(s_{<t}, s_t) of ``twist`` (whose psi must lie in [0, 1]: a head
-    with ``output="log_sigmoid"``), read off the policy's hidden state."""
+    with ``output="log_sigmoid"``), read off the policy's hidden state, or with ``reader`` off
+    the hidden state that model computes teacher-forced (module docstring)."""
 
-    def __init__(self, twist: TwistFunction):
+    def __init__(self, twist: TwistFunction, reader: LanguageModel | None = None, batch_rows: int = 64):
         super().__init__()
         if getattr(twist, "output", "log") != "log_sigmoid":
             raise ValueError("a twist read as a process reward must give psi in [0, 1]: train it with "
                              "pilm.train_prm, or use a head with output='log_sigmoid'")
-        self.twist = twist
-        self.reads_hidden = not twist.needs_prefixes
+        if reader is not None and (twist.needs_prefixes or twist.stateful):
+            raise ValueError(f"a reader gives hidden states, and {type(twist).__name__} reads its own prefixes")
+        self.twist, self.reader, self.batch_rows = twist, reader, batch_rows
+        self.reads_hidden = not twist.needs_prefixes and reader is None
 
     @property
     def name(self) -> str:
@@ -36,7 +48,7 @@ class TwistPRM(ProcessReward):
     def score(self, batch: StepBatch) -> Tensor:
         prefixes = [tuple(t[:-1]) for t in batch.tokens] if self.twist.needs_prefixes else None
         last = batch.last if batch.last is not None else torch.tensor([t[-1] for t in batch.tokens])
-        hidden = batch.hidden
+        hidden = batch.hidden if self.reader is None else self._read(batch)
         if hidden is None:
             if not self.twist.needs_prefixes:
                 raise ValueError("this process reward reads the policy's hidden states; score it inside a sampler")
@@ -46,6 +58,15 @@ class TwistPRM(ProcessReward):
             hidden = hidden.to(param.device)
         log_psi = self.twist.log_psi(prefixes, hidden).float()
         return log_psi.gather(1, last.view(-1, 1).to(log_psi.device)).squeeze(1).exp().double().cpu()
+
+    def _read(self, batch: StepBatch) -> Tensor:
+        """Each row's hidden state before its last token, by ``reader``: its prompt and tokens
+        but the last, left-padded into forwards of at most ``batch_rows`` rows."""
+        reader = cast(LanguageModel, self.reader)
+        rows = [(*prompt, *tokens[:-1]) for prompt, tokens in zip(batch.prompts, batch.tokens, strict=True)]
+        self.lm_tokens += sum(len(reader.context(r)) for r in rows)
+        return torch.cat([reader.start_many(rows[i: i + self.batch_rows], 1).hidden.float().cpu()
+                          for i in range(0, len(rows), self.batch_rows)])
 
 
 def as_prm(prm: ProcessReward | TwistFunction) -> ProcessReward:

@@ -143,3 +143,67 @@ def test_pilm_scale_runs_its_grid_on_the_engine(engine, tmp_path):
     judged = ScaleConfig(backend="vllm", prm="judge", methods=("bon",), n=(2,), problems=1)
     rows = run_scale(judged, tmp_path / "judge", model=engine, progress=False).read_text().splitlines()
     assert json.loads(rows[0])["prm_tokens"] > 0
+
+
+def test_a_learned_prm_on_the_engine_reads_hidden_states_with_a_transformers_copy(engine, hf, tmp_path):
+    """pilm scale --prm learned on the engine: the value head scores each step off the hidden
+    state a transformers copy of the policy computes teacher-forced (its tokens are the PRM's
+    compute), and the scores are the head's on that copy."""
+    from pilm.prm import StepBatch, TwistPRM
+    from pilm.twists import Twist
+
+    torch.manual_seed(0)
+    head = Twist.for_model(hf, output="log_sigmoid", kind="mlp")
+    for p in head.parameters():
+        p.data.normal_(0, 0.05)
+    head.save_pretrained(tmp_path / "prm")
+    cfg = ScaleConfig(backend="vllm", prm="learned", methods=("bon", "pf"), n=(2,), problems=2)
+    rows = [json.loads(line) for line in run_scale(cfg, tmp_path / "run", prm_path=str(tmp_path / "prm"), model=engine,
+                                                   progress=False).read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"bon", "pf"} and all(r["prm_tokens"] > 0 for r in rows)
+    res = pilm.particle_filter(target(engine), TwistPRM(head, reader=hf), 4, seed=0)
+    batch = StepBatch(questions=[""] * 4, prompts=[tuple(target(engine).prompt_ids)] * 4, steps=[["x"]] * 4,
+                      tokens=[tuple(t) for t in res.tokens])
+    again = TwistPRM(head, reader=hf).score(batch)
+    assert all(abs(s[-1] - float(a)) < 1e-6 for s, a in zip(res.scores, again, strict=True))
+
+
+SCALE = """
+import sys
+
+from pilm.commands.scaling import run_scale
+from pilm.config import ScaleConfig
+
+if __name__ == "__main__":  # vLLM starts its engine processes from here
+    cfg = ScaleConfig(backend="vllm", methods=("sc", "pf"), n=(2,), problems=4, max_rows=4, temperature=1.0,
+                      engine=("max_model_len=512", "kv_cache_memory_bytes=268435456"))  # blocks of 2 problems
+    run_scale(cfg, sys.argv[1], progress=False)
+"""
+
+
+def test_scale_sharded_over_two_processes_each_with_its_engine_draws_what_one_process_does(tmp_path):
+    """torchrun starts two processes; each starts an engine on its own core (process_share) and
+    runs alternate blocks of problems. One process, its engine on one core too (so the kernels
+    run the same threads), runs every block: each block is the same batch under the same seed,
+    so every chain is the same. float32, like the rest of this module."""
+    import subprocess
+    import sys
+
+    from tests.test_distributed import free_port
+
+    (tmp_path / "run.py").write_text(SCALE)
+    env = {**os.environ, "PILM_DTYPE": "float32", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(tmp_path / "run.py"), str(tmp_path / "sharded")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-8000:]
+    alone = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "alone")],
+                           env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"}, capture_output=True, text=True, timeout=900)
+    assert alone.returncode == 0, alone.stderr[-8000:]
+    runs = [{(r["method"], r["problem"]): r for r in map(json.loads, (tmp_path / d / "rows.jsonl").read_text().splitlines())}
+            for d in ("sharded", "alone")]
+    assert sorted(runs[0]) == sorted((m, i) for m in ("sc", "pf") for i in range(4)) == sorted(runs[1])
+    same = ("predicted", "tokens", "log_z")
+    assert all({k: runs[0][c][k] for k in same} == {k: runs[1][c][k] for k in same} for c in runs[0])
+    assert len({runs[1][("pf", i)]["log_z"] for i in range(4)}) > 1  # the runs differ between problems
+    assert all(r["backend"] == "vllm" for r in runs[0].values())
