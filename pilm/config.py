@@ -206,6 +206,8 @@ class ScaleConfig(Config):
     problems: int = arg(100, "problems", low=1)
     operands: tuple[int, int] = arg((3, 5), "fewest and most operands of an arithmetic chain", low=2)
     temperature: float = arg(0.8, "policy temperature (the paper's 0.8)", low=0)
+    chat: bool = arg(False, "prompt with the model's chat template (the worked examples as earlier turns), for an "
+                            "instruct model")
     width: int = arg(4, "beam width of beam search and DVTS (M)", low=1)
     iterations: int = arg(2, "particle Gibbs sweeps (each with N / iterations particles)", low=1)
     tau: float = arg(1.0, "softmax temperature of the paper's weights", low=0, strict=True)

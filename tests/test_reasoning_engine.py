@@ -1,6 +1,7 @@
 """The reasoning parts on transformers models: process rewards that read the policy's forward
 or run an LM, the arithmetic-chain and GSM8K tasks, and ``pilm scale`` (resume, accelerate)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -162,6 +163,31 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
 
     assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook value at 8 of 10
     assert "| pf | verifier | 2 |" in table(summary)
+
+
+def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, tmp_path):
+    """--chat: the worked examples are earlier turns of the model's chat template, the question
+    the last user turn (for both tasks); a folder keeps the choice, and one run without it is
+    not resumed with it."""
+    from pilm.commands.scaling import run_scale
+    from pilm.errors import ResumeMismatchError
+    from pilm.tasks import arithmetic_chain, gsm8k
+
+    q = "1 + 2 - 3"
+    chat = arithmetic_chain.target(tiny, q, chat=True)
+    turns = arithmetic_chain.turns(q)
+    assert [t["role"] for t in turns] == ["user", "assistant"] * 3 + ["user"] and turns[-1]["content"] == f"Question: {q}"
+    assert turns[1]["content"] == arithmetic_chain.solution(arithmetic_chain.SHOTS[0])
+    want = tiny.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    assert tiny.decode(chat.prompt_ids) == want and chat.prompt_ids != arithmetic_chain.target(tiny, q).prompt_ids
+    assert gsm8k.target(tiny, "How many?", chat=True).prompt_ids[-3:] == chat.prompt_ids[-3:]  # the generation prompt
+    cfg = ScaleConfig(methods=("greedy",), n=(1,), problems=2, chat=True)
+    run_scale(cfg, tmp_path / "chat", model=tiny, progress=False)
+    assert json.loads((tmp_path / "chat" / "run.json").read_text())["chat"] is True
+    run_scale(dataclasses.replace(cfg, chat=False), tmp_path / "plain", model=tiny, progress=False)
+    assert "chat" not in json.loads((tmp_path / "plain" / "run.json").read_text())  # as folders from before it
+    with pytest.raises(ResumeMismatchError):
+        run_scale(cfg, tmp_path / "plain", model=tiny, progress=False)
 
 
 def test_scale_refuses_a_verifier_for_gsm8k_and_learned_without_a_path(tmp_path):

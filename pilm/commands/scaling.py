@@ -165,7 +165,7 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
                 cell = f"scale: {'/'.join(group)} N={n} prm={cfg.prm}: problems {chunk[0][0]}..{chunk[-1][0]}"
                 if progress:  # said before the cell runs (a cell can take minutes), and its time after
                     print(f"{cell} ...", end="", flush=True)
-                targets = [task.target(model, p["question"]) for _, p in chunk]
+                targets = [task.target(model, p["question"], chat=cfg.chat) for _, p in chunk]
                 results = run(targets, n)
                 if progress:
                     print(f" {time.perf_counter() - started:.0f} s", flush=True)
@@ -199,8 +199,9 @@ def run_key(cfg: ScaleConfig, model) -> dict:
     """What every row of a scale folder shares: the settings outside ``GROWS``, the model and
     its dtype."""
     key = {k: v for k, v in asdict(cfg).items() if k not in GROWS and k != "engine"}  # how it runs, not what
-    if cfg.backend == "hf":
-        del key["backend"]  # the reference, as in folders from before there was another
+    for k, before in (("backend", "hf"), ("chat", False)):  # as in folders from before there was another
+        if key[k] == before:
+            del key[k]
     key.update(model=model.name, dtype=model.dtype_name)
     return json.loads(json.dumps(key))
 

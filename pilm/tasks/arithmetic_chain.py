@@ -88,15 +88,24 @@ def prompt(question: str, shots: Sequence[str] = SHOTS) -> str:
     return "".join(f"Question: {s}\n{solution(s)}\n\n" for s in shots) + f"Question: {question}\n"
 
 
+def turns(question: str, shots: Sequence[str] = SHOTS) -> list[dict]:
+    """The worked examples as earlier turns of a chat, then the question: the prompt of an
+    instruct model under its chat template."""
+    earlier = [t for s in shots for t in ({"role": "user", "content": f"Question: {s}"},
+                                          {"role": "assistant", "content": solution(s)})]
+    return [*earlier, {"role": "user", "content": f"Question: {question}"}]
+
+
 def steps(n_operands: int = 5) -> Steps:
     """Lines as steps; at most one step per operation plus the answer line and one spare."""
     return Steps(delimiter="\n", max_steps=n_operands + 1, max_step_tokens=16, final=FINAL)
 
 
 def target(model: LanguageModel | None, question: str, *, answer: str | None = None,
-           max_new_tokens: int | None = None) -> Target:
+           max_new_tokens: int | None = None, chat: bool = False) -> Target:
     """The policy's chains for ``question``: sigma = p_M (no potential), or with ``answer``
-    the posterior over chains that state it, sigma ∝ p_M 1[answer is right]."""
+    the posterior over chains that state it, sigma ∝ p_M 1[answer is right]. ``chat``: the
+    prompt is ``turns(question)`` under the model's chat template."""
     model = model or load_model()
     n_operands = len(_terms(question)[0])
     potential = None
@@ -104,8 +113,8 @@ def target(model: LanguageModel | None, question: str, *, answer: str | None = N
         cut = steps(n_operands)
         potential = FunctionPotential(lambda text: 0.0 if cut.answer(text) == str(answer) else float("-inf"),
                                       name=f"answer is {answer}")
-    return Target(model, prompt(question), potential, max_new_tokens=max_new_tokens or 12 * (n_operands + 1),
-                  steps=steps(n_operands), question=question)
+    return Target(model, turns(question) if chat else prompt(question), potential, chat=chat,
+                  max_new_tokens=max_new_tokens or 12 * (n_operands + 1), steps=steps(n_operands), question=question)
 
 
 class StepVerifier(ProcessReward):

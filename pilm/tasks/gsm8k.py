@@ -70,10 +70,19 @@ def prompt(question: str) -> str:
     return "".join(f"Question: {q}\n{a}\n\n" for q, a in SHOTS) + f"Question: {question}\n"
 
 
-def target(model: LanguageModel | None, question: str, *, max_new_tokens: int = 512) -> Target:
-    """The policy's chains for ``question`` (sigma = p_M)."""
+def turns(question: str) -> list[dict]:
+    """The worked examples as earlier turns of a chat, then the question (``chat=True``)."""
+    earlier = [t for q, a in SHOTS for t in ({"role": "user", "content": f"Question: {q}"},
+                                             {"role": "assistant", "content": a})]
+    return [*earlier, {"role": "user", "content": f"Question: {question}"}]
+
+
+def target(model: LanguageModel | None, question: str, *, max_new_tokens: int = 512, chat: bool = False) -> Target:
+    """The policy's chains for ``question`` (sigma = p_M); ``chat``: the prompt is
+    ``turns(question)`` under the model's chat template."""
     model = model or load_model()
-    return Target(model, prompt(question), max_new_tokens=max_new_tokens, steps=steps(), question=question)
+    return Target(model, turns(question) if chat else prompt(question), chat=chat, max_new_tokens=max_new_tokens,
+                  steps=steps(), question=question)
 
 
 def answer_checker(answers: dict[str, str]):
