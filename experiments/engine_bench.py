@@ -18,9 +18,9 @@ blocks (32 tokens on a CPU), so each step's request recomputes the tail of its p
 fills no block, and on a CPU a prefilled token costs about what a drawn one does.
 
 Then, after the engine above is shut down, ``pilm scale`` (the particle filter, N = 16, on
-``--sharded-prompts`` problems) as whole commands, one run each: one process with vLLM's own
-core binding, one process bound to every core, and two processes under torchrun, each with an
-engine on its own core (``pilm.models.vllm_backend.process_share``); seconds with and without
+``--sharded-prompts`` problems) as whole commands, one run each: one process under vLLM's own
+core binding, one bound to every core (pilm's default), and two processes under torchrun, each
+with an engine on half the cores (``pilm.models.vllm_backend.process_share``); seconds with and without
 the engines' start-up, and the peak memory of each command's processes.
 """
 
@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -97,14 +98,16 @@ def scale_run(folder: Path, launcher: list[str], bind: str | None, prompts: int,
     env = {**os.environ, **({"VLLM_CPU_OMP_THREADS_BIND": bind} if bind else {})}
     out = folder / f"run{len(list(folder.glob('run*')))}"
     started, peak = time.perf_counter(), 0.0
-    proc = subprocess.Popen([*launcher, str(script), str(out), str(prompts), str(prompts * 16 // 2), str(seed)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    tree = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        peak = max(peak, rss_mib([tree.pid, *(c.pid for c in tree.children(recursive=True))]))
-        time.sleep(0.5)
+    log = folder / f"{out.name}.log"
+    with open(log, "w") as sink:  # a file, not a pipe: nothing reads a pipe while the loop polls
+        proc = subprocess.Popen([*launcher, str(script), str(out), str(prompts), str(prompts * 16 // 2), str(seed)],
+                                env=env, stdout=sink, stderr=subprocess.STDOUT)
+        tree = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            peak = max(peak, rss_mib([tree.pid, *(c.pid for c in tree.children(recursive=True))]))
+            time.sleep(0.5)
     if proc.returncode:
-        raise RuntimeError(proc.stderr.read()[-4000:])
+        raise RuntimeError(log.read_text()[-4000:])
     seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     blocks: dict[int, float] = {}
@@ -114,17 +117,21 @@ def scale_run(folder: Path, launcher: list[str], bind: str | None, prompts: int,
     parallel = len(launcher) > 1
     return {"seconds": seconds, "block_seconds": max(blocks.values()) if parallel else sum(blocks.values()),
             "rows": len(rows), "peak_mib": peak,
-            "bind": bind or ("one core each (process_share)" if parallel else "vLLM auto")}
+            "bind": bind or "half the cores each (process_share)"}
 
 
 def sharded_legs(folder: Path, prompts: int, seed: int) -> dict:
-    """One process (vLLM's own core binding, then both cores named) against two processes
-    under torchrun, one core each (``process_share``), on the same problems and seeds."""
+    """One process under vLLM's own core binding ("auto"), one bound to every core (pilm's
+    default alone), and two processes under torchrun, half the cores each
+    (``process_share``), on the same problems and seeds."""
     import sys
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    return {"one_process_auto": scale_run(folder, [sys.executable], None, prompts, seed),
-            "one_process_both_cores": scale_run(folder, [sys.executable], ",".join(
+    with socket.socket() as free:  # a port of its own for torchrun's rendezvous
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    return {"one_process_vllm_auto": scale_run(folder, [sys.executable], "auto", prompts, seed),
+            "one_process_every_core": scale_run(folder, [sys.executable], ",".join(
                 str(c) for c in sorted(os.sched_getaffinity(0))), prompts, seed),
             "two_processes": scale_run(folder, torchrun, None, prompts, seed)}
 

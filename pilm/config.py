@@ -214,8 +214,8 @@ class ScaleConfig(Config):
     aggregation: Literal["last", "min", "prod", "mean"] = arg("last", "how a chain's step scores combine")
     max_rows: int = arg(512, "chains advanced in one batch (problems x N)", low=1)
     seed: int = arg(0, "random seed of problems and samplers")
-    engine: tuple[str, ...] = arg((), "vLLM engine arguments KEY=VALUE (e.g. tensor_parallel_size=2 "
-                                  "max_model_len=4096), for --backend vllm")
+    engine: tuple[str, ...] = arg((), "a vLLM engine argument KEY=VALUE, VALUE read as JSON where it is JSON (e.g. "
+                                  "tensor_parallel_size=2), for --backend vllm", repeat=True)
 
     def __post_init__(self):
         super().__post_init__()

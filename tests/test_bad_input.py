@@ -127,7 +127,8 @@ def test_engine_arguments_of_pilm_scale_are_read_and_bad_ones_refused(capsys, tm
             ScaleConfig(backend="vllm", engine=bad)
     with pytest.raises(ConfigError, match="add --backend vllm"):
         ScaleConfig(engine=("tensor_parallel_size=2",))
-    assert main(["scale", "--engine", "tensor_parallel_size=2", "--out", str(tmp_path / "o")]) == 2
+    assert main(["scale", "--engine", "tensor_parallel_size=2", "--engine", "enforce_eager=true", "--out",
+                 str(tmp_path / "o")]) == 2
     assert "--engine gives vLLM engine arguments, but the backend is 'hf'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing was made
 
@@ -136,17 +137,43 @@ def test_each_launched_process_gives_its_engine_devices_of_its_own(monkeypatch):
     from pilm.errors import BackendError
     from pilm.models.vllm_backend import process_share
 
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_RANK", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(key, raising=False)
     assert process_share("cuda", {}) == {}  # outside a launcher
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {8, 9, 10, 11, 12, 13, 14, 15, 16})  # 9 cores
+    assert process_share("cpu", {}) == {"VLLM_CPU_OMP_THREADS_BIND": "8,9,10,11,12,13,14,15,16"}  # alone: all
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     assert process_share("cuda", {"tensor_parallel_size": 4}) == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert process_share("cuda", {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}) == {
+        "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert process_share("cuda", {}) == {"CUDA_VISIBLE_DEVICES": "5"}
-    with pytest.raises(BackendError, match="need 4 GPUs; it has 2: launch fewer processes"):
-        process_share("cuda", {"tensor_parallel_size": 2})
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {8, 9, 10, 11, 12, 13, 14, 15})
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert process_share("cuda", {}) == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert process_share("cuda", {"tensor_parallel_size": 2}) == {}  # a scheduler gave each process its own two
+    with pytest.raises(BackendError, match="need 6 GPUs; it has 2: launch fewer processes"):
+        process_share("cuda", {"tensor_parallel_size": 3})
+    assert process_share("cpu", {}) == {"VLLM_CPU_OMP_THREADS_BIND": "8,9,10,11"}  # 4 of the 9 each
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert process_share("cpu", {}) == {"VLLM_CPU_OMP_THREADS_BIND": "12,13,14,15"}
     assert process_share("cpu", {"tensor_parallel_size": 2}) == {"VLLM_CPU_OMP_THREADS_BIND": "12,13|14,15"}
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")
-    assert process_share("cpu", {}) == {}  # the user's own binding stands
+    for mine in ("0-3", "auto"):
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", mine)
+        assert process_share("cpu", {}) == {}  # the user's own binding stands, vLLM's "auto" too
+    with pytest.raises(BackendError, match="first argument, not an engine argument"):
+        pilm.load_model(backend="vllm", model="elsewhere")
+
+
+def test_a_scale_folder_keeps_the_engine_arguments_that_change_what_is_drawn():
+    from pilm.commands.scaling import run_key
+    from pilm.config import ScaleConfig
+
+    class Engine:
+        name, dtype_name = "m", "float32"
+
+    placed = ScaleConfig(backend="vllm", engine=("tensor_parallel_size=2", "max_model_len=4096"))
+    assert "engine" not in run_key(placed, Engine())  # where it runs: a folder may resume under another
+    drawn = ScaleConfig(backend="vllm", engine=("quantization=fp8", "tensor_parallel_size=2"))
+    assert run_key(drawn, Engine())["engine"] == {"quantization": "fp8"}

@@ -276,8 +276,14 @@ def test_a_learned_prm_reads_its_hidden_states_with_a_transformers_copy_on_reque
     assert torch.allclose(scores(read), scores(TwistPRM(twist), hidden), atol=1e-5)
     assert scores(read).std() > 1e-3  # the comparison has teeth
     assert read.lm_tokens == 2 * sum(len(tiny.context(target.prompt_ids)) + len(c) - 1 for c in chains)
+    empty = pilm.Target(tiny, "", max_new_tokens=4)  # a BOS stands in for the prompt, as the token engine's start
+    batch = StepBatch(questions=[""], prompts=[()], steps=[["x"]], tokens=[chains[1]], last=torch.tensor([chains[1][-1]]))
+    alone = _state_before_last(tiny, empty.prompt_ids, chains[1]).hidden.float()
+    assert torch.allclose(read.score(batch), TwistPRM(twist).score(dataclasses.replace(batch, hidden=alone)), atol=1e-5)
 
     engine = Requests(tiny, sloppy=True)
+    with pytest.raises(ValueError, match="generates by requests"):
+        TwistPRM(twist, reader=engine)
     on_requests = dataclasses.replace(target, model=engine)
     with pytest.raises(BackendError, match="reader="):
         pilm.particle_filter(on_requests, TwistPRM(twist), 4, seed=0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -108,7 +109,7 @@ def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
     path = cast(str, prm_path)  # run_scale refuses prm='learned' without a path
     if not model.generates_steps:
         return Twist.from_pretrained(path, model)  # it reads the hidden state the policy's forward made
-    reader = load_model(cfg.model, dtype=model.dtype_name)  # the engine returns none: a transformers copy reads them
+    reader = load_model(model.name, dtype=model.dtype_name, device=model.device)  # the engine returns none
     return TwistPRM(Twist.from_pretrained(path, reader), reader=reader)
 
 
@@ -126,6 +127,9 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     if cfg.prm == "verifier" and cfg.task != "arithmetic-chain":
         raise ValueError(f"{cfg.task} has no exact step verifier: use prm='judge' or prm='learned'")
     state = PartialState(cpu=not torch.cuda.is_available())
+    if cfg.backend != "hf" and state.num_processes > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
+        raise ValueError(f"{state.num_processes} processes, each starting an engine, but no LOCAL_WORLD_SIZE says how "
+                         "many share this machine's devices: launch with accelerate launch or torchrun")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows_path = folder / "rows.jsonl"
@@ -144,7 +148,7 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
         state.wait_for_everyone()
     part = folder / f"rows.part{state.process_index}.jsonl" if state.num_processes > 1 else rows_path
     done = {_key(r) for p in (rows_path, part) if p.exists() for r in read_rows(p)}
-    prm = make_prm(cfg, model, prm_path)
+    prm = make_prm(cfg, model, prm_path) if USES_PRM & set(cfg.methods) else None
     task = TASKS[cfg.task]
     problems = task.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
     for n in cfg.n:
@@ -195,10 +199,20 @@ GROWS = ("methods", "n", "prm", "max_rows")
 folder too). The problem count is not among them: gsm8k's sample of problems changes with it."""
 
 
+PLACEMENT = frozenset({"tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization",
+                       "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "swap_space",
+                       "distributed_executor_backend", "max_model_len"})
+"""Engine arguments that say where and in what batches the engine runs, not what it draws: a
+folder may be resumed under others."""
+
+
 def run_key(cfg: ScaleConfig, model) -> dict:
-    """What every row of a scale folder shares: the settings outside ``GROWS``, the model and
-    its dtype."""
-    key = {k: v for k, v in asdict(cfg).items() if k not in GROWS and k != "engine"}  # how it runs, not what
+    """What every row of a scale folder shares: the settings outside ``GROWS``, the engine
+    arguments outside ``PLACEMENT``, the model and its dtype."""
+    key = {k: v for k, v in asdict(cfg).items() if k not in GROWS and k != "engine"}
+    drawing = {k: v for k, v in cfg.engine_args.items() if k not in PLACEMENT}
+    if drawing:  # engine arguments that may change what is drawn (quantization, the cache's dtype, ...)
+        key["engine"] = dict(sorted(drawing.items()))
     for k, before in (("backend", "hf"), ("chat", False)):  # as in folders from before there was another
         if key[k] == before:
             del key[k]

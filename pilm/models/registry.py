@@ -91,6 +91,8 @@ def load_model(
     if backend == "vllm":
         if adapter is not None or kv_cache != "auto":
             raise BackendError("adapter= and kv_cache= belong to backend='hf'; with vLLM give its own engine_args")
+        if {"model", "name"} & set(engine_args):
+            raise BackendError("the model is load_model's first argument, not an engine argument")
         name = _ALIASES.get(name_or_path, name_or_path) or DEFAULT_MODEL
         return load_vllm(embedded_path(name) if name in _EMBEDDED else name, name, dtype, device, **engine_args)
     if engine_args:

@@ -45,8 +45,8 @@ class VLLMModel(LanguageModel):
 
     generates_steps = True
 
-    def __init__(self, llm, name: str = "vllm-model"):
-        self.llm, self.name = llm, name
+    def __init__(self, llm, name: str = "vllm-model", device: torch.device | None = None):
+        self.llm, self.name, self._device = llm, name, device or torch.device("cpu")
         self.tokenizer = llm.get_tokenizer()
         config = llm.llm_engine.model_config
         self.vocab_size = int(config.get_vocab_size())
@@ -59,6 +59,12 @@ class VLLMModel(LanguageModel):
     @property
     def dtype_name(self) -> str:
         return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The engine's first device, in this process's numbering (the CPU, or under a launcher
+        the first GPU of this process's share): where a transformers copy beside it goes."""
+        return self._device
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -142,26 +148,32 @@ class VLLMModel(LanguageModel):
 
 
 def process_share(platform: str, engine_args: Mapping) -> dict[str, str]:
-    """Under a launcher (``accelerate launch``, ``torchrun``: process ``LOCAL_RANK`` of
-    ``LOCAL_WORLD_SIZE`` on this machine), the environment that gives this process's engine
-    devices of its own, so that each process serves its share of the targets on its own engine
-    (data parallelism): the rank-th group of tensor_parallel_size x pipeline_parallel_size of
-    the visible GPUs (``CUDA_VISIBLE_DEVICES``), or on a CPU the rank-th share of this
-    process's cores, one list per tensor-parallel rank (``VLLM_CPU_OMP_THREADS_BIND``; a
-    binding the user set is kept). Empty outside a launcher."""
+    """The environment that gives this process's engine its devices. Under a launcher
+    (``accelerate launch``, ``torchrun``: process ``LOCAL_RANK`` of ``LOCAL_WORLD_SIZE`` on this
+    machine) each process's engine takes devices of its own, so that each serves its share of
+    the targets (data parallelism): the rank-th group of tensor_parallel_size x
+    pipeline_parallel_size of the visible GPUs (``CUDA_VISIBLE_DEVICES``; nothing when the
+    launcher or scheduler already gave the process just its own), or on a CPU the rank-th share
+    of this process's cores. On a CPU alone, every core this process may use: vLLM's own "auto"
+    binding keeps cores back for the processes beside its worker, which on a 2-core machine
+    halves the engine (docs/engines/bench.md). CPU cores are bound by
+    ``VLLM_CPU_OMP_THREADS_BIND``, one list per tensor-parallel rank; a binding the user set
+    ("auto" included) is kept."""
     rank, ranks = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if ranks == 1:
-        return {}
     per = int(engine_args.get("tensor_parallel_size", 1)) * int(engine_args.get("pipeline_parallel_size", 1))
     if platform == "cpu":
-        if os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
             return {}
         devices = [str(c) for c in sorted(os.sched_getaffinity(0))]
         what = "CPU cores"
     else:
+        if ranks == 1:
+            return {}
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
         what = "GPUs"
+        if len(devices) == per:  # the launcher or scheduler gave this process its own already
+            return {}
     if len(devices) < ranks * per:
         raise BackendError(f"{ranks} processes on this machine, each with an engine over {per} device(s), need "
                            f"{ranks * per} {what}; it has {len(devices)}: launch fewer processes")
@@ -175,8 +187,10 @@ def process_share(platform: str, engine_args: Mapping) -> dict[str, str]:
 
 @contextmanager
 def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """``values`` in ``os.environ`` while the engine starts (its processes inherit them), and
-    this process's own environment as it was afterwards (vLLM rewrites LOCAL_WORLD_SIZE)."""
+    """``values`` in ``os.environ`` while the engine starts (its processes inherit them); then
+    those keys, and LOCAL_WORLD_SIZE (which vLLM on a CPU rewrites, and a launcher's later
+    ``process_share`` reads), as they were. The other variables vLLM sets for its CPU
+    workers (LD_PRELOAD, thread counts) it leaves set."""
     keys = {*values, "LOCAL_WORLD_SIZE"}
     before = {k: os.environ.get(k) for k in keys}
     os.environ.update(values)
@@ -198,8 +212,8 @@ def load_vllm(model: str | Path, name: str, dtype: str | torch.dtype | None, dev
     parameter), and on a CPU: eager mode (graph compilation takes minutes there), a 2 GiB
     cache in blocks of 32 tokens (the least it allows; a prefix is cached by whole blocks),
     and whole prefills (vLLM 0.32 on a CPU crashes when it prefills a seeded request in
-    chunks). ``engine_args`` override any of them. Under a launcher each process's engine
-    takes its own devices (``process_share``)."""
+    chunks), and every core this process may use. ``engine_args`` override any of them. Under
+    a launcher each process's engine takes its own devices (``process_share``)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury pilm's progress
     try:
         import vllm
@@ -217,5 +231,16 @@ def load_vllm(model: str | Path, name: str, dtype: str | torch.dtype | None, dev
         args = {"enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enable_chunked_prefill": False,
                 "block_size": 32, **args}  # its default 128-token blocks would cache no prefix shorter than that
     dtype = resolve_dtype(dtype, torch.device(platform if platform == "cpu" else "cuda"))
-    with _environment(process_share(platform, args)):
-        return VLLMModel(vllm.LLM(model=str(model), dtype=dtype, **args), name=name)
+    share = process_share(platform, args)
+    first = torch.device("cpu") if platform == "cpu" else torch.device("cuda", _first_gpu(share))
+    with _environment(share):
+        return VLLMModel(vllm.LLM(model=str(model), dtype=dtype, **args), name=name, device=first)
+
+
+def _first_gpu(share: Mapping[str, str]) -> int:
+    """The index, among this process's visible GPUs, of the first one ``share`` gives its engine."""
+    if "CUDA_VISIBLE_DEVICES" not in share:
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    mine = share["CUDA_VISIBLE_DEVICES"].split(",")[0]
+    return visible.split(",").index(mine) if visible else int(mine)

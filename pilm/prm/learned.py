@@ -9,8 +9,9 @@ forward. ``pilm.train_prm`` trains one; the same object is a twist for ``pilm.sm
 A policy that returns no hidden states (a serving engine, ``pilm.models.vllm_backend``) needs
 a ``reader``: a transformers model with the policy's weights, the one the head was trained on,
 which reads each chain teacher-forced, one batched forward per boundary. Each chain is read
-whole at each boundary (no cache is kept in step with the particles), so over a chain of T
-tokens and K steps the reader runs about K * T / 2 tokens, which ``lm_tokens`` counts.
+whole, prompt included, at each boundary (no cache is kept in step with the particles), so
+over a P-token prompt and a chain of T tokens in K steps the reader runs about K (P + T / 2)
+tokens, which ``lm_tokens`` counts.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ class TwistPRM(ProcessReward):
             raise ValueError("a twist read as a process reward must give psi in [0, 1]: train it with "
                              "pilm.train_prm, or use a head with output='log_sigmoid'")
         if reader is not None and (twist.needs_prefixes or twist.stateful):
-            raise ValueError(f"a reader gives hidden states, and {type(twist).__name__} reads its own prefixes")
+            raise ValueError(f"a reader gives hidden states to a head, and {type(twist).__name__} reads "
+                             f"{'token prefixes' if twist.needs_prefixes else 'the chains with a model body of its own'}")
+        if reader is not None and reader.generates_steps:
+            raise ValueError(f"the reader must compute hidden states teacher-forced (a transformers model, "
+                             f"pilm.load_model(name)); {reader.name} generates by requests")
         self.twist, self.reader, self.batch_rows = twist, reader, batch_rows
         self.reads_hidden = not twist.needs_prefixes and reader is None
 
@@ -63,9 +68,10 @@ class TwistPRM(ProcessReward):
         """Each row's hidden state before its last token, by ``reader``: its prompt and tokens
         but the last, left-padded into forwards of at most ``batch_rows`` rows."""
         reader = cast(LanguageModel, self.reader)
-        rows = [(*prompt, *tokens[:-1]) for prompt, tokens in zip(batch.prompts, batch.tokens, strict=True)]
-        self.lm_tokens += sum(len(reader.context(r)) for r in rows)
-        return torch.cat([reader.start_many(rows[i: i + self.batch_rows], 1).hidden.float().cpu()
+        rows = [(*reader.context(prompt), *tokens[:-1]) for prompt, tokens in zip(batch.prompts, batch.tokens,
+                                                                                     strict=True)]
+        self.lm_tokens += sum(map(len, rows))
+        return torch.cat([reader.start_many(rows[i: i + self.batch_rows], 1).hidden.float()
                           for i in range(0, len(rows), self.batch_rows)])
 
 

@@ -149,7 +149,7 @@ def test_a_learned_prm_on_the_engine_reads_hidden_states_with_a_transformers_cop
     """pilm scale --prm learned on the engine: the value head scores each step off the hidden
     state a transformers copy of the policy computes teacher-forced (its tokens are the PRM's
     compute), and the scores are the head's on that copy."""
-    from pilm.prm import StepBatch, TwistPRM
+    from pilm.prm import TwistPRM
     from pilm.twists import Twist
 
     torch.manual_seed(0)
@@ -161,11 +161,15 @@ def test_a_learned_prm_on_the_engine_reads_hidden_states_with_a_transformers_cop
     rows = [json.loads(line) for line in run_scale(cfg, tmp_path / "run", prm_path=str(tmp_path / "prm"), model=engine,
                                                    progress=False).read_text().splitlines()]
     assert {r["method"] for r in rows} == {"bon", "pf"} and all(r["prm_tokens"] > 0 for r in rows)
+    from pilm.testing import _state_before_last
+
     res = pilm.particle_filter(target(engine), TwistPRM(head, reader=hf), 4, seed=0)
-    batch = StepBatch(questions=[""] * 4, prompts=[tuple(target(engine).prompt_ids)] * 4, steps=[["x"]] * 4,
-                      tokens=[tuple(t) for t in res.tokens])
-    again = TwistPRM(head, reader=hf).score(batch)
-    assert all(abs(s[-1] - float(a)) < 1e-6 for s, a in zip(res.scores, again, strict=True))
+    last = [s[-1] for s in res.scores]
+    for tokens, got in zip(res.tokens, last, strict=True):  # the head on the token-by-token forward's state
+        with torch.no_grad():
+            state = _state_before_last(hf, target(hf).prompt_ids, tokens)
+            assert abs(got - float(head.log_psi(None, state.hidden.float()).exp()[0, tokens[-1]])) < 1e-5
+    assert max(last) - min(last) > 1e-4  # the chains' scores differ: the comparison has teeth
 
 
 SCALE = """
@@ -182,23 +186,30 @@ if __name__ == "__main__":  # vLLM starts its engine processes from here
 
 
 def test_scale_sharded_over_two_processes_each_with_its_engine_draws_what_one_process_does(tmp_path):
-    """torchrun starts two processes; each starts an engine on its own core (process_share) and
-    runs alternate blocks of problems. One process, its engine on one core too (so the kernels
-    run the same threads), runs every block: each block is the same batch under the same seed,
-    so every chain is the same. float32, like the rest of this module."""
+    """torchrun starts two processes, pinned to two cores; each starts an engine on a core of
+    its own (process_share: the engines' own logs name the cores) and runs alternate blocks of
+    problems. One process, its engine on one core too (so the kernels run the same threads),
+    runs every block: each block is the same batch under the same seed, so every row's answer,
+    tokens and log Z are the same. float32, like the rest of this module."""
     import subprocess
     import sys
 
     from tests.test_distributed import free_port
 
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        pytest.skip("two processes on cores of their own need two cores")
     (tmp_path / "run.py").write_text(SCALE)
-    env = {**os.environ, "PILM_DTYPE": "float32", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PILM_DTYPE": "float32", "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(tmp_path / "run.py"), str(tmp_path / "sharded")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores))
     assert done.returncode == 0, done.stderr[-8000:]
+    assert all(f"core ids=[{c}]" in done.stdout + done.stderr for c in cores)  # an engine on each core
     alone = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "alone")],
-                           env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"}, capture_output=True, text=True, timeout=900)
+                           env={**env, "VLLM_CPU_OMP_THREADS_BIND": str(cores[0])}, capture_output=True, text=True,
+                           timeout=900)
     assert alone.returncode == 0, alone.stderr[-8000:]
     runs = [{(r["method"], r["problem"]): r for r in map(json.loads, (tmp_path / d / "rows.jsonl").read_text().splitlines())}
             for d in ("sharded", "alone")]
