@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import cast
 
 import torch
@@ -115,10 +115,19 @@ def placed(device: str = "auto", dtype: str = "auto") -> Iterator[torch.device]:
     are checked first, so a machine without the device fails before a model loads."""
     where = resolve_device(device)
     resolve_dtype(dtype, where)
-    before = {k: os.environ.get(k) for k in ("PILM_DEVICE", "PILM_DTYPE")}
-    os.environ.update({k: v for k, v in (("PILM_DEVICE", device), ("PILM_DTYPE", dtype)) if v != "auto"})
-    try:
+    with environment({k: v for k, v in (("PILM_DEVICE", device), ("PILM_DTYPE", dtype)) if v != "auto"},
+                     keep=("PILM_DEVICE", "PILM_DTYPE")):
         yield where
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str], keep: Iterable[str] = ()) -> Iterator[None]:
+    """``values`` in ``os.environ`` within the block (processes started there inherit them);
+    afterwards those variables, and the ones named in ``keep``, as they were before it."""
+    before = {k: os.environ.get(k) for k in {*values, *keep}}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for k, v in before.items():
             if v is None:

@@ -23,8 +23,7 @@ data parallelism over targets, as ``pilm scale`` shards its blocks of problems.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -185,25 +184,6 @@ def process_share(platform: str, engine_args: Mapping) -> dict[str, str]:
                                                   for i in range(per))}
 
 
-@contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """``values`` in ``os.environ`` while the engine starts (its processes inherit them); then
-    those keys, and LOCAL_WORLD_SIZE (which vLLM on a CPU rewrites, and a launcher's later
-    ``process_share`` reads), as they were. The other variables vLLM sets for its CPU
-    workers (LD_PRELOAD, thread counts) it leaves set."""
-    keys = {*values, "LOCAL_WORLD_SIZE"}
-    before = {k: os.environ.get(k) for k in keys}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def load_vllm(model: str | Path, name: str, dtype: str | torch.dtype | None, device, **engine_args) -> VLLMModel:
     """A ``VLLMModel`` of ``model`` (a folder or hub id). ``dtype="auto"`` as for the HF backend;
     ``device`` must be "auto" or the engine's own platform (vLLM places itself; give
@@ -220,7 +200,7 @@ def load_vllm(model: str | Path, name: str, dtype: str | torch.dtype | None, dev
         from vllm.platforms import current_platform
     except ImportError:
         raise ModelLoadError(INSTALL) from None
-    from .device import resolve_dtype
+    from .device import environment, resolve_dtype
 
     platform = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
     if device not in (None, "auto") and torch.device(device).type != platform:
@@ -233,7 +213,7 @@ def load_vllm(model: str | Path, name: str, dtype: str | torch.dtype | None, dev
     dtype = resolve_dtype(dtype, torch.device(platform if platform == "cpu" else "cuda"))
     share = process_share(platform, args)
     first = torch.device("cpu") if platform == "cpu" else torch.device("cuda", _first_gpu(share))
-    with _environment(share):
+    with environment(share, keep=("LOCAL_WORLD_SIZE",)):  # vLLM on a CPU rewrites LOCAL_WORLD_SIZE
         return VLLMModel(vllm.LLM(model=str(model), dtype=dtype, **args), name=name, device=first)
 
 
