@@ -165,6 +165,31 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
     assert "| pf | verifier | 2 |" in table(summary)
 
 
+def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
+    """McNemar's exact test: 11 problems only one method gets right against 1 only the other
+    does is p = 2 * 13 / 2**12 (the binomial tail written out); self-consistency (no PRM) and
+    greedy (N = 1 only) meet the filter at its N, and a problem only one of them ran is left out."""
+    from pilm.commands.scale_report import paired, paired_table
+    from pilm.evaluation.metrics import mcnemar
+
+    assert mcnemar([True] * 11 + [False] + [True] * 5, [False] * 11 + [True] + [True] * 5) == (11, 1, 2 * 13 / 2**12)
+    assert mcnemar([True, False], [True, False]) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="same items"):
+        mcnemar([True], [True, False])
+    right = {("pf", "verifier", 4): [1, 1, 1, 0, 1, 1], ("sc", "none", 4): [0, 1, 0, 0, 1, 1],
+             ("greedy", "none", 1): [1, 0, 0, 0, 0, 1], ("bon", "verifier", 4): [1, 1, 1, 1, 1],
+             ("bon", "judge", 4): [0, 0, 0, 0, 0, 0]}
+    rows = [{"method": m, "prm": prm, "n": n, "problem": i, "correct": bool(c)}
+            for (m, prm, n), cs in right.items() for i, c in enumerate(cs)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = {c["method"]: c for c in paired(tmp_path / "rows.jsonl")}
+    assert set(got) == {"greedy", "sc", "bon"} and all(c["prm"] == "verifier" and c["n"] == 4 for c in got.values())
+    assert (got["sc"]["only_method"], got["sc"]["only_reference"], got["sc"]["p"]) == (0, 2, 0.5)
+    assert (got["greedy"]["only_method"], got["greedy"]["only_reference"]) == (0, 3)
+    assert got["bon"]["problems"] == 5 and (got["bon"]["only_method"], got["bon"]["only_reference"]) == (1, 0)
+    assert "| sc | verifier | 4 | 3 of 6 | pf: 5 | 0 / 2 | 0.5 |" in paired_table(list(got.values()))
+
+
 def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, tmp_path):
     """--chat: the worked examples are earlier turns of the model's chat template, the question
     the last user turn (for both tasks); a folder keeps the choice, and one run without it is
@@ -268,8 +293,8 @@ def test_train_prm_then_scale_with_it_on_the_command_line(tmp_path, capsys):
     assert main(["train-prm", "--problems", "2", "--rollouts", "2", "--steps", "3", "--out", str(prm)]) == 0
     assert (prm / "twist_config.json").exists() and json.loads((prm / "training.json").read_text())["step_ends"] > 0
     out = tmp_path / "scale"
-    assert main(["scale", "--prm", "learned", "--prm-path", str(prm), "--methods", "pf", "--n", "2", "--problems", "2",
-                 "--out", str(out)]) == 0
-    assert len((out / "rows.jsonl").read_text().splitlines()) == 2
-    assert (out / "table.md").exists() and (out / "scale.png").exists()
+    assert main(["scale", "--prm", "learned", "--prm-path", str(prm), "--methods", "pf,bon", "--n", "2", "--problems",
+                 "2", "--out", str(out)]) == 0
+    assert len((out / "rows.jsonl").read_text().splitlines()) == 4
+    assert (out / "scale.png").exists() and "| bon | learned | 2 |" in (out / "table.md").read_text().split("exact test):")[1]
     assert "use: pilm scale --prm learned" in capsys.readouterr().out

@@ -1,13 +1,15 @@
 """The tables and figures of a ``pilm scale`` folder: its rows (one per method, PRM, N and
 problem) summarised per (method, PRM, N) with 95% Wilson intervals over problems, as a
-markdown table and as accuracy against tokens per problem."""
+markdown table and as accuracy against tokens per problem; and each method against the
+particle filter on the same problems (McNemar's exact test), the paired reading the
+unpaired intervals cannot give."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..evaluation.metrics import wilson
+from ..evaluation.metrics import mcnemar, wilson
 from ..extras import pyplot
 
 METHODS = ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg")  # pilm scale's, in table order
@@ -41,6 +43,42 @@ def table(summary: list[dict]) -> str:
     for s in summary:
         lines.append(f"| {s['method']} | {s['prm']} | {s['n']} | {s['accuracy']:.2f} [{s['low']:.2f}, {s['high']:.2f}] "
                      f"| {s['tokens']:.0f} | {s['problems']} |")
+    return "\n".join(lines)
+
+
+def paired(rows_path: str | Path, reference: str = "pf") -> list[dict]:
+    """Each method against ``reference`` on the problems both solved, per (PRM, N) where the
+    reference ran: the problems only the method gets right, only the reference, and McNemar's
+    exact p (``pilm.evaluation.metrics.mcnemar``). Self-consistency (no PRM) meets the
+    reference of every PRM at its N, greedy at every N."""
+    right: dict[tuple, dict[int, bool]] = {}
+    for r in read_rows(Path(rows_path)):
+        right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
+    out = []
+    for (_, prm, n), ref in sorted(((k, v) for k, v in right.items() if k[0] == reference),
+                                   key=lambda kv: (kv[0][1], kv[0][2])):
+        for other in METHODS:
+            cells = [v for (m, p, k), v in right.items()
+                     if m == other != reference and (m == "greedy" or (p in (prm, "none") and k == n))]
+            if not cells:
+                continue
+            cell = cells[0]
+            both = sorted(set(cell) & set(ref))
+            only, only_ref, p = mcnemar([cell[i] for i in both], [ref[i] for i in both])
+            out.append({"method": other, "prm": prm, "n": n, "reference": reference, "problems": len(both),
+                        "right": sum(cell[i] for i in both), "reference_right": sum(ref[i] for i in both),
+                        "only_method": only, "only_reference": only_ref, "p": p})
+    return out
+
+
+def paired_table(comparisons: list[dict]) -> str:
+    """``paired`` as a markdown table."""
+    lines = ["| method | PRM | N | right | reference right | only the method / only the reference | McNemar p |",
+             "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['method']} | {c['prm']} | {c['n']} | {c['right']} of {c['problems']} | "
+                     f"{c['reference']}: {c['reference_right']} | {c['only_method']} / {c['only_reference']} | "
+                     f"{c['p']:.3g} |")
     return "\n".join(lines)
 
 
