@@ -6,7 +6,7 @@
 
 Each table comes from its experiment's pure ``table`` function, the one the experiment itself
 calls after a run (through ``write``), fed with the folder's JSONL / JSON: results.md in every
-folder of FOLDERS, and docs/scale/<prm>/table.md (``pilm.commands.scale_report.table``, as ``pilm scale``
+folder of FOLDERS, and docs/scale/<prm>/table.md (``pilm.commands.scale_report.report``, as ``pilm scale``
 writes it). Plots stay the experiments' business. Rerun: make results
 """
 
@@ -30,8 +30,7 @@ import scale_report
 import twists
 
 from pilm.commands.bench import table as bench_table
-from pilm.commands.scale_report import summarise
-from pilm.commands.scale_report import table as scale_table
+from pilm.commands.scale_report import paired, paired_table, report
 from pilm.inference.result import read_jsonl
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -45,7 +44,8 @@ def scale(folder: Path) -> dict[str, str]:
     """results.md across the PRMs' subfolders, and each subfolder's table.md."""
     runs = sorted(folder.glob("*/rows.jsonl"))
     return {"results.md": scale_report.table(scale_report.summary(folder)),
-            **{f"{p.parent.name}/table.md": scale_table(summarise(p)) + "\n" for p in runs}}
+            **{f"{p.parent.name}/table.md": report(p) for p in runs},
+            **{f"{p.parent.name}/paired_sc.md": paired_table(paired(p, reference="sc")) + "\n" for p in runs}}
 
 
 KINDS: dict[str, Callable[[Path], dict[str, str]]] = {

@@ -167,18 +167,14 @@ def _run_bench(cfg: BenchConfig) -> int:
 
 
 def _run_scale(cfg: ScaleConfig, job: ScaleJob) -> int:
-    from .scale_report import paired, paired_table, plot, summarise, table
+    from .scale_report import plot, report, summarise
     from .scaling import is_main_process, run_scale
 
     rows = run_scale(cfg, job.out, prm_path=job.prm_path, overwrite=job.overwrite)
     if is_main_process():
-        summary = summarise(rows)
-        text = table(summary)
-        if comparisons := paired(rows):
-            text += ("\n\nEach method against the particle filter (paper weights) on the same problems (McNemar's "
-                     "exact test):\n\n" + paired_table(comparisons))
-        Path(job.out, "table.md").write_text(text + "\n")
-        plot(summary, Path(job.out, "scale.png"))
+        text = report(rows)
+        Path(job.out, "table.md").write_text(text)
+        plot(summarise(rows), Path(job.out, "scale.png"))
         print(text)
         print(f"wrote {rows}, {Path(job.out, 'table.md')} and {Path(job.out, 'scale.png')}")
     return 0

@@ -49,25 +49,27 @@ def table(summary: list[dict]) -> str:
 def paired(rows_path: str | Path, reference: str = "pf") -> list[dict]:
     """Each method against ``reference`` on the problems both solved, per (PRM, N) where the
     reference ran: the problems only the method gets right, only the reference, and McNemar's
-    exact p (``pilm.evaluation.metrics.mcnemar``). Self-consistency (no PRM) meets the
-    reference of every PRM at its N, greedy at every N."""
+    exact p (``pilm.evaluation.metrics.mcnemar``). A method without a PRM (self-consistency)
+    meets a reference of any PRM at its N, and a reference without one meets every PRM's
+    methods; greedy meets it at every N."""
     right: dict[tuple, dict[int, bool]] = {}
     for r in read_rows(Path(rows_path)):
         right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
+    order = lambda key: (METHODS.index(key[0]), key[1], key[2])  # noqa: E731
     out = []
-    for (_, prm, n), ref in sorted(((k, v) for k, v in right.items() if k[0] == reference),
-                                   key=lambda kv: (kv[0][1], kv[0][2])):
-        for other in METHODS:
-            cells = [v for (m, p, k), v in right.items()
-                     if m == other != reference and (m == "greedy" or (p in (prm, "none") and k == n))]
-            if not cells:
+    for (_, ref_prm, n) in sorted((k for k in right if k[0] == reference), key=lambda k: (k[1], k[2])):
+        ref = right[(reference, ref_prm, n)]
+        for method, prm, k in sorted(right, key=order):
+            same_prm = prm == ref_prm or "none" in (prm, ref_prm)
+            if method == reference or not same_prm or (method != "greedy" and k != n):
                 continue
-            cell = cells[0]
+            cell = right[(method, prm, k)]
             both = sorted(set(cell) & set(ref))
             only, only_ref, p = mcnemar([cell[i] for i in both], [ref[i] for i in both])
-            out.append({"method": other, "prm": prm, "n": n, "reference": reference, "problems": len(both),
-                        "right": sum(cell[i] for i in both), "reference_right": sum(ref[i] for i in both),
-                        "only_method": only, "only_reference": only_ref, "p": p})
+            out.append({"method": method, "prm": prm if prm != "none" else ref_prm, "n": n, "reference": reference,
+                        "problems": len(both), "right": sum(cell[i] for i in both),
+                        "reference_right": sum(ref[i] for i in both), "only_method": only,
+                        "only_reference": only_ref, "p": p})
     return out
 
 
@@ -80,6 +82,16 @@ def paired_table(comparisons: list[dict]) -> str:
                      f"{c['reference']}: {c['reference_right']} | {c['only_method']} / {c['only_reference']} | "
                      f"{c['p']:.3g} |")
     return "\n".join(lines)
+
+
+def report(rows_path: str | Path) -> str:
+    """A folder's table.md: ``table`` of its summary, then ``paired_table`` against the
+    particle filter where it ran."""
+    text = table(summarise(rows_path))
+    if comparisons := paired(rows_path):
+        text += ("\n\nEach method against the particle filter (paper weights) on the same problems (McNemar's exact "
+                 "test):\n\n" + paired_table(comparisons))
+    return text + "\n"
 
 
 def plot(summary: list[dict], path: str | Path) -> None:
