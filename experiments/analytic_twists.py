@@ -10,6 +10,9 @@ with SMC resampling every step, bounded by ``pilm.bounds`` on the same seeds:
   lookahead a   infilling: the ending's likelihood right after the prefix as a prefix score,
                 alpha log p(ending | x, s_1:t) (``SuffixLikelihood(lookahead=alpha)``); toxicity:
                 the classifier's score of the prefix (``Toxicity(prefix=True)``, alpha = 1 only);
+  lookahead fitted  infilling, with --fit-draws D: a power a_t per prefix length, fitted on D p0
+                draws of each seed's target (``pilm.evaluation.fit_lookahead``; the powers and the
+                fit's seconds are kept in the row);
   both          lookahead and exact-last together;
 
 the analytic samplers at K = --k. Each row keeps its per-seed gaps and the seconds its bounds
@@ -29,6 +32,7 @@ from payoff import exact_pairs, make_target  # experiments/payoff.py, next to th
 
 import pilm
 from pilm.commands.cli_args import Parser
+from pilm.evaluation import fit_lookahead
 from pilm.evaluation.metrics import t_interval
 from pilm.inference.result import read_jsonl
 from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
@@ -37,7 +41,7 @@ from pilm.proposals import ExactLastProposal
 from pilm.twists.head import condition_ids
 
 
-def with_lookahead(pairs, alpha: float, target_name: str):
+def with_lookahead(pairs, alpha: float | tuple[float, ...], target_name: str):
     """The seeds' (target, exact sample) pairs with the look-ahead prefix score on each target
     (phi, hence Z and the exact samples, unchanged)."""
     out = []
@@ -62,6 +66,8 @@ def main() -> None:
     p.add_argument("--alphas", default="0.5,1", help="look-ahead powers (toxicity: 1 only)")
     p.add_argument("--top-m", type=int, default=16, help="last tokens scored by the exact-last proposal")
     p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--fit-draws", type=int, default=0, help="infilling: p0 draws per target that fit per-step "
+                   "look-ahead powers (0: no fitted row)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +76,7 @@ def main() -> None:
     model = pilm.load_model()
     claim(out, {"target": args.target, "seeds": args.seeds, "top_m": args.top_m, "k": args.k, "alphas": args.alphas,
                 "exact_samples": args.exact_samples, "model": model.name, "dtype": model.dtype_name},
-          remedy=RESUME_ELSEWHERE)  # rows of other settings never mix
+          remedy=RESUME_ELSEWHERE)  # rows of other settings never mix (--fit-draws adds a row, as a setting it keeps)
     target, _, how = make_target(args.target, model, 1)
     source = Path(args.exact_samples or f"docs/payoff/{args.target}") / "exact_samples.json"
     pairs = exact_pairs(target, how, args.seeds, source)[: args.seeds]
@@ -80,13 +86,20 @@ def main() -> None:
         ahead = with_lookahead(pairs, alpha, args.target)
         cells.append((f"lookahead {alpha:g}", args.k, None, ahead))
         cells.append((f"lookahead {alpha:g} + exact-last", args.k, ExactLastProposal(top_m=args.top_m), ahead))
+    fitted: dict = {}
+    if args.fit_draws and args.target == "infilling" and ("lookahead fitted", args.k) not in have:
+        t0 = time.perf_counter()
+        powers = fit_lookahead([t for t, _ in pairs], args.fit_draws, seed=0)
+        fitted = {"powers": list(powers), "fit_draws": args.fit_draws, "fit_seconds": time.perf_counter() - t0}
+        cells.append(("lookahead fitted", args.k, None, with_lookahead(pairs, powers, args.target)))
     for name, k, proposal, seeds in cells:
         if (name, k) in have:
             continue
         t0 = time.perf_counter()
         report = pilm.bounds(seeds[0][0], {name: proposal}, [k], exact_samples=seeds, methods=("smc",), seed=0,
                              use_prefix=name.startswith("lookahead"), progress=False)
-        row = {**report.rows[0], "seconds": time.perf_counter() - t0, "config": {**vars(args), "model": model.name}}
+        row = {**report.rows[0], "seconds": time.perf_counter() - t0, "config": {**vars(args), "model": model.name},
+               **(fitted if name == "lookahead fitted" else {})}
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{name} K={k}: gap {row['gap']:.2f} ± {row['gap_ci']:.2f} ({row['seconds']:.0f} s)", flush=True)

@@ -117,6 +117,54 @@ def test_the_lookahead_suffix_twist_keeps_z_hat_unbiased_and_phi_untempered():
         SuffixLikelihood(model, "ab", lookahead=-1)
 
 
+def test_per_step_lookahead_powers_apply_by_prefix_length_and_keep_z_hat_unbiased():
+    """lookahead=(a_1, a_2, ...): a prefix of t tokens is scored a_t log p(suffix | prefix) (the
+    last power beyond the sequence), Z-hat stays unbiased (asymmetric powers: 1.5 then 0.2;
+    the same 4-SE check as above), and bad powers are refused."""
+    model = TabularLM.random(4, seed=2, eos_id=3)
+    plain = SuffixLikelihood(model, "ab")
+    ahead = SuffixLikelihood(model, "ab", lookahead=(1.5, 0.2))
+    assert ahead.has_prefix and "a_t=(1.5, 0.2)" in ahead.name
+    target = pilm.Target(model, "a", ahead, max_new_tokens=3)
+    seqs = target.sequences([[0], [0, 1], [2, 1, 0]])
+    assert torch.allclose(ahead.log_prefix(seqs), torch.tensor([1.5, 0.2, 0.2]) * plain.log_phi(seqs).float())
+    r, _ = ratios(target, ess_threshold=0.5)
+    mean, se = mean_and_se(r)
+    assert se < 0.025 and abs(mean - 1) < 4 * se, f"mean Zhat/Z = {mean:.4f} ± {se:.4f}"
+    assert not SuffixLikelihood(model, "ab", lookahead=(0.0, 0.0)).has_prefix
+    for bad in ((), (0.5, -1), (True,), [float("inf")]):
+        with pytest.raises(ValueError, match="lookahead must be a number >= 0 or a non-empty sequence"):
+            SuffixLikelihood(model, "ab", lookahead=bad)
+
+
+def test_fitted_lookahead_powers_are_the_within_target_slopes_on_p0_draws():
+    """fit_lookahead: a_t is the least-squares slope of l_T on l_t over p0's draws (each target's
+    means removed), computed here by hand from the same draws; a_T = 1, powers lie in [0, 1], and
+    a target without a suffix potential is refused."""
+    import statistics
+
+    from pilm.evaluation import fit_lookahead
+    from pilm.inference.smc import run_smc
+    from pilm.models.device import seeded_generator
+
+    model = TabularLM.random(4, seed=2, eos_id=3)
+    targets = [pilm.Target(model, prompt, SuffixLikelihood(model, "ab"), max_new_tokens=3) for prompt in ("a", "b")]
+    powers = fit_lookahead(targets, 64, seed=5)
+    assert len(powers) == 3 and powers[-1] == 1.0 and all(0 <= a <= 1 for a in powers)
+    runs = run_smc(targets, 64, seeded_generator(5, model.device), ess_threshold=0.0, use_prefix=False)
+    xs, ys = [], []
+    for target, run in zip(targets, runs):
+        draws = [list(s) for s in run.tokens if len(s) > 1]
+        x = target.potential.log_phi(target.sequences([s[:1] for s in draws])).tolist()
+        y = target.potential.log_phi(target.sequences(draws)).tolist()
+        xs += [v - statistics.fmean(x) for v in x]
+        ys += [v - statistics.fmean(y) for v in y]
+    slope = sum(a * b for a, b in zip(xs, ys)) / sum(a * a for a in xs)
+    assert powers[0] == pytest.approx(min(1.0, max(0.0, slope)), abs=1e-6)
+    with pytest.raises(ValueError, match="SuffixLikelihood factor"):
+        fit_lookahead([pilm.Target(model, "a", max_new_tokens=3)])
+
+
 @pytest.mark.parametrize("horizon", [1, 3])
 def test_it_keeps_the_proposal_protocol(target, horizon):
     """pilm.testing.check_proposal: normalised, reindexed and held in lock-step with the model;

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..inference.smc import run_smc
 from ..models.device import seeded_generator
+from ..potentials.likelihood import SuffixLikelihood, suffix_of
 from ..proposals import log_mean_exp
 from ..target import Target
 from ..twists.base import TwistFunction
@@ -91,3 +92,42 @@ def _fit(x: list[float], y: list[float]) -> dict:
     if len(x) > 2 and statistics.pstdev(x) > 0 and statistics.pstdev(y) > 0 and all(map(math.isfinite, y)):
         out.update(corr=statistics.correlation(x, y), slope=statistics.covariance(x, y) / statistics.variance(x))
     return out
+
+
+def fit_lookahead(targets: Sequence[Target], n: int = 16, *, seed: int = 0) -> tuple[float, ...]:
+    """Per-step powers (a_1, ..., a_T) for the look-ahead of the targets' suffix potential,
+    ``SuffixLikelihood(model, suffix, lookahead=(a_1, ...))``, fitted on p0's own draws.
+
+    With l_t(s) = log p(ending | x, s_1:t) ("the ending could follow now"), a_t is the
+    least-squares slope of l_T(s) = log phi(s) on l_t(s) over ``n`` p0 draws of each target,
+    pooled within target (each target's means removed: a target's own ending shifts both),
+    clipped to [0, 1]: log psi_t = a_t l_t is then the best linear predictor of log phi from
+    l_t, a proxy for the optimal twist log E[phi | s_1:t] (Zhao et al. 2024). Where the
+    ending's likelihood right after the prefix says little about it after the whole middle,
+    a_t goes to 0 and the twist to bootstrap's. Costs n draws and one scoring forward of
+    every draw's every prefix per target; no training."""
+    suffixes = [suffix_of(t.potential) for t in targets]
+    if not targets or any(s is None for s in suffixes):
+        raise ValueError("fit_lookahead needs targets whose potential has a SuffixLikelihood factor")
+    runs = run_smc(list(targets), n, seeded_generator(seed, targets[0].model.device), ess_threshold=0.0,
+                   use_prefix=False)  # never resampled: p0's own draws
+    pairs: dict[int, list[tuple[float, float]]] = {}  # t: (l_t, l_T) with each target's means removed
+    for target, suffix, run in zip(targets, suffixes, runs, strict=True):
+        draws = [list(s) for s in run.tokens if s]
+        prefixes = [s[:t] for s in draws for t in range(1, len(s) + 1)]
+        scores = iter(cast("SuffixLikelihood", suffix).log_phi(target.sequences(prefixes)).double().tolist())
+        per_t: dict[int, list[tuple[float, float]]] = {}
+        for s in draws:
+            ell = [next(scores) for _ in s]
+            for t in range(1, len(s)):
+                per_t.setdefault(t, []).append((ell[t - 1], ell[-1]))
+        for t, xy in per_t.items():
+            mx, my = statistics.fmean(x for x, _ in xy), statistics.fmean(y for _, y in xy)
+            pairs.setdefault(t, []).extend((x - mx, y - my) for x, y in xy)
+    horizon = max(t.max_new_tokens for t in targets)
+    powers = []
+    for t in range(1, horizon):
+        xy = pairs.get(t, [])
+        var = sum(x * x for x, _ in xy)
+        powers.append(min(1.0, max(0.0, sum(x * y for x, y in xy) / var)) if var > 0 else 0.0)
+    return (*powers, 1.0)  # at t = T the prefix score is phi itself

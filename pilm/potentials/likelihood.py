@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
+import torch
 from torch import Tensor
 
 from ..models.base import LanguageModel
@@ -21,17 +23,22 @@ class SuffixLikelihood(Potential):
     ``lookahead`` = alpha > 0 gives it a prefix score, the look-ahead twist
     log psi_t(s_{1:t}) = alpha · log p(suffix | prompt + s_{1:t}): "the ending could follow
     now", tempered. phi itself stays untempered, so Z-hat stays unbiased for any alpha; the
-    twist only moves where the particles go. It costs one scoring forward of every particle's
-    context and ending at every step (alpha = 0, the default: none, and no prefix score).
+    twist only moves where the particles go. A sequence (a_1, a_2, ...) gives a power per
+    prefix length t (the last one for longer prefixes), as ``pilm.evaluation.fit_lookahead``
+    fits them. It costs one scoring forward of every particle's context and ending at every
+    step (alpha = 0, the default: none, and no prefix score).
     """
 
-    def __init__(self, model: LanguageModel, suffix: str | Sequence[int], lookahead: float = 0.0):
+    def __init__(self, model: LanguageModel, suffix: str | Sequence[int], lookahead: float | Sequence[float] = 0.0):
         if not len(suffix):
             raise ValueError("SuffixLikelihood needs a non-empty suffix")
-        if isinstance(lookahead, bool) or not (isinstance(lookahead, (int, float)) and 0 <= lookahead < float("inf")):
-            raise ValueError(f"lookahead must be a number >= 0, got {lookahead!r}")
-        self.lookahead = float(lookahead)
-        self.has_prefix = self.lookahead > 0
+        per_step = isinstance(lookahead, (list, tuple))
+        powers: list = list(cast("Sequence[float]", lookahead)) if per_step else [lookahead]
+        if not powers or not all(not isinstance(a, bool) and isinstance(a, (int, float)) and 0 <= a < float("inf")
+                                 for a in powers):
+            raise ValueError(f"lookahead must be a number >= 0 or a non-empty sequence of them, got {lookahead!r}")
+        self.lookahead: float | tuple[float, ...] = tuple(map(float, powers)) if per_step else float(powers[0])
+        self.has_prefix = any(a > 0 for a in powers)
         if isinstance(suffix, str):
             self.suffix, self.suffix_ids = suffix, model.encode(suffix)
         else:  # token ids, e.g. an ending sampled from the model
@@ -41,7 +48,10 @@ class SuffixLikelihood(Potential):
 
     @property
     def name(self) -> str:
-        return f"suffix({self.suffix!r})" + (f"^lookahead {self.lookahead:g}" if self.lookahead else "")
+        ahead = self.lookahead
+        if isinstance(ahead, tuple):
+            return f"suffix({self.suffix!r})^lookahead a_t=({', '.join(f'{a:.2g}' for a in ahead)})"
+        return f"suffix({self.suffix!r})" + (f"^lookahead {ahead:g}" if ahead else "")
 
     def log_phi(self, seqs: Sequences) -> Tensor:
         if seqs.model is self.model:
@@ -52,8 +62,13 @@ class SuffixLikelihood(Potential):
         return self.model.score([c + self.suffix_ids for c in ctx], [len(c) for c in ctx])
 
     def log_prefix(self, seqs: Sequences) -> Tensor:
-        """alpha · log p(suffix | prompt + prefix) (the class docstring's look-ahead twist)."""
-        return self.lookahead * self.log_phi(seqs)
+        """alpha · log p(suffix | prompt + prefix), alpha = a_t for a prefix of t tokens under
+        per-step powers (the class docstring's look-ahead twist)."""
+        if not isinstance(self.lookahead, tuple):
+            return self.lookahead * self.log_phi(seqs)
+        powers = self.lookahead
+        alpha = torch.tensor([powers[min(max(len(t), 1), len(powers)) - 1] for t in seqs.tokens])
+        return alpha.to(torch.float32) * self.log_phi(seqs).float()
 
 
 class ModelLikelihood(Potential):
