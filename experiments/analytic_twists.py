@@ -87,6 +87,10 @@ def main() -> None:
         cells.append((f"lookahead {alpha:g}", args.k, None, ahead))
         cells.append((f"lookahead {alpha:g} + exact-last", args.k, ExactLastProposal(top_m=args.top_m), ahead))
     fitted: dict = {}
+    kept = [r for r in read_jsonl(results, missing_ok=True) if r["sampler"] == "lookahead fitted"]
+    if args.fit_draws and kept and kept[0]["fit_draws"] != args.fit_draws:
+        raise SystemExit(f"{results} has a fitted row of --fit-draws {kept[0]['fit_draws']}: rerun with it, or "
+                         "use another --out")
     if args.fit_draws and args.target == "infilling" and ("lookahead fitted", args.k) not in have:
         t0 = time.perf_counter()
         powers = fit_lookahead([t for t, _ in pairs], args.fit_draws, seed=0)

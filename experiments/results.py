@@ -45,7 +45,15 @@ def scale(folder: Path) -> dict[str, str]:
     runs = sorted(folder.glob("*/rows.jsonl"))
     return {"results.md": scale_report.table(scale_report.summary(folder)),
             **{f"{p.parent.name}/table.md": report(p) for p in runs},
-            **{f"{p.parent.name}/paired_sc.md": paired_table(paired(p, reference="sc")) + "\n" for p in runs}}
+            **{f"{p.parent.name}/pairs.md": pairs(p) for p in runs}}
+
+
+def pairs(rows: Path) -> str:
+    """A scale run's McNemar pairs against self-consistency, greedy and both particle filters
+    (those it ran), one table each."""
+    parts = [f"Against {ref}, on the same problems (McNemar's exact test):\n\n{paired_table(found)}\n"
+             for ref in ("sc", "greedy", "pf", "pf-twisted") if (found := paired(rows, reference=ref))]
+    return "\n".join(parts)
 
 
 KINDS: dict[str, Callable[[Path], dict[str, str]]] = {

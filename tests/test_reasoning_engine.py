@@ -172,7 +172,8 @@ def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
     from pilm.commands.scale_report import paired, paired_table
     from pilm.evaluation.metrics import mcnemar
 
-    assert mcnemar([True] * 11 + [False] + [True] * 5, [False] * 11 + [True] + [True] * 5) == (11, 1, 2 * 13 / 2**12)
+    assert mcnemar([True] * 11 + [False] + [True] * 5, [False] * 11 + [True] + [True] * 5) == (
+        11, 1, pytest.approx(2 * 13 / 2**12, rel=1e-12))
     assert mcnemar([True, False], [True, False]) == (0, 0, 1.0)
     with pytest.raises(ValueError, match="same items"):
         mcnemar([True], [True, False])
@@ -182,12 +183,18 @@ def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
     rows = [{"method": m, "prm": prm, "n": n, "problem": i, "correct": bool(c)}
             for (m, prm, n), cs in right.items() for i, c in enumerate(cs)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = {c["method"]: c for c in paired(tmp_path / "rows.jsonl")}
-    assert set(got) == {"greedy", "sc", "bon"} and all(c["prm"] == "verifier" and c["n"] == 4 for c in got.values())
+    out = paired(tmp_path / "rows.jsonl")
+    assert [(c["method"], c["prm"], c["n"]) for c in out] == [("greedy", "none", 1), ("sc", "none", 4),
+                                                              ("bon", "verifier", 4)]  # not bon with the judge
+    assert all((c["reference_prm"], c["reference_n"]) == ("verifier", 4) for c in out)
+    got = {c["method"]: c for c in out}
     assert (got["sc"]["only_method"], got["sc"]["only_reference"], got["sc"]["p"]) == (0, 2, 0.5)
     assert (got["greedy"]["only_method"], got["greedy"]["only_reference"]) == (0, 3)
     assert got["bon"]["problems"] == 5 and (got["bon"]["only_method"], got["bon"]["only_reference"]) == (1, 0)
-    assert "| sc | verifier | 4 | 3 of 6 | pf: 5 | 0 / 2 | 0.5 |" in paired_table(list(got.values()))
+    assert "| sc (none, 4) | pf (verifier, 4) | 6 | 3 | 5 | 0 / 2 | 0.5 |" in paired_table(out)
+    against_sc = paired(tmp_path / "rows.jsonl", reference="sc")  # a reference without a PRM meets every PRM's
+    assert {(c["method"], c["prm"]) for c in against_sc} == {("greedy", "none"), ("pf", "verifier"),
+                                                             ("bon", "verifier"), ("bon", "judge")}
 
 
 def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, tmp_path):
@@ -205,6 +212,9 @@ def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, t
     assert turns[1]["content"] == arithmetic_chain.solution(arithmetic_chain.SHOTS[0])
     want = tiny.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     assert tiny.decode(chat.prompt_ids) == want and chat.prompt_ids != arithmetic_chain.target(tiny, q).prompt_ids
+    asked = gsm8k.turns("How many?")
+    assert [t["role"] for t in asked] == ["user", "assistant"] * len(gsm8k.SHOTS) + ["user"]
+    assert asked[1]["content"] == gsm8k.SHOTS[0][1] and asked[-1]["content"] == "Question: How many?"
     assert gsm8k.target(tiny, "How many?", chat=True).prompt_ids[-3:] == chat.prompt_ids[-3:]  # the generation prompt
     cfg = ScaleConfig(methods=("greedy",), n=(1,), problems=2, chat=True)
     run_scale(cfg, tmp_path / "chat", model=tiny, progress=False)
@@ -213,6 +223,8 @@ def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, t
     assert "chat" not in json.loads((tmp_path / "plain" / "run.json").read_text())  # as folders from before it
     with pytest.raises(ResumeMismatchError):
         run_scale(cfg, tmp_path / "plain", model=tiny, progress=False)
+    with pytest.raises(ValueError, match="trained on plain prompts"):
+        run_scale(dataclasses.replace(cfg, prm="learned"), tmp_path / "learned", prm_path="x", model=tiny)
 
 
 def test_scale_refuses_a_verifier_for_gsm8k_and_learned_without_a_path(tmp_path):

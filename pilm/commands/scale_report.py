@@ -47,27 +47,28 @@ def table(summary: list[dict]) -> str:
 
 
 def paired(rows_path: str | Path, reference: str = "pf") -> list[dict]:
-    """Each method against ``reference`` on the problems both solved, per (PRM, N) where the
+    """Each method against ``reference`` on the problems both ran, per (PRM, N) where the
     reference ran: the problems only the method gets right, only the reference, and McNemar's
-    exact p (``pilm.evaluation.metrics.mcnemar``). A method without a PRM (self-consistency)
-    meets a reference of any PRM at its N, and a reference without one meets every PRM's
-    methods; greedy meets it at every N."""
+    exact p (``pilm.evaluation.metrics.mcnemar``). A method without a PRM (self-consistency,
+    greedy) meets a reference of any PRM, and a reference without one meets every PRM's
+    methods; greedy meets the others at every N. Each entry names both sides' own PRM and N."""
     right: dict[tuple, dict[int, bool]] = {}
     for r in read_rows(Path(rows_path)):
         right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
     order = lambda key: (METHODS.index(key[0]), key[1], key[2])  # noqa: E731
     out = []
-    for (_, ref_prm, n) in sorted((k for k in right if k[0] == reference), key=lambda k: (k[1], k[2])):
+    for _, ref_prm, n in sorted((k for k in right if k[0] == reference), key=order):
         ref = right[(reference, ref_prm, n)]
         for method, prm, k in sorted(right, key=order):
             same_prm = prm == ref_prm or "none" in (prm, ref_prm)
-            if method == reference or not same_prm or (method != "greedy" and k != n):
+            same_n = k == n or "greedy" in (method, reference)
+            both = sorted(set(right[(method, prm, k)]) & set(ref))
+            if method == reference or not (same_prm and same_n and both):
                 continue
             cell = right[(method, prm, k)]
-            both = sorted(set(cell) & set(ref))
             only, only_ref, p = mcnemar([cell[i] for i in both], [ref[i] for i in both])
-            out.append({"method": method, "prm": prm if prm != "none" else ref_prm, "n": n, "reference": reference,
-                        "problems": len(both), "right": sum(cell[i] for i in both),
+            out.append({"method": method, "prm": prm, "n": k, "reference": reference, "reference_prm": ref_prm,
+                        "reference_n": n, "problems": len(both), "right": sum(cell[i] for i in both),
                         "reference_right": sum(ref[i] for i in both), "only_method": only,
                         "only_reference": only_ref, "p": p})
     return out
@@ -75,12 +76,12 @@ def paired(rows_path: str | Path, reference: str = "pf") -> list[dict]:
 
 def paired_table(comparisons: list[dict]) -> str:
     """``paired`` as a markdown table."""
-    lines = ["| method | PRM | N | right | reference right | only the method / only the reference | McNemar p |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method (PRM, N) | reference (PRM, N) | problems | right | reference right | only the method / only "
+             "the reference | McNemar p |", "|---|---|---|---|---|---|---|"]
     for c in comparisons:
-        lines.append(f"| {c['method']} | {c['prm']} | {c['n']} | {c['right']} of {c['problems']} | "
-                     f"{c['reference']}: {c['reference_right']} | {c['only_method']} / {c['only_reference']} | "
-                     f"{c['p']:.3g} |")
+        lines.append(f"| {c['method']} ({c['prm']}, {c['n']}) | {c['reference']} ({c['reference_prm']}, "
+                     f"{c['reference_n']}) | {c['problems']} | {c['right']} | {c['reference_right']} | "
+                     f"{c['only_method']} / {c['only_reference']} | {c['p']:.3g} |")
     return "\n".join(lines)
 
 

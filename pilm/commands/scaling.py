@@ -105,7 +105,7 @@ def make_prm(cfg: ScaleConfig, model, prm_path: str | None):
     if cfg.prm == "verifier":
         return arithmetic_chain.step_verifier()
     if cfg.prm == "judge":
-        return LMJudge(model)
+        return LMJudge(model, chat=cfg.chat)
     path = cast(str, prm_path)  # run_scale refuses prm='learned' without a path
     if not model.generates_steps:
         return Twist.from_pretrained(path, model)  # it reads the hidden state the policy's forward made
@@ -124,6 +124,9 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     if cfg.prm == "learned" and prm_path is None:  # said before the model loads
         raise ValueError("prm='learned' needs prm_path=FOLDER, a process reward saved by pilm.train_prm "
                          "(on the command line: pilm train-prm --out FOLDER)")
+    if cfg.prm == "learned" and cfg.chat:
+        raise ValueError("prm='learned' was trained on plain prompts (pilm train-prm), so it reads hidden states "
+                         "of prompts without the chat template: use it without chat")
     if cfg.prm == "verifier" and cfg.task != "arithmetic-chain":
         raise ValueError(f"{cfg.task} has no exact step verifier: use prm='judge' or prm='learned'")
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -95,7 +95,7 @@ def _fit(x: list[float], y: list[float]) -> dict:
 
 
 def fit_lookahead(targets: Sequence[Target], n: int = 16, *, seed: int = 0) -> tuple[float, ...]:
-    """Per-step powers (a_1, ..., a_T) for the look-ahead of the targets' suffix potential,
+    """Per-step powers (a_1, ..., a_{T-1}) for the look-ahead of the targets' suffix potential,
     ``SuffixLikelihood(model, suffix, lookahead=(a_1, ...))``, fitted on p0's own draws.
 
     With l_t(s) = log p(ending | x, s_1:t) ("the ending could follow now"), a_t is the
@@ -124,10 +124,9 @@ def fit_lookahead(targets: Sequence[Target], n: int = 16, *, seed: int = 0) -> t
         for t, xy in per_t.items():
             mx, my = statistics.fmean(x for x, _ in xy), statistics.fmean(y for _, y in xy)
             pairs.setdefault(t, []).extend((x - mx, y - my) for x, y in xy)
-    horizon = max(t.max_new_tokens for t in targets)
     powers = []
-    for t in range(1, horizon):
+    for t in range(1, max(2, max(t.max_new_tokens for t in targets))):  # a complete chain is scored by phi itself
         xy = pairs.get(t, [])
         var = sum(x * x for x, _ in xy)
         powers.append(min(1.0, max(0.0, sum(x * y for x, y in xy) / var)) if var > 0 else 0.0)
-    return (*powers, 1.0)  # at t = T the prefix score is phi itself
+    return tuple(powers)

@@ -29,6 +29,7 @@ from ..potentials import FunctionPotential
 from ..prm import ProcessReward, StepBatch
 from ..steps import Steps
 from ..target import Target
+from .fewshot import chat_turns
 
 FINAL = r"The answer is (-?\d+)"
 _STEP = re.compile(r"^\s*(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
@@ -91,9 +92,7 @@ def prompt(question: str, shots: Sequence[str] = SHOTS) -> str:
 def turns(question: str, shots: Sequence[str] = SHOTS) -> list[dict]:
     """The worked examples as earlier turns of a chat, then the question: the prompt of an
     instruct model under its chat template."""
-    earlier = [t for s in shots for t in ({"role": "user", "content": f"Question: {s}"},
-                                          {"role": "assistant", "content": solution(s)})]
-    return [*earlier, {"role": "user", "content": f"Question: {question}"}]
+    return chat_turns(((f"Question: {s}", solution(s)) for s in shots), f"Question: {question}")
 
 
 def steps(n_operands: int = 5) -> Steps:

@@ -23,6 +23,7 @@ from ..models.base import LanguageModel
 from ..models.registry import load_model
 from ..steps import Steps, canonical_answer
 from ..target import Target
+from .fewshot import chat_turns
 
 FINAL = r"The answer is\s*\$?\s*(-?[\d,]*\.?\d+)"
 SHOTS = (
@@ -72,9 +73,7 @@ def prompt(question: str) -> str:
 
 def turns(question: str) -> list[dict]:
     """The worked examples as earlier turns of a chat, then the question (``chat=True``)."""
-    earlier = [t for q, a in SHOTS for t in ({"role": "user", "content": f"Question: {q}"},
-                                             {"role": "assistant", "content": a})]
-    return [*earlier, {"role": "user", "content": f"Question: {question}"}]
+    return chat_turns(((f"Question: {q}", a) for q, a in SHOTS), f"Question: {question}")
 
 
 def target(model: LanguageModel | None, question: str, *, max_new_tokens: int = 512, chat: bool = False) -> Target:
