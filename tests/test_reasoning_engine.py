@@ -308,5 +308,5 @@ def test_train_prm_then_scale_with_it_on_the_command_line(tmp_path, capsys):
     assert main(["scale", "--prm", "learned", "--prm-path", str(prm), "--methods", "pf,bon", "--n", "2", "--problems",
                  "2", "--out", str(out)]) == 0
     assert len((out / "rows.jsonl").read_text().splitlines()) == 4
-    assert (out / "scale.png").exists() and "| bon | learned | 2 |" in (out / "table.md").read_text().split("exact test):")[1]
+    assert (out / "scale.png").exists() and "| bon (learned, 2) | pf (learned, 2) |" in (out / "table.md").read_text()
     assert "use: pilm scale --prm learned" in capsys.readouterr().out
