@@ -59,13 +59,12 @@ def paired(rows_path: str | Path, reference: str = "pf") -> list[dict]:
     out = []
     for _, ref_prm, n in sorted((k for k in right if k[0] == reference), key=order):
         ref = right[(reference, ref_prm, n)]
-        for method, prm, k in sorted(right, key=order):
+        for (method, prm, k), cell in sorted(right.items(), key=lambda kv: order(kv[0])):
             same_prm = prm == ref_prm or "none" in (prm, ref_prm)
             same_n = k == n or "greedy" in (method, reference)
-            both = sorted(set(right[(method, prm, k)]) & set(ref))
+            both = sorted(set(cell) & set(ref))
             if method == reference or not (same_prm and same_n and both):
                 continue
-            cell = right[(method, prm, k)]
             only, only_ref, p = mcnemar([cell[i] for i in both], [ref[i] for i in both])
             out.append({"method": method, "prm": prm, "n": k, "reference": reference, "reference_prm": ref_prm,
                         "reference_n": n, "problems": len(both), "right": sum(cell[i] for i in both),
