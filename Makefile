@@ -111,8 +111,8 @@ experiment-scale-qwen: install-qwen
 
 # Twists without training (look-ahead prefix score, exact last step) on docs/payoff's targets and exact samples.
 experiment-analytic-twists: $(STAMP)
-	$(PY) experiments/analytic_twists.py --target infilling --out docs/payoff/analytic_infilling --fit-draws 32
-	$(PY) experiments/analytic_twists.py --target toxicity --out docs/payoff/analytic_toxicity --alphas 1
+	$(PY) experiments/analytic_twists.py --target infilling --out docs/payoff/analytic_infilling --fit-draws 32 --rollouts 4,16
+	$(PY) experiments/analytic_twists.py --target toxicity --out docs/payoff/analytic_toxicity --alphas 1 --rollouts 4,16
 
 # Subjectivity with a latent rationale (issue 15): zero-shot, few-shot, SFT, CoT vote, E-step, + EM at
 # 10 / 20 / 50 labels (resumable: rerun to continue). Cut to what one session on 2 cores affords:

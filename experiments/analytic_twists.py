@@ -13,6 +13,8 @@ with SMC resampling every step, bounded by ``pilm.bounds`` on the same seeds:
   lookahead fitted  infilling, with --fit-draws D: a power a_t per prefix length, fitted on D p0
                 draws of each seed's target (``pilm.evaluation.fit_lookahead``; the powers and the
                 fit's seconds are kept in the row);
+  rollouts R    with --rollouts: psi*_t = E[phi | s_1:t] estimated by R p0 rollouts of each prefix to
+                the horizon (``RolloutLookahead``); the rollout tokens it drew are kept in the row;
   both          lookahead and exact-last together;
 
 the analytic samplers at K = --k. Each row keeps its per-seed gaps and the seconds its bounds
@@ -36,7 +38,7 @@ from pilm.evaluation import fit_lookahead
 from pilm.evaluation.metrics import t_interval
 from pilm.inference.result import read_jsonl
 from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
-from pilm.potentials import SuffixLikelihood, Toxicity
+from pilm.potentials import RolloutLookahead, SuffixLikelihood, Toxicity
 from pilm.proposals import ExactLastProposal
 from pilm.twists.head import condition_ids
 
@@ -56,6 +58,12 @@ def with_lookahead(pairs, alpha: float | tuple[float, ...], target_name: str):
     return out
 
 
+def with_rollouts(pairs, rollouts: int):
+    """The seeds' pairs with each target's potential looked ahead through ``rollouts`` p0 rollouts."""
+    return [(dataclasses.replace(t, potential=RolloutLookahead(t.potential, t.max_new_tokens, rollouts)), s)
+            for t, s in pairs]
+
+
 def main() -> None:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--target", choices=["infilling", "toxicity"], required=True)
@@ -68,6 +76,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--fit-draws", type=int, default=0, help="infilling: p0 draws per target that fit per-step "
                    "look-ahead powers (0: no fitted row)")
+    p.add_argument("--rollouts", default="", help="rollouts per prefix of the rollout look-ahead rows, e.g. 4,16 "
+                   "(none: no such row)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,14 +106,18 @@ def main() -> None:
         powers = fit_lookahead([t for t, _ in pairs], args.fit_draws, seed=0)
         fitted = {"powers": list(powers), "fit_draws": args.fit_draws, "fit_seconds": time.perf_counter() - t0}
         cells.append(("lookahead fitted", args.k, None, with_lookahead(pairs, powers, args.target)))
+    for r in (int(r) for r in args.rollouts.split(",") if r):
+        cells.append((f"rollouts {r}", args.k, None, with_rollouts(pairs, r)))
     for name, k, proposal, seeds in cells:
         if (name, k) in have:
             continue
         t0 = time.perf_counter()
         report = pilm.bounds(seeds[0][0], {name: proposal}, [k], exact_samples=seeds, methods=("smc",), seed=0,
-                             use_prefix=name.startswith("lookahead"), progress=False)
+                             use_prefix=name.startswith(("lookahead", "rollouts")), progress=False)
         row = {**report.rows[0], "seconds": time.perf_counter() - t0, "config": {**vars(args), "model": model.name},
                **(fitted if name == "lookahead fitted" else {})}
+        if name.startswith("rollouts"):
+            row["rollout_tokens"] = sum(t.potential.tokens for t, _ in seeds)
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{name} K={k}: gap {row['gap']:.2f} ± {row['gap_ci']:.2f} ({row['seconds']:.0f} s)", flush=True)

@@ -5,10 +5,11 @@ from .classifiers import Sentiment, Toxicity
 from .function import FunctionPotential
 from .lexical import Grammar, JsonSchema, Language, Regex
 from .likelihood import ModelLikelihood, SuffixLikelihood
+from .rollouts import RolloutLookahead
 from .spec import SPEC_HELP, check_spec, parse_potential
 
 __all__ = [
     "SPEC_HELP", "FunctionPotential", "Grammar", "JsonSchema", "Language", "ModelLikelihood", "Potential",
-    "Product", "Regex", "Sentiment", "Sequences", "SuffixLikelihood", "Tempered", "Toxicity", "check_spec",
+    "Product", "Regex", "RolloutLookahead", "Sentiment", "Sequences", "SuffixLikelihood", "Tempered", "Toxicity", "check_spec",
     "evaluate", "parse_potential"
 ]
