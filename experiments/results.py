@@ -48,6 +48,14 @@ def scale(folder: Path) -> dict[str, str]:
             **{f"{p.parent.name}/pairs.md": pairs(p) for p in runs}}
 
 
+def scale_runs(folder: Path) -> dict[str, str]:
+    """A folder of scale runs on different tasks (docs/scale_qwen): results.md the greedy and pass@N
+    baselines of every run, and each run's table.md and pairs.md."""
+    runs = sorted(folder.glob("*/rows.jsonl"))
+    return {"results.md": scale_report.baselines(runs), **{f"{p.parent.name}/table.md": report(p) for p in runs},
+            **{f"{p.parent.name}/pairs.md": pairs(p) for p in runs}}
+
+
 def pairs(rows: Path) -> str:
     """A scale run's McNemar pairs against self-consistency, greedy and both particle filters
     (those it ran), one table each."""
@@ -67,6 +75,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
     "payoff": lambda f: {"results.md": payoff.table(rows(f))},
     "red_team": lambda f: {"results.md": red_team.table(rows(f))},
     "scale": scale,
+    "scale_runs": scale_runs,
     "twists": lambda f: {"results.md": twists.table(rows(f))},
 }
 """Per kind of experiment: a folder of its data -> {file name in that folder: markdown}."""
@@ -74,7 +83,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
 FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent": "latent", "masked": "masked", "masks": "masks",
            "payoff/infilling": "payoff", "payoff/toxicity": "payoff", "payoff/toxicity_lr3e-3": "payoff",
            "payoff/analytic_infilling": "analytic", "payoff/analytic_toxicity": "analytic",
-           "red_team": "red_team", "scale": "scale", "twists": "twists", "twists_tied": "twists"}
+           "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 
 

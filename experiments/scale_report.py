@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pilm.commands.scale_report import plot, summarise
+from pilm.commands.scale_report import plot, read_rows, summarise
+from pilm.evaluation.metrics import wilson
 
 NAMES = {"greedy": "greedy CoT", "sc": "self-consistency (vote)", "bon": "best-of-N (argmax)",
          "wbon": "weighted best-of-N", "beam": "PRM beam search (M = 4)", "dvts": "DVTS (M = 4)",
@@ -66,6 +67,33 @@ def table(summary: list[dict]) -> str:
     lines.append(f"Problems per cell: {', '.join(map(str, problems))}. Accuracy [95% Wilson interval over problems] "
                  "· mean tokens per problem (policy tokens + tokens a judge ran).")
     return "\n".join(lines) + "\n"
+
+
+def baselines(runs: list[Path]) -> str:
+    """results.md of a folder of runs on different tasks (docs/scale_qwen): per run its task
+    (operands, chat template, problems), greedy accuracy and pass@N, the share of problems where
+    any of self-consistency's N independent chains states the gold answer (the ceiling of any
+    selection from them); each with its 95% Wilson interval. Rows from before ``any_correct``
+    was written give pass@1 only (one chain: its answer is the selection)."""
+    budgets = sorted({r["n"] for path in runs for r in read_rows(path) if r["method"] == "sc"})
+    lines = ["| run | operands | chat template | greedy | " + " | ".join(f"pass@{n}" for n in budgets) + " |",
+             "|---|---|---|---|" + "---|" * len(budgets)]
+
+    def cell(hits: list[bool]) -> str:
+        if not hits:
+            return "–"
+        lo, hi = wilson(sum(hits), len(hits))
+        return f"{sum(hits)}/{len(hits)} = {sum(hits) / len(hits):.2f} [{lo:.2f}, {hi:.2f}]"
+
+    for path in runs:
+        rows, run = read_rows(path), json.loads((path.parent / "run.json").read_text())
+        passes = [cell([r.get("any_correct", r["correct"] if n == 1 else None) for r in rows
+                        if r["method"] == "sc" and r["n"] == n and ("any_correct" in r or n == 1)]) for n in budgets]
+        lines.append(f"| [{path.parent.name}]({path.parent.name}/table.md) | {'–'.join(map(str, run['operands']))} | "
+                     f"{'yes' if run.get('chat') else 'no'} | "
+                     f"{cell([r['correct'] for r in rows if r['method'] == 'greedy'])} | " + " | ".join(passes) + " |")
+    return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     main()

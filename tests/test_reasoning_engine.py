@@ -147,6 +147,8 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
     lines = rows.read_text().splitlines()
     keys = {(r["method"], r["prm"], r["n"], r["problem"]) for r in map(json.loads, lines)}
     assert len(lines) == len(keys) == 3 * (1 + 5 * 2)  # greedy once; every other method at N = 1, 2
+    for r in map(json.loads, lines):  # a right answer is some chain's; one chain's is its own (pass@1)
+        assert r["any_correct"] >= r["correct"] and (r["n"] > 1 or r["any_correct"] == r["correct"]), r
     run_scale(cfg, tmp_path, model=tiny, progress=False)  # resumes: nothing left to do
     assert rows.read_text().splitlines() == lines
     summary = summarise(rows)

@@ -7,6 +7,7 @@ unpaired intervals cannot give."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..evaluation.metrics import mcnemar, wilson
@@ -22,8 +23,9 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def summarise(rows_path: str | Path) -> list[dict]:
-    """One entry per (method, PRM, N): accuracy, its 95% interval, problems, and mean tokens
-    (policy + judge) per problem."""
+    """One entry per (method, PRM, N): accuracy, its 95% interval, problems, mean tokens (policy +
+    judge) and seconds per problem, the judge's share of those tokens (``prm_share``), and tokens
+    per second of the whole run (policy + judge tokens over its seconds)."""
     cells: dict[tuple, list[dict]] = {}
     for r in read_rows(Path(rows_path)):
         cells.setdefault((r["method"], r["prm"], r["n"]), []).append(r)
@@ -31,18 +33,22 @@ def summarise(rows_path: str | Path) -> list[dict]:
     for (method, prm, n), rows in sorted(cells.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1], kv[0][2])):
         k = sum(r["correct"] for r in rows)
         lo, hi = wilson(k, len(rows))
+        spent, seconds = sum(r["tokens"] + r["prm_tokens"] for r in rows), sum(r["seconds"] for r in rows)
         out.append({"method": method, "prm": prm, "n": n, "problems": len(rows), "accuracy": k / len(rows),
-                    "low": lo, "high": hi, "tokens": sum(r["tokens"] + r["prm_tokens"] for r in rows) / len(rows),
-                    "seconds": sum(r["seconds"] for r in rows) / len(rows)})
+                    "low": lo, "high": hi, "tokens": spent / len(rows), "seconds": seconds / len(rows),
+                    "prm_share": sum(r["prm_tokens"] for r in rows) / spent if spent else 0.0,
+                    "tokens_per_second": spent / seconds if seconds else math.nan})
     return out
 
 
 def table(summary: list[dict]) -> str:
-    """The summary as a markdown table: accuracy [95% interval] and tokens per problem."""
-    lines = ["| method | PRM | N | accuracy [95% CI] | tokens / problem | problems |", "|---|---|---|---|---|---|"]
+    """The summary as a markdown table: accuracy [95% interval], tokens per problem, the judge's
+    share of them and tokens per second."""
+    lines = ["| method | PRM | N | accuracy [95% CI] | tokens / problem | PRM share | tokens / s | problems |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['method']} | {s['prm']} | {s['n']} | {s['accuracy']:.2f} [{s['low']:.2f}, {s['high']:.2f}] "
-                     f"| {s['tokens']:.0f} | {s['problems']} |")
+                     f"| {s['tokens']:.0f} | {s['prm_share']:.0%} | {s['tokens_per_second']:.1f} | {s['problems']} |")
     return "\n".join(lines)
 
 

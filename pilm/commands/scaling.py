@@ -2,7 +2,8 @@
 
 For each budget N (chains per problem) and method, every problem is solved once and one
 JSONL row is written per (method, PRM, N, problem): the predicted and gold answers, whether
-it is right, and the compute spent (policy tokens, tokens a judge ran, PRM calls, forwards,
+it is right, whether any of the run's final chains states the gold answer (``any_correct``: for
+self-consistency's N independent chains, pass@N), and the compute spent (policy tokens, tokens a judge ran, PRM calls, forwards,
 seconds). Rows already in the file are skipped, so a run resumes where it stopped. The
 problems run in blocks of ``max_rows // N`` (one batch each; a block with any row missing runs
 whole, writing only what is missing), block b with the seed derived from (``seed``, b): under
@@ -240,8 +241,8 @@ def _row(cfg: ScaleConfig, method: str, prm_name: str, n: int, i: int, problem: 
     return {
         "task": cfg.task, "method": method, "prm": prm_name, "n": n, "problem": i, "question": problem["question"],
         "answer": problem["answer"], "predicted": predicted, "correct": predicted == problem["answer"],
-        "select": select, "tokens": tokens, "prm_tokens": prm_tokens, "prm_calls": info.get("prm_calls", 0.0),
-        "forwards": info.get("forwards", 0.0), "seconds": info.get("seconds", 0.0),
+        "any_correct": problem["answer"] in res.answers, "select": select, "tokens": tokens, "prm_tokens": prm_tokens,
+        "prm_calls": info.get("prm_calls", 0.0), "forwards": info.get("forwards", 0.0), "seconds": info.get("seconds", 0.0),
         "log_z": None if math.isnan(res.log_z) or math.isinf(res.log_z) else res.log_z,
         "temperature": cfg.temperature, "seed": cfg.seed, "model": info.get("model"), "dtype": info.get("dtype"),
         "backend": cfg.backend,
