@@ -27,6 +27,7 @@ import masked
 import payoff
 import red_team
 import scale_report
+import skip_twist
 import twists
 
 from pilm.commands.bench import table as bench_table
@@ -76,6 +77,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
     "red_team": lambda f: {"results.md": red_team.table(rows(f))},
     "scale": scale,
     "scale_runs": scale_runs,
+    "skip": lambda f: {"results.md": skip_twist.table(rows(f))},
     "twists": lambda f: {"results.md": twists.table(rows(f))},
 }
 """Per kind of experiment: a folder of its data -> {file name in that folder: markdown}."""
@@ -83,6 +85,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
 FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent": "latent", "masked": "masked", "masks": "masks",
            "payoff/infilling": "payoff", "payoff/toxicity": "payoff", "payoff/toxicity_lr3e-3": "payoff",
            "payoff/analytic_infilling": "analytic", "payoff/analytic_toxicity": "analytic",
+           "payoff/skip_infilling": "skip",
            "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 

@@ -34,7 +34,7 @@ from .inference import (
     self_consistency,
     smc,
 )
-from .learning import finetune, train_prm, train_twist
+from .learning import finetune, train_prm, train_skip_model, train_twist
 from .models import load_model
 from .steps import Steps
 from .target import Target
@@ -49,6 +49,6 @@ __all__ = [
     "ModelProposal", "PilmError", "PotentialError", "RejectionBudgetError", "RejectionResult", "SMCResult",
     "Target", "TooLargeError", "exact", "finetune", "Twist", "importance_sample", "learning", "load_model",
     "models", "potentials", "proposals", "rejection_sample", "smc", "latent", "tasks", "testing", "train_twist",
-    "twists", "prm", "Steps", "StepResult", "best_of_n", "dvts", "greedy", "particle_filter", "particle_gibbs",
-    "prm_beam_search", "self_consistency", "train_prm"
+    "train_skip_model", "twists", "prm", "Steps", "StepResult", "best_of_n", "dvts", "greedy", "particle_filter",
+    "particle_gibbs", "prm_beam_search", "self_consistency", "train_prm"
 ]

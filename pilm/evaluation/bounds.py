@@ -36,6 +36,7 @@ from ..config import BoundsConfig
 from ..enumeration import sequence_bound
 from ..errors import RejectionBudgetError
 from ..extras import pyplot
+from ..inference.joint import joint_samples
 from ..inference.rejection import rejection_sample
 from ..inference.result import SMCResult
 from ..inference.smc import run_smc
@@ -47,7 +48,6 @@ from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import condition_ids
 from . import exact
-from .joint import joint_samples
 from .metrics import t_interval
 
 Sampler = None | TwistFunction | LanguageModel | ModelProposal

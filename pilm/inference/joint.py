@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..inference.smc import run_smc
 from ..models.base import LanguageModel
 from ..models.device import seeded_generator
 from ..target import Target
+from .smc import run_smc
 
 
 def joint_samples(

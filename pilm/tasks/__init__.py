@@ -1,6 +1,6 @@
 """Ready-made targets from the literature, on the embedded model by default."""
 
-from ..evaluation.joint import joint_samples
+from ..inference.joint import joint_samples
 from . import arithmetic, arithmetic_chain, gsm8k, subjectivity
 from .classifiers import sentiment, toxicity
 from .continuation import tempered_continuation

@@ -1,7 +1,7 @@
 """Infilling: a middle s given the beginning x and a fixed ending c.
 
 sigma(s | x, c) ∝ p0(s | x) p0(c | x, s) (Zhao et al. 2024; Hu et al. 2024). Exact samples
-come free by sampling the joint (``joint_samples``, from ``pilm.evaluation.joint``), which is
+come free by sampling the joint (``joint_samples``, from ``pilm.inference.joint``), which is
 what a conditional twist and the bounds on log Z need.
 """
 
