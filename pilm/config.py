@@ -86,6 +86,8 @@ class TargetConfig(Config):
     max_new_tokens: int = arg(32, "horizon T: a completion ends at EOS or after T tokens", low=1)
     lookahead: float = arg(0.0, "alpha of a suffix: potential's look-ahead prefix score alpha log p(suffix | prompt, "
                                 "prefix) (0: none)", low=0)
+    rollouts: int = arg(0, "R > 0: the potential's prefix score is the mean phi of R model rollouts of each prefix to "
+                           "the horizon, an estimate of the optimal twist (0: none)", low=0)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,9 @@ def one_line_error(capsys, argv, match):
     (["sample", "--lookahead", "0.5"], "--lookahead scores a suffix: potential ahead"),
     (["sample", "--potential", "suffix:x", "--lookahead", "-1"], "--lookahead must be >= 0, got -1"),
     (["sample", "--exact-last", "-2"], "--exact-last must be >= 0, got -2"),
+    (["sample", "--rollouts", "4"], "--rollouts estimates E[phi | prefix]: give a --potential"),
+    (["sample", "--potential", "suffix:x", "--rollouts", "4", "--lookahead", "1"], "--rollouts and --lookahead are"),
+    (["sample", "--rollouts", "-1"], "--rollouts must be >= 0, got -1"),
 ])
 def test_every_mistake_is_one_line_exit_2_before_the_model_loads(capsys, no_model, argv, match):
     one_line_error(capsys, argv, match)
@@ -164,6 +167,9 @@ def test_a_run_says_what_it_did(capsys, table_model):
                  "--n-particles", "4", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "suffix('ab')^lookahead 0.5" in out and "proposal exact-last (top 3)" in out
+    assert main(["sample", "--prompt", "a", "--potential", "suffix:ab", "--rollouts", "3", "--n-particles", "4",
+                 "--max-new-tokens", "2"]) == 0
+    assert "suffix('ab') with a 3-rollout look-ahead" in capsys.readouterr().out
 
 
 def test_train_twist_writes_a_small_twist_that_knows_its_target(capsys, table_model, tmp_path):

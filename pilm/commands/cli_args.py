@@ -251,6 +251,12 @@ def check_together(made) -> None:
         raise ValueError("--lookahead scores a suffix: potential ahead; give one with --potential suffix:TEXT")
     if target and target.lookahead and not smc:
         raise ValueError("--lookahead is a prefix score that SMC resamples on: only pilm sample uses it")
+    if target and target.rollouts and not target.potential:
+        raise ValueError("--rollouts estimates E[phi | prefix]: give a --potential to look ahead for")
+    if target and target.rollouts and target.lookahead:
+        raise ValueError("--rollouts and --lookahead are two prefix scores for the same potential: give one")
+    if target and target.rollouts and not smc:
+        raise ValueError("--rollouts is a prefix score that SMC resamples on: only pilm sample uses it")
     if job and job.task and target and (target.prompt or target.potential):
         raise ValueError(f"--task {job.task} brings its own prompt and potential: leave out --prompt and --potential")
     if out and out.adapter and ((smc and smc.mask) or out.twist):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 def target_from_flags(tc: TargetConfig):
     from .. import load_model
+    from ..potentials import RolloutLookahead
     from ..potentials.spec import parse_potential
     from ..target import Target
 
@@ -29,6 +30,8 @@ def target_from_flags(tc: TargetConfig):
     potential = None
     for p in (parse_potential(spec, model, lookahead=tc.lookahead) for spec in tc.potential):
         potential = p if potential is None else potential * p
+    if tc.rollouts and potential is not None:
+        potential = RolloutLookahead(potential, tc.max_new_tokens, tc.rollouts)
     return Target(model, tc.prompt, potential, max_new_tokens=tc.max_new_tokens, chat=tc.chat)
 
 
