@@ -12,13 +12,12 @@ with resampling at every step, ``pilm.bounds`` bounds log Z on the same seeds wi
 against bootstrap SMC at each K of --base-ks run in this same process (so seconds compare at
 equal load). Each stage also records the calibration of log psi_t against a Monte Carlo estimate
 of log psi*_t (``RolloutLookahead`` with 32 rollouts; the same values for every stage) on held-out
-joint draws at t = 1, 4, 7. Resumable: rerun to continue. Writes --out/results.jsonl,
+joint draws at t = 1, 4, 7 (those still running after t tokens). Resumable: rerun to continue. Writes --out/results.jsonl,
 gap_vs_seconds.png and results.md (``table``). Rerun: make experiment-payoff
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
@@ -92,7 +91,7 @@ def main() -> None:
         if len(history) != stage:
             raise SystemExit(f"the checkpoint in {out / 'checkpoint'} is at step {len(history)}, past stage {stage}: "
                              "give stages up to it (or a new --out)")
-        seeds = [(dataclasses.replace(t, potential=skip.lookahead(t.potential)), s) for t, s in pairs]
+        seeds = [(skip.lookahead(t), s) for t, s in pairs]
         extra = {"stage": stage, "train_seconds": sum(h["seconds"] for h in history),
                  "loss": history[-1]["loss"] if history else None,
                  "calibration": calibration(held, mc, skip)}
@@ -128,15 +127,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def monte_carlo(held) -> dict[int, list[float]]:
     """log of the mean phi over 32 p0 rollouts of each held-out prefix of length t (psi*_t's
-    Monte Carlo estimate), per position t."""
+    Monte Carlo estimate), per position t, over the draws still running after t tokens."""
     out = {}
     for t in POSITIONS:
         values = []
-        for target, s in held:
+        for target, s in running(held, t):
             ahead = RolloutLookahead(target.potential, target.max_new_tokens, 32, seed=t)
             values.append(float(ahead.log_prefix(target.sequences([s[:t]]))[0]))
         out[t] = values
     return out
+
+
+def running(held, t: int) -> list:
+    """The held-out draws whose prefix of t tokens is not yet complete (no EOS in it)."""
+    return [(target, s) for target, s in held if len(s) > t]
 
 
 def calibration(held, mc: dict[int, list[float]], skip) -> dict[str, dict[str, float]]:
@@ -144,7 +148,8 @@ def calibration(held, mc: dict[int, list[float]], skip) -> dict[str, dict[str, f
     psi*_t over the held-out prefixes, the least-squares slope, and both spreads (sd)."""
     out = {}
     for t, truth in mc.items():
-        mine = [float(skip.lookahead(target.potential).log_prefix(target.sequences([s[:t]]))[0]) for target, s in held]
+        mine = [float(skip.lookahead(target).potential.log_prefix(target.sequences([s[:t]]))[0])
+                for target, s in running(held, t)]
         out[str(t)] = {"corr": statistics.correlation(mine, truth), "slope": statistics.linear_regression(truth, mine)[0],
                        "sd_psi": statistics.stdev(mine), "sd_mc": statistics.stdev(truth)}
     return out

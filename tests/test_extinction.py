@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 import pilm
+from pilm.inference.extinction import shown_impossible
 from pilm.inference.smc import seeded_generators
 from pilm.potentials import FunctionPotential, Regex
 
@@ -68,3 +69,15 @@ def test_a_dead_target_in_a_batch_leaves_the_others_running():
     assert res[0].log_z == -math.inf and math.isfinite(res[1].log_z)
     own_seed = seeded_generators(0, 2)[1].initial_seed()  # target 1's generator in the batch
     assert res[1].tokens == pilm.smc(alive, 8, seed=own_seed, progress=False).tokens
+
+
+def test_a_model_run_prefix_score_is_not_scanned_over_the_vocabulary(tiny):
+    """A rollout look-ahead's prefix score runs the model: scoring all 49,152 first tokens with it
+    would cost more than the run, so a dead large target is reported, not proven impossible, and
+    no rollout is drawn for the check."""
+    from pilm.potentials import RolloutLookahead
+
+    ahead = RolloutLookahead(Regex("(?!)"), 3, 2, floor=-3.0)
+    target = pilm.Target(tiny, "Hi", ahead, max_new_tokens=3)
+    assert shown_impossible(target) is None and ahead.tokens == 0
+    assert (Regex("a*") * ahead).costly_prefix and (ahead ** 0.5).costly_prefix and not Regex("a*").costly_prefix

@@ -67,19 +67,34 @@ def test_z_hat_is_unbiased_and_samples_follow_sigma_with_two_noisy_rollouts(mode
     assert [r.log_z for r in boot] != [r.log_z for r in runs[:20]]  # the look-ahead did steer the resampling
 
 
-def test_a_prefix_gets_the_same_estimate_whatever_shares_its_batch(model, phi):
-    """psi-hat is a function of the prefix (and seed) alone, duplicates are rolled out once,
-    and another seed draws other rollouts."""
+def test_a_prefix_gets_the_same_estimate_whatever_shares_its_batch(phi):
+    """psi-hat is a function of the prefix (and seed) alone, duplicates are rolled out once (a
+    table without EOS, so every rollout runs to the horizon and the token count is exact), chunks
+    of ``max_rows`` draw what one batch does, and another seed draws other rollouts."""
+    model = TabularLM.random(5, seed=11)  # no EOS
     target = pilm.Target(model, "a", phi, max_new_tokens=3)
     ahead = RolloutLookahead(phi, 3, 3, floor=-3.0)
     alone = ahead.log_prefix(target.sequences([(1,)]))
     before = ahead.tokens
     crowd = ahead.log_prefix(target.sequences([(0,), (1,), (1,), (2, 3)]))
-    assert ahead.tokens - before <= 3 * (2 + 2 + 1)  # (1,) twice: rolled out once
+    assert ahead.tokens - before == 3 * (2 + 2 + 1)  # (1,) twice: rolled out once
     assert crowd[1] == alone[0] and crowd[2] == alone[0]
+    chunked = RolloutLookahead(phi, 3, 3, floor=-3.0, max_rows=3)  # one prefix's rollouts a batch
+    assert torch.equal(chunked.log_prefix(target.sequences([(0,), (1,), (1,), (2, 3)])), crowd)
     others = [RolloutLookahead(phi, 3, 3, floor=-3.0, seed=s).log_prefix(target.sequences([(0,), (1,), (2, 3)]))
               for s in range(1, 6)]
     assert any(not torch.equal(o, crowd[[0, 1, 3]]) for o in others)
+
+
+def test_rollouts_stop_at_the_given_stop_token(phi):
+    """With stop = 2 ("c"), a rollout ends at its first "c": every completion scored holds "c"
+    only as its last token, or none (the horizon came first)."""
+    model = TabularLM.random(5, seed=11)
+    target = pilm.Target(model, "a", phi, max_new_tokens=6)
+    ahead = RolloutLookahead(phi, 6, 64, floor=-3.0, stop=2)
+    completions = ahead._roll_out(target.sequences([(0,)]))
+    assert all(2 not in c[1:-1] for c in completions)
+    assert any(c[-1] == 2 and len(c) < 6 for c in completions) and any(len(c) == 6 for c in completions)
 
 
 def test_phi_and_its_factors_are_the_wrapped_potentials(model):
@@ -89,6 +104,15 @@ def test_phi_and_its_factors_are_the_wrapped_potentials(model):
     assert ahead.name == f"{suffix.name} with a 2-rollout look-ahead^0.5"
     seqs = pilm.Target(model, "a", suffix, max_new_tokens=3).sequences([(0, 1, 2), (2,)])
     assert torch.equal(ahead.log_phi(seqs), suffix.log_phi(seqs))
+
+
+def test_the_floor_stands_in_where_every_rollout_scores_zero(model):
+    """phi = 1 only for texts ending in "d": a prefix whose R = 1 rollout misses gets the floor
+    (before the power), one that hits gets log 1 = 0."""
+    only_d = FunctionPotential(lambda t: 0.0 if t and t[-1] == 3 else -math.inf, on="tokens", name="ends-d")
+    target = pilm.Target(model, "a", only_d, max_new_tokens=2)
+    got = RolloutLookahead(only_d, 2, 1, floor=-7.0, power=0.5).log_prefix(target.sequences([(v,) for v in range(4)]))
+    assert set(got.tolist()) <= {0.0, -3.5} and -3.5 in got.tolist()
 
 
 def test_a_grammar_keeps_its_dead_prefixes_and_all_zero_rollouts_without_a_floor_are_an_error(model, phi):

@@ -116,3 +116,47 @@ def test_bad_training_arguments_are_refused(tiny, kwargs, error, message):
 def test_only_a_transformers_model_is_adapted(tables):
     with pytest.raises(TypeError, match="adapts a transformers model"):
         pilm.train_skip_model(tables[0], "a", max_new_tokens=3, suffix_tokens=2, steps=1)
+
+
+def test_the_trainer_pairs_each_prefix_with_its_own_ending_and_leaves_out_the_eos(fresh_tiny, monkeypatch):
+    """Given joint draws, one step scores the prefixes of 1 .. |m| - 1 tokens of each middle (not
+    the empty one, not one holding its EOS), each with its own ending."""
+    from pilm.learning import skip_trainer
+
+    eos = fresh_tiny.eos_token_id
+    draws = [([5, 6, 7], [30, 31]), ([8, eos], [32, 33])]  # a whole middle of 3; one that ended at its 2nd token
+    monkeypatch.setattr(skip_trainer, "joint_samples", lambda *a, **k: draws)
+    seen = []
+    real = skip_trainer.SkipModel.log_likelihood
+
+    def spy(self, prompt, prefixes, endings):
+        seen.append((list(map(list, prefixes)), list(map(list, endings))))
+        return real(self, prompt, prefixes, endings)
+
+    monkeypatch.setattr(skip_trainer.SkipModel, "log_likelihood", spy)
+    history = pilm.train_skip_model(fresh_tiny, "Once", max_new_tokens=3, suffix_tokens=2, steps=1, progress=False).history
+    assert seen == [([[5], [5, 6], [8]], [[30, 31], [30, 31], [32, 33]])]
+    assert history[0]["examples"] == 3 and history[0]["lm_tokens"] == 3 + 2 + 2 + 2
+
+
+def test_training_leaves_the_base_model_as_it_was(fresh_tiny):
+    """The adapter shares the model's weights: p0's scores after training equal those before."""
+    rows, starts = [fresh_tiny.encode("Once upon a time"), fresh_tiny.encode("The dog")], [1, 1]
+    before = fresh_tiny.score(rows, starts)
+    pilm.train_skip_model(fresh_tiny, "Once", max_new_tokens=3, suffix_tokens=2, steps=3, lr=1e-2, progress=False)
+    assert torch.equal(fresh_tiny.score(rows, starts), before)
+
+
+def test_the_skip_model_looks_ahead_only_for_the_target_it_was_trained_for(fresh_tiny):
+    from pilm.tasks.infilling import infilling
+
+    skip = pilm.train_skip_model(fresh_tiny, "Once", max_new_tokens=3, suffix_tokens=2, steps=0, progress=False).model
+    target = infilling(fresh_tiny, prompt="Once", suffix=" upon", max_new_tokens=3)
+    twisted = skip.lookahead(target)
+    assert isinstance(twisted.potential, SkipLookahead) and twisted.potential.suffix is target.potential
+    with pytest.raises(ValueError, match="trained for middles of 3 tokens after its own prompt; this target has 4"):
+        skip.lookahead(infilling(fresh_tiny, prompt="Once", suffix=" upon", max_new_tokens=4))
+    with pytest.raises(ValueError, match="trained for middles of 3 tokens"):
+        skip.lookahead(infilling(fresh_tiny, prompt="Twice", suffix=" upon", max_new_tokens=3))
+    with pytest.raises(ValueError, match="looks ahead for an infilling target"):
+        skip.lookahead(pilm.Target(fresh_tiny, "Once", pilm.potentials.Regex("a*"), max_new_tokens=3))

@@ -43,12 +43,16 @@ def summarise(rows_path: str | Path) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
     """The summary as a markdown table: accuracy [95% interval], tokens per problem, the judge's
-    share of them and tokens per second."""
+    share of them and tokens per second (self-consistency and both best-of-N selections report
+    the seconds of their one shared run, process rewards included)."""
     lines = ["| method | PRM | N | accuracy [95% CI] | tokens / problem | PRM share | tokens / s | problems |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['method']} | {s['prm']} | {s['n']} | {s['accuracy']:.2f} [{s['low']:.2f}, {s['high']:.2f}] "
                      f"| {s['tokens']:.0f} | {s['prm_share']:.0%} | {s['tokens_per_second']:.1f} | {s['problems']} |")
+    if any(s["method"] in ("sc", "bon", "wbon") for s in summary):
+        lines.append("\nsc, bon and wbon select from one shared run of N chains, and report its seconds (PRM scoring "
+                     "included) and its tokens.")
     return "\n".join(lines)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
 from ..enumeration import enumerate_target
 from ..errors import ExtinctionWarning, ImpossibleTargetError, TooLargeError
+from ..potentials import Potential
 from ..target import Target
 
 Extinction = Literal["warn", "raise", "return"]
@@ -67,6 +68,8 @@ def shown_impossible(target: Target, max_sequences: int = 10_000) -> str | None:
         pass
     if not target.has_prefix_potential and target.max_new_tokens > 1:
         return None
+    if target.max_new_tokens > 1 and cast(Potential, target.potential).costly_prefix:
+        return None  # scoring all V first tokens with a model-run prefix score costs more than the run did
     first = list(range(target.model.vocab_size))
     ends = [v for v in first if v == target.stop_token_id or target.max_new_tokens == 1]
     rest = [v for v in first if v not in set(ends)]

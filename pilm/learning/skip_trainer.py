@@ -7,17 +7,19 @@ one: pairs (s, e) ~ p0(s, e | x) drawn fresh at every step (``pilm.inference.joi
 for every prefix length t, the example "e follows s_{1:t} and T - t filler tokens", and the
 skip model q (a LoRA adapter on the model, ``pilm.models.LoRAPolicy``, starting at p0) minimises
 
-    L(q) = - E_{(s, e) ~ p0} (1/T) sum_{t<T} log q(e | x, s_{1:t}, f^{T-t}),
+    L(q) = - E_{(s, e) ~ p0} sum_{t=1}^{T-1} log q(e | x, s_{1:t}, f^{T-t}) / (tokens of the endings),
 
 whose minimiser over all q is p0(e | x, s_{1:t}) = psi*_t: the expected KL from psi*_t(. ) to
 q(. | s_{1:t}) over endings. Unlike contrastive twist learning, no example carries an
 importance weight, and every joint draw is a positive for its own ending (Zhao et al. 2024
 learn a twist conditioned on the ending from such pairs; here the twist is the ending's model
-itself). A middle that ends at EOS gives its prefixes before the EOS.
+itself). A middle that ends at EOS gives its prefixes before the EOS. The empty prefix is left
+out: SMC scores prefixes of 1 to T - 1 tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -29,19 +31,30 @@ from ..models.adapter import LoRAPolicy
 from ..models.device import seeded_generator
 from ..models.hf import HFModel
 from ..potentials import SkipLookahead, SuffixLikelihood
+from ..target import Target
 from .fit import Checkpointing, Trained, fit
 
 
 class SkipModel:
-    """q(e | x, s_{1:t}, f^{T-t}): a LoRA adapter ``lm`` on the model (module docstring), for
-    middles of ``horizon`` tokens, with filler token id ``filler``."""
+    """q(e | x, s_{1:t}, f^{T-t}): a LoRA adapter ``lm`` on the model (module docstring), trained
+    for ``prompt_ids`` and middles of ``horizon`` tokens, with filler token id ``filler``."""
 
-    def __init__(self, lm: LoRAPolicy, horizon: int, filler: int):
-        self.lm, self.horizon, self.filler = lm, horizon, filler
+    def __init__(self, lm: LoRAPolicy, prompt_ids: Sequence[int], horizon: int, filler: int):
+        self.lm, self.prompt_ids, self.horizon, self.filler = lm, tuple(prompt_ids), horizon, filler
 
-    def lookahead(self, suffix: SuffixLikelihood) -> SkipLookahead:
-        """``suffix``'s potential with this model's prefix score (a target's potential)."""
-        return SkipLookahead(suffix, self.lm, self.horizon, self.filler)
+    def lookahead(self, target: Target) -> Target:
+        """The infilling ``target`` (a ``SuffixLikelihood`` potential, the prompt and horizon this
+        model was trained for) with this model's prefix score: its potential becomes a
+        ``SkipLookahead``; phi, hence Z and sigma, are unchanged."""
+        suffix = target.potential
+        if not isinstance(suffix, SuffixLikelihood):
+            raise ValueError("the skip model looks ahead for an infilling target, whose potential is a "
+                             f"SuffixLikelihood; got {suffix!r}")
+        if target.max_new_tokens != self.horizon or tuple(target.prompt_ids) != self.prompt_ids:
+            raise ValueError(f"the skip model was trained for middles of {self.horizon} tokens after its own prompt; "
+                             f"this target has {target.max_new_tokens} tokens after "
+                             f"{target.model.decode(list(target.prompt_ids))!r}")
+        return dataclasses.replace(target, potential=SkipLookahead(suffix, self.lm, self.horizon, self.filler))
 
     def log_likelihood(self, prompt_ids: Sequence[int], prefixes: Sequence[Sequence[int]],
                        endings: Sequence[Sequence[int]]) -> Tensor:
@@ -83,7 +96,7 @@ def train_skip_model(model: HFModel, prompt: str | Sequence[int], *, max_new_tok
     with torch.random.fork_rng(devices=[]):  # the adapter's random init follows ``seed``, not the global stream
         torch.manual_seed(seed)
         lm = LoRAPolicy(model, rank=rank, alpha=2 * rank, dropout=0.0)
-    skip = SkipModel(lm, max_new_tokens, fill[-1])
+    skip = SkipModel(lm, prompt_ids, max_new_tokens, fill[-1])
     optimizer = torch.optim.AdamW(list(skip.lm.trainable.values()), lr=lr)
     key = {"model": model.name, "dtype": model.dtype_name, "prompt": prompt_ids, "max_new_tokens": max_new_tokens,
            "suffix_tokens": suffix_tokens, "batch_size": batch_size, "lr": lr, "rank": rank, "filler": fill[-1],
@@ -93,15 +106,14 @@ def train_skip_model(model: HFModel, prompt: str | Sequence[int], *, max_new_tok
         with torch.no_grad():
             pairs = joint_samples(model, prompt_ids, max_new_tokens=max_new_tokens, suffix_tokens=suffix_tokens,
                                   n=batch_size, seed=derived_seed(seed, i + 1))
-        prefixes = [m[:t] for m, _ in pairs for t in range(len(m))]  # before the EOS of a middle that has one
-        endings = [e for m, e in pairs for _ in range(len(m))]
-        skip.lm.train()
-        log_q = skip.log_likelihood(prompt_ids, prefixes, endings)
-        skip.lm.train(False)
+        # t = 1 .. |m| - 1: the prefixes SMC scores (none is empty; none holds a middle's EOS, nor is whole)
+        prefixes = [m[:t] for m, _ in pairs for t in range(1, len(m))]
+        endings = [e for m, e in pairs for _ in range(1, len(m))]
+        log_q = skip.log_likelihood(prompt_ids, prefixes, endings)  # no dropout anywhere: the model stays in eval mode
         loss = -log_q.sum() / sum(map(len, endings))
         update(loss)
         return {"loss": float(loss.detach()), "log_q": float(log_q.detach().mean()), "examples": len(prefixes),
-                "lm_tokens": batch_size * (max_new_tokens + suffix_tokens)}
+                "lm_tokens": sum(len(m) + len(e) for m, e in pairs)}
 
     history = fit(skip.lm.trainable, optimizer, step, steps=steps, name="train-skip", grad_clip=grad_clip,
                   generator=seeded_generator(seed, "cpu"),

@@ -57,6 +57,7 @@ class Potential(ABC):
     """
 
     has_prefix: bool = False
+    costly_prefix: bool = False  # its prefix score runs a model: no check scores every token of the vocabulary with it
 
     @property
     def name(self) -> str:
@@ -119,6 +120,7 @@ class Product(Potential):
             flat.extend(p.parts if isinstance(p, Product) else [p])
         self.parts = tuple(flat)
         self.has_prefix = any(p.has_prefix for p in self.parts)
+        self.costly_prefix = any(p.costly_prefix for p in self.parts)
 
     @property
     def name(self) -> str:
@@ -158,7 +160,7 @@ class Tempered(Potential):
         if not beta >= 0:
             raise ValueError(f"tempering exponent must be >= 0, got {beta}")
         self.base, self.beta = base, beta
-        self.has_prefix = base.has_prefix
+        self.has_prefix, self.costly_prefix = base.has_prefix, base.costly_prefix
 
     @property
     def name(self) -> str:

@@ -38,7 +38,7 @@ class SuffixLikelihood(Potential):
                                  for a in powers):
             raise ValueError(f"lookahead must be a number >= 0 or a non-empty sequence of them, got {lookahead!r}")
         self.lookahead: float | tuple[float, ...] = tuple(map(float, powers)) if per_step else float(powers[0])
-        self.has_prefix = any(a > 0 for a in powers)
+        self.has_prefix = self.costly_prefix = any(a > 0 for a in powers)
         if isinstance(suffix, str):
             self.suffix, self.suffix_ids = suffix, model.encode(suffix)
         else:  # token ids, e.g. an ending sampled from the model

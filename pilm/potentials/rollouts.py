@@ -42,13 +42,15 @@ from .base import Potential, Sequences, evaluate
 class RolloutLookahead(Potential):
     """phi unchanged, with the prefix score log psi-hat_t = power · log (1/R) sum_j phi(s_{1:t} r_j)
     over ``rollouts`` = R continuations drawn from the target's own model to ``horizon`` new
-    tokens (the target's ``max_new_tokens``); see the module docstring."""
+    tokens (the target's ``max_new_tokens``) or the ``stop`` token (the target's; default: the
+    model's EOS); see the module docstring. ``floor`` is log psi-hat before the power where every
+    rollout scored phi = 0. At most ``max_rows`` rollouts decode in one batch."""
 
-    has_prefix = True
+    has_prefix = costly_prefix = True
 
     def __init__(self, potential: Potential, horizon: int, rollouts: int = 4, *, power: float = 1.0,
-                 floor: float | None = None, seed: int = 0):
-        for name, value in (("horizon", horizon), ("rollouts", rollouts)):
+                 floor: float | None = None, stop: int | None = None, seed: int = 0, max_rows: int = 512):
+        for name, value in (("horizon", horizon), ("rollouts", rollouts), ("max_rows", max_rows)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power < math.inf:
@@ -56,7 +58,7 @@ class RolloutLookahead(Potential):
         if floor is not None and not -math.inf < floor < math.inf:
             raise ValueError(f"floor must be a finite log value, got {floor!r}")
         self.potential, self.horizon, self.rollouts = potential, horizon, rollouts
-        self.power, self.floor, self.seed = float(power), floor, int(seed)
+        self.power, self.floor, self.stop, self.seed, self.max_rows = float(power), floor, stop, int(seed), max_rows
         self.tokens = 0  # rollout tokens drawn so far
 
     @property
@@ -81,7 +83,9 @@ class RolloutLookahead(Potential):
             return torch.zeros(0)
         where = {t: i for i, t in enumerate(dict.fromkeys(seqs.tokens))}  # resampled particles share prefixes
         distinct = list(where)  # each is rolled out once
-        completions = self._roll_out(Sequences(seqs.model, seqs.prompt, distinct))
+        per = max(1, self.max_rows // self.rollouts)
+        completions = [c for lo in range(0, len(distinct), per)
+                       for c in self._roll_out(Sequences(seqs.model, seqs.prompt, distinct[lo: lo + per]))]
         log_phi = evaluate(self.potential, Sequences(seqs.model, seqs.prompt, completions), final=True)
         once = torch.logsumexp(log_phi.view(len(distinct), self.rollouts), 1) - math.log(self.rollouts)
         log_psi = once[[where[t] for t in seqs.tokens]]
@@ -101,7 +105,7 @@ class RolloutLookahead(Potential):
     def _roll_out(self, seqs: Sequences) -> list[tuple[int, ...]]:
         """R completions of every prefix, prefix-major: one batched decode of all n · R rows."""
         model: LanguageModel = seqs.model
-        r, eos = self.rollouts, model.eos_token_id
+        r, eos = self.rollouts, model.eos_token_id if self.stop is None else self.stop
         prefixes = [list(t) for t in seqs.tokens]
         room = torch.tensor([self.horizon - len(p) for p in prefixes]).repeat_interleave(r)
         out = [list(p) for p in prefixes for _ in range(r)]

@@ -30,7 +30,7 @@ class SkipLookahead(Potential):
     filler token id ``filler`` (module docstring). One scoring forward of every particle's
     context and ending a step."""
 
-    has_prefix = True
+    has_prefix = costly_prefix = True
 
     def __init__(self, suffix: SuffixLikelihood, skip: LanguageModel, horizon: int, filler: int):
         if not isinstance(suffix, SuffixLikelihood):
