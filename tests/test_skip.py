@@ -160,3 +160,19 @@ def test_the_skip_model_looks_ahead_only_for_the_target_it_was_trained_for(fresh
         skip.lookahead(infilling(fresh_tiny, prompt="Twice", suffix=" upon", max_new_tokens=3))
     with pytest.raises(ValueError, match="looks ahead for an infilling target"):
         skip.lookahead(pilm.Target(fresh_tiny, "Once", pilm.potentials.Regex("a*"), max_new_tokens=3))
+
+
+def test_a_saved_skip_model_loads_and_scores_as_it_did(fresh_tiny, tmp_path):
+    from pilm.learning import SkipModel
+    from pilm.tasks.infilling import infilling
+
+    skip = pilm.train_skip_model(fresh_tiny, "Once", max_new_tokens=3, suffix_tokens=2, steps=2, lr=1e-2,
+                                 progress=False).model
+    skip.save_pretrained(tmp_path / "skip")
+    again = SkipModel.from_pretrained(tmp_path / "skip", fresh_tiny)
+    target = infilling(fresh_tiny, prompt="Once", suffix=" upon", max_new_tokens=3)
+    seqs = target.sequences([[5], [6, 7]])
+    assert torch.equal(again.lookahead(target).potential.log_prefix(seqs), skip.lookahead(target).potential.log_prefix(seqs))
+    assert (again.horizon, again.filler, again.prompt_ids) == (skip.horizon, skip.filler, skip.prompt_ids)
+    with pytest.raises(FileNotFoundError, match="holds no skip model"):
+        SkipModel.from_pretrained(tmp_path, fresh_tiny)

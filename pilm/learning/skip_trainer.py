@@ -20,7 +20,9 @@ out: SMC scores prefixes of 1 to T - 1 tokens.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -33,6 +35,8 @@ from ..models.hf import HFModel
 from ..potentials import SkipLookahead, SuffixLikelihood
 from ..target import Target
 from .fit import Checkpointing, Trained, fit
+
+CONFIG_NAME = "skip_config.json"
 
 
 class SkipModel:
@@ -55,6 +59,22 @@ class SkipModel:
                              f"this target has {target.max_new_tokens} tokens after "
                              f"{target.model.decode(list(target.prompt_ids))!r}")
         return dataclasses.replace(target, potential=SkipLookahead(suffix, self.lm, self.horizon, self.filler))
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """The adapter (peft's format) and ``skip_config.json`` (prompt, horizon, filler) in ``directory``."""
+        directory = self.lm.save_pretrained(directory)
+        (directory / CONFIG_NAME).write_text(json.dumps({"prompt_ids": list(self.prompt_ids), "horizon": self.horizon,
+                                                         "filler": self.filler, "model_name": self.lm.base.name}))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: HFModel) -> SkipModel:
+        """A skip model saved by ``save_pretrained``, on ``model`` (the model it adapts)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{directory} holds no skip model ({CONFIG_NAME} is missing)")
+        cfg = json.loads((directory / CONFIG_NAME).read_text())
+        return cls(LoRAPolicy.from_pretrained(model, directory), cfg["prompt_ids"], cfg["horizon"], cfg["filler"])
 
     def log_likelihood(self, prompt_ids: Sequence[int], prefixes: Sequence[Sequence[int]],
                        endings: Sequence[Sequence[int]]) -> Tensor:
