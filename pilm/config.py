@@ -118,6 +118,19 @@ class SMCConfig(Config):
 
 
 @dataclass(frozen=True)
+class SkipTrainingConfig(Config):
+    """How ``pilm.train_skip_model`` learns infilling's twist p0(ending | prompt, prefix) from joint draws."""
+
+    suffix_tokens: int = arg(4, "tokens of the endings it learns to score", low=1)
+    steps: int = arg(400, "optimiser steps, each on fresh joint draws", low=0)
+    batch_size: int = arg(16, "joint draws (middle, ending) per step", low=1)
+    lr: float = arg(1e-3, "AdamW learning rate", low=0, strict=True)
+    rank: int = arg(8, "LoRA rank of the skip model", low=1)
+    filler: str = arg(" _", "text whose last token stands for each token still to come")
+    seed: int = arg(0, "random seed")
+
+
+@dataclass(frozen=True)
 class TwistTrainingConfig(Config):
     """How ``pilm.train_twist`` learns a twist."""
 

@@ -73,6 +73,7 @@ def one_line_error(capsys, argv, match):
     (["sample", "--rollouts", "4"], "--rollouts estimates E[phi | prefix]: give a --potential"),
     (["sample", "--potential", "suffix:x", "--rollouts", "4", "--lookahead", "1"], "--rollouts and --lookahead are"),
     (["sample", "--rollouts", "-1"], "--rollouts must be >= 0, got -1"),
+    (["train-skip", "--steps", "-1"], "--steps must be >= 0, got -1"),
 ])
 def test_every_mistake_is_one_line_exit_2_before_the_model_loads(capsys, no_model, argv, match):
     one_line_error(capsys, argv, match)

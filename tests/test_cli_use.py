@@ -278,6 +278,30 @@ def test_sample_from_a_fine_tuned_adapter(fresh_tiny, monkeypatch, capsys, tmp_p
            f"finetune ... --out {tmp_path}" in capsys.readouterr().err
 
 
+def test_train_skip_then_sample_with_its_look_ahead(fresh_tiny, monkeypatch, capsys, tmp_path):
+    """train-skip writes a skip model for a prompt and horizon; sample --skip resamples on it for
+    any ending; another horizon is refused naming what it was trained for."""
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: fresh_tiny)
+    folder = tmp_path / "skip"
+    assert main(["train-skip", "--prompt", "Once", "--max-new-tokens", "3", "--suffix-tokens", "2", "--steps", "2",
+                 "--batch-size", "2", "--out", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "trained a skip model for 2 steps of 2 joint draws" in out and f"--skip {folder}" in out
+    assert json.loads((folder / "training.json").read_text())["max_new_tokens"] == 3
+    assert not (folder / "checkpoint").exists()
+    sample = ["sample", "--prompt", "Once", "--potential", "suffix: upon", "--n-particles", "4", "--skip", str(folder)]
+    assert main([*sample, "--max-new-tokens", "3"]) == 0
+    assert f"SMC on the skip model's look-ahead ({folder})" in capsys.readouterr().out
+    assert main([*sample, "--max-new-tokens", "4"]) == 2
+    assert "trained for middles of 3 tokens after its own prompt; this target has 4" in capsys.readouterr().err
+    assert main(["sample", "--prompt", "Once", "--potential", "regex:a", "--skip", str(folder)]) == 2
+    assert "--skip looks ahead for an ending: give it with --potential suffix:TEXT" in capsys.readouterr().err
+    assert main([*sample, "--max-new-tokens", "3", "--rollouts", "2"]) == 2
+    assert "--skip is the prefix score: leave out --twist, --adapter, --lookahead and --rollouts" in capsys.readouterr().err
+    assert main(["train-skip", "--prompt", "Once", "--potential", "suffix:x", "--out", str(tmp_path / "x")]) == 2
+    assert "train-skip learns the look-ahead of every ending" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, match", [
     (["sample", "--potential", "sentiment:positive", "--mask"],
      "--mask: no --potential is a hard constraint (regex:, json:, grammar:), so there is nothing to mask"),
@@ -288,6 +312,8 @@ def test_sample_from_a_fine_tuned_adapter(fresh_tiny, monkeypatch, capsys, tmp_p
     (["sample", "--potential", "suffix:"], "potential spec 'suffix:': nothing after 'suffix:'"),
     (["sample", "--potential", "json:notes.txt"], "potential spec 'json:notes.txt': no file notes.txt (nor an inline JSON schema)"),
     (["sample", "--adapter", "nowhere"], "--adapter: nowhere does not exist; fine-tune one with: pilm finetune ... --out nowhere"),
+    (["sample", "--skip", "nowhere"], "--skip: nowhere does not exist; train one with: pilm train-skip ... --out nowhere"),
+    (["sample", "--skip", "."], "--skip: . holds no skip model (skip_config.json is missing)"),
 ])
 def test_validation_gaps_are_one_line_before_the_model_loads(argv, match, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""``pilm`` on the command line: sample | train-twist | finetune | bounds | train-prm | scale | demo | bench.
+"""``pilm`` on the command line: sample | train-twist | train-skip | finetune | bounds | train-prm | scale | demo | bench.
 
 Each command has its own parser, generated from the config dataclasses it runs
 (``pilm.config``; see ``pilm.commands.cli_args``), so its defaults are the library's and ``--help``
@@ -24,6 +24,7 @@ from ..config import (
     LatentConfig,
     PRMTrainingConfig,
     ScaleConfig,
+    SkipTrainingConfig,
     SMCConfig,
     TargetConfig,
     TwistTrainingConfig,
@@ -45,6 +46,7 @@ from .training import (
     run_latent,
     run_red_team,
     run_train_prm,
+    run_train_skip,
     run_train_twist,
     target_from_flags,
 )
@@ -69,6 +71,10 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
     from ..twists import Twist
 
     twist = Twist.from_pretrained(out.twist, target.model) if out.twist else None
+    if out.skip:
+        from ..learning import SkipModel
+
+        target = SkipModel.from_pretrained(out.skip, target.model).lookahead(target)
     if sc.mask and target.potential is None:
         note("--mask without a --potential: there is no constraint to mask")
     policy = LoRAPolicy.from_pretrained(target.model, out.adapter) if out.adapter else None  # shares the weights
@@ -88,6 +94,8 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
         how = "twisted SMC"
     elif target.potential is None:
         how = "plain sampling"
+    elif out.skip:
+        how = f"SMC on the skip model's look-ahead ({out.skip})"
     elif target.has_prefix_potential:
         how = "SMC on the potential's prefix score"
     else:
@@ -184,6 +192,9 @@ COMMANDS: dict[str, tuple[str, Callable[..., int], tuple[type, ...], dict]] = { 
     "sample": ("SMC samples of sigma ∝ p0 · phi", _run_sample, (TargetConfig, SMCConfig, SampleOutput), {}),
     "train-twist": ("learn a twist head (ctl | rl | sixo | fudge | dpg)", run_train_twist,
                     (TargetConfig, TwistTrainingConfig, TwistOutput), {}),
+    "train-skip": ("learn infilling's look-ahead twist p0(ending | prompt, prefix) by maximum likelihood on the "
+                   "model's joint draws (use: pilm sample --potential suffix:TEXT --skip FOLDER)", run_train_skip,
+                   (TargetConfig, SkipTrainingConfig, TwistOutput), {}),
     "finetune": ("fine-tune a LoRA policy into a sampler of sigma (subtb | tb | reinforce | rws | sft)", run_finetune,
                  (TargetConfig, FinetuneConfig, FinetuneJob), {}),
     "bounds": ("lower/upper bounds on log Z and KL both ways, per sampler and K", _run_bounds,

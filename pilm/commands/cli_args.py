@@ -192,6 +192,10 @@ def check_paths(made) -> None:
             flag = "--" + f.name.replace("_", "-")
             if kind == "twist":
                 _check_twist_folder(flag, Path(value))
+            elif kind == "skip":
+                if not (Path(value) / "skip_config.json").exists():
+                    what = "does not exist" if not Path(value).exists() else "holds no skip model (skip_config.json is missing)"
+                    raise ValueError(f"{flag}: {value} {what}; train one with: pilm train-skip ... --out {value}")
             elif kind == "adapter":
                 if not (Path(value) / "adapter_config.json").exists():
                     what = "does not exist" if not Path(value).exists() else "holds no adapter (adapter_config.json is missing)"
@@ -257,6 +261,10 @@ def check_together(made) -> None:
         raise ValueError("--rollouts and --lookahead are two prefix scores for the same potential: give one")
     if target and target.rollouts and not smc:
         raise ValueError("--rollouts is a prefix score that SMC resamples on: only pilm sample uses it")
+    if out and out.skip and (target is None or not any(spec.startswith("suffix:") for spec in target.potential)):
+        raise ValueError("--skip looks ahead for an ending: give it with --potential suffix:TEXT")
+    if out and out.skip and (out.twist or out.adapter or (target and (target.lookahead or target.rollouts))):
+        raise ValueError("--skip is the prefix score: leave out --twist, --adapter, --lookahead and --rollouts")
     if job and job.task and target and (target.prompt or target.potential):
         raise ValueError(f"--task {job.task} brings its own prompt and potential: leave out --prompt and --potential")
     if out and out.adapter and ((smc and smc.mask) or out.twist):

@@ -20,6 +20,8 @@ class SampleOutput(Config):
     twist: str | None = arg(None, "folder of a twist saved by train-twist (twisted SMC)", path="twist")
     adapter: str | None = arg(None, "folder of a LoRA policy saved by finetune: it proposes, the weights correct "
                               "its samples to sigma", path="adapter")
+    skip: str | None = arg(None, "folder of a skip model saved by train-skip: infilling's learned look-ahead, "
+                           "a prefix score SMC resamples on", path="skip")
 
 
 @dataclass(frozen=True)

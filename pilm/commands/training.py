@@ -1,14 +1,23 @@
-"""The commands that train (train-twist, finetune, train-prm, latent, red-team), and the target
+"""The commands that train (train-twist, train-skip, finetune, train-prm, latent, red-team), and the target
 every command builds from its flags."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from ..config import FinetuneConfig, LatentConfig, PRMTrainingConfig, ScaleConfig, TargetConfig, TwistTrainingConfig
+from ..config import (
+    FinetuneConfig,
+    LatentConfig,
+    PRMTrainingConfig,
+    ScaleConfig,
+    SkipTrainingConfig,
+    TargetConfig,
+    TwistTrainingConfig,
+)
 from .cli_messages import note
 from .jobs import FinetuneJob, LatentJob, PRMJob, RedTeamJob, TwistOutput
 
@@ -33,6 +42,32 @@ def target_from_flags(tc: TargetConfig):
     if tc.rollouts and potential is not None:
         potential = RolloutLookahead(potential, tc.max_new_tokens, tc.rollouts)
     return Target(model, tc.prompt, potential, max_new_tokens=tc.max_new_tokens, chat=tc.chat)
+
+
+def run_train_skip(tc: TargetConfig, cfg: SkipTrainingConfig, out: TwistOutput) -> int:
+    from dataclasses import asdict
+
+    from .. import load_model, train_skip_model
+
+    if tc.potential or tc.lookahead or tc.rollouts or tc.chat:
+        raise ValueError("train-skip learns the look-ahead of every ending from the model's own joint draws: give "
+                         "--prompt and --max-new-tokens, and the ending to pilm sample --potential suffix:TEXT later")
+    model = load_model(tc.model)
+    folder = Path(out.out)
+    trained = train_skip_model(model, tc.prompt, max_new_tokens=tc.max_new_tokens, config=cfg,  # type: ignore[call-arg]
+                               checkpoint_dir=folder / "checkpoint", overwrite=out.overwrite,
+                               log_path=folder / "train.jsonl", progress=True)
+    trained.model.save_pretrained(folder)
+    if not out.keep_checkpoint:
+        shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    last = trained.history[-1] if trained.history else None
+    (folder / "training.json").write_text(json.dumps({**asdict(cfg), "max_new_tokens": tc.max_new_tokens,
+                                                      "final_loss": last["loss"] if last else None}, indent=1))
+    print(f"trained a skip model for {cfg.steps} steps of {cfg.batch_size} joint draws"
+          + (f": final loss {last['loss']:.4g} nats per ending token" if last else ""))
+    print(f"wrote {folder} ({size_of(folder)}); use: pilm sample --prompt {shlex.quote(tc.prompt)} --max-new-tokens "
+          f"{tc.max_new_tokens} --potential suffix:ENDING --skip {folder}")
+    return 0
 
 
 def run_train_twist(tc: TargetConfig, cfg: TwistTrainingConfig, out: TwistOutput) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..config import SkipTrainingConfig, takes_config
 from ..inference.batch import derived_seed
 from ..inference.joint import joint_samples
 from ..models.adapter import LoRAPolicy
@@ -37,6 +38,7 @@ from ..target import Target
 from .fit import Checkpointing, Trained, fit
 
 CONFIG_NAME = "skip_config.json"
+C = SkipTrainingConfig  # every default of train_skip_model is its config's
 
 
 class SkipModel:
@@ -92,14 +94,18 @@ class SkipModel:
         return picked.masked_fill(ending < 0, 0.0).sum(1)
 
 
-def train_skip_model(model: HFModel, prompt: str | Sequence[int], *, max_new_tokens: int, suffix_tokens: int,
-                     steps: int, batch_size: int = 16, lr: float = 1e-3, rank: int = 8, filler: str = " _",
-                     seed: int = 0, grad_clip: float | None = 1.0, checkpoint_dir: str | None = None,
-                     checkpoint_every: int = 25, log_path: str | None = None, progress: bool = True) -> Trained:
+@takes_config(SkipTrainingConfig)
+def train_skip_model(model: HFModel, prompt: str | Sequence[int], *, max_new_tokens: int,
+                     suffix_tokens: int = C.suffix_tokens, steps: int = C.steps, batch_size: int = C.batch_size,
+                     lr: float = C.lr, rank: int = C.rank, filler: str = C.filler, seed: int = C.seed,
+                     grad_clip: float | None = 1.0, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 25,
+                     overwrite: bool = False, log_path: str | Path | None = None, progress: bool = True) -> Trained:
     """Fit the skip model of infilling ``prompt`` (middles of ``max_new_tokens``, endings of
     ``suffix_tokens``) for ``steps`` steps of ``batch_size`` fresh joint draws each (module
     docstring); ``filler``'s last token stands for the tokens still to come. Resumable from
-    ``checkpoint_dir``. Returns ``Trained`` with ``model`` the ``SkipModel``; each record has
+    ``checkpoint_dir`` (``overwrite``: start afresh over a checkpoint of other settings);
+    ``config=`` a ``SkipTrainingConfig`` gives the settings at once. Returns ``Trained`` with
+    ``model`` the ``SkipModel``; each record has
     the step's ``loss`` (nats per ending token) and ``log_q`` (mean log q of an ending; an
     ending cut short by EOS counts its tokens up to it)."""
     for name, value in (("max_new_tokens", max_new_tokens), ("suffix_tokens", suffix_tokens), ("steps", steps),
@@ -137,7 +143,7 @@ def train_skip_model(model: HFModel, prompt: str | Sequence[int], *, max_new_tok
 
     history = fit(skip.lm.trainable, optimizer, step, steps=steps, name="train-skip", grad_clip=grad_clip,
                   generator=seeded_generator(seed, "cpu"),
-                  checkpoint=Checkpointing(checkpoint_dir, key, checkpoint_every), log_path=log_path,
+                  checkpoint=Checkpointing(checkpoint_dir, key, checkpoint_every, overwrite), log_path=log_path,
                   progress=progress, show=("loss",))
     return Trained(skip, history)
 
