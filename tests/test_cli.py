@@ -104,16 +104,17 @@ def test_unknown_command_is_one_line(capsys):
     assert main(["teleport"]) == 2 and capsys.readouterr().err.count("\n") == 1
 
 
-@pytest.mark.parametrize("command", ["sample", "train-twist", "finetune", "bounds", "bench"])
+@pytest.mark.parametrize("command", ["sample", "train-twist", "train-skip", "finetune", "bounds", "bench"])
 def test_help_shows_defaults(capsys, command):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "(default: " in out and "--seed" in out or command == "bench"
-    if command != "bench":
+    if command not in ("bench", "train-skip"):
         assert "Potential specs: regex:PATTERN" in out and "--prompt" in out
 
 
-LIBRARY = {"sample": pilm.smc, "train-twist": pilm.train_twist, "finetune": pilm.finetune, "bounds": pilm.bounds,
+LIBRARY = {"sample": pilm.smc, "train-twist": pilm.train_twist, "train-skip": pilm.train_skip_model,
+           "finetune": pilm.finetune, "bounds": pilm.bounds,
            "train-prm": pilm.train_prm, "latent": pilm.latent.LatentReasoner.em,
            "red-team": pilm.tasks.red_teaming.train_attacker}
 

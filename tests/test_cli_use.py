@@ -295,11 +295,19 @@ def test_train_skip_then_sample_with_its_look_ahead(fresh_tiny, monkeypatch, cap
     assert main([*sample, "--max-new-tokens", "4"]) == 2
     assert "trained for middles of 3 tokens after its own prompt; this target has 4" in capsys.readouterr().err
     assert main(["sample", "--prompt", "Once", "--potential", "regex:a", "--skip", str(folder)]) == 2
-    assert "--skip looks ahead for an ending: give it with --potential suffix:TEXT" in capsys.readouterr().err
+    assert "--skip looks ahead for an ending: give it, and no other potential, with --potential suffix:TEXT" in \
+        capsys.readouterr().err
     assert main([*sample, "--max-new-tokens", "3", "--rollouts", "2"]) == 2
     assert "--skip is the prefix score: leave out --twist, --adapter, --lookahead and --rollouts" in capsys.readouterr().err
-    assert main(["train-skip", "--prompt", "Once", "--potential", "suffix:x", "--out", str(tmp_path / "x")]) == 2
-    assert "train-skip learns the look-ahead of every ending" in capsys.readouterr().err
+    assert main([*sample, "--max-new-tokens", "3", "--potential", "regex:a*"]) == 2
+    assert "--skip looks ahead for an ending: give it, and no other potential" in capsys.readouterr().err
+    assert main([*sample, "--max-new-tokens", "3", "--exact-last", "2"]) == 0
+    assert f"proposal exact-last (top 2), skip model's look-ahead ({folder})" in capsys.readouterr().out
+    assert main(["train-skip", "--prompt", "Once", "--max-new-tokens", "3", "--steps", "0", "--out",
+                 str(tmp_path / "untrained")]) == 0
+    assert "(untrained: it scores as p0 does)" in capsys.readouterr().out
+    assert main(["train-skip", "--potential", "suffix:x"]) == 2  # it learns every ending: no potential to give
+    assert "unrecognized arguments: --potential suffix:x" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -103,8 +103,9 @@ def test_a_resumed_training_run_continues_where_it_stopped(fresh_tiny, tmp_path)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"steps": -1}, ValueError, "steps must be a positive integer"),
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
+    ({"steps": -1}, ValueError, "steps must be an integer >= 0"),
+    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
+    ({"max_new_tokens": 1}, ValueError, "max_new_tokens must be an integer >= 2"),
     ({"filler": ""}, ValueError, "filler '' encodes to no token"),
 ])
 def test_bad_training_arguments_are_refused(tiny, kwargs, error, message):

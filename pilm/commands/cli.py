@@ -40,7 +40,18 @@ from .cli_args import (
     remove_if_empty,
 )
 from .cli_messages import RESUMABLE, flag, for_cli, note, out_of, what_was_saved
-from .jobs import BenchConfig, BoundsJob, FinetuneJob, LatentJob, PRMJob, RedTeamJob, SampleOutput, ScaleJob, TwistOutput
+from .jobs import (
+    BenchConfig,
+    BoundsJob,
+    FinetuneJob,
+    LatentJob,
+    PRMJob,
+    RedTeamJob,
+    SampleOutput,
+    ScaleJob,
+    SkipJob,
+    TwistOutput,
+)
 from .training import (
     run_finetune,
     run_latent,
@@ -85,7 +96,7 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
               proposal_beta=sc.proposal_beta, resample=sc.resample, ess_threshold=sc.ess_threshold, seed=sc.seed,
               on_extinction=sc.on_extinction)
     if sc.exact_last:
-        how = f"proposal {res.info['proposal']}"
+        how = f"proposal {res.info['proposal']}" + (f", skip model's look-ahead ({out.skip})" if out.skip else "")
     elif policy is not None:
         how = f"proposals from the fine-tuned policy {out.adapter}, weighted to sigma"
     elif sc.mask:
@@ -194,7 +205,7 @@ COMMANDS: dict[str, tuple[str, Callable[..., int], tuple[type, ...], dict]] = { 
                     (TargetConfig, TwistTrainingConfig, TwistOutput), {}),
     "train-skip": ("learn infilling's look-ahead twist p0(ending | prompt, prefix) by maximum likelihood on the "
                    "model's joint draws (use: pilm sample --potential suffix:TEXT --skip FOLDER)", run_train_skip,
-                   (TargetConfig, SkipTrainingConfig, TwistOutput), {}),
+                   (SkipTrainingConfig, SkipJob), {}),
     "finetune": ("fine-tune a LoRA policy into a sampler of sigma (subtb | tb | reinforce | rws | sft)", run_finetune,
                  (TargetConfig, FinetuneConfig, FinetuneJob), {}),
     "bounds": ("lower/upper bounds on log Z and KL both ways, per sampler and K", _run_bounds,

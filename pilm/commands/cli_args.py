@@ -261,8 +261,8 @@ def check_together(made) -> None:
         raise ValueError("--rollouts and --lookahead are two prefix scores for the same potential: give one")
     if target and target.rollouts and not smc:
         raise ValueError("--rollouts is a prefix score that SMC resamples on: only pilm sample uses it")
-    if out and out.skip and (target is None or not any(spec.startswith("suffix:") for spec in target.potential)):
-        raise ValueError("--skip looks ahead for an ending: give it with --potential suffix:TEXT")
+    if out and out.skip and (target is None or len(target.potential) != 1 or not target.potential[0].startswith("suffix:")):
+        raise ValueError("--skip looks ahead for an ending: give it, and no other potential, with --potential suffix:TEXT")
     if out and out.skip and (out.twist or out.adapter or (target and (target.lookahead or target.rollouts))):
         raise ValueError("--skip is the prefix score: leave out --twist, --adapter, --lookahead and --rollouts")
     if job and job.task and target and (target.prompt or target.potential):

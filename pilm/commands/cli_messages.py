@@ -18,7 +18,8 @@ def for_cli(message: str, settings: set[str]) -> str:
     return re.sub(r"\b([a-z_]+)=", lambda m: f"--{m[1].replace('_', '-')} " if m[1] in settings else m[0], message)
 
 
-RESUMABLE = {"train-twist": "checkpoint/checkpoint/state.json", "finetune": "checkpoint/checkpoint/state.json",
+RESUMABLE = {"train-twist": "checkpoint/checkpoint/state.json", "train-skip": "checkpoint/checkpoint/state.json",
+             "finetune": "checkpoint/checkpoint/state.json",
              "scale": "rows.jsonl", "red-team": "stage1/adapter_config.json"}
 """Commands that resume an interrupted run when rerun with the same flags, and the file in
 --out that shows there is something to resume from."""

@@ -34,6 +34,18 @@ class TwistOutput(Config):
 
 
 @dataclass(frozen=True)
+class SkipJob(Config):
+    """What train-skip learns for and where it writes."""
+
+    model: str | None = arg(None, "embedded name (smollm2-135m, the default), hub id or local folder")
+    prompt: str = arg("", "the text before every middle")
+    max_new_tokens: int = arg(8, "tokens T of the middle between the prompt and an ending", low=2)
+    out: str = arg("skip", "folder for the skip model and its training log", path="folder")
+    keep_checkpoint: bool = arg(False, "keep the resumable checkpoint (optimizer state, RNG) after training")
+    overwrite: bool = arg(False, "start afresh when --out holds an interrupted run of other settings")
+
+
+@dataclass(frozen=True)
 class FinetuneJob(Config):
     """What finetune trains on and where it writes."""
 

@@ -19,7 +19,7 @@ from ..config import (
     TwistTrainingConfig,
 )
 from .cli_messages import note
-from .jobs import FinetuneJob, LatentJob, PRMJob, RedTeamJob, TwistOutput
+from .jobs import FinetuneJob, LatentJob, PRMJob, RedTeamJob, SkipJob, TwistOutput
 
 if TYPE_CHECKING:
     from ..target import Target
@@ -44,29 +44,26 @@ def target_from_flags(tc: TargetConfig):
     return Target(model, tc.prompt, potential, max_new_tokens=tc.max_new_tokens, chat=tc.chat)
 
 
-def run_train_skip(tc: TargetConfig, cfg: SkipTrainingConfig, out: TwistOutput) -> int:
+def run_train_skip(cfg: SkipTrainingConfig, job: SkipJob) -> int:
     from dataclasses import asdict
 
     from .. import load_model, train_skip_model
 
-    if tc.potential or tc.lookahead or tc.rollouts or tc.chat:
-        raise ValueError("train-skip learns the look-ahead of every ending from the model's own joint draws: give "
-                         "--prompt and --max-new-tokens, and the ending to pilm sample --potential suffix:TEXT later")
-    model = load_model(tc.model)
-    folder = Path(out.out)
-    trained = train_skip_model(model, tc.prompt, max_new_tokens=tc.max_new_tokens, config=cfg,  # type: ignore[call-arg]
-                               checkpoint_dir=folder / "checkpoint", overwrite=out.overwrite,
+    model = load_model(job.model)
+    folder = Path(job.out)
+    trained = train_skip_model(model, job.prompt, max_new_tokens=job.max_new_tokens, config=cfg,  # type: ignore[call-arg]
+                               checkpoint_dir=folder / "checkpoint", overwrite=job.overwrite,
                                log_path=folder / "train.jsonl", progress=True)
     trained.model.save_pretrained(folder)
-    if not out.keep_checkpoint:
+    if not job.keep_checkpoint:
         shutil.rmtree(folder / "checkpoint", ignore_errors=True)
     last = trained.history[-1] if trained.history else None
-    (folder / "training.json").write_text(json.dumps({**asdict(cfg), "max_new_tokens": tc.max_new_tokens,
+    (folder / "training.json").write_text(json.dumps({**asdict(cfg), "max_new_tokens": job.max_new_tokens,
                                                       "final_loss": last["loss"] if last else None}, indent=1))
     print(f"trained a skip model for {cfg.steps} steps of {cfg.batch_size} joint draws"
-          + (f": final loss {last['loss']:.4g} nats per ending token" if last else ""))
-    print(f"wrote {folder} ({size_of(folder)}); use: pilm sample --prompt {shlex.quote(tc.prompt)} --max-new-tokens "
-          f"{tc.max_new_tokens} --potential suffix:ENDING --skip {folder}")
+          + (f": final loss {last['loss']:.4g} nats per ending token" if last else " (untrained: it scores as p0 does)"))
+    print(f"wrote {folder} ({size_of(folder)}); use: pilm sample --prompt {shlex.quote(job.prompt)} --max-new-tokens "
+          f"{job.max_new_tokens} --potential suffix:ENDING --skip {shlex.quote(str(folder))}")
     return 0
 
 

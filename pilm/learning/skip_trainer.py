@@ -110,8 +110,9 @@ def train_skip_model(model: HFModel, prompt: str | Sequence[int], *, max_new_tok
     ending cut short by EOS counts its tokens up to it)."""
     for name, value in (("max_new_tokens", max_new_tokens), ("suffix_tokens", suffix_tokens), ("steps", steps),
                         ("batch_size", batch_size), ("rank", rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        least = {"steps": 0, "max_new_tokens": 2}.get(name, 1)  # a middle of 1 token has no prefix to look ahead from
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if not isinstance(model, HFModel) or isinstance(model, LoRAPolicy):
         raise TypeError("train_skip_model adapts a transformers model (pilm.load_model's), not "
                         f"{type(model).__name__}")
@@ -135,6 +136,9 @@ def train_skip_model(model: HFModel, prompt: str | Sequence[int], *, max_new_tok
         # t = 1 .. |m| - 1: the prefixes SMC scores (none is empty; none holds a middle's EOS, nor is whole)
         prefixes = [m[:t] for m, _ in pairs for t in range(1, len(m))]
         endings = [e for m, e in pairs for _ in range(1, len(m))]
+        if not prefixes:  # every middle ended at its first token: nothing to learn from this draw
+            return {"loss": float("nan"), "log_q": float("nan"), "examples": 0,
+                    "lm_tokens": sum(len(m) + len(e) for m, e in pairs)}
         log_q = skip.log_likelihood(prompt_ids, prefixes, endings)  # no dropout anywhere: the model stays in eval mode
         loss = -log_q.sum() / sum(map(len, endings))
         update(loss)
