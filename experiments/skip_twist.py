@@ -23,12 +23,11 @@ import statistics
 import time
 from pathlib import Path
 
-from payoff import exact_pairs, make_target  # experiments/payoff.py, next to this script
+from payoff import exact_pairs, make_target, paired  # experiments/payoff.py, next to this script
 
 import pilm
 from pilm.commands.cli_args import Parser
 from pilm.evaluation import exact_sigma_samples
-from pilm.evaluation.metrics import t_interval
 from pilm.inference.result import read_jsonl
 from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.potentials import RolloutLookahead
@@ -170,9 +169,8 @@ def table(rows: list[dict]) -> str:
              + "".join(f" Δ vs base K={k} |" for k in sorted(base)),
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(base)]
     for r in [*(base[k] for k in sorted(base)), *learned]:
-        deltas = "".join(" {:+.2f} ± {:.2f} |".format(*t_interval([a - b for a, b in zip(r["gaps"], base[k]["gaps"],
-                                                                                          strict=True)]))
-                         if r["sampler"] != "base" else " |" for k in sorted(base))
+        deltas = "".join(" {:+.2f} ± {:.2f} |".format(*paired(r["gaps"], base[k]["gaps"])) if r["sampler"] != "base"
+                         else " |" for k in sorted(base))
         steps = "" if r.get("stage") is None else r["stage"]
         train = "" if r.get("stage") is None else f"{r['train_seconds']:.0f}"
         lines.append(f"| {r['sampler']} | {r['n_particles']} | {steps} | {train} | {r['lower']:.2f} ± {r['lower_ci']:.2f} "

@@ -40,10 +40,10 @@ from accelerate import PartialState
 
 from .. import inference
 from ..config import ScaleConfig
-from ..inference.batch import derived_seed
 from ..inference.result import StepResult
 from ..learning.checkpoint import claim
 from ..models import load_model
+from ..models.device import derived_seed
 from ..tasks import arithmetic_chain, gsm8k
 from .scale_report import METHODS, read_rows
 

@@ -3,12 +3,11 @@ the device's memory."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
 
-from ..models.device import seeded_generator
+from ..models.device import derived_seed, seeded_generator
 from ..target import Target
 
 References = Sequence[int] | Sequence[Sequence[int] | None]
@@ -25,12 +24,6 @@ def as_list(target: Target | Sequence[Target]) -> tuple[list[Target], bool]:
     if any(t.model is not targets[0].model for t in targets):
         raise ValueError("targets sampled in one batch must share one model")
     return targets, False
-
-
-def derived_seed(seed: int, i: int) -> int:
-    """The i-th seed derived from ``seed``: ``seed`` itself for i = 0, else a hash of (seed, i)."""
-    digest = hashlib.blake2b(repr((seed, i)).encode(), digest_size=8).digest()
-    return seed if i == 0 else int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def seeded_generators(seed: int, m: int, device: torch.device | str = "cpu") -> list[torch.Generator]:

@@ -28,10 +28,9 @@ import torch
 from torch import Tensor
 
 from ..config import SkipTrainingConfig, takes_config
-from ..inference.batch import derived_seed
 from ..inference.joint import joint_samples
 from ..models.adapter import LoRAPolicy
-from ..models.device import seeded_generator
+from ..models.device import derived_seed, seeded_generator
 from ..models.hf import HFModel
 from ..potentials import SkipLookahead, SuffixLikelihood
 from ..target import Target

@@ -13,6 +13,7 @@ it starts).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import cast
@@ -80,6 +81,13 @@ def _native_bf16(device: torch.device) -> bool:
     """bfloat16 in hardware: compute capability 8 (Ampere) and later. (torch.cuda.is_bf16_supported
     also says yes where it is emulated, slowly, and asks the current device, not this one.)"""
     return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def derived_seed(seed: int, i: int | tuple) -> int:
+    """The i-th seed derived from ``seed``: ``seed`` itself for i = 0, else a hash of (seed, i)
+    (``i`` may be a tuple, e.g. a prompt and prefix of token ids)."""
+    digest = hashlib.blake2b(repr((seed, i)).encode(), digest_size=8).digest()
+    return seed if i == 0 else int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def seeded_generator(seed: int, device: str | torch.device) -> torch.Generator:

@@ -26,7 +26,6 @@ own prefix score (a grammar) keeps its -inf: those prefixes cannot complete at a
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from ..errors import PotentialError
 from ..models.base import LanguageModel
-from ..models.device import seeded_generator
+from ..models.device import derived_seed, seeded_generator
 from .base import Potential, Sequences, evaluate
 
 
@@ -108,28 +107,25 @@ class RolloutLookahead(Potential):
         r, eos = self.rollouts, model.eos_token_id if self.stop is None else self.stop
         prefixes = [list(t) for t in seqs.tokens]
         room = torch.tensor([self.horizon - len(p) for p in prefixes]).repeat_interleave(r)
-        out = [list(p) for p in prefixes for _ in range(r)]
+        out = [tuple(p) for p in prefixes for _ in range(r)]
         done = room <= 0
         if bool(done.all()):
-            return [tuple(s) for s in out]
-        generators = [seeded_generator(self._seed(seqs.prompt, p), model.device) for p in prefixes]
+            return out
+        generators = [seeded_generator(derived_seed(self.seed, (tuple(seqs.prompt), tuple(p))), model.device)
+                      for p in prefixes]
         state = model.start_many([model.context(seqs.prompt) + p for p in prefixes], r)
+        steps, kept = [], []  # each step's draws, and which rows took theirs
         while True:
             probs = state.logprobs.float().exp()
             drawn = torch.cat([torch.multinomial(probs[i * r:(i + 1) * r], 1, generator=g)
                                for i, g in enumerate(generators)]).squeeze(1).cpu()
-            going = (~done).nonzero().squeeze(1).tolist()
-            for i in going:
-                out[i].append(int(drawn[i]))
-            self.tokens += len(going)
+            steps.append(drawn)
+            kept.append(~done)
             room -= (~done).long()
-            done |= room <= 0
-            if eos is not None:
-                done |= drawn == eos
+            done = done | (room <= 0) | ((drawn == eos) if eos is not None else False)
             if bool(done.all()):
-                return [tuple(s) for s in out]
+                break
             state = model.advance(state, drawn.to(state.logprobs.device), hold=done.to(state.logprobs.device))
-
-    def _seed(self, prompt: tuple[int, ...], prefix: list[int]) -> int:
-        key = repr((self.seed, tuple(prompt), tuple(prefix))).encode()
-        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+        tokens, took = torch.stack(steps, 1), torch.stack(kept, 1)  # (rows, steps); a row's draws are a prefix
+        self.tokens += int(took.sum())
+        return [tuple(p) + tuple(row[:k]) for p, row, k in zip(out, tokens.tolist(), took.sum(1).tolist(), strict=True)]
