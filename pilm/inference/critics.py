@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..prm import ProcessReward, StepBatch, aggregate, checked_scores
 from ..target import Target
+from ..twists.residual import ResidualTwist
 
 if TYPE_CHECKING:
     from .particles import Particles
@@ -80,17 +81,28 @@ class Critic:
 
 class PrefixCritic(Critic):
     """Token SMC's psi: the proposal's twist at the drawn token where it has one (twisted SMC),
-    else the potential's prefix score (with ``prefix``; 1 without)."""
+    else the potential's prefix score (with ``prefix``; 1 without). A ``residual`` twist
+    (``pilm.twists.ResidualTwist`` proposing from its head) also weighs by its look-ahead:
+    log psi_t = head + a_t log L(s_{1:t}), L the potential's prefix score."""
 
-    def __init__(self, prefix: bool = True):
-        self.prefix = prefix
+    def __init__(self, prefix: bool = True, residual: ResidualTwist | None = None):
+        self.prefix, self.residual = prefix, residual
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
         self.scored = self.prefix and any(t.has_prefix_potential for t in targets)
+        if self.residual is not None:
+            self.residual.check(targets)
 
     def log_psi(self, b: Stepped) -> Tensor:
         if b.twisted:
-            return b.psi.double()
+            out = b.psi.double()
+            if self.residual is not None:
+                out = out.clone()
+                for g in b.groups.unique().tolist():
+                    going = (b.groups == g) & ~b.finished
+                    if going.any():
+                        out[going] += self.residual.look_ahead(b.targets[g], b.prefixes(going))
+            return out
         out = torch.zeros(len(b.rows), dtype=torch.float64)
         if not self.scored:
             return out

@@ -191,7 +191,7 @@ def run_smc(
     for chunk in chunks(targets, n, max_rows):
         batch = [targets[g] for g in chunk]
         every = TokenStepBoundary() if any(t.steps is not None for t in batch) else Boundary()  # Steps end chains
-        sampler = engine.Sampler(prop, every, PrefixCritic(use_prefix), Resample(scheme, ess_threshold))
+        sampler = engine.Sampler(prop, every, PrefixCritic(use_prefix, prop.prefix_powers), Resample(scheme, ess_threshold))
 
         def on_extinct(g: int, t: int, died: int, batch: list[Target] = batch) -> None:
             extinct(batch[g], t, died, n, on_extinction, used_prefix=use_prefix)

@@ -20,7 +20,8 @@ from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist, condition_ids
 from ..twists.lora import LoRATwist
-from .checkpoint import run_key
+from ..twists.residual import ResidualTwist
+from .checkpoint import code_digest, run_key
 from .fit import Checkpointing, Trained, fit
 from .objectives import TwistBatch, get_objective
 
@@ -50,16 +51,16 @@ def twist_batch(target: Target, drawn: dict[str, Tensor], trainee, *, all_tokens
     """The ``TwistBatch`` of drawn sequences with psi from ``trainee``, with gradients: a head
     reads the recorded hidden states (no LM forward, so the same draw can serve many
     updates); a twist with its own body runs it teacher-forced. ``all_tokens=False`` scores
-    a head only at the drawn tokens (``log_psi_drawn``), enough for ctl, sixo and fudge."""
+    a head only at the drawn tokens (``log_psi_drawn``), enough for ctl, sixo and fudge. A
+    ``ResidualTwist``'s look-ahead at the drawn prefixes is the batch's ``log_psi_offset``."""
     t, mask = drawn, drawn["mask"]
-    all_psi = drawn_psi = None
+    all_psi = drawn_psi = offset = None
+    toks = t["tokens"].tolist()
+    at = mask.nonzero().tolist()  # (row, step) of every drawn token
     if hasattr(trainee, "log_psi_teacher_forced"):  # its own body: one forward with gradients
         all_psi = trainee.log_psi_teacher_forced(target, t["tokens"], mask).masked_fill(~mask[..., None], 0.0)
     else:  # a head on the frozen model's recorded hidden states: no LM forward at all
-        prefixes = None
-        if trainee.needs_prefixes:
-            toks = t["tokens"].tolist()
-            prefixes = [tuple(toks[k][:j]) for k, j in mask.nonzero().tolist()]
+        prefixes = [tuple(toks[k][:j]) for k, j in at] if trainee.needs_prefixes else None
         condition = trainee.condition_for(target)
         if all_tokens:
             values = trainee.log_psi(prefixes, t["hidden"][mask], condition)
@@ -67,8 +68,35 @@ def twist_batch(target: Target, drawn: dict[str, Tensor], trainee, *, all_tokens
         else:
             values = trainee.log_psi_at(prefixes, t["hidden"][mask], t["tokens"][mask], condition)
             drawn_psi = values.new_zeros(mask.shape).masked_scatter(mask, values)
+    if isinstance(trainee, ResidualTwist):
+        ahead = trainee.look_ahead(target, [toks[k][: j + 1] for k, j in at]).float().to(mask.device)
+        offset = torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, ahead)
     return TwistBatch(t["tokens"], mask, t["log_p0"], t["log_q"], t["log_phi"], all_psi, t.get("log_p0_all"),
-                      drawn_psi)
+                      drawn_psi, offset)
+
+
+def teacher_forced(target: Target, sequences: Sequence[Sequence[int]], rows: int = 256) -> dict[str, Tensor]:
+    """Given completions of ``target`` as ``draw`` records them: tokens (right-padded with -1),
+    mask and the hidden state each token was drawn from (one decode of ``rows`` sequences at a
+    time); no log-probs or potentials (zeros)."""
+    model, horizon = target.model, max(map(len, sequences))
+    tokens = torch.full((len(sequences), horizon), -1, dtype=torch.long)
+    for k, s in enumerate(sequences):
+        tokens[k, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    hidden = []
+    for lo in range(0, len(sequences), rows):
+        block = tokens[lo : lo + rows]
+        state = model.start(target.prompt_ids, len(block))
+        states = [state.hidden.float()]
+        for j in range(horizon - 1):
+            state = model.advance(state, block[:, j].clamp(min=0).to(model.device))
+            states.append(state.hidden.float())
+        hidden.append(torch.stack(states, 1))
+    mask = tokens >= 0
+    zeros = torch.zeros(mask.shape)
+    device = model.device
+    return {"tokens": tokens.to(device), "mask": mask.to(device), "hidden": torch.cat(hidden).to(device),
+            "log_p0": zeros.to(device), "log_q": zeros.to(device), "log_phi": zeros[:, 0].to(device)}
 
 
 @takes_config(TwistTrainingConfig)
@@ -97,6 +125,7 @@ def train_twist(
     log_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     progress: bool = True,
+    positives: Sequence[Sequence[int]] | None = None,
 ) -> Trained:
     """Learn a twist for ``target`` with ``objective`` (ctl | rl | sixo | fudge | dpg).
 
@@ -123,6 +152,13 @@ def train_twist(
     far, seconds); ``log_path`` appends it as JSONL, ``plot_path`` draws the curves. The loop
     is ``pilm.learning.fit``.
 
+    ``positives`` (ctl, one target): samples of sigma drawn elsewhere, e.g. a replay pool of
+    the resampled particles of a large SMC run; each step contrasts ``batch_size`` of them,
+    drawn uniformly, with the step's draw as negatives (``ctl``'s ``positives``), so the
+    positive term no longer rests on the draw's few effective samples of a rare sigma. A
+    ``ResidualTwist`` trains its head on top of its look-ahead: the objective reads
+    a_t log L + head at the drawn tokens.
+
     ``config=`` a ``TwistTrainingConfig`` gives every setting at once; an argument also given overrides it.
     """
     spec = get_objective(objective)
@@ -130,6 +166,14 @@ def train_twist(
     if not targets or any(t.model is not targets[0].model for t in targets):
         raise ValueError("train_twist needs one target, or several sharing one model")
     target = targets[0]
+    if positives is not None and (objective != "ctl" or len(targets) > 1 or not len(positives)):
+        raise ValueError("positives (samples of sigma) serve the ctl objective on one target; got "
+                         f"{len(positives)} positives, objective {objective!r} and {len(targets)} targets")
+    if isinstance(twist, ResidualTwist):
+        twist.check(targets)
+        if spec.needs_logprobs and twist.propose == "head":
+            raise ValueError(f"{objective} reads psi at every next token, and this residual twist has its look-ahead "
+                             "only at the drawn ones (propose='head'): use ctl or sixo")
     if twist is None:
         conditional = condition_ids(target) is not None if conditional is None else conditional
         with torch.random.fork_rng():
@@ -150,9 +194,12 @@ def train_twist(
     key = run_key(targets, {"objective": objective, "batch_size": batch_size, "lr": lr, "seed": seed,
                             "head": head, "layers": layers, "init": init, "reuse": reuse, "body": body,
                             "lora_rank": lora_rank, "conditional": conditional, "proposal_beta": proposal_beta,
-                            "weight_decay": weight_decay, "grad_clip": grad_clip})
+                            "weight_decay": weight_decay, "grad_clip": grad_clip}
+                  | ({} if positives is None else {"positives": code_digest([list(map(int, p)) for p in positives])})
+                  | ({"residual": [list(twist.powers), twist.propose]} if isinstance(twist, ResidualTwist) else {}))
     lm_tokens = 0  # LM tokens drawn so far (a resumed run continues the count)
     every = spec.needs_logprobs  # rl and dpg read psi at every token, the others only at the drawn ones
+    pool = None if positives is None else teacher_forced(target, positives)
 
     def step(i: int, update) -> dict:
         nonlocal lm_tokens
@@ -163,9 +210,14 @@ def train_twist(
         if spec.needs_base_samples:
             base, _ = draw(step_target, None, batch_size, generator, keep_logprobs=False)
         lm_tokens += int(drawn["mask"].sum()) + (int(base["mask"].sum()) if base is not None else 0)
+        picked = None
+        if pool is not None:
+            rows = torch.randint(len(pool["mask"]), (batch_size,), generator=generator, device=generator.device)
+            picked = {k: v[rows.to(v.device)] for k, v in pool.items()}
         for _ in range(reuse):
+            extra = {} if picked is None else {"positives": twist_batch(step_target, picked, twist, all_tokens=every)}
             loss = spec.loss(twist_batch(step_target, drawn, twist, all_tokens=every),
-                             None if base is None else twist_batch(step_target, base, twist, all_tokens=every))
+                             None if base is None else twist_batch(step_target, base, twist, all_tokens=every), **extra)
             update(loss)
         lw = torch.tensor(log_w)
         return {"loss": loss.item(), "ess": ess(lw) if torch.isfinite(lw).any() else 0.0,

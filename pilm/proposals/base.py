@@ -29,6 +29,7 @@ from ..models.base import ModelState
 from ..models.device import check_device, module_device
 from ..target import Target
 from ..twists.base import Prefixes, TwistFunction
+from ..twists.residual import ResidualTwist
 from .weights import twisted_log_q
 
 
@@ -56,6 +57,12 @@ class Proposal(ABC):
     def compute(self) -> dict[str, int]:
         """What proposing cost this run beyond the model's forwards (e.g. potential calls)."""
         return {}
+
+    @property
+    def prefix_powers(self) -> ResidualTwist | None:
+        """A residual twist whose look-ahead weighs after the draw (``ResidualTwist``,
+        ``propose="head"``): the critic adds its ``a_t · log L`` to this proposal's log psi."""
+        return None
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
         """Start ``n`` rows for each target, target-major (stateless proposals: nothing)."""
@@ -126,6 +133,10 @@ class TwistProposal(Proposal):
         with torch.no_grad():
             log_psi = self.twist.log_psi(prefixes, state.hidden, self._condition).float()
         return Proposed(twisted_log_q(state.logprobs, log_psi, self.beta), log_psi)
+
+    @property
+    def prefix_powers(self) -> ResidualTwist | None:
+        return self.twist.prefix_powers if isinstance(self.twist, ResidualTwist) else None
 
     def reindex(self, idx: Tensor) -> None:
         if self._condition is not None:

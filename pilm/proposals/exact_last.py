@@ -55,6 +55,10 @@ class ExactLastProposal(Proposal):
         return dict(self._spent)
 
     @property
+    def prefix_powers(self):
+        return self.inner.prefix_powers
+
+    @property
     def needs_prefixes(self) -> bool:  # type: ignore[override]  # the last token's prefixes are scored
         return self.inner.needs_prefixes or bool(self._at_last().any())
 

@@ -45,6 +45,10 @@ class MaskedProposal(Proposal):
         self._targets: list[Target] = []
         self._groups = torch.zeros(0, dtype=torch.long)
 
+    @property
+    def prefix_powers(self):
+        return None if self.inner is None else self.inner.prefix_powers
+
     def begin(self, targets: Sequence[Target], n: int) -> None:
         self._targets = list(targets)
         self._groups = torch.arange(len(targets)).repeat_interleave(n)

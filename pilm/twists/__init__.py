@@ -4,8 +4,9 @@ from .base import TwistFunction
 from .exact import ExactTwist, TableTwist, optimal, optimal_log_psi
 from .head import Twist, TwistConfig, check_compatible, condition_ids
 from .lora import LoRATwist
+from .residual import ResidualTwist
 
 __all__ = [
-    "ExactTwist", "LoRATwist", "TableTwist", "Twist", "TwistConfig", "TwistFunction", "check_compatible",
+    "ExactTwist", "LoRATwist", "ResidualTwist", "TableTwist", "Twist", "TwistConfig", "TwistFunction", "check_compatible",
     "condition_ids", "optimal", "optimal_log_psi",
 ]

@@ -23,6 +23,8 @@ class TwistBatch:
     ``log_p0_all`` (only for objectives that need it) is log p0 of every next token.
     Objectives that read psi only at the drawn tokens (ctl, sixo, fudge) can be given
     ``log_psi_drawn`` (K, T) instead of ``log_psi_all``: a V-times smaller computation.
+    ``log_psi_offset`` (K, T, no gradient) is added to psi at the drawn tokens: a residual
+    twist's look-ahead a_t log L(s_{1:t}) (``pilm.twists.ResidualTwist``).
     """
 
     tokens: Tensor
@@ -33,6 +35,7 @@ class TwistBatch:
     log_psi_all: Tensor | None
     log_p0_all: Tensor | None = None
     log_psi_drawn: Tensor | None = None
+    log_psi_offset: Tensor | None = None
 
     @property
     def log_psi(self) -> Tensor:
@@ -41,6 +44,8 @@ class TwistBatch:
         if picked is None:
             assert self.log_psi_all is not None  # a batch carries one of the two
             picked = self.log_psi_all.gather(-1, self.tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        if self.log_psi_offset is not None:
+            picked = picked + self.log_psi_offset
         return picked.masked_fill(~self.mask, 0.0)
 
     @property

@@ -1,11 +1,12 @@
 """Contrastive Twist Learning (Zhao et al., ICML 2024)."""
 
+import torch
 from torch import Tensor
 
-from .batch import TwistBatch, sigma_weights_per_step, twist_weights_per_step
+from .batch import TwistBatch, masked_softmax, sigma_weights_per_step, twist_weights_per_step
 
 
-def ctl(batch: TwistBatch, base: TwistBatch | None = None) -> Tensor:
+def ctl(batch: TwistBatch, base: TwistBatch | None = None, positives: TwistBatch | None = None) -> Tensor:
     """L(theta) = mean_t KL( sigma(s_{1:t}) || pi_t^theta(s_{1:t}) ), pi_t ∝ p0 psi_t^theta.
 
     Its gradient is EBM maximum likelihood at each t:
@@ -15,8 +16,23 @@ def ctl(batch: TwistBatch, base: TwistBatch | None = None) -> Tensor:
     pi_t (with the learned psi_t); both detached and renormalised among the sequences still
     running at t. At psi* the twisted proposal is sigma, both weight sets are uniform, and
     the gradient is exactly zero.
+
+    ``positives``: samples of sigma drawn elsewhere (e.g. a replay pool of a large SMC run's
+    resampled particles), weighted uniformly among those running at t; they replace the
+    batch's SIS positives, which on a rare event hold few effective samples. The mean then runs
+    over the steps where both sets have sequences. The negatives' weights are still
+    self-normalised over the batch, biased at small batches; no longer cancelled by the same
+    bias in the positives, it shows more (on a tabular target pilm's tests measure the twist's
+    misfit 0.97 -> 0.24 at batch 64 and 0.07 at 256).
     """
-    diff = sigma_weights_per_step(batch) - twist_weights_per_step(batch)
-    per_step = (diff * batch.log_psi).sum(0)
-    steps = batch.mask.any(0)
+    negative = (twist_weights_per_step(batch) * batch.log_psi).sum(0)
+    if positives is None:
+        positive, steps = (sigma_weights_per_step(batch) * batch.log_psi).sum(0), batch.mask.any(0)
+    else:
+        uniform = masked_softmax(torch.zeros(positives.mask.shape, device=positives.mask.device), positives.mask)
+        positive, steps = (uniform * positives.log_psi).sum(0), positives.mask.any(0)
+        width = min(len(positive), len(negative))
+        positive, negative = positive[:width], negative[:width]
+        steps = steps[:width] & batch.mask.any(0)[:width]
+    per_step = positive - negative
     return -per_step[steps].mean()
