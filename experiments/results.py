@@ -26,6 +26,7 @@ import mask_engines
 import masked
 import payoff
 import red_team
+import residual_twist
 import scale_report
 import skip_twist
 import twists
@@ -77,6 +78,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
     "red_team": lambda f: {"results.md": red_team.table(rows(f))},
     "scale": scale,
     "scale_runs": scale_runs,
+    "residual": lambda f: {"results.md": residual_twist.table(rows(f))},
     "skip": lambda f: {"results.md": skip_twist.table(rows(f))},
     "twists": lambda f: {"results.md": twists.table(rows(f))},
 }
@@ -85,7 +87,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
 FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent": "latent", "masked": "masked", "masks": "masks",
            "payoff/infilling": "payoff", "payoff/toxicity": "payoff", "payoff/toxicity_lr3e-3": "payoff",
            "payoff/analytic_infilling": "analytic", "payoff/analytic_toxicity": "analytic",
-           "payoff/skip_infilling": "skip",
+           "payoff/skip_infilling": "skip", "payoff/residual_toxicity": "residual",
            "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 

@@ -102,7 +102,8 @@ def main() -> None:
     print(write(out, "skip")["results.md"])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, xlabel: str = "skip model training seconds (2-core CPU)",
+         title: str = "infilling: a twist learned by maximum likelihood on the joint") -> None:
     """The learned samplers' gap (± 95% half-width) against training seconds; each bootstrap K's gap as a level."""
     import matplotlib
 
@@ -116,8 +117,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     marker="o", capsize=3, color=f"C{i}", label=f"{name}, K = {mine[0]['n_particles']}")
     for j, r in enumerate(sorted((r for r in rows if r["sampler"] == "base"), key=lambda r: r["n_particles"])):
         ax.axhline(r["gap"], ls="--", lw=1, color=f"C{3 + j}", label=f"bootstrap SMC, K = {r['n_particles']}")
-    ax.set(xlabel="skip model training seconds (2-core CPU)", ylabel="gap = upper - lower bound on log Z",
-           title="infilling: a twist learned by maximum likelihood on the joint")
+    ax.set(xlabel=xlabel, ylabel="gap = upper - lower bound on log Z", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -8,7 +8,7 @@ import torch
 import pilm
 from pilm.learning import train_twist
 from pilm.potentials import FunctionPotential
-from pilm.twists import ResidualTwist, TableTwist, Twist, optimal_log_psi
+from pilm.twists import ResidualTwist, TableTwist, Twist, load_twist, optimal_log_psi
 
 from .conftest import mean_and_se, sigma_cells_chi2
 
@@ -149,3 +149,7 @@ def test_residual_twist_saves_and_loads(tiny, tmp_path):
     assert torch.equal(back.log_psi(None, hidden), twist.log_psi(None, hidden))
     with pytest.raises(FileNotFoundError, match="residual"):
         ResidualTwist.from_pretrained(tmp_path, tiny)
+    assert isinstance(load_twist(tmp_path / "residual", tiny), ResidualTwist)  # what pilm sample --twist reads
+    assert type(load_twist(twist.head.save_pretrained(tmp_path / "head"), tiny)) is Twist
+    with pytest.raises(FileNotFoundError, match="no saved twist"):
+        load_twist(tmp_path, tiny)

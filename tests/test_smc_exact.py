@@ -158,3 +158,19 @@ def test_ancestry_and_ess_trace_shapes(tabular_target):
     for t, parents in enumerate(res.ancestry, start=1):
         if t not in res.resampled_at:
             assert parents == list(range(16))
+
+
+def test_draw_resamples_particles_by_weight(tabular_target):
+    res = pilm.smc(tabular_target, 8, ess_threshold=0.0, seed=3, progress=False)
+    drawn = res.draw(20_000, seed=1)
+    assert drawn == res.draw(20_000, seed=1) and drawn != res.draw(20_000, seed=2)
+    mass = Counter()
+    for w, toks in zip(res.weights, res.tokens):
+        mass[tuple(toks)] += w
+    freq = Counter(tuple(s) for s in drawn)
+    for s, w in mass.items():  # binomial: 5 sd of a proportion from 20,000 draws is at most 0.018
+        assert abs(freq[s] / 20_000 - w) < 5 * math.sqrt(w * (1 - w) / 20_000) + 1e-9, s
+    dead = pilm.smc(tabular_target, 4, seed=0, progress=False)
+    dead.log_weights = [-math.inf] * 4
+    with pytest.raises(ValueError, match="extinct"):
+        dead.draw(3)

@@ -79,9 +79,9 @@ def _sample(target, tc: TargetConfig, sc: SMCConfig, out: SampleOutput):
     from ..models import LanguageModel, LoRAPolicy
     from ..potentials.likelihood import suffix_of
     from ..proposals import ExactLastProposal, Proposal, make_proposal
-    from ..twists import Twist
+    from ..twists import load_twist
 
-    twist = Twist.from_pretrained(out.twist, target.model) if out.twist else None
+    twist = load_twist(out.twist, target.model) if out.twist else None
     if out.skip:
         from ..learning import SkipModel
 
@@ -151,7 +151,7 @@ def _run_bounds(tc: TargetConfig, cfg: BoundsConfig, job: BoundsJob) -> int:
     from dataclasses import asdict
 
     from .. import bounds, load_model
-    from ..twists import Twist
+    from ..twists import load_twist
 
     target = target_from_flags(tc)
     samplers: dict = {"base": None}
@@ -161,7 +161,7 @@ def _run_bounds(tc: TargetConfig, cfg: BoundsConfig, job: BoundsJob) -> int:
         elif where.startswith("adapter:"):
             samplers[name] = load_model(tc.model, adapter=where.removeprefix("adapter:"))
         else:
-            samplers[name] = Twist.from_pretrained(where, target.model)
+            samplers[name] = load_twist(where, target.model)
     report = bounds(target, samplers, **asdict(cfg))
     print(report.table())
     if job.out:

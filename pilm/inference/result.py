@@ -64,6 +64,16 @@ class SMCResult(Record):
         """Normalised weights of the final particles."""
         return normalized(torch.tensor(self.log_weights)).tolist()
 
+    def draw(self, n: int, *, seed: int = 0) -> list[list[int]]:
+        """``n`` particles' tokens drawn by weight, with replacement (multinomial resampling,
+        seeded): approximate samples of sigma, e.g. a replay pool for ``train_twist(positives=)``.
+        A run whose weights are all 0 (extinct) has nothing to draw: ``ValueError``."""
+        w = torch.tensor(self.weights, dtype=torch.float64)
+        if not len(w) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
+            raise ValueError("this run has no particle of positive weight to draw (it went extinct)")
+        picks = torch.multinomial(w / w.sum(), n, replacement=True, generator=torch.Generator().manual_seed(seed))
+        return [list(self.tokens[i]) for i in picks.tolist()]
+
     def top(self, k: int = 5) -> list[tuple[float, str]]:
         """The k distinct samples of largest total normalised weight, heaviest first."""
         mass: dict[str, float] = {}

@@ -1,0 +1,183 @@
+"""A learned residual on the look-ahead twist, trained on a replay pool, against bootstrap SMC.
+
+docs/payoff's toxicity target and exact samples (phi = P(offensive)^2 of 10 tokens after "The
+quarterly report shows that", 10 seeds), with the classifier's score of the prefix as the
+look-ahead L (``Toxicity(prefix=True)``). The twist is ``ResidualTwist``: log psi_t = log L_t +
+head(h), a tied head on the hidden state the forward already made, starting at 0 (stage 0 is
+the look-ahead alone). Its head learns by ctl with positives from a replay pool: the
+resampled particles of --pool-runs SMC runs at K = --pool-k with the look-ahead (seeds apart
+from the bounds'), kept in --out/pool.json; negatives are each step's draw from the twist.
+
+After each stage (--stages: cumulative steps; a checkpoint carries each stage into the next),
+at K = --k with resampling at every step, ``pilm.bounds`` bounds log Z on the same seeds with
+the residual, against bootstrap SMC at each K of --base-ks run in this same process (so
+seconds compare at equal load). Each stage also records the calibration of the whole log psi_t
+against a 32-rollout Monte Carlo estimate of log psi*_t on held-out p0 prefixes. Resumable:
+rerun to continue. Writes --out/results.jsonl, gap_vs_seconds.png and results.md (``table``).
+Rerun: make experiment-payoff
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from payoff import exact_pairs, make_target, paired  # experiments/payoff.py, next to this script
+from skip_twist import plot
+
+import pilm
+from pilm.commands.cli_args import Parser
+from pilm.evaluation import twist_calibration
+from pilm.inference.result import read_jsonl
+from pilm.inference.smc import run_smc
+from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
+from pilm.potentials import Toxicity
+from pilm.twists import ResidualTwist, Twist
+
+
+def main() -> None:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--stages", default="0,100,300,600", help="cumulative training steps at which to bound")
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--base-ks", default="16,64,256")
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--pool-k", type=int, default=256, help="particles of each replay-pool SMC run")
+    p.add_argument("--pool-runs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--reuse", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--held-out", type=int, default=24, help="held-out p0 draws for the calibration")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    have = {(r["sampler"], r["n_particles"], r.get("stage")) for r in read_jsonl(results, missing_ok=True)}
+    model = pilm.load_model()
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "stages", "base_ks")}
+    claim(out, {**settings, "model": model.name, "dtype": model.dtype_name}, remedy=RESUME_ELSEWHERE)
+    plain, _, how = make_target("toxicity", model, 1)
+    target = dataclasses.replace(plain, potential=Toxicity("toxic", prefix=True) ** 2.0)  # phi unchanged, L added
+    pairs = exact_pairs(plain, how, args.seeds, Path("docs/payoff/toxicity/exact_samples.json"))[: args.seeds]
+
+    def save(row: dict) -> None:
+        with open(results, "a") as f:
+            f.write(json.dumps({**row, "config": {**vars(args), "model": model.name}}) + "\n")
+
+    def bound(name: str, k: int, twist, seeds, **extra) -> None:
+        t0 = time.perf_counter()
+        report = pilm.bounds(seeds[0][0], {name: twist}, [k], exact_samples=seeds, methods=("smc",), seed=0,
+                             progress=False)
+        row = {**report.rows[0], "seconds": time.perf_counter() - t0, **extra}
+        save(row)
+        print(f"{name} K={k} {extra.get('stage', '')}: gap {row['gap']:.2f} ± {row['gap_ci']:.2f} "
+              f"({row['seconds']:.0f} s)", flush=True)
+
+    for k in (int(k) for k in args.base_ks.split(",")):
+        if ("base", k, None) not in have:
+            bound("base", k, None, pairs)
+    pool = replay_pool(target, out / "pool.json", args.pool_k, args.pool_runs)
+    g = torch.Generator().manual_seed(99)
+    held = [(target, list(s)) for s in run_smc(plain, args.held_out, g, ess_threshold=0.0, use_prefix=False).tokens]
+    with_look_ahead = [(target, s) for _, s in pairs]
+    for stage in (int(s) for s in args.stages.split(",")):
+        if ("residual", args.k, stage) in have:
+            continue
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            twist = ResidualTwist(Twist.for_model(model, kind="tied", init="base"), 1.0)
+        history = []
+        if stage:
+            trained = pilm.train_twist(target, "ctl", twist=twist, positives=pool["tokens"], steps=stage,
+                                       batch_size=args.batch_size, reuse=args.reuse, lr=args.lr, seed=0,
+                                       checkpoint_dir=str(out / "checkpoint"), checkpoint_every=25,
+                                       log_path=str(out / "training.jsonl"), progress=False)
+            history = trained.history
+        if len(history) != stage:
+            raise SystemExit(f"the checkpoint in {out / 'checkpoint'} is at step {len(history)}, past stage {stage}: "
+                             "give stages up to it (or a new --out)")
+        bound("residual", args.k, twist, with_look_ahead, stage=stage,
+              train_seconds=sum(h["seconds"] for h in history), loss=history[-1]["loss"] if history else None,
+              calibration=calibration(held, twist, target.max_new_tokens), pool_seconds=pool["seconds"])
+        if stage:
+            twist.save_pretrained(out / "twist")
+    from results import rows, write  # experiments/results.py, next to this script
+
+    plot(rows(out), out / "gap_vs_seconds.png", "residual head training seconds (2-core CPU)",
+         "toxicity: a residual on the look-ahead, trained on a replay pool")
+    print(write(out, "residual")["results.md"])
+
+
+def replay_pool(target: pilm.Target, path: Path, k: int, runs: int) -> dict:
+    """The resampled particles of ``runs`` SMC runs at K = ``k`` with the look-ahead (seeds
+    1000 on), drawn once and kept in ``path``: samples of sigma for ctl's positive term."""
+    if not path.exists():
+        t0 = time.perf_counter()
+        tokens = []
+        for r in pilm.smc([target] * runs, k, seed=1000, progress=False):
+            tokens += r.draw(k)
+        path.write_text(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - t0, "k": k, "runs": runs}))
+    return json.loads(path.read_text())
+
+
+def calibration(held, twist: ResidualTwist, horizon: int) -> dict[str, dict[str, float]]:
+    """Per position t: the correlation and least-squares slope of the whole log psi_t
+    (look-ahead + head) on the Monte Carlo log psi*_t (32 rollouts) over the held-out p0
+    prefixes, and both spreads (sd)."""
+    positions = sorted({1, horizon // 2, horizon - 1})
+    rows = twist_calibration(held, twist, positions, rollouts=32, seed=7)["rows"]
+    for r in rows:
+        target, s = held[r["pair"]]
+        r["log_psi"] += float(twist.look_ahead(target, [s[: r["t"]]])[0])
+    out = {}
+    for t in positions:
+        mine, truth = [r["log_psi"] for r in rows if r["t"] == t], [r["log_mc"] for r in rows if r["t"] == t]
+        flat = min(statistics.stdev(mine), statistics.stdev(truth)) == 0  # no correlation to speak of
+        out[str(t)] = {"corr": math.nan if flat else statistics.correlation(mine, truth),
+                       "slope": math.nan if flat else statistics.linear_regression(truth, mine)[0],
+                       "sd_psi": statistics.stdev(mine), "sd_mc": statistics.stdev(truth)}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """results.md: per sampler, K and stage the bounds, gap, final ESS, training and bounding
+    seconds, and the paired Δ against each bootstrap K (mean ± 95% Student-t half-width over
+    seeds; an interval holding 0 is not resolved); then the calibration per stage."""
+    c = rows[0]["config"]
+    base = {r["n_particles"]: r for r in rows if r["sampler"] == "base"}
+    learned = sorted((r for r in rows if r["sampler"] != "base"), key=lambda r: r["stage"])
+    pool = f"{c['pool_runs']} runs at K = {c['pool_k']}" + (f", {learned[0]['pool_seconds']:.0f} s" if learned else "")
+    lines = [f"toxicity (docs/payoff's target and exact samples), {rows[0]['seeds']} seeds, SMC resampling every step; "
+             f"residual: log L (the classifier's prefix score) + a tied head, ctl with replay-pool positives ({pool}), "
+             f"batch {c['batch_size']}, reuse {c['reuse']}, lr {c['lr']}; stage 0 is the look-ahead alone. Gaps: means "
+             "± 95% half-widths; Δ = gap − bootstrap gap at that K, paired by seed; seconds: the sampler's lower and "
+             "upper bound runs over all seeds.", "",
+             "| sampler | K | steps | train s | lower | upper | gap | final ESS | seconds |"
+             + "".join(f" Δ vs base K={k} |" for k in sorted(base)),
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(base)]
+    for r in [*(base[k] for k in sorted(base)), *learned]:
+        deltas = "".join(" {:+.2f} ± {:.2f} |".format(*paired(r["gaps"], base[k]["gaps"])) if r["sampler"] != "base"
+                         else " |" for k in sorted(base))
+        steps = "" if r.get("stage") is None else r["stage"]
+        train = "" if r.get("stage") is None else f"{r['train_seconds']:.0f}"
+        lines.append(f"| {r['sampler']} | {r['n_particles']} | {steps} | {train} | {r['lower']:.2f} ± {r['lower_ci']:.2f} "
+                     f"| {r['upper']:.2f} ± {r['upper_ci']:.2f} | {r['gap']:.2f} ± {r['gap_ci']:.2f} | "
+                     f"{r['ess_final']:.1f} | {r['seconds']:.0f} |{deltas}")
+    if learned:
+        lines += ["", f"Calibration on {c['held_out']} held-out p0 draws: the whole log psi_t (look-ahead + head) against "
+                  "the log of the mean phi over 32 p0 rollouts of the same prefix (corr, least-squares slope, sd of each).",
+                  "", "| steps | t | corr | slope | sd log psi | sd log MC |", "|---|---|---|---|---|---|"]
+        for r in learned:
+            for t, s in r["calibration"].items():
+                lines.append(f"| {r['stage']} | {t} | {s['corr']:.2f} | {s['slope']:.2f} | {s['sd_psi']:.2f} | "
+                             f"{s['sd_mc']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
