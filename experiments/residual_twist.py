@@ -1,8 +1,8 @@
 """A learned residual on the look-ahead twist, trained on a replay pool, against bootstrap SMC.
 
 docs/payoff's toxicity target and exact samples (phi = P(offensive)^2 of 10 tokens after "The
-quarterly report shows that", 10 seeds), with the classifier's score of the prefix as the
-look-ahead L (``Toxicity(prefix=True)``). The twist is ``ResidualTwist``: log psi_t = log L_t +
+quarterly report shows that", 10 seeds), with the classifier's score of the prefix, squared as
+phi is, as the look-ahead L (``Toxicity(prefix=True) ** 2``). The twist is ``ResidualTwist``: log psi_t = log L_t +
 head(h), a tied head on the hidden state the forward already made, starting at 0 (stage 0 is
 the look-ahead alone). Its head learns by ctl with positives from a replay pool: the
 resampled particles of --pool-runs SMC runs at K = --pool-k with the look-ahead (seeds apart
@@ -126,9 +126,10 @@ def replay_pool(target: pilm.Target, path: Path, k: int, runs: int) -> dict:
 
 
 def calibration(held, twist: ResidualTwist, horizon: int) -> dict[str, dict[str, float]]:
-    """Per position t: the correlation and least-squares slope of the whole log psi_t
-    (look-ahead + head) on the Monte Carlo log psi*_t (32 rollouts) over the held-out p0
-    prefixes, and both spreads (sd)."""
+    """Per position t: the correlation of the whole log psi_t (look-ahead + head) with the
+    Monte Carlo log psi*_t (32 rollouts) over the held-out p0 prefixes, the least-squares slope
+    of the Monte Carlo value on log psi (1 for a calibrated twist; as ``calibration_summary``,
+    so the rollouts' noise does not attenuate it), and both spreads (sd)."""
     positions = sorted({1, horizon // 2, horizon - 1})
     rows = twist_calibration(held, twist, positions, rollouts=32, seed=7)["rows"]
     for r in rows:
@@ -139,7 +140,7 @@ def calibration(held, twist: ResidualTwist, horizon: int) -> dict[str, dict[str,
         mine, truth = [r["log_psi"] for r in rows if r["t"] == t], [r["log_mc"] for r in rows if r["t"] == t]
         flat = min(statistics.stdev(mine), statistics.stdev(truth)) == 0  # no correlation to speak of
         out[str(t)] = {"corr": math.nan if flat else statistics.correlation(mine, truth),
-                       "slope": math.nan if flat else statistics.linear_regression(truth, mine)[0],
+                       "slope": math.nan if flat else statistics.linear_regression(mine, truth)[0],
                        "sd_psi": statistics.stdev(mine), "sd_mc": statistics.stdev(truth)}
     return out
 
@@ -170,7 +171,8 @@ def table(rows: list[dict]) -> str:
                      f"{r['ess_final']:.1f} | {r['seconds']:.0f} |{deltas}")
     if learned:
         lines += ["", f"Calibration on {c['held_out']} held-out p0 draws: the whole log psi_t (look-ahead + head) against "
-                  "the log of the mean phi over 32 p0 rollouts of the same prefix (corr, least-squares slope, sd of each).",
+                  "the log of the mean phi over 32 p0 rollouts of the same prefix (corr; least-squares slope of the "
+                  "rollout value on log psi, 1 when calibrated; sd of each).",
                   "", "| steps | t | corr | slope | sd log psi | sd log MC |", "|---|---|---|---|---|---|"]
         for r in learned:
             for t, s in r["calibration"].items():

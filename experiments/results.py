@@ -20,6 +20,7 @@ from pathlib import Path
 
 import analytic_twists
 import bounds
+import decisive
 import finetune
 import latent
 import mask_engines
@@ -70,6 +71,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
     "analytic": lambda f: {"results.md": analytic_twists.table(rows(f))},
     "bench": lambda f: {"results.md": bench_table(json.loads((f / "bench.json").read_text()))},
     "bounds": lambda f: {"results.md": bounds.table(rows(f))},
+    "decisive": lambda f: {"decisive.md": decisive.table(f)},
     "finetune": lambda f: {"results.md": finetune.table(rows(f, "results_*.jsonl"))},
     "latent": lambda f: {"results.md": latent.table(rows(f))},
     "masked": lambda f: {"results.md": masked.table(rows(f))},
@@ -87,7 +89,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
 FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent": "latent", "masked": "masked", "masks": "masks",
            "payoff/infilling": "payoff", "payoff/toxicity": "payoff", "payoff/toxicity_lr3e-3": "payoff",
            "payoff/analytic_infilling": "analytic", "payoff/analytic_toxicity": "analytic",
-           "payoff/skip_infilling": "skip", "payoff/residual_toxicity": "residual",
+           "payoff": "decisive", "payoff/skip_infilling": "skip", "payoff/residual_toxicity": "residual",
            "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 

@@ -1,13 +1,22 @@
 """The residual twist log psi_t = a_t log L + head, against exact answers on a tabular target."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import pilm
+from pilm.inference import engine
+from pilm.inference.batch import seeded_generators
+from pilm.inference.boundaries import Boundary
+from pilm.inference.critics import PrefixCritic
+from pilm.inference.resampling import get_scheme
+from pilm.inference.rules import Resample
+from pilm.inference.smc import run_smc
 from pilm.learning import train_twist
 from pilm.potentials import FunctionPotential
+from pilm.proposals import make_proposal
 from pilm.twists import ResidualTwist, TableTwist, Twist, load_twist, optimal_log_psi
 
 from .conftest import mean_and_se, sigma_cells_chi2
@@ -68,6 +77,47 @@ def test_random_residual_keeps_z_hat_unbiased_and_sigma(tabular_target, propose)
     assert chi2 < cells + 5 * math.sqrt(2 * cells), f"chi2 {chi2:.1f} over {cells} cells"
 
 
+def test_critic_weighs_by_head_plus_a_t_log_l_at_each_length(tabular_target):
+    """Proposing from the head, the psi each row is weighed by at step t is the head at its
+    drawn token plus POWERS[t-1] log L of its prefix: the index of a_t, read off the engine."""
+    head = random_head(tabular_target, 2)
+    proposal = make_proposal(ResidualTwist(head, POWERS))
+    sampler = engine.Sampler(proposal, Boundary(), PrefixCritic(False, proposal.prefix_powers),
+                             Resample(get_scheme("multinomial"), 0.0))  # no resampling: row r keeps its own past
+    run = engine.run([tabular_target], 32, sampler, [torch.Generator().manual_seed(0)])
+    tokens, checked = run.particles.tokens.tolist(), 0
+    for info in run.steps:
+        for r, finished, now in zip(info.rows.tolist(), info.finished.tolist(), info.log_psi_now.tolist(), strict=True):
+            if finished:  # phi there
+                continue
+            s = tokens[r][: info.t]
+            want = float(head.log_psi([tuple(s[:-1])], torch.zeros(1, 1))[0, s[-1]])
+            want += POWERS[info.t - 1] * float(tabular_target.log_prefix_potential([s])[0])
+            assert now == want if math.isinf(want) else now == pytest.approx(want, abs=1e-5), (info.t, s)
+            checked += 1
+    assert checked > 40
+
+
+def test_residual_batches_distinct_targets_as_it_runs_them_apart(tabular_target):
+    """Targets with other look-aheads and horizons (rows finish and leave at different steps)
+    in one batch, proposing from every next token's look-ahead (each row reads its own
+    target's): the same draws and estimates as each target run alone with its own generator."""
+
+    def other(weight: float):
+        def f(s):
+            return weight * (s.count(1) - s.count(0))
+        return FunctionPotential(f, on="tokens", prefix_fn=f, name=f"other {weight}")
+
+    targets = [tabular_target, dataclasses.replace(tabular_target, potential=other(1.5), max_new_tokens=3),
+               dataclasses.replace(tabular_target, potential=other(-2.0), max_new_tokens=2)]
+    twist = ResidualTwist(random_head(tabular_target, 3), POWERS, propose="all")
+    together = pilm.smc(targets, 8, twist=twist, seed=5, progress=False, on_extinction="return")
+    g = seeded_generators(5, len(targets), torch.device("cpu"))
+    apart = [run_smc(t, 8, g[i], twist=twist, on_extinction="return") for i, t in enumerate(targets)]
+    assert [r.tokens for r in together] == [r.tokens for r in apart]
+    assert [r.log_z for r in together] == pytest.approx([r.log_z for r in apart], abs=1e-5)
+
+
 def test_zero_head_is_smc_on_the_look_ahead(tabular_target):
     """With head = 0 and a_t = 1 the residual is the potential's own prefix score: the same
     particles and log Z-hat as bootstrap SMC that resamples on it."""
@@ -94,6 +144,15 @@ def test_residual_refuses_what_it_cannot_twist(tabular_target):
         ResidualTwist(TableTwist(tabular_target, output="log_sigmoid"))
     with pytest.raises(ValueError, match="every next token"):
         train_twist(tabular_target, "rl", twist=ResidualTwist(TableTwist(tabular_target)), steps=1, progress=False)
+    stateful = TableTwist(tabular_target)
+    stateful.stateful = True  # as a LoRATwist, which runs a body of its own
+    with pytest.raises(ValueError, match="body of its own"):
+        ResidualTwist(stateful)
+    costly = FunctionPotential(lambda s: -0.1 * len(s), on="tokens", prefix_fn=lambda s: -0.1 * len(s))
+    costly.costly_prefix = True  # as a skip model's or a rollout look-ahead
+    run_model = dataclasses.replace(tabular_target, potential=costly)
+    with pytest.raises(ValueError, match="runs a model"):
+        pilm.smc(run_model, 4, twist=ResidualTwist(TableTwist(run_model), propose="all"), progress=False)
 
 
 def misfit(twist: ResidualTwist, target) -> float:

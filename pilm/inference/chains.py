@@ -51,7 +51,7 @@ def run_steps(
     desc = desc or method
     if proposal is None:
         proposal = MaskedProposal(temperature=temperature) if mask else BaseProposal(temperature)
-    critic: Critic = PrefixCritic() if prm is None else ProcessRewardCritic(prm, aggregation)
+    critic: Critic = PrefixCritic(residual=proposal.prefix_powers) if prm is None else ProcessRewardCritic(prm, aggregation)
     judged = prm.lm_tokens if prm is not None else 0  # a PRM object may serve several runs: count this one's
     boundary = StepBoundary(steps)
     done = engine.run(targets, n, engine.Sampler(proposal, boundary, critic, rule, temperature), generators,

@@ -52,15 +52,17 @@ def twist_batch(target: Target, drawn: dict[str, Tensor], trainee, *, all_tokens
     reads the recorded hidden states (no LM forward, so the same draw can serve many
     updates); a twist with its own body runs it teacher-forced. ``all_tokens=False`` scores
     a head only at the drawn tokens (``log_psi_drawn``), enough for ctl, sixo and fudge. A
-    ``ResidualTwist``'s look-ahead at the drawn prefixes is the batch's ``log_psi_offset``."""
+    ``ResidualTwist``'s look-ahead at the drawn prefixes is the batch's ``log_psi_offset``
+    (``drawn["offset"]`` where ``look_ahead`` put it once for many updates)."""
     t, mask = drawn, drawn["mask"]
-    all_psi = drawn_psi = offset = None
-    toks = t["tokens"].tolist()
-    at = mask.nonzero().tolist()  # (row, step) of every drawn token
+    all_psi = drawn_psi = None
     if hasattr(trainee, "log_psi_teacher_forced"):  # its own body: one forward with gradients
         all_psi = trainee.log_psi_teacher_forced(target, t["tokens"], mask).masked_fill(~mask[..., None], 0.0)
     else:  # a head on the frozen model's recorded hidden states: no LM forward at all
-        prefixes = [tuple(toks[k][:j]) for k, j in at] if trainee.needs_prefixes else None
+        prefixes = None
+        if trainee.needs_prefixes:
+            toks = t["tokens"].tolist()
+            prefixes = [tuple(toks[k][:j]) for k, j in mask.nonzero().tolist()]
         condition = trainee.condition_for(target)
         if all_tokens:
             values = trainee.log_psi(prefixes, t["hidden"][mask], condition)
@@ -68,11 +70,19 @@ def twist_batch(target: Target, drawn: dict[str, Tensor], trainee, *, all_tokens
         else:
             values = trainee.log_psi_at(prefixes, t["hidden"][mask], t["tokens"][mask], condition)
             drawn_psi = values.new_zeros(mask.shape).masked_scatter(mask, values)
-    if isinstance(trainee, ResidualTwist):
-        ahead = trainee.look_ahead(target, [toks[k][: j + 1] for k, j in at]).float().to(mask.device)
-        offset = torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, ahead)
+    offset = t.get("offset")
+    if offset is None and isinstance(trainee, ResidualTwist):
+        offset = look_ahead(target, t, trainee)
     return TwistBatch(t["tokens"], mask, t["log_p0"], t["log_q"], t["log_phi"], all_psi, t.get("log_p0_all"),
                       drawn_psi, offset)
+
+
+def look_ahead(target: Target, drawn: dict[str, Tensor], residual: ResidualTwist) -> Tensor:
+    """a_t log L(s_{1:t}) of a residual twist at every drawn token, (K, T): no parameter in it,
+    so it is computed once per draw however many updates read it."""
+    mask, toks = drawn["mask"], drawn["tokens"].tolist()
+    values = residual.look_ahead(target, [toks[k][: j + 1] for k, j in mask.nonzero().tolist()])
+    return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, values.float().to(mask.device))
 
 
 def teacher_forced(target: Target, sequences: Sequence[Sequence[int]], rows: int = 256) -> dict[str, Tensor]:
@@ -171,9 +181,9 @@ def train_twist(
                          f"{len(positives)} positives, objective {objective!r} and {len(targets)} targets")
     if isinstance(twist, ResidualTwist):
         twist.check(targets)
-        if spec.needs_logprobs and twist.propose == "head":
-            raise ValueError(f"{objective} reads psi at every next token, and this residual twist has its look-ahead "
-                             "only at the drawn ones (propose='head'): use ctl or sixo")
+        if spec.needs_logprobs:
+            raise ValueError(f"{objective} reads psi at every next token; a residual twist trains on its drawn tokens: "
+                             "use ctl or sixo")
     if twist is None:
         conditional = condition_ids(target) is not None if conditional is None else conditional
         with torch.random.fork_rng():
@@ -200,6 +210,8 @@ def train_twist(
     lm_tokens = 0  # LM tokens drawn so far (a resumed run continues the count)
     every = spec.needs_logprobs  # rl and dpg read psi at every token, the others only at the drawn ones
     pool = None if positives is None else teacher_forced(target, positives)
+    if pool is not None and isinstance(twist, ResidualTwist):
+        pool["offset"] = look_ahead(target, pool, twist)
 
     def step(i: int, update) -> dict:
         nonlocal lm_tokens
@@ -210,6 +222,10 @@ def train_twist(
         if spec.needs_base_samples:
             base, _ = draw(step_target, None, batch_size, generator, keep_logprobs=False)
         lm_tokens += int(drawn["mask"].sum()) + (int(base["mask"].sum()) if base is not None else 0)
+        if isinstance(twist, ResidualTwist):
+            for d in (drawn, base):
+                if d is not None:
+                    d["offset"] = look_ahead(step_target, d, twist)
         picked = None
         if pool is not None:
             rows = torch.randint(len(pool["mask"]), (batch_size,), generator=generator, device=generator.device)

@@ -44,6 +44,9 @@ class ResidualTwist(nn.Module, TwistFunction):
         super().__init__()
         if propose not in ("head", "all"):
             raise ValueError(f"propose must be 'head' or 'all', got {propose!r}")
+        if head.stateful:
+            raise ValueError(f"a residual's head reads the model's hidden state or the prefixes; {type(head).__name__} "
+                             "runs a body of its own, which a residual does not step or train")
         if head.output != "log":
             raise ValueError("a residual adds to log L: its head must output log psi (output='log'), "
                              f"not {head.output!r}")
@@ -53,7 +56,7 @@ class ResidualTwist(nn.Module, TwistFunction):
         self.head, self.powers, self.propose = head, values, propose
         self.uniform = isinstance(powers, (int, float))
         self.needs_prefixes = head.needs_prefixes or propose == "all"
-        self.stateful = head.stateful or propose == "all"
+        self.stateful = propose == "all"  # it follows the rows' targets
         self.trained_for = head.trained_for
         self._targets: list = []
         self._groups: Tensor | None = None
@@ -79,6 +82,9 @@ class ResidualTwist(nn.Module, TwistFunction):
             if not t.has_prefix_potential:
                 raise ValueError(f"a residual twist adds to the target's prefix score, and {t.potential} has none "
                                  "(give the potential a look-ahead, e.g. Toxicity(prefix=True))")
+            if self.propose == "all" and t.potential.costly_prefix:
+                raise ValueError(f"propose='all' scores the look-ahead of every next token, and {t.potential}'s prefix "
+                                 "score runs a model: use propose='head'")
             if not self.uniform and t.max_new_tokens > len(self.powers):
                 raise ValueError(f"this residual has powers for {len(self.powers)} tokens; the target draws "
                                  f"{t.max_new_tokens}")
@@ -91,23 +97,15 @@ class ResidualTwist(nn.Module, TwistFunction):
         log_l = target.log_prefix_potential([list(p) for p in prefixes]).double()
         return torch.where(powers > 0, powers * log_l, 0.0)
 
-    # -- stepping (the head's, and with propose="all" the rows' targets) ---------------------
+    # -- stepping (propose="all": each row's target, for its look-ahead) ----------------------
     def begin(self, targets, n: int) -> None:
         self.check(targets)
         self._targets = list(targets)
         self._groups = torch.arange(len(targets)).repeat_interleave(n)
-        if self.head.stateful:
-            self.head.begin(targets, n)
-
-    def advance(self, tokens: Tensor, hold: Tensor | None = None) -> None:
-        if self.head.stateful:
-            self.head.advance(tokens, hold)
 
     def reindex(self, idx: Tensor) -> None:
         if self._groups is not None:
             self._groups = self._groups[idx.cpu()]
-        if self.head.stateful:
-            self.head.reindex(idx)
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         out = self.head.log_psi(prefixes, hidden, condition)
@@ -133,6 +131,7 @@ class ResidualTwist(nn.Module, TwistFunction):
         save = getattr(self.head, "save_pretrained", None)
         if save is None:
             raise TypeError(f"a residual twist saves its head, and {type(self.head).__name__} cannot be saved")
+        self.head.trained_for = self.trained_for  # what train_twist set on the residual travels with the head
         directory = Path(save(directory))
         (directory / CONFIG_NAME).write_text(json.dumps({
             "powers": self.powers[0] if self.uniform else list(self.powers), "propose": self.propose}))
