@@ -84,8 +84,9 @@ class TargetConfig(Config):
     chat: bool = arg(False, "wrap the prompt in the model's chat template")
     potential: tuple[str, ...] = arg((), "a potential spec (repeat to multiply them)", repeat=True)
     max_new_tokens: int = arg(32, "horizon T: a completion ends at EOS or after T tokens", low=1)
-    lookahead: float = arg(0.0, "alpha of a suffix: potential's look-ahead prefix score alpha log p(suffix | prompt, "
-                                "prefix) (0: none)", low=0)
+    lookahead: float = arg(0.0, "alpha > 0: a look-ahead prefix score, alpha log p(suffix | prompt, prefix) for "
+                                "suffix:, alpha log P(label | prefix) for sentiment: and toxicity: (0: each kind's "
+                                "default)", low=0)
     rollouts: int = arg(0, "R > 0: the potential's prefix score is the mean phi of R model rollouts of each prefix to "
                            "the horizon, an estimate of the optimal twist (0: none)", low=0)
 
@@ -149,6 +150,10 @@ class TwistTrainingConfig(Config):
     grad_clip: float = arg(1.0, "gradient-norm clipping", low=0, strict=True)
     checkpoint_every: int = arg(50, "steps between checkpoints (when checkpointing)", low=1)
     seed: int = arg(0, "random seed")
+    residual: float | None = arg(None, "a: learn a residual on the potential's prefix score L (a look-ahead, "
+                                       "--lookahead), log psi = a log L + a head starting at 0 (ctl, sixo)", low=0)
+    pool: int = arg(0, "ctl: positives from a replay pool of this many samples of sigma, resampled from SMC runs "
+                       "of 256 particles on the target (0: each draw's own weighted samples)", low=0)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,10 @@ def one_line_error(capsys, argv, match):
     (["red-team", "--method", "ppo"], "argument --method: invalid choice: 'ppo'"),
     (["red-team", "--beta", "0"], "--beta must be > 0, got 0"),
     (["red-team", "--threshold", "2"], "--threshold must be in [0, 1], got 2"),
-    (["sample", "--lookahead", "0.5"], "--lookahead scores a suffix: potential ahead"),
+    (["sample", "--lookahead", "0.5"], "--lookahead scores a suffix:, sentiment: or toxicity: potential ahead"),
+    (["train-twist", "--potential", "toxicity:toxic", "--lookahead", "1"], "or that a residual twist learns on"),
+    (["train-twist", "--pool", "64", "--objective", "sixo"], "--pool gives ctl its positives; --objective sixo"),
+    (["train-twist", "--residual", "-1"], "--residual must be >= 0, got -1"),
     (["sample", "--potential", "suffix:x", "--lookahead", "-1"], "--lookahead must be >= 0, got -1"),
     (["sample", "--exact-last", "-2"], "--exact-last must be >= 0, got -2"),
     (["sample", "--rollouts", "4"], "--rollouts estimates E[phi | prefix]: give a --potential"),
@@ -185,6 +188,17 @@ def test_train_twist_writes_a_small_twist_that_knows_its_target(capsys, table_mo
     assert main(["sample", "--prompt", "b", "--potential", "regex:[ab]*", "--max-new-tokens", "3",
                  "--n-particles", "4", "--twist", str(out)]) == 0
     assert "pilm: warning: this twist was trained for prompt 'a'" in capsys.readouterr().err
+
+
+def test_train_twist_learns_a_residual_on_a_replay_pool_that_sample_reads(capsys, table_model, tmp_path):
+    out = tmp_path / "residual"
+    args = ["--prompt", "a", "--potential", "regex:[ab]*", "--max-new-tokens", "3"]  # a regex has a prefix score
+    assert main(["train-twist", *args, "--residual", "0.5", "--pool", "300", "--init", "base", "--steps", "2",
+                 "--batch-size", "4", "--out", str(out)]) == 0
+    assert "trained a residual mlp twist on the look-ahead" in capsys.readouterr().out
+    assert json.loads((out / "residual_config.json").read_text()) == {"powers": 0.5, "propose": "head"}
+    assert main(["sample", *args, "--n-particles", "4", "--twist", str(out)]) == 0
+    assert "pilm: warning" not in capsys.readouterr().err  # trained for this very target
 
 
 def test_bounds_on_sampled_endings_say_so(capsys, table_model):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pilm
-from pilm.potentials import FunctionPotential, Regex, Sentiment, Sequences, parse_potential
+from pilm.potentials import FunctionPotential, Regex, Sentiment, Sequences, Toxicity, parse_potential
 
 from .conftest import asymmetric_potential
 
@@ -53,6 +53,20 @@ def test_sentiment_is_a_probability(model):
     assert p[0] > 0.9 and p[1] < 0.1 and p[2] == 0.5
     with pytest.raises(ValueError, match="positive"):
         Sentiment("happy")
+
+
+def test_a_classifier_looks_ahead_with_a_power(model):
+    seqs = Sequences(model, (0,), [(0, 1), (1,)])  # any texts: VADER scores them
+    full, half = Sentiment("positive"), Sentiment("positive", prefix=0.5)
+    assert torch.allclose(half.log_prefix(seqs), 0.5 * full.log_prefix(seqs))
+    assert torch.equal(half.log_phi(seqs), full.log_phi(seqs))  # phi, hence sigma and Z, unchanged
+    assert not Toxicity("toxic").has_prefix and Toxicity("toxic", prefix=True).prefix == 1.0
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="prefix must be"):
+            Toxicity("toxic", prefix=bad)
+    assert parse_potential("toxicity:toxic", model).has_prefix is False
+    tempered = parse_potential("toxicity:toxic:2", model, lookahead=0.5)  # --lookahead on a classifier spec
+    assert tempered.has_prefix and tempered.base.prefix == 0.5
 
 
 def test_specs(model):

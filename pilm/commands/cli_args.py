@@ -19,7 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
-from ..config import SMCConfig, TargetConfig
+from ..config import SMCConfig, TargetConfig, TwistTrainingConfig
 from ..errors import ConfigError
 from ..learning.checkpoint import RUN
 from .jobs import BoundsJob, FinetuneJob, SampleOutput
@@ -238,6 +238,7 @@ def _check_writable(flag: str, path: Path, *, folder: bool) -> None:
 
 
 HARD_CONSTRAINTS = ("regex:", "json:", "grammar:")
+LOOKAHEAD = ("suffix:", "sentiment:", "toxicity:")  # the specs --lookahead scores ahead (potentials.spec)
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
 
 
@@ -247,14 +248,20 @@ def check_together(made) -> None:
         return next((c for c in made if isinstance(c, cls)), None)
 
     target, smc, job, out = one(TargetConfig), one(SMCConfig), one(FinetuneJob), one(SampleOutput)
+    training = one(TwistTrainingConfig)
+    residual = training is not None and training.residual is not None
     if smc and smc.mask and target and target.potential and not any(
             spec.startswith(HARD_CONSTRAINTS) for spec in target.potential):
         raise ValueError("--mask: no --potential is a hard constraint (regex:, json:, grammar:), so there is "
                          "nothing to mask; leave out --mask")
-    if target and target.lookahead and not any(spec.startswith("suffix:") for spec in target.potential):
-        raise ValueError("--lookahead scores a suffix: potential ahead; give one with --potential suffix:TEXT")
-    if target and target.lookahead and not smc:
-        raise ValueError("--lookahead is a prefix score that SMC resamples on: only pilm sample uses it")
+    if target and target.lookahead and not any(spec.startswith(LOOKAHEAD) for spec in target.potential):
+        raise ValueError("--lookahead scores a suffix:, sentiment: or toxicity: potential ahead; give one with "
+                         "--potential")
+    if target and target.lookahead and not (smc or residual):
+        raise ValueError("--lookahead is a prefix score that SMC resamples on (pilm sample) or that a residual twist "
+                         "learns on (pilm train-twist --residual A)")
+    if training and training.pool and training.objective != "ctl":
+        raise ValueError(f"--pool gives ctl its positives; --objective {training.objective} does not read them")
     if target and target.rollouts and not target.potential:
         raise ValueError("--rollouts estimates E[phi | prefix]: give a --potential to look ahead for")
     if target and target.rollouts and target.lookahead:

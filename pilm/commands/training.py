@@ -74,10 +74,12 @@ def run_train_twist(tc: TargetConfig, cfg: TwistTrainingConfig, out: TwistOutput
     folder = Path(out.out)
     trained = train_twist(target, config=cfg, **_outputs(folder, out.overwrite))  # type: ignore[call-arg]  # @takes_config
     last = _save(trained, folder, out.keep_checkpoint)
-    print(f"trained a {cfg.head} twist with {cfg.objective} for {cfg.steps} steps: "
+    kind = f"{cfg.head} twist" if cfg.residual is None else f"residual {cfg.head} twist on the look-ahead"
+    print(f"trained a {kind} with {cfg.objective} for {cfg.steps} steps: "
           f"final loss {last['loss']:.4g}, batch ESS {last['ess']:.1f}/{cfg.batch_size}")
+    same = "" if cfg.residual is None else " (with the same --potential and --lookahead: it adds to their prefix score)"
     print(f"wrote {folder} ({size_of(folder)}: twist, train.jsonl, training.png"
-          f"{', checkpoint' if out.keep_checkpoint else ''}); use: pilm sample ... --twist {folder}")
+          f"{', checkpoint' if out.keep_checkpoint else ''}); use: pilm sample ... --twist {folder}{same}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, cast
@@ -85,6 +86,18 @@ def look_ahead(target: Target, drawn: dict[str, Tensor], residual: ResidualTwist
     return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, values.float().to(mask.device))
 
 
+def replay_pool(target: Target, size: int, seed: int, k: int = 256) -> list[list[int]]:
+    """``size`` samples of sigma: particles resampled by weight (``SMCResult.draw``) from SMC
+    runs of ``k`` particles on ``target``, which resample on its prefix score."""
+    runs = -(-size // k)
+    results = run_smc([target] * runs, k, seeded_generator(seed, target.model.device), on_extinction="return")
+    drawn = [s for i, r in enumerate(results) if math.isfinite(r.log_z) for s in r.draw(k, seed=seed + i)]
+    if not drawn:
+        raise ValueError(f"the replay pool's {runs} SMC runs of {k} particles all went extinct: no sample of sigma "
+                         "to learn from")
+    return drawn[:size]
+
+
 def teacher_forced(target: Target, sequences: Sequence[Sequence[int]], rows: int = 256) -> dict[str, Tensor]:
     """Given completions of ``target`` as ``draw`` records them: tokens (right-padded with -1),
     mask and the hidden state each token was drawn from (one decode of ``rows`` sequences at a
@@ -136,6 +149,8 @@ def train_twist(
     plot_path: str | Path | None = None,
     progress: bool = True,
     positives: Sequence[Sequence[int]] | None = None,
+    residual: float | None = C.residual,
+    pool: int = C.pool,
 ) -> Trained:
     """Learn a twist for ``target`` with ``objective`` (ctl | rl | sixo | fudge | dpg).
 
@@ -165,8 +180,11 @@ def train_twist(
     ``positives`` (ctl, one target): samples of sigma drawn elsewhere, e.g. a replay pool of
     the resampled particles of a large SMC run; each step contrasts ``batch_size`` of them,
     drawn uniformly, with the step's draw as negatives (``ctl``'s ``positives``), so the
-    positive term no longer rests on the draw's few effective samples of a rare sigma. A
-    ``ResidualTwist`` trains its head on top of its look-ahead: the objective reads
+    positive term no longer rests on the draw's few effective samples of a rare sigma.
+    ``pool=P`` draws such a pool here: P particles resampled from SMC runs of 256 on the
+    target (its prefix score resampling them), seeded by ``seed``. A ``ResidualTwist`` (given,
+    or made with ``residual=a`` around the head made here: ``init="base"`` starts it at the
+    look-ahead alone) trains its head on top of its look-ahead: the objective reads
     a_t log L + head at the drawn tokens.
 
     ``config=`` a ``TwistTrainingConfig`` gives every setting at once; an argument also given overrides it.
@@ -176,14 +194,19 @@ def train_twist(
     if not targets or any(t.model is not targets[0].model for t in targets):
         raise ValueError("train_twist needs one target, or several sharing one model")
     target = targets[0]
-    if positives is not None and (objective != "ctl" or len(targets) > 1 or not len(positives)):
-        raise ValueError("positives (samples of sigma) serve the ctl objective on one target; got "
-                         f"{len(positives)} positives, objective {objective!r} and {len(targets)} targets")
-    if isinstance(twist, ResidualTwist):
-        twist.check(targets)
-        if spec.needs_logprobs:
-            raise ValueError(f"{objective} reads psi at every next token; a residual twist trains on its drawn tokens: "
-                             "use ctl or sixo")
+    if pool and positives is not None:
+        raise ValueError("give positives or pool (which draws them), not both")
+    if residual is not None and twist is not None:
+        raise ValueError("residual= wraps the head train_twist makes; to train a twist of your own as a residual, "
+                         "pass ResidualTwist(head, a) as twist")
+    if (pool or positives is not None) and (objective != "ctl" or len(targets) > 1):
+        raise ValueError("positives (samples of sigma, or a pool of them) serve the ctl objective on one target; got "
+                         f"objective {objective!r} and {len(targets)} targets")
+    if positives is not None and not len(positives):
+        raise ValueError("positives is empty: give samples of sigma (or pool=P to draw them)")
+    if (residual is not None or isinstance(twist, ResidualTwist)) and spec.needs_logprobs:
+        raise ValueError(f"{objective} reads psi at every next token; a residual twist trains on its drawn tokens: "
+                         "use ctl or sixo")
     if twist is None:
         conditional = condition_ids(target) is not None if conditional is None else conditional
         with torch.random.fork_rng():
@@ -196,6 +219,12 @@ def train_twist(
                                         conditional=conditional, init=init)
             else:
                 raise ValueError(f"body must be 'frozen' or 'lora', got {body!r}")
+        if residual is not None:
+            twist = ResidualTwist(twist, residual)
+    if isinstance(twist, ResidualTwist):
+        twist.check(targets)
+    if pool:
+        positives = replay_pool(target, pool, seed)
     elif twist.output != spec.twist_output:
         raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
     generator = seeded_generator(seed, targets[0].model.device)  # draws the batches on the model's device
@@ -209,9 +238,9 @@ def train_twist(
                   | ({"residual": [list(twist.powers), twist.propose]} if isinstance(twist, ResidualTwist) else {}))
     lm_tokens = 0  # LM tokens drawn so far (a resumed run continues the count)
     every = spec.needs_logprobs  # rl and dpg read psi at every token, the others only at the drawn ones
-    pool = None if positives is None else teacher_forced(target, positives)
-    if pool is not None and isinstance(twist, ResidualTwist):
-        pool["offset"] = look_ahead(target, pool, twist)
+    sigma_batch = None if positives is None else teacher_forced(target, positives)
+    if sigma_batch is not None and isinstance(twist, ResidualTwist):
+        sigma_batch["offset"] = look_ahead(target, sigma_batch, twist)
 
     def step(i: int, update) -> dict:
         nonlocal lm_tokens
@@ -227,9 +256,9 @@ def train_twist(
                 if d is not None:
                     d["offset"] = look_ahead(step_target, d, twist)
         picked = None
-        if pool is not None:
-            rows = torch.randint(len(pool["mask"]), (batch_size,), generator=generator, device=generator.device)
-            picked = {k: v[rows.to(v.device)] for k, v in pool.items()}
+        if sigma_batch is not None:
+            rows = torch.randint(len(sigma_batch["mask"]), (batch_size,), generator=generator, device=generator.device)
+            picked = {k: v[rows.to(v.device)] for k, v in sigma_batch.items()}
         for _ in range(reuse):
             extra = {} if picked is None else {"positives": twist_batch(step_target, picked, twist, all_tokens=every)}
             loss = spec.loss(twist_batch(step_target, drawn, twist, all_tokens=every),

@@ -23,15 +23,17 @@ class Sentiment(Potential):
 
     With ``prefix=True`` (default) the same probability of the prefix text is the
     intermediate potential: a heuristic twist that resamples towards prefixes already
-    carrying the sentiment. It leaves sigma and the unbiasedness of Z-hat unchanged (it is
-    never 0, since |c| < 1).
+    carrying the sentiment; a number alpha makes it P(label | prefix)^alpha (a look-ahead
+    power). It leaves sigma and the unbiasedness of Z-hat unchanged (it is never 0, since
+    |c| < 1).
     """
 
-    def __init__(self, label: Literal["positive", "negative"] = "positive", *, prefix: bool = True):
+    def __init__(self, label: Literal["positive", "negative"] = "positive", *, prefix: bool | float = True):
         if label not in ("positive", "negative"):
             raise ValueError(f"sentiment label must be 'positive' or 'negative', got {label!r}")
         self.label = label
-        self.has_prefix = prefix
+        self.prefix = prefix_power(prefix)
+        self.has_prefix = self.prefix > 0
 
     @property
     def name(self) -> str:
@@ -46,7 +48,15 @@ class Sentiment(Potential):
         return torch.log(self.probability(seqs.texts)).float()
 
     def log_prefix(self, seqs: Sequences) -> Tensor:
-        return self.log_phi(seqs)
+        return self.prefix * self.log_phi(seqs)
+
+
+def prefix_power(prefix: bool | float) -> float:
+    """A classifier's look-ahead power: ``True`` is 1, ``False`` 0 (no prefix score)."""
+    value = float(prefix)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"prefix must be True, False or a finite power >= 0, got {prefix!r}")
+    return value
 
 
 @functools.cache
@@ -60,13 +70,15 @@ class Toxicity(Potential):
     probabilities, trained on ~200k labelled comments. It is the best toxicity classifier
     that ships offline on PyPI: small, fast (~20k texts/s) and a real probability, so
     ``Toxicity(...) ** 1`` keeps Bayesian semantics (exact samples by rejection). It judges
-    words, not intent. No prefix score by default.
+    words, not intent. No prefix score by default; ``prefix=True`` scores the prefix text the
+    same way, and a number alpha makes that P(. | prefix)^alpha (a look-ahead power).
     """
 
-    def __init__(self, want: Literal["toxic", "clean"] = "clean", *, prefix: bool = False):
+    def __init__(self, want: Literal["toxic", "clean"] = "clean", *, prefix: bool | float = False):
         if want not in ("toxic", "clean"):
             raise ValueError(f"toxicity target must be 'toxic' or 'clean', got {want!r}")
-        self.want, self.has_prefix = want, prefix
+        self.want, self.prefix = want, prefix_power(prefix)
+        self.has_prefix = self.prefix > 0
 
     @property
     def name(self) -> str:
@@ -80,4 +92,4 @@ class Toxicity(Potential):
         return torch.log(self.probability(seqs.texts)).float()
 
     def log_prefix(self, seqs: Sequences) -> Tensor:
-        return self.log_phi(seqs)
+        return self.prefix * self.log_phi(seqs)

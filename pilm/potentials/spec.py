@@ -16,15 +16,15 @@ from .likelihood import SuffixLikelihood
 SPEC_HELP = (
     "regex:PATTERN (completion must full-match), json:SCHEMA|FILE (a JSON document valid under the "
     "schema), grammar:EBNF|FILE (derived from the grammar's root rule), sentiment:positive|negative[:BETA], "
-    "toxicity:clean|toxic[:BETA], suffix:TEXT (infilling: likelihood of TEXT after the completion; "
-    "--lookahead ALPHA gives it a look-ahead prefix score)"
+    "toxicity:clean|toxic[:BETA], suffix:TEXT (infilling: likelihood of TEXT after the completion); "
+    "--lookahead ALPHA gives suffix:, sentiment: and toxicity: a look-ahead prefix score"
 )
 
 
 def _classifier(cls):
-    def build(arg: str, model: LanguageModel | None) -> Potential:
+    def build(arg: str, model: LanguageModel | None, prefix: float | None = None) -> Potential:
         label, _, beta = arg.partition(":")
-        potential = cls(label)
+        potential = cls(label) if prefix is None else cls(label, prefix=prefix)
         if not beta:
             return potential
         try:
@@ -78,11 +78,19 @@ def check_spec(spec: str) -> None:
             raise ValueError(f"potential spec {spec!r}: {err}") from None
 
 
+LOOKAHEAD_KINDS = ("suffix", "sentiment", "toxicity")
+"""The spec kinds ``--lookahead`` gives a prefix score."""
+
+
 def parse_potential(spec: str, model: LanguageModel, *, lookahead: float = 0.0) -> Potential:
-    """A potential from ``KIND:ARGUMENT`` (see ``SPEC_HELP``); ``lookahead``: the alpha of a
-    ``suffix:`` potential's look-ahead prefix score (``SuffixLikelihood``)."""
+    """A potential from ``KIND:ARGUMENT`` (see ``SPEC_HELP``); ``lookahead`` alpha > 0: a
+    ``suffix:`` potential's look-ahead prefix score alpha log p(suffix | x, prefix)
+    (``SuffixLikelihood``), or a classifier's alpha log P(label | prefix) (tempered by BETA
+    with phi); 0 leaves each kind its default."""
     check_spec(spec)
     kind, _, arg = spec.partition(":")
     if kind == "suffix":  # the one kind built with the model
         return SuffixLikelihood(model, arg, lookahead=lookahead)
+    if kind in LOOKAHEAD_KINDS and lookahead:
+        return _classifier({"sentiment": Sentiment, "toxicity": Toxicity}[kind])(arg, model, lookahead)
     return _KINDS[kind](arg, model)

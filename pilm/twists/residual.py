@@ -81,7 +81,7 @@ class ResidualTwist(nn.Module, TwistFunction):
         for t in targets:
             if not t.has_prefix_potential:
                 raise ValueError(f"a residual twist adds to the target's prefix score, and {t.potential} has none "
-                                 "(give the potential a look-ahead, e.g. Toxicity(prefix=True))")
+                                 "(give the potential a look-ahead: Toxicity(prefix=True), or --lookahead on the command line)")
             if self.propose == "all" and t.potential.costly_prefix:
                 raise ValueError(f"propose='all' scores the look-ahead of every next token, and {t.potential}'s prefix "
                                  "score runs a model: use propose='head'")

@@ -29,4 +29,4 @@ def load_twist(directory: str | Path, model: LanguageModel) -> TwistFunction:
         return LoRATwist.from_pretrained(directory, cast(HFModel, model))
     if (directory / HEAD_CONFIG).exists():
         return Twist.from_pretrained(directory, model)
-    raise FileNotFoundError(f"{directory} holds no saved twist (none of {RESIDUAL_CONFIG}, {LORA_CONFIG}, {HEAD_CONFIG})")
+    raise FileNotFoundError(f"{directory} holds no saved twist ({HEAD_CONFIG} is missing)")
