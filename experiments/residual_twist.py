@@ -43,7 +43,7 @@ from pilm.twists import ResidualTwist, Twist
 def main() -> None:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--stages", default="0,100,300,600", help="cumulative training steps at which to bound")
+    p.add_argument("--stages", default="0,100,300", help="cumulative training steps at which to bound")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--base-ks", default="16,64,256")
     p.add_argument("--seeds", type=int, default=10)
@@ -145,16 +145,19 @@ def calibration(held, twist: ResidualTwist, horizon: int) -> dict[str, dict[str,
     return out
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], pool: dict | None = None) -> str:
     """results.md: per sampler, K and stage the bounds, gap, final ESS, training and bounding
     seconds, and the paired Δ against each bootstrap K (mean ± 95% Student-t half-width over
-    seeds; an interval holding 0 is not resolved); then the calibration per stage."""
+    seeds; an interval holding 0 is not resolved); then the calibration per stage. ``pool``:
+    pool.json's contents, whose draws (and how many are distinct) the header gives."""
     c = rows[0]["config"]
     base = {r["n_particles"]: r for r in rows if r["sampler"] == "base"}
     learned = sorted((r for r in rows if r["sampler"] != "base"), key=lambda r: r["stage"])
-    pool = f"{c['pool_runs']} runs at K = {c['pool_k']}" + (f", {learned[0]['pool_seconds']:.0f} s" if learned else "")
+    drawn = "" if pool is None else f": {len(pool['tokens'])} draws, {len({tuple(t) for t in pool['tokens']})} distinct"
+    pool_text = (f"{c['pool_runs']} runs at K = {c['pool_k']}" + (f", {learned[0]['pool_seconds']:.0f} s" if learned else "")
+                 + drawn)
     lines = [f"toxicity (docs/payoff's target and exact samples), {rows[0]['seeds']} seeds, SMC resampling every step; "
-             f"residual: log L (the classifier's prefix score) + a tied head, ctl with replay-pool positives ({pool}), "
+             f"residual: log L (the classifier's prefix score) + a tied head, ctl with replay-pool positives ({pool_text}), "
              f"batch {c['batch_size']}, reuse {c['reuse']}, lr {c['lr']}; stage 0 is the look-ahead alone. Gaps: means "
              "± 95% half-widths; Δ = gap − bootstrap gap at that K, paired by seed; seconds: the sampler's lower and "
              "upper bound runs over all seeds.", "",

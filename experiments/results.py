@@ -80,7 +80,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
     "red_team": lambda f: {"results.md": red_team.table(rows(f))},
     "scale": scale,
     "scale_runs": scale_runs,
-    "residual": lambda f: {"results.md": residual_twist.table(rows(f))},
+    "residual": lambda f: {"results.md": residual_twist.table(rows(f), json.loads((f / "pool.json").read_text()))},
     "skip": lambda f: {"results.md": skip_twist.table(rows(f))},
     "twists": lambda f: {"results.md": twists.table(rows(f))},
 }

@@ -71,7 +71,8 @@ class SMCResult(Record):
         w = torch.tensor(self.weights, dtype=torch.float64)
         if not len(w) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
             raise ValueError("this run has no particle of positive weight to draw (it went extinct)")
-        picks = torch.multinomial(w / w.sum(), n, replacement=True, generator=torch.Generator().manual_seed(seed))
+        picks = torch.multinomial(w / w.sum(), n, replacement=True,
+                                  generator=torch.Generator(device="cpu").manual_seed(seed))  # host weights
         return [list(self.tokens[i]) for i in picks.tolist()]
 
     def top(self, k: int = 5) -> list[tuple[float, str]]:
