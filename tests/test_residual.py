@@ -98,6 +98,16 @@ def test_critic_weighs_by_head_plus_a_t_log_l_at_each_length(tabular_target):
     assert checked > 40
 
 
+def test_wrapping_proposals_keep_the_residual_s_look_ahead(tabular_target):
+    """exact-last and masked proposals around a residual still weigh by its look-ahead: without it
+    the run stays unbiased but is no longer the twist asked for, so no other test would notice."""
+    twist = ResidualTwist(random_head(tabular_target, 4), POWERS)
+    for name in ("twist", "base", "exact-last", "masked", "masked+exact-last"):
+        assert make_proposal(twist, name).prefix_powers is twist, name
+    assert make_proposal(ResidualTwist(TableTwist(tabular_target), propose="all")).prefix_powers is None
+    assert make_proposal(None, "masked").prefix_powers is None
+
+
 def test_residual_batches_distinct_targets_as_it_runs_them_apart(tabular_target):
     """Targets with other look-aheads and horizons (rows finish and leave at different steps)
     in one batch, proposing from every next token's look-ahead (each row reads its own
