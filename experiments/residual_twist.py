@@ -27,15 +27,13 @@ import time
 from pathlib import Path
 
 import torch
-from payoff import exact_pairs, make_target, paired  # experiments/payoff.py, next to this script
-from skip_twist import plot
+from payoff import exact_pairs, make_target  # experiments/payoff.py, next to this script
+from skip_twist import Study, calibration_lines, plot, staged
 
 import pilm
 from pilm.commands.cli_args import Parser
 from pilm.evaluation import twist_calibration
-from pilm.inference.result import read_jsonl
 from pilm.inference.smc import run_smc
-from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.potentials import Toxicity
 from pilm.twists import ResidualTwist, Twist
 
@@ -54,33 +52,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--held-out", type=int, default=24, help="held-out p0 draws for the calibration")
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    have = {(r["sampler"], r["n_particles"], r.get("stage")) for r in read_jsonl(results, missing_ok=True)}
-    model = pilm.load_model()
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "stages", "base_ks")}
-    claim(out, {**settings, "model": model.name, "dtype": model.dtype_name}, remedy=RESUME_ELSEWHERE)
+    study = Study(args)
+    model, out, have = study.model, study.out, study.have
     plain, _, how = make_target("toxicity", model, 1)
     target = dataclasses.replace(plain, potential=Toxicity("toxic", prefix=True) ** 2.0)  # phi unchanged, L added
     pairs = exact_pairs(plain, how, args.seeds, Path("docs/payoff/toxicity/exact_samples.json"))[: args.seeds]
-
-    def save(row: dict) -> None:
-        with open(results, "a") as f:
-            f.write(json.dumps({**row, "config": {**vars(args), "model": model.name}}) + "\n")
-
-    def bound(name: str, k: int, twist, seeds, **extra) -> None:
-        t0 = time.perf_counter()
-        report = pilm.bounds(seeds[0][0], {name: twist}, [k], exact_samples=seeds, methods=("smc",), seed=0,
-                             progress=False)
-        row = {**report.rows[0], "seconds": time.perf_counter() - t0, **extra}
-        save(row)
-        print(f"{name} K={k} {extra.get('stage', '')}: gap {row['gap']:.2f} ± {row['gap_ci']:.2f} "
-              f"({row['seconds']:.0f} s)", flush=True)
-
-    for k in (int(k) for k in args.base_ks.split(",")):
-        if ("base", k, None) not in have:
-            bound("base", k, None, pairs)
+    study.bootstrap(pairs, args.base_ks)
     pool = replay_pool(target, out / "pool.json", args.pool_k, args.pool_runs)
     g = torch.Generator().manual_seed(99)
     held = [(target, list(s)) for s in run_smc(plain, args.held_out, g, ess_threshold=0.0, use_prefix=False).tokens]
@@ -101,7 +78,7 @@ def main() -> None:
         if len(history) != stage:
             raise SystemExit(f"the checkpoint in {out / 'checkpoint'} is at step {len(history)}, past stage {stage}: "
                              "give stages up to it (or a new --out)")
-        bound("residual", args.k, twist, with_look_ahead, stage=stage,
+        study.bound("residual", args.k, twist, with_look_ahead, stage=stage,
               train_seconds=sum(h["seconds"] for h in history), loss=history[-1]["loss"] if history else None,
               calibration=calibration(held, twist, target.max_new_tokens), pool_seconds=pool["seconds"])
         if stage:
@@ -151,7 +128,6 @@ def table(rows: list[dict], pool: dict | None = None) -> str:
     seeds; an interval holding 0 is not resolved); then the calibration per stage. ``pool``:
     pool.json's contents, whose draws (and how many are distinct) the header gives."""
     c = rows[0]["config"]
-    base = {r["n_particles"]: r for r in rows if r["sampler"] == "base"}
     learned = sorted((r for r in rows if r["sampler"] != "base"), key=lambda r: r["stage"])
     drawn = "" if pool is None else f": {len(pool['tokens'])} draws, {len({tuple(t) for t in pool['tokens']})} distinct"
     pool_text = (f"{c['pool_runs']} runs at K = {c['pool_k']}" + (f", {learned[0]['pool_seconds']:.0f} s" if learned else "")
@@ -160,29 +136,13 @@ def table(rows: list[dict], pool: dict | None = None) -> str:
              f"residual: log L (the classifier's prefix score) + a tied head, ctl with replay-pool positives ({pool_text}), "
              f"batch {c['batch_size']}, reuse {c['reuse']}, lr {c['lr']}; stage 0 is the look-ahead alone. Gaps: means "
              "± 95% half-widths; Δ = gap − bootstrap gap at that K, paired by seed; seconds: the sampler's lower and "
-             "upper bound runs over all seeds.", "",
-             "| sampler | K | steps | train s | lower | upper | gap | final ESS | seconds |"
-             + "".join(f" Δ vs base K={k} |" for k in sorted(base)),
-             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(base)]
-    for r in [*(base[k] for k in sorted(base)), *learned]:
-        deltas = "".join(" {:+.2f} ± {:.2f} |".format(*paired(r["gaps"], base[k]["gaps"])) if r["sampler"] != "base"
-                         else " |" for k in sorted(base))
-        steps = "" if r.get("stage") is None else r["stage"]
-        train = "" if r.get("stage") is None else f"{r['train_seconds']:.0f}"
-        lines.append(f"| {r['sampler']} | {r['n_particles']} | {steps} | {train} | {r['lower']:.2f} ± {r['lower_ci']:.2f} "
-                     f"| {r['upper']:.2f} ± {r['upper_ci']:.2f} | {r['gap']:.2f} ± {r['gap_ci']:.2f} | "
-                     f"{r['ess_final']:.1f} | {r['seconds']:.0f} |{deltas}")
+             "upper bound runs over all seeds.", "", *staged(rows, learned)]
     if learned:
-        lines += ["", f"Calibration on {c['held_out']} held-out p0 draws: the whole log psi_t (look-ahead + head) against "
-                  "the log of the mean phi over 32 p0 rollouts of the same prefix (corr; least-squares slope of the "
-                  "rollout value on log psi, 1 when calibrated; sd of each).",
-                  "", "| steps | t | corr | slope | sd log psi | sd log MC |", "|---|---|---|---|---|---|"]
-        for r in learned:
-            for t, s in r["calibration"].items():
-                lines.append(f"| {r['stage']} | {t} | {s['corr']:.2f} | {s['slope']:.2f} | {s['sd_psi']:.2f} | "
-                             f"{s['sd_mc']:.2f} |")
+        lines += calibration_lines(f"Calibration on {c['held_out']} held-out p0 draws: the whole log psi_t (look-ahead + "
+                                   "head) against the log of the mean phi over 32 p0 rollouts of the same prefix (corr; "
+                                   "least-squares slope of the rollout value on log psi, 1 when calibrated; sd of each).",
+                                   learned)
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     main()

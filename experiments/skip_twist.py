@@ -50,31 +50,11 @@ def main() -> None:
     p.add_argument("--top-m", type=int, default=16)
     p.add_argument("--held-out", type=int, default=24, help="held-out joint draws for the calibration")
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    have = {(r["sampler"], r["n_particles"], r.get("stage")) for r in read_jsonl(results, missing_ok=True)}
-    model = pilm.load_model()
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "stages", "base_ks")}
-    claim(out, {**settings, "model": model.name, "dtype": model.dtype_name}, remedy=RESUME_ELSEWHERE)
+    study = Study(args)
+    model, out, have = study.model, study.out, study.have
     target, _, how = make_target("infilling", model, 1)
     pairs = exact_pairs(target, how, args.seeds, Path("docs/payoff/infilling/exact_samples.json"))[: args.seeds]
-
-    def save(row: dict) -> None:
-        with open(results, "a") as f:
-            f.write(json.dumps({**row, "config": {**vars(args), "model": model.name}}) + "\n")
-
-    def bound(name: str, k: int, proposal, seeds, **extra) -> None:
-        t0 = time.perf_counter()
-        report = pilm.bounds(seeds[0][0], {name: proposal}, [k], exact_samples=seeds, methods=("smc",), seed=0,
-                             use_prefix=name.startswith("skip"), progress=False)
-        row = {**report.rows[0], "seconds": time.perf_counter() - t0, **extra}
-        save(row)
-        print(f"{name} K={k} {extra}: gap {row['gap']:.2f} ± {row['gap_ci']:.2f} ({row['seconds']:.0f} s)", flush=True)
-
-    for k in (int(k) for k in args.base_ks.split(",")):
-        if ("base", k, None) not in have:
-            bound("base", k, None, pairs)
+    study.bootstrap(pairs, args.base_ks)
     held = exact_sigma_samples(target, args.held_out, "joint", seed=99)
     mc = monte_carlo(held)
     for stage in (int(s) for s in args.stages.split(",")):
@@ -95,11 +75,43 @@ def main() -> None:
                  "loss": history[-1]["loss"] if history else None,
                  "calibration": calibration(held, mc, skip)}
         for name, proposal in todo:
-            bound(name, args.k, proposal, seeds, **extra)
+            study.bound(name, args.k, proposal, seeds, use_prefix=True, **extra)
     from results import rows, write  # experiments/results.py, next to this script
 
     plot(rows(out), out / "gap_vs_seconds.png")
     print(write(out, "skip")["results.md"])
+
+
+class Study:
+    """A study in stages (this one, residual_twist's): its --out folder keyed to its settings
+    (all but --out, --stages and --base-ks, so a rerun with more stages resumes), the rows it
+    has, and ``bound``, which appends a row of ``pilm.bounds`` with the seconds it took."""
+
+    def __init__(self, args):
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = self.out / "results.jsonl"
+        self.have = {(r["sampler"], r["n_particles"], r.get("stage")) for r in read_jsonl(self.results, missing_ok=True)}
+        self.model = pilm.load_model()
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "stages", "base_ks")}
+        claim(self.out, {**settings, "model": self.model.name, "dtype": self.model.dtype_name}, remedy=RESUME_ELSEWHERE)
+        self.config = {**vars(args), "model": self.model.name}
+
+    def bound(self, name: str, k: int, sampler, seeds, *, use_prefix: bool = False, **extra) -> None:
+        t0 = time.perf_counter()
+        report = pilm.bounds(seeds[0][0], {name: sampler}, [k], exact_samples=seeds, methods=("smc",), seed=0,
+                             use_prefix=use_prefix, progress=False)
+        row = {**report.rows[0], "seconds": time.perf_counter() - t0, **extra}
+        with open(self.results, "a") as f:
+            f.write(json.dumps({**row, "config": self.config}) + "\n")
+        print(f"{name} K={k} stage {extra.get('stage')}: gap {row['gap']:.2f} ± {row['gap_ci']:.2f} "
+              f"({row['seconds']:.0f} s)", flush=True)
+
+    def bootstrap(self, pairs, ks: str) -> None:
+        """Bootstrap SMC at each K of ``ks`` ("16,64,256") that has no row yet, in this process."""
+        for k in (int(k) for k in ks.split(",")):
+            if ("base", k, None) not in self.have:
+                self.bound("base", k, None, pairs)
 
 
 def plot(rows: list[dict], path: Path, xlabel: str = "skip model training seconds (2-core CPU)",
@@ -159,13 +171,24 @@ def table(rows: list[dict]) -> str:
     seconds, and the paired Δ against each bootstrap K (mean ± 95% Student-t half-width over
     seeds; an interval holding 0 is not resolved); then the calibration per stage."""
     c = rows[0]["config"]
-    base = {r["n_particles"]: r for r in rows if r["sampler"] == "base"}
     learned = sorted((r for r in rows if r["sampler"] != "base"), key=lambda r: (r["sampler"], r["stage"]))
     lines = [f"infilling (docs/payoff's target and exact samples), {rows[0]['seeds']} seeds, SMC resampling every step; "
              f"skip model: LoRA rank {c['rank']}, lr {c['lr']}, {c['batch_size']} joint draws a step; exact-last scores "
              f"the top {c['top_m']} last tokens. Gaps: means ± 95% half-widths; Δ = gap − bootstrap gap at that K, paired "
-             "by seed; seconds: the sampler's lower and upper bound runs over all seeds.", "",
-             "| sampler | K | steps | train s | lower | upper | gap | final ESS | seconds |"
+             "by seed; seconds: the sampler's lower and upper bound runs over all seeds.", "", *staged(rows, learned)]
+    stages = sorted({r["stage"]: r for r in learned}.items())
+    if stages:
+        lines += calibration_lines(f"Calibration on {c['held_out']} held-out joint draws: log psi_t of the skip model "
+                                   "against the log of the mean phi over 32 p0 rollouts of the same prefix (corr, "
+                                   "least-squares slope, sd of each).", [r for _, r in stages])
+    return "\n".join(lines) + "\n"
+
+
+def staged(rows: list[dict], learned: list[dict]) -> list[str]:
+    """The bounds table of a study in stages: the bootstrap rows by K, then ``learned`` (with
+    their stage and training seconds), each with its paired Δ against every bootstrap K."""
+    base = {r["n_particles"]: r for r in rows if r["sampler"] == "base"}
+    lines = ["| sampler | K | steps | train s | lower | upper | gap | final ESS | seconds |"
              + "".join(f" Δ vs base K={k} |" for k in sorted(base)),
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(base)]
     for r in [*(base[k] for k in sorted(base)), *learned]:
@@ -176,17 +199,17 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['sampler']} | {r['n_particles']} | {steps} | {train} | {r['lower']:.2f} ± {r['lower_ci']:.2f} "
                      f"| {r['upper']:.2f} ± {r['upper_ci']:.2f} | {r['gap']:.2f} ± {r['gap_ci']:.2f} | "
                      f"{r['ess_final']:.1f} | {r['seconds']:.0f} |{deltas}")
-    stages = sorted({r["stage"]: r for r in learned}.items())
-    if stages:
-        lines += ["", f"Calibration on {c['held_out']} held-out joint draws: log psi_t of the skip model against the "
-                  "log of the mean phi over 32 p0 rollouts of the same prefix (corr, least-squares slope, sd of each).",
-                  "", "| steps | t | corr | slope | sd log psi | sd log MC |", "|---|---|---|---|---|---|"]
-        for stage, r in stages:
-            for t, s in r["calibration"].items():
-                lines.append(f"| {stage} | {t} | {s['corr']:.2f} | {s['slope']:.2f} | {s['sd_psi']:.2f} | "
-                             f"{s['sd_mc']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
+
+def calibration_lines(caption: str, rows: list[dict]) -> list[str]:
+    """The calibration table of each row's ``calibration`` (per position t), under ``caption``."""
+    lines = ["", caption, "", "| steps | t | corr | slope | sd log psi | sd log MC |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        for t, s in r["calibration"].items():
+            lines.append(f"| {r['stage']} | {t} | {s['corr']:.2f} | {s['slope']:.2f} | {s['sd_psi']:.2f} | "
+                         f"{s['sd_mc']:.2f} |")
+    return lines
 
 if __name__ == "__main__":
     main()
