@@ -31,7 +31,6 @@ from payoff import exact_pairs, make_target  # experiments/payoff.py, next to th
 from skip_twist import Study, calibration_lines, plot, staged
 
 import pilm
-from pilm.commands.cli_args import Parser
 from pilm.evaluation import twist_calibration
 from pilm.inference.smc import run_smc
 from pilm.potentials import Toxicity
@@ -39,12 +38,7 @@ from pilm.twists import ResidualTwist, Twist
 
 
 def main() -> None:
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--stages", default="0,100,300", help="cumulative training steps at which to bound")
-    p.add_argument("--k", type=int, default=16)
-    p.add_argument("--base-ks", default="16,64,256")
-    p.add_argument("--seeds", type=int, default=10)
+    p = Study.parser(__doc__, "0,100,300")
     p.add_argument("--pool-k", type=int, default=256, help="particles of each replay-pool SMC run")
     p.add_argument("--pool-runs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)

@@ -38,12 +38,7 @@ POSITIONS = (1, 4, 7)
 
 
 def main() -> None:
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--stages", default="0,50,150,400", help="cumulative training steps at which to bound")
-    p.add_argument("--k", type=int, default=16)
-    p.add_argument("--base-ks", default="16,64,256")
-    p.add_argument("--seeds", type=int, default=10)
+    p = Study.parser(__doc__, "0,50,150,400")
     p.add_argument("--batch-size", type=int, default=16, help="joint draws per training step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
@@ -86,6 +81,17 @@ class Study:
     """A study in stages (this one, residual_twist's): its --out folder keyed to its settings
     (all but --out, --stages and --base-ks, so a rerun with more stages resumes), the rows it
     has, and ``bound``, which appends a row of ``pilm.bounds`` with the seconds it took."""
+
+    @staticmethod
+    def parser(doc: str, stages: str) -> Parser:
+        """The flags every staged study has: --out, --stages (default ``stages``), --k, --base-ks, --seeds."""
+        p = Parser(description=doc.splitlines()[0])
+        p.add_argument("--out", required=True)
+        p.add_argument("--stages", default=stages, help="cumulative training steps at which to bound")
+        p.add_argument("--k", type=int, default=16, help="particles of the learned sampler")
+        p.add_argument("--base-ks", default="16,64,256", help="particles of the bootstrap rows")
+        p.add_argument("--seeds", type=int, default=10)
+        return p
 
     def __init__(self, args):
         self.out = Path(args.out)
