@@ -9,7 +9,7 @@ with SMC resampling every step, bounded by ``pilm.bounds`` on the same seeds:
   exact-last    the last token from p0 phi over the --top-m likeliest tokens (``ExactLastProposal``);
   lookahead a   infilling: the ending's likelihood right after the prefix as a prefix score,
                 alpha log p(ending | x, s_1:t) (``SuffixLikelihood(lookahead=alpha)``); toxicity:
-                the classifier's score of the prefix (``Toxicity(prefix=True)``, alpha = 1 only);
+                the classifier's score of the prefix to the power alpha (``Toxicity(prefix=alpha)``);
   lookahead fitted  infilling, with --fit-draws D: a power a_t per prefix length, fitted on D p0
                 draws of each seed's target (``pilm.evaluation.fit_lookahead``; the powers and the
                 fit's seconds are kept in the row);
@@ -51,9 +51,9 @@ def with_lookahead(pairs, alpha: float | tuple[float, ...], target_name: str):
         if target_name == "infilling":
             potential = SuffixLikelihood(t.model, condition_ids(t), lookahead=alpha)
         else:
-            if alpha != 1.0:
-                raise SystemExit("the toxicity look-ahead is the classifier's prefix score: alpha 1 only")
-            potential = Toxicity("toxic", prefix=True) ** 2.0
+            if not isinstance(alpha, float):
+                raise SystemExit("fitted look-ahead powers serve infilling; toxicity takes one alpha")
+            potential = Toxicity("toxic", prefix=alpha) ** 2.0  # P(toxic | prefix)^(2 alpha); alpha 1: the rows here
         out.append((dataclasses.replace(t, potential=potential), s))
     return out
 
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--exact-samples", default=None, help="docs/payoff's exact samples (default: docs/payoff/TARGET)")
     p.add_argument("--base-ks", default="16,64,256")
     p.add_argument("--k", type=int, default=16, help="particles of the analytic samplers")
-    p.add_argument("--alphas", default="0.5,1", help="look-ahead powers (toxicity: 1 only)")
+    p.add_argument("--alphas", default="0.5,1", help="look-ahead powers")
     p.add_argument("--top-m", type=int, default=16, help="last tokens scored by the exact-last proposal")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--fit-draws", type=int, default=0, help="infilling: p0 draws per target that fit per-step "

@@ -7,6 +7,8 @@ head(h), a tied head on the hidden state the forward already made, starting at 0
 the look-ahead alone). Its head learns by ctl with positives from a replay pool: the
 resampled particles of --pool-runs SMC runs at K = --pool-k with the look-ahead (seeds apart
 from the bounds'), kept in --out/pool.json; negatives are each step's draw from the twist.
+``--pool-runs 0`` is the control: one-sample ctl, whose positives are each draw's own SIS-weighted
+sequences, as in the first study.
 
 After each stage (--stages: cumulative steps; a checkpoint carries each stage into the next),
 at K = --k with resampling at every step, ``pilm.bounds`` bounds log Z on the same seeds with
@@ -40,7 +42,7 @@ from pilm.twists import ResidualTwist, Twist
 def main() -> None:
     p = Study.parser(__doc__, "0,100,300")
     p.add_argument("--pool-k", type=int, default=256, help="particles of each replay-pool SMC run")
-    p.add_argument("--pool-runs", type=int, default=8)
+    p.add_argument("--pool-runs", type=int, default=8, help="0: no pool, one-sample ctl (the control)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--reuse", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -52,7 +54,7 @@ def main() -> None:
     target = dataclasses.replace(plain, potential=Toxicity("toxic", prefix=True) ** 2.0)  # phi unchanged, L added
     pairs = exact_pairs(plain, how, args.seeds, Path("docs/payoff/toxicity/exact_samples.json"))[: args.seeds]
     study.bootstrap(pairs, args.base_ks)
-    pool = replay_pool(target, out / "pool.json", args.pool_k, args.pool_runs)
+    pool = replay_pool(target, out / "pool.json", args.pool_k, args.pool_runs) if args.pool_runs else None
     g = torch.Generator().manual_seed(99)
     held = [(target, list(s)) for s in run_smc(plain, args.held_out, g, ess_threshold=0.0, use_prefix=False).tokens]
     with_look_ahead = [(target, s) for _, s in pairs]
@@ -64,7 +66,7 @@ def main() -> None:
             twist = ResidualTwist(Twist.for_model(model, kind="tied", init="base"), 1.0)
         history = []
         if stage:
-            trained = pilm.train_twist(target, "ctl", twist=twist, positives=pool["tokens"], steps=stage,
+            trained = pilm.train_twist(target, "ctl", twist=twist, positives=pool and pool["tokens"], steps=stage,
                                        batch_size=args.batch_size, reuse=args.reuse, lr=args.lr, seed=0,
                                        checkpoint_dir=str(out / "checkpoint"), checkpoint_every=25,
                                        log_path=str(out / "training.jsonl"), progress=False)
@@ -74,13 +76,13 @@ def main() -> None:
                              "give stages up to it (or a new --out)")
         study.bound("residual", args.k, twist, with_look_ahead, stage=stage,
               train_seconds=sum(h["seconds"] for h in history), loss=history[-1]["loss"] if history else None,
-              calibration=calibration(held, twist, target.max_new_tokens), pool_seconds=pool["seconds"])
+              calibration=calibration(held, twist, target.max_new_tokens), pool_seconds=pool["seconds"] if pool else 0.0)
         if stage:
             twist.save_pretrained(out / "twist")
     from results import rows, write  # experiments/results.py, next to this script
 
     plot(rows(out), out / "gap_vs_seconds.png", "residual head training seconds (2-core CPU)",
-         "toxicity: a residual on the look-ahead, trained on a replay pool")
+         "toxicity: a residual on the look-ahead, " + ("trained on a replay pool" if pool else "one-sample ctl"))
     print(write(out, "residual")["results.md"])
 
 
@@ -126,8 +128,9 @@ def table(rows: list[dict], pool: dict | None = None) -> str:
     drawn = "" if pool is None else f": {len(pool['tokens'])} draws, {len({tuple(t) for t in pool['tokens']})} distinct"
     pool_text = (f"{c['pool_runs']} runs at K = {c['pool_k']}" + (f", {learned[0]['pool_seconds']:.0f} s" if learned else "")
                  + drawn)
+    signal = f"ctl with replay-pool positives ({pool_text})" if c["pool_runs"] else "one-sample ctl (no pool: the control)"
     lines = [f"toxicity (docs/payoff's target and exact samples), {rows[0]['seeds']} seeds, SMC resampling every step; "
-             f"residual: log L (the classifier's prefix score) + a tied head, ctl with replay-pool positives ({pool_text}), "
+             f"residual: log L (the classifier's prefix score) + a tied head, {signal}, "
              f"batch {c['batch_size']}, reuse {c['reuse']}, lr {c['lr']}; stage 0 is the look-ahead alone. Gaps: means "
              "± 95% half-widths; Δ = gap − bootstrap gap at that K, paired by seed; seconds: the sampler's lower and "
              "upper bound runs over all seeds.", "", *staged(rows, learned)]

@@ -80,7 +80,8 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
     "red_team": lambda f: {"results.md": red_team.table(rows(f))},
     "scale": scale,
     "scale_runs": scale_runs,
-    "residual": lambda f: {"results.md": residual_twist.table(rows(f), json.loads((f / "pool.json").read_text()))},
+    "residual": lambda f: {"results.md": residual_twist.table(
+        rows(f), json.loads((f / "pool.json").read_text()) if (f / "pool.json").exists() else None)},
     "skip": lambda f: {"results.md": skip_twist.table(rows(f))},
     "twists": lambda f: {"results.md": twists.table(rows(f))},
 }
@@ -90,6 +91,7 @@ FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent
            "payoff/infilling": "payoff", "payoff/toxicity": "payoff", "payoff/toxicity_lr3e-3": "payoff",
            "payoff/analytic_infilling": "analytic", "payoff/analytic_toxicity": "analytic",
            "payoff": "decisive", "payoff/skip_infilling": "skip", "payoff/residual_toxicity": "residual",
+           "payoff/residual_toxicity_control": "residual",
            "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 
