@@ -95,6 +95,7 @@ experiment-payoff: $(STAMP)
 	$(PY) experiments/payoff.py --target toxicity --out docs/payoff/toxicity_lr3e-3 --lr 3e-3 --batch-size 64 --stages 0,40
 	$(PY) experiments/skip_twist.py --out docs/payoff/skip_infilling --stages 0,50,150,400
 	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity --stages 0,100,300
+	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity_control --stages 0,100,300 --pool-runs 0
 	$(PY) experiments/results.py  # docs/payoff/decisive.md: every K = 16 sampler against its folder's bootstrap K = 64
 
 # Qwen2.5-Coder-1.5B-Instruct, a model that can reason, for the reasoning study (issue 32): its GGUF split over
