@@ -1,8 +1,10 @@
 """Twists without training: the look-ahead prefix score and the exact last step against bootstrap SMC.
 
 The targets and exact samples are docs/payoff's (``--target``: infilling, T = 8 with 4-token
-endings from the joint; toxicity, phi = P(offensive)^2 of 10 tokens), read from its
-exact_samples.json so that every seed's gap pairs with the trained twists there. Samplers, all
+endings from the joint; toxicity, phi = P(offensive)^2 of 10 tokens; sentiment, the twists
+table's phi = P(positive)^10 of 8 tokens after "The movie was", whose exact samples are drawn by
+rejection into --exact-samples), read from its exact_samples.json so that every seed's gap pairs
+with the trained twists there. Samplers, all
 with SMC resampling every step, bounded by ``pilm.bounds`` on the same seeds:
 
   base K        bootstrap SMC at each K of --base-ks;
@@ -38,7 +40,7 @@ from pilm.evaluation import fit_lookahead
 from pilm.evaluation.metrics import t_interval
 from pilm.inference.result import read_jsonl
 from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
-from pilm.potentials import RolloutLookahead, SuffixLikelihood, Toxicity
+from pilm.potentials import RolloutLookahead, Sentiment, SuffixLikelihood, Toxicity
 from pilm.proposals import ExactLastProposal
 from pilm.twists.head import condition_ids
 
@@ -50,6 +52,8 @@ def with_lookahead(pairs, alpha: float | tuple[float, ...], target_name: str):
     for t, s in pairs:
         if target_name == "infilling":
             potential = SuffixLikelihood(t.model, condition_ids(t), lookahead=alpha)
+        elif target_name == "sentiment":
+            potential = Sentiment("positive", prefix=alpha) ** 10.0  # VADER's P(positive | prefix)^(10 alpha)
         else:
             if not isinstance(alpha, float):
                 raise SystemExit("fitted look-ahead powers serve infilling; toxicity takes one alpha")
@@ -66,7 +70,7 @@ def with_rollouts(pairs, rollouts: int):
 
 def main() -> None:
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", choices=["infilling", "toxicity"], required=True)
+    p.add_argument("--target", choices=["infilling", "toxicity", "sentiment"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--exact-samples", default=None, help="docs/payoff's exact samples (default: docs/payoff/TARGET)")
     p.add_argument("--base-ks", default="16,64,256")

@@ -34,7 +34,7 @@ from pilm.inference.result import read_jsonl
 from pilm.inference.smc import run_smc
 from pilm.learning.checkpoint import RESUME_ELSEWHERE, claim
 from pilm.tasks import joint_samples
-from pilm.tasks.classifiers import toxicity
+from pilm.tasks.classifiers import sentiment, toxicity
 from pilm.tasks.infilling import DEFAULT_PROMPT, infilling
 from pilm.twists.head import condition_ids
 
@@ -48,6 +48,9 @@ def make_target(name: str, model, steps: int) -> tuple[pilm.Target, list[pilm.Ta
         pairs = joint_samples(model, DEFAULT_PROMPT, max_new_tokens=8, suffix_tokens=4, n=steps, seed=10_000)
         train = [infilling(model, suffix=c, max_new_tokens=8) for _, c in pairs]
         return train[0], train, "joint"
+    if name == "sentiment":  # the twists table's target (docs/twists): phi = P(positive)^10 of 8 tokens
+        target = sentiment(model, "positive", beta=10.0, max_new_tokens=8)
+        return target, [target], "rejection"
     target = toxicity(model, "toxic", beta=2.0, prompt=TOXIC_PROMPT, max_new_tokens=10)
     return target, [target], "rejection"
 

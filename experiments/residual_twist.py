@@ -8,7 +8,8 @@ the look-ahead alone). Its head learns by ctl with positives from a replay pool:
 resampled particles of --pool-runs SMC runs at K = --pool-k with the look-ahead (seeds apart
 from the bounds'), kept in --out/pool.json; negatives are each step's draw from the twist.
 ``--pool-runs 0`` is the control: one-sample ctl, whose positives are each draw's own SIS-weighted
-sequences, as in the first study.
+sequences, as in the first study. ``--negatives smc`` takes the negatives from a twisted SMC run's
+population after each step's resampling instead (``pilm.learning.contrast``).
 
 After each stage (--stages: cumulative steps; a checkpoint carries each stage into the next),
 at K = --k with resampling at every step, ``pilm.bounds`` bounds log Z on the same seeds with
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--reuse", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--held-out", type=int, default=24, help="held-out p0 draws for the calibration")
+    p.add_argument("--negatives", choices=["sis", "smc"], default="sis",
+                   help="ctl's negatives: each draw's SIS weights, or a twisted SMC population per step")
     args = p.parse_args()
     study = Study(args)
     model, out, have = study.model, study.out, study.have
@@ -68,6 +71,7 @@ def main() -> None:
         if stage:
             trained = pilm.train_twist(target, "ctl", twist=twist, positives=pool and pool["tokens"], steps=stage,
                                        batch_size=args.batch_size, reuse=args.reuse, lr=args.lr, seed=0,
+                                       negatives=args.negatives,
                                        checkpoint_dir=str(out / "checkpoint"), checkpoint_every=25,
                                        log_path=str(out / "training.jsonl"), progress=False)
             history = trained.history
@@ -129,6 +133,8 @@ def table(rows: list[dict], pool: dict | None = None) -> str:
     pool_text = (f"{c['pool_runs']} runs at K = {c['pool_k']}" + (f", {learned[0]['pool_seconds']:.0f} s" if learned else "")
                  + drawn)
     signal = f"ctl with replay-pool positives ({pool_text})" if c["pool_runs"] else "one-sample ctl (no pool: the control)"
+    if c.get("negatives", "sis") == "smc":
+        signal += " and negatives from a twisted SMC population per step"
     lines = [f"toxicity (docs/payoff's target and exact samples), {rows[0]['seeds']} seeds, SMC resampling every step; "
              f"residual: log L (the classifier's prefix score) + a tied head, {signal}, "
              f"batch {c['batch_size']}, reuse {c['reuse']}, lr {c['lr']}; stage 0 is the look-ahead alone. Gaps: means "

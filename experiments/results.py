@@ -90,6 +90,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
 FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent": "latent", "masked": "masked", "masks": "masks",
            "payoff/infilling": "payoff", "payoff/toxicity": "payoff", "payoff/toxicity_lr3e-3": "payoff",
            "payoff/analytic_infilling": "analytic", "payoff/analytic_toxicity": "analytic",
+           "payoff/analytic_sentiment": "analytic",
            "payoff": "decisive", "payoff/skip_infilling": "skip", "payoff/residual_toxicity": "residual",
            "payoff/residual_toxicity_control": "residual",
            "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}

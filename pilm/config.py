@@ -154,6 +154,8 @@ class TwistTrainingConfig(Config):
                                        "--lookahead), log psi = a log L + a head starting at 0 (ctl, sixo)", low=0)
     pool: int = arg(0, "ctl: positives from a replay pool of this many samples of sigma, resampled from SMC runs "
                        "of 256 particles on the target (0: each draw's own weighted samples)", low=0)
+    negatives: Literal["sis", "smc"] = arg("sis", "ctl's negatives: each draw's SIS weights, or (with --pool) the "
+                                                  "population of a twisted SMC run after each step's resampling")
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def one_line_error(capsys, argv, match):
     (["train-twist", "--potential", "toxicity:toxic", "--lookahead", "1"], "or that a residual twist learns on"),
     (["train-twist", "--pool", "64", "--objective", "sixo"], "--pool gives ctl its positives; --objective sixo"),
     (["train-twist", "--residual", "-1"], "--residual must be >= 0, got -1"),
+    (["train-twist", "--negatives", "smc"], "--negatives smc contrasts SMC populations with samples of sigma"),
     (["sample", "--potential", "suffix:x", "--lookahead", "-1"], "--lookahead must be >= 0, got -1"),
     (["sample", "--exact-last", "-2"], "--exact-last must be >= 0, got -2"),
     (["sample", "--rollouts", "4"], "--rollouts estimates E[phi | prefix]: give a --potential"),

@@ -260,6 +260,8 @@ def check_together(made) -> None:
     if target and target.lookahead and not (smc or residual):
         raise ValueError("--lookahead is a prefix score that SMC resamples on (pilm sample) or that a residual twist "
                          "learns on (pilm train-twist --residual A)")
+    if training and training.negatives == "smc" and not training.pool:
+        raise ValueError("--negatives smc contrasts SMC populations with samples of sigma: give them with --pool P")
     if training and training.pool and training.objective != "ctl":
         raise ValueError(f"--pool gives ctl its positives; --objective {training.objective} does not read them")
     if target and target.rollouts and not target.potential:

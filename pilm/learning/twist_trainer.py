@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, cast
@@ -23,8 +22,10 @@ from ..twists.head import Twist, condition_ids
 from ..twists.lora import LoRATwist
 from ..twists.residual import ResidualTwist
 from .checkpoint import code_digest, run_key
+from .contrast import negative_term, replay_pool, smc_populations, teacher_forced
 from .fit import Checkpointing, Trained, fit
 from .objectives import TwistBatch, get_objective
+from .objectives.ctl import uniform_term
 
 C = TwistTrainingConfig  # every default below is TwistTrainingConfig's
 
@@ -86,42 +87,6 @@ def look_ahead(target: Target, drawn: dict[str, Tensor], residual: ResidualTwist
     return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, values.float().to(mask.device))
 
 
-def replay_pool(target: Target, size: int, seed: int, k: int = 256) -> list[list[int]]:
-    """``size`` samples of sigma: particles resampled by weight (``SMCResult.draw``) from SMC
-    runs of ``k`` particles on ``target``, which resample on its prefix score."""
-    runs = -(-size // k)
-    results = run_smc([target] * runs, k, seeded_generator(seed, target.model.device), on_extinction="return")
-    drawn = [s for i, r in enumerate(results) if math.isfinite(r.log_z) for s in r.draw(k, seed=seed + i)]
-    if not drawn:
-        raise ValueError(f"the replay pool's {runs} SMC runs of {k} particles all went extinct: no sample of sigma "
-                         "to learn from")
-    return drawn[:size]
-
-
-def teacher_forced(target: Target, sequences: Sequence[Sequence[int]], rows: int = 256) -> dict[str, Tensor]:
-    """Given completions of ``target`` as ``draw`` records them: tokens (right-padded with -1),
-    mask and the hidden state each token was drawn from (one decode of ``rows`` sequences at a
-    time); no log-probs or potentials (zeros)."""
-    model, horizon = target.model, max(map(len, sequences))
-    tokens = torch.full((len(sequences), horizon), -1, dtype=torch.long)
-    for k, s in enumerate(sequences):
-        tokens[k, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    hidden = []
-    for lo in range(0, len(sequences), rows):
-        block = tokens[lo : lo + rows]
-        state = model.start(target.prompt_ids, len(block))
-        states = [state.hidden.float()]
-        for j in range(horizon - 1):
-            state = model.advance(state, block[:, j].clamp(min=0).to(model.device))
-            states.append(state.hidden.float())
-        hidden.append(torch.stack(states, 1))
-    mask = tokens >= 0
-    zeros = torch.zeros(mask.shape)
-    device = model.device
-    return {"tokens": tokens.to(device), "mask": mask.to(device), "hidden": torch.cat(hidden).to(device),
-            "log_p0": zeros.to(device), "log_q": zeros.to(device), "log_phi": zeros[:, 0].to(device)}
-
-
 @takes_config(TwistTrainingConfig)
 def train_twist(
     target: Target | Sequence[Target],
@@ -151,6 +116,7 @@ def train_twist(
     positives: Sequence[Sequence[int]] | None = None,
     residual: float | None = C.residual,
     pool: int = C.pool,
+    negatives: Literal["sis", "smc"] = C.negatives,
 ) -> Trained:
     """Learn a twist for ``target`` with ``objective`` (ctl | rl | sixo | fudge | dpg).
 
@@ -185,7 +151,10 @@ def train_twist(
     target (its prefix score resampling them), seeded by ``seed``. A ``ResidualTwist`` (given,
     or made with ``residual=a`` around the head made here: ``init="base"`` starts it at the
     look-ahead alone) trains its head on top of its look-ahead: the objective reads
-    a_t log L + head at the drawn tokens.
+    a_t log L + head at the drawn tokens. ``negatives="smc"`` (ctl with positives) takes the
+    negative term from a twisted SMC run of ``batch_size`` particles instead of the SIS draw:
+    its population after each step's resampling, which approximates pi_t itself
+    (``pilm.learning.smc_negatives``).
 
     ``config=`` a ``TwistTrainingConfig`` gives every setting at once; an argument also given overrides it.
     """
@@ -202,6 +171,10 @@ def train_twist(
     if (pool or positives is not None) and (objective != "ctl" or len(targets) > 1):
         raise ValueError("positives (samples of sigma, or a pool of them) serve the ctl objective on one target; got "
                          f"objective {objective!r} and {len(targets)} targets")
+    if negatives not in ("sis", "smc"):
+        raise ValueError(f"negatives must be 'sis' or 'smc', got {negatives!r}")
+    if negatives == "smc" and not (pool or positives is not None):
+        raise ValueError("negatives='smc' contrasts SMC populations with samples of sigma: give positives or pool")
     if positives is not None and not len(positives):
         raise ValueError("positives is empty: give samples of sigma (or pool=P to draw them)")
     if (residual is not None or isinstance(twist, ResidualTwist)) and spec.needs_logprobs:
@@ -235,12 +208,31 @@ def train_twist(
                             "lora_rank": lora_rank, "conditional": conditional, "proposal_beta": proposal_beta,
                             "weight_decay": weight_decay, "grad_clip": grad_clip}
                   | ({} if positives is None else {"positives": code_digest([list(map(int, p)) for p in positives])})
-                  | ({"residual": [list(twist.powers), twist.propose]} if isinstance(twist, ResidualTwist) else {}))
+                  | ({"residual": [list(twist.powers), twist.propose]} if isinstance(twist, ResidualTwist) else {})
+                  | ({"negatives": negatives} if negatives != "sis" else {}))
     lm_tokens = 0  # LM tokens drawn so far (a resumed run continues the count)
     every = spec.needs_logprobs  # rl and dpg read psi at every token, the others only at the drawn ones
     sigma_batch = None if positives is None else teacher_forced(target, positives)
     if sigma_batch is not None and isinstance(twist, ResidualTwist):
         sigma_batch["offset"] = look_ahead(target, sigma_batch, twist)
+
+    def smc_step(i: int, update) -> dict:
+        nonlocal lm_tokens
+        populations, run = smc_populations(target, twist, batch_size, generator)
+        lm_tokens += int(run.compute["tokens"])
+        assert sigma_batch is not None  # negatives="smc" needs positives
+        rows = torch.randint(len(sigma_batch["mask"]), (batch_size,), generator=generator, device=generator.device)
+        picked = {k: v[rows.to(v.device)] for k, v in sigma_batch.items()}
+        for _ in range(reuse):
+            positive, steps = uniform_term(twist_batch(target, picked, twist, all_tokens=False))
+            negative = negative_term(target, twist, populations)
+            width = min(len(positive), len(negative))
+            steps = steps[:width] & torch.tensor([bool(p.prefixes) for p in populations[:width]], device=steps.device)
+            loss = -(positive[:width] - negative[:width].to(positive.device))[steps].mean()
+            update(loss)
+        return {"loss": loss.item(), "ess": float(run.steps[-1].ess[0]),
+                "log_z": float(run.particles.log_z[0] + log_mean_exp(run.particles.log_w.double())),
+                "updates": (i + 1) * reuse, "lm_tokens": lm_tokens}
 
     def step(i: int, update) -> dict:
         nonlocal lm_tokens
@@ -272,7 +264,8 @@ def train_twist(
         nonlocal lm_tokens
         lm_tokens = state["history"][-1].get("lm_tokens", 0) if state["history"] else 0
 
-    history = fit(module, optimizer, step, steps=steps, name=f"train-twist {objective}", grad_clip=grad_clip,
+    history = fit(module, optimizer, smc_step if negatives == "smc" else step, steps=steps,
+                  name=f"train-twist {objective}", grad_clip=grad_clip,
                   generator=generator, checkpoint=Checkpointing(checkpoint_dir, key, checkpoint_every, overwrite,
                                                                 load=load),
                   log_path=log_path, log_tag={"objective": objective}, plot_path=plot_path,
