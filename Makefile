@@ -119,6 +119,7 @@ experiment-scale-qwen: install-qwen
 experiment-analytic-twists: $(STAMP)
 	$(PY) experiments/analytic_twists.py --target infilling --out docs/payoff/analytic_infilling --fit-draws 32 --rollouts 4,16
 	$(PY) experiments/analytic_twists.py --target toxicity --out docs/payoff/analytic_toxicity --alphas 1 --rollouts 4,16
+	$(PY) experiments/analytic_twists.py --target sentiment --out docs/payoff/analytic_sentiment --exact-samples docs/payoff/analytic_sentiment
 
 # Subjectivity with a latent rationale (issue 15): zero-shot, few-shot, SFT, CoT vote, E-step, + EM at
 # 10 / 20 / 50 labels (resumable: rerun to continue). Cut to what one session on 2 cores affords:
