@@ -228,3 +228,26 @@ def test_residual_twist_saves_and_loads(tiny, tmp_path):
     assert type(load_twist(twist.head.save_pretrained(tmp_path / "head"), tiny)) is Twist
     with pytest.raises(FileNotFoundError, match="no saved twist"):
         load_twist(tmp_path, tiny)
+
+
+def test_smc_populations_follow_the_run_and_refuse_what_they_cannot_read(tabular_target):
+    """Each step's population is the rows after that step's resampling, with their own prefixes
+    (checked against the run's final particles at the last step); a LoRA-like twist is refused,
+    and a step where the run went extinct has no population."""
+    from pilm.learning.contrast import smc_populations
+
+    twist = ResidualTwist(random_head(tabular_target, 6), POWERS)
+    populations, run = smc_populations(tabular_target, twist, 16, torch.Generator().manual_seed(0))
+    assert len(populations) == len(run.steps)
+    final = {tuple(r[:k]) for r, k in zip(run.particles.tokens.tolist(), run.particles.lengths.tolist(), strict=True)}
+    assert set(populations[-1].prefixes) <= final and float(populations[-1].weights.sum()) == pytest.approx(1.0)
+    assert all(len(p) == t + 1 for t, pop in enumerate(populations) for p in pop.prefixes)
+    stateful = TableTwist(tabular_target)
+    stateful.stateful = True
+    with pytest.raises(ValueError, match="body of its own"):
+        smc_populations(tabular_target, stateful, 4, torch.Generator().manual_seed(0))
+    never = dataclasses.replace(tabular_target, potential=FunctionPotential(lambda s: -math.inf, on="tokens",
+                                                                            prefix_fn=lambda s: 0.0))
+    populations, run = smc_populations(never, ResidualTwist(TableTwist(never)), 4, torch.Generator().manual_seed(0))
+    extinct = [t for t, info in enumerate(run.steps) if bool(info.extinct[0])]
+    assert extinct and not populations[extinct[0]].prefixes

@@ -47,7 +47,9 @@ class Parser(argparse.ArgumentParser):
             known = [o for action in self._actions for o in action.option_strings]
         else:
             return ""
-        close = difflib.get_close_matches(word, known, n=1)
+        # 0.75: a typo of a real name (--outt, sytematic: 0.9+) is close, another command's flag
+        # that merely shares letters (--n-particles for train-twist's --negatives: 0.67) is not
+        close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
         return f"; did you mean {close[0]}?" if close else ""
 
     def add_configs(self, classes, defaults: dict, only: typing.Collection[str] | None = None) -> None:

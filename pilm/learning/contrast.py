@@ -10,6 +10,12 @@ revisits the former. Twisted SMC that resamples at every step holds, after step 
 K equally weighted particles that approximate pi_t itself (Zhao et al. 2024, Section 4): those
 are the negatives here. They follow the twist wherever it puts mass, so where psi grows on the
 positives' prefixes the population moves there and the negative term pushes back.
+
+Known limits (not fixed): a row that finishes at t is resampled by phi, as SMC weighs it, not by
+the learned psi_t, so ctl gets no pull on psi at final tokens from these negatives; and the
+population is drawn once per step, so with ``reuse > 1`` later updates read negatives of the
+twist as it was. Weighing each step's population before its resampling by the current psi
+(p0 psi_t / (q psi_{t-1}) with the drawing twist's psi_{t-1}) would fix both.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..inference import engine
-from ..inference.boundaries import Boundary
+from ..inference.boundaries import Boundary, TokenStepBoundary
 from ..inference.critics import PrefixCritic
 from ..inference.resampling import get_scheme
 from ..inference.rules import Resample
@@ -73,26 +79,33 @@ def teacher_forced(target: Target, sequences: Sequence[Sequence[int]], rows: int
 @dataclass
 class Population:
     """The rows that drew step t and survived its resampling: the hidden state each drew its
-    token from, the token, its prefix s_{1:t}, and its weight (uniform after resampling; the
-    normalised final weights at a last step that did not resample)."""
+    token from, the token, its prefix s_{1:t}, its weight (uniform after resampling; the
+    normalised final weights at a last step that did not resample), and a residual's
+    look-ahead a_t log L there (``None`` for other twists)."""
 
     hidden: Tensor
     tokens: Tensor
     prefixes: list[tuple[int, ...]]
     weights: Tensor
+    ahead: Tensor | None = None
 
 
-def smc_populations(target: Target, twist: TwistFunction, n: int, generator: torch.Generator
-                    ) -> tuple[list[Population], engine.Run]:
-    """One run of twisted SMC with ``n`` particles on ``target``, multinomial resampling at every
-    step, and the population after each step's resampling (module docstring)."""
+def smc_populations(target: Target, twist: TwistFunction, n: int, generator: torch.Generator, *,
+                    proposal_beta: float = 1.0) -> tuple[list[Population], engine.Run]:
+    """One run of twisted SMC with ``n`` particles on ``target`` (q ∝ p0 psi^proposal_beta),
+    multinomial resampling at every step, and the population after each step's resampling
+    (module docstring). A step where the run went extinct has an empty population."""
+    if twist.stateful:
+        raise ValueError("SMC negatives read a head on the model's hidden states; a twist with a body of its own "
+                         "(a LoRA twist) is not supported: use negatives='sis'")
     drawn: list[tuple[list[int], Tensor, list[int]]] = []
 
     def observe(rows: Tensor, state, tokens: Tensor, lp0: Tensor, lq: Tensor) -> None:
         drawn.append((rows.tolist(), state.hidden.float(), tokens.tolist()))  # every running row draws each token
 
-    proposal = make_proposal(twist)
-    sampler = engine.Sampler(proposal, Boundary(), PrefixCritic(False, proposal.prefix_powers),
+    proposal = make_proposal(twist, beta=proposal_beta)
+    boundary = TokenStepBoundary() if target.steps is not None else Boundary()  # as run_smc: Steps end chains
+    sampler = engine.Sampler(proposal, boundary, PrefixCritic(False, proposal.prefix_powers),
                              Resample(get_scheme("multinomial"), 1.0))
     with torch.no_grad():
         run = engine.run([target], n, sampler, [generator], observe=observe)
@@ -106,10 +119,15 @@ def smc_populations(target: Target, twist: TwistFunction, n: int, generator: tor
         kept = [grown[int(parents[k])] for k in rows_kept]
         at = torch.tensor([i for _, i in kept], dtype=torch.long, device=hidden.device)
         weights = torch.full((len(kept),), 1.0 / max(1, len(kept)))
-        if t == last and not bool(info.resampled[0]) and kept:  # the final weights, phi's included
+        if bool(info.extinct[0]):  # every weight 0: no sample of pi_t here
+            kept, at, weights = [], at[:0], weights[:0]
+        elif t == last and not bool(info.resampled[0]) and kept:  # the final weights, phi's included
             # (an earlier step left unresampled had equal weights: at every step ESS < K resamples)
             weights = torch.softmax(run.particles.log_w[rows_kept].double(), 0).float()
-        out.append(Population(hidden[at], torch.tensor([tokens[i] for _, i in kept]), [s for s, _ in kept], weights))
+        prefix_list = [s for s, _ in kept]
+        ahead = twist.look_ahead(target, prefix_list) if isinstance(twist, ResidualTwist) and kept else None
+        out.append(Population(hidden[at], torch.tensor([tokens[i] for _, i in kept], dtype=torch.long), prefix_list,
+                              weights, ahead))
         prefixes = [grown[p][0] if p in grown else prefixes[p] for p in parents.tolist()]
     return out, run
 
@@ -124,9 +142,8 @@ def negative_term(target: Target, twist: TwistFunction, populations: list[Popula
             continue
         before = [p[:-1] for p in pop.prefixes] if twist.needs_prefixes else None
         log_psi = twist.log_psi_at(before, pop.hidden, pop.tokens.to(pop.hidden.device), twist.condition_for(target))
-        if isinstance(twist, ResidualTwist):
-            ahead = twist.look_ahead(target, pop.prefixes).to(log_psi.device, log_psi.dtype)
-            log_psi = log_psi + ahead
+        if pop.ahead is not None:  # computed once per population, however many updates read it
+            log_psi = log_psi + pop.ahead.to(log_psi.device, log_psi.dtype)
         w = pop.weights.to(log_psi.device, log_psi.dtype)
         values.append(torch.where(w > 0, w * log_psi, 0.0).sum())  # a row ruled out (psi = 0) has weight 0
     return torch.stack([v.to(values[0].device) for v in values])

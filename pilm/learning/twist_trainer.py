@@ -154,7 +154,7 @@ def train_twist(
     a_t log L + head at the drawn tokens. ``negatives="smc"`` (ctl with positives) takes the
     negative term from a twisted SMC run of ``batch_size`` particles instead of the SIS draw:
     its population after each step's resampling, which approximates pi_t itself
-    (``pilm.learning.smc_negatives``).
+    (``pilm.learning.contrast``).
 
     ``config=`` a ``TwistTrainingConfig`` gives every setting at once; an argument also given overrides it.
     """
@@ -218,16 +218,19 @@ def train_twist(
 
     def smc_step(i: int, update) -> dict:
         nonlocal lm_tokens
-        populations, run = smc_populations(target, twist, batch_size, generator)
+        populations, run = smc_populations(target, twist, batch_size, generator, proposal_beta=proposal_beta)
         lm_tokens += int(run.compute["tokens"])
         assert sigma_batch is not None  # negatives="smc" needs positives
         rows = torch.randint(len(sigma_batch["mask"]), (batch_size,), generator=generator, device=generator.device)
         picked = {k: v[rows.to(v.device)] for k, v in sigma_batch.items()}
+        loss = torch.tensor(float("nan"))  # stays NaN (no update) if the run went extinct
         for _ in range(reuse):
             positive, steps = uniform_term(twist_batch(target, picked, twist, all_tokens=False))
             negative = negative_term(target, twist, populations)
             width = min(len(positive), len(negative))
             steps = steps[:width] & torch.tensor([bool(p.prefixes) for p in populations[:width]], device=steps.device)
+            if not steps.any():  # an extinct run: nothing to contrast this step
+                break
             loss = -(positive[:width] - negative[:width].to(positive.device))[steps].mean()
             update(loss)
         return {"loss": loss.item(), "ess": float(run.steps[-1].ess[0]),
