@@ -6,16 +6,17 @@ ctl's negative term at step t is E_{pi_t}[grad log psi_t], with pi_t(s_{1:t}) �
 One-sample ctl estimates it with self-normalised weights on one draw of independent sequences,
 whose mass at t rests on a few of them; with positives from elsewhere (a replay pool) a head can
 then raise psi on the pool's prefixes and lower it on the draw's without bound, since no draw
-revisits the former. Twisted SMC that resamples at every step holds, after step t's resampling,
-K equally weighted particles that approximate pi_t itself (Zhao et al. 2024, Section 4): those
-are the negatives here. They follow the twist wherever it puts mass, so where psi grows on the
-positives' prefixes the population moves there and the negative term pushes back.
+revisits the former. Twisted SMC that resamples at every step holds, before step t's draw, K
+equally weighted particles that approximate pi_{t-1} (Zhao et al. 2024, Section 4). Each draws
+s_t from q, and the weight
 
-Known limits (not fixed): a row that finishes at t is resampled by phi, as SMC weighs it, not by
-the learned psi_t, so ctl gets no pull on psi at final tokens from these negatives; and the
-population is drawn once per step, so with ``reuse > 1`` later updates read negatives of the
-twist as it was. Weighing each step's population before its resampling by the current psi
-(p0 psi_t / (q psi_{t-1}) with the drawing twist's psi_{t-1}) would fix both.
+    w_t ∝ p0(s_t | s_{<t}) psi_t(s_{1:t}) / (q(s_t | s_{<t}) psi'_{t-1}(s_{<t}))
+
+with psi' the twist that drew them and psi_t the one being trained (detached) makes them a
+sample of pi_t under the current twist: those are the negatives here, reweighted at every update
+(so ``reuse > 1`` reads the current twist), the learned psi_t weighing finished rows too (SMC
+itself weighs those by phi). They follow the twist wherever it puts mass, so where psi grows on
+the positives' prefixes the population moves there and the negative term pushes back.
 """
 
 from __future__ import annotations
@@ -78,30 +79,29 @@ def teacher_forced(target: Target, sequences: Sequence[Sequence[int]], rows: int
 
 @dataclass
 class Population:
-    """The rows that drew step t and survived its resampling: the hidden state each drew its
-    token from, the token, its prefix s_{1:t}, its weight (uniform after resampling; the
-    normalised final weights at a last step that did not resample), and a residual's
-    look-ahead a_t log L there (``None`` for other twists)."""
+    """The rows that drew step t: the hidden state each drew its token from, the token, its
+    prefix s_{1:t}, log p0(s_t) - log q(s_t) - log psi'_{t-1}(s_{<t}) under the drawing twist
+    (``log_base``), and a residual's look-ahead a_t log L there (``None`` for other twists)."""
 
     hidden: Tensor
     tokens: Tensor
     prefixes: list[tuple[int, ...]]
-    weights: Tensor
+    log_base: Tensor
     ahead: Tensor | None = None
 
 
 def smc_populations(target: Target, twist: TwistFunction, n: int, generator: torch.Generator, *,
                     proposal_beta: float = 1.0) -> tuple[list[Population], engine.Run]:
     """One run of twisted SMC with ``n`` particles on ``target`` (q ∝ p0 psi^proposal_beta),
-    multinomial resampling at every step, and the population after each step's resampling
-    (module docstring). A step where the run went extinct has an empty population."""
+    multinomial resampling at every step, and the rows that drew each step (module
+    docstring). The run ends where it went extinct."""
     if twist.stateful:
         raise ValueError("SMC negatives read a head on the model's hidden states; a twist with a body of its own "
                          "(a LoRA twist) is not supported: use negatives='sis'")
-    drawn: list[tuple[list[int], Tensor, list[int]]] = []
+    drawn: list[tuple[list[int], Tensor, list[int], Tensor]] = []
 
     def observe(rows: Tensor, state, tokens: Tensor, lp0: Tensor, lq: Tensor) -> None:
-        drawn.append((rows.tolist(), state.hidden.float(), tokens.tolist()))  # every running row draws each token
+        drawn.append((rows.tolist(), state.hidden.float(), tokens.tolist(), (lp0 - lq).double().cpu()))
 
     proposal = make_proposal(twist, beta=proposal_beta)
     boundary = TokenStepBoundary() if target.steps is not None else Boundary()  # as run_smc: Steps end chains
@@ -110,40 +110,35 @@ def smc_populations(target: Target, twist: TwistFunction, n: int, generator: tor
     with torch.no_grad():
         run = engine.run([target], n, sampler, [generator], observe=observe)
     prefixes: list[tuple[int, ...]] = [()] * n
+    psi_before = torch.zeros(n, dtype=torch.float64)  # log psi'_{t-1} of each row's prefix (psi_0 = 1)
     out = []
-    last = len(drawn) - 1
-    for t, ((rows, hidden, tokens), parents, info) in enumerate(zip(drawn, run.particles.ancestry, run.steps,
-                                                                   strict=True)):
-        grown = {r: (prefixes[r] + (v,), i) for i, (r, v) in enumerate(zip(rows, tokens, strict=True))}
-        rows_kept = [k for k, p in enumerate(parents.tolist()) if p in grown]  # drew this step, after resampling
-        kept = [grown[int(parents[k])] for k in rows_kept]
-        at = torch.tensor([i for _, i in kept], dtype=torch.long, device=hidden.device)
-        weights = torch.full((len(kept),), 1.0 / max(1, len(kept)))
-        if bool(info.extinct[0]):  # every weight 0: no sample of pi_t here
-            kept, at, weights = [], at[:0], weights[:0]
-        elif t == last and not bool(info.resampled[0]) and kept:  # the final weights, phi's included
-            # (an earlier step left unresampled had equal weights: at every step ESS < K resamples)
-            weights = torch.softmax(run.particles.log_w[rows_kept].double(), 0).float()
-        prefix_list = [s for s, _ in kept]
-        ahead = twist.look_ahead(target, prefix_list) if isinstance(twist, ResidualTwist) and kept else None
-        out.append(Population(hidden[at], torch.tensor([tokens[i] for _, i in kept], dtype=torch.long), prefix_list,
-                              weights, ahead))
-        prefixes = [grown[p][0] if p in grown else prefixes[p] for p in parents.tolist()]
+    for (rows, hidden, tokens, log_ratio), parents, info in zip(drawn, run.particles.ancestry, run.steps, strict=True):
+        grown = [prefixes[r] + (v,) for r, v in zip(rows, tokens, strict=True)]
+        ahead = twist.look_ahead(target, grown) if isinstance(twist, ResidualTwist) else None
+        out.append(Population(hidden, torch.tensor(tokens, dtype=torch.long), grown,
+                              log_ratio - psi_before[rows], ahead))
+        now = psi_before.clone()
+        now[info.rows] = info.log_psi_now.double()  # what the drawing twist (phi where a row ended) gave
+        at = dict(zip(rows, grown, strict=True))
+        prefixes = [at.get(p, prefixes[p]) for p in parents.tolist()]
+        psi_before = now[parents]
     return out, run
 
 
 def negative_term(target: Target, twist: TwistFunction, populations: list[Population]) -> Tensor:
-    """Per step t, the weighted mean of log psi_t over the step's population (with gradients
-    through the twist; a residual's look-ahead added), shape (T,)."""
+    """Per step t, E_{pi_t}[log psi_t] under the current twist: the step's rows weighed by
+    ``log_base`` + log psi_t (detached) and self-normalised, times log psi_t with gradients
+    (a residual's look-ahead added), shape (T,)."""
     values = []
     for pop in populations:
-        if not pop.prefixes:
-            values.append(torch.zeros(()))
-            continue
         before = [p[:-1] for p in pop.prefixes] if twist.needs_prefixes else None
         log_psi = twist.log_psi_at(before, pop.hidden, pop.tokens.to(pop.hidden.device), twist.condition_for(target))
         if pop.ahead is not None:  # computed once per population, however many updates read it
             log_psi = log_psi + pop.ahead.to(log_psi.device, log_psi.dtype)
-        w = pop.weights.to(log_psi.device, log_psi.dtype)
+        log_w = pop.log_base.to(log_psi.device) + log_psi.detach().double()
+        if not bool(torch.isfinite(log_w).any()):
+            values.append(torch.zeros((), device=log_psi.device))
+            continue
+        w = torch.softmax(torch.where(torch.isfinite(log_w), log_w, -torch.inf), 0).to(log_psi.dtype)
         values.append(torch.where(w > 0, w * log_psi, 0.0).sum())  # a row ruled out (psi = 0) has weight 0
-    return torch.stack([v.to(values[0].device) for v in values])
+    return torch.stack([v.to(values[0].device) for v in values]) if values else torch.zeros(0)
