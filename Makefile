@@ -97,7 +97,7 @@ experiment-payoff: $(STAMP)
 	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity --stages 0,100,300
 	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity_control --stages 0,100,300 --pool-runs 0
 	test -f docs/payoff/residual_toxicity_smc/pool.json || (mkdir -p docs/payoff/residual_toxicity_smc && cp docs/payoff/residual_toxicity/pool.json docs/payoff/residual_toxicity_smc/)
-	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity_smc --stages 0,100,300 --negatives smc
+	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity_smc --stages 0,100 --negatives smc
 	$(PY) experiments/results.py  # docs/payoff/decisive.md: every K = 16 sampler against its folder's bootstrap K = 64
 
 # Qwen2.5-Coder-1.5B-Instruct, a model that can reason, for the reasoning study (issue 32): its GGUF split over
