@@ -36,6 +36,7 @@ from skip_twist import Study, calibration_lines, plot, staged
 import pilm
 from pilm.evaluation import twist_calibration
 from pilm.inference.smc import run_smc
+from pilm.learning import contrast
 from pilm.potentials import Toxicity
 from pilm.twists import ResidualTwist, Twist
 
@@ -91,13 +92,13 @@ def main() -> None:
 
 
 def replay_pool(target: pilm.Target, path: Path, k: int, runs: int) -> dict:
-    """The resampled particles of ``runs`` SMC runs at K = ``k`` with the look-ahead (seeds
-    1000 on), drawn once and kept in ``path``: samples of sigma for ctl's positive term."""
+    """The replay pool (``pilm.learning.contrast.replay_pool``: ``runs`` SMC runs of ``k``
+    particles with the look-ahead, seed 1000), drawn once and kept in ``path``. The committed
+    pool.json was drawn before that function existed, by the same runs resampled with seed 0
+    each; a pool drawn afresh differs only in those resampling seeds."""
     if not path.exists():
         t0 = time.perf_counter()
-        tokens = []
-        for r in pilm.smc([target] * runs, k, seed=1000, progress=False):
-            tokens += r.draw(k)
+        tokens = contrast.replay_pool(target, k * runs, seed=1000, k=k)
         path.write_text(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - t0, "k": k, "runs": runs}))
     return json.loads(path.read_text())
 

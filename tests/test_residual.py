@@ -154,6 +154,9 @@ def test_residual_refuses_what_it_cannot_twist(tabular_target):
         ResidualTwist(TableTwist(tabular_target, output="log_sigmoid"))
     with pytest.raises(ValueError, match="every next token"):
         train_twist(tabular_target, "rl", twist=ResidualTwist(TableTwist(tabular_target)), steps=1, progress=False)
+    with pytest.raises(ValueError, match="needs a twist with output 'log'"):  # checked before a pool is drawn
+        train_twist(tabular_target, "ctl", twist=TableTwist(tabular_target, output="log_sigmoid"), pool=64, steps=1,
+                    progress=False)
     stateful = TableTwist(tabular_target)
     stateful.stateful = True  # as a LoRATwist, which runs a body of its own
     with pytest.raises(ValueError, match="body of its own"):

@@ -95,22 +95,22 @@ class PrefixCritic(Critic):
 
     def log_psi(self, b: Stepped) -> Tensor:
         if b.twisted:
-            out = b.psi.double()
-            if self.residual is not None:
-                out = out.clone()
-                for g in b.groups.unique().tolist():
-                    going = (b.groups == g) & ~b.finished
-                    if going.any():
-                        out[going] += self.residual.look_ahead(b.targets[g], b.prefixes(going))
-            return out
-        out = torch.zeros(len(b.rows), dtype=torch.float64)
+            ahead = self.residual
+            return b.psi.double() + (0.0 if ahead is None else _per_target(b, ahead.look_ahead))
         if not self.scored:
-            return out
-        for g in b.groups.unique().tolist():
-            target, going = b.targets[g], (b.groups == g) & ~b.finished
-            if target.has_prefix_potential and going.any():
-                out[going] = target.log_prefix_potential(b.prefixes(going)).double()
-        return out
+            return torch.zeros(len(b.rows), dtype=torch.float64)
+        return _per_target(b, lambda target, prefixes: target.log_prefix_potential(prefixes).double())
+
+
+def _per_target(b: Stepped, score) -> Tensor:
+    """``score(target, prefixes)`` of each stepped row that goes on, one call per target, float64
+    (0 where a row finished, or its target has no prefix score)."""
+    out = torch.zeros(len(b.rows), dtype=torch.float64)
+    for g in b.groups.unique().tolist():
+        target, going = b.targets[g], (b.groups == g) & ~b.finished
+        if target.has_prefix_potential and going.any():
+            out[going] = score(target, b.prefixes(going))
+    return out
 
 
 class ProcessRewardCritic(Critic):

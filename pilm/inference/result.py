@@ -12,7 +12,7 @@ import torch
 
 from ..models.device import seeded_generator
 from ..prm.base import aggregate
-from .resampling import normalized
+from .resampling import multinomial, normalized
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -68,11 +68,10 @@ class SMCResult(Record):
         """``n`` particles' tokens drawn by weight, with replacement (multinomial resampling,
         seeded): approximate samples of sigma, e.g. a replay pool for ``train_twist(positives=)``.
         A run whose weights are all 0 (extinct) has nothing to draw: ``ValueError``."""
-        w = torch.tensor(self.weights, dtype=torch.float64)
-        if not len(w) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
+        log_w = torch.tensor(self.log_weights, dtype=torch.float64)
+        if not bool(torch.isfinite(log_w).any()):
             raise ValueError("this run has no particle of positive weight to draw (it went extinct)")
-        picks = torch.multinomial(w / w.sum(), n, replacement=True,
-                                  generator=torch.Generator(device="cpu").manual_seed(seed))  # host weights
+        picks = multinomial(log_w, n, torch.Generator(device="cpu").manual_seed(seed))  # host weights
         return [list(self.tokens[i]) for i in picks.tolist()]
 
     def top(self, k: int = 5) -> list[tuple[float, str]]:

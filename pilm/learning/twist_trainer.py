@@ -194,12 +194,12 @@ def train_twist(
                 raise ValueError(f"body must be 'frozen' or 'lora', got {body!r}")
         if residual is not None:
             twist = ResidualTwist(twist, residual)
+    elif twist.output != spec.twist_output:
+        raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
     if isinstance(twist, ResidualTwist):
         twist.check(targets)
     if pool:
         positives = replay_pool(target, pool, seed)
-    elif twist.output != spec.twist_output:
-        raise ValueError(f"objective {objective!r} needs a twist with output {spec.twist_output!r}, not {twist.output!r}")
     generator = seeded_generator(seed, targets[0].model.device)  # draws the batches on the model's device
     module = cast(nn.Module, twist)  # a trainable twist is a torch module
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
@@ -216,13 +216,17 @@ def train_twist(
     if sigma_batch is not None and isinstance(twist, ResidualTwist):
         sigma_batch["offset"] = look_ahead(target, sigma_batch, twist)
 
+    def pick() -> dict[str, Tensor]:
+        """``batch_size`` of the positives, drawn uniformly with the run's generator."""
+        assert sigma_batch is not None  # only called with positives
+        rows = torch.randint(len(sigma_batch["mask"]), (batch_size,), generator=generator, device=generator.device)
+        return {k: v[rows.to(v.device)] for k, v in sigma_batch.items()}
+
     def smc_step(i: int, update) -> dict:
         nonlocal lm_tokens
         populations, run = smc_populations(target, twist, batch_size, generator, proposal_beta=proposal_beta)
         lm_tokens += int(run.compute["tokens"])
-        assert sigma_batch is not None  # negatives="smc" needs positives
-        rows = torch.randint(len(sigma_batch["mask"]), (batch_size,), generator=generator, device=generator.device)
-        picked = {k: v[rows.to(v.device)] for k, v in sigma_batch.items()}
+        picked = pick()  # negatives="smc" needs positives
         loss = torch.tensor(float("nan"))  # stays NaN (no update) if the run went extinct
         for _ in range(reuse):
             positive, steps = uniform_term(twist_batch(target, picked, twist, all_tokens=False))
@@ -250,10 +254,7 @@ def train_twist(
             for d in (drawn, base):
                 if d is not None:
                     d["offset"] = look_ahead(step_target, d, twist)
-        picked = None
-        if sigma_batch is not None:
-            rows = torch.randint(len(sigma_batch["mask"]), (batch_size,), generator=generator, device=generator.device)
-            picked = {k: v[rows.to(v.device)] for k, v in sigma_batch.items()}
+        picked = None if sigma_batch is None else pick()
         for _ in range(reuse):
             extra = {} if picked is None else {"positives": twist_batch(step_target, picked, twist, all_tokens=every)}
             loss = spec.loss(twist_batch(step_target, drawn, twist, all_tokens=every),
