@@ -58,7 +58,7 @@ DOCUMENTED = {
     "sample": ["sample", "--prompt", "The movie was", "--potential", "sentiment:positive:10", "--n-particles", "32",
                "--max-new-tokens", "8"],
     "sample-json-mask": ["sample", "--chat", "--prompt", "The weather in Oslo as JSON", "--potential",
-                         'json:{"type": "object"}', "--mask", "--max-new-tokens", "8"],
+                         'json:{"type": "object"}', "--mask"],  # the README's horizon: at 8 tokens all may die
     "train-twist": ["train-twist", "--prompt", "The movie was", "--potential", "sentiment:positive:10",
                     "--max-new-tokens", "8", "--steps", "1", "--out", "tw"],
     "bounds": ["bounds", "--prompt", "The movie was", "--potential", "sentiment:positive", "--max-new-tokens", "4",

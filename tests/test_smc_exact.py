@@ -10,7 +10,7 @@ from scipy import stats
 import pilm
 from pilm.inference.resampling import SCHEMES
 
-from .conftest import mean_and_se
+from .conftest import mean_and_se, sigma_cells_chi2
 
 RUNS = 1000  # independent runs per configuration: one batched call, one generator per copy of the target
 N = 8
@@ -90,24 +90,9 @@ def test_smc_weighted_frequencies_match_sigma(tabular_target):
     """E[Zhat * wbar_k 1{s_k = s}] summed over k equals p0(s) phi(s) exactly (the unnormalised
     SMC estimator is unbiased for every test function), so each cell's mean over runs is
     compared to the exact value with a chi-square statistic built from the runs' own SEs."""
-    e = pilm.exact.enumerate_target(tabular_target)
-    gamma = dict(zip(e.tokens, torch.exp(e.log_sigma_unnormalized).tolist()))
-    runs = 400
-    cells = {s: [] for s in gamma}
-    for seed in range(runs):
-        res = pilm.smc(tabular_target, N, ess_threshold=0.5, seed=seed, progress=False, on_extinction="return")
-        zhat = math.exp(res.log_z)
-        mass = Counter()
-        for w, toks in zip(res.weights, res.tokens):
-            mass[tuple(toks)] += w
-        for s in cells:
-            cells[s].append(zhat * mass[s])
-    chi2, dof = 0.0, 0
-    for s, values in cells.items():
-        mean, se = mean_and_se(values)
-        if gamma[s] > 1e-3 and se > 0:  # cells with enough mass for the CLT
-            chi2 += ((mean - gamma[s]) / se) ** 2
-            dof += 1
+    runs = [pilm.smc(tabular_target, N, ess_threshold=0.5, seed=seed, progress=False, on_extinction="return")
+            for seed in range(400)]
+    chi2, dof = sigma_cells_chi2(tabular_target, runs)
     # Under correctness chi2 ~ chi-square(dof) approximately; p < 0.001 would flag a bias.
     assert dof >= 10
     assert stats.chi2.sf(chi2, dof) > 1e-3, f"chi2={chi2:.1f} on {dof} cells"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from ..models.device import check_device
+from ..models.draws import categorical, uniforms
 from ..proposals import Proposal
 from .boundaries import Boundary
 from .critics import Critic
@@ -115,22 +115,15 @@ class Run:
 
 
 def draw(log_q: Tensor, groups: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-    """One token per row from exp(log_q), each target's rows (contiguous) from its own
-    generator, drawn and returned on the device the probabilities live on."""
-    probs = log_q.exp()
+    """One token per row from exp(log_q), by inversion (``pilm.models.draws``), each target's
+    rows (contiguous) with uniforms from its own generator, drawn and returned on the device
+    the probabilities live on."""
     if len(generators) == 1:
-        return torch.multinomial(probs, 1, generator=_on(generators[0], probs)).squeeze(1)
-    ids, counts = torch.unique_consecutive(groups, return_counts=True)
-    blocks = probs.split(counts.tolist())
-    return torch.cat([torch.multinomial(b, 1, generator=_on(generators[g], b)).squeeze(1)
-                      for g, b in zip(ids.tolist(), blocks, strict=True)])
-
-
-def _on(generator: torch.Generator, probs: Tensor) -> torch.Generator:
-    """The generator, if it lives where the probabilities do (torch's own error does not say which)."""
-    if generator.device != probs.device:  # cheap test first: this runs for every draw
-        check_device("the generator", generator.device, probs.device)
-    return generator
+        counts, chosen = [len(log_q)], list(generators)
+    else:
+        ids, runs = torch.unique_consecutive(groups, return_counts=True)
+        counts, chosen = runs.tolist(), [generators[g] for g in ids.tolist()]
+    return categorical(log_q, uniforms(counts, chosen, log_q.device))
 
 
 def to_host(drawn: Tensor, read: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -35,6 +35,7 @@ from torch import Tensor
 from ..errors import PotentialError
 from ..models.base import LanguageModel
 from ..models.device import derived_seed, seeded_generator
+from ..models.draws import categorical, uniforms
 from .base import Potential, Sequences, evaluate
 
 
@@ -116,9 +117,8 @@ class RolloutLookahead(Potential):
         state = model.start_many([model.context(seqs.prompt) + p for p in prefixes], r)
         steps, kept = [], []  # each step's draws, and which rows took theirs
         while True:
-            probs = state.logprobs.float().exp()
-            drawn = torch.cat([torch.multinomial(probs[i * r:(i + 1) * r], 1, generator=g)
-                               for i, g in enumerate(generators)]).squeeze(1).cpu()
+            u = uniforms([r] * len(generators), generators, state.logprobs.device)
+            drawn = categorical(state.logprobs, u).cpu()
             steps.append(drawn)
             kept.append(~done)
             room -= (~done).long()
