@@ -88,13 +88,7 @@ def fixed_point(target, objective):
     return TableTwist(target, table, output=OBJECTIVES[objective].twist_output)
 
 
-# DPG's gradient at the table's psi* is not zero: |z| 5.4-7.2 on 5 of 6 seeds at 400 draws (both
-# the multinomial and the inversion draws), 8.8 at 800, largest at the horizon step after (0, 1, 0),
-# token 0 drawn more often than q says; 150 draws hid it. The cause is not isolated yet.
-DPG_BIASED = pytest.mark.xfail(reason="DPG's gradient at psi* is biased (cause not isolated)", strict=False)
-
-
-@pytest.mark.parametrize("objective", [pytest.param(o, marks=DPG_BIASED) if o == "dpg" else o for o in OBJECTIVES])
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_gradient_is_zero_in_expectation_at_the_fixed_point(soft_target, objective):
     spec = OBJECTIVES[objective]
     twist = fixed_point(soft_target, objective)
@@ -108,6 +102,12 @@ def test_gradient_is_zero_in_expectation_at_the_fixed_point(soft_target, objecti
         grads.append(twist.values.grad.flatten().clone())
     grads = torch.stack(grads).double()
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(len(grads))
+    # DPG pushes every token's psi at every visited prefix: a rare token's coordinate takes
+    # many small pushes and, when drawn, one large jump that a run may never see; its sample SE
+    # then measures the pushes alone (|z| 5-9 with an exact sampler). The SE is floored at one
+    # unseen jump of the largest size observed (DPG: |z| <= 2.2 on 3 seeds; FUDGE with a
+    # per-sequence mean over t, which is biased, still |z| 8.2-9.8).
+    se = (se**2 + (grads.abs().max() / len(grads)) ** 2).sqrt()
     # Each coordinate must lie within 5 SE of 0 (over a few hundred coordinates a false alarm
     # is < 1e-3), plus 1e-6 for float32 rounding (deterministic coordinates have SE ~ 0).
     z = (mean.abs() - 1e-6).clamp(min=0) / se.clamp(min=1e-12)
