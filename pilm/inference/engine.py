@@ -42,7 +42,7 @@ from ..proposals import BaseProposal, Proposal
 from ..target import Target
 from . import native
 from .critics import Critic, Stepped
-from .particles import Particles, Run, Sampler, StepInfo, draw, log_base_at, to_host
+from .particles import Particles, Run, Sampler, StepInfo, check_drawn, draw, log_base_at, to_host
 from .rules import Decision, View
 
 Observer = Callable[[Tensor, ModelState, Tensor, Tensor, Tensor], None]
@@ -197,6 +197,7 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
             read["psi"] = (proposed.log_psi if everyone else proposed.log_psi[at]).gather(1, pick).squeeze(1)
         drawn, read = to_host(on_device, read)
         lq, lp0 = read["lq"], read["lp0"]
+        check_drawn(rows, lq, n)
         if not same:
             log_w[rows] += read["base"].double() - lq.double()
         if proposed.log_psi is not None:
@@ -220,6 +221,7 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         feed = torch.zeros(len(live), dtype=torch.long)
         feed[idx] = drawn
         hold = ~active
+        del proposed, log_q, logprobs  # (n, V) tensors the model may free before its next forward
         state = _forward(model, proposal, state, feed, hold if hold.any() else None, compute)
     twisted = proposed.log_psi is not None and not proposal.keeps_prefix_scores
     return replace(p, tokens=tokens, lengths=lengths, log_w=log_w), state, _Drawn(psi, twisted, hidden, pending)

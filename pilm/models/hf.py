@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .base import LanguageModel, ModelState, Tokens, encode_with_tokenizer, single_id
-from .kv_cache import CASCADE, RowCache, check_kv_cache, decode_rows, share_prefixes
+from .kv_cache import CASCADE, RowCache, check_kv_cache, decode_rows, reserved, share_prefixes
 
 if TYPE_CHECKING:
     from .adapter import AdapterSwitch
@@ -107,7 +107,7 @@ class HFModel(LanguageModel):
                 out = self._call(input_ids=ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1, **extra)
         finally:
             hook.remove()
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1), taken[-1][:, -1].float()
+        return torch.log_softmax(out.logits[:, -1], dim=-1, dtype=torch.float32), taken[-1][:, -1].float()
 
     def _prefill(self, ctxs: list[list[int]], group: Tensor) -> ModelState:
         """The prompts' one forward (left-padded to one width, with an attention mask and
@@ -152,12 +152,15 @@ class HFModel(LanguageModel):
             hold = hold.to(self.device)
             tokens = torch.where(hold.to(tokens.device), 0, tokens)
         extra = rows.step(hold)
+        if hold is None:
+            state.release()  # before the forward, which makes the next ones
         with rows.attending():
             logprobs, hidden = self._forward(tokens.view(-1, 1), **extra)
         if hold is not None:
             keep = hold.view(-1, 1)
             logprobs = torch.where(keep, state.logprobs, logprobs)
             hidden = torch.where(keep, state.hidden, hidden)
+            state.release()
         return ModelState(logprobs, hidden, rows, state.length + 1)
 
     def reindex(self, state: ModelState, idx: Tensor) -> ModelState:
@@ -165,15 +168,22 @@ class HFModel(LanguageModel):
             return state  # (a row map already on the device is not synced back to test it)
         idx = idx.to(self.device)
         state.cache.reorder(idx)
-        return ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length)
+        out = ModelState(state.logprobs[idx], state.hidden[idx], state.cache, state.length)
+        state.release()
+        return out
 
-    def max_rows(self, length: int) -> int:
-        """Rows whose KV cache (``length`` positions) and next-token tensors (a few copies of
-        the V log-probabilities) fit in half the device's free memory."""
+    def max_rows(self, length: int, *, prompt: int = 0, per_prompt: int = 1) -> int:
+        """Rows whose KV cache (``length`` positions, the first ``prompt`` of them the prompt's)
+        and next-token tensors (a few copies of the V log-probabilities) fit in half the device's
+        free memory. Rows that share their prompt's cache (``shares_prefixes``) hold it once per
+        ``per_prompt`` rows, and their own positions in buffers that double (``reserved``)."""
         cfg = self.hf.config
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv = 2 * cfg.num_hidden_layers * heads * head_dim * self.hf.dtype.itemsize * length
+        positions: float = length
+        if self.shares_prefixes and 0 < prompt <= length:
+            positions = prompt / max(per_prompt, 1) + reserved(length - prompt)
+        kv = 2 * cfg.num_hidden_layers * heads * head_dim * self.hf.dtype.itemsize * positions
         per_row = kv + 8 * self.vocab_size * 4 + 16 * cfg.hidden_size * 4
         return max(1, int(0.5 * _free_memory(self.device) // per_row))
 
