@@ -33,11 +33,33 @@ def test_a_uniform_at_the_top_gives_the_last_token_of_positive_mass():
 
 
 @pytest.mark.parametrize("bad", [-math.inf, math.nan])
-def test_a_row_without_positive_mass_is_a_clear_error(bad):
+def test_a_row_without_positive_mass_is_a_clear_error_where_its_draw_is_read(bad):
+    """Inversion draws such a row as some index in range (no device-side assertion, no host
+    sync); the engine refuses the draw by its log q, naming the target and particle."""
+    import pilm
+    from pilm.proposals import Proposal, Proposed
+
     log_p = torch.log_softmax(torch.randn(3, 5), -1)
     log_p[1] = bad
-    with pytest.raises(ValueError, match=r"row\(s\) \[1\].*no token of positive finite probability"):
-        categorical(log_p, torch.rand(3, dtype=torch.float64))
+    assert 0 <= int(categorical(log_p, torch.rand(3, dtype=torch.float64))[1]) < 5
+
+    class Broken(Proposal):
+        name = "broken"
+
+        def propose(self, state, prefixes):
+            log_q = state.logprobs.clone()
+            log_q[3] = bad
+            return Proposed(log_q, None)
+
+    target = pilm.Target(pilm.models.TabularLM.random(5, seed=0, eos_id=4), [0], max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"no token of positive finite probability at \(target, particle\) \[\(1, 1\)\]"):
+        pilm.smc([target, target], 2, proposal=Broken(), seed=0, progress=False)
+
+
+def test_one_uniform_per_row():
+    with pytest.raises(ValueError, match="one uniform per row"):
+        categorical(torch.zeros(5, 3), torch.rand(1, dtype=torch.float64))
+    assert uniforms([], [], torch.device("cpu")).shape == (0,)
 
 
 def test_each_targets_rows_draw_with_its_own_generator_as_if_alone():
@@ -51,15 +73,11 @@ def test_each_targets_rows_draw_with_its_own_generator_as_if_alone():
 
 
 def test_rows_drawn_in_blocks_are_the_rows_drawn_at_once(monkeypatch):
-    """Blocks bound the float64 sums in memory; they change no draw, and an error names the
-    row of the whole batch."""
+    """Blocks bound the float64 sums in memory; they change no draw."""
     import pilm.models.draws as draws
 
     log_p = torch.log_softmax(torch.randn(10, 7, generator=torch.Generator().manual_seed(2)), -1)
     u = torch.rand(10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     whole = categorical(log_p, u)
-    monkeypatch.setattr(draws, "_BLOCK", 21)  # 3 rows a block
+    monkeypatch.setattr(draws, "_block", lambda device: 21)  # 3 rows a block
     assert torch.equal(categorical(log_p, u), whole)
-    log_p[7] = -math.inf
-    with pytest.raises(ValueError, match=r"row\(s\) \[7\]"):
-        categorical(log_p, u)

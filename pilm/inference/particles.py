@@ -126,6 +126,19 @@ def draw(log_q: Tensor, groups: Tensor, generators: Sequence[torch.Generator]) -
     return categorical(log_q, uniforms(counts, chosen, log_q.device))
 
 
+def check_drawn(rows: Tensor, lq: Tensor, n: int | None = None) -> None:
+    """Refuse draws whose log q is -inf or NaN (on the host): a row of the proposal without
+    positive finite mass, which inversion draws as some index (``pilm.models.draws``), or a
+    conditional-SMC reference token that the proposal cannot draw. ``n``: rows per target, to
+    name (target, particle) instead of the row."""
+    bad = ~torch.isfinite(lq)
+    if bool(bad.any()):
+        at = [(int(r) // n, int(r) % n) if n else int(r) for r in rows[bad][:4]]
+        what = "(target, particle)" if n else "row"
+        raise ValueError(f"the proposal gave no token of positive finite probability at {what} {at} (log q of the drawn "
+                         f"token {lq[bad][:4].tolist()}): every log q -inf or NaN there, or a reference token q cannot draw")
+
+
 def to_host(drawn: Tensor, read: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The drawn tokens and the values read at them, brought to the host in one transfer (as
     float64: token ids are exact, and a float64 psi keeps its precision). On the CPU there is

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..inference.particles import draw
+from ..inference.particles import check_drawn, draw, to_host
 from ..models.base import LanguageModel, decode_step
 from ..proposals import BaseProposal
 from ..target import Target
@@ -53,7 +53,10 @@ def _decode(policy: LanguageModel, state, horizon: int, eos: int | None, generat
     rows = torch.arange(n)
     pending: list[list[int]] = [[] for _ in range(n)]
     for t in range(horizon):
-        drawn = draw(proposal.propose(state, None).log_q, rows, [generator]).cpu()
+        log_q = proposal.propose(state, None).log_q
+        on_device = draw(log_q, rows, [generator])
+        drawn, read = to_host(on_device, {"lq": log_q.gather(1, on_device.unsqueeze(1)).squeeze(1)})
+        check_drawn(rows, read["lq"])  # a policy whose log-probs went NaN stops here
         if tool is not None:
             for j, r in enumerate(rows.tolist()):
                 if pending[r]:
