@@ -32,7 +32,7 @@ def test_auto_exact_samples_decides_without_running_the_model(tiny, monkeypatch)
 
 def test_enumeration_refuses_prefixes_that_do_not_fit_before_advancing_them(monkeypatch):
     model = pilm.models.TabularLM.random(4, seed=0, eos_id=3)
-    monkeypatch.setattr(model, "max_rows", lambda length: 2)
+    monkeypatch.setattr(model, "max_rows", lambda length, **_: 2)
     target = pilm.Target(model, "a", Regex("[ab]*"), max_new_tokens=4)
     with pytest.raises(TooLargeError, match="would advance 3 prefixes at step 2; at most 2 fit in the device's memory"):
         pilm.exact.log_z(target)

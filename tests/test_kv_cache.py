@@ -150,3 +150,20 @@ def test_forwards_outside_a_decode_step_are_sdpa(pair):
     shared, eager = pair
     comps = [shared.encode(" a short one"), shared.encode(" and longer")]
     assert torch.allclose(shared.log_prob("The movie was", comps), eager.log_prob("The movie was", comps), atol=1e-5)
+
+
+def test_max_rows_counts_a_shared_prompt_once(pair, monkeypatch):
+    """Rows that share the prompt's cache cost its positions once per prompt (plus their own
+    positions in doubling buffers): a 512-position prompt with 64 particles fits more rows than
+    a copy per row would (here the V-wide tensors of the tiny model dominate a row), exactly
+    what the arithmetic says; a cache per row ignores the prompt's sharing."""
+    from pilm.models import hf
+
+    shared, eager = pair
+    monkeypatch.setattr(hf, "_free_memory", lambda device: 2**30)
+    cfg = shared.hf.config
+    per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    rest = 8 * shared.vocab_size * 4 + 16 * cfg.hidden_size * 4
+    assert eager.max_rows(577, prompt=512, per_prompt=64) == eager.max_rows(577) == 2**29 // (577 * per_position + rest)
+    assert shared.max_rows(577, prompt=512, per_prompt=64) == int(2**29 // ((512 / 64 + 128) * per_position + rest))
+    assert shared.max_rows(577, prompt=512, per_prompt=64) > eager.max_rows(577)

@@ -3,6 +3,7 @@ the device's memory."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -36,8 +37,11 @@ def chunks(targets: list[Target], n: int, max_rows: int | None) -> list[list[int
     """Consecutive groups of target indices whose n rows each fit ``max_rows`` (default: what
     the model's device has room for)."""
     if max_rows is None:
-        length = max(len(t.prompt_ids) + t.max_new_tokens for t in targets) + 1
-        max_rows = targets[0].model.max_rows(length)
+        model = targets[0].model
+        prompt = max(len(model.context(t.prompt_ids)) for t in targets)
+        length = prompt + max(t.max_new_tokens for t in targets) + 1
+        shared = "per_prompt" in inspect.signature(model.max_rows).parameters  # a backend's older signature
+        max_rows = model.max_rows(length, prompt=prompt, per_prompt=n) if shared else model.max_rows(length)
     if max_rows is not None and n > max_rows:
         raise ValueError(f"{n} particles of one target do not fit: at most {max_rows} rows fit in the device's "
                          "memory (max_rows); use fewer particles or a shorter horizon")

@@ -33,6 +33,16 @@ CASCADE = "pilm_cascade"
 CHUNK = 16  # a row's first buffer holds this many positions; a full one doubles (exact at powers of two,
 # half empty at worst, each position copied once on average)
 
+
+def reserved(positions: int) -> int:
+    """The positions a row's own buffers reserve to hold ``positions``: ``CHUNK``, doubled
+    until they fit."""
+    size = CHUNK
+    while size < positions:
+        size *= 2
+    return size
+
+
 _ACTIVE: ContextVar[SharedPrefix | None] = ContextVar("pilm_shared_prefix", default=None)
 
 
@@ -168,7 +178,7 @@ class SharedPrefix:
                 "attention_mask": self.valid[:, None, None, : self.used]}
 
     def _grow(self) -> None:
-        size = max(CHUNK, 2 * self.used)
+        size = reserved(self.used + 1)
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
                 new = old.new_empty(old.shape[0], old.shape[1], size, old.shape[3])
