@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # One thread per core, and no OpenMP spin-waiting on a shared machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-engines bench-engines docs bench clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-scale-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
+.PHONY: install demo test test-engines bench-engines docs bench bench-compile clean experiment-twists experiment-bounds experiment-finetune experiment-scale experiment-payoff experiment-analytic-twists install-qwen experiment-scale-qwen experiment-latent experiment-red-team experiment-mask-engines experiment-masked experiment-twists-tied results
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ bench: $(STAMP)
 	.venv/bin/pilm bench --json > docs/bench/bench.json.part
 	mv docs/bench/bench.json.part docs/bench/bench.json
 	$(PY) experiments/results.py
+
+# Whether torch.compile pays for the decode step on this machine (docs/bench/compile.json).
+bench-compile: $(STAMP)
+	$(PY) experiments/compile_decode.py --out docs/bench
 
 clean:
 	rm -rf .venv $(ENGINES) site
