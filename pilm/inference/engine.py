@@ -42,7 +42,7 @@ from ..proposals import BaseProposal, Proposal
 from ..target import Target
 from . import native
 from .critics import Critic, Stepped
-from .particles import Particles, Run, Sampler, StepInfo, check_drawn, draw, log_base_at, to_host
+from .particles import Particles, Run, Sampler, StepInfo, check_drawn, draw, host_twins, log_base_at, to_host
 from .rules import Decision, View
 
 Observer = Callable[[Tensor, ModelState, Tensor, Tensor, Tensor], None]
@@ -71,12 +71,13 @@ def run(targets: Sequence[Target], n: int, sampler: Sampler, generators: Sequenc
     prefilled = state is not None  # a backend that generates by requests keeps no state here
     compute = {"tokens": 0, "forwards": int(prefilled), "forward_rows": m * n * prefilled, "held_rows": 0}
     ends = _Ends(targets, n)
+    resamplers = host_twins(generators)
     steps: list[StepInfo] = []
     total = horizon if sampler.boundary.every_token else None
     with tqdm(total=total, desc=desc, unit=sampler.boundary.unit, disable=not progress, leave=False) as bar:
         while len(particles.running):
             particles, state, info = step(particles, state, sampler, targets, generators, references=references,
-                                          observe=observe, compute=compute, ends=ends)
+                                          observe=observe, compute=compute, ends=ends, resamplers=resamplers)
             for g in info.extinct.nonzero().squeeze(1).tolist():
                 if on_extinct is not None:
                     on_extinct(g, info.t, int(info.died[g]))
@@ -100,11 +101,13 @@ class _Ends:
 
 def step(particles: Particles, state: ModelState | None, sampler: Sampler, targets: Sequence[Target],
          generators: Sequence[torch.Generator], *, references=None, observe: Observer | None = None,
-         compute: dict | None = None, ends: _Ends | None = None) -> tuple[Particles, ModelState | None, StepInfo]:
+         compute: dict | None = None, ends: _Ends | None = None,
+         resamplers: Sequence[torch.Generator] | None = None) -> tuple[Particles, ModelState | None, StepInfo]:
     """One boundary for every running row: advance each to its boundary, score, weigh and
-    select (module docstring). Returns the new particles, the model state of the rows still
-    running (``None`` when none is, or on a backend that generates natively, which keeps no
-    state: ``pilm.inference.native``) and what the boundary did."""
+    select (module docstring). ``resamplers``: the rules' generators (default ``generators``;
+    ``run`` gives host twins, ``particles.host_twins``). Returns the new particles, the model
+    state of the rows still running (``None`` when none is, or on a backend that generates
+    natively, which keeps no state: ``pilm.inference.native``) and what the boundary did."""
     model = targets[0].model
     compute = {} if compute is None else compute
     ends = ends or _Ends(targets, particles.n)
@@ -121,7 +124,7 @@ def step(particles: Particles, state: ModelState | None, sampler: Sampler, targe
     stepped = Stepped(targets, p, live, finished, drawn.psi[live], drawn.twisted,
                       None if drawn.hidden is None else drawn.hidden[live], last, sampler.boundary.texts(live))
     now = _with_phi(stepped, sampler.critic.log_psi(stepped), sampler.critic)
-    p, parents, info = _decide(p, particles.log_w, live, finished, now, sampler, generators, references)
+    p, parents, info = _decide(p, particles.log_w, live, finished, now, sampler, resamplers or generators, references)
     going = p.running
     position = torch.full((len(parents),), -1, dtype=torch.long)
     position[live] = torch.arange(len(live))

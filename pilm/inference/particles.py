@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from ..models.device import derived_seed, seeded_generator
 from ..models.draws import categorical, uniforms
 from ..proposals import Proposal
 from .boundaries import Boundary
@@ -124,6 +125,14 @@ def draw(log_q: Tensor, groups: Tensor, generators: Sequence[torch.Generator]) -
         ids, runs = torch.unique_consecutive(groups, return_counts=True)
         counts, chosen = runs.tolist(), [generators[g] for g in ids.tolist()]
     return categorical(log_q, uniforms(counts, chosen, log_q.device))
+
+
+def host_twins(generators: Sequence[torch.Generator]) -> list[torch.Generator]:
+    """Generators for a rule's draws (resampling, ancestors), which read weights kept on the
+    host: a CPU generator is itself; one on an accelerator gets a CPU twin seeded from its seed,
+    so that resampling moves nothing between host and device."""
+    return [g if g.device.type == "cpu" else seeded_generator(derived_seed(g.initial_seed(), ("rules",)), "cpu")
+            for g in generators]
 
 
 def check_drawn(rows: Tensor, lq: Tensor, n: int | None = None) -> None:
