@@ -269,7 +269,8 @@ def test_smc_negatives_estimate_the_twisted_targets_expectation(tabular_target):
 
 def test_smc_populations_follow_the_run_and_refuse_what_they_cannot_read(tabular_target):
     """Each step's population is the rows that drew it, with prefixes of t tokens; a LoRA-like
-    twist is refused; a run that goes extinct gives no negative weight to anything."""
+    twist is refused; a run that goes extinct still has finite negatives (weighed by the current
+    twist), and a twist that rules every row out gives none (NaN: the trainer skips the step)."""
     from pilm.learning.contrast import negative_term, smc_populations
 
     twist = ResidualTwist(random_head(tabular_target, 6), POWERS)
@@ -286,3 +287,6 @@ def test_smc_populations_follow_the_run_and_refuse_what_they_cannot_read(tabular
     populations, run = smc_populations(never, never_twist, 4, torch.Generator().manual_seed(0))
     assert any(bool(info.extinct[0]) for info in run.steps)
     assert torch.isfinite(negative_term(never, never_twist, populations)).all()
+    with torch.no_grad():
+        never_twist.head.values.fill_(-math.inf)  # a twist that now rules every row out: no estimate at any step
+    assert torch.isnan(negative_term(never, never_twist, populations)).all()

@@ -97,8 +97,7 @@ def table(report: dict) -> str:
         value = report.get(key)
         if value is None:  # a leg this report did not run
             continue
-        shown = (str(value) if not isinstance(value, (int, float)) else f"{value:.3f}" if value < 100
-                 else f"{value:.0f}")
+        shown = f"{value:.3f}" if value < 100 else f"{value:.0f}"  # MB as whole numbers
         target = f"≤ {TARGETS[key]}" + (" ✓" if value <= TARGETS[key] else " ✗") if key in TARGETS else "–"
         lines.append(f"| `{key}` | {what} | {shown} | {target} |")
     setting = ", ".join(f"{k} {report[k]}" for k in ("machine", "dtype", "threads", "torch", "n_particles",

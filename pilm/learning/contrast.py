@@ -128,7 +128,8 @@ def smc_populations(target: Target, twist: TwistFunction, n: int, generator: tor
 def negative_term(target: Target, twist: TwistFunction, populations: list[Population]) -> Tensor:
     """Per step t, E_{pi_t}[log psi_t] under the current twist: the step's rows weighed by
     ``log_base`` + log psi_t (detached) and self-normalised, times log psi_t with gradients
-    (a residual's look-ahead added), shape (T,)."""
+    (a residual's look-ahead added), shape (T,); NaN at a step where the current twist gives
+    every row weight 0 (no estimate: the trainer leaves that step out)."""
     values = []
     for pop in populations:
         before = [p[:-1] for p in pop.prefixes] if twist.needs_prefixes else None
@@ -137,7 +138,7 @@ def negative_term(target: Target, twist: TwistFunction, populations: list[Popula
             log_psi = log_psi + pop.ahead.to(log_psi.device, log_psi.dtype)
         log_w = pop.log_base.to(log_psi.device) + log_psi.detach().double()
         if not bool(torch.isfinite(log_w).any()):
-            values.append(torch.zeros((), device=log_psi.device))
+            values.append(torch.full((), math.nan, device=log_psi.device))
             continue
         w = torch.softmax(torch.where(torch.isfinite(log_w), log_w, -torch.inf), 0).to(log_psi.dtype)
         values.append(torch.where(w > 0, w * log_psi, 0.0).sum())  # a row ruled out (psi = 0) has weight 0

@@ -227,13 +227,13 @@ def train_twist(
         populations, run = smc_populations(target, twist, batch_size, generator, proposal_beta=proposal_beta)
         lm_tokens += int(run.compute["tokens"])
         picked = pick()  # negatives="smc" needs positives
-        loss = torch.tensor(float("nan"))  # stays NaN (no update) if the run went extinct
+        loss = torch.tensor(float("nan"))  # stays NaN (no update) if no step has both terms
         for _ in range(reuse):
             positive, steps = uniform_term(twist_batch(target, picked, twist, all_tokens=False))
             negative = negative_term(target, twist, populations)
             width = min(len(positive), len(negative))
-            steps = steps[:width] & torch.tensor([bool(p.prefixes) for p in populations[:width]], device=steps.device)
-            if not steps.any():  # an extinct run: nothing to contrast this step
+            steps = steps[:width] & torch.isfinite(negative[:width]).to(steps.device)
+            if not steps.any():
                 break
             loss = -(positive[:width] - negative[:width].to(positive.device))[steps].mean()
             update(loss)

@@ -33,9 +33,7 @@ def uniforms(counts: Sequence[int], generators: Sequence[torch.Generator], devic
     """float64 U[0, 1) numbers on ``device``: ``counts[i]`` of them from ``generators[i]``, in order."""
     parts = [torch.rand(k, generator=_on(g, device), device=device, dtype=torch.float64)
              for k, g in zip(counts, generators, strict=True)]
-    if not parts:
-        return torch.zeros(0, dtype=torch.float64, device=device)
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
 
 
 def categorical(log_p: Tensor, u: Tensor) -> Tensor:

@@ -6,10 +6,6 @@ from torch.nn.functional import logsigmoid
 from .batch import TwistBatch, sigma_weights
 
 
-def _per_sequence_sum(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum(1)
-
-
 def sixo(batch: TwistBatch, base: TwistBatch | None = None) -> Tensor:
     """Logistic classification of prefixes with logit log psi_t:
     L = -[ sum_k wbar_k sum_t log s(log psi_t(s^k_{1:t})) + mean_j sum_t log s(-log psi_t(s'^j_{1:t})) ]
@@ -21,6 +17,6 @@ def sixo(batch: TwistBatch, base: TwistBatch | None = None) -> Tensor:
     if base is None:
         raise ValueError("the sixo objective needs base-model samples (base)")
     w = sigma_weights(batch)
-    positive = (w * _per_sequence_sum(logsigmoid(batch.log_psi), batch.mask)).sum()
-    negative = _per_sequence_sum(logsigmoid(-base.log_psi), base.mask).mean()
+    positive = (w * (logsigmoid(batch.log_psi) * batch.mask).sum(1)).sum()
+    negative = (logsigmoid(-base.log_psi) * base.mask).sum(1).mean()
     return -(positive + negative)
