@@ -45,9 +45,9 @@ def mean_and_se(values):
 def sigma_cells_chi2(target, runs) -> tuple[float, int]:
     """E[Z-hat · w_k 1{s_k = s}] = p0(s) phi(s) for every sequence s: each cell's mean over
     the independent ``runs`` against the enumerated value, summed as a chi-square from the
-    runs' own standard errors over the cells above 1e-3 (those few runs saw pooled into one). Returns (chi2, cells). A sample
-    outside sigma's support (not enumerated, or with p0 phi = 0) with weight > 0 fails at once:
-    no cell would see it."""
+    runs' own standard errors over the cells above 1e-3 (those few runs saw pooled into one).
+    Returns (chi2, cells). A sample outside sigma's support (not enumerated, or with p0 phi = 0)
+    with weight > 0 fails at once: no cell would see it."""
     e = pilm.exact.enumerate_target(target)
     gamma = dict(zip(e.tokens, torch.exp(e.log_sigma_unnormalized).tolist(), strict=True))
     cells: dict = {s: [] for s in gamma}
