@@ -216,3 +216,50 @@ def test_calibration_reads_each_prefix_with_its_own_condition(tiny):
         hidden = tiny.start(list(target.prompt_ids) + prefix[:-1], 1).hidden
         alone = twist.log_psi_at(None, hidden, torch.tensor([prefix[-1]]), twist.condition_for(target))
         assert abs(r["log_psi"] - float(alone[0])) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mlp", "tied"])
+def test_sampling_reads_the_head_in_a_bfloat16_models_dtype_and_recasts_it_after_an_update(tiny, kind):
+    """Without a gradient the head runs in the model's dtype (what a bfloat16 copy of it gives,
+    exactly), with one gradient in float32; an optimizer step is seen by the next draw."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from pilm.models import HFModel
+
+    torch.manual_seed(0)
+    model = HFModel(LlamaForCausalLM(tiny.hf.config).to(torch.bfloat16), tiny.tokenizer, name="tiny-bf16")
+    twist = Twist.for_model(model, kind=kind, layers=2)
+    torch.nn.init.normal_(twist.net[-1].weight, std=0.3)  # Xavier on the output layer is too small to round
+    hidden = model.start(model.encode("Hello there"), 3).hidden
+    tokens = torch.tensor([5, 70, 900])
+
+    def in_bfloat16():
+        low = copy.deepcopy(twist).to(torch.bfloat16)
+        out = low.net(hidden.bfloat16())
+        if kind == "tied":
+            out = out @ model.hf.get_output_embeddings().weight.T / twist.config.hidden_size**0.5 + low.token_bias
+        return out.float()
+
+    with torch.no_grad():
+        sampled, at = twist.log_psi(None, hidden), twist.log_psi_at(None, hidden, tokens)
+    trained = twist.log_psi(None, hidden)  # a gradient is taken: float32
+    assert sampled.dtype == trained.dtype == torch.float32 and trained.requires_grad
+    assert torch.equal(sampled, in_bfloat16()) and not torch.equal(sampled, trained.detach())
+    assert torch.allclose(sampled, trained.detach(), atol=0.05 * trained.abs().max().item())
+    assert torch.equal(at, sampled.gather(-1, tokens[:, None]).squeeze(-1))  # the weights read what was proposed
+    optimizer = torch.optim.SGD(twist.parameters(), lr=1.0)
+    trained.sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = twist.log_psi(None, hidden)
+    assert not torch.equal(after, sampled) and torch.equal(after, in_bfloat16())
+
+
+def test_a_float32_models_head_samples_in_float32(tiny):
+    twist = Twist.for_model(tiny, kind="mlp", layers=2)
+    hidden = tiny.start(tiny.encode("Hello"), 2).hidden
+    with torch.no_grad():
+        sampled = twist.log_psi(None, hidden)
+    assert torch.equal(sampled, twist.log_psi(None, hidden).detach())

@@ -59,7 +59,7 @@ class MaskedProposal(Proposal):
         log_psi = self.inner.propose(state, prefixes).log_psi if self.inner is not None else None
         assert prefixes is not None  # needs_prefixes: the engine gives them
         mask = token_masks(self._targets, self._groups, prefixes, state.logprobs)
-        log_mask = torch.zeros_like(state.logprobs).masked_fill(~mask, -torch.inf)
+        log_mask = torch.zeros_like(state.logprobs).masked_fill_(~mask, -torch.inf)
         log_psi = log_mask if log_psi is None else log_psi + log_mask
         return Proposed(twisted_log_q(self.base.tempered(state.logprobs), log_psi), log_psi)
 

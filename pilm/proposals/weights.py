@@ -33,9 +33,8 @@ def twisted_log_q(log_p0: Tensor, log_psi: Tensor | None, beta: float = 1.0) -> 
     (rows where every token has psi = 0 fall back to p0: their weight is 0 anyway)."""
     if log_psi is None or beta == 0:
         return log_p0
-    logits = log_p0 + beta * log_psi
-    dead = torch.isneginf(logits).all(-1, keepdim=True)
-    return torch.log_softmax(torch.where(dead, log_p0, logits), dim=-1)
+    log_q = torch.log_softmax(log_p0 + beta * log_psi, dim=-1)
+    return torch.where(torch.isnan(log_q[..., :1]), log_p0, log_q)  # a row of -inf normalises to NaN
 
 
 def log_mean_exp(log_w: Tensor, dim: int = 0) -> Tensor:

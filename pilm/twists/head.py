@@ -81,6 +81,9 @@ class Twist(nn.Module, TwistFunction):
         self.output = config.output
         self._model: LanguageModel | None = None
         self._embeddings: Tensor | None = None  # the LM's frozen output embeddings (tied heads)
+        self._lm_embeddings: Tensor | None = None  # the same in the model's own dtype (no copy)
+        self._compute_dtype = torch.float32  # the dtype sampling reads the head in (the model's)
+        self._cast: tuple[tuple, dict[str, Tensor]] | None = None  # (parameter versions, cast copies)
 
     @classmethod
     def for_model(cls, model: LanguageModel, **config) -> Twist:
@@ -92,20 +95,56 @@ class Twist(nn.Module, TwistFunction):
 
     def attach(self, model: LanguageModel) -> None:
         """Bind the twist to its model and move it to the model's device (a tied head reads the
-        model's output embeddings)."""
+        model's output embeddings). Without a gradient (sampling), the head then runs in the
+        model's dtype, as the model does: see ``forward``."""
         self._model = model
         self.to(model.device)
+        dtype = getattr(model, "dtype", torch.float32)
+        self._compute_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+        self._cast = None
         if self.config.kind == "tied":
             head = getattr(getattr(model, "hf", None), "get_output_embeddings", lambda: None)()
             if head is None:
                 raise ValueError(f"a tied twist head needs a transformers model with output embeddings, not {model.name}")
-            self._embeddings = head.weight.detach().float()
+            self._lm_embeddings = head.weight.detach()
+            self._embeddings = self._lm_embeddings.float()
 
     def forward(self, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
-        out = self.net(self._input(hidden, condition))
+        """log psi of every next token, float32. Under ``torch.no_grad`` on a model of lower
+        precision (bfloat16 or float16) the head runs in the model's dtype on a copy of its
+        weights cast once (and again after an optimizer step changes them): sampling then pays
+        for the head what the model pays for its own output layer. A twist is any positive
+        function, so the rounded head is a twist as valid as the float32 one, and within one
+        run every step reads the same one (Z-hat stays unbiased)."""
+        x, low = self._input(hidden, condition), self._cast_weights()
+        if low is None:
+            out = self.net(x)
+        else:
+            net = {k.removeprefix("net."): v for k, v in low.items() if k.startswith("net.")}
+            out = torch.func.functional_call(self.net, net, (x.to(self._compute_dtype),))
         if self.config.kind == "tied":
-            out = out @ self._tied_embeddings().T / self.config.hidden_size**0.5 + self.token_bias
+            embeddings, bias = (self._tied_embeddings(), self.token_bias) if low is None else \
+                (low["embeddings"], low["token_bias"])
+            out = out @ embeddings.T / self.config.hidden_size**0.5 + bias
+        out = out.float()
         return nn.functional.logsigmoid(out) if self.config.output == "log_sigmoid" else out
+
+    def _cast_weights(self) -> dict[str, Tensor] | None:
+        """The parameters in the model's dtype for sampling, or None where the head computes in
+        float32 (a gradient is being taken, or the model is float32). The copy is keyed by the
+        parameters' version counters, which every in-place update (an optimizer step,
+        ``load_state_dict``) advances."""
+        dtype = self._compute_dtype
+        if dtype == torch.float32 or torch.is_grad_enabled():
+            return None
+        params = dict(self.named_parameters())
+        key = tuple((p._version, p.data_ptr()) for p in params.values())
+        if self._cast is None or self._cast[0] != key:
+            low = {k: p.detach().to(dtype) for k, p in params.items()}
+            if self._lm_embeddings is not None:
+                low["embeddings"] = self._lm_embeddings.to(dtype)
+            self._cast = (key, low)
+        return self._cast[1]
 
     def _input(self, hidden: Tensor, condition: Tensor | None) -> Tensor:
         x = hidden.float()
@@ -128,6 +167,8 @@ class Twist(nn.Module, TwistFunction):
         """The head at one token per row: the output layer's row (or the tied embedding) of
         that token only, so training on drawn tokens costs O(H) per row instead of O(H V)."""
         tokens = tokens.long()
+        if self._cast_weights() is not None:  # sampling reads the head in the model's dtype: so must this
+            return self(hidden, condition).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         x = self._input(hidden, condition)
         if self.config.kind == "tied":
             out = (self.net(x) * self._tied_embeddings()[tokens]).sum(-1) / self.config.hidden_size**0.5
