@@ -134,6 +134,7 @@ def step(particles: Particles, state: ModelState | None, sampler: Sampler, targe
     p = replace(p, step_start=p.lengths.clone())
     if not len(going) or state is None:
         return p, None, info
+    row_map = None
     if len(keep) != state.n or not torch.equal(keep, torch.arange(len(keep))):  # decided on the host
         row_map = keep.to(model.device)
         sampler.proposal.reindex(row_map)
@@ -141,7 +142,10 @@ def step(particles: Particles, state: ModelState | None, sampler: Sampler, targe
     appended = drawn.pending[keep]  # rows whose last draw is not in the cache yet
     if appended.any():
         hold = None if appended.all() else ~appended
-        state = _forward(model, sampler.proposal, state, p.tokens[going, p.lengths[going] - 1], hold, compute)
+        fed = p.tokens[going, p.lengths[going] - 1]
+        if hold is None and drawn.last is not None:  # the same tokens, still on the device: no transfer
+            fed = drawn.last if row_map is None else drawn.last[row_map]
+        state = _forward(model, sampler.proposal, state, fed, hold, compute)
     return p, state, info
 
 
@@ -160,13 +164,15 @@ def _forward(model, proposal: Proposal, state: ModelState, tokens: Tensor, hold:
 class _Drawn:
     """What advancing to the boundary left per row: ``psi`` the proposal's log psi at the row's
     last draw (0 where it has none; ``twisted``: it is a twist, not a token mask), ``hidden``
-    the state a row's last token was drawn from (when the critic reads it), and per state row
-    ``pending``: its last draw is still to be appended."""
+    the state a row's last token was drawn from (when the critic reads it), per state row
+    ``pending``: its last draw is still to be appended, and ``last``: those draws where they
+    are still on the model's device (when every state row drew last; else None)."""
 
     psi: Tensor
     twisted: bool
     hidden: Tensor | None
     pending: Tensor
+    last: Tensor | None = None
 
 
 def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generators, references, observe, compute,
@@ -219,7 +225,7 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         active = ~waiting
         waiting[idx[ended]] = True
         if waiting.all():
-            pending = active
+            pending, last = active, on_device if everyone else None
             break
         feed = torch.zeros(len(live), dtype=torch.long)
         feed[idx] = drawn
@@ -227,7 +233,7 @@ def _advance(model, p: Particles, state: ModelState, sampler: Sampler, generator
         del proposed, log_q, logprobs  # (n, V) tensors the model may free before its next forward
         state = _forward(model, proposal, state, feed, hold if hold.any() else None, compute)
     twisted = proposed.log_psi is not None and not proposal.keeps_prefix_scores
-    return replace(p, tokens=tokens, lengths=lengths, log_w=log_w), state, _Drawn(psi, twisted, hidden, pending)
+    return replace(p, tokens=tokens, lengths=lengths, log_w=log_w), state, _Drawn(psi, twisted, hidden, pending, last)
 
 
 def _with_phi(b: Stepped, log_psi: Tensor, critic: Critic) -> Tensor:
