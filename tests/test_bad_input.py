@@ -177,3 +177,16 @@ def test_a_scale_folder_keeps_the_engine_arguments_that_change_what_is_drawn():
     assert "engine" not in run_key(placed, Engine())  # where it runs: a folder may resume under another
     drawn = ScaleConfig(backend="vllm", engine=("quantization=fp8", "tensor_parallel_size=2"))
     assert run_key(drawn, Engine())["engine"] == {"quantization": "fp8"}
+
+
+def test_a_twist_giving_nan_is_refused_and_one_ruling_a_row_out_falls_back_to_p0():
+    """A row whose twisted logits are all -inf is proposed from p0 (its weight is 0 anyway); a
+    NaN or +inf in log psi stays NaN in log q, so the engine's check refuses the draw."""
+    from pilm.proposals import twisted_log_q
+
+    log_p0 = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0]] * 3), -1)
+    log_psi = torch.tensor([[-math.inf] * 3, [0.0, math.nan, 0.0], [0.0, math.inf, 0.0]])
+    log_q = twisted_log_q(log_p0, log_psi)
+    assert torch.equal(log_q[0], log_p0[0]) and torch.isnan(log_q[1:]).any(-1).all()
+    with pytest.raises(ValueError, match="no token of positive finite probability"):
+        pilm.inference.particles.check_drawn(torch.arange(3), log_q.gather(1, torch.tensor([[0], [0], [0]]))[:, 0])

@@ -249,6 +249,10 @@ def test_sampling_reads_the_head_in_a_bfloat16_models_dtype_and_recasts_it_after
     assert torch.equal(sampled, in_bfloat16()) and not torch.equal(sampled, trained.detach())
     assert torch.allclose(sampled, trained.detach(), atol=0.05 * trained.abs().max().item())
     assert torch.equal(at, sampled.gather(-1, tokens[:, None]).squeeze(-1))  # the weights read what was proposed
+    many = torch.randn(700, hidden.shape[-1], dtype=torch.bfloat16)  # more rows than one (rows, V) block
+    picks = torch.randint(0, model.vocab_size, (700,))
+    with torch.no_grad():
+        assert torch.equal(twist.log_psi_at(None, many, picks), twist.log_psi(None, many).gather(-1, picks[:, None])[:, 0])
     optimizer = torch.optim.SGD(twist.parameters(), lr=1.0)
     trained.sum().backward()
     optimizer.step()
@@ -263,3 +267,14 @@ def test_a_float32_models_head_samples_in_float32(tiny):
     with torch.no_grad():
         sampled = twist.log_psi(None, hidden)
     assert torch.equal(sampled, twist.log_psi(None, hidden).detach())
+
+
+def test_a_head_built_under_inference_mode_samples_on_a_bfloat16_model(tiny):
+    from transformers import LlamaForCausalLM
+
+    from pilm.models import HFModel
+
+    model = HFModel(LlamaForCausalLM(tiny.hf.config).to(torch.bfloat16), tiny.tokenizer, name="tiny-bf16")
+    with torch.inference_mode():
+        twist = Twist.for_model(model, kind="mlp", layers=2)  # parameters without version counters
+        assert twist.log_psi(None, model.start(model.encode("Hi"), 2).hidden).shape == (2, model.vocab_size)

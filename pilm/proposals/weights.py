@@ -33,8 +33,9 @@ def twisted_log_q(log_p0: Tensor, log_psi: Tensor | None, beta: float = 1.0) -> 
     (rows where every token has psi = 0 fall back to p0: their weight is 0 anyway)."""
     if log_psi is None or beta == 0:
         return log_p0
-    log_q = torch.log_softmax(log_p0 + beta * log_psi, dim=-1)
-    return torch.where(torch.isnan(log_q[..., :1]), log_p0, log_q)  # a row of -inf normalises to NaN
+    logits = log_p0 + beta * log_psi
+    dead = torch.isneginf(logits.amax(-1, keepdim=True))  # NaN or +inf is not dead: its NaN log q is refused later
+    return torch.where(dead, log_p0, torch.log_softmax(logits, dim=-1))
 
 
 def log_mean_exp(log_w: Tensor, dim: int = 0) -> Tensor:

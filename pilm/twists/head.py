@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ class Twist(nn.Module, TwistFunction):
         self._model = model
         self.to(model.device)
         dtype = getattr(model, "dtype", torch.float32)
-        self._compute_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+        self._compute_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         self._cast = None
         if self.config.kind == "tied":
             head = getattr(getattr(model, "hf", None), "get_output_embeddings", lambda: None)()
@@ -133,12 +134,13 @@ class Twist(nn.Module, TwistFunction):
         """The parameters in the model's dtype for sampling, or None where the head computes in
         float32 (a gradient is being taken, or the model is float32). The copy is keyed by the
         parameters' version counters, which every in-place update (an optimizer step,
-        ``load_state_dict``) advances."""
+        ``load_state_dict``) advances; a write through ``.data`` does not: ``attach(model)``
+        again after one."""
         dtype = self._compute_dtype
         if dtype == torch.float32 or torch.is_grad_enabled():
             return None
         params = dict(self.named_parameters())
-        key = tuple((p._version, p.data_ptr()) for p in params.values())
+        key = tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for p in params.values())
         if self._cast is None or self._cast[0] != key:
             low = {k: p.detach().to(dtype) for k, p in params.items()}
             if self._lm_embeddings is not None:
@@ -168,7 +170,10 @@ class Twist(nn.Module, TwistFunction):
         that token only, so training on drawn tokens costs O(H) per row instead of O(H V)."""
         tokens = tokens.long()
         if self._cast_weights() is not None:  # sampling reads the head in the model's dtype: so must this
-            return self(hidden, condition).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            rows = max(1, 2**24 // self.config.vocab_size)  # (rows, V) at a time
+            conditions = itertools.repeat(condition) if condition is None or condition.dim() == 1 else condition.split(rows)
+            return torch.cat([self(h, c).gather(-1, v[:, None]).squeeze(-1)
+                              for h, c, v in zip(hidden.split(rows), conditions, tokens.split(rows), strict=False)])
         x = self._input(hidden, condition)
         if self.config.kind == "tied":
             out = (self.net(x) * self._tied_embeddings()[tokens]).sum(-1) / self.config.hidden_size**0.5
