@@ -102,6 +102,8 @@ experiment-payoff: $(STAMP)
 	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity_control --stages 0,100,300 --pool-runs 0
 	test -f docs/payoff/residual_toxicity_smc/pool.json || (mkdir -p docs/payoff/residual_toxicity_smc && cp docs/payoff/residual_toxicity/pool.json docs/payoff/residual_toxicity_smc/)
 	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity_smc --stages 0,100 --negatives smc
+	test -f docs/payoff/residual_toxicity_hour/pool.json || (mkdir -p docs/payoff/residual_toxicity_hour && cp docs/payoff/residual_toxicity/pool.json docs/payoff/residual_toxicity_hour/)
+	$(PY) experiments/residual_twist.py --out docs/payoff/residual_toxicity_hour --stages 0,300,1000,2000,2500 --lr 1e-4 --reuse 1
 	$(PY) experiments/results.py  # docs/payoff/decisive.md: every K = 16 sampler against its folder's bootstrap K = 64
 
 # Qwen2.5-Coder-1.5B-Instruct, a model that can reason, for the reasoning study (issue 32): its GGUF split over

@@ -18,7 +18,7 @@ from pilm.inference.result import read_jsonl
 
 FOLDERS = {"infilling": ("infilling", "analytic_infilling", "skip_infilling"),
            "toxicity": ("toxicity", "toxicity_lr3e-3", "analytic_toxicity", "residual_toxicity",
-                        "residual_toxicity_control", "residual_toxicity_smc"),
+                        "residual_toxicity_control", "residual_toxicity_smc", "residual_toxicity_hour"),
            "sentiment": ("analytic_sentiment",)}
 GOAL = 1.5  # the most wall-clock, as a multiple of bootstrap K = 64's
 

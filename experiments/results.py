@@ -93,6 +93,7 @@ FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent
            "payoff/analytic_sentiment": "analytic",
            "payoff": "decisive", "payoff/skip_infilling": "skip", "payoff/residual_toxicity": "residual",
            "payoff/residual_toxicity_control": "residual", "payoff/residual_toxicity_smc": "residual",
+           "payoff/residual_toxicity_hour": "residual",
            "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 

@@ -28,8 +28,9 @@ for all N rows and as a share of the leg.
 
 A third leg runs twisted SMC with an MLP twist head (3 layers, after one CTL step, which is
 timed too): the head reads the hidden state of the same forward pass, and its V-wide output
-layer, run in the model's dtype when sampling, costs about what the model's own does. Time is compared per drawn token (SMC particles that emit EOS stop early; ``generate`` is
-forced to draw all T). Memory is the peak resident-set growth over the level just before
+layer, run in the model's dtype when sampling, costs about what the model's own does. Time
+is compared per drawn token (SMC particles that emit EOS stop early; ``generate`` is forced
+to draw all T). Memory is the peak resident-set growth over the level just before
 each leg, sampled every millisecond, with glibc told to return freed buffers to the OS.
 """
 
