@@ -142,9 +142,10 @@ def step(particles: Particles, state: ModelState | None, sampler: Sampler, targe
     appended = drawn.pending[keep]  # rows whose last draw is not in the cache yet
     if appended.any():
         hold = None if appended.all() else ~appended
-        fed = p.tokens[going, p.lengths[going] - 1]
         if hold is None and drawn.last is not None:  # the same tokens, still on the device: no transfer
             fed = drawn.last if row_map is None else drawn.last[row_map]
+        else:
+            fed = p.tokens[going, p.lengths[going] - 1]
         state = _forward(model, sampler.proposal, state, fed, hold, compute)
     return p, state, info
 
