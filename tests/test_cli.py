@@ -216,6 +216,19 @@ def test_train_prm_refuses_a_folder_of_other_settings(capsys, monkeypatch, fresh
     assert main([*argv, "--rollouts", "2"]) == 2
     assert "holds a run of other settings (--rollouts 1 there, 2 now)" in capsys.readouterr().err
     assert main([*argv, "--rollouts", "2", "--overwrite"]) == 0
+    from pilm.tasks import arithmetic_chain
+
+    trained = json.loads((tmp_path / "prm" / "training.json").read_text())
+    held_out = {p["question"] for p in arithmetic_chain.problems(1000, (3, 5), seed=0)}
+    assert (trained["chat"], trained["operands"], len(trained["questions"])) == (False, [3, 5], 2)
+    assert not held_out & set(trained["questions"])
+    capsys.readouterr()
+    assert main([*argv, "--rollouts", "2", "--chat"]) == 2  # the prompts are the run's settings
+    assert "(--chat False there, True now)" in capsys.readouterr().err
+    assert main([*argv, "--chat", "--operands", "6,7", "--out", str(tmp_path / "chat")]) == 0
+    trained = json.loads((tmp_path / "chat" / "training.json").read_text())
+    assert trained["chat"] is True and trained["operands"] == [6, 7]
+    assert all(5 <= q.count(" ") // 2 <= 6 for q in trained["questions"])  # 6 or 7 operands: 5 or 6 operators
 
 
 def test_latent_trains_saves_and_scores_a_saved_run_on_any_file(capsys, monkeypatch, fresh_tiny, tmp_path):

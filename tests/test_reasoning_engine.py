@@ -225,8 +225,29 @@ def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, t
     assert "chat" not in json.loads((tmp_path / "plain" / "run.json").read_text())  # as folders from before it
     with pytest.raises(ResumeMismatchError):
         run_scale(cfg, tmp_path / "plain", model=tiny, progress=False)
-    with pytest.raises(ValueError, match="trained on plain prompts"):
-        run_scale(dataclasses.replace(cfg, prm="learned"), tmp_path / "learned", prm_path="x", model=tiny)
+
+
+
+def test_scale_refuses_a_learned_prm_of_other_prompts_or_trained_on_its_problems(tiny, tmp_path):
+    """A learned PRM reads the hidden states of the prompts it was trained on, and must not have
+    seen the evaluation problems: both refused before anything runs, from its training.json."""
+    from pilm.commands.scaling import run_scale
+    from pilm.tasks import arithmetic_chain
+
+    cfg = ScaleConfig(methods=("pf",), n=(2,), problems=2, prm="learned")
+    prm = tmp_path / "prm"
+    prm.mkdir()
+    (prm / "training.json").write_text(json.dumps({"step_ends": 3}))  # from before train-prm had --chat: plain
+    with pytest.raises(ValueError, match=r"trained on prompts without the chat template .* chat=False \(--no-chat\), "
+                                         r"or train one with pilm train-prm --chat"):
+        run_scale(dataclasses.replace(cfg, chat=True), tmp_path / "a", prm_path=str(prm), model=tiny)
+    seen = arithmetic_chain.problems(2, cfg.operands, seed=cfg.seed)[1]["question"]
+    (prm / "training.json").write_text(json.dumps({"chat": True, "questions": ["1 + 1", seen]}))
+    with pytest.raises(ValueError, match="trained on prompts with the chat template"):
+        run_scale(cfg, tmp_path / "b", prm_path=str(prm), model=tiny)
+    with pytest.raises(ValueError, match=r"trained on 1 of the 2 evaluation problems \(e\.g\. '"):
+        run_scale(dataclasses.replace(cfg, chat=True), tmp_path / "c", prm_path=str(prm), model=tiny)
+    assert not (tmp_path / "c").exists()  # refused before the folder was made
 
 
 def test_scale_refuses_a_verifier_for_gsm8k_and_learned_without_a_path(tmp_path):

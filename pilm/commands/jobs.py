@@ -101,10 +101,16 @@ class PRMJob(Config):
 
     task: Literal["arithmetic-chain"] = arg("arithmetic-chain", "reasoning task whose answers check the rollouts")
     model: str | None = arg(None, "policy model: embedded name (smollm2-135m, the default), hub id or folder")
-    problems: int = arg(60, "training problems (none of pilm scale's default test problems)", low=1)
+    problems: int = arg(60, "training problems (none of pilm scale's first 1,000 test problems)", low=1)
     problem_seed: int = arg(1, "seed of the training problems (pilm scale tests on seed 0)")
+    operands: tuple[int, int] = arg((3, 5), "fewest and most operands of a training chain (as pilm scale's --operands)",
+                                    low=2)
+    chat: bool = arg(False, "prompt with the model's chat template, as pilm scale --chat: the PRM reads the hidden "
+                            "states of the prompts it was trained on")
     out: str = arg("prm", "folder for the learned PRM (a twist folder: --prm-path of pilm scale)", path="folder")
     overwrite: bool = arg(False, "replace what --out holds when it was trained with other settings")
+
+    TRAINING = ("task", "problems", "problem_seed", "operands", "chat")
 
 
 @dataclass(frozen=True)

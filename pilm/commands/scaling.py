@@ -125,11 +125,12 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     if cfg.prm == "learned" and prm_path is None:  # said before the model loads
         raise ValueError("prm='learned' needs prm_path=FOLDER, a process reward saved by pilm.train_prm "
                          "(on the command line: pilm train-prm --out FOLDER)")
-    if cfg.prm == "learned" and cfg.chat:
-        raise ValueError("prm='learned' was trained on plain prompts (pilm train-prm), so it reads hidden states "
-                         "of prompts without the chat template: use it without chat")
     if cfg.prm == "verifier" and cfg.task != "arithmetic-chain":
         raise ValueError(f"{cfg.task} has no exact step verifier: use prm='judge' or prm='learned'")
+    task = TASKS[cfg.task]
+    problems = task.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
+    if cfg.prm == "learned":
+        check_learned_prm(cast(str, prm_path), cfg, problems)
     state = PartialState(cpu=not torch.cuda.is_available())
     if cfg.backend != "hf" and state.num_processes > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
         raise ValueError(f"{state.num_processes} processes, each starting an engine, but no LOCAL_WORLD_SIZE says how "
@@ -153,8 +154,6 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     part = folder / f"rows.part{state.process_index}.jsonl" if state.num_processes > 1 else rows_path
     done = {_key(r) for p in (rows_path, part) if p.exists() for r in read_rows(p)}
     prm = make_prm(cfg, model, prm_path) if USES_PRM & set(cfg.methods) else None
-    task = TASKS[cfg.task]
-    problems = task.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
     for n in cfg.n:
         per = max(1, cfg.max_rows // n)
         blocks = [list(range(lo, min(lo + per, len(problems)))) for lo in range(0, len(problems), per)]
@@ -196,6 +195,28 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
                 other.unlink(missing_ok=True)
     state.wait_for_everyone()
     return rows_path
+
+
+def check_learned_prm(path: str, cfg: ScaleConfig, problems: list[dict]) -> None:
+    """Refuse a learned PRM that reads other prompts than ``cfg``'s (trained with or without the
+    chat template, the other way) or was trained on any of ``problems``, as its
+    ``training.json`` (written by pilm train-prm) records; a folder without one is taken as is.
+    Folders from before train-prm had ``chat`` were trained on plain prompts."""
+    record = Path(path, "training.json")
+    if not record.exists():
+        return
+    trained = json.loads(record.read_text())
+    chat = trained.get("chat", False)
+    if chat != cfg.chat:
+        raise ValueError(f"the learned PRM in {path} was trained on prompts {'with' if chat else 'without'} the chat "
+                         f"template and reads the hidden states of such prompts: run scale with chat={chat} "
+                         f"({'--chat' if chat else '--no-chat'}), or train one with pilm train-prm "
+                         f"{'--chat' if cfg.chat else '--no-chat'}")
+    seen = set(trained.get("questions", ())) & {p["question"] for p in problems}
+    if seen:
+        raise ValueError(f"the learned PRM in {path} was trained on {len(seen)} of the {len(problems)} evaluation "
+                         f"problems (e.g. {min(seen)!r}): evaluate on others (another seed), or train it on "
+                         "others (pilm train-prm --problem-seed)")
 
 
 GROWS = ("methods", "n", "prm", "max_rows")

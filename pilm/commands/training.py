@@ -129,19 +129,26 @@ def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     from ..tasks import arithmetic_chain as task
 
     model = load_model(job.model)
-    claim_out(job, model, asdict(cfg))
-    test = {p["question"] for p in task.problems(ScaleConfig.problems, ScaleConfig.operands, seed=ScaleConfig.seed)}
-    train = [p for p in task.problems(job.problems + len(test), ScaleConfig.operands, seed=job.problem_seed)
+    claim_out(job, model, {**asdict(cfg), **{k: getattr(job, k) for k in PRMJob.TRAINING}})
+    operands = (job.operands[0], job.operands[1])
+    test = {p["question"] for p in task.problems(HELD_OUT, operands, seed=ScaleConfig.seed)}
+    train = [p for p in task.problems(job.problems + len(test), operands, seed=job.problem_seed)
              if p["question"] not in test][: job.problems]
-    targets = [task.target(model, p["question"]) for p in train]
+    targets = [task.target(model, p["question"], chat=job.chat) for p in train]
     prm = train_prm(targets, verifier=task.answer_checker(), config=cfg)  # type: ignore[call-arg]  # config=: @takes_config
     folder = prm.model.save_pretrained(job.out)
-    report = {**prm.extras, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"]}
+    report = {**prm.extras, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"],
+              "task": job.task, "operands": list(operands), "chat": job.chat, "questions": [p["question"] for p in train]}
     (folder / "training.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"learned a {cfg.head} value head from {report['step_ends']} step ends (mean label "
           f"{report['mean_label']:.3f}; rollouts {report['data_seconds']:.0f} s, fit {report['fit_seconds']:.0f} s)")
     print(f"wrote {folder} ({size_of(folder)}); use: pilm scale --prm learned --prm-path {folder}")
     return 0
+
+
+HELD_OUT = 1_000
+"""train-prm leaves out pilm scale's first ``HELD_OUT`` problems of seed 0 (with the same operands),
+and records the questions it trained on, which pilm scale refuses to evaluate on."""
 
 
 def run_latent(cfg: LatentConfig, job: LatentJob) -> int:
