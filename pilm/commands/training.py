@@ -121,6 +121,11 @@ def run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> int
     return 0
 
 
+HELD_OUT = 1_000
+"""train-prm leaves out pilm scale's first ``HELD_OUT`` problems of seed 0 (with the same operands),
+and records the questions it trained on, which pilm scale refuses to evaluate on."""
+
+
 def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     import json
     from dataclasses import asdict
@@ -144,11 +149,6 @@ def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
           f"{report['mean_label']:.3f}; rollouts {report['data_seconds']:.0f} s, fit {report['fit_seconds']:.0f} s)")
     print(f"wrote {folder} ({size_of(folder)}); use: pilm scale --prm learned --prm-path {folder}")
     return 0
-
-
-HELD_OUT = 1_000
-"""train-prm leaves out pilm scale's first ``HELD_OUT`` problems of seed 0 (with the same operands),
-and records the questions it trained on, which pilm scale refuses to evaluate on."""
 
 
 def run_latent(cfg: LatentConfig, job: LatentJob) -> int:
