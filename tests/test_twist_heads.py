@@ -71,7 +71,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, target, objec
 def test_a_lora_body_takes_a_tied_head(fresh_tiny):
     target = pilm.Target(fresh_tiny, "Hello", max_new_tokens=2)
     trained = pilm.train_twist(target, "ctl", steps=1, batch_size=2, body="lora", head="tied", progress=False)
-    assert trained.model.head._embeddings is not None and math.isfinite(trained.history[-1]["loss"])
+    assert trained.model.head._lm_embeddings is not None and math.isfinite(trained.history[-1]["loss"])
 
 
 def test_lora_body_twist_steps_in_lock_step_and_trains(tmp_path, target, tiny):
@@ -244,7 +244,9 @@ def test_sampling_reads_the_head_in_a_bfloat16_models_dtype_and_recasts_it_after
 
     with torch.no_grad():
         sampled, at = twist.log_psi(None, hidden), twist.log_psi_at(None, hidden, tokens)
+    assert twist._embeddings is None  # sampling made no float32 copy of the output embeddings (tied)
     trained = twist.log_psi(None, hidden)  # a gradient is taken: float32
+    assert kind == "mlp" or twist._embeddings.dtype == torch.float32
     assert sampled.dtype == trained.dtype == torch.float32 and trained.requires_grad
     assert torch.equal(sampled, in_bfloat16()) and not torch.equal(sampled, trained.detach())
     assert torch.allclose(sampled, trained.detach(), atol=0.05 * trained.abs().max().item())

@@ -61,8 +61,8 @@ class TwistPRM(ProcessReward):
         param = next(iter(self.twist.parameters()), None) if hasattr(self.twist, "parameters") else None
         if param is not None:  # the head lives where its model does; the engine keeps hidden states on the CPU
             hidden = hidden.to(param.device)
-        log_psi = self.twist.log_psi(prefixes, hidden).float()
-        return log_psi.gather(1, last.view(-1, 1).to(log_psi.device)).squeeze(1).exp().double().cpu()
+        log_psi = self.twist.log_psi_at(prefixes, hidden, last.to(hidden.device)).float()
+        return log_psi.exp().double().cpu()
 
     def _read(self, batch: StepBatch) -> Tensor:
         """Each row's hidden state before its last token, by ``reader``: its prompt and tokens

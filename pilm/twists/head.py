@@ -81,8 +81,8 @@ class Twist(nn.Module, TwistFunction):
             self.token_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.output = config.output
         self._model: LanguageModel | None = None
-        self._embeddings: Tensor | None = None  # the LM's frozen output embeddings (tied heads)
-        self._lm_embeddings: Tensor | None = None  # the same in the model's own dtype (no copy)
+        self._lm_embeddings: Tensor | None = None  # the LM's frozen output embeddings (tied heads; no copy)
+        self._embeddings: Tensor | None = None  # the same in float32, made when a float32 pass first needs it
         self._compute_dtype = torch.float32  # the dtype sampling reads the head in (the model's)
         self._cast: tuple[tuple, dict[str, Tensor]] | None = None  # (parameter versions, cast copies)
 
@@ -107,8 +107,7 @@ class Twist(nn.Module, TwistFunction):
             head = getattr(getattr(model, "hf", None), "get_output_embeddings", lambda: None)()
             if head is None:
                 raise ValueError(f"a tied twist head needs a transformers model with output embeddings, not {model.name}")
-            self._lm_embeddings = head.weight.detach()
-            self._embeddings = self._lm_embeddings.float()
+            self._lm_embeddings, self._embeddings = head.weight.detach(), None
 
     def forward(self, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         """log psi of every next token, float32. Under ``torch.no_grad`` on a model of lower
@@ -157,8 +156,13 @@ class Twist(nn.Module, TwistFunction):
         return x
 
     def _tied_embeddings(self) -> Tensor:
-        if self._embeddings is None:
+        """The output embeddings in float32: the model's own where it is float32, else a copy
+        made once (on a bfloat16 model only training and float32 passes read it; sampling
+        reads the model's own)."""
+        if self._lm_embeddings is None:
             raise ValueError("a tied twist head must be attached to its model: Twist.from_pretrained(dir, model)")
+        if self._embeddings is None:
+            self._embeddings = self._lm_embeddings.float()
         return self._embeddings
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
