@@ -219,9 +219,11 @@ def test_train_prm_refuses_a_folder_of_other_settings(capsys, monkeypatch, fresh
     from pilm.tasks import arithmetic_chain
 
     trained = json.loads((tmp_path / "prm" / "training.json").read_text())
-    held_out = {p["question"] for p in arithmetic_chain.problems(1000, (3, 5), seed=0)}
     assert (trained["chat"], trained["operands"], len(trained["questions"])) == (False, [3, 5], 2)
-    assert not held_out & set(trained["questions"])
+    assert main([*argv, "--problem-seed", "0", "--out", str(tmp_path / "seed0")]) == 0  # scale's own seed
+    held_out = {p["question"] for p in arithmetic_chain.problems(1000, (3, 5), seed=0)}
+    assert not held_out & set(json.loads((tmp_path / "seed0" / "training.json").read_text())["questions"])
+    assert main([*argv, "--operands", "2,2", "--out", str(tmp_path / "few")]) == 0  # 197 problems in all
     capsys.readouterr()
     assert main([*argv, "--rollouts", "2", "--chat"]) == 2  # the prompts are the run's settings
     assert "(--chat False there, True now)" in capsys.readouterr().err

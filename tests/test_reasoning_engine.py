@@ -43,6 +43,12 @@ def test_problems_are_distinct_reproducible_and_never_a_worked_example():
     assert chain.problems(30, seed=0) == a[:30]  # a smaller run is a prefix of a larger one (resumable grids)
     assert all(str(chain.solve(p["question"])) == p["answer"] for p in a)
     assert all(3 <= len(p["question"].split()) // 2 + 1 <= 5 for p in a)
+    every = chain.problems(chain.distinct((2, 2)), (2, 2), seed=1)  # all 10 * 10 * 2 (no worked example has 2)
+    assert len({p["question"] for p in every}) == 200 and chain.distinct((3, 3)) == 4000 - 2
+    with pytest.raises(ValueError, match="fewer than 201 distinct problems with 2 to 2 operands"):
+        chain.problems(201, (2, 2))
+    with pytest.raises(ValueError, match=r"2 <= lo <= hi, got \(5, 3\)"):
+        chain.problems(1, (5, 3))
 
 
 def test_the_learned_prm_reads_the_hidden_state_the_forward_already_made(tiny):
@@ -248,6 +254,10 @@ def test_scale_refuses_a_learned_prm_of_other_prompts_or_trained_on_its_problems
     with pytest.raises(ValueError, match=r"trained on 1 of the 2 evaluation problems \(e\.g\. '"):
         run_scale(dataclasses.replace(cfg, chat=True), tmp_path / "c", prm_path=str(prm), model=tiny)
     assert not (tmp_path / "c").exists()  # refused before the folder was made
+    Twist.for_model(tiny, kind="linear", output="log_sigmoid").save_pretrained(prm)
+    (prm / "training.json").write_text(json.dumps({"chat": True, "questions": ["1 + 1"]}))
+    rows = run_scale(dataclasses.replace(cfg, chat=True), tmp_path / "d", prm_path=str(prm), model=tiny, progress=False)
+    assert [r["prm_path"] for r in map(json.loads, rows.read_text().splitlines())] == [str(prm)] * 2
 
 
 def test_scale_refuses_a_verifier_for_gsm8k_and_learned_without_a_path(tmp_path):

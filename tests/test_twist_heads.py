@@ -245,6 +245,7 @@ def test_sampling_reads_the_head_in_a_bfloat16_models_dtype_and_recasts_it_after
     with torch.no_grad():
         sampled, at = twist.log_psi(None, hidden), twist.log_psi_at(None, hidden, tokens)
     assert twist._embeddings is None  # sampling made no float32 copy of the output embeddings (tied)
+    assert twist.log_psi_at(None, hidden, tokens).requires_grad and twist._embeddings is None  # nor one token a row
     trained = twist.log_psi(None, hidden)  # a gradient is taken: float32
     assert kind == "mlp" or twist._embeddings.dtype == torch.float32
     assert sampled.dtype == trained.dtype == torch.float32 and trained.requires_grad

@@ -129,7 +129,7 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
         raise ValueError(f"{cfg.task} has no exact step verifier: use prm='judge' or prm='learned'")
     task = TASKS[cfg.task]
     problems = task.problems(cfg.problems, tuple(cfg.operands), seed=cfg.seed)
-    if cfg.prm == "learned":
+    if cfg.prm == "learned" and USES_PRM & set(cfg.methods):
         check_learned_prm(cast(str, prm_path), cfg, problems)
     state = PartialState(cpu=not torch.cuda.is_available())
     if cfg.backend != "hf" and state.num_processes > 1 and "LOCAL_WORLD_SIZE" not in os.environ:

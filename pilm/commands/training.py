@@ -122,8 +122,9 @@ def run_finetune(tc: TargetConfig, cfg: FinetuneConfig, job: FinetuneJob) -> int
 
 
 HELD_OUT = 1_000
-"""train-prm leaves out pilm scale's first ``HELD_OUT`` problems of seed 0 (with the same operands),
-and records the questions it trained on, which pilm scale refuses to evaluate on."""
+"""train-prm leaves out pilm scale's first ``HELD_OUT`` problems of seed 0 with the same operands
+(fewer where there are not that many more than it trains on), and records the questions it
+trained on, which pilm scale refuses to evaluate on."""
 
 
 def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
@@ -133,12 +134,13 @@ def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     from .. import load_model, train_prm
     from ..tasks import arithmetic_chain as task
 
-    model = load_model(job.model)
-    claim_out(job, model, {**asdict(cfg), **{k: getattr(job, k) for k in PRMJob.TRAINING}})
     operands = (job.operands[0], job.operands[1])
-    test = {p["question"] for p in task.problems(HELD_OUT, operands, seed=ScaleConfig.seed)}
+    held = max(0, min(HELD_OUT, task.distinct(operands) - job.problems))  # chains of few operands are few
+    test = {p["question"] for p in task.problems(held, operands, seed=ScaleConfig.seed)}
     train = [p for p in task.problems(job.problems + len(test), operands, seed=job.problem_seed)
              if p["question"] not in test][: job.problems]
+    model = load_model(job.model)
+    claim_out(job, model, {**asdict(cfg), **{k: getattr(job, k) for k in PRMJob.TRAINING}})
     targets = [task.target(model, p["question"], chat=job.chat) for p in train]
     prm = train_prm(targets, verifier=task.answer_checker(), config=cfg)  # type: ignore[call-arg]  # config=: @takes_config
     folder = prm.model.save_pretrained(job.out)

@@ -134,8 +134,8 @@ def fit_value(twist: TwistFunction, data: ValueData, *, steps: int = 300, batch_
     def step(_: int, update) -> dict:
         idx = torch.randint(len(data.label), (min(batch_size, len(data.label)),), generator=generator)
         hidden = data.hidden[idx].to(device)  # the recorded states stay on the host; a batch goes over
-        log_psi = twist.log_psi([prefixes[j] for j in idx.tolist()] if prefixes else None, hidden)
-        log_psi = log_psi.gather(1, data.last[idx].to(device).view(-1, 1)).squeeze(1).clamp(max=-1e-7)
+        log_psi = twist.log_psi_at([prefixes[j] for j in idx.tolist()] if prefixes else None, hidden,
+                                   data.last[idx].to(device)).clamp(max=-1e-7)  # a head reads the one token only
         y = data.label[idx].to(device).float()
         loss = -(y * log_psi + (1 - y) * torch.log(-torch.expm1(log_psi))).mean()
         update(loss)

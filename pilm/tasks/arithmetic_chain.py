@@ -63,16 +63,23 @@ def solution(question: str) -> str:
     return "\n".join(lines + [f"The answer is {acc}."])
 
 
+def distinct(operands: tuple[int, int]) -> int:
+    """How many distinct problems have between ``operands[0]`` and ``operands[1]`` one-digit
+    operands (worked examples excluded)."""
+    lo, hi = operands
+    if not 2 <= lo <= hi:
+        raise ValueError(f"operands must be a range (lo, hi) with 2 <= lo <= hi, got {tuple(operands)}")
+    return sum(10 ** k * 2 ** (k - 1) for k in range(lo, hi + 1)) - sum(lo <= len(s.split()) // 2 + 1 <= hi
+                                                                         for s in SHOTS)
+
+
 def problems(n: int, operands: tuple[int, int] = (3, 5), seed: int = 0) -> list[dict]:
     """``n`` distinct problems with between ``operands[0]`` and ``operands[1]`` one-digit
     operands, as {"question", "answer"} (the answer as a string); none is a worked example."""
     lo, hi = operands
-    if not 2 <= lo <= hi:
-        raise ValueError(f"operands must be a range (lo, hi) with 2 <= lo <= hi, got {operands}")
     rng = random.Random(seed)
     seen: dict[str, None] = {}
-    room = sum(10 ** k * 2 ** (k - 1) for k in range(lo, hi + 1)) - len(SHOTS)
-    if n > room:
+    if n > distinct(operands):
         raise ValueError(f"there are fewer than {n} distinct problems with {lo} to {hi} operands")
     while len(seen) < n:
         k = rng.randint(lo, hi)

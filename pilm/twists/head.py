@@ -165,6 +165,12 @@ class Twist(nn.Module, TwistFunction):
             self._embeddings = self._lm_embeddings.float()
         return self._embeddings
 
+    def _tied_rows(self, tokens: Tensor) -> Tensor:
+        """The float32 output embeddings of ``tokens`` only (no copy of the whole matrix)."""
+        if self._embeddings is not None or self._lm_embeddings is None:
+            return self._tied_embeddings()[tokens]
+        return self._lm_embeddings[tokens].float()
+
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         return self(hidden, condition)
 
@@ -180,7 +186,7 @@ class Twist(nn.Module, TwistFunction):
                               for h, c, v in zip(hidden.split(rows), conditions, tokens.split(rows), strict=False)])
         x = self._input(hidden, condition)
         if self.config.kind == "tied":
-            out = (self.net(x) * self._tied_embeddings()[tokens]).sum(-1) / self.config.hidden_size**0.5
+            out = (self.net(x) * self._tied_rows(tokens)).sum(-1) / self.config.hidden_size**0.5
             out = out + self.token_bias[tokens]
         else:
             last = cast(nn.Linear, self.net[-1])
