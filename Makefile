@@ -121,7 +121,7 @@ experiment-scale-qwen: install-qwen
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy,sc --n 1,4 --problems 100 --out docs/scale_qwen/verifier
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy --n 1 --problems 40 --operands 8,12 --out docs/scale_qwen/greedy_8_12
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm verifier --methods greedy --n 1 --problems 40 --operands 8,12 --out docs/scale_qwen/greedy_8_12_chat
-	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm verifier --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/verifier_8_12_chat
+	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm verifier --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 
 # Twists without training (look-ahead prefix score, exact last step) on docs/payoff's targets and exact samples.
 experiment-analytic-twists: $(STAMP)
