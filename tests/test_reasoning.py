@@ -307,6 +307,28 @@ def test_a_wide_prm_beam_search_finds_the_best_chain(monkeypatch):
         assert tuple(res.tokens[top]) == every[0]
 
 
+def test_beam_search_keeps_n_chains_in_flight_when_few_are_distinct():
+    """Fewer distinct chains than ceil(N / width): the unfinished ones share all N rows (as the
+    reference extends its active beams to N), a finished one keeps one row. The old rule gave
+    each unfinished chain ``width`` rows and left the rest dead (4 of 8 here)."""
+    from pilm.inference.rules import View
+    from pilm.inference.search import BeamSelection
+
+    def view(finished: list[bool]) -> View:
+        tokens = torch.tensor([[1]] * 6 + [[2]] * 2)  # two distinct chains: (1,) six times, (2,) twice
+        zeros = torch.zeros(8)
+        return View(zeros, zeros, zeros, torch.tensor([0.9] * 6 + [0.1] * 2), torch.ones(8, dtype=torch.bool),
+                    torch.tensor(finished), torch.ones(8, dtype=torch.bool), True, False, torch.Generator(), tokens,
+                    torch.ones(8, dtype=torch.long))
+
+    d = BeamSelection(2).decide(view([False] * 8))
+    assert d.parents.tolist() == [0] * 4 + [6] * 4 and bool(d.alive.all())
+    d = BeamSelection(2).decide(view([False] * 6 + [True] * 2))  # the worse chain finished: it keeps one row
+    assert d.parents.tolist() == [0] * 7 + [6] and bool(d.alive.all())
+    d = BeamSelection(8).decide(view([False] * 8))  # ceil(8 / 8) = 1 chain kept, all 8 rows its copies
+    assert d.parents.tolist() == [0] * 8 and bool(d.alive.all())
+
+
 def test_dvts_keeps_independent_subtrees():
     res = pilm.dvts(toy(), PRM, 16, width=4, seed=0)
     for lo in range(0, 16, 4):  # within a subtree every chain shares the first step the subtree kept

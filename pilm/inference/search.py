@@ -113,9 +113,11 @@ class _WidthRule(Rule):
 class BeamSelection(_WidthRule):
     """PRM beam search over steps (search-and-learn's ``beam_search`` with its recipe's
     ``filter_duplicates``): keep the ceil(N / ``width``) distinct chains with the highest
-    aggregated score (finished ones compete too), copy each unfinished one ``width`` times so
-    that each copy draws its own next step, keep finished ones once, and drop the rest: never
-    more than N chains."""
+    aggregated score (finished ones compete too), keep finished ones once, and share the other
+    rows among the unfinished ones, ``width`` copies each when all the kept are unfinished and
+    more when fewer distinct chains are left (as the reference extends its active beams to N
+    every iteration), so that each copy draws its own next step: N chains in flight while any
+    is unfinished."""
 
     name = "beam"
 
@@ -126,11 +128,13 @@ class BeamSelection(_WidthRule):
         chains = b.chains
         for k in ranked:
             first.setdefault(chains[k], k)
-        distinct = list(first.values())
+        kept = list(first.values())[: -(-n // self.width)]
+        going = [k for k in kept if not b.finished[k]]
+        each, extra = divmod(n - (len(kept) - len(going)), max(1, len(going)))
+        copies = {k: each + (i < extra) for i, k in enumerate(going)}
         parents: list[int] = []
-        for k in distinct[: -(-n // self.width)]:
-            parents += [k] * (1 if b.finished[k] else self.width)
-        parents = parents[:n]
+        for k in kept:  # in rank order, the copies of a chain side by side
+            parents += [k] * copies.get(k, 1)
         alive = torch.zeros(n, dtype=torch.bool)
         alive[: len(parents)] = True
         parents += [parents[0]] * (n - len(parents))
