@@ -29,6 +29,7 @@ import payoff
 import red_team
 import residual_twist
 import scale_report
+import search_diagnosis
 import skip_twist
 import twists
 
@@ -80,6 +81,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
     "red_team": lambda f: {"results.md": red_team.table(rows(f))},
     "scale": scale,
     "scale_runs": scale_runs,
+    "search": lambda f: {"results.md": search_diagnosis.table(rows(f, "boundaries.jsonl"))},
     "residual": lambda f: {"results.md": residual_twist.table(
         rows(f), json.loads((f / "pool.json").read_text()) if (f / "pool.json").exists() else None)},
     "skip": lambda f: {"results.md": skip_twist.table(rows(f))},
@@ -94,7 +96,8 @@ FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent
            "payoff": "decisive", "payoff/skip_infilling": "skip", "payoff/residual_toxicity": "residual",
            "payoff/residual_toxicity_control": "residual", "payoff/residual_toxicity_smc": "residual",
            "payoff/residual_toxicity_hour": "residual",
-           "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}
+           "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs",
+           "scale_qwen/search_diagnosis": "search", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 
 
