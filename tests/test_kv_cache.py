@@ -160,7 +160,7 @@ def test_max_rows_counts_a_shared_prompt_once(pair, monkeypatch):
     from pilm.models import hf
 
     shared, eager = pair
-    monkeypatch.setattr(hf, "_free_memory", lambda device: 2**30)
+    monkeypatch.setattr(hf, "free_memory", lambda device: 2**30)
     cfg = shared.hf.config
     per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     rest = 8 * shared.vocab_size * 4 + 16 * cfg.hidden_size * 4

@@ -121,6 +121,30 @@ def test_the_judge_reads_yes_against_no_in_one_batch(tiny):
         LMJudge(tiny, template="Is it right? {steps}")
 
 
+def test_the_judge_runs_a_questions_shared_prefix_once_and_scores_as_each_prompt_alone(tiny):
+    """Rows of one question share the judge's instructions and the question: transformers runs
+    that prefix once and the rest of each prompt after it (left-padded), which gives what each
+    prompt alone gives (float32, to rounding); lm_tokens counts the positions run."""
+    from pilm.models.base import LanguageModel
+
+    judge = LMJudge(tiny)
+    steps = [["1 + 1 = 2\n"], ["1 + 1 = 3\n", "The answer is 3."], ["1 + 1 = 2\n", "The answer is 2."],
+             ["2 + 2 = 4\n"], ["2 + 2 = 5\n", "The answer is 5."]]
+    questions = ["1 + 1"] * 3 + ["2 + 2"] * 2
+    batch = StepBatch(questions, [()] * 5, steps, [()] * 5)
+    scores = judge.score(batch)
+    prompts = [tiny.encode_prompt(judge.template.format(question=q, steps="\n".join(s).strip()))
+               for q, s in zip(questions, steps, strict=True)]
+    alone = torch.cat([LanguageModel.choice_logprobs(tiny, [p], [judge.yes, judge.no]) for p in prompts])
+    assert torch.allclose(scores, torch.softmax(alone.double(), -1)[:, 0], atol=1e-5)
+    together = tiny.choice_logprobs(prompts[:3], [judge.yes, judge.no])
+    assert torch.allclose(together, alone[:3], atol=1e-4)
+    shared = len(os.path.commonprefix(prompts[:3]))
+    assert 0 < shared and tiny.choice_tokens(prompts[:3]) == shared + sum(len(p) - shared for p in prompts[:3])
+    assert judge.lm_tokens == tiny.choice_tokens(prompts[:3]) + tiny.choice_tokens(prompts[3:]) < sum(map(len, prompts))
+    assert LanguageModel.choice_tokens(tiny, prompts) == sum(map(len, prompts))  # a backend that shares nothing
+
+
 def test_a_step_tag_prm_reads_good_against_bad_after_the_last_tag(tiny):
     prm = StepTagPRM(tiny, step_tag=" ки", good="+", bad="-")
     batch = StepBatch(["1 + 1"], [()], [["1 + 1 = 2\n", "The answer is 2."]], [()])

@@ -138,6 +138,11 @@ class LanguageModel(ABC):
         logprobs = self.start_many(prompts, 1).logprobs
         return torch.stack([logprobs[:, v] for v in choices], 1)  # no index tensor made on the host
 
+    def choice_tokens(self, prompts: Sequence[Tokens]) -> int:
+        """How many positions ``choice_logprobs`` of ``prompts`` runs through the model (what a
+        judge's compute is counted in): every prompt's, here."""
+        return sum(len(self.context(p)) for p in prompts)
+
     def max_rows(self, length: int, *, prompt: int = 0, per_prompt: int = 1) -> int | None:
         """How many rows of ``length`` positions (prompt and completion) fit in the memory of
         this model's device at once (``None``: no limit); ``prompt`` of those positions are a

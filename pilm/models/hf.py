@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import LanguageModel, ModelState, Tokens, encode_with_tokenizer, single_id
+from .device import free_memory
 from .kv_cache import CASCADE, RowCache, check_kv_cache, decode_rows, reserved, share_prefixes
 
 if TYPE_CHECKING:
@@ -115,20 +115,23 @@ class HFModel(LanguageModel):
         prompt ``group[i]``."""
         from transformers import DynamicCache
 
-        width = max(map(len, ctxs))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_id or 0)
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctxs])
-        lengths = torch.tensor([len(c) for c in ctxs], device=self.device)
-        mask = None
-        extra = {}
-        if len(set(map(len, ctxs))) > 1:
-            mask = torch.arange(width, device=self.device) >= (width - lengths)[:, None]
-            extra = {"attention_mask": mask.long(), "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        ids, real = self._left_padded(ctxs)
+        mask = real if len(set(map(len, ctxs))) > 1 else None
+        extra = {} if mask is None else {"attention_mask": mask.long(), "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         cache = DynamicCache()
         logprobs, hidden = self._forward(ids, cache, **extra)
         rows = group.to(self.device)
-        state = decode_rows(cache, mask, group, lengths[rows], shared=self.shares_prefixes)
-        return ModelState(logprobs[rows], hidden[rows], state, width)
+        state = decode_rows(cache, mask, group, real.sum(-1)[rows], shared=self.shares_prefixes)
+        return ModelState(logprobs[rows], hidden[rows], state, ids.shape[1])
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """``rows`` left-padded to one width (host ids) and where each row's own ids are (on the
+        device)."""
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.eos_token_id or 0)
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        return (torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+                torch.arange(width, device=self.device) >= (width - lengths)[:, None])
 
     def start(self, prompt_ids: Tokens, n: int) -> ModelState:
         return self._prefill([self.context(prompt_ids)], torch.zeros(n, dtype=torch.long))
@@ -172,6 +175,30 @@ class HFModel(LanguageModel):
         state.release()
         return out
 
+    def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int]) -> Tensor:
+        """The longest prefix every prompt shares (a judge's instructions and question, say) is
+        run once and its KV cache copied to every row, as ``score`` does; the rest of each
+        prompt is left-padded into one forward after it, with a mask and per-row positions."""
+        ctxs = [self.context(p) for p in prompts]
+        shared = _shared_prompt(ctxs)
+        if not shared:
+            return super().choice_logprobs(prompts, choices)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self._forward(torch.tensor([ctxs[0][:shared]]), cache)
+        cache.reorder_cache(cast(torch.LongTensor, torch.zeros(len(ctxs), dtype=torch.long, device=self.device)))
+        ids, real = self._left_padded([c[shared:] for c in ctxs])
+        mask = torch.cat([real.new_ones(len(ctxs), shared), real], 1)
+        logprobs, _ = self._forward(ids, cache, attention_mask=mask.long(),
+                                    position_ids=shared + (real.cumsum(-1) - 1).clamp(min=0))
+        return torch.stack([logprobs[:, v] for v in choices], 1)
+
+    def choice_tokens(self, prompts: Sequence[Tokens]) -> int:
+        ctxs = [self.context(p) for p in prompts]
+        shared = _shared_prompt(ctxs)
+        return shared + sum(len(c) - shared for c in ctxs)
+
     def max_rows(self, length: int, *, prompt: int = 0, per_prompt: int = 1) -> int:
         """Rows whose KV cache (``length`` positions, the first ``prompt`` of them the prompt's)
         and next-token tensors (a few copies of the V log-probabilities) fit in half the device's
@@ -185,7 +212,7 @@ class HFModel(LanguageModel):
             positions = prompt / max(per_prompt, 1) + reserved(length - prompt)
         kv = 2 * cfg.num_hidden_layers * heads * head_dim * self.hf.dtype.itemsize * positions
         per_row = kv + 8 * self.vocab_size * 4 + 16 * cfg.hidden_size * 4
-        return max(1, int(0.5 * _free_memory(self.device) // per_row))
+        return max(1, int(0.5 * free_memory(self.device) // per_row))
 
     def prefix_logprobs(self, prompt_ids: Tokens, tokens: Tensor) -> Tensor:
         """Teacher-forced: the context runs once (one row) and its KV cache is expanded to the
@@ -268,16 +295,10 @@ class HFModel(LanguageModel):
         return torch.where(mask, lp.cpu(), 0.0).sum(-1)
 
 
-def _free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: the GPU's free memory, or the machine's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError):  # not Linux
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def _shared_prompt(ctxs: list[list[int]]) -> int:
+    """The prefix all of several prompts share, each keeping at least one position of its own
+    (0 for one prompt: nothing to share)."""
+    return _common_prefix_length(ctxs, min(map(len, ctxs)) - 1) if len(ctxs) > 1 else 0
 
 
 def _common_prefix_length(seqs: list[list[int]], cap: int) -> int:

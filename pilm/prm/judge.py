@@ -19,9 +19,11 @@ TEMPLATE = (
 class LMJudge(ProcessReward):
     """r(c, x_{<=t}) = p(yes | judge prompt) / (p(yes | .) + p(no | .)) with the judge prompt
     ``template`` filled with the question and the steps so far (joined by newlines), under
-    ``model`` (the policy itself, or any other model). All rows of a step are scored in
-    batched forwards of at most ``batch_rows`` prompts; ``lm_tokens`` counts the prompt
-    tokens it ran. ``yes`` and ``no`` are the answer words; their first token is read."""
+    ``model`` (the policy itself, or any other model). The rows of a step are scored per
+    question, in batched forwards of at most ``batch_rows`` prompts, so that a backend that
+    runs the prompts' shared prefix once (transformers) runs the instructions and question
+    once per forward; ``lm_tokens`` counts the positions it ran (``choice_tokens``). ``yes``
+    and ``no`` are the answer words; their first token is read."""
 
     def __init__(self, model: LanguageModel, template: str = TEMPLATE, *, yes: str = " Yes", no: str = " No",
                  chat: bool = False, batch_rows: int = 256):
@@ -43,9 +45,14 @@ class LMJudge(ProcessReward):
     def score(self, batch: StepBatch) -> Tensor:
         prompts = [self.model.encode_prompt(self.template.format(question=q, steps="\n".join(s).strip()), chat=self.chat)
                    for q, s in zip(batch.questions, batch.steps, strict=True)]
-        self.lm_tokens += sum(map(len, prompts))
-        out = []
-        for lo in range(0, len(prompts), self.batch_rows):
-            lp = self.model.choice_logprobs(prompts[lo: lo + self.batch_rows], [self.yes, self.no])
-            out.append(torch.softmax(lp.double(), -1)[:, 0].cpu())
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        by_question: dict[str, list[int]] = {}
+        for i, q in enumerate(batch.questions):
+            by_question.setdefault(q, []).append(i)
+        out = torch.zeros(len(prompts), dtype=torch.float64)
+        for rows in by_question.values():
+            for lo in range(0, len(rows), self.batch_rows):
+                chunk = rows[lo: lo + self.batch_rows]
+                self.lm_tokens += self.model.choice_tokens([prompts[i] for i in chunk])
+                lp = self.model.choice_logprobs([prompts[i] for i in chunk], [self.yes, self.no])
+                out[chunk] = torch.softmax(lp.double(), -1)[:, 0].cpu()
+        return out
