@@ -128,20 +128,21 @@ def test_the_judge_runs_a_questions_shared_prefix_once_and_scores_as_each_prompt
     from pilm.models.base import LanguageModel
 
     judge = LMJudge(tiny)
-    steps = [["1 + 1 = 2\n"], ["1 + 1 = 3\n", "The answer is 3."], ["1 + 1 = 2\n", "The answer is 2."],
-             ["2 + 2 = 4\n"], ["2 + 2 = 5\n", "The answer is 5."]]
-    questions = ["1 + 1"] * 3 + ["2 + 2"] * 2
-    batch = StepBatch(questions, [()] * 5, steps, [()] * 5)
+    steps = [["1 + 1 = 2\n"], ["2 + 2 = 4\n"], ["1 + 1 = 3\n", "The answer is 3."], ["2 + 2 = 5\n", "The answer is 5."],
+             ["1 + 1 = 2\n", "The answer is 2."], ["3 + 3 = 6\n"]]
+    questions = ["1 + 1", "2 + 2", "1 + 1", "2 + 2", "1 + 1", "3 + 3"]  # interleaved, and one alone
+    batch = StepBatch(questions, [()] * 6, steps, [()] * 6)
     scores = judge.score(batch)
     prompts = [tiny.encode_prompt(judge.template.format(question=q, steps="\n".join(s).strip()))
                for q, s in zip(questions, steps, strict=True)]
     alone = torch.cat([LanguageModel.choice_logprobs(tiny, [p], [judge.yes, judge.no]) for p in prompts])
-    assert torch.allclose(scores, torch.softmax(alone.double(), -1)[:, 0], atol=1e-5)
-    together = tiny.choice_logprobs(prompts[:3], [judge.yes, judge.no])
-    assert torch.allclose(together, alone[:3], atol=1e-4)
-    shared = len(os.path.commonprefix(prompts[:3]))
-    assert 0 < shared and tiny.choice_tokens(prompts[:3]) == shared + sum(len(p) - shared for p in prompts[:3])
-    assert judge.lm_tokens == tiny.choice_tokens(prompts[:3]) + tiny.choice_tokens(prompts[3:]) < sum(map(len, prompts))
+    assert torch.allclose(scores, torch.softmax(alone.double(), -1)[:, 0], atol=1e-5)  # each back in its row
+    ones = [prompts[i] for i in (0, 2, 4)]
+    assert torch.allclose(tiny.choice_logprobs(ones, [judge.yes, judge.no]), alone[[0, 2, 4]], atol=1e-4)
+    shared = len(os.path.commonprefix(ones))
+    assert 0 < shared and tiny.choice_tokens(ones) == shared + sum(len(p) - shared for p in ones)
+    calls = (ones, [prompts[1], prompts[3]], [prompts[5]])  # each question's rows; the lone row
+    assert judge.lm_tokens == sum(map(tiny.choice_tokens, calls)) < sum(map(len, prompts))
     assert LanguageModel.choice_tokens(tiny, prompts) == sum(map(len, prompts))  # a backend that shares nothing
 
 

@@ -114,10 +114,11 @@ class BeamSelection(_WidthRule):
     """PRM beam search over steps (search-and-learn's ``beam_search`` with its recipe's
     ``filter_duplicates``): keep the ceil(N / ``width``) distinct chains with the highest
     aggregated score (finished ones compete too), keep finished ones once, and share the other
-    rows among the unfinished ones, ``width`` copies each when all the kept are unfinished and
-    more when fewer distinct chains are left (as the reference extends its active beams to N
-    every iteration), so that each copy draws its own next step: N chains in flight while any
-    is unfinished."""
+    rows among the unfinished ones as evenly as they divide (``width`` copies each when
+    ceil(N / ``width``) unfinished ones are kept and ``width`` divides N, more when fewer
+    distinct chains are left), as the reference extends its active beams to N every
+    iteration, so that each copy draws its own next step: N chains in flight while any is
+    unfinished."""
 
     name = "beam"
 

@@ -138,9 +138,14 @@ class LanguageModel(ABC):
         logprobs = self.start_many(prompts, 1).logprobs
         return torch.stack([logprobs[:, v] for v in choices], 1)  # no index tensor made on the host
 
+    shares_choice_prefix: bool = False
+    """Whether ``choice_logprobs`` runs the prefix its prompts share once (callers then group
+    prompts that share one)."""
+
     def choice_tokens(self, prompts: Sequence[Tokens]) -> int:
         """How many positions ``choice_logprobs`` of ``prompts`` runs through the model (what a
-        judge's compute is counted in): every prompt's, here."""
+        judge's compute is counted in): every prompt's, here (an engine with a prefix cache,
+        as vLLM's, may run fewer, which it does not report)."""
         return sum(len(self.context(p)) for p in prompts)
 
     def max_rows(self, length: int, *, prompt: int = 0, per_prompt: int = 1) -> int | None:

@@ -175,6 +175,8 @@ class HFModel(LanguageModel):
         state.release()
         return out
 
+    shares_choice_prefix = True
+
     def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int]) -> Tensor:
         """The longest prefix every prompt shares (a judge's instructions and question, say) is
         run once and its KV cache copied to every row, as ``score`` does; the rest of each

@@ -19,11 +19,11 @@ TEMPLATE = (
 class LMJudge(ProcessReward):
     """r(c, x_{<=t}) = p(yes | judge prompt) / (p(yes | .) + p(no | .)) with the judge prompt
     ``template`` filled with the question and the steps so far (joined by newlines), under
-    ``model`` (the policy itself, or any other model). The rows of a step are scored per
-    question, in batched forwards of at most ``batch_rows`` prompts, so that a backend that
-    runs the prompts' shared prefix once (transformers) runs the instructions and question
-    once per forward; ``lm_tokens`` counts the positions it ran (``choice_tokens``). ``yes``
-    and ``no`` are the answer words; their first token is read."""
+    ``model`` (the policy itself, or any other model), in batched forwards of at most
+    ``batch_rows`` prompts. On a backend that runs a call's shared prompt prefix once
+    (``shares_choice_prefix``: transformers) each question's rows go in calls of their own, so
+    its instructions and question run once per call; ``lm_tokens`` counts the positions run
+    (``choice_tokens``). ``yes`` and ``no`` are the answer words; their first token is read."""
 
     def __init__(self, model: LanguageModel, template: str = TEMPLATE, *, yes: str = " Yes", no: str = " No",
                  chat: bool = False, batch_rows: int = 256):
@@ -45,11 +45,15 @@ class LMJudge(ProcessReward):
     def score(self, batch: StepBatch) -> Tensor:
         prompts = [self.model.encode_prompt(self.template.format(question=q, steps="\n".join(s).strip()), chat=self.chat)
                    for q, s in zip(batch.questions, batch.steps, strict=True)]
-        by_question: dict[str, list[int]] = {}
-        for i, q in enumerate(batch.questions):
-            by_question.setdefault(q, []).append(i)
+        calls = [list(range(len(prompts)))]
+        if self.model.shares_choice_prefix:  # a question's rows in calls of their own; lone rows together
+            by_question: dict[str, list[int]] = {}
+            for i, q in enumerate(batch.questions):
+                by_question.setdefault(q, []).append(i)
+            lone = [i for rows in by_question.values() if len(rows) == 1 for i in rows]
+            calls = [rows for rows in by_question.values() if len(rows) > 1] + ([lone] if lone else [])
         out = torch.zeros(len(prompts), dtype=torch.float64)
-        for rows in by_question.values():
+        for rows in calls:
             for lo in range(0, len(rows), self.batch_rows):
                 chunk = rows[lo: lo + self.batch_rows]
                 self.lm_tokens += self.model.choice_tokens([prompts[i] for i in chunk])
