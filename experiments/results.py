@@ -96,7 +96,8 @@ FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent
            "payoff": "decisive", "payoff/skip_infilling": "skip", "payoff/residual_toxicity": "residual",
            "payoff/residual_toxicity_control": "residual", "payoff/residual_toxicity_smc": "residual",
            "payoff/residual_toxicity_hour": "residual",
-           "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs", "twists": "twists", "twists_tied": "twists"}
+           "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs",
+           "scale_qwen/search_diagnosis": "search", "twists": "twists", "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 
 
