@@ -142,10 +142,8 @@ def step(particles: Particles, state: ModelState | None, sampler: Sampler, targe
     appended = drawn.pending[keep]  # rows whose last draw is not in the cache yet
     if appended.any():
         hold = None if appended.all() else ~appended
-        if hold is None and drawn.last is not None:  # the same tokens, still on the device: no transfer
-            fed = drawn.last if row_map is None else drawn.last[row_map]
-        else:
-            fed = p.tokens[going, p.lengths[going] - 1]
+        on_device = drawn.last if hold is None else None  # the same tokens, still there: no transfer
+        fed = p.tokens[going, p.lengths[going] - 1] if on_device is None else on_device if row_map is None else on_device[row_map]
         state = _forward(model, sampler.proposal, state, fed, hold, compute)
     return p, state, info
 

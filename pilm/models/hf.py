@@ -185,11 +185,7 @@ class HFModel(LanguageModel):
         shared = _shared_prompt(ctxs)
         if not shared:
             return super().choice_logprobs(prompts, choices)
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        self._forward(torch.tensor([ctxs[0][:shared]]), cache)
-        cache.reorder_cache(cast(torch.LongTensor, torch.zeros(len(ctxs), dtype=torch.long, device=self.device)))
+        cache = self._expand(self._prefix(ctxs[0][:shared]), len(ctxs))
         ids, real = self._left_padded([c[shared:] for c in ctxs])
         mask = torch.cat([real.new_ones(len(ctxs), shared), real], 1)
         logprobs, _ = self._forward(ids, cache, attention_mask=mask.long(),
@@ -230,8 +226,7 @@ class HFModel(LanguageModel):
         first = head.logits[:, -1:].float().expand(b, -1, -1)
         if steps == 0:
             return torch.log_softmax(first, -1)
-        cache.reorder_cache(cast(torch.LongTensor, torch.zeros(b, dtype=torch.long, device=self.device)))  # a long tensor
-        rest = self._call(input_ids=tokens.clamp(min=0).to(self.device), cache=cache, use_cache=True,
+        rest = self._call(input_ids=tokens.clamp(min=0).to(self.device), cache=self._expand(cache, b), use_cache=True,
                           logits_to_keep=steps).logits.float()
         return torch.log_softmax(torch.cat([first, rest], 1), -1)
 
@@ -248,6 +243,19 @@ class HFModel(LanguageModel):
             self.adapters.use(self.adapter)
         return self.hf(**kwargs)
 
+    def _prefix(self, ids: list[int]):
+        """The KV cache of ``ids``, run once as one row (no gradient)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self._forward(torch.tensor([ids]), cache)
+        return cache
+
+    def _expand(self, cache, rows: int):
+        """``cache`` of one row copied, in place, to ``rows`` rows (differentiably)."""
+        cache.reorder_cache(cast(torch.LongTensor, torch.zeros(rows, dtype=torch.long, device=self.device)))
+        return cache
+
     # -- scoring -------------------------------------------------------------------------
     def score(self, sequences: Sequence[Tokens], starts: Sequence[int]) -> Tensor:
         """Sum of log p(seq[t] | seq[:t]) over t >= start, in blocks of rows. The longest
@@ -262,12 +270,7 @@ class HFModel(LanguageModel):
         if not seqs:
             return out
         shared = _common_prefix_length(seqs, min(firsts) - 1)
-        prefix_cache = None
-        if shared:
-            from transformers import DynamicCache
-
-            prefix_cache = DynamicCache()
-            self._forward(torch.tensor([seqs[0][:shared]]), prefix_cache)
+        prefix_cache = self._prefix(seqs[0][:shared]) if shared else None
         rows_per_block = max(1, _SCORE_LOGITS_BYTES // (4 * self.vocab_size * max(map(len, seqs))))
         for lo in range(0, len(seqs), rows_per_block):
             block = range(lo, min(lo + rows_per_block, len(seqs)))
@@ -282,10 +285,7 @@ class HFModel(LanguageModel):
         if first >= length:  # nothing to score
             return torch.zeros(len(seqs))
         ids = torch.tensor([s + [0] * (length - len(s)) for s in seqs])
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+        cache = None if prefix_cache is None else self._expand(copy.deepcopy(prefix_cache), len(seqs))
         keep = length - first + 1  # logits at positions first-1 .. length-1
         with torch.no_grad():
             logits = self._call(input_ids=ids[:, shared:].to(self.device), cache=cache,

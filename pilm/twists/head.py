@@ -155,21 +155,18 @@ class Twist(nn.Module, TwistFunction):
             x = torch.cat([x, condition.float().expand(*x.shape[:-1], -1)], dim=-1)  # (H,) or one per row
         return x
 
-    def _tied_embeddings(self) -> Tensor:
-        """The output embeddings in float32: the model's own where it is float32, else a copy
-        made once (on a bfloat16 model only training and float32 passes read it; sampling
-        reads the model's own)."""
+    def _lm_output_embeddings(self) -> Tensor:
         if self._lm_embeddings is None:
             raise ValueError("a tied twist head must be attached to its model: Twist.from_pretrained(dir, model)")
-        if self._embeddings is None:
-            self._embeddings = self._lm_embeddings.float()
-        return self._embeddings
+        return self._lm_embeddings
 
-    def _tied_rows(self, tokens: Tensor) -> Tensor:
-        """The float32 output embeddings of ``tokens`` only (no copy of the whole matrix)."""
-        if self._embeddings is not None or self._lm_embeddings is None:
-            return self._tied_embeddings()[tokens]
-        return self._lm_embeddings[tokens].float()
+    def _tied_embeddings(self) -> Tensor:
+        """The output embeddings in float32: the model's own where it is float32, else a copy
+        made once (on a bfloat16 model only full float32 passes read it; sampling reads the
+        model's own, one-token passes the rows they need)."""
+        if self._embeddings is None:
+            self._embeddings = self._lm_output_embeddings().float()
+        return self._embeddings
 
     def log_psi(self, prefixes: Prefixes | None, hidden: Tensor, condition: Tensor | None = None) -> Tensor:
         return self(hidden, condition)
@@ -186,7 +183,7 @@ class Twist(nn.Module, TwistFunction):
                               for h, c, v in zip(hidden.split(rows), conditions, tokens.split(rows), strict=False)])
         x = self._input(hidden, condition)
         if self.config.kind == "tied":
-            out = (self.net(x) * self._tied_rows(tokens)).sum(-1) / self.config.hidden_size**0.5
+            out = (self.net(x) * self._lm_output_embeddings()[tokens].float()).sum(-1) / self.config.hidden_size**0.5
             out = out + self.token_bias[tokens]
         else:
             last = cast(nn.Linear, self.net[-1])
