@@ -2,9 +2,10 @@
 particle filter on arithmetic chains with the exact step verifier, how many of the N rows
 extend a prefix the verifier still holds right, and how many distinct right prefixes they
 extend. A row that extends a prefix already ruled wrong is spent on a chain no later step can
-save (the verifier scores whole prefixes). Writes one row per (method, problem, boundary) to
-``--out`` (resumable: problems already there are skipped) and the table in ``results.md``
-beside it.
+save (the verifier scores whole prefixes). ``beam-all`` is beam search without the recipe's
+duplicate filter, which measures whether that filter is where beam search's rows go. Writes
+one row per (method, problem, boundary) to ``--out`` (resumable: problems already there are
+skipped) and the table in ``results.md`` beside it.
 
     python experiments/search_diagnosis.py --model qwen2.5-coder-1.5b --chat --operands 8 12 \
         --problems 8 --out docs/scale_qwen/search_diagnosis/boundaries.jsonl
@@ -24,7 +25,8 @@ from pilm.evaluation.metrics import t_interval
 from pilm.prm import ProcessReward, StepBatch
 from pilm.tasks import arithmetic_chain as task
 
-SEARCHES = ("beam", "dvts", "pf")  # as pilm scale runs them (``runner``)
+SEARCHES = ("beam", "beam-all", "dvts", "pf")  # as pilm scale runs them (``runner``); beam-all: beam search
+# without search-and-learn's filter_duplicates (the best rows are kept, copies of one chain included)
 
 
 class Recorder(ProcessReward):
@@ -54,7 +56,12 @@ class Recorder(ProcessReward):
 def run(method: str, problems: list[dict], model, args) -> list[dict]:
     recorder = Recorder()
     targets = [task.target(model, p["question"], chat=args.chat) for p in problems]
-    results = runner(method, recorder, ScaleConfig(temperature=args.temperature, seed=args.seed))(targets, args.n)
+    cfg = ScaleConfig(temperature=args.temperature, seed=args.seed)
+    if method == "beam-all":
+        results = pilm.prm_beam_search(targets, recorder, args.n, width=min(cfg.width, args.n), temperature=cfg.temperature,
+                                       aggregation=cfg.aggregation, seed=cfg.seed, filter_duplicates=False)
+    else:
+        results = runner(method, recorder, cfg)(targets, args.n)
     rows = []
     for p, res in zip(problems, results, strict=True):
         q = p["question"]

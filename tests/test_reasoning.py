@@ -327,6 +327,36 @@ def test_beam_search_keeps_n_chains_in_flight_when_few_are_distinct():
     assert d.parents.tolist() == [0] * 7 + [6] and bool(d.alive.all())
     d = BeamSelection(8).decide(view([False] * 8))  # ceil(8 / 8) = 1 chain kept, all 8 rows its copies
     assert d.parents.tolist() == [0] * 8 and bool(d.alive.all())
+    # without filter_duplicates the ceil(8 / 2) = 4 best rows are kept, all copies of the better chain
+    d = BeamSelection(2, filter_duplicates=False).decide(view([False] * 8))
+    assert d.parents.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and bool(d.alive.all())
+    d = BeamSelection(2, filter_duplicates=False).decide(view([False] * 6 + [True] * 2))  # as above: (2,) not kept
+    assert d.parents.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and bool(d.alive.all())
+
+
+def test_beam_search_without_duplicate_filter_keeps_the_best_rows(monkeypatch):
+    """filter_duplicates=False on a real search: the result's info says so, and at every
+    boundary the parents are exactly the ceil(N / width) best-scored alive rows (copies of one
+    chain included), whatever their chains."""
+    from pilm.inference.search import BeamSelection
+
+    decisions = []
+    decide = BeamSelection.decide
+
+    def spy(self, b):
+        d = decide(self, b)
+        decisions.append((b, d))
+        return d
+
+    monkeypatch.setattr(BeamSelection, "decide", spy)
+    res = pilm.prm_beam_search(toy(), PRM, 8, width=2, seed=0, filter_duplicates=False)
+    assert decisions
+    for b, d in decisions:
+        alive = b.alive.nonzero().squeeze(1).tolist()
+        best = sorted(alive, key=lambda k: -float(b.scores[k]))[:4]
+        assert set(d.parents[d.alive].tolist()) == set(best)
+    assert res.info["filter_duplicates"] is False and res.info["width"] == 2
+    assert pilm.prm_beam_search(toy(), PRM, 8, width=2, seed=0).info["filter_duplicates"] is True
 
 
 def test_dvts_keeps_independent_subtrees():

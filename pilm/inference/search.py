@@ -111,25 +111,32 @@ class _WidthRule(Rule):
 
 
 class BeamSelection(_WidthRule):
-    """PRM beam search over steps (search-and-learn's ``beam_search`` with its recipe's
-    ``filter_duplicates``): keep the ceil(N / ``width``) distinct chains with the highest
-    aggregated score (finished ones compete too), keep finished ones once, and share the other
-    rows among the unfinished ones as evenly as they divide (``width`` copies each when
-    ceil(N / ``width``) unfinished ones are kept and ``width`` divides N, more when fewer
-    distinct chains are left), as the reference extends its active beams to N every
-    iteration, so that each copy draws its own next step: N chains in flight while any is
-    unfinished."""
+    """PRM beam search over steps (search-and-learn's ``beam_search``): keep the
+    ceil(N / ``width``) rows with the highest aggregated score (finished ones compete too),
+    keep finished ones once, and share the other rows among the unfinished ones as evenly as
+    they divide (``width`` copies each when ceil(N / ``width``) unfinished ones are kept and
+    ``width`` divides N, more when fewer are left), as the reference extends its active beams
+    to N every iteration, so that each copy draws its own next step: N chains in flight while
+    any is unfinished. With ``filter_duplicates`` (the reference recipe's setting, and the
+    default) the kept rows are distinct chains, each ranked by its best row; without it, copies
+    of one chain may fill every kept slot, so a chain that outscores all others gets all N rows."""
 
     name = "beam"
+
+    def __init__(self, width: int, filter_duplicates: bool = True):
+        super().__init__(width)
+        self.filter_duplicates = filter_duplicates
 
     def decide(self, b: View) -> Decision:
         n = len(b.scores)
         ranked = sorted(b.alive.nonzero().squeeze(1).tolist(), key=lambda k: -_score(b.scores, k))
-        first: dict[tuple[int, ...], int] = {}  # the best-ranked row of each distinct chain
-        chains = b.chains
-        for k in ranked:
-            first.setdefault(chains[k], k)
-        kept = list(first.values())[: -(-n // self.width)]
+        if self.filter_duplicates:
+            first: dict[tuple[int, ...], int] = {}  # the best-ranked row of each distinct chain
+            chains = b.chains
+            for k in ranked:
+                first.setdefault(chains[k], k)
+            ranked = list(first.values())
+        kept = ranked[: -(-n // self.width)]
         going = [k for k in kept if not b.finished[k]]
         each, extra = divmod(n - (len(kept) - len(going)), max(1, len(going)))
         copies = {k: each + (i < extra) for i, k in enumerate(going)}
@@ -174,18 +181,20 @@ def _search(target, prm, n, rule, *, temperature, aggregation, step, seed, metho
         raise ValueError(f"{method} needs n >= its width ({rule.width}), got {n!r}")
     out = run_steps(targets, n, as_prm(prm), rule, seeded_generators(seed, len(targets), targets[0].model.device),
                     temperature=temperature, aggregation=aggregation, method=method, progress=progress,
-                    info={"seed": seed, "width": rule.width})
+                    info={"seed": seed, **vars(rule)})  # its settings: width (and filter_duplicates)
     return out[0] if single else out
 
 
 def prm_beam_search(target: Target | Sequence[Target], prm: ProcessReward | TwistFunction, n: int, *, width: int = 4,
                     temperature: float = 1.0, aggregation: str = "last", step=None, seed: int = 0,
-                    progress: bool = False) -> StepResult | list[StepResult]:
+                    filter_duplicates: bool = True, progress: bool = False) -> StepResult | list[StepResult]:
     """Step-level beam search guided by ``prm`` with ``n`` chains in flight and beam width
     ``width`` (``BeamSelection``): a deterministic search for high-scoring chains, not a
-    sampler of any distribution. Answer with ``.answer("argmax")`` or a vote."""
-    return _search(target, prm, n, BeamSelection(width), temperature=temperature, aggregation=aggregation, step=step,
-                   seed=seed, method="beam", progress=progress)
+    sampler of any distribution. ``filter_duplicates`` keeps ceil(n / width) distinct chains
+    at every boundary (search-and-learn's recipe); False keeps the best rows, copies included.
+    Answer with ``.answer("argmax")`` or a vote."""
+    return _search(target, prm, n, BeamSelection(width, filter_duplicates), temperature=temperature,
+                   aggregation=aggregation, step=step, seed=seed, method="beam", progress=progress)
 
 
 def dvts(target: Target | Sequence[Target], prm: ProcessReward | TwistFunction, n: int, *, width: int = 4,
