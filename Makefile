@@ -116,9 +116,9 @@ install-qwen: $(STAMP)
 # template, then every method at N = 1, 4, 16 on 100 such chains with the exact verifier, under the chat
 # template (resumable: rerun to continue; several CPU-hours). --max-rows 64 runs N = 4 in blocks of 16
 # problems and N = 16 in blocks of 4, so an interrupted session keeps its finished blocks (the N = 1 rows
-# ran in one block of 100, before this flag was set). Last, where beam search, DVTS and the particle filter
-# spend their N = 16 rows at each step of 8 of those problems (experiments/search_diagnosis.py). Then (not
-# run yet) a learned PRM on this model's hidden states (Monte Carlo labels on 80 other problems), the model
+# ran in one block of 100, before this flag was set). Last, where beam search (with and without its duplicate
+# filter), DVTS and the particle filter spend their N = 16 rows at each step of 8 of those problems
+# (experiments/search_diagnosis.py). Then (not run yet) a learned PRM on this model's hidden states (Monte Carlo labels on 80 other problems), the model
 # as its own judge, and GSM8K's greedy and pass@N baseline.
 experiment-scale-qwen: install-qwen
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy,sc --n 1,4 --problems 100 --out docs/scale_qwen/verifier

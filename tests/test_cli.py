@@ -208,6 +208,31 @@ def test_bounds_on_sampled_endings_say_so(capsys, table_model):
     assert "bounds on E_c[log Z(c)] over endings c sampled from the model" in capsys.readouterr().out
 
 
+def test_an_interrupted_train_prm_resumes_its_collection(capsys, monkeypatch, fresh_tiny, tmp_path):
+    """Stopped in its rollouts, train-prm keeps the chains and labels so far and says how to
+    resume; the rerun draws only the rest and removes them once the head is saved."""
+    from pilm.learning import prm_trainer
+
+    monkeypatch.setattr(pilm, "load_model", lambda *a, **k: fresh_tiny)
+    real, calls = prm_trainer.sample_chains, []
+
+    def interrupted(*a, **k):
+        calls.append(a[2] is None)  # a rollout batch runs without a PRM
+        if calls == [False, True]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(prm_trainer, "sample_chains", interrupted)
+    out = tmp_path / "prm"
+    argv = ["train-prm", "--problems", "2", "--rollouts", "1", "--steps", "1", "--out", str(out)]
+    assert main(argv) == 130
+    assert f"{out / 'collection.safetensors'} is kept; resume with: pilm train-prm" in capsys.readouterr().err
+    assert (out / "collection.safetensors").exists()
+    assert main(argv) == 0
+    assert calls[2:] == [True] * (len(calls) - 2) and len(calls) > 2  # no chain batch again
+    assert not (out / "collection.safetensors").exists() and (out / "twist.safetensors").exists()
+
+
 def test_train_prm_refuses_a_folder_of_other_settings(capsys, monkeypatch, fresh_tiny, tmp_path):
     monkeypatch.setattr(pilm, "load_model", lambda *a, **k: fresh_tiny)
     argv = ["train-prm", "--problems", "2", "--rollouts", "1", "--steps", "1", "--out", str(tmp_path / "prm")]

@@ -366,6 +366,48 @@ def test_dvts_keeps_independent_subtrees():
         assert len({_first(x) for x in kept}) == 1
 
 
+def test_an_interrupted_value_collection_resumes_to_what_one_run_collects(tmp_path, monkeypatch):
+    """Three targets, chains and rollouts in several batches (max_rows small): a collection
+    stopped by an error in its fourth batch, then rerun with the same file, equals the
+    uninterrupted one, and draws only the batches not saved; another seed is refused."""
+    from pilm.errors import ResumeMismatchError
+    from pilm.learning import prm_trainer
+
+    class Stop(Exception):
+        pass
+
+    phi = FunctionPotential(lambda t: 0.0 if t.count(1) >= 2 else -math.inf, on="tokens", name="two b")
+    model = TabularLM.random(3, seed=5)
+    targets = [pilm.Target(model, p, phi, max_new_tokens=4, steps=STEP) for p in ([0], [1], [2, 0])]
+    settings = {"chains": 4, "rollouts": 2, "max_rows": 8, "seed": 3, "progress": False}
+    calls, real, stop_at = [], prm_trainer.sample_chains, [0]
+
+    def counting(*a, **k):
+        calls.append("rollouts" if a[2] is None else "chains")  # rollouts run without a PRM
+        if len(calls) == stop_at[0]:
+            raise Stop
+        return real(*a, **k)
+
+    monkeypatch.setattr(prm_trainer, "sample_chains", counting)
+    whole = prm_trainer.collect_values(targets, **settings)
+    batches = list(calls)
+    assert batches[:2] == ["chains"] * 2 and batches.count("rollouts") >= 3  # 2 targets a batch; several rollouts
+    path = tmp_path / "collection.safetensors"
+    calls.clear()
+    stop_at[0] = 4
+    with pytest.raises(Stop):
+        prm_trainer.collect_values(targets, checkpoint=path, **settings)
+    calls.clear()
+    stop_at[0] = 0
+    resumed = prm_trainer.collect_values(targets, checkpoint=path, **settings)
+    assert calls == batches[3:]  # the two chain batches and the first rollout batch were saved
+    assert torch.equal(resumed.hidden, whole.hidden) and torch.equal(resumed.last, whole.last)
+    assert resumed.tokens == whole.tokens and resumed.target == whole.target
+    assert torch.equal(resumed.label, whole.label)
+    with pytest.raises(ResumeMismatchError, match="delete it"):
+        prm_trainer.collect_values(targets, checkpoint=path, **{**settings, "seed": 4})
+
+
 def test_answer_selection():
     steps = Steps(delimiter=2, max_steps=2, max_step_tokens=2, final="(a|b)c$")
     target = pilm.Target(TabularLM.random(3, seed=5), [0], max_new_tokens=4, steps=steps)

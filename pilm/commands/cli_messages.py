@@ -20,7 +20,7 @@ def for_cli(message: str, settings: set[str]) -> str:
 
 RESUMABLE = {"train-twist": "checkpoint/checkpoint/state.json", "train-skip": "checkpoint/checkpoint/state.json",
              "finetune": "checkpoint/checkpoint/state.json",
-             "scale": "rows.jsonl", "red-team": "stage1/adapter_config.json"}
+             "scale": "rows.jsonl", "red-team": "stage1/adapter_config.json", "train-prm": "collection.safetensors"}
 """Commands that resume an interrupted run when rerun with the same flags, and the file in
 --out that shows there is something to resume from."""
 

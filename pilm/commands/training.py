@@ -18,7 +18,7 @@ from ..config import (
     TargetConfig,
     TwistTrainingConfig,
 )
-from .cli_messages import note
+from .cli_messages import RESUMABLE, note
 from .jobs import FinetuneJob, LatentJob, PRMJob, RedTeamJob, SkipJob, TwistOutput
 
 if TYPE_CHECKING:
@@ -126,6 +126,10 @@ HELD_OUT = 1_000
 (fewer where there are not that many more than it trains on), and records the questions it
 trained on, which pilm scale refuses to evaluate on."""
 
+COLLECTION = RESUMABLE["train-prm"]
+"""Where train-prm keeps its chains and Monte Carlo labels while it collects them (removed once
+the head is saved): an interrupted run, rerun with the same settings, resumes them."""
+
 
 def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     import json
@@ -140,10 +144,15 @@ def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     train = [p for p in task.problems(job.problems + len(test), operands, seed=job.problem_seed)
              if p["question"] not in test][: job.problems]
     model = load_model(job.model)
+    collection = Path(job.out, COLLECTION)  # the chains and rollouts so far: a rerun resumes them
+    if job.overwrite:
+        collection.unlink(missing_ok=True)
     claim_out(job, model, {**asdict(cfg), **{k: getattr(job, k) for k in PRMJob.TRAINING}})
     targets = [task.target(model, p["question"], chat=job.chat) for p in train]
-    prm = train_prm(targets, verifier=task.answer_checker(), config=cfg)  # type: ignore[call-arg]  # config=: @takes_config
+    prm = train_prm(targets, verifier=task.answer_checker(), config=cfg,  # type: ignore[call-arg]  # @takes_config
+                    checkpoint=collection)
     folder = prm.model.save_pretrained(job.out)
+    collection.unlink()  # the head is saved: what it was fitted to is not kept
     report = {**prm.extras, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"],
               "task": job.task, "operands": list(operands), "chat": job.chat, "questions": [p["question"] for p in train]}
     (folder / "training.json").write_text(json.dumps(report, indent=1) + "\n")

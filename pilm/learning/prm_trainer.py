@@ -8,22 +8,29 @@ y = the fraction that reach a right answer (E[y] = V exactly). A head psi(s_{<t}
 (0, 1) on the policy's hidden state is fitted to y at the step ends by binary cross-entropy,
 -y log psi - (1 - y) log(1 - psi), whose minimiser is E[y | prefix] = V. The data (hidden
 states, last tokens, labels) are collected once and every update reuses them, so ``steps``
-updates cost no LM forward. The result is a ``Twist``: ``pilm.particle_filter`` reads it as a
+updates cost no LM forward. The collection, the costly part, can be saved after every batch
+(``checkpoint``) and resumed. The result is a ``Twist``: ``pilm.particle_filter`` reads it as a
 PRM (``pilm.prm.TwistPRM``) and ``pilm.smc`` uses it as a twist.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import cast
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import PRMTrainingConfig, takes_config
+from ..errors import ResumeMismatchError
 from ..inference.voting import sample_chains
 from ..models.device import seeded_generator
 from ..prm import ProcessReward, StepBatch
@@ -31,6 +38,7 @@ from ..steps import Steps
 from ..target import Target
 from ..twists.base import TwistFunction
 from ..twists.head import Twist
+from .checkpoint import code_digest
 from .fit import Trained, fit
 
 Verifier = Callable[[str, "str | None"], bool]
@@ -65,34 +73,90 @@ class _Recorder(ProcessReward):
         return torch.ones(len(batch), dtype=torch.float64)
 
 
+@dataclass
+class _Collection:
+    """What ``collect_values`` has gathered so far: the step ends of the first ``chains_done``
+    targets and, once every chain is drawn, the labels of the first ``rollouts_done`` step
+    ends that need rollouts. Saved in one safetensors file (the ragged token lists in its
+    metadata), written aside and renamed into place."""
+
+    hidden: list[Tensor] = field(default_factory=list)
+    last: list[Tensor] = field(default_factory=list)
+    tokens: list[tuple[int, ...]] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)
+    done_steps: list[int] = field(default_factory=list)
+    chains_done: int = 0
+    labels: Tensor | None = None
+    rollouts_done: int = 0
+
+    LISTS = ("tokens", "owner", "done_steps", "chains_done", "rollouts_done")
+
+    def save(self, path: Path, key: str) -> None:
+        tensors = {"hidden": torch.cat(self.hidden), "last": torch.cat(self.last)}
+        if self.labels is not None:
+            tensors["labels"] = self.labels
+        meta = {"key": key, "lists": json.dumps({k: getattr(self, k) for k in self.LISTS})}
+        tmp = path.with_name(f".{path.name}.part")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> _Collection:
+        """The collection saved at ``path`` (a fresh one if there is none), refused when it was
+        gathered for other targets or settings (``key``)."""
+        if not path.exists():
+            return cls()
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("key") != key:
+            raise ResumeMismatchError(path, {"targets and collection settings (a digest)": (meta.get("key"), key)},
+                                      remedy="delete it, or pass another checkpoint")
+        lists = json.loads(meta["lists"])
+        lists["tokens"] = [tuple(t) for t in lists["tokens"]]
+        return cls([tensors["hidden"]], [tensors["last"]], labels=tensors.get("labels"), **lists)
+
+
 def collect_values(targets: Sequence[Target], *, verifier: Verifier | None = None, chains: int = 1, rollouts: int = 8,
-                   temperature: float = 1.0, seed: int = 0, max_rows: int = 512, progress: bool = True) -> ValueData:
+                   temperature: float = 1.0, seed: int = 0, max_rows: int = 512, progress: bool = True,
+                   checkpoint: str | Path | None = None) -> ValueData:
     """Sample ``chains`` chains per target; label each step end by ``rollouts`` rollouts
     (module docstring). A chain that is finished at a step end is labelled by itself. A chain
     is right when ``verifier(question, answer)`` holds, or, without a verifier, it counts
-    phi = exp(log phi) of the target's potential (a label in [0, 1])."""
+    phi = exp(log phi) of the target's potential (a label in [0, 1]). With ``checkpoint`` (a
+    file) the collection is saved after every batch of chains and of rollouts, and a call
+    with the same file, targets and settings resumes after the last batch saved: each batch
+    is seeded by its position, so the result is the one an uninterrupted call returns."""
     targets = list(targets)
-    recorder = _Recorder()
+    path = Path(checkpoint) if checkpoint is not None else None
+    key = code_digest([t.prompt_ids for t in targets], chains, rollouts, temperature, seed, max_rows)
+    got = _Collection.load(path, key) if path is not None else _Collection()
+    index = {t.prompt_ids: i for i, t in enumerate(targets)}
     per = max(1, max_rows // chains)
-    for lo in tqdm(range(0, len(targets), per), desc="train-prm chains", disable=not progress, leave=False):
+    for lo in tqdm(range(got.chains_done, len(targets), per), desc="train-prm chains", disable=not progress,
+                   leave=False):
+        recorder = _Recorder()
         sample_chains(targets[lo: lo + per], chains, recorder, temperature=temperature, seed=seed + lo,
                       method="prm data")
-    index = {t.prompt_ids: i for i, t in enumerate(targets)}
-    hidden, last, tokens, owner, done_steps = [], [], [], [], []
-    for h, v, prompts, toks, counts in recorder.seen:
-        hidden.append(h)
-        last.append(v)
-        tokens += toks
-        owner += [index[p] for p in prompts]
-        done_steps += counts
-    labels = _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature, seed, max_rows, progress)
-    return ValueData(torch.cat(hidden), torch.cat(last), tokens, owner, labels)
+        for h, v, prompts, toks, counts in recorder.seen:
+            got.hidden.append(h)
+            got.last.append(v)
+            got.tokens += toks
+            got.owner += [index[p] for p in prompts]
+            got.done_steps += counts
+        got.chains_done = min(lo + per, len(targets))
+        if path is not None:
+            got.save(path, key)
+    _label(got, targets, verifier, rollouts, temperature, seed, max_rows, progress, path, key)
+    return ValueData(torch.cat(got.hidden), torch.cat(got.last), got.tokens, got.owner, cast(Tensor, got.labels))
 
 
-def _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature, seed, max_rows, progress) -> Tensor:
-    out = torch.zeros(len(tokens), dtype=torch.float64)
+def _label(got: _Collection, targets, verifier, rollouts, temperature, seed, max_rows, progress, path, key) -> None:
+    """Fill ``got.labels``: a finished chain by itself, the others by rollouts, in batches
+    after the first ``got.rollouts_done`` (each saved to ``path`` when there is one)."""
+    out = torch.zeros(len(got.tokens), dtype=torch.float64) if got.labels is None else got.labels
     todo = []
-    for k, (toks, g, taken) in enumerate(zip(tokens, owner, done_steps, strict=True)):
+    for k, (toks, g, taken) in enumerate(zip(got.tokens, got.owner, got.done_steps, strict=True)):
         target = targets[g]
         text = target.sequences([toks]).texts[0]
         finished = target.is_complete(toks) or target.steps.finishes(taken, text)
@@ -103,15 +167,19 @@ def _labels(targets, tokens, owner, done_steps, verifier, rollouts, temperature,
             todo.append((k, Target(target.model, target.prompt_ids + tuple(toks), target.potential,
                                    max_new_tokens=target.max_new_tokens - len(toks), steps=rest,
                                    question=target.question), g))
+    got.labels = out
     per = max(1, max_rows // rollouts)
-    for lo in tqdm(range(0, len(todo), per), desc="train-prm rollouts", disable=not progress, leave=False):
+    for lo in tqdm(range(got.rollouts_done, len(todo), per), desc="train-prm rollouts", disable=not progress,
+                   leave=False):
         chunk = todo[lo: lo + per]
         results = sample_chains([t for _, t, _ in chunk], rollouts, None, temperature=temperature, seed=seed + 7919 + lo,
                                 method="prm rollouts")
         for (k, _, g), res in zip(chunk, results, strict=True):
-            full = [tokens[k] + tuple(r) for r in res.tokens]
+            full = [got.tokens[k] + tuple(r) for r in res.tokens]
             out[k] = sum(_right(targets[g], f, verifier) for f in full) / rollouts
-    return out
+        got.rollouts_done = min(lo + per, len(todo))
+        if path is not None:
+            got.save(path, key)
 
 
 def _right(target: Target, toks, verifier: Verifier | None) -> float:
@@ -163,6 +231,7 @@ def train_prm(
     layers: int = C.layers,
     twist: TwistFunction | None = None,
     seed: int = C.seed,
+    checkpoint: str | Path | None = None,
     progress: bool = True,
 ) -> Trained:
     """A learned PRM for the policy at ``temperature`` on ``targets`` (module docstring):
@@ -170,7 +239,8 @@ def train_prm(
     ``steps`` updates of a fresh head (``head`` tied | mlp | linear, psi in (0, 1)) or of
     ``twist``. ``verifier(question, answer) -> bool`` says whether a final answer is right
     (e.g. ``pilm.tasks.arithmetic_chain.answer_checker()``); without one, a chain counts
-    phi of its target's potential. Returns a ``Trained``: the twist as ``.model``, the
+    phi of its target's potential. ``checkpoint``: a file that keeps the collection as it
+    grows, so an interrupted call resumes it (``collect_values``). Returns a ``Trained``: the twist as ``.model``, the
     updates as ``.history``, and the collection (step ends, mean label, seconds) as ``.extras``.
 
     ``config=`` a ``PRMTrainingConfig`` gives every setting at once; an argument also given overrides it.
@@ -183,7 +253,7 @@ def train_prm(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     started = time.perf_counter()
     data = collect_values(targets, verifier=verifier, chains=chains, rollouts=rollouts, temperature=temperature,
-                          seed=seed, progress=progress)
+                          seed=seed, progress=progress, checkpoint=checkpoint)
     collected = time.perf_counter() - started
     if twist is None:
         with torch.random.fork_rng():
