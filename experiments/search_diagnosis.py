@@ -25,8 +25,7 @@ from pilm.evaluation.metrics import t_interval
 from pilm.prm import ProcessReward, StepBatch
 from pilm.tasks import arithmetic_chain as task
 
-SEARCHES = ("beam", "beam-all", "dvts", "pf")  # as pilm scale runs them (``runner``); beam-all: beam search
-# without search-and-learn's filter_duplicates (the best rows are kept, copies of one chain included)
+SEARCHES = ("beam", "beam-all", "dvts", "pf")  # as pilm scale runs them (``runner``)
 
 
 class Recorder(ProcessReward):
@@ -56,12 +55,7 @@ class Recorder(ProcessReward):
 def run(method: str, problems: list[dict], model, args) -> list[dict]:
     recorder = Recorder()
     targets = [task.target(model, p["question"], chat=args.chat) for p in problems]
-    cfg = ScaleConfig(temperature=args.temperature, seed=args.seed)
-    if method == "beam-all":
-        results = pilm.prm_beam_search(targets, recorder, args.n, width=min(cfg.width, args.n), temperature=cfg.temperature,
-                                       aggregation=cfg.aggregation, seed=cfg.seed, filter_duplicates=False)
-    else:
-        results = runner(method, recorder, cfg)(targets, args.n)
+    results = runner(method, recorder, ScaleConfig(temperature=args.temperature, seed=args.seed))(targets, args.n)
     rows = []
     for p, res in zip(problems, results, strict=True):
         q = p["question"]

@@ -220,8 +220,9 @@ class ScaleConfig(Config):
     model: str | None = arg(None, "policy model: embedded name (smollm2-135m, the default), hub id or folder")
     backend: Literal["hf", "vllm"] = arg("hf", "what runs the policy: transformers, or a vLLM engine (a learned PRM "
                                          "then reads its hidden states with a transformers copy of the model)")
-    methods: tuple[Literal["greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"], ...] = arg(
-        ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"), "methods to run")
+    methods: tuple[Literal["greedy", "sc", "bon", "wbon", "beam", "beam-all", "dvts", "pf", "pf-twisted", "pg"], ...] = arg(
+        ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"),
+        "methods to run (beam-all: beam search without its duplicate filter, an ablation outside the default)")
     n: tuple[int, ...] = arg((1, 4, 16, 64), "budgets N (chains per problem)", low=1)
     prm: Literal["verifier", "judge", "learned"] = arg("verifier", "process reward: exact step verifier, LM judge, "
                                                       "or a learned value head (--prm-path)")

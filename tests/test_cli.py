@@ -210,7 +210,8 @@ def test_bounds_on_sampled_endings_say_so(capsys, table_model):
 
 def test_an_interrupted_train_prm_resumes_its_collection(capsys, monkeypatch, fresh_tiny, tmp_path):
     """Stopped in its rollouts, train-prm keeps the chains and labels so far and says how to
-    resume; the rerun draws only the rest and removes them once the head is saved."""
+    resume; a rerun, even with other head settings and --overwrite, draws only the rest and
+    removes them once the head is saved."""
     from pilm.learning import prm_trainer
 
     monkeypatch.setattr(pilm, "load_model", lambda *a, **k: fresh_tiny)
@@ -228,7 +229,8 @@ def test_an_interrupted_train_prm_resumes_its_collection(capsys, monkeypatch, fr
     assert main(argv) == 130
     assert f"{out / 'collection.safetensors'} is kept; resume with: pilm train-prm" in capsys.readouterr().err
     assert (out / "collection.safetensors").exists()
-    assert main(argv) == 0
+    assert main([*argv, "--steps", "2"]) == 2  # the head's settings are the run's too
+    assert main([*argv, "--steps", "2", "--overwrite"]) == 0  # but the collection does not depend on them: kept
     assert calls[2:] == [True] * (len(calls) - 2) and len(calls) > 2  # no chain batch again
     assert not (out / "collection.safetensors").exists() and (out / "twist.safetensors").exists()
 

@@ -332,6 +332,10 @@ def test_beam_search_keeps_n_chains_in_flight_when_few_are_distinct():
     assert d.parents.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and bool(d.alive.all())
     d = BeamSelection(2, filter_duplicates=False).decide(view([False] * 6 + [True] * 2))  # as above: (2,) not kept
     assert d.parents.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and bool(d.alive.all())
+    # a finished chain takes one slot however many rows hold it: the better chain (1,) finished,
+    # so the kept rows are its best row and both rows of (2,), which share the other 7 rows
+    d = BeamSelection(2, filter_duplicates=False).decide(view([True] * 6 + [False] * 2))
+    assert d.parents.tolist() == [0, 6, 6, 6, 6, 7, 7, 7] and bool(d.alive.all())
 
 
 def test_beam_search_without_duplicate_filter_keeps_the_best_rows(monkeypatch):
@@ -366,46 +370,79 @@ def test_dvts_keeps_independent_subtrees():
         assert len({_first(x) for x in kept}) == 1
 
 
-def test_an_interrupted_value_collection_resumes_to_what_one_run_collects(tmp_path, monkeypatch):
-    """Three targets, chains and rollouts in several batches (max_rows small): a collection
-    stopped by an error in its fourth batch, then rerun with the same file, equals the
-    uninterrupted one, and draws only the batches not saved; another seed is refused."""
-    from pilm.errors import ResumeMismatchError
-    from pilm.learning import prm_trainer
+COLLECTION_SETTINGS = {"chains": 4, "rollouts": 2, "max_rows": 8, "seed": 3, "progress": False}
 
-    class Stop(Exception):
-        pass
 
+def collection_targets():
     phi = FunctionPotential(lambda t: 0.0 if t.count(1) >= 2 else -math.inf, on="tokens", name="two b")
     model = TabularLM.random(3, seed=5)
-    targets = [pilm.Target(model, p, phi, max_new_tokens=4, steps=STEP) for p in ([0], [1], [2, 0])]
-    settings = {"chains": 4, "rollouts": 2, "max_rows": 8, "seed": 3, "progress": False}
-    calls, real, stop_at = [], prm_trainer.sample_chains, [0]
+    return [pilm.Target(model, p, phi, max_new_tokens=4, steps=STEP) for p in ([0], [1], [2, 0])]
+
+
+def counted_batches(monkeypatch, stop_at: int = 0) -> list[str]:
+    """Record each batch ``collect_values`` draws (chains or rollouts); raise in the ``stop_at``-th."""
+    from pilm.learning import prm_trainer
+
+    calls, real = [], prm_trainer.sample_chains
 
     def counting(*a, **k):
         calls.append("rollouts" if a[2] is None else "chains")  # rollouts run without a PRM
-        if len(calls) == stop_at[0]:
-            raise Stop
+        if len(calls) == stop_at:
+            raise InterruptedError
         return real(*a, **k)
 
     monkeypatch.setattr(prm_trainer, "sample_chains", counting)
-    whole = prm_trainer.collect_values(targets, **settings)
-    batches = list(calls)
-    assert batches[:2] == ["chains"] * 2 and batches.count("rollouts") >= 3  # 2 targets a batch; several rollouts
+    return calls
+
+
+def test_a_value_collection_draws_chains_then_rollouts_in_several_batches(monkeypatch):
+    from pilm.learning import prm_trainer
+
+    calls = counted_batches(monkeypatch)
+    prm_trainer.collect_values(collection_targets(), **COLLECTION_SETTINGS)
+    assert calls == ["chains"] * 2 + ["rollouts"] * 3  # 2 targets' 4 chains a batch; 4 step ends' 2 rollouts a batch
+
+
+@pytest.mark.parametrize("stop_at", range(1, 6))  # in either chain batch, or in any rollout batch
+def test_an_interrupted_value_collection_resumes_to_what_one_run_collects(tmp_path, monkeypatch, stop_at):
+    """Three targets, chains and rollouts in several batches (max_rows small): a collection
+    stopped by an error in any batch, then rerun with the same file, equals the uninterrupted
+    one and draws only the batches not saved; other settings are refused, or replaced with
+    overwrite=True."""
+    from pilm.errors import ResumeMismatchError
+    from pilm.learning import prm_trainer
+
+    targets = collection_targets()
+    whole = prm_trainer.collect_values(targets, **COLLECTION_SETTINGS)
+    batches = ["chains"] * 2 + ["rollouts"] * 3  # as the test above checks
     path = tmp_path / "collection.safetensors"
-    calls.clear()
-    stop_at[0] = 4
-    with pytest.raises(Stop):
-        prm_trainer.collect_values(targets, checkpoint=path, **settings)
-    calls.clear()
-    stop_at[0] = 0
-    resumed = prm_trainer.collect_values(targets, checkpoint=path, **settings)
-    assert calls == batches[3:]  # the two chain batches and the first rollout batch were saved
+    calls = counted_batches(monkeypatch, stop_at)
+    with pytest.raises(InterruptedError):
+        prm_trainer.collect_values(targets, checkpoint=path, **COLLECTION_SETTINGS)
+    resumed = prm_trainer.collect_values(targets, checkpoint=path, **COLLECTION_SETTINGS)
+    assert calls[stop_at:] == batches[stop_at - 1:]  # the batches before the one that failed were saved
     assert torch.equal(resumed.hidden, whole.hidden) and torch.equal(resumed.last, whole.last)
     assert resumed.tokens == whole.tokens and resumed.target == whole.target
-    assert torch.equal(resumed.label, whole.label)
+    assert torch.equal(resumed.label, whole.label) and resumed.seconds > 0
+    other = {**COLLECTION_SETTINGS, "seed": 4}
     with pytest.raises(ResumeMismatchError, match="delete it"):
-        prm_trainer.collect_values(targets, checkpoint=path, **{**settings, "seed": 4})
+        prm_trainer.collect_values(targets, checkpoint=path, **other)
+    with pytest.raises(ResumeMismatchError):  # another potential is another collection
+        prm_trainer.collect_values([pilm.Target(t.model, t.prompt_ids, None, max_new_tokens=4, steps=STEP)
+                                    for t in targets], checkpoint=path, **COLLECTION_SETTINGS)
+    before = len(calls)
+    prm_trainer.collect_values(targets, checkpoint=path, overwrite=True, **other)
+    assert calls[before:] == batches  # replaced: drawn afresh
+
+
+def test_an_unreadable_value_collection_is_refused_with_its_path(tmp_path):
+    from pilm.learning import prm_trainer
+
+    path = tmp_path / "collection.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot be read as a train-prm collection.*delete it"):
+        prm_trainer.collect_values(collection_targets(), checkpoint=path, **COLLECTION_SETTINGS)
+    prm_trainer.collect_values(collection_targets(), checkpoint=path, overwrite=True, **COLLECTION_SETTINGS)
 
 
 def test_answer_selection():

@@ -173,11 +173,11 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
     from pilm.commands.scale_report import summarise, table
     from pilm.commands.scaling import run_scale
 
-    cfg = ScaleConfig(methods=("greedy", "sc", "bon", "pf", "pf-twisted", "beam"), n=(1, 2), problems=3)
+    cfg = ScaleConfig(methods=("greedy", "sc", "bon", "pf", "pf-twisted", "beam", "beam-all"), n=(1, 2), problems=3)
     rows = run_scale(cfg, tmp_path, model=tiny, progress=False)
     lines = rows.read_text().splitlines()
     keys = {(r["method"], r["prm"], r["n"], r["problem"]) for r in map(json.loads, lines)}
-    assert len(lines) == len(keys) == 3 * (1 + 5 * 2)  # greedy once; every other method at N = 1, 2
+    assert len(lines) == len(keys) == 3 * (1 + 6 * 2)  # greedy once; every other method at N = 1, 2
     for r in map(json.loads, lines):  # a right answer is some chain's; one chain's is its own (pass@1)
         assert r["any_correct"] >= r["correct"] and (r["n"] > 1 or r["any_correct"] == r["correct"]), r
     run_scale(cfg, tmp_path, model=tiny, progress=False)  # resumes: nothing left to do

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..evaluation.metrics import mcnemar, wilson
 from ..extras import pyplot
 
-METHODS = ("greedy", "sc", "bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg")  # pilm scale's, in table order
+METHODS = ("greedy", "sc", "bon", "wbon", "beam", "beam-all", "dvts", "pf", "pf-twisted", "pg")  # pilm scale's, in table order
 
 
 def read_rows(path: Path) -> list[dict]:

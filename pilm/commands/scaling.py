@@ -18,8 +18,9 @@ sc (self-consistency: N chains, majority vote); bon / wbon (best-of-N: N chains 
 after every step; the argmax chain / the answer of largest total score) -- sc, bon and wbon
 select from one shared run of N independent chains (the process reward does not change
 which chains are drawn), whose seconds all three rows report; beam / dvts (PRM
-beam search and DVTS with width min(M, N); argmax); pf (particle filter, the paper's weights;
-argmax, as the authors' code); pf-twisted (twisted weights; the weighted vote, a
+beam search and DVTS with width min(M, N); argmax); beam-all (beam search without the
+recipe's duplicate filter, ``filter_duplicates=False``: an ablation, not in the default
+grid); pf (particle filter, the paper's weights; argmax, as the authors' code); pf-twisted (twisted weights; the weighted vote, a
 self-normalised estimate of sigma's answer); pg (particle Gibbs with the paper's weights,
 ``iterations`` sweeps of N / iterations particles, so N chains in all; argmax).
 """
@@ -47,10 +48,10 @@ from ..models.device import derived_seed
 from ..tasks import arithmetic_chain, gsm8k
 from .scale_report import METHODS, read_rows
 
-SELECT = dict(zip(METHODS, ("vote", "vote", "argmax", "weighted_vote", "argmax", "argmax", "argmax", "weighted_vote",
-                            "argmax"), strict=True))
+SELECT = dict(zip(METHODS, ("vote", "vote", "argmax", "weighted_vote", "argmax", "argmax", "argmax", "argmax",
+                            "weighted_vote", "argmax"), strict=True))
 TASKS = {"arithmetic-chain": arithmetic_chain, "gsm8k": gsm8k}
-USES_PRM = {"bon", "wbon", "beam", "dvts", "pf", "pf-twisted", "pg"}
+USES_PRM = {"bon", "wbon", "beam", "beam-all", "dvts", "pf", "pf-twisted", "pg"}
 
 
 class _Common(TypedDict):  # what every method is given
@@ -72,6 +73,8 @@ def runner(method: str, prm, cfg: ScaleConfig) -> Callable[[list, int], list[Ste
         "bon": lambda ts, n: inference.best_of_n(ts, prm, n, **scored),
         "wbon": lambda ts, n: inference.best_of_n(ts, prm, n, **scored),
         "beam": lambda ts, n: inference.prm_beam_search(ts, prm, n, width=min(cfg.width, n), **scored),
+        "beam-all": lambda ts, n: inference.prm_beam_search(ts, prm, n, width=min(cfg.width, n), filter_duplicates=False,
+                                                            **scored),
         "dvts": lambda ts, n: inference.dvts(ts, prm, n, width=min(cfg.width, n), **scored),
         "pf": lambda ts, n: inference.particle_filter(ts, prm, n, weights="paper", tau=cfg.tau, on_extinction="return",
                                                       **scored),

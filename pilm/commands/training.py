@@ -136,6 +136,7 @@ def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     from dataclasses import asdict
 
     from .. import load_model, train_prm
+    from ..learning.prm_trainer import discard_collection
     from ..tasks import arithmetic_chain as task
 
     operands = (job.operands[0], job.operands[1])
@@ -144,18 +145,17 @@ def run_train_prm(cfg: PRMTrainingConfig, job: PRMJob) -> int:
     train = [p for p in task.problems(job.problems + len(test), operands, seed=job.problem_seed)
              if p["question"] not in test][: job.problems]
     model = load_model(job.model)
-    collection = Path(job.out, COLLECTION)  # the chains and rollouts so far: a rerun resumes them
-    if job.overwrite:
-        collection.unlink(missing_ok=True)
     claim_out(job, model, {**asdict(cfg), **{k: getattr(job, k) for k in PRMJob.TRAINING}})
     targets = [task.target(model, p["question"], chat=job.chat) for p in train]
+    collection = Path(job.out, COLLECTION)  # the chains and rollouts so far: a rerun resumes them (--overwrite
+    # too, where only the head's settings changed: the collection does not depend on them)
     prm = train_prm(targets, verifier=task.answer_checker(), config=cfg,  # type: ignore[call-arg]  # @takes_config
-                    checkpoint=collection)
+                    checkpoint=collection, overwrite=job.overwrite)
     folder = prm.model.save_pretrained(job.out)
-    collection.unlink()  # the head is saved: what it was fitted to is not kept
     report = {**prm.extras, "problems": len(train), "steps": cfg.steps, "final_loss": prm.history[-1]["loss"],
               "task": job.task, "operands": list(operands), "chat": job.chat, "questions": [p["question"] for p in train]}
     (folder / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    discard_collection(collection)  # the head and its report are saved: what it was fitted to is not kept
     print(f"learned a {cfg.head} value head from {report['step_ends']} step ends (mean label "
           f"{report['mean_label']:.3f}; rollouts {report['data_seconds']:.0f} s, fit {report['fit_seconds']:.0f} s)")
     print(f"wrote {folder} ({size_of(folder)}); use: pilm scale --prm learned --prm-path {folder}")

@@ -111,15 +111,16 @@ class _WidthRule(Rule):
 
 
 class BeamSelection(_WidthRule):
-    """PRM beam search over steps (search-and-learn's ``beam_search``): keep the
-    ceil(N / ``width``) rows with the highest aggregated score (finished ones compete too),
-    keep finished ones once, and share the other rows among the unfinished ones as evenly as
-    they divide (``width`` copies each when ceil(N / ``width``) unfinished ones are kept and
-    ``width`` divides N, more when fewer are left), as the reference extends its active beams
-    to N every iteration, so that each copy draws its own next step: N chains in flight while
-    any is unfinished. With ``filter_duplicates`` (the reference recipe's setting, and the
-    default) the kept rows are distinct chains, each ranked by its best row; without it, copies
-    of one chain may fill every kept slot, so a chain that outscores all others gets all N rows."""
+    """PRM beam search over steps (after search-and-learn's ``beam_search``): keep the
+    ceil(N / ``width``) best rows by aggregated score, a finished chain once, and share the
+    other rows among the unfinished kept ones as evenly as they divide (``width`` copies each
+    when ceil(N / ``width``) unfinished ones are kept and ``width`` divides N, more when fewer
+    are left), as the reference extends its active beams to N every iteration, so that each
+    copy draws its own next step: N chains in flight while any is unfinished. With
+    ``filter_duplicates`` (the reference recipe's setting, and the default) an unfinished chain
+    is kept once too, ranked by its best row; without it, copies of one unfinished chain may
+    fill every kept slot, so a chain that outscores all others gets all N rows. Unlike the
+    reference, which sets finished chains aside, finished chains compete for the kept slots."""
 
     name = "beam"
 
@@ -129,13 +130,13 @@ class BeamSelection(_WidthRule):
 
     def decide(self, b: View) -> Decision:
         n = len(b.scores)
-        ranked = sorted(b.alive.nonzero().squeeze(1).tolist(), key=lambda k: -_score(b.scores, k))
-        if self.filter_duplicates:
-            first: dict[tuple[int, ...], int] = {}  # the best-ranked row of each distinct chain
-            chains = b.chains
-            for k in ranked:
-                first.setdefault(chains[k], k)
-            ranked = list(first.values())
+        ranked, seen, chains = [], set(), b.chains
+        for k in sorted(b.alive.nonzero().squeeze(1).tolist(), key=lambda k: -_score(b.scores, k)):
+            if self.filter_duplicates or b.finished[k]:  # this chain's best-ranked row only
+                if chains[k] in seen:
+                    continue
+                seen.add(chains[k])
+            ranked.append(k)
         kept = ranked[: -(-n // self.width)]
         going = [k for k in kept if not b.finished[k]]
         each, extra = divmod(n - (len(kept) - len(going)), max(1, len(going)))
@@ -175,13 +176,13 @@ def _score(scores, k: int) -> float:
     return -math.inf if math.isnan(value) else value
 
 
-def _search(target, prm, n, rule, *, temperature, aggregation, step, seed, method, progress):
+def _search(target, prm, n, rule, *, temperature, aggregation, step, seed, method, progress, settings=None):
     targets, single = step_targets(target, step)
     if not isinstance(n, int) or n < rule.width:
         raise ValueError(f"{method} needs n >= its width ({rule.width}), got {n!r}")
     out = run_steps(targets, n, as_prm(prm), rule, seeded_generators(seed, len(targets), targets[0].model.device),
                     temperature=temperature, aggregation=aggregation, method=method, progress=progress,
-                    info={"seed": seed, **vars(rule)})  # its settings: width (and filter_duplicates)
+                    info={"seed": seed, "width": rule.width, **(settings or {})})
     return out[0] if single else out
 
 
@@ -194,7 +195,8 @@ def prm_beam_search(target: Target | Sequence[Target], prm: ProcessReward | Twis
     at every boundary (search-and-learn's recipe); False keeps the best rows, copies included.
     Answer with ``.answer("argmax")`` or a vote."""
     return _search(target, prm, n, BeamSelection(width, filter_duplicates), temperature=temperature,
-                   aggregation=aggregation, step=step, seed=seed, method="beam", progress=progress)
+                   aggregation=aggregation, step=step, seed=seed, method="beam", progress=progress,
+                   settings={"filter_duplicates": filter_duplicates})
 
 
 def dvts(target: Target | Sequence[Target], prm: ProcessReward | TwistFunction, n: int, *, width: int = 4,

@@ -15,7 +15,6 @@ PRM (``pilm.prm.TwistPRM``) and ``pilm.smc`` uses it as a twist.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -48,13 +47,15 @@ Verifier = Callable[[str, "str | None"], bool]
 class ValueData:
     """Step ends of sampled chains: ``hidden`` (rows, H) from which each step's last token was
     drawn, that token ``last``, the completion so far ``tokens``, its target ``target`` index and
-    the Monte Carlo ``label`` (fraction of rollouts from there that were right)."""
+    the Monte Carlo ``label`` (fraction of rollouts from there that were right); ``seconds``
+    the collection took (over every call that resumed it)."""
 
     hidden: Tensor
     last: Tensor
     tokens: list[tuple[int, ...]]
     target: list[int]
     label: Tensor
+    seconds: float = 0.0
 
 
 class _Recorder(ProcessReward):
@@ -76,9 +77,9 @@ class _Recorder(ProcessReward):
 @dataclass
 class _Collection:
     """What ``collect_values`` has gathered so far: the step ends of the first ``chains_done``
-    targets and, once every chain is drawn, the labels of the first ``rollouts_done`` step
-    ends that need rollouts. Saved in one safetensors file (the ragged token lists in its
-    metadata), written aside and renamed into place."""
+    targets, then the labels of the first ``rollouts_done`` step ends that need rollouts, and
+    the ``seconds`` spent, over every call that added to it. Saved as one safetensors file
+    (the ragged token lists flattened, with their lengths), written aside and renamed into place."""
 
     hidden: list[Tensor] = field(default_factory=list)
     last: list[Tensor] = field(default_factory=list)
@@ -88,49 +89,87 @@ class _Collection:
     chains_done: int = 0
     labels: Tensor | None = None
     rollouts_done: int = 0
-
-    LISTS = ("tokens", "owner", "done_steps", "chains_done", "rollouts_done")
+    seconds: float = 0.0
 
     def save(self, path: Path, key: str) -> None:
-        tensors = {"hidden": torch.cat(self.hidden), "last": torch.cat(self.last)}
+        long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        tensors = {"hidden": torch.cat(self.hidden), "last": torch.cat(self.last), "owner": long(self.owner),
+                   "tokens": long([v for t in self.tokens for v in t]), "lengths": long([len(t) for t in self.tokens]),
+                   "done_steps": long(self.done_steps)}
         if self.labels is not None:
             tensors["labels"] = self.labels
-        meta = {"key": key, "lists": json.dumps({k: getattr(self, k) for k in self.LISTS})}
+        meta = {"key": key, "chains_done": str(self.chains_done), "rollouts_done": str(self.rollouts_done),
+                "seconds": repr(self.seconds)}
         tmp = path.with_name(f".{path.name}.part")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path, key: str) -> _Collection:
-        """The collection saved at ``path`` (a fresh one if there is none), refused when it was
-        gathered for other targets or settings (``key``)."""
+    def load(cls, path: Path, key: str, overwrite: bool = False) -> _Collection:
+        """The collection saved at ``path`` (a fresh one if there is none); one gathered for
+        other targets or settings (``key``), or unreadable, is refused, or with ``overwrite``
+        replaced by a fresh one."""
         if not path.exists():
             return cls()
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("key") != key:
-            raise ResumeMismatchError(path, {"targets and collection settings (a digest)": (meta.get("key"), key)},
-                                      remedy="delete it, or pass another checkpoint")
-        lists = json.loads(meta["lists"])
-        lists["tokens"] = [tuple(t) for t in lists["tokens"]]
-        return cls([tensors["hidden"]], [tensors["last"]], labels=tensors.get("labels"), **lists)
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            saved = meta.get("key")
+        except SafetensorError as err:
+            if overwrite:
+                return cls()
+            raise ValueError(f"{path} cannot be read as a train-prm collection ({err}): delete it") from None
+        if saved != key:
+            if overwrite:
+                return cls()
+            raise ResumeMismatchError(path, {"key": (saved, key)}, remedy="delete it, or pass another checkpoint")
+        tokens = tensors["tokens"].split(tensors["lengths"].tolist())
+        return cls([tensors["hidden"]], [tensors["last"]], [tuple(t.tolist()) for t in tokens],
+                   tensors["owner"].tolist(), tensors["done_steps"].tolist(), int(meta["chains_done"]),
+                   tensors.get("labels"), int(meta["rollouts_done"]), float(meta["seconds"]))
+
+
+def discard_collection(checkpoint: str | Path) -> None:
+    """Remove a saved collection and any copy of it left half written."""
+    path = Path(checkpoint)
+    for done in (path, path.with_name(f".{path.name}.part")):
+        done.unlink(missing_ok=True)
+
+
+def collection_key(targets: Sequence[Target], verifier: Verifier | None, **settings) -> str:
+    """What a saved collection must match to be resumed: the model and its dtype, each target
+    (prompt, potential, token budget, steps), the verifier's code and the settings."""
+    model = targets[0].model
+    return code_digest(model.name, getattr(model, "dtype_name", ""), verifier, sorted(settings.items()),
+                       [(t.prompt_ids, t.potential, t.max_new_tokens, repr(t.steps)) for t in targets])
 
 
 def collect_values(targets: Sequence[Target], *, verifier: Verifier | None = None, chains: int = 1, rollouts: int = 8,
                    temperature: float = 1.0, seed: int = 0, max_rows: int = 512, progress: bool = True,
-                   checkpoint: str | Path | None = None) -> ValueData:
+                   checkpoint: str | Path | None = None, overwrite: bool = False) -> ValueData:
     """Sample ``chains`` chains per target; label each step end by ``rollouts`` rollouts
     (module docstring). A chain that is finished at a step end is labelled by itself. A chain
     is right when ``verifier(question, answer)`` holds, or, without a verifier, it counts
     phi = exp(log phi) of the target's potential (a label in [0, 1]). With ``checkpoint`` (a
     file) the collection is saved after every batch of chains and of rollouts, and a call
-    with the same file, targets and settings resumes after the last batch saved: each batch
-    is seeded by its position, so the result is the one an uninterrupted call returns."""
+    with the same file, model, targets, verifier and settings resumes after the last batch
+    saved: each batch is seeded by its position, so the result is the one an uninterrupted
+    call returns. A file of anything else is refused (``ResumeMismatchError``), or with
+    ``overwrite`` replaced."""
     targets = list(targets)
+    started = time.perf_counter()
     path = Path(checkpoint) if checkpoint is not None else None
-    key = code_digest([t.prompt_ids for t in targets], chains, rollouts, temperature, seed, max_rows)
-    got = _Collection.load(path, key) if path is not None else _Collection()
+    key = collection_key(targets, verifier, chains=chains, rollouts=rollouts, temperature=temperature, seed=seed,
+                         max_rows=max_rows)
+    got = _Collection.load(path, key, overwrite) if path is not None else _Collection()
+    spent = got.seconds
+
+    def save() -> None:
+        if path is not None:
+            got.seconds = spent + time.perf_counter() - started
+            got.save(path, key)
+
     index = {t.prompt_ids: i for i, t in enumerate(targets)}
     per = max(1, max_rows // chains)
     for lo in tqdm(range(got.chains_done, len(targets), per), desc="train-prm chains", disable=not progress,
@@ -145,15 +184,16 @@ def collect_values(targets: Sequence[Target], *, verifier: Verifier | None = Non
             got.owner += [index[p] for p in prompts]
             got.done_steps += counts
         got.chains_done = min(lo + per, len(targets))
-        if path is not None:
-            got.save(path, key)
-    _label(got, targets, verifier, rollouts, temperature, seed, max_rows, progress, path, key)
-    return ValueData(torch.cat(got.hidden), torch.cat(got.last), got.tokens, got.owner, cast(Tensor, got.labels))
+        save()
+    _label(got, targets, verifier, rollouts=rollouts, temperature=temperature, seed=seed, max_rows=max_rows,
+           progress=progress, save=save)
+    return ValueData(torch.cat(got.hidden), torch.cat(got.last), got.tokens, got.owner, cast(Tensor, got.labels),
+                     spent + time.perf_counter() - started)
 
 
-def _label(got: _Collection, targets, verifier, rollouts, temperature, seed, max_rows, progress, path, key) -> None:
+def _label(got: _Collection, targets, verifier, *, rollouts, temperature, seed, max_rows, progress, save) -> None:
     """Fill ``got.labels``: a finished chain by itself, the others by rollouts, in batches
-    after the first ``got.rollouts_done`` (each saved to ``path`` when there is one)."""
+    after the first ``got.rollouts_done``, calling ``save`` after each."""
     out = torch.zeros(len(got.tokens), dtype=torch.float64) if got.labels is None else got.labels
     todo = []
     for k, (toks, g, taken) in enumerate(zip(got.tokens, got.owner, got.done_steps, strict=True)):
@@ -178,8 +218,7 @@ def _label(got: _Collection, targets, verifier, rollouts, temperature, seed, max
             full = [got.tokens[k] + tuple(r) for r in res.tokens]
             out[k] = sum(_right(targets[g], f, verifier) for f in full) / rollouts
         got.rollouts_done = min(lo + per, len(todo))
-        if path is not None:
-            got.save(path, key)
+        save()
 
 
 def _right(target: Target, toks, verifier: Verifier | None) -> float:
@@ -232,6 +271,7 @@ def train_prm(
     twist: TwistFunction | None = None,
     seed: int = C.seed,
     checkpoint: str | Path | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> Trained:
     """A learned PRM for the policy at ``temperature`` on ``targets`` (module docstring):
@@ -240,8 +280,9 @@ def train_prm(
     ``twist``. ``verifier(question, answer) -> bool`` says whether a final answer is right
     (e.g. ``pilm.tasks.arithmetic_chain.answer_checker()``); without one, a chain counts
     phi of its target's potential. ``checkpoint``: a file that keeps the collection as it
-    grows, so an interrupted call resumes it (``collect_values``). Returns a ``Trained``: the twist as ``.model``, the
-    updates as ``.history``, and the collection (step ends, mean label, seconds) as ``.extras``.
+    grows, so an interrupted call resumes it (``collect_values``; ``overwrite`` replaces one of
+    other targets or settings). Returns a ``Trained``: the twist as ``.model``, the updates as
+    ``.history``, and the collection (step ends, mean label, seconds) as ``.extras``.
 
     ``config=`` a ``PRMTrainingConfig`` gives every setting at once; an argument also given overrides it.
     """
@@ -251,15 +292,13 @@ def train_prm(
     for name, value in (("rollouts", rollouts), ("chains", chains), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    started = time.perf_counter()
     data = collect_values(targets, verifier=verifier, chains=chains, rollouts=rollouts, temperature=temperature,
-                          seed=seed, progress=progress, checkpoint=checkpoint)
-    collected = time.perf_counter() - started
+                          seed=seed, progress=progress, checkpoint=checkpoint, overwrite=overwrite)
     if twist is None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             twist = Twist.for_model(targets[0].model, kind=head, layers=layers, output="log_sigmoid")
     history = fit_value(twist, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     return Trained(twist, history, {"step_ends": len(data.label), "mean_label": float(data.label.mean()),
-                                    "data_seconds": collected, "fit_seconds": sum(h["seconds"] for h in history),
+                                    "data_seconds": data.seconds, "fit_seconds": sum(h["seconds"] for h in history),
                                     "rollouts": rollouts, "chains": chains, "temperature": temperature})
