@@ -116,16 +116,18 @@ install-qwen: $(STAMP)
 # template, then every method at N = 1, 4, 16 on 100 such chains with the exact verifier, under the chat
 # template (resumable: rerun to continue; several CPU-hours). --max-rows 64 runs N = 4 in blocks of 16
 # problems and N = 16 in blocks of 4, so an interrupted session keeps its finished blocks (the N = 1 rows
-# ran in one block of 100, before this flag was set). Last, where beam search (with and without its duplicate
-# filter), DVTS and the particle filter spend their N = 16 rows at each step of 8 of those problems
-# (experiments/search_diagnosis.py). Then (not run yet) a learned PRM on this model's hidden states (Monte Carlo labels on 80 other problems), the model
-# as its own judge, and GSM8K's greedy and pass@N baseline.
+# ran in one block of 100, before this flag was set). Then where beam search (with and without its
+# duplicate filter), DVTS and the particle filter spend their N = 16 rows at each step of 8 of those
+# problems (experiments/search_diagnosis.py), and beam search without the filter at N = 16 on all 100.
+# Then a learned PRM on this model's hidden states (Monte Carlo labels on 80 other problems) and every
+# method with it, the model as its own judge, and GSM8K's greedy and pass@N baseline.
 experiment-scale-qwen: install-qwen
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy,sc --n 1,4 --problems 100 --out docs/scale_qwen/verifier
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy --n 1 --problems 40 --operands 8,12 --out docs/scale_qwen/greedy_8_12
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm verifier --methods greedy --n 1 --problems 40 --operands 8,12 --out docs/scale_qwen/greedy_8_12_chat
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm verifier --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 	$(PY) experiments/search_diagnosis.py --model qwen2.5-coder-1.5b --chat --operands 8 12 --problems 8 --out docs/scale_qwen/search_diagnosis/boundaries.jsonl
+	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm verifier --methods beam-all --n 16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 	test -f docs/scale_qwen/learned_prm/twist.safetensors || .venv/bin/pilm train-prm --model qwen2.5-coder-1.5b --chat --operands 8,12 --problems 80 --rollouts 4 --temperature 0.8 --out docs/scale_qwen/learned_prm
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm learned --prm-path docs/scale_qwen/learned_prm --methods bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm judge --methods bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
