@@ -119,8 +119,9 @@ install-qwen: $(STAMP)
 # ran in one block of 100, before this flag was set). Then where beam search (with and without its
 # duplicate filter), DVTS and the particle filter spend their N = 16 rows at each step of 8 of those
 # problems (experiments/search_diagnosis.py), and beam search without the filter at N = 16 on all 100.
-# Then a learned PRM on this model's hidden states (Monte Carlo labels on 80 other problems) and every
-# method with it, the model as its own judge, and GSM8K's greedy and pass@N baseline.
+# Then a learned PRM on this model's hidden states (Monte Carlo labels on 80 other problems), how well
+# it ranks the steps of 20 test problems against the verifier (experiments/prm_quality.py), every method
+# with it, the model as its own judge, and GSM8K's greedy and pass@N baseline.
 experiment-scale-qwen: install-qwen
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy,sc --n 1,4 --problems 100 --out docs/scale_qwen/verifier
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy --n 1 --problems 40 --operands 8,12 --out docs/scale_qwen/greedy_8_12
@@ -129,6 +130,7 @@ experiment-scale-qwen: install-qwen
 	$(PY) experiments/search_diagnosis.py --model qwen2.5-coder-1.5b --chat --operands 8 12 --problems 8 --out docs/scale_qwen/search_diagnosis/boundaries.jsonl
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm verifier --methods beam-all --n 16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 	test -f docs/scale_qwen/learned_prm/twist.safetensors || .venv/bin/pilm train-prm --model qwen2.5-coder-1.5b --chat --operands 8,12 --problems 80 --rollouts 4 --temperature 0.8 --out docs/scale_qwen/learned_prm
+	$(PY) experiments/prm_quality.py --model qwen2.5-coder-1.5b --chat --operands 8 12 --prm-path docs/scale_qwen/learned_prm --problems 20 --out docs/scale_qwen/prm_quality/steps.jsonl
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm learned --prm-path docs/scale_qwen/learned_prm --methods bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm judge --methods bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --task gsm8k --chat --prm judge --methods greedy,sc --n 1,4,16 --problems 100 --max-rows 64 --out docs/scale_qwen/gsm8k_chat

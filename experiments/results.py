@@ -26,6 +26,7 @@ import latent
 import mask_engines
 import masked
 import payoff
+import prm_quality
 import red_team
 import residual_twist
 import scale_report
@@ -78,6 +79,7 @@ KINDS: dict[str, Callable[[Path], dict[str, str]]] = {
     "masked": lambda f: {"results.md": masked.table(rows(f))},
     "masks": lambda f: {"results.md": mask_engines.table(json.loads((f / "engines.json").read_text()))},
     "payoff": lambda f: {"results.md": payoff.table(rows(f))},
+    "prm_quality": lambda f: {"quality.md": prm_quality.report(rows(f, "steps.jsonl"))},
     "red_team": lambda f: {"results.md": red_team.table(rows(f))},
     "scale": scale,
     "scale_runs": scale_runs,
