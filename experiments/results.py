@@ -99,7 +99,8 @@ FOLDERS = {"bench": "bench", "bounds": "bounds", "finetune": "finetune", "latent
            "payoff/residual_toxicity_control": "residual", "payoff/residual_toxicity_smc": "residual",
            "payoff/residual_toxicity_hour": "residual",
            "red_team": "red_team", "scale": "scale", "scale_qwen": "scale_runs",
-           "scale_qwen/search_diagnosis": "search", "twists": "twists", "twists_tied": "twists"}
+           "scale_qwen/search_diagnosis": "search", "scale_qwen/prm_quality": "prm_quality", "twists": "twists",
+           "twists_tied": "twists"}
 """Every folder of docs/ with tables, and its kind."""
 
 
