@@ -262,6 +262,21 @@ def test_the_learned_prm_reaches_the_exact_value_on_a_tabular_task():
             assert abs(fitted - (1.0 if x.count(1) >= 2 else 0.0)) < 0.1
 
 
+def beam_decisions(monkeypatch) -> list:
+    """Every (view, decision) of ``BeamSelection`` from now on, in order."""
+    from pilm.inference.search import BeamSelection
+
+    decisions, decide = [], BeamSelection.decide
+
+    def spy(self, b):
+        d = decide(self, b)
+        decisions.append((b, d))
+        return d
+
+    monkeypatch.setattr(BeamSelection, "decide", spy)
+    return decisions
+
+
 def test_a_wide_prm_beam_search_finds_the_best_chain(monkeypatch):
     """One-token steps, 3 tokens, 2 steps: with 96 chains and width 32 the 3 distinct
     prefixes are all kept (beam search keeps distinct chains) and each of their 32 copies
@@ -271,17 +286,7 @@ def test_a_wide_prm_beam_search_finds_the_best_chain(monkeypatch):
     prompts): at every boundary of each, the selection keeps the ceil(96 / 32) = 3 best
     distinct chains, copies each unfinished one 32 times and a finished one once, so never
     more than N chains are alive; at the end exactly the 3 best of the 9 chains remain."""
-    from pilm.inference.search import BeamSelection
-
-    decisions = []
-    decide = BeamSelection.decide
-
-    def spy(self, b):
-        d = decide(self, b)
-        decisions.append((b, d))
-        return d
-
-    monkeypatch.setattr(BeamSelection, "decide", spy)
+    decisions = beam_decisions(monkeypatch)
     one = Steps(delimiter=2, max_steps=2, max_step_tokens=1)
     model = TabularLM.random(3, seed=5, concentration=1000)  # near-uniform (seed=5 alone gave one token 0.027)
     assert min(float(model.start(p + x, 1).logprobs.exp().min()) for p in ([0], [1, 2])
@@ -341,18 +346,8 @@ def test_beam_search_keeps_n_chains_in_flight_when_few_are_distinct():
 def test_beam_search_without_duplicate_filter_keeps_the_best_rows(monkeypatch):
     """filter_duplicates=False on a real search: the result's info says so, and at every
     boundary the parents are exactly the ceil(N / width) best-scored alive rows (copies of one
-    chain included), whatever their chains."""
-    from pilm.inference.search import BeamSelection
-
-    decisions = []
-    decide = BeamSelection.decide
-
-    def spy(self, b):
-        d = decide(self, b)
-        decisions.append((b, d))
-        return d
-
-    monkeypatch.setattr(BeamSelection, "decide", spy)
+    unfinished chain included), whatever their chains."""
+    decisions = beam_decisions(monkeypatch)
     res = pilm.prm_beam_search(toy(), PRM, 8, width=2, seed=0, filter_duplicates=False)
     assert decisions
     for b, d in decisions:
