@@ -6,10 +6,12 @@ the verifier's verdict on the prefix and with whether the chain's final answer i
 The learned PRM estimates V = P(right answer | prefix) under the policy (pilm.train_prm), so a
 wrong prefix should score near 0 and a right one by how often the policy finishes it right. The
 table gives, per label, the step ends and their mean score, and the AUC (the probability that a
-random right step end outscores a random wrong one, ties counting half) with a 95% percentile
-bootstrap interval over problems (step ends of one problem are not independent). Writes one row
-per step end to ``--out`` (resumable: problems already there are skipped) and ``quality.md``
-beside it.
+random right step end outscores a random wrong one, pooled over problems, ties counting half)
+with a 95% percentile bootstrap interval over problems (step ends of one problem are not
+independent; a resample holding one label only is dropped). A row is a step end of one chain:
+a prefix that several chains of a problem share is counted once per chain. Writes the rows to
+``--out`` (resumable: problems already there are skipped; rerun with the same ``--block``) and
+``quality.md`` beside it.
 
     python experiments/prm_quality.py --model qwen2.5-coder-1.5b --chat --operands 8 12 \
         --prm-path docs/scale_qwen/learned_prm --problems 20 --out docs/scale_qwen/prm_quality/steps.jsonl
@@ -65,8 +67,8 @@ def table(rows: list[dict], label: str, seed: int = 0, draws: int = 2000) -> str
 
     right, wrong = split(by)
     rng, keys = random.Random(seed), list(by)
-    boot = sorted(auc(*split(rng.choices(keys, k=len(keys)))) for _ in range(draws))
-    boot = [b for b in boot if b == b]  # a resample with one class only has no AUC
+    boot = sorted(b for b in (auc(*split(rng.choices(keys, k=len(keys)))) for _ in range(draws))
+                  if b == b)  # a resample with one class only has no AUC: dropped (conditions on both)
     low, high = (boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]) if boot else (float("nan"),) * 2
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return (f"| {label.replace('_', ' ')} | {len(by)} | {len(right)} | {mean(right):.3f} | {len(wrong)} | "
@@ -103,7 +105,7 @@ def main() -> None:
         scored = Scored(learned)
         targets = [task.target(model, p["question"], chat=args.chat) for p in block]
         results = pilm.best_of_n(targets, scored, args.n, temperature=args.temperature,
-                                 seed=args.seed + block[0]["index"])  # the same draws when resumed
+                                 seed=args.seed + block[0]["index"])  # the same draws when resumed by block
         rows = []
         for p, res in zip(block, results, strict=True):  # each chain's step ends, with its own outcome
             for k, chain in enumerate(res.tokens):
@@ -111,7 +113,9 @@ def main() -> None:
                 for (q, toks), (t, score, right) in scored.seen.items():
                     if q == p["question"] and chain[: len(toks)] == toks:
                         rows.append({"problem": p["index"], "chain": k, "step": t, "score": score,
-                                     "prefix_right": right, "final_right": res.answers[k] == p["answer"]})
+                                     "prefix_right": right, "final_right": res.answers[k] == p["answer"],
+                                     "n": args.n, "seed": args.seed, "temperature": args.temperature,
+                                     "prm_path": args.prm_path})
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"problems {[p['index'] for p in block]} done", flush=True)
