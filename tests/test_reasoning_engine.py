@@ -198,6 +198,19 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
     assert "| pf | verifier | 2 |" in table(summary)
 
 
+def test_scale_runs_every_method_on_a_block_before_the_next(tiny, tmp_path, capsys):
+    """A run stopped anywhere leaves the methods on the same problems, the pairs McNemar's test
+    compares: the cells go block by block, each block through every method (greedy at the first N)."""
+    from pilm.commands.scaling import run_scale
+
+    cfg = ScaleConfig(methods=("greedy", "sc", "pf"), n=(1, 2), problems=3, max_rows=2)
+    run_scale(cfg, tmp_path, model=tiny)
+    cells = [line.split(" ...")[0].removeprefix("scale: ") for line in capsys.readouterr().out.splitlines()]
+    assert cells == [f"{m} N={n} prm=verifier: problems {lo}..{hi}"
+                     for n, blocks in ((1, ((0, 1), (2, 2))), (2, ((0, 0), (1, 1), (2, 2))))
+                     for lo, hi in blocks for m in ("greedy", "sc", "pf") if m != "greedy" or n == 1]
+
+
 def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
     """McNemar's exact test: 11 problems only one method gets right against 1 only the other
     does is p = 2 * 13 / 2**12 (the binomial tail written out); self-consistency (no PRM) and

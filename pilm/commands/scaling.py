@@ -160,15 +160,16 @@ def run_scale(cfg: ScaleConfig, out: str | Path, *, prm_path: str | None = None,
     for n in cfg.n:
         per = max(1, cfg.max_rows // n)
         blocks = [list(range(lo, min(lo + per, len(problems)))) for lo in range(0, len(problems), per)]
-        for group in _groups(cfg.methods):
-            if group == ("greedy",) and n != cfg.n[0]:
-                continue
-            names = {m: cfg.prm if m in USES_PRM else "none" for m in group}
-            paths = {m: prm_path if names[m] == "learned" else None for m in group}
-            scored = group[0] in SHARED and group != ("sc",)  # bon or wbon among them: the chains are scored
-            for b in range(state.process_index, len(blocks), state.num_processes):
+        groups = [g for g in _groups(cfg.methods) if g != ("greedy",) or n == cfg.n[0]]
+        # Every method on a block before the next block: a run stopped anywhere leaves the methods
+        # on the same problems, which is what the paired tests compare.
+        for b in range(state.process_index, len(blocks), state.num_processes):
+            for group in groups:
+                names = {m: cfg.prm if m in USES_PRM else "none" for m in group}
+                paths = {m: prm_path if names[m] == "learned" else None for m in group}
                 if all((m, names[m], paths[m], n, i) in done for i in blocks[b] for m in group):
                     continue
+                scored = group[0] in SHARED and group != ("sc",)  # bon or wbon among them: the chains are scored
                 chunk = [(i, problems[i]) for i in blocks[b]]  # the whole block: the same batch as ever
                 run = runner("bon" if scored else group[0], prm, replace(cfg, seed=derived_seed(cfg.seed, b)))
                 started = time.perf_counter()
