@@ -167,3 +167,25 @@ def test_max_rows_counts_a_shared_prompt_once(pair, monkeypatch):
     assert eager.max_rows(577, prompt=512, per_prompt=64) == eager.max_rows(577) == 2**29 // (577 * per_position + rest)
     assert shared.max_rows(577, prompt=512, per_prompt=64) == int(2**29 // ((512 / 64 + 128) * per_position + rest))
     assert shared.max_rows(577, prompt=512, per_prompt=64) > eager.max_rows(577)
+
+
+def test_held_rows_are_left_out_of_the_forward_and_resume_exactly(tiny):
+    """A step's forward runs the rows that append only (its cost follows them); a step where
+    every row waits runs none; each row's log-probs stay its own full forward's."""
+    prompt = tiny.encode("The movie was")
+    state = tiny.start(prompt, 4)
+    seqs = [list(prompt) for _ in range(4)]
+    ran: list[int] = []
+    hook = tiny.hf.get_input_embeddings().register_forward_hook(lambda _, args, out: ran.append(args[0].shape[0]))
+    try:
+        for tokens, hold in (([5, 6, 7, 8], [False, True, False, True]), ([9, 10, 11, 12], [True] * 4),
+                             ([13, 14, 15, 16], [True, False, False, False]), ([17, 18, 19, 20], None)):
+            state = tiny.advance(state, torch.tensor(tokens), None if hold is None else torch.tensor(hold))
+            for seq, t, h in zip(seqs, tokens, hold or [False] * 4, strict=True):
+                if not h:
+                    seq.append(t)
+    finally:
+        hook.remove()
+    assert ran == [2, 3, 4]
+    for i, seq in enumerate(seqs):
+        assert torch.allclose(state.logprobs[i], full_logprobs(tiny, seq), atol=1e-5), i

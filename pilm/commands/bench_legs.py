@@ -106,7 +106,8 @@ def particle_filter_vs_generate(model, n_problems: int = 16, n_particles: int = 
     to that length. ``pf_over_generate`` compares time per drawn token (as the SMC legs do);
     ``pf_wall_over_generate`` the wall time of the two legs (generate draws every row to the
     longest chain's length, the filter stops each chain at its answer); ``pf_held_row_share``
-    is the share of the filter's forward rows spent on rows waiting at a step boundary. Alternating rounds,
+    is the share of the rows handed to the model's steps that wait at a step boundary (the
+    shared-prompt cache leaves them out of the forward). Alternating rounds,
     the fastest of each kept."""
     from .. import particle_filter
     from ..tasks import arithmetic_chain

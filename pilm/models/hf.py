@@ -147,7 +147,8 @@ class HFModel(LanguageModel):
 
     def advance(self, state: ModelState, tokens: Tensor, hold: Tensor | None = None) -> ModelState:
         """Held rows get a masked-out position (a hole their attention and positions skip)
-        and keep their previous next-token state."""
+        and keep their previous next-token state; a cache that can (``SharedPrefix``) leaves
+        them out of the forward."""
         rows: RowCache = state.cache
         if hold is not None and not bool(hold.any()):
             hold = None
@@ -155,14 +156,23 @@ class HFModel(LanguageModel):
             hold = hold.to(self.device)
             tokens = torch.where(hold.to(tokens.device), 0, tokens)
         extra = rows.step(hold)
+        ran = extra.pop("rows", None)  # the rows the forward runs (None: every row)
+        if ran is not None:
+            tokens = tokens.to(ran.device)[ran]
         if hold is None:
             state.release()  # before the forward, which makes the next ones
+        elif not len(tokens):  # every row waits
+            return ModelState(state.logprobs, state.hidden, rows, state.length + 1)
         with rows.attending():
             logprobs, hidden = self._forward(tokens.view(-1, 1), **extra)
         if hold is not None:
-            keep = hold.view(-1, 1)
-            logprobs = torch.where(keep, state.logprobs, logprobs)
-            hidden = torch.where(keep, state.hidden, hidden)
+            if ran is None:
+                keep = hold.view(-1, 1)
+                logprobs = torch.where(keep, state.logprobs, logprobs)
+                hidden = torch.where(keep, state.hidden, hidden)
+            else:
+                logprobs = state.logprobs.index_copy(0, ran, logprobs)
+                hidden = state.hidden.index_copy(0, ran, hidden)
             state.release()
         return ModelState(logprobs, hidden, rows, state.length + 1)
 

@@ -51,7 +51,9 @@ class RowCache(Protocol):
 
     def step(self, hold: Tensor | None) -> dict[str, Any]:
         """Reserve the next position of every row (``hold``: rows that append nothing) and
-        return the forward's keyword arguments (cache, position ids, attention mask)."""
+        return the forward's keyword arguments (cache, position ids, attention mask), and
+        ``rows``: the rows the forward runs, where a cache leaves the held ones out (the
+        forward's inputs and outputs are then those rows' alone)."""
 
     def reorder(self, idx: Tensor) -> None:
         """Keep rows ``idx`` (duplicates allowed, fewer allowed), in place."""
@@ -142,7 +144,12 @@ class DynamicRows:
 class SharedPrefix:
     """Prompts' keys and values once (``prefix``: per layer (prompts, kv heads, P, head dim),
     ``prefix_mask`` (prompts, P) with False at left padding, or None) and each row's own
-    positions; row i continues prompt ``group[i]`` (kept on the host: it sizes the layout)."""
+    positions; row i continues prompt ``group[i]`` (kept on the host: it sizes the layout).
+
+    A step with held rows runs only the others through the model (``step`` returns them as
+    ``rows``): a held row's column stays zeros, masked out, and its attention is not asked
+    for, so the forward's cost follows the rows that append (in a step-level filter, rows
+    wait at their boundary for a large share of the steps)."""
 
     def __init__(self, prefix: list[tuple[Tensor, Tensor]], prefix_mask: Tensor | None, group: Tensor,
                  positions: Tensor):
@@ -157,6 +164,7 @@ class SharedPrefix:
         self.values = [v.new_empty(n, v.shape[1], 0, v.shape[3]) for _, v in prefix]
         self.valid = torch.zeros(n, 0, dtype=torch.bool, device=k0.device)  # False at a held row's hole
         self.used = 0
+        self.active: Tensor | None = None  # this step's appending rows, when some wait
         self.holes = False  # whether any row ever waited (else every own position counts)
         self._layout: tuple[Tensor, int] | None = None
         self._calls = [0, 0]  # a step's cache writes and cascade attentions: equal, or the prompt was skipped
@@ -173,15 +181,18 @@ class SharedPrefix:
         self.valid[:, self.used] = live
         positions, self.positions = self.positions, self.positions + live
         self.used += 1
-        # A 4-D mask is passed to attention as it is (transformers builds none).
-        return {"cache": self, "position_ids": positions.view(-1, 1),
+        self.active = None if hold is None else live.nonzero().squeeze(1)
+        if self.active is not None:
+            positions = positions[self.active]
+        # A 4-D mask is passed to attention as it is (transformers builds none); it covers every row.
+        return {"cache": self, "position_ids": positions.view(-1, 1), "rows": self.active,
                 "attention_mask": self.valid[:, None, None, : self.used]}
 
     def _grow(self) -> None:
         size = reserved(self.used + 1)
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
-                new = old.new_empty(old.shape[0], old.shape[1], size, old.shape[3])
+                new = old.new_zeros(old.shape[0], old.shape[1], size, old.shape[3])  # a hole stays 0, not NaN
                 new[:, :, : self.used] = old[:, :, : self.used]
                 buffers[i] = new
         valid = self.valid.new_zeros(self.n, size)
@@ -193,8 +204,12 @@ class SharedPrefix:
         and return the row's own positions so far (the prefix is the attention's to add)."""
         self._calls[0] += 1
         col = self.used - 1
-        self.keys[layer_idx][:, :, col : col + 1] = key
-        self.values[layer_idx][:, :, col : col + 1] = value
+        if self.active is None:
+            self.keys[layer_idx][:, :, col : col + 1] = key
+            self.values[layer_idx][:, :, col : col + 1] = value
+        else:
+            self.keys[layer_idx][:, :, col].index_copy_(0, self.active, key[:, :, 0])
+            self.values[layer_idx][:, :, col].index_copy_(0, self.active, value[:, :, 0])
         return self.keys[layer_idx][:, :, : self.used], self.values[layer_idx][:, :, : self.used]
 
     def reorder(self, idx: Tensor) -> None:
@@ -242,11 +257,16 @@ class SharedPrefix:
     def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, mask: Tensor,
                scaling: float) -> Tensor:
         """Attention of one new token per row over its prompt and its own positions (the
-        module docstring's a_i), in the layout transformers expects: (rows, 1, heads, dim)."""
+        module docstring's a_i), in the layout transformers expects: (rows, 1, heads, dim).
+        When rows wait, ``query`` holds the appending rows' alone: the held rows' slots get
+        zeros, and only the appending rows' outputs are returned."""
         self._calls[1] += 1
-        n, heads, q_len, dim = query.shape
+        _, heads, q_len, dim = query.shape
         if q_len != 1:
             raise ValueError(f"the shared-prefix cache decodes one token per row per step, not {q_len}")
+        n = self.n
+        if self.active is not None:
+            query = query.new_zeros(n, heads, 1, dim).index_copy_(0, self.active, query)
         pk, pv = self.prefix[layer]
         prompts, kv_heads, p_len, _ = pk.shape
         g = heads // kv_heads
@@ -262,7 +282,8 @@ class SharedPrefix:
         weights = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
         w_p, w_s = weights.split([p_len, weights.shape[-1] - p_len], -1)
         out = torch.matmul(w_s, value) + _rows(torch.matmul(_blocks(w_p, slots, prompts, m), pv), slots, n, g)
-        return out.reshape(n, 1, heads, value.shape[-1])
+        out = out.reshape(n, 1, heads, value.shape[-1])
+        return out if self.active is None else out[self.active]
 
 
 def _blocks(x: Tensor, slots: Tensor | None, prompts: int, m: int) -> Tensor:
