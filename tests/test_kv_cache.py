@@ -169,23 +169,31 @@ def test_max_rows_counts_a_shared_prompt_once(pair, monkeypatch):
     assert shared.max_rows(577, prompt=512, per_prompt=64) > eager.max_rows(577)
 
 
-def test_held_rows_are_left_out_of_the_forward_and_resume_exactly(tiny):
+def test_held_rows_are_left_out_of_the_forward_and_resume_exactly(tiny, monkeypatch):
     """A step's forward runs the rows that append only (its cost follows them); a step where
-    every row waits runs none; each row's log-probs stay its own full forward's."""
+    every row waits runs none; a held row keeps its log-probs and hidden state exactly, its
+    cache column stays zeros (never uninitialised memory, whose NaN a masked weight of 0 would
+    still spread) through buffer growth, and each row's log-probs stay its own full forward's."""
+    monkeypatch.setattr(kv_cache, "CHUNK", 2)  # the buffers double during held steps
     prompt = tiny.encode("The movie was")
     state = tiny.start(prompt, 4)
-    seqs = [list(prompt) for _ in range(4)]
-    ran: list[int] = []
+    cache, seqs = state.cache, [list(prompt) for _ in range(4)]
+    ran: list[int] = []  # the rows of every forward of the model
+    steps: list[list[int]] = []  # those of each step's
     hook = tiny.hf.get_input_embeddings().register_forward_hook(lambda _, args, out: ran.append(args[0].shape[0]))
     try:
         for tokens, hold in (([5, 6, 7, 8], [False, True, False, True]), ([9, 10, 11, 12], [True] * 4),
-                             ([13, 14, 15, 16], [True, False, False, False]), ([17, 18, 19, 20], None)):
+                             ([13, 14, 15, 16], [True, False, False, True]), ([17, 18, 19, 20], None)):
+            before, start = (state.logprobs.clone(), state.hidden.clone()), len(ran)
             state = tiny.advance(state, torch.tensor(tokens), None if hold is None else torch.tensor(hold))
-            for seq, t, h in zip(seqs, tokens, hold or [False] * 4, strict=True):
-                if not h:
+            steps.append(ran[start:])
+            for i, (seq, t, h) in enumerate(zip(seqs, tokens, hold or [False] * 4, strict=True)):
+                if h:
+                    assert torch.equal(state.logprobs[i], before[0][i]) and torch.equal(state.hidden[i], before[1][i])
+                    assert all(not bool(b[i, :, cache.used - 1].any()) for b in (*cache.keys, *cache.values)), i
+                else:
                     seq.append(t)
+                assert torch.allclose(state.logprobs[i], full_logprobs(tiny, seq), atol=1e-5), (tokens, i)
     finally:
         hook.remove()
-    assert ran == [2, 3, 4]
-    for i, seq in enumerate(seqs):
-        assert torch.allclose(state.logprobs[i], full_logprobs(tiny, seq), atol=1e-5), i
+    assert steps == [[2], [], [2], [4]]

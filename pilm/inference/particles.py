@@ -107,7 +107,8 @@ class StepInfo:
 @dataclass
 class Run:
     """A finished run: the particles, one ``StepInfo`` per boundary, the compute it spent
-    (``tokens`` drawn, ``forwards``, ``forward_rows``, ``held_rows``) and its ``seconds``."""
+    (``tokens`` drawn, ``forwards``, ``forward_rows``: the rows handed to the model's steps,
+    ``held_rows``: those among them that waited) and its ``seconds``."""
 
     particles: Particles
     steps: list[StepInfo]
