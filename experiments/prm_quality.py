@@ -8,7 +8,9 @@ wrong prefix should score near 0 and a right one by how often the policy finishe
 table gives, per label, the step ends and their mean score, and the AUC (the probability that a
 random right step end outscores a random wrong one, pooled over problems, ties counting half)
 with a 95% percentile bootstrap interval over problems (step ends of one problem are not
-independent; a resample holding one label only is dropped). A row is a step end of one chain:
+independent; a resample holding one label only is dropped); a third row takes each chain's last
+step end only, the score best-of-N selects by. A second table counts the problems where one chain
+of the N, chosen by the head's scores, is right. A row is a step end of one chain:
 a prefix that several chains of a problem share is counted once per chain. Writes the rows to
 ``--out`` (resumable: problems already there are skipped; rerun with the same ``--block``) and
 ``quality.md`` beside it.
@@ -55,7 +57,18 @@ def auc(right: list[float], wrong: list[float]) -> float:
     return wins / (len(right) * len(wrong))
 
 
-def table(rows: list[dict], label: str, seed: int = 0, draws: int = 2000) -> str:
+def last_ends(rows: list[dict]) -> list[dict]:
+    """Each chain's last step end: the finished chain's score, what best-of-N selects by (the
+    "last" aggregation)."""
+    last: dict[tuple[int, int], dict] = {}
+    for r in rows:
+        key = (r["problem"], r["chain"])
+        if key not in last or r["step"] > last[key]["step"]:
+            last[key] = r
+    return list(last.values())
+
+
+def table(rows: list[dict], label: str, seed: int = 0, draws: int = 2000, name: str | None = None) -> str:
     """Step ends by ``label`` (prefix_right or final_right): counts, mean scores, AUC [95% CI]."""
     by: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
@@ -71,14 +84,35 @@ def table(rows: list[dict], label: str, seed: int = 0, draws: int = 2000) -> str
                   if b == b)  # a resample with one class only has no AUC: dropped (conditions on both)
     low, high = (boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]) if boot else (float("nan"),) * 2
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return (f"| {label.replace('_', ' ')} | {len(by)} | {len(right)} | {mean(right):.3f} | {len(wrong)} | "
+    return (f"| {name or label.replace('_', ' ')} | {len(by)} | {len(right)} | {mean(right):.3f} | {len(wrong)} | "
             f"{mean(wrong):.3f} | {auc(right, wrong):.3f} [{low:.3f}, {high:.3f}] |")
 
 
 def report(rows: list[dict]) -> str:
     head = ("| label | problems | step ends, label true | mean score | step ends, label false | mean score | "
             "AUC [95% bootstrap over problems] |\n|---|---|---|---|---|---|---|")
-    return "\n".join([head, table(rows, "prefix_right"), table(rows, "final_right")]) + "\n"
+    scores = "\n".join([head, table(rows, "prefix_right"), table(rows, "final_right"),
+                        table(last_ends(rows), "final_right", name="final right, chains' last step ends")])
+    return scores + "\n\n" + selections(rows)
+
+
+def selections(rows: list[dict]) -> str:
+    """One chain of each problem's N, chosen by the head's score at its last step end (best-of-N
+    with the "last" aggregation) or by its lowest score over its step ends ("min"; ties: the
+    first chain), against a uniform pick (its expected count) and any chain (pass@N)."""
+    chains: dict[int, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        chains[r["problem"]][r["chain"]].append(r)
+    picks: dict[str, float] = defaultdict(float)
+    for by_chain in chains.values():
+        ends = {c: max(rs, key=lambda r: r["step"]) for c, rs in sorted(by_chain.items())}
+        right = {c: e["final_right"] for c, e in ends.items()}
+        picks["argmax of the last score (best-of-N)"] += right[max(ends, key=lambda c: ends[c]["score"])]
+        picks["argmax of the lowest score"] += right[max(by_chain, key=lambda c: min(r["score"] for r in by_chain[c]))]
+        picks["a uniform pick (expected)"] += sum(right.values()) / len(right)
+        picks["any chain (pass@N)"] += any(right.values())
+    lines = [f"| {k} | {len(chains)} | {v:g} |" for k, v in picks.items()]
+    return "\n".join(["| one chain of N chosen by | problems | right |", "|---|---|---|", *lines]) + "\n"
 
 
 def main() -> None:

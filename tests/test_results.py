@@ -55,3 +55,22 @@ def test_the_experiments_flags_are_the_configs(script, flag, help_text, tmp_path
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith(f"pilm: error: argument {flag}: must be"), bad.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_prm_quality_selects_by_the_last_and_the_lowest_score():
+    """Two problems of two chains each, written out: the chain with the higher last score is right
+    on problem 0 only; the chain with the higher lowest score on both; a uniform pick is right on
+    1/2 + 1/2 of them, some chain on both. Rows come out of step order (the last end is the
+    highest step, not the last row)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import prm_quality
+
+    chains = {(0, 0): ([0.9, 0.2], False), (0, 1): ([0.5, 0.4], True),
+              (1, 0): ([0.3, 0.8], True), (1, 1): ([0.1, 0.85], False)}
+    rows = [{"problem": p, "chain": c, "step": t + 1, "score": s, "final_right": right}
+            for (p, c), (scores, right) in chains.items() for t, s in reversed(list(enumerate(scores)))]
+    assert sorted(r["score"] for r in prm_quality.last_ends(rows)) == [0.2, 0.4, 0.8, 0.85]
+    table = prm_quality.selections(rows)
+    for line in ("| argmax of the last score (best-of-N) | 2 | 1 |", "| argmax of the lowest score | 2 | 2 |",
+                 "| a uniform pick (expected) | 2 | 1 |", "| any chain (pass@N) | 2 | 2 |"):
+        assert line in table, table
