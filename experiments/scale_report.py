@@ -71,14 +71,14 @@ def table(summary: list[dict]) -> str:
 
 def baselines(runs: list[Path]) -> str:
     """results.md of a folder of runs on different tasks (docs/scale_qwen): per run its task
-    (operands, chat template), greedy accuracy and pass@N, the share of problems where
+    (operands of an arithmetic chain, chat template), greedy accuracy and pass@N, the share of problems where
     any of self-consistency's N independent chains states the gold answer (the ceiling of any
     selection from them); each with its 95% Wilson interval. Rows from before ``any_correct``
     was written give pass@1 only (one chain: its answer is the selection)."""
     every = {path: read_rows(path) for path in runs}
     budgets = sorted({r["n"] for rows in every.values() for r in rows if r["method"] == "sc"})
-    lines = ["| run | operands | chat template | greedy | " + " | ".join(f"pass@{n}" for n in budgets) + " |",
-             "|---|---|---|---|" + "---|" * len(budgets)]
+    lines = ["| run | task | operands | chat template | greedy | " + " | ".join(f"pass@{n}" for n in budgets) + " |",
+             "|---|---|---|---|---|" + "---|" * len(budgets)]
 
     def cell(hits: list[bool]) -> str:
         if not hits:
@@ -88,10 +88,11 @@ def baselines(runs: list[Path]) -> str:
 
     for path in runs:
         rows, run = every[path], json.loads((path.parent / "run.json").read_text())
-        operands = "–".join(map(str, run["operands"])) if "operands" in run else "–"  # a GSM8K run has none
+        task = run.get("task", "arithmetic-chain")  # run.json keeps every setting: GSM8K's has unused operands
+        operands = "–".join(map(str, run["operands"])) if task == "arithmetic-chain" and "operands" in run else "–"
         passes = [cell([r.get("any_correct", r["correct"] if n == 1 else None) for r in rows
                         if r["method"] == "sc" and r["n"] == n and ("any_correct" in r or n == 1)]) for n in budgets]
-        lines.append(f"| [{path.parent.name}]({path.parent.name}/table.md) | {operands} | "
+        lines.append(f"| [{path.parent.name}]({path.parent.name}/table.md) | {task} | {operands} | "
                      f"{'yes' if run.get('chat') else 'no'} | "
                      f"{cell([r['correct'] for r in rows if r['method'] == 'greedy'])} | " + " | ".join(passes) + " |")
     return "\n".join(lines) + "\n"

@@ -74,3 +74,26 @@ def test_prm_quality_selects_by_the_last_and_the_lowest_score():
     for line in ("| argmax of the last score (best-of-N) | 2 | 1 |", "| argmax of the lowest score | 2 | 2 |",
                  "| a uniform pick (expected) | 2 | 1 |", "| any chain (pass@N) | 2 | 2 |"):
         assert line in table, table
+
+
+def test_the_baselines_table_names_each_runs_task_and_gives_operands_to_chains_only(tmp_path):
+    """A GSM8K run's run.json keeps the config's unused operands: its row shows none. Greedy is
+    right on 1 of 2 chains problems; pass@4 is any of four chains right (2 of 2)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import json
+
+    import scale_report
+
+    runs = {"chains": ("arithmetic-chain", [{"method": "greedy", "n": 1, "correct": c} for c in (True, False)]
+                       + [{"method": "sc", "n": 4, "correct": False, "any_correct": True}] * 2),
+            "gsm": ("gsm8k", [{"method": "greedy", "n": 1, "correct": False}])}
+    paths = []
+    for name, (task, rows) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"task": task, "operands": [8, 12], "chat": True}))
+        path = tmp_path / name / "rows.jsonl"
+        path.write_text("".join(json.dumps({**r, "problem": i, "prm": "none"}) + "\n" for i, r in enumerate(rows)))
+        paths.append(path)
+    table = scale_report.baselines(paths)
+    assert "| [chains](chains/table.md) | arithmetic-chain | 8–12 | yes | 1/2 = 0.50" in table, table
+    assert "| 2/2 = 1.00" in table and "| [gsm](gsm/table.md) | gsm8k | – | yes | 0/1 = 0.00" in table, table
