@@ -1,6 +1,7 @@
 """The reasoning parts on transformers models: process rewards that read the policy's forward
 or run an LM, the arithmetic-chain and GSM8K tasks, and ``pilm scale`` (resume, accelerate)."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 
 import pilm
 from pilm.config import ScaleConfig
+from pilm.models.prompt_cache import PromptCache
 from pilm.prm import LMJudge, StepBatch, StepTagPRM, TwistPRM
 from pilm.tasks import arithmetic_chain as chain
 from pilm.tasks import gsm8k
@@ -138,12 +140,96 @@ def test_the_judge_runs_a_questions_shared_prefix_once_and_scores_as_each_prompt
     alone = torch.cat([LanguageModel.choice_logprobs(tiny, [p], [judge.yes, judge.no]) for p in prompts])
     assert torch.allclose(scores, torch.softmax(alone.double(), -1)[:, 0], atol=1e-5)  # each back in its row
     ones = [prompts[i] for i in (0, 2, 4)]
-    assert torch.allclose(tiny.choice_logprobs(ones, [judge.yes, judge.no]), alone[[0, 2, 4]], atol=1e-4)
+    counted = PromptCache()
+    assert torch.allclose(tiny.choice_logprobs(ones, [judge.yes, judge.no], cache=counted), alone[[0, 2, 4]], atol=1e-4)
     shared = len(os.path.commonprefix(ones))
-    assert 0 < shared and tiny.choice_tokens(ones) == shared + sum(len(p) - shared for p in ones)
-    calls = (ones, [prompts[1], prompts[3]], [prompts[5]])  # each question's rows; the lone row
-    assert judge.lm_tokens == sum(map(tiny.choice_tokens, calls)) < sum(map(len, prompts))
-    assert LanguageModel.choice_tokens(tiny, prompts) == sum(map(len, prompts))  # a backend that shares nothing
+    assert 0 < shared and counted.positions == shared + sum(len(p) - shared for p in ones)
+    # the judge's next calls (the other question's rows, then the lone row) start where the first call's forward ends
+    twos, lone = [prompts[1], prompts[3]], prompts[5]
+    two = len(os.path.commonprefix(twos))
+    ran = [ones[0][:shared], *ones]
+    twos_ran = two - _longest_run(twos[0][:two], ran) + sum(len(p) - two for p in twos)
+    lone_ran = len(lone) - _longest_run(lone, ran + [twos[0][:two], *twos])
+    assert judge.lm_tokens == counted.positions + twos_ran + lone_ran < sum(map(len, prompts))
+    nothing_shared = PromptCache()
+    LanguageModel.choice_logprobs(tiny, prompts, [judge.yes], cache=nothing_shared)  # a backend that keeps nothing
+    assert nothing_shared.positions == sum(map(len, prompts))
+
+
+def _longest_run(prompt: list[int], earlier: list[list[int]]) -> int:
+    return max((len(os.path.commonprefix([prompt, e])) for e in earlier), default=0)
+
+
+def test_a_prompt_cache_runs_only_what_follows_the_longest_prefix_already_run(tiny):
+    """A chain judged after each step, its rows resampled (one copied to two rows, rows
+    reordered, one unchanged), for two questions: each call with a PromptCache runs only what
+    follows the longest prefix an earlier call ran, whichever row ran it, and gives the
+    log-probabilities each prompt alone gives (float32, to rounding; four tokens compared, not
+    only the two a judge reads). Another model sharing the cache reuses none of it."""
+    from pilm.models.base import LanguageModel
+
+    def prompt(question: str, steps: list[str]) -> list[int]:
+        return tiny.encode_prompt(f"Question: {question}\nSo far:\n" + "\n".join(steps) + "\nIs it right? Answer:")
+
+    choices = [tiny.encode(" Yes")[0], tiny.encode(" No")[0], 13, 500]
+    rounds = [
+        [prompt("1 + 1", ["a = 2"]), prompt("1 + 1", ["a = 3"]), prompt("2 + 2", ["b = 4"])],
+        [prompt("1 + 1", ["a = 2", "c = 5"]), prompt("1 + 1", ["a = 2", "c = 6"]), prompt("2 + 2", ["b = 4", "d = 1"])],
+        [prompt("2 + 2", ["b = 4", "d = 1", "e = 7"]), prompt("1 + 1", ["a = 2", "c = 6"])],
+    ]
+    cache, earlier = PromptCache(), []
+    for k, prompts in enumerate(rounds):
+        before = cache.positions
+        got = tiny.choice_logprobs(prompts, choices, cache=cache)
+        alone = torch.cat([LanguageModel.choice_logprobs(tiny, [p], choices) for p in prompts])
+        assert torch.allclose(got, alone, atol=1e-4), k
+        if k == 0:  # nothing ran before: the prefix all three share runs once
+            shared = len(os.path.commonprefix(prompts))
+            assert cache.positions == shared + sum(len(p) - shared for p in prompts)
+            earlier.append(prompts[0][:shared])
+        else:  # each prompt after its longest earlier prefix, at least its last position run
+            ran = sum(len(p) - min(_longest_run(p, earlier), len(p) - 1) for p in prompts)
+            assert cache.positions - before == ran < sum(map(len, prompts)) // 2
+        earlier += prompts
+    other = copy.deepcopy(tiny)
+    with torch.no_grad():
+        other.hf.lm_head.weight.mul_(3.0)
+    before = cache.positions
+    got = other.choice_logprobs(rounds[-1], choices, cache=cache)
+    assert torch.allclose(got, torch.cat([LanguageModel.choice_logprobs(other, [p], choices) for p in rounds[-1]]), atol=1e-4)
+    shared = len(os.path.commonprefix(rounds[-1]))
+    assert cache.positions - before == shared + sum(len(p) - shared for p in rounds[-1])
+
+
+def test_a_prompt_cache_keeps_the_runs_its_budget_holds_the_latest_used_first(tiny):
+    """Over its budget a cache evicts the least recently used runs; what it keeps stays exact,
+    and a cache of 0 bytes keeps nothing (each call then shares only its own prompts' prefix)."""
+    from pilm.models.base import LanguageModel
+
+    prompts = [tiny.encode_prompt(f"Question: 5 - {k}\nSo far:\nx = {k}\nRight?") for k in range(3)]
+    calls = [[p + tiny.encode(" y"), p + tiny.encode(" no")] for p in prompts]
+    sizes = []
+    for call in calls:
+        one = PromptCache()
+        tiny.choice_logprobs(call, [13], cache=one)
+        sizes.append(one.nbytes)
+    cache = PromptCache(max_bytes=sizes[0] + sizes[1])  # the first two calls' runs, not all three
+    for k, call in enumerate(calls):
+        got = tiny.choice_logprobs(call, [13, 500], cache=cache)
+        assert torch.allclose(got, torch.cat([LanguageModel.choice_logprobs(tiny, [q], [13, 500]) for q in call]), atol=1e-4)
+        assert cache.nbytes <= cache.max_bytes and len(cache.runs) == min(k + 1, 2)
+    assert cache.runs[-1].tokens == calls[-1]  # the newest run stays; the oldest went
+    before = cache.positions
+    tiny.choice_logprobs(calls[-1], [13], cache=cache)
+    assert cache.positions - before == 2  # each prompt's last position only
+    cache.clear()
+    assert not cache.runs and cache.nbytes == 0
+    none = PromptCache(max_bytes=0)
+    for call in calls:
+        before = none.positions
+        tiny.choice_logprobs(call, [13], cache=none)
+        shared = len(os.path.commonprefix(call))
+        assert not none.runs and none.positions - before == shared + sum(len(q) - shared for q in call)
 
 
 def test_a_step_tag_prm_reads_good_against_bad_after_the_last_tag(tiny):
@@ -381,3 +467,10 @@ def test_train_prm_then_scale_with_it_on_the_command_line(tmp_path, capsys):
     assert len((out / "rows.jsonl").read_text().splitlines()) == 4
     assert (out / "scale.png").exists() and "| bon (learned, 2) | pf (learned, 2) |" in (out / "table.md").read_text()
     assert "use: pilm scale --prm learned" in capsys.readouterr().out
+
+
+def test_the_judge_cache_leg_runs_fewer_judge_positions_on_the_same_chains(tiny):
+    from pilm.commands.bench_legs import judge_prompt_cache
+
+    leg = judge_prompt_cache(tiny, n_problems=2, n_particles=2, repeats=1)
+    assert 0 < leg["judge_positions_cache_over_none"] < 1 and leg["judge_cache_over_none"] > 0

@@ -155,6 +155,39 @@ def particle_filter_vs_generate(model, n_problems: int = 16, n_particles: int = 
     }
 
 
+def judge_prompt_cache(model, n_problems: int = 8, n_particles: int = 8, repeats: int = 2) -> dict:
+    """A step-level particle filter on ``n_problems`` arithmetic chains x ``n_particles`` whose
+    PRM is the policy as its own judge (``LMJudge``), with the judge's prompt cache and with a
+    cache of 0 bytes (each call then shares only its own prompts' prefix, as before the cache):
+    ``judge_cache_over_none`` is the filter's time with the cache over without,
+    ``judge_positions_cache_over_none`` the judge positions run. The same seed in both;
+    alternating rounds, the fastest of each kept."""
+    from .. import particle_filter
+    from ..prm import LMJudge
+    from ..tasks import arithmetic_chain
+
+    targets = [arithmetic_chain.target(model, p["question"]) for p in arithmetic_chain.problems(n_problems, seed=0)]
+
+    def pf(cache_bytes: int | None) -> int:
+        judge = LMJudge(model, cache_bytes=cache_bytes)
+        particle_filter(targets, judge, n_particles, temperature=0.8, seed=0)
+        return judge.lm_tokens
+
+    positions = {"cache": pf(None), "none": pf(0)}  # warm-up
+    times: dict[str, list[float]] = {"cache": [], "none": []}
+    for _ in range(repeats):
+        for leg, cache_bytes in (("cache", None), ("none", 0)):
+            t0 = time.perf_counter()
+            pf(cache_bytes)
+            times[leg].append(time.perf_counter() - t0)
+    return {
+        "judge_cache_over_none": min(times["cache"]) / min(times["none"]),
+        "judge_positions_cache_over_none": positions["cache"] / positions["none"],
+        "judge_shape": f"{n_problems} problems x {n_particles} particles, judge positions {positions['cache']} "
+                       f"(without the cache {positions['none']})",
+    }
+
+
 def many_particles(model, n_particles: int = 1024, new_tokens: int = 64) -> dict:
     """Peak memory and time of one target's SMC with ``n_particles`` particles."""
     from .. import smc

@@ -128,6 +128,7 @@ class ProcessRewardCritic(Critic):
 
     def begin(self, targets: Sequence[Target], n: int) -> None:
         self.history, self.calls = [[] for _ in range(len(targets) * n)], 0
+        self.prm.begin()
 
     def log_psi(self, b: Stepped) -> Tensor:
         groups = b.groups.tolist()

@@ -13,12 +13,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import BackendError, EmptyPromptError
+
+if TYPE_CHECKING:
+    from .prompt_cache import PromptCache
 
 Tokens = Sequence[int]
 
@@ -132,21 +135,20 @@ class LanguageModel(ABC):
         """Draw every request's tokens (``generates_steps`` backends only)."""
         raise BackendError(f"{type(self).__name__} decodes token by token (start/advance), not by requests")
 
-    def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int]) -> Tensor:
+    def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int],
+                        cache: PromptCache | None = None) -> Tensor:
         """log p0(v | prompt) for each prompt (rows) and each token v of ``choices`` (columns),
-        float32: one forward of every prompt."""
+        float32: one forward of every prompt. ``cache`` (``models.prompt_cache``) counts the
+        positions run (``positions``), and on a backend that keeps keys and values
+        (transformers) lets later calls start from the longest prefix this one ran."""
         logprobs = self.start_many(prompts, 1).logprobs
+        if cache is not None:
+            cache.positions += sum(len(self.context(p)) for p in prompts)
         return torch.stack([logprobs[:, v] for v in choices], 1)  # no index tensor made on the host
 
     shares_choice_prefix: bool = False
     """Whether ``choice_logprobs`` runs the prefix its prompts share once (callers then group
     prompts that share one)."""
-
-    def choice_tokens(self, prompts: Sequence[Tokens]) -> int:
-        """How many positions ``choice_logprobs`` of ``prompts`` runs through the model (what a
-        judge's compute is counted in): every prompt's, here (an engine with a prefix cache,
-        as vLLM's, may run fewer, which it does not report)."""
-        return sum(len(self.context(p)) for p in prompts)
 
     def max_rows(self, length: int, *, prompt: int = 0, per_prompt: int = 1) -> int | None:
         """How many rows of ``length`` positions (prompt and completion) fit in the memory of

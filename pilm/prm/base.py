@@ -63,6 +63,10 @@ class ProcessReward(ABC):
     def name(self) -> str:
         return type(self).__name__
 
+    def begin(self) -> None:
+        """A run starts: a PRM that keeps state between calls (a judge's prompt cache) drops
+        it, so that no run reuses another's work and each run's ``lm_tokens`` are its own."""
+
     @abstractmethod
     def score(self, batch: StepBatch) -> Tensor:
         """r(c, x_{<=t}) of every row, shape (rows,), in [0, 1]."""
