@@ -248,6 +248,9 @@ def test_gsm8k_loads_offline_and_checks_numbers(tmp_path):
     check = gsm8k.answer_checker({"q": "1200"})
     assert check("q", "1,200") and check("q", "1200.0") and not check("q", "120")
     assert gsm8k.steps().answer("so\nThe answer is $1,200.") == "1200"
+    ends = gsm8k.steps().ends
+    assert not ends("\n", 0) and not ends("\n\n", 0) and not ends("\n  \n\\[", 0)  # blank lines join the next step
+    assert ends("Tom has 12 pens.\n", 0) and ends("\n\n\\[\n", 0) and ends("x = 1\n\n", 0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         gsm8k.load(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "12"}) + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -63,8 +64,13 @@ def problems(n: int, operands=None, seed: int = 0, path: str | Path | None = Non
     return random.Random(seed).sample(every, n)
 
 
+STEP = re.compile(r"\S[^\n]*\n")
+"""A step is a line with something on it: blank lines join the next step, so a chat model that
+spaces its lines out (or writes LaTeX displays) does not spend its steps on them."""
+
+
 def steps() -> Steps:
-    return Steps(delimiter="\n", max_steps=12, max_step_tokens=96, final=FINAL)
+    return Steps(delimiter=STEP, max_steps=16, max_step_tokens=96, final=FINAL)
 
 
 def prompt(question: str) -> str:
