@@ -102,11 +102,14 @@ def _tiny_opt(tiny) -> HFModel:
     return HFModel(OPTForCausalLM(config).float(), tiny.tokenizer, name="tiny-opt")
 
 
-def test_switching_the_attention_after_the_prompt_is_an_error_not_a_wrong_number(fresh_tiny):
+@pytest.mark.parametrize("hold", [None, [True, False]])
+def test_switching_the_attention_after_the_prompt_is_an_error_not_a_wrong_number(fresh_tiny, hold):
+    """With held rows the switched attention gets fewer queries than keys and fails inside the
+    forward: the error still says what happened."""
     state = fresh_tiny.start(fresh_tiny.encode("The movie was"), 2)
     fresh_tiny.hf.set_attn_implementation("sdpa")
     with pytest.raises(RuntimeError, match="attention implementation changed after the prompt"):
-        fresh_tiny.advance(state, torch.tensor([5, 6]))
+        fresh_tiny.advance(state, torch.tensor([5, 6]), None if hold is None else torch.tensor(hold))
 
 
 def test_a_policy_and_a_twist_body_keep_the_base_models_choice(fresh_tiny):

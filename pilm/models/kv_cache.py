@@ -223,16 +223,27 @@ class SharedPrefix:
 
     @contextlib.contextmanager
     def attending(self) -> Iterator[None]:
+        """The step's forward; a layer that stored its keys but did not attend through the
+        cascade (the model was switched to another attention after the prompt) is an error,
+        whether its own attention then failed (held rows leave it fewer queries than keys) or
+        returned a number without the prompt."""
         token, self._calls = _ACTIVE.set(self), [0, 0]
         try:
             yield
+        except Exception as err:
+            if self._calls[0] != self._calls[1]:
+                raise self._switched() from err
+            raise
         finally:
             _ACTIVE.reset(token)
+        if self._calls[0] != self._calls[1]:
+            raise self._switched()
+
+    def _switched(self) -> RuntimeError:
         writes, attended = self._calls
-        if writes != attended:  # e.g. the model was switched to another attention after the prompt
-            raise RuntimeError(f"{writes} layers stored this step's keys but {attended} attended through the shared "
-                               "prompt cache: the model's attention implementation changed after the prompt was "
-                               f"encoded (it must stay {CASCADE!r}); start the decode again")
+        return RuntimeError(f"{writes} layers stored this step's keys but {attended} attended through the shared "
+                            "prompt cache: the model's attention implementation changed after the prompt was "
+                            f"encoded (it must stay {CASCADE!r}); start the decode again")
 
     def nbytes(self) -> int:
         """Bytes of the positions in use (the buffers reserve up to as many again)."""
