@@ -121,7 +121,8 @@ install-qwen: $(STAMP)
 # problems (experiments/search_diagnosis.py), and beam search without the filter at N = 16 on all 100.
 # Then a learned PRM on this model's hidden states (Monte Carlo labels on 80 other problems), how well
 # it ranks the steps of 20 test problems against the verifier (experiments/prm_quality.py), every method
-# with it, the model as its own judge, and GSM8K's greedy and pass@N baseline.
+# with it, the model as its own judge, GSM8K's greedy and pass@N baseline, and the search methods on
+# GSM8K with the judge (it has no exact verifier, and the learned PRM was trained on chains).
 experiment-scale-qwen: install-qwen
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy,sc --n 1,4 --problems 100 --out docs/scale_qwen/verifier
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --prm verifier --methods greedy --n 1 --problems 40 --operands 8,12 --out docs/scale_qwen/greedy_8_12
@@ -134,6 +135,7 @@ experiment-scale-qwen: install-qwen
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm learned --prm-path docs/scale_qwen/learned_prm --methods bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --chat --prm judge --methods bon,wbon,beam,dvts,pf,pf-twisted,pg --n 1,4,16 --problems 100 --operands 8,12 --max-rows 64 --out docs/scale_qwen/chains_8_12_chat
 	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --task gsm8k --chat --prm judge --methods greedy,sc --n 1,4,16 --problems 100 --max-rows 64 --out docs/scale_qwen/gsm8k_chat
+	.venv/bin/pilm scale --model qwen2.5-coder-1.5b --task gsm8k --chat --prm judge --methods bon,wbon,beam,dvts,pf --n 4,16 --problems 100 --max-rows 64 --out docs/scale_qwen/gsm8k_chat
 
 # Twists without training (look-ahead prefix score, exact last step) on docs/payoff's targets and exact samples.
 experiment-analytic-twists: $(STAMP)
