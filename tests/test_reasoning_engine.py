@@ -160,29 +160,53 @@ def _longest_run(prompt: list[int], earlier: list[list[int]]) -> int:
     return max((len(os.path.commonprefix([prompt, e])) for e in earlier), default=0)
 
 
-def test_a_prompt_cache_runs_only_what_follows_the_longest_prefix_already_run(tiny):
+def _sharp(tiny, config_class, model_class, **extra):
+    """A tiny random model whose next token depends strongly on its context (large initial
+    weights), so a wrong position or key moves its log-probabilities by far more than rounding."""
+    from pilm.models import HFModel
+
+    torch.manual_seed(1)
+    config = config_class(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5, **extra)
+    return HFModel(model_class(config).float(), tiny.tokenizer, name="sharp")
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _sharp(tiny, LlamaConfig, LlamaForCausalLM)
+
+
+def _alone(model, prompts, choices):
+    from pilm.models.base import LanguageModel
+
+    return torch.cat([LanguageModel.choice_logprobs(model, [p], choices) for p in prompts])
+
+
+def _judged(model, question: str, steps: list[str]) -> list[int]:
+    return model.encode_prompt(f"Question: {question}\nSo far:\n" + "\n".join(steps) + "\nIs it right? Answer:")
+
+
+def test_a_prompt_cache_runs_only_what_follows_the_longest_prefix_already_run(sharp):
     """A chain judged after each step, its rows resampled (one copied to two rows, rows
     reordered, one unchanged), for two questions: each call with a PromptCache runs only what
     follows the longest prefix an earlier call ran, whichever row ran it, and gives the
-    log-probabilities each prompt alone gives (float32, to rounding; four tokens compared, not
-    only the two a judge reads). Another model sharing the cache reuses none of it."""
-    from pilm.models.base import LanguageModel
-
-    def prompt(question: str, steps: list[str]) -> list[int]:
-        return tiny.encode_prompt(f"Question: {question}\nSo far:\n" + "\n".join(steps) + "\nIs it right? Answer:")
-
-    choices = [tiny.encode(" Yes")[0], tiny.encode(" No")[0], 13, 500]
+    log-probabilities each prompt alone gives (float32; a position off by one moves them by
+    about 10 on this model, rounding by 1e-5). Another model sharing the cache (other keys
+    and values) reuses none of it."""
+    choices = [sharp.encode(" Yes")[0], sharp.encode(" No")[0], 13, 500]
     rounds = [
-        [prompt("1 + 1", ["a = 2"]), prompt("1 + 1", ["a = 3"]), prompt("2 + 2", ["b = 4"])],
-        [prompt("1 + 1", ["a = 2", "c = 5"]), prompt("1 + 1", ["a = 2", "c = 6"]), prompt("2 + 2", ["b = 4", "d = 1"])],
-        [prompt("2 + 2", ["b = 4", "d = 1", "e = 7"]), prompt("1 + 1", ["a = 2", "c = 6"])],
+        [_judged(sharp, "1 + 1", ["a = 2"]), _judged(sharp, "1 + 1", ["a = 3"]), _judged(sharp, "2 + 2", ["b = 4"])],
+        [_judged(sharp, "1 + 1", ["a = 2", "c = 5"]), _judged(sharp, "1 + 1", ["a = 2", "c = 6"]),
+         _judged(sharp, "2 + 2", ["b = 4", "d = 1"])],
+        [_judged(sharp, "2 + 2", ["b = 4", "d = 1", "e = 7"]), _judged(sharp, "1 + 1", ["a = 2", "c = 6"])],
     ]
     cache, earlier = PromptCache(), []
     for k, prompts in enumerate(rounds):
         before = cache.positions
-        got = tiny.choice_logprobs(prompts, choices, cache=cache)
-        alone = torch.cat([LanguageModel.choice_logprobs(tiny, [p], choices) for p in prompts])
-        assert torch.allclose(got, alone, atol=1e-4), k
+        got = sharp.choice_logprobs(prompts, choices, cache=cache)
+        assert torch.allclose(got, _alone(sharp, prompts, choices), atol=1e-4), k
         if k == 0:  # nothing ran before: the prefix all three share runs once
             shared = len(os.path.commonprefix(prompts))
             assert cache.positions == shared + sum(len(p) - shared for p in prompts)
@@ -191,45 +215,60 @@ def test_a_prompt_cache_runs_only_what_follows_the_longest_prefix_already_run(ti
             ran = sum(len(p) - min(_longest_run(p, earlier), len(p) - 1) for p in prompts)
             assert cache.positions - before == ran < sum(map(len, prompts)) // 2
         earlier += prompts
-    other = copy.deepcopy(tiny)
+    other = copy.deepcopy(sharp)
     with torch.no_grad():
-        other.hf.lm_head.weight.mul_(3.0)
+        for layer in other.hf.model.layers:
+            layer.self_attn.k_proj.weight.mul_(2.0)
+            layer.self_attn.v_proj.weight.mul_(0.5)
     before = cache.positions
     got = other.choice_logprobs(rounds[-1], choices, cache=cache)
-    assert torch.allclose(got, torch.cat([LanguageModel.choice_logprobs(other, [p], choices) for p in rounds[-1]]), atol=1e-4)
+    assert torch.allclose(got, _alone(other, rounds[-1], choices), atol=1e-4)
     shared = len(os.path.commonprefix(rounds[-1]))
     assert cache.positions - before == shared + sum(len(p) - shared for p in rounds[-1])
 
 
-def test_a_prompt_cache_keeps_the_runs_its_budget_holds_the_latest_used_first(tiny):
-    """Over its budget a cache evicts the least recently used runs; what it keeps stays exact,
-    and a cache of 0 bytes keeps nothing (each call then shares only its own prompts' prefix)."""
-    from pilm.models.base import LanguageModel
-
-    prompts = [tiny.encode_prompt(f"Question: 5 - {k}\nSo far:\nx = {k}\nRight?") for k in range(3)]
-    calls = [[p + tiny.encode(" y"), p + tiny.encode(" no")] for p in prompts]
-    sizes = []
+def test_a_prompt_cache_keeps_the_runs_its_budget_holds_extended_ones_out_first(sharp):
+    """Over its budget a cache evicts first the runs a later call extended, then the least
+    recently used; what it keeps stays exact, and a cache of 0 bytes keeps nothing (each call
+    then shares only its own prompts' prefix)."""
+    prompts = [sharp.encode_prompt(f"Question: 5 - {k}\nSo far:\nx = {k}\nRight?") for k in range(2)]
+    calls = [[p + sharp.encode(" y"), p + sharp.encode(" no")] for p in prompts]
+    calls.append([calls[0][0] + sharp.encode(" and z"), calls[0][1] + sharp.encode(" and w")])  # extends the first
+    unbounded = PromptCache()
     for call in calls:
-        one = PromptCache()
-        tiny.choice_logprobs(call, [13], cache=one)
-        sizes.append(one.nbytes)
-    cache = PromptCache(max_bytes=sizes[0] + sizes[1])  # the first two calls' runs, not all three
-    for k, call in enumerate(calls):
-        got = tiny.choice_logprobs(call, [13, 500], cache=cache)
-        assert torch.allclose(got, torch.cat([LanguageModel.choice_logprobs(tiny, [q], [13, 500]) for q in call]), atol=1e-4)
-        assert cache.nbytes <= cache.max_bytes and len(cache.runs) == min(k + 1, 2)
-    assert cache.runs[-1].tokens == calls[-1]  # the newest run stays; the oldest went
+        sharp.choice_logprobs(call, [13], cache=unbounded)
+    sizes = [r.nbytes for r in unbounded.runs]
+    cache = PromptCache(max_bytes=sizes[1] + sizes[2])  # two of the three calls' runs
+    for call in calls:
+        got = sharp.choice_logprobs(call, [13, 500], cache=cache)
+        assert torch.allclose(got, _alone(sharp, call, [13, 500]), atol=1e-4)
+        assert cache.nbytes <= cache.max_bytes
+    assert [r.tokens for r in cache.runs] == calls[1:]  # the first call's run went: the third extended it
     before = cache.positions
-    tiny.choice_logprobs(calls[-1], [13], cache=cache)
+    sharp.choice_logprobs(calls[1], [13], cache=cache)
     assert cache.positions - before == 2  # each prompt's last position only
     cache.clear()
     assert not cache.runs and cache.nbytes == 0
     none = PromptCache(max_bytes=0)
     for call in calls:
         before = none.positions
-        tiny.choice_logprobs(call, [13], cache=none)
+        sharp.choice_logprobs(call, [13], cache=none)
         shared = len(os.path.commonprefix(call))
         assert not none.runs and none.positions - before == shared + sum(len(q) - shared for q in call)
+
+
+def test_a_sliding_window_model_runs_whole_prompts_and_scores_them_as_alone(tiny):
+    """Padding between a prefix and its rest would move a sliding window (it counts cache
+    slots): such a model runs each prompt whole, exact, and its cache counts every position."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    windowed = _sharp(tiny, MistralConfig, MistralForCausalLM, sliding_window=8)
+    prompts = [_judged(windowed, "1 + 1", ["a = 2", "c = 5"]), _judged(windowed, "1 + 1", ["a = 2"])]
+    cache, choices = PromptCache(), [13, 500]
+    for _ in range(2):
+        assert torch.allclose(windowed.choice_logprobs(prompts, choices, cache=cache), _alone(windowed, prompts, choices),
+                              atol=1e-4)
+    assert cache.positions == 2 * sum(map(len, prompts)) and not cache.runs
 
 
 def test_a_step_tag_prm_reads_good_against_bad_after_the_last_tag(tiny):
@@ -476,4 +515,12 @@ def test_the_judge_cache_leg_runs_fewer_judge_positions_on_the_same_chains(tiny)
     from pilm.commands.bench_legs import judge_prompt_cache
 
     leg = judge_prompt_cache(tiny, n_problems=2, n_particles=2, repeats=1)
-    assert 0 < leg["judge_positions_cache_over_none"] < 1 and leg["judge_cache_over_none"] > 0
+    assert 0 < leg["judge_positions_cache_over_none"] < 1
+
+
+def test_the_judge_passes_the_prm_conformance_check_each_row_alone_from_an_empty_cache(sharp):
+    from pilm.testing import check_prm
+
+    target = chain.target(sharp, "1 + 1 + 3", max_new_tokens=16)
+    chains = [sharp.encode(t) for t in ("1 + 1 = 2\n", "1 + 1 = 2\n2 + 3 = 5\n", "1 + 1 = 3\n3 + 3 = 6\nThe answer is 6.")]
+    check_prm(LMJudge(sharp), target, chains)

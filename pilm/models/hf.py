@@ -54,6 +54,10 @@ class HFModel(LanguageModel):
         self.adapter: str | None = None
         inner = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model  # under peft
         self._takes_cache = "cache" in inspect.signature(inner.forward).parameters
+        cfg = hf_model.config
+        self._windowed = (getattr(cfg, "sliding_window", None) is not None
+                          and getattr(cfg, "use_sliding_window", True) is not False)
+        self._identity = object()  # what a PromptCache keys this model's runs by
         share_prefixes(inner)
 
     @property
@@ -194,10 +198,14 @@ class HFModel(LanguageModel):
         its forward in ``cache`` (``models.prompt_cache``), or the prefix every prompt shares
         (a judge's instructions and question, say), run once here for all of them. The rest of
         each prompt is left-padded into one forward after its prefix's keys and values, with a
-        mask and per-row positions; with a ``cache`` that forward is kept for later calls."""
+        mask and per-row positions; with a ``cache`` that forward is kept for later calls. A
+        model with a sliding window runs whole prompts (padding between a prefix and its rest
+        would move the window, which counts cache slots, not positions)."""
+        if self._windowed:
+            return super().choice_logprobs(prompts, choices, cache)
         store = PromptCache(max_bytes=0) if cache is None else cache
         ctxs = [self.context(p) for p in prompts]
-        owner = (id(self), self.adapter)
+        owner = (self._identity, self.adapter)
         hits = [store.longest(owner, c, len(c) - 1) for c in ctxs]
         shared = _shared_prompt(ctxs)
         if sum(h.length < shared for h in hits) > 1:
@@ -205,7 +213,7 @@ class HFModel(LanguageModel):
             _, run = self._run_after([prefix], [store.longest(owner, prefix, shared - 1)], store, owner)
             hits = [h if h.length >= shared else Hit(run, 0, shared) for h in hits]
         logprobs, run = self._run_after(ctxs, hits, store, owner)
-        store.add(run, free_memory(self.device))  # it holds the shared prefix too, in every row
+        store.add(run)  # it holds the shared prefix too, in every row
         return torch.stack([logprobs[:, v] for v in choices], 1)
 
     def _run_after(self, ctxs: list[list[int]], hits: list[Hit], store: PromptCache, owner) -> tuple[Tensor, Run]:
@@ -228,9 +236,9 @@ class HFModel(LanguageModel):
                                     position_ids=lengths[:, None] + (real.cumsum(-1) - 1).clamp(min=0))
         store.positions += sum(map(len, rests))
         total = mask.shape[1]
-        where = [torch.cat([torch.arange(width - h.length, width, device=self.device),
-                            torch.arange(total - len(r), total, device=self.device)]) for h, r in zip(hits, rests, strict=True)]
-        return logprobs, Run(owner, [(layer.keys, layer.values) for layer in past.layers], ctxs, where)
+        run = Run(owner, [(layer.keys, layer.values) for layer in past.layers], ctxs, cached=[h.length for h in hits],
+                  cached_at=[width - h.length for h in hits], rest_at=[total - len(r) for r in rests])
+        return logprobs, run
 
     def max_rows(self, length: int, *, prompt: int = 0, per_prompt: int = 1) -> int:
         """Rows whose KV cache (``length`` positions, the first ``prompt`` of them the prompt's)

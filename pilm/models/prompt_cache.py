@@ -4,42 +4,54 @@ vLLM's automatic prefix caching) for calls that score many prompts which grow.
 A judge asks its question about a chain after every step, so each of its prompts repeats the
 last one up to the new step: with a ``PromptCache``, ``HFModel.choice_logprobs`` runs only
 what follows the longest prefix it already ran (the new step and the question after it),
-which makes a judged chain of T steps cost O(T) positions, not O(T²). Lookup is by content,
-not by row, so it survives resampling: a particle copied to two rows finds its parent's
-prompt from either. The cached keys and values are exactly what a forward of the whole
-prompt would compute (the positions and the causal context are the same), so scores do not
-change, up to the rounding of a different batch shape.
+which makes a judged chain of T steps cost O(T) positions, not O(T²), while the cache holds a
+step's prompts. Lookup is by content, not by row, so it survives resampling: a particle copied
+to two rows finds its parent's prompt from either. A prompt's cached keys and values are what
+a forward of the whole prompt computes (the same positions and causal context; models with a
+sliding window, where padding between a prefix and its rest would shift the window, run
+whole prompts instead), so scores do not change, up to the rounding of another batch shape.
 
 Each call's forward is kept whole (``Run``: its layers' keys and values, and where each row's
-positions lie in them), and whole runs are evicted, least recently used first, beyond
-``max_bytes`` (0: nothing is kept). ``positions`` counts the positions calls with this cache ran through the model
-(a judge's compute), on any backend. The cache assumes fixed weights: ``clear()`` it after
-changing them (runs under another adapter are kept apart).
+positions lie in them). Beyond ``max_bytes`` whole runs are evicted: first those a later call
+extended (a judge's next step holds their rows' prompts up to their closing question), then
+the least recently used. ``positions`` counts the positions calls with this cache ran through
+the model (a judge's compute), on any backend. The cache assumes fixed weights: ``clear()``
+it after changing them (runs of another model or adapter are kept apart).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 import torch
 from torch import Tensor
 
+from .device import free_memory
 
-@dataclass
+
+@dataclass(eq=False)
 class Run:
-    """One call's forward: ``layers`` of (keys, values), each (rows, heads, width, head_dim);
-    row i's prompt is ``tokens[i]`` and its position k is at ``where[i][k]`` of the width."""
+    """One call's forward: ``layers`` of (keys, values), each (rows, heads, width, head_dim).
+    Row i's prompt is ``tokens[i]``: its first ``cached[i]`` positions at ``cached_at[i]`` of
+    the width and onwards, the rest from ``rest_at[i]`` on."""
 
     owner: Hashable
     layers: list[tuple[Tensor, Tensor]]
     tokens: list[list[int]]
-    where: list[Tensor]
+    cached: list[int]
+    cached_at: list[int]
+    rest_at: list[int]
     used: int = 0
+    extended: bool = False
     nbytes: int = field(init=False)
+    table: Tensor = field(init=False)  # every row's tokens, padded with -1
 
     def __post_init__(self) -> None:
         self.nbytes = sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+        self.table = torch.full((len(self.tokens), max(map(len, self.tokens))), -1, dtype=torch.long)
+        for i, ids in enumerate(self.tokens):
+            self.table[i, : len(ids)] = torch.tensor(ids)
 
 
 @dataclass
@@ -53,17 +65,17 @@ class Hit:
 
 class PromptCache:
     """The runs of earlier calls (see the module docstring); ``max_bytes`` None: a quarter of
-    the device's free memory when the first run is added."""
+    the device's free memory when a run is first kept (again after ``clear()``)."""
 
     def __init__(self, max_bytes: int | None = None):
+        self._budget = max_bytes
         self.max_bytes = max_bytes
         self.runs: list[Run] = []
         self.positions = 0
         self._clock = 0
-        self._table: tuple[Tensor, list[tuple[Run, int]]] | None = None  # every row's tokens, padded with -1
 
     def clear(self) -> None:
-        self.runs, self._table = [], None
+        self.runs, self.max_bytes = [], self._budget
 
     @property
     def nbytes(self) -> int:
@@ -71,51 +83,42 @@ class PromptCache:
 
     def longest(self, owner: Hashable, ids: list[int], limit: int) -> Hit:
         """The longest prefix of ``ids``, at most ``limit`` positions, that a run of ``owner``
-        holds (an empty ``Hit`` if none)."""
-        if not self.runs or limit <= 0:
-            return Hit()
-        tokens, rows = self._rows()
-        width = min(tokens.shape[1], limit)
-        same = tokens[:, :width] == torch.tensor(ids[:width])
-        lengths = same.cumprod(1).sum(1)
-        for k in lengths.argsort(descending=True, stable=True).tolist():
-            run, row = rows[k]
-            if int(lengths[k]) == 0:
-                break
-            if run.owner == owner:
-                self._clock += 1
-                run.used = self._clock
-                return Hit(run, row, int(lengths[k]))
-        return Hit()
+        holds (the latest run's on a tie; an empty ``Hit`` if none). Its run is marked
+        extended."""
+        best, query = Hit(), torch.tensor(ids[:limit])
+        for run in reversed(self.runs):
+            if run.owner != owner:
+                continue
+            width = min(run.table.shape[1], len(query))
+            lengths = (run.table[:, :width] == query[:width]).cumprod(1).sum(1)
+            row = int(lengths.argmax())
+            if int(lengths[row]) > best.length:
+                best = Hit(run, row, int(lengths[row]))
+        if best.run is not None:
+            self._clock += 1
+            best.run.used, best.run.extended = self._clock, True
+        return best
 
-    def add(self, run: Run, free_bytes: int) -> None:
-        """Keep ``run``, then evict the least recently used runs (``run`` last) while the
-        cache holds more than ``max_bytes`` (``free_bytes``: the device's free memory)."""
+    def add(self, run: Run) -> None:
+        """Keep ``run``, then evict runs (those extended first, then the least recently used,
+        ``run`` last) while the cache holds more than ``max_bytes``."""
         if self.max_bytes is None:
-            self.max_bytes = free_bytes // 4
+            self.max_bytes = free_memory(run.layers[0][0].device) // 4
         self._clock += 1
         run.used = self._clock
         self.runs.append(run)
-        self.runs.sort(key=lambda r: r.used)
-        while self.runs and self.nbytes > self.max_bytes:
-            self.runs.pop(0)
-        self._table = None
-
-    def _rows(self) -> tuple[Tensor, list[tuple[Run, int]]]:
-        if self._table is None:
-            rows = [(run, i) for run in self.runs for i in range(len(run.tokens))]
-            width = max(len(run.tokens[i]) for run, i in rows)
-            table = torch.full((len(rows), width), -1, dtype=torch.long)
-            for k, (run, i) in enumerate(rows):
-                table[k, : len(run.tokens[i])] = torch.tensor(run.tokens[i])
-            self._table = table, rows
-        return self._table
+        held = self.nbytes
+        while self.runs and held > self.max_bytes:
+            victim = min(self.runs, key=lambda r: (r is run, not r.extended, r.used))
+            self.runs.remove(victim)
+            held -= victim.nbytes
 
 
 def gather(hits: list[Hit], width: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
     """The hits' keys and values as one batch, right-aligned in ``width`` positions (row i's
-    ``hits[i].length`` positions last, zeros before), and the (rows, width) mask of them.
-    Every hit must have a run, all with the same layers."""
+    ``hits[i].length`` positions last), and the (rows, width) mask of them; the positions
+    before are masked out. At least one hit must be found (have a run); all runs have the
+    same layers."""
     first = next(h.run for h in hits if h.run is not None)
     device = first.layers[0][0].device
     lengths = torch.tensor([h.length for h in hits], device=device)
@@ -128,14 +131,15 @@ def gather(hits: list[Hit], width: int) -> tuple[list[tuple[Tensor, Tensor]], Te
     for rows in by_run.values():
         run = hits[rows[0]].run
         assert run is not None
-        source = torch.tensor([hits[i].row for i in rows], device=device)
-        index = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for j, i in enumerate(rows):
-            n = hits[i].length
-            index[j, width - n:] = run.where[hits[i].row][:n]
-        into = torch.tensor(rows, device=device)
+        source = [hits[i].row for i in rows]
+        n, cached, cached_at, rest_at = (torch.tensor(v, device=device)[:, None] for v in (
+            [hits[i].length for i in rows], [run.cached[j] for j in source], [run.cached_at[j] for j in source],
+            [run.rest_at[j] for j in source]))
+        k = (torch.arange(width, device=device) - (width - n)).clamp(min=0)  # position k of the prompt
+        index = torch.where(k < cached, cached_at + k, rest_at + k - cached)
+        into, source_rows = torch.tensor(rows, device=device), torch.tensor(source, device=device)
         for (keys, values), out in zip(run.layers, layers, strict=True):
             for t, o in zip((keys, values), out, strict=True):
-                picked = t.index_select(0, source)
+                picked = t.index_select(0, source_rows)
                 o[into] = picked.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
     return [(k, v) for k, v in layers], mask

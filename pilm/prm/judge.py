@@ -26,10 +26,11 @@ class LMJudge(ProcessReward):
     Each prompt repeats the judge's last prompt about the chain up to the new step, so the
     judge keeps its forwards in a ``PromptCache`` and a backend that keeps keys and values
     (transformers) runs only what follows the longest prefix it already ran: a chain of T
-    steps costs O(T) judge positions, not O(T²). There a question's rows also go in calls of
-    their own (``shares_choice_prefix``), so its instructions and question run once.
-    ``lm_tokens`` counts the positions run; ``cache_bytes`` bounds the cache (None: a quarter
-    of the device's free memory)."""
+    steps costs O(T) judge positions, not O(T²), while the cache holds a step's prompts. There
+    a question's rows also go in calls of their own (``shares_choice_prefix``), so its
+    instructions and question run once. ``lm_tokens`` counts the positions run;
+    ``cache_bytes`` bounds the cache (None: a quarter of the device's free memory when it
+    first keeps a forward); ``begin()`` (a run starting) empties it."""
 
     def __init__(self, model: LanguageModel, template: str = TEMPLATE, *, yes: str = " Yes", no: str = " No",
                  chat: bool = False, batch_rows: int = 256, cache_bytes: int | None = None):

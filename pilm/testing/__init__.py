@@ -172,10 +172,12 @@ def check_prm(prm, target: Target, chains: Sequence[Sequence[int]]) -> None:
                          steps=[_steps(model, cut, rows[i]) for i in ix], tokens=[tuple(rows[i]) for i in ix],
                          hidden=None if hidden is None else hidden[ix], last=None if last is None else last[ix])
 
+    prm.begin()
     scores = torch.as_tensor(prm.score(batch(list(range(len(rows)))))).double().reshape(-1)
     assert scores.shape == (len(rows),), f"{len(scores)} scores for {len(rows)} rows"
     assert not torch.isnan(scores).any() and bool(((scores >= 0) & (scores <= 1)).all()), "scores must be in [0, 1]"
     for i in range(len(rows)):
+        prm.begin()  # alone: nothing the batch's call left (a judge's prompt cache) is reused
         one = float(torch.as_tensor(prm.score(batch([i]))).double().reshape(-1)[0])
         assert abs(one - float(scores[i])) < 1e-4, f"row {i} scores {one} alone and {float(scores[i])} in the batch"
 
