@@ -374,6 +374,31 @@ def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
                                                              ("bon", "verifier"), ("bon", "judge")}
 
 
+def test_growth_pairs_each_methods_change_from_n_4_to_16_and_the_filters_against_it(tmp_path):
+    """The filter's change minus beam search's per problem is +1, +1, +1, -1, 0 here: 3 against 1,
+    the sign test's p = 2 * (1 + 4) / 2**4; its own change is 2 / 1 (p = 1). A problem one cell
+    lacks, a method run at one N, and another PRM's beam search stay out."""
+    from pilm.commands.scale_report import growth, growth_table
+
+    right = {("pf", "verifier", 4): [0, 0, 1, 1, 0], ("pf", "verifier", 16): [1, 1, 1, 0, 0, 1],
+             ("beam", "verifier", 4): [0, 1, 1, 0, 1], ("beam", "verifier", 16): [0, 1, 0, 0, 1],
+             ("beam", "judge", 4): [1, 1, 1, 1, 1], ("beam", "judge", 16): [0, 0, 0, 0, 0],
+             ("sc", "none", 4): [1, 1, 1, 1, 1]}
+    rows = [{"method": m, "prm": prm, "n": n, "problem": i, "correct": bool(c)}
+            for (m, prm, n), cs in right.items() for i, c in enumerate(cs)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = {(g["method"], g["prm"], g["against"]): g for g in growth(tmp_path / "rows.jsonl")}
+    assert set(got) == {("beam", "judge", None), ("beam", "verifier", None), ("pf", "verifier", None),
+                        ("pf", "verifier", "beam")}
+    own, beam_judge = got[("pf", "verifier", None)], got[("beam", "judge", None)]
+    assert (own["problems"], own["first"], own["second"], own["p"]) == (5, 2, 1, 1.0)
+    assert (beam_judge["first"], beam_judge["second"]) == (0, 5)
+    vs = got[("pf", "verifier", "beam")]
+    assert (vs["problems"], vs["first"], vs["second"]) == (5, 3, 1)
+    assert vs["p"] == pytest.approx(2 * 5 / 2**4, rel=1e-12)
+    assert "| pf (verifier) | beam (verifier) | 5 | 3 / 1 | 0.625 |" in growth_table(list(got.values()))
+
+
 def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, tmp_path):
     """--chat: the worked examples are earlier turns of the model's chat template, the question
     the last user turn (for both tasks); a folder keeps the choice, and one run without it is

@@ -94,6 +94,53 @@ def paired_table(comparisons: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def growth(rows_path: str | Path, low: int = 4, high: int = 16, reference: str = "pf") -> list[dict]:
+    """What N = ``low`` -> ``high`` buys, paired on the same problems. For each (method, PRM) run at
+    both: the problems right only at ``high`` and only at ``low``, and McNemar's exact p between
+    the two N (``"against": None``). Then ``reference``'s gain against each other method's with the
+    same PRM (or none), on the problems all four cells ran: per problem d = (reference's change) -
+    (the method's change), each change -1, 0 or 1; the problems with d > 0 (the reference gained
+    more) and d < 0, and the sign test's p, the exact binomial on the nonzero d (McNemar's test of
+    d > 0 against d < 0). This is "scales better" read literally: one method's growth against
+    another's, which two N-wise comparisons do not test."""
+    right: dict[tuple, dict[int, bool]] = {}
+    for r in read_rows(Path(rows_path)):
+        right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
+    change: dict[tuple[str, str], dict[int, int]] = {}
+    for method, prm in sorted({k[:2] for k in right}, key=lambda k: (k[1], METHODS.index(k[0]))):
+        lo, hi = right.get((method, prm, low)), right.get((method, prm, high))
+        if lo and hi and (both := sorted(set(lo) & set(hi))):
+            change[(method, prm)] = {i: hi[i] - lo[i] for i in both}
+    out = []
+    for (method, prm), c in change.items():
+        only_high, only_low, p = mcnemar([c[i] > 0 for i in c], [c[i] < 0 for i in c])
+        out.append({"method": method, "prm": prm, "against": None, "problems": len(c),
+                    "first": only_high, "second": only_low, "p": p})
+    for (ref, ref_prm), rc in change.items():
+        if ref != reference:
+            continue
+        for (method, prm), c in change.items():
+            if method == reference or not (prm == ref_prm or "none" in (prm, ref_prm)):
+                continue
+            both = sorted(set(rc) & set(c))
+            more, less, p = mcnemar([rc[i] > c[i] for i in both], [rc[i] < c[i] for i in both])
+            out.append({"method": reference, "prm": ref_prm, "against": method, "against_prm": prm,
+                        "problems": len(both), "first": more, "second": less, "p": p})
+    return out
+
+
+def growth_table(rows: list[dict], low: int = 4, high: int = 16) -> str:
+    """``growth`` as two markdown tables: each method's own change, then the reference's against
+    each other method's."""
+    own = [f"| method (PRM) | problems | right only at N = {high} / only at N = {low} | McNemar p |", "|---|---|---|---|"]
+    own += [f"| {g['method']} ({g['prm']}) | {g['problems']} | {g['first']} / {g['second']} | {g['p']:.3g} |"
+            for g in rows if g["against"] is None]
+    vs = ["| method (PRM) | against (PRM) | problems | gained more / gained less | sign test p |", "|---|---|---|---|---|"]
+    vs += [f"| {g['method']} ({g['prm']}) | {g['against']} ({g['against_prm']}) | {g['problems']} | {g['first']} / "
+           f"{g['second']} | {g['p']:.3g} |" for g in rows if g["against"] is not None]
+    return "\n".join(own) + ("\n\n" + "\n".join(vs) if len(vs) > 2 else "")
+
+
 def report(rows_path: str | Path) -> str:
     """A folder's table.md: ``table`` of its summary, then ``paired_table`` against the
     particle filter where it ran."""
