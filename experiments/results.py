@@ -35,7 +35,7 @@ import skip_twist
 import twists
 
 from pilm.commands.bench import table as bench_table
-from pilm.commands.scale_report import growth, growth_table, paired, paired_table, report
+from pilm.commands.scale_report import paired, paired_table, report
 from pilm.inference.result import read_jsonl
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -63,14 +63,9 @@ def scale_runs(folder: Path) -> dict[str, str]:
 
 def pairs(rows: Path) -> str:
     """A scale run's McNemar pairs against self-consistency, greedy and both particle filters
-    (those it ran), one table each, and what N = 4 -> 16 buys (``growth``)."""
+    (those it ran), one table each."""
     parts = [f"Against {ref}, on the same problems (McNemar's exact test):\n\n{paired_table(found)}\n"
              for ref in ("sc", "greedy", "pf", "pf-twisted") if (found := paired(rows, reference=ref))]
-    if found := growth(rows):
-        parts.append("From N = 4 to N = 16 on the same problems: each method's own change (McNemar's exact test "
-                     "between the two N), then whether the particle filter gained more than each other method "
-                     "with the same PRM (per problem, the filter's change minus the method's, each -1, 0 or 1; "
-                     f"the sign test on those differences):\n\n{growth_table(found)}\n")
     return "\n".join(parts)
 
 

@@ -301,7 +301,7 @@ def test_gsm8k_loads_offline_and_checks_numbers(tmp_path):
 
 
 def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
-    from pilm.commands.scale_report import summarise, table
+    from pilm.commands.scale_report import report, summarise, table
     from pilm.commands.scaling import run_scale
 
     cfg = ScaleConfig(methods=("greedy", "sc", "bon", "pf", "pf-twisted", "beam", "beam-all"), n=(1, 2), problems=3)
@@ -327,6 +327,9 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
 
     assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook value at 8 of 10
     assert "| pf | verifier | 2 |" in table(summary)
+    text = report(rows)  # table.md: the pairs against the filter, and growth between its two largest N
+    assert "| beam (verifier, 2) | pf (verifier, 2) | 3 |" in text and "From N = 1 to N = 2" in text
+    assert "| pf (verifier) | beam (verifier) | 3 |" in text
 
 
 def test_scale_runs_every_method_on_a_block_before_the_next(tiny, tmp_path, capsys):

@@ -143,11 +143,18 @@ def growth_table(rows: list[dict], low: int = 4, high: int = 16) -> str:
 
 def report(rows_path: str | Path) -> str:
     """A folder's table.md: ``table`` of its summary, then ``paired_table`` against the
-    particle filter where it ran."""
+    particle filter where it ran, and ``growth`` between the filter's two largest N."""
     text = table(summarise(rows_path))
     if comparisons := paired(rows_path):
         text += ("\n\nEach method against the particle filter (paper weights) on the same problems (McNemar's exact "
                  "test):\n\n" + paired_table(comparisons))
+    ns = sorted({r["n"] for r in read_rows(Path(rows_path)) if r["method"] == "pf"})
+    if len(ns) > 1 and (grown := growth(rows_path, low=ns[-2], high=ns[-1])):
+        text += (f"\n\nFrom N = {ns[-2]} to N = {ns[-1]} on the same problems: each method's own change (McNemar's "
+                 "exact test between the two N), then whether the particle filter gained more than each other "
+                 "method with the same PRM (per problem, the filter's change minus the method's, each -1, 0 or 1; "
+                 "the sign test on those differences): \"scales better\" read as a rate.\n\n"
+                 + growth_table(grown, low=ns[-2], high=ns[-1]))
     return text + "\n"
 
 
