@@ -328,8 +328,7 @@ def test_scale_writes_one_row_per_cell_and_resumes(tiny, tmp_path):
     assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook value at 8 of 10
     assert "| pf | verifier | 2 |" in table(summary)
     text = report(rows)  # table.md: the pairs against the filter, and growth between its two largest N
-    assert "| beam (verifier, 2) | pf (verifier, 2) | 3 |" in text and "From N = 1 to N = 2" in text
-    assert "| pf (verifier) | beam (verifier) | 3 |" in text
+    assert "| beam (verifier, 2) | pf (verifier, 2) | 3 |" in text and "| pf (verifier) | beam (verifier) | 1 → 2 | 3 |" in text
 
 
 def test_scale_runs_every_method_on_a_block_before_the_next(tiny, tmp_path, capsys):
@@ -377,29 +376,42 @@ def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
                                                              ("bon", "verifier"), ("bon", "judge")}
 
 
-def test_growth_pairs_each_methods_change_from_n_4_to_16_and_the_filters_against_it(tmp_path):
-    """The filter's change minus beam search's per problem is +1, +1, +1, -1, 0 here: 3 against 1,
-    the sign test's p = 2 * (1 + 4) / 2**4; its own change is 2 / 1 (p = 1). A problem one cell
-    lacks, a method run at one N, and another PRM's beam search stay out."""
+def test_growth_pairs_each_methods_change_and_the_filters_against_it(tmp_path):
+    """Per PRM between the filter's two largest N (4 -> 16 with the verifier, 1 -> 4 with the
+    judge). With the verifier the filter's change minus beam search's is +2, +1, +1, -1, 0, -1
+    on the problems all four cells ran: net +2, 3 problems against 2, and the sign-flip p sums
+    the patterns of (+-2, +-1 x 4) whose |sum| reaches 2: 24 of 32 (all but the 4 + 4 where the
+    four ones sum to -+2 against the +-2). Problem 6 (only the filter ran it at 16) stays out,
+    self-consistency (no PRM) meets both PRMs' filters, its own change once per pair of N, and
+    beam search with the judge meets only the judge's filter."""
     from pilm.commands.scale_report import growth, growth_table
+    from pilm.evaluation.metrics import mcnemar, sign_flip
 
-    right = {("pf", "verifier", 4): [0, 0, 1, 1, 0], ("pf", "verifier", 16): [1, 1, 1, 0, 0, 1],
-             ("beam", "verifier", 4): [0, 1, 1, 0, 1], ("beam", "verifier", 16): [0, 1, 0, 0, 1],
-             ("beam", "judge", 4): [1, 1, 1, 1, 1], ("beam", "judge", 16): [0, 0, 0, 0, 0],
-             ("sc", "none", 4): [1, 1, 1, 1, 1]}
+    assert sign_flip([2, 2, -1]) == 0.5 and sign_flip([0, 0]) == 1.0
+    assert sign_flip([1] * 11 + [-1, 0]) == pytest.approx(mcnemar([True] * 11 + [False], [False] * 11 + [True])[2])
+    right = {("pf", "verifier", 1): [1] * 6, ("pf", "verifier", 4): [0, 0, 1, 1, 0, 0],
+             ("pf", "verifier", 16): [1, 1, 1, 0, 0, 0, 1],
+             ("beam", "verifier", 4): [1, 1, 1, 0, 1, 0], ("beam", "verifier", 16): [0, 1, 0, 0, 1, 1],
+             ("pf", "judge", 1): [0, 0, 0, 0, 0, 0], ("pf", "judge", 4): [1, 1, 0, 0, 0, 0],
+             ("beam", "judge", 1): [1, 1, 1, 1, 1, 1], ("beam", "judge", 4): [0, 0, 0, 0, 0, 0],
+             ("sc", "none", 4): [1, 1, 1, 1, 1, 1], ("sc", "none", 16): [1, 1, 1, 1, 1, 0],
+             ("sc", "none", 1): [0, 0, 0, 0, 0, 0]}
     rows = [{"method": m, "prm": prm, "n": n, "problem": i, "correct": bool(c)}
             for (m, prm, n), cs in right.items() for i, c in enumerate(cs)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = {(g["method"], g["prm"], g["against"]): g for g in growth(tmp_path / "rows.jsonl")}
-    assert set(got) == {("beam", "judge", None), ("beam", "verifier", None), ("pf", "verifier", None),
-                        ("pf", "verifier", "beam")}
-    own, beam_judge = got[("pf", "verifier", None)], got[("beam", "judge", None)]
-    assert (own["problems"], own["first"], own["second"], own["p"]) == (5, 2, 1, 1.0)
-    assert (beam_judge["first"], beam_judge["second"]) == (0, 5)
-    vs = got[("pf", "verifier", "beam")]
-    assert (vs["problems"], vs["first"], vs["second"]) == (5, 3, 1)
-    assert vs["p"] == pytest.approx(2 * 5 / 2**4, rel=1e-12)
-    assert "| pf (verifier) | beam (verifier) | 5 | 3 / 1 | 0.625 |" in growth_table(list(got.values()))
+    out = growth(tmp_path / "rows.jsonl")
+    got = {(g["method"], g["prm"], g["low"], g["against"], g["against_prm"] if g["against"] else None): g for g in out}
+    assert len(got) == len(out) == 10
+    assert {(g["prm"], g["low"], g["high"]) for g in out} == {("judge", 1, 4), ("verifier", 4, 16), ("none", 1, 4),
+                                                             ("none", 4, 16)}
+    own = got[("pf", "verifier", 4, None, None)]
+    assert (own["problems"], own["first"], own["second"], own["p"]) == (6, 2, 1, 1.0)
+    vs = got[("pf", "verifier", 4, "beam", "verifier")]
+    assert (vs["problems"], vs["net"], vs["first"], vs["second"]) == (6, 2, 3, 2)
+    assert vs["p"] == pytest.approx(24 / 32, rel=1e-12)
+    assert got[("pf", "judge", 1, "beam", "judge")]["net"] == 2 + 6  # wrong -> right twice; right -> wrong six times
+    assert got[("pf", "verifier", 4, "sc", "none")]["net"] == 1 - (-1)  # the filter +1 net, self-consistency -1
+    assert "| pf (verifier) | beam (verifier) | 4 → 16 | 6 | +2 | 3 / 2 | 0.75 |" in growth_table(out)
 
 
 def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, tmp_path):

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from ..evaluation.metrics import mcnemar, wilson
+from ..evaluation.metrics import mcnemar, sign_flip, wilson
 from ..extras import pyplot
 
 METHODS = ("greedy", "sc", "bon", "wbon", "beam", "beam-all", "dvts", "pf", "pf-twisted", "pg")  # pilm scale's, in table order
@@ -94,67 +94,78 @@ def paired_table(comparisons: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def growth(rows_path: str | Path, low: int = 4, high: int = 16, reference: str = "pf") -> list[dict]:
-    """What N = ``low`` -> ``high`` buys, paired on the same problems. For each (method, PRM) run at
-    both: the problems right only at ``high`` and only at ``low``, and McNemar's exact p between
-    the two N (``"against": None``). Then ``reference``'s gain against each other method's with the
-    same PRM (or none), on the problems all four cells ran: per problem d = (reference's change) -
-    (the method's change), each change -1, 0 or 1; the problems with d > 0 (the reference gained
-    more) and d < 0, and the sign test's p, the exact binomial on the nonzero d (McNemar's test of
-    d > 0 against d < 0). This is "scales better" read literally: one method's growth against
-    another's, which two N-wise comparisons do not test."""
+def growth(rows_path: str | Path, reference: str = "pf") -> list[dict]:
+    """What a larger budget buys, paired on the same problems: per PRM, between the two largest N
+    the ``reference`` ran with it (``low`` -> ``high``). For each method run at both with that PRM
+    (or none): the problems right only at ``high`` and only at ``low``, and McNemar's exact p
+    between the two N (``"against": None``). Then the reference's gain against each other
+    method's, on the problems all four cells ran: per problem d = (the reference's change) -
+    (the method's change), each change -1, 0 or 1; ``net`` = sum of d, how many more problems the
+    reference gained; the problems with d > 0 and d < 0; and the exact sign-flip test's p of the
+    net (``metrics.sign_flip``). This is "scales better" read as a rate, one method's growth
+    against another's, which comparisons at each N do not test."""
     right: dict[tuple, dict[int, bool]] = {}
     for r in read_rows(Path(rows_path)):
         right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
-    change: dict[tuple[str, str], dict[int, int]] = {}
-    for method, prm in sorted({k[:2] for k in right}, key=lambda k: (k[1], METHODS.index(k[0]))):
-        lo, hi = right.get((method, prm, low)), right.get((method, prm, high))
-        if lo and hi and (both := sorted(set(lo) & set(hi))):
-            change[(method, prm)] = {i: hi[i] - lo[i] for i in both}
-    out = []
-    for (method, prm), c in change.items():
-        only_high, only_low, p = mcnemar([c[i] > 0 for i in c], [c[i] < 0 for i in c])
-        out.append({"method": method, "prm": prm, "against": None, "problems": len(c),
-                    "first": only_high, "second": only_low, "p": p})
-    for (ref, ref_prm), rc in change.items():
-        if ref != reference:
+    out: list[dict] = []
+    for ref_prm in sorted({k[1] for k in right if k[0] == reference}):
+        ns = sorted(k[2] for k in right if k[:2] == (reference, ref_prm))
+        if len(ns) < 2:
             continue
+        low, high = ns[-2], ns[-1]
+        change: dict[tuple[str, str], dict[int, int]] = {}
+        for method in METHODS:
+            for prm in (ref_prm, "none"):
+                lo, hi = right.get((method, prm, low)), right.get((method, prm, high))
+                if lo and hi and (both := sorted(set(lo) & set(hi))):
+                    change[(method, prm)] = {i: hi[i] - lo[i] for i in both}
         for (method, prm), c in change.items():
-            if method == reference or not (prm == ref_prm or "none" in (prm, ref_prm)):
+            if any(g["against"] is None and (g["method"], g["prm"], g["low"], g["high"]) == (method, prm, low, high)
+                   for g in out):  # a method without a PRM meets every PRM's filter: its change once
                 continue
-            both = sorted(set(rc) & set(c))
-            more, less, p = mcnemar([rc[i] > c[i] for i in both], [rc[i] < c[i] for i in both])
-            out.append({"method": reference, "prm": ref_prm, "against": method, "against_prm": prm,
-                        "problems": len(both), "first": more, "second": less, "p": p})
+            only_high, only_low, p = mcnemar([c[i] > 0 for i in c], [c[i] < 0 for i in c])
+            out.append({"method": method, "prm": prm, "low": low, "high": high, "against": None,
+                        "problems": len(c), "first": only_high, "second": only_low, "p": p})
+        ref = change.get((reference, ref_prm), {})
+        for (method, prm), c in change.items():
+            if method == reference or not (both := sorted(set(ref) & set(c))):
+                continue
+            d = [ref[i] - c[i] for i in both]
+            out.append({"method": reference, "prm": ref_prm, "low": low, "high": high, "against": method,
+                        "against_prm": prm, "problems": len(both), "net": sum(d), "first": sum(x > 0 for x in d),
+                        "second": sum(x < 0 for x in d), "p": sign_flip(d)})
     return out
 
 
-def growth_table(rows: list[dict], low: int = 4, high: int = 16) -> str:
+def growth_table(rows: list[dict]) -> str:
     """``growth`` as two markdown tables: each method's own change, then the reference's against
     each other method's."""
-    own = [f"| method (PRM) | problems | right only at N = {high} / only at N = {low} | McNemar p |", "|---|---|---|---|"]
-    own += [f"| {g['method']} ({g['prm']}) | {g['problems']} | {g['first']} / {g['second']} | {g['p']:.3g} |"
-            for g in rows if g["against"] is None]
-    vs = ["| method (PRM) | against (PRM) | problems | gained more / gained less | sign test p |", "|---|---|---|---|---|"]
-    vs += [f"| {g['method']} ({g['prm']}) | {g['against']} ({g['against_prm']}) | {g['problems']} | {g['first']} / "
-           f"{g['second']} | {g['p']:.3g} |" for g in rows if g["against"] is not None]
+    own = ["| method (PRM) | N | problems | right only at the larger N / only at the smaller | McNemar p |",
+           "|---|---|---|---|---|"]
+    own += [f"| {g['method']} ({g['prm']}) | {g['low']} → {g['high']} | {g['problems']} | {g['first']} / "
+            f"{g['second']} | {g['p']:.3g} |" for g in rows if g["against"] is None]
+    vs = ["| method (PRM) | against (PRM) | N | problems | net: problems gained more | problems where it gained "
+          "more / less | sign-flip p |", "|---|---|---|---|---|---|---|"]
+    vs += [f"| {g['method']} ({g['prm']}) | {g['against']} ({g['against_prm']}) | {g['low']} → {g['high']} | "
+           f"{g['problems']} | {g['net']:+d} | {g['first']} / {g['second']} | {g['p']:.3g} |"
+           for g in rows if g["against"] is not None]
     return "\n".join(own) + ("\n\n" + "\n".join(vs) if len(vs) > 2 else "")
 
 
 def report(rows_path: str | Path) -> str:
     """A folder's table.md: ``table`` of its summary, then ``paired_table`` against the
-    particle filter where it ran, and ``growth`` between the filter's two largest N."""
+    particle filter where it ran, and ``growth`` (per PRM, between the filter's two largest N)."""
     text = table(summarise(rows_path))
     if comparisons := paired(rows_path):
         text += ("\n\nEach method against the particle filter (paper weights) on the same problems (McNemar's exact "
                  "test):\n\n" + paired_table(comparisons))
-    ns = sorted({r["n"] for r in read_rows(Path(rows_path)) if r["method"] == "pf"})
-    if len(ns) > 1 and (grown := growth(rows_path, low=ns[-2], high=ns[-1])):
-        text += (f"\n\nFrom N = {ns[-2]} to N = {ns[-1]} on the same problems: each method's own change (McNemar's "
-                 "exact test between the two N), then whether the particle filter gained more than each other "
-                 "method with the same PRM (per problem, the filter's change minus the method's, each -1, 0 or 1; "
-                 "the sign test on those differences): \"scales better\" read as a rate.\n\n"
-                 + growth_table(grown, low=ns[-2], high=ns[-1]))
+    if grown := growth(rows_path):
+        text += ("\n\nWhat the larger budget buys, per PRM between the particle filter's two largest N, on the same "
+                 "problems: each method's own change (McNemar's exact test between the two N), then whether the "
+                 "filter gained more than each other method with the same PRM (per problem, the filter's change "
+                 "minus the method's, each change -1, 0 or 1; the net is their sum, tested by the exact sign-flip "
+                 "test): \"scales better\" read as a rate. No p-value here is corrected for the others.\n\n"
+                 + growth_table(grown))
     return text + "\n"
 
 

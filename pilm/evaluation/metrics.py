@@ -57,6 +57,24 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, float]:
     return only_a, only_b, p
 
 
+def sign_flip(diffs: Sequence[int]) -> float:
+    """The exact two-sided p of the paired sign-flip (permutation) test of integer differences
+    d_i: under the null that each pair's two members are exchangeable, each d_i is as likely
+    -d_i, so S = sum of +-|d_i| with independent fair signs, and p = P(|S| >= |sum d_i|) (1.0
+    when every d is 0). On differences of -1, 0 and 1 it is the sign test (McNemar's exact
+    test). For [2, 2, -1] the sum is 3, and 4 of the 8 sign patterns (5, 3, -3, -5) reach it:
+    p = 0.5."""
+    counts = {0: 1}  # sign patterns of the nonzero |d| so far, by their sum
+    for a in (abs(int(d)) for d in diffs if d):
+        grown: dict[int, int] = {}
+        for total, ways in counts.items():
+            grown[total + a] = grown.get(total + a, 0) + ways
+            grown[total - a] = grown.get(total - a, 0) + ways
+        counts = grown
+    observed = abs(sum(int(d) for d in diffs))
+    return sum(ways for total, ways in counts.items() if abs(total) >= observed) / sum(counts.values())
+
+
 def t_half_width(sd: float, n: int, level: float = 0.95) -> float:
     """Half-width of the Student-t interval for a mean of n draws with sample standard deviation
     ``sd``: t_{(1 + level) / 2, n - 1} · sd / √n (NaN for n < 2). t_{0.975, 4} = 2.776 and
