@@ -414,6 +414,26 @@ def test_growth_pairs_each_methods_change_and_the_filters_against_it(tmp_path):
     assert "| pf (verifier) | beam (verifier) | 4 → 16 | 6 | +2 | 3 / 2 | 0.75 |" in growth_table(out)
 
 
+def test_two_learned_prms_in_one_folder_stay_apart_in_every_table(tmp_path):
+    """Rows of two learned PRM folders in one run folder are two PRMs in the tables, the pairs and
+    the plot, not one cell that mixes them; one folder alone keeps the plain name."""
+    from pilm.commands.scale_report import cell_rows, paired, plot, read_rows, summarise
+
+    cells = {("pf", "learned", "a"): [1, 1, 0], ("pf", "learned", "b"): [0, 0, 0], ("beam", "learned", "a"): [1, 0, 0]}
+    rows = [{"method": m, "prm": prm, "prm_path": path, "n": 4, "problem": i, "correct": bool(c), "tokens": 10.0,
+             "prm_tokens": 0.0, "seconds": 1.0} for (m, prm, path), cs in cells.items() for i, c in enumerate(cs)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {(s["method"], s["prm"]): s["accuracy"] for s in summarise(tmp_path / "rows.jsonl")}
+    assert summary == {("beam", "learned (a)"): pytest.approx(1 / 3), ("pf", "learned (a)"): pytest.approx(2 / 3),
+                       ("pf", "learned (b)"): 0.0}
+    assert [(c["method"], c["reference_prm"]) for c in paired(tmp_path / "rows.jsonl")] == [("beam", "learned (a)")]
+    plot(summarise(tmp_path / "rows.jsonl"), tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").stat().st_size > 0
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["prm_path"] == "a"))
+    assert {r["prm"] for r in cell_rows(tmp_path / "one.jsonl")} == {"learned"}
+    assert {r["prm"] for r in read_rows(tmp_path / "rows.jsonl")} == {"learned"}  # what resuming reads: as written
+
+
 def test_scale_with_the_chat_template_prompts_an_instruct_model_in_turns(tiny, tmp_path):
     """--chat: the worked examples are earlier turns of the model's chat template, the question
     the last user turn (for both tasks); a folder keeps the choice, and one run without it is

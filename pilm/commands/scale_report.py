@@ -22,12 +22,27 @@ def read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def cell_rows(path: Path) -> list[dict]:
+    """The rows as the tables group them. Where one PRM name's rows come from more than one PRM
+    folder (two learned PRMs run into one folder), each such row's ``prm`` also names its folder,
+    ``learned (path)``, so that no table merges them (the file itself is left as it is)."""
+    rows = read_rows(path)
+    folders: dict[str, set[str]] = {}
+    for r in rows:
+        if r.get("prm_path"):
+            folders.setdefault(r["prm"], set()).add(r["prm_path"])
+    for r in rows:
+        if len(folders.get(r["prm"], ())) > 1:
+            r["prm"] = f"{r['prm']} ({r['prm_path']})"
+    return rows
+
+
 def summarise(rows_path: str | Path) -> list[dict]:
     """One entry per (method, PRM, N): accuracy, its 95% interval, problems, mean tokens (policy +
     judge) and seconds per problem, the judge's share of those tokens (``prm_share``), and tokens
     per second of the whole run (policy + judge tokens over its seconds)."""
     cells: dict[tuple, list[dict]] = {}
-    for r in read_rows(Path(rows_path)):
+    for r in cell_rows(Path(rows_path)):
         cells.setdefault((r["method"], r["prm"], r["n"]), []).append(r)
     out = []
     for (method, prm, n), rows in sorted(cells.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1], kv[0][2])):
@@ -63,7 +78,7 @@ def paired(rows_path: str | Path, reference: str = "pf") -> list[dict]:
     greedy) meets a reference of any PRM, and a reference without one meets every PRM's
     methods; greedy meets the others at every N. Each entry names both sides' own PRM and N."""
     right: dict[tuple, dict[int, bool]] = {}
-    for r in read_rows(Path(rows_path)):
+    for r in cell_rows(Path(rows_path)):
         right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
     order = lambda key: (METHODS.index(key[0]), key[1], key[2])  # noqa: E731
     out = []
@@ -105,7 +120,7 @@ def growth(rows_path: str | Path, reference: str = "pf") -> list[dict]:
     net (``metrics.sign_flip``). This is "scales better" read as a rate, one method's growth
     against another's, which comparisons at each N do not test."""
     right: dict[tuple, dict[int, bool]] = {}
-    for r in read_rows(Path(rows_path)):
+    for r in cell_rows(Path(rows_path)):
         right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
     out: list[dict] = []
     for ref_prm in sorted({k[1] for k in right if k[0] == reference}):
@@ -175,7 +190,8 @@ def plot(summary: list[dict], path: str | Path) -> None:
     plt = pyplot()
     import matplotlib.ticker
 
-    prms = [p for p in ("verifier", "learned", "judge") if any(s["prm"] == p for s in summary)] or ["none"]
+    prms = sorted({s["prm"] for s in summary} - {"none"},
+                  key=lambda p: ({"verifier": 0, "learned": 1, "judge": 2}.get(p.split(" (")[0], 3), p)) or ["none"]
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     fig, axes = plt.subplots(1, len(prms), figsize=(4.2 * len(prms), 4), sharey=True, squeeze=False)
     for ax, prm in zip(axes[0], prms):
