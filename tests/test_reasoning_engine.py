@@ -156,6 +156,18 @@ def test_the_judge_runs_a_questions_shared_prefix_once_and_scores_as_each_prompt
     assert nothing_shared.positions == sum(map(len, prompts))
 
 
+def test_the_judge_asks_rows_with_the_same_steps_once(tiny):
+    """Copies of a row (what resampling makes) get the score their prompt gets alone, and the
+    judge runs each distinct prompt once: the positions of the batch without its copies."""
+    steps = [["1 + 1 = 2\n"], ["1 + 1 = 3\n"], ["1 + 1 = 2\n"], ["2 + 2 = 4\n"], ["1 + 1 = 2\n"], ["2 + 2 = 4\n"]]
+    questions = ["1 + 1", "1 + 1", "1 + 1", "2 + 2", "1 + 1", "2 + 2"]
+    copies, distinct = LMJudge(tiny), LMJudge(tiny)
+    scores = copies.score(StepBatch(questions, [()] * 6, steps, [()] * 6))
+    once = distinct.score(StepBatch([questions[i] for i in (0, 1, 3)], [()] * 3, [steps[i] for i in (0, 1, 3)], [()] * 3))
+    assert torch.equal(scores, once[[0, 1, 0, 2, 0, 2]])
+    assert copies.lm_tokens == distinct.lm_tokens > 0
+
+
 def _longest_run(prompt: list[int], earlier: list[list[int]]) -> int:
     return max((len(os.path.commonprefix([prompt, e])) for e in earlier), default=0)
 

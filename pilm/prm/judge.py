@@ -28,7 +28,8 @@ class LMJudge(ProcessReward):
     (transformers) runs only what follows the longest prefix it already ran: a chain of T
     steps costs O(T) judge positions, not O(T²), while the cache holds a step's prompts. There
     a question's rows also go in calls of their own (``shares_choice_prefix``), so its
-    instructions and question run once. ``lm_tokens`` counts the positions run;
+    instructions and question run once. Rows with the same question and steps (a resampling's
+    copies, the same step drawn twice) ask one prompt. ``lm_tokens`` counts the positions run;
     ``cache_bytes`` bounds the cache (None: a quarter of the device's free memory when it
     first keeps a forward); ``begin()`` (a run starting) empties it."""
 
@@ -54,21 +55,25 @@ class LMJudge(ProcessReward):
 
     @torch.no_grad()
     def score(self, batch: StepBatch) -> Tensor:
-        prompts = [self.model.encode_prompt(self.template.format(question=q, steps="\n".join(s).strip()), chat=self.chat)
-                   for q, s in zip(batch.questions, batch.steps, strict=True)]
+        # Rows that hold the same question and steps (copies a resampling made, or the same step
+        # drawn twice) ask one prompt: it is encoded and run once and its score given to each.
+        texts: dict[tuple[str, str], int] = {}
+        row_of = [texts.setdefault((q, "\n".join(s).strip()), len(texts))
+                  for q, s in zip(batch.questions, batch.steps, strict=True)]
+        prompts = [self.model.encode_prompt(self.template.format(question=q, steps=s), chat=self.chat) for q, s in texts]
         calls = [list(range(len(prompts)))]
-        if self.model.shares_choice_prefix:  # a question's rows in calls of their own; lone rows together
+        if self.model.shares_choice_prefix:  # a question's prompts in calls of their own; lone ones together
             by_question: dict[str, list[int]] = {}
-            for i, q in enumerate(batch.questions):
+            for i, (q, _) in enumerate(texts):
                 by_question.setdefault(q, []).append(i)
             lone = [i for rows in by_question.values() if len(rows) == 1 for i in rows]
             calls = [rows for rows in by_question.values() if len(rows) > 1] + ([lone] if lone else [])
-        out = torch.zeros(len(prompts), dtype=torch.float64)
+        scores = torch.zeros(len(prompts), dtype=torch.float64)
         before = self.cache.positions
         for rows in calls:
             for lo in range(0, len(rows), self.batch_rows):
                 chunk = rows[lo: lo + self.batch_rows]
                 lp = self.model.choice_logprobs([prompts[i] for i in chunk], [self.yes, self.no], cache=self.cache)
-                out[chunk] = torch.softmax(lp.double(), -1)[:, 0].cpu()
+                scores[chunk] = torch.softmax(lp.double(), -1)[:, 0].cpu()
         self.lm_tokens += self.cache.positions - before
-        return out
+        return scores[row_of]
