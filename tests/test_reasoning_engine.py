@@ -429,7 +429,7 @@ def test_growth_pairs_each_methods_change_and_the_filters_against_it(tmp_path):
 def test_two_learned_prms_in_one_folder_stay_apart_in_every_table(tmp_path):
     """Rows of two learned PRM folders in one run folder are two PRMs in the tables, the pairs and
     the plot, not one cell that mixes them; one folder alone keeps the plain name."""
-    from pilm.commands.scale_report import cell_rows, paired, plot, read_rows, summarise
+    from pilm.commands.scale_report import cell_rows, paired, panels, read_rows, summarise
 
     cells = {("pf", "learned", "a"): [1, 1, 0], ("pf", "learned", "b"): [0, 0, 0], ("beam", "learned", "a"): [1, 0, 0]}
     rows = [{"method": m, "prm": prm, "prm_path": path, "n": 4, "problem": i, "correct": bool(c), "tokens": 10.0,
@@ -439,8 +439,7 @@ def test_two_learned_prms_in_one_folder_stay_apart_in_every_table(tmp_path):
     assert summary == {("beam", "learned (a)"): pytest.approx(1 / 3), ("pf", "learned (a)"): pytest.approx(2 / 3),
                        ("pf", "learned (b)"): 0.0}
     assert [(c["method"], c["reference_prm"]) for c in paired(tmp_path / "rows.jsonl")] == [("beam", "learned (a)")]
-    plot(summarise(tmp_path / "rows.jsonl"), tmp_path / "scale.png")
-    assert (tmp_path / "scale.png").stat().st_size > 0
+    assert panels(summarise(tmp_path / "rows.jsonl")) == ["learned (a)", "learned (b)"]  # a panel each
     (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["prm_path"] == "a"))
     assert {r["prm"] for r in cell_rows(tmp_path / "one.jsonl")} == {"learned"}
     assert {r["prm"] for r in read_rows(tmp_path / "rows.jsonl")} == {"learned"}  # what resuming reads: as written

@@ -37,6 +37,14 @@ def cell_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _right(rows_path: str | Path) -> dict[tuple, dict[int, bool]]:
+    """Per (method, PRM, N): problem -> whether it was right."""
+    right: dict[tuple, dict[int, bool]] = {}
+    for r in cell_rows(Path(rows_path)):
+        right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
+    return right
+
+
 def summarise(rows_path: str | Path) -> list[dict]:
     """One entry per (method, PRM, N): accuracy, its 95% interval, problems, mean tokens (policy +
     judge) and seconds per problem, the judge's share of those tokens (``prm_share``), and tokens
@@ -77,9 +85,7 @@ def paired(rows_path: str | Path, reference: str = "pf") -> list[dict]:
     exact p (``pilm.evaluation.metrics.mcnemar``). A method without a PRM (self-consistency,
     greedy) meets a reference of any PRM, and a reference without one meets every PRM's
     methods; greedy meets the others at every N. Each entry names both sides' own PRM and N."""
-    right: dict[tuple, dict[int, bool]] = {}
-    for r in cell_rows(Path(rows_path)):
-        right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
+    right = _right(rows_path)
     order = lambda key: (METHODS.index(key[0]), key[1], key[2])  # noqa: E731
     out = []
     for _, ref_prm, n in sorted((k for k in right if k[0] == reference), key=order):
@@ -119,10 +125,9 @@ def growth(rows_path: str | Path, reference: str = "pf") -> list[dict]:
     reference gained; the problems with d > 0 and d < 0; and the exact sign-flip test's p of the
     net (``metrics.sign_flip``). This is "scales better" read as a rate, one method's growth
     against another's, which comparisons at each N do not test."""
-    right: dict[tuple, dict[int, bool]] = {}
-    for r in cell_rows(Path(rows_path)):
-        right.setdefault((r["method"], r["prm"], r["n"]), {})[r["problem"]] = bool(r["correct"])
+    right = _right(rows_path)
     out: list[dict] = []
+    counted: set[tuple] = set()  # a method without a PRM meets every PRM's filter: its own change once
     for ref_prm in sorted({k[1] for k in right if k[0] == reference}):
         ns = sorted(k[2] for k in right if k[:2] == (reference, ref_prm))
         if len(ns) < 2:
@@ -135,9 +140,9 @@ def growth(rows_path: str | Path, reference: str = "pf") -> list[dict]:
                 if lo and hi and (both := sorted(set(lo) & set(hi))):
                     change[(method, prm)] = {i: hi[i] - lo[i] for i in both}
         for (method, prm), c in change.items():
-            if any(g["against"] is None and (g["method"], g["prm"], g["low"], g["high"]) == (method, prm, low, high)
-                   for g in out):  # a method without a PRM meets every PRM's filter: its change once
+            if (method, prm, low, high) in counted:
                 continue
+            counted.add((method, prm, low, high))
             only_high, only_low, p = mcnemar([c[i] > 0 for i in c], [c[i] < 0 for i in c])
             out.append({"method": method, "prm": prm, "low": low, "high": high, "against": None,
                         "problems": len(c), "first": only_high, "second": only_low, "p": p})
@@ -184,14 +189,20 @@ def report(rows_path: str | Path) -> str:
     return text + "\n"
 
 
+def panels(summary: list[dict]) -> list[str]:
+    """The PRMs ``plot`` gives a panel each: verifier, learned, judge, then any other, each learned
+    folder its own (``cell_rows``); ``["none"]`` when no method used one."""
+    order = {"verifier": 0, "learned": 1, "judge": 2}
+    return sorted({s["prm"] for s in summary} - {"none"}, key=lambda p: (order.get(p.split(" (")[0], 3), p)) or ["none"]
+
+
 def plot(summary: list[dict], path: str | Path) -> None:
     """Accuracy against tokens per problem (log scale), one panel per process reward, one line
     per method (self-consistency in every panel, greedy as a dashed level), 95% intervals."""
     plt = pyplot()
     import matplotlib.ticker
 
-    prms = sorted({s["prm"] for s in summary} - {"none"},
-                  key=lambda p: ({"verifier": 0, "learned": 1, "judge": 2}.get(p.split(" (")[0], 3), p)) or ["none"]
+    prms = panels(summary)
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     fig, axes = plt.subplots(1, len(prms), figsize=(4.2 * len(prms), 4), sharey=True, squeeze=False)
     for ax, prm in zip(axes[0], prms):
