@@ -35,7 +35,7 @@ import skip_twist
 import twists
 
 from pilm.commands.bench import table as bench_table
-from pilm.commands.scale_report import paired, paired_table, report
+from pilm.commands.scale_report import families, families_text, growth, paired, paired_table, report
 from pilm.inference.result import read_jsonl
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -64,9 +64,11 @@ def scale_runs(folder: Path) -> dict[str, str]:
 def pairs(rows: Path) -> str:
     """A scale run's McNemar pairs against self-consistency, greedy and both particle filters
     (those it ran), one table each."""
-    parts = [f"Against {ref}, on the same problems (McNemar's exact test):\n\n{paired_table(found)}\n"
-             for ref in ("sc", "greedy", "pf", "pf-twisted") if (found := paired(rows, reference=ref))]
-    return "\n".join(parts)
+    found = {ref: c for ref in ("sc", "greedy", "pf", "pf-twisted") if (c := paired(rows, reference=ref))}
+    parts = [f"Against {ref}, on the same problems (McNemar's exact test):\n\n{paired_table(c)}\n"
+             for ref, c in found.items()]
+    sizes = families([x for c in found.values() for x in c], growth(rows))
+    return "\n".join(parts) + (f"\n{families_text(sizes)}\n" if sizes else "")
 
 
 KINDS: dict[str, Callable[[Path], dict[str, str]]] = {

@@ -360,7 +360,7 @@ def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
     """McNemar's exact test: 11 problems only one method gets right against 1 only the other
     does is p = 2 * 13 / 2**12 (the binomial tail written out); self-consistency (no PRM) and
     greedy (N = 1 only) meet the filter at its N, and a problem only one of them ran is left out."""
-    from pilm.commands.scale_report import paired, paired_table
+    from pilm.commands.scale_report import families, families_text, paired, paired_table
     from pilm.evaluation.metrics import mcnemar
 
     assert mcnemar([True] * 11 + [False] + [True] * 5, [False] * 11 + [True] + [True] * 5) == (
@@ -386,6 +386,11 @@ def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
     against_sc = paired(tmp_path / "rows.jsonl", reference="sc")  # a reference without a PRM meets every PRM's
     assert {(c["method"], c["prm"]) for c in against_sc} == {("greedy", "none"), ("pf", "verifier"),
                                                              ("bon", "verifier"), ("bon", "judge")}
+    # A Bonferroni family per PRM: the pair of self-consistency and the filter is listed against
+    # each, and counts once; the judge's two pairs are apart; greedy against self-consistency has no PRM.
+    listed = [c for ref in ("pf", "sc", "greedy") for c in paired(tmp_path / "rows.jsonl", reference=ref)]
+    assert len(listed) == 11 and families(listed, []) == {"judge": 2, "none": 1, "verifier": 5}
+    assert "verifier 5 (0.05 / 5 = 0.01)" in families_text(families(listed, []))
 
 
 def test_growth_pairs_each_methods_change_and_the_filters_against_it(tmp_path):
@@ -396,7 +401,7 @@ def test_growth_pairs_each_methods_change_and_the_filters_against_it(tmp_path):
     four ones sum to -+2 against the +-2). Problem 6 (only the filter ran it at 16) stays out,
     self-consistency (no PRM) meets both PRMs' filters, its own change once per pair of N, and
     beam search with the judge meets only the judge's filter."""
-    from pilm.commands.scale_report import growth, growth_table
+    from pilm.commands.scale_report import families, growth, growth_table
     from pilm.evaluation.metrics import mcnemar, sign_flip
 
     assert sign_flip([2, 2, -1]) == 0.5 and sign_flip([0, 0]) == 1.0
@@ -424,6 +429,8 @@ def test_growth_pairs_each_methods_change_and_the_filters_against_it(tmp_path):
     assert got[("pf", "judge", 1, "beam", "judge")]["net"] == 2 + 6  # wrong -> right twice; right -> wrong six times
     assert got[("pf", "verifier", 4, "sc", "none")]["net"] == 1 - (-1)  # the filter +1 net, self-consistency -1
     assert "| pf (verifier) | beam (verifier) | 4 → 16 | 6 | +2 | 3 / 2 | 0.75 |" in growth_table(out)
+    # each PRM's own changes and the filter's against beam search and self-consistency; sc's own two changes have none
+    assert families([], out) == {"judge": 4, "none": 2, "verifier": 4}
 
 
 def test_two_learned_prms_in_one_folder_stay_apart_in_every_table(tmp_path):

@@ -172,6 +172,31 @@ def growth_table(rows: list[dict]) -> str:
     return "\n".join(own) + ("\n\n" + "\n".join(vs) if len(vs) > 2 else "")
 
 
+def families(comparisons: list[dict], grown: list[dict]) -> dict[str, int]:
+    """How many distinct tests the tables hold per PRM, the count a Bonferroni bound over that
+    PRM's family divides by: each pair of cells (``paired`` of any reference) once, however many
+    tables list it, and each ``growth`` test, under every PRM either side used. Tests between
+    cells without a PRM (greedy against self-consistency, self-consistency's own change) count
+    under ``"none"``."""
+    tests: dict[str, set[tuple]] = {}
+    for c in comparisons:
+        cells = sorted([(c["method"], c["prm"], c["n"]), (c["reference"], c["reference_prm"], c["reference_n"])])
+        for prm in {c["prm"], c["reference_prm"]} - {"none"} or {"none"}:
+            tests.setdefault(prm, set()).add(tuple(cells))
+    for g in grown:
+        test = ("growth", g["method"], g["prm"], g["low"], g["high"], g["against"], g.get("against_prm"))
+        for prm in {g["prm"], g.get("against_prm") or "none"} - {"none"} or {"none"}:
+            tests.setdefault(prm, set()).add(test)
+    return {prm: len(found) for prm, found in sorted(tests.items())}
+
+
+def families_text(sizes: dict[str, int]) -> str:
+    """``families`` as a sentence with each family's Bonferroni threshold at 0.05."""
+    parts = ", ".join(f"{prm} {k} (0.05 / {k} = {0.05 / k:.2g})" for prm, k in sizes.items())
+    return ("Distinct tests per PRM (the pairs above, each once, and the growth tests of table.md; either side's "
+            f"PRM), with the p a Bonferroni bound over that family asks for: {parts}.")
+
+
 def report(rows_path: str | Path) -> str:
     """A folder's table.md: ``table`` of its summary, then ``paired_table`` against the
     particle filter where it ran, and ``growth`` (per PRM, between the filter's two largest N)."""
