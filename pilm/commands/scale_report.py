@@ -173,28 +173,30 @@ def growth_table(rows: list[dict]) -> str:
 
 
 def families(comparisons: list[dict], grown: list[dict]) -> dict[str, int]:
-    """How many distinct tests the tables hold per PRM, the count a Bonferroni bound over that
-    PRM's family divides by: each pair of cells (``paired`` of any reference) once, however many
-    tables list it, and each ``growth`` test, under every PRM either side used. Tests between
-    cells without a PRM (greedy against self-consistency, self-consistency's own change) count
-    under ``"none"``."""
-    tests: dict[str, set[tuple]] = {}
-    for c in comparisons:
-        cells = sorted([(c["method"], c["prm"], c["n"]), (c["reference"], c["reference_prm"], c["reference_n"])])
-        for prm in {c["prm"], c["reference_prm"]} - {"none"} or {"none"}:
-            tests.setdefault(prm, set()).add(tuple(cells))
-    for g in grown:
-        test = ("growth", g["method"], g["prm"], g["low"], g["high"], g["against"], g.get("against_prm"))
-        for prm in {g["prm"], g.get("against_prm") or "none"} - {"none"} or {"none"}:
-            tests.setdefault(prm, set()).add(test)
-    return {prm: len(found) for prm, found in sorted(tests.items())}
+    """How many distinct tests the tables hold per PRM, the k a Bonferroni bound over that PRM's
+    family divides 0.05 by: each pair of cells (``paired`` of any reference) once, however many
+    tables list it, and each ``growth`` test. A test belongs to the PRM of its cells (``paired``
+    and ``growth`` never meet two PRMs); tests where no cell has a PRM (greedy against
+    self-consistency, self-consistency's own change) make the family ``"none"``."""
+    def family(*prms: str | None) -> str:
+        found = {p for p in prms if p is not None and p != "none"}
+        assert len(found) <= 1, found
+        return found.pop() if found else "none"
+
+    pairs = {frozenset({(c["method"], c["prm"], c["n"]), (c["reference"], c["reference_prm"], c["reference_n"])}):
+             family(c["prm"], c["reference_prm"]) for c in comparisons}
+    sizes: dict[str, int] = {}
+    for prm in [*pairs.values(), *(family(g["prm"], g.get("against_prm")) for g in grown)]:
+        sizes[prm] = sizes.get(prm, 0) + 1
+    return dict(sorted(sizes.items()))
 
 
 def families_text(sizes: dict[str, int]) -> str:
-    """``families`` as a sentence with each family's Bonferroni threshold at 0.05."""
+    """``families`` as a sentence, each family with the p its tests need after a Bonferroni bound."""
     parts = ", ".join(f"{prm} {k} (0.05 / {k} = {0.05 / k:.2g})" for prm, k in sizes.items())
-    return ("Distinct tests per PRM (the pairs above, each once, and the growth tests of table.md; either side's "
-            f"PRM), with the p a Bonferroni bound over that family asks for: {parts}.")
+    return ("Distinct tests per PRM, the pairs above each counted once and the growth tests of table.md (tests "
+            "where neither side has a PRM under none), and the p a test needs to be resolved after a Bonferroni "
+            f"bound over its family: {parts}.")
 
 
 def report(rows_path: str | Path) -> str:
