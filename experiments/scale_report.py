@@ -17,7 +17,8 @@ from pilm.commands.scale_report import plot, read_rows, summarise
 from pilm.evaluation.metrics import wilson
 
 NAMES = {"greedy": "greedy CoT", "sc": "self-consistency (vote)", "bon": "best-of-N (argmax)",
-         "wbon": "weighted best-of-N", "beam": "PRM beam search (M = 4)", "dvts": "DVTS (M = 4)",
+         "wbon": "weighted best-of-N", "beam": "PRM beam search (M = 4)",
+         "beam-all": "PRM beam search, copies kept (M = 4)", "dvts": "DVTS (M = 4)",
          "pf": "particle filter, paper weights (argmax)", "pf-twisted": "particle filter, twisted (weighted vote)",
          "pg": "particle Gibbs, 2 sweeps of N/2 (argmax)"}
 

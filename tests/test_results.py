@@ -97,3 +97,17 @@ def test_the_baselines_table_names_each_runs_task_and_gives_operands_to_chains_o
     table = scale_report.baselines(paths)
     assert "| [chains](chains/table.md) | arithmetic-chain | 8–12 | yes | 1/2 = 0.50" in table, table
     assert "| 2/2 = 1.00" in table and "| [gsm](gsm/table.md) | gsm8k | – | yes | 0/1 = 0.00" in table, table
+
+
+def test_the_combined_scale_table_names_every_method_pilm_scale_runs():
+    """docs/scale's results.md goes through a method -> name table: a method it lacks (beam-all
+    did) would be left out of the table with no error."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import scale_report
+
+    from pilm.commands.scale_report import METHODS
+
+    assert set(scale_report.NAMES) == set(METHODS)
+    summary = [{"method": m, "prm": "verifier", "n": 4, "accuracy": 0.5, "low": 0.1, "high": 0.9, "tokens": 10.0,
+                "problems": 2} for m in METHODS]
+    assert len([line for line in scale_report.table(summary).splitlines() if "| verifier |" in line]) == len(METHODS)
