@@ -62,9 +62,10 @@ def scale_runs(folder: Path) -> dict[str, str]:
 
 
 def pairs(rows: Path) -> str:
-    """A scale run's McNemar pairs against self-consistency, greedy and both particle filters
-    (those it ran), one table each."""
-    found = {ref: c for ref in ("sc", "greedy", "pf", "pf-twisted") if (c := paired(rows, reference=ref))}
+    """A scale run's McNemar pairs against self-consistency, greedy, both particle filters and beam
+    search without its duplicate filter (those it ran), one table each, then the size of each
+    PRM's family of tests."""
+    found = {ref: c for ref in ("sc", "greedy", "pf", "pf-twisted", "beam-all") if (c := paired(rows, reference=ref))}
     parts = [f"Against {ref}, on the same problems (McNemar's exact test):\n\n{paired_table(c)}\n"
              for ref, c in found.items()]
     sizes = families([x for c in found.values() for x in c], growth(rows))
