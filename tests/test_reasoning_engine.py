@@ -391,6 +391,8 @@ def test_each_method_meets_the_particle_filter_on_the_same_problems(tmp_path):
     listed = [c for ref in ("pf", "sc", "greedy") for c in paired(tmp_path / "rows.jsonl", reference=ref)]
     assert len(listed) == 11 and families(listed, []) == {"judge": 2, "none": 1, "verifier": 5}
     assert "verifier 5 (0.05 / 5 = 0.01)" in families_text(families(listed, []))
+    with pytest.raises(ValueError, match="two PRMs"):
+        families([{**listed[0], "prm": "judge", "reference_prm": "verifier"}], [])
 
 
 def test_growth_pairs_each_methods_change_and_the_filters_against_it(tmp_path):
@@ -433,10 +435,10 @@ def test_growth_pairs_each_methods_change_and_the_filters_against_it(tmp_path):
     assert families([], out) == {"judge": 4, "none": 2, "verifier": 4}
 
 
-def test_two_learned_prms_in_one_folder_stay_apart_in_every_table(tmp_path):
+def test_two_learned_prms_in_one_folder_stay_apart_in_every_table(tmp_path, monkeypatch):
     """Rows of two learned PRM folders in one run folder are two PRMs in the tables, the pairs and
     the plot, not one cell that mixes them; one folder alone keeps the plain name."""
-    from pilm.commands.scale_report import cell_rows, paired, panels, read_rows, summarise
+    from pilm.commands.scale_report import cell_rows, paired, panels, plot, read_rows, summarise
 
     cells = {("pf", "learned", "a"): [1, 1, 0], ("pf", "learned", "b"): [0, 0, 0], ("beam", "learned", "a"): [1, 0, 0]}
     rows = [{"method": m, "prm": prm, "prm_path": path, "n": 4, "problem": i, "correct": bool(c), "tokens": 10.0,
@@ -447,6 +449,15 @@ def test_two_learned_prms_in_one_folder_stay_apart_in_every_table(tmp_path):
                        ("pf", "learned (b)"): 0.0}
     assert [(c["method"], c["reference_prm"]) for c in paired(tmp_path / "rows.jsonl")] == [("beam", "learned (a)")]
     assert panels(summarise(tmp_path / "rows.jsonl")) == ["learned (a)", "learned (b)"]  # a panel each
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # keep the figure to read its legends
+    plot(summarise(tmp_path / "rows.jsonl"), tmp_path / "scale.png")
+    fig = plt.gcf()
+    monkeypatch.undo()
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]  # every panel has one
+    plt.close(fig)
+    assert legends == [["beam", "pf"], ["pf"]]
     (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["prm_path"] == "a"))
     assert {r["prm"] for r in cell_rows(tmp_path / "one.jsonl")} == {"learned"}
     assert {r["prm"] for r in read_rows(tmp_path / "rows.jsonl")} == {"learned"}  # what resuming reads: as written
