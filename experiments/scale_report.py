@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pilm.commands.scale_report import plot, read_rows, summarise
+from pilm.commands.scale_report import METHODS, plot, read_rows, summarise
 from pilm.evaluation.metrics import wilson
 
 NAMES = {"greedy": "greedy CoT", "sc": "self-consistency (vote)", "bon": "best-of-N (argmax)",
@@ -55,7 +55,7 @@ def table(summary: list[dict]) -> str:
     cells = {(s["method"], s["prm"], s["n"]): s for s in summary}
     lines = ["| method | PRM | " + " | ".join(f"N = {n}" for n in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
-    for method in NAMES:
+    for method in METHODS:  # a method without a name is a KeyError, not a row left out
         for prm in ("none", "verifier", "learned", "judge"):
             row = [cells.get((method, prm, n)) for n in budgets]
             if not any(row):

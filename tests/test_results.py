@@ -100,8 +100,8 @@ def test_the_baselines_table_names_each_runs_task_and_gives_operands_to_chains_o
 
 
 def test_the_combined_scale_table_names_every_method_pilm_scale_runs():
-    """docs/scale's results.md goes through a method -> name table: a method it lacks (beam-all
-    did) would be left out of the table with no error."""
+    """docs/scale's results.md names each method: one it lacked (beam-all did) was left out of the
+    table with no error; every method pilm scale runs has a name and a row."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import scale_report
 
